@@ -1,0 +1,345 @@
+"""BudgetedCache: a transformers `Cache` whose layers hold per-head, variable-length KV with positions.
+
+Storage of one `BudgetedLayer` comes in two layouts, chosen by what was last kept:
+
+* dense: ``keys``/``values`` ``[B, H, n, d]`` and ``positions`` ``[B, H, n]`` (every head holds n
+  entries; heads may hold *different* tokens);
+* ragged (batch 1): ``keys``/``values`` ``[N, d]`` with ``N = sum(head_lens)``, head after head,
+  ``positions`` ``[N]`` and ``head_lens`` ``[H]`` — heads hold different numbers of entries and
+  only those are allocated: no padding, no masked-out entries kept in memory.
+
+Every entry keeps its original position (RoPE is already applied to cached keys, nothing is
+re-rotated). ``seen`` counts all tokens ever fed, so `get_seq_length` gives the next position and
+the model's own forward/generate place new tokens correctly after eviction. What the attention
+call needs to mask padding and causality is handed over through `attention.set_plan`.
+
+Per-entry float state that a scorer keeps between compressions (H2O's accumulated attention)
+lives in ``state`` in the same layout and is gathered with the entries.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    get_layer_types_and_kwargs,
+)
+
+from .attention import AttentionPlan, set_plan
+
+POSITION_DTYPE = torch.int32
+
+
+def _valid_mask(lens: Tensor, width: int) -> Tensor:
+    return torch.arange(width, device=lens.device)[None, :] < lens[:, None]
+
+
+def ragged_to_padded(flat: Tensor, lens: Tensor, fill: float = 0) -> Tensor:
+    """[N, ...] head-after-head -> [H, max(lens), ...] (padding = ``fill``)."""
+    width = int(lens.max()) if lens.numel() else 0
+    out = flat.new_full((lens.shape[0], width, *flat.shape[1:]), fill)
+    out[_valid_mask(lens, width)] = flat
+    return out
+
+
+def padded_to_ragged(padded: Tensor, lens: Tensor) -> Tensor:
+    """[H, W, ...] -> [N, ...] keeping the first ``lens[h]`` entries of each head."""
+    return padded[_valid_mask(lens, padded.shape[1])]
+
+
+@dataclass
+class LayerView:
+    """A layer's entries as padded tensors (no copy in the dense layout)."""
+
+    keys: Tensor  # [B, H, n, d]
+    values: Tensor  # [B, H, n, dv]
+    positions: Tensor  # [B, H, n]
+    state: dict[str, Tensor]  # name -> [B, H, n]
+    valid: Tensor | None  # [B, H, n] bool, None = all valid
+
+    @property
+    def lengths(self) -> Tensor:
+        """Entries held per head, [B, H]."""
+        if self.valid is None:
+            b, h, n = self.positions.shape
+            return torch.full((b, h), n, dtype=torch.long, device=self.positions.device)
+        return self.valid.sum(-1)
+
+
+class BudgetedLayer(CacheLayerMixin):
+    """One attention layer's KV under a budget: variable per-head lengths, positions, exact bytes."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.positions: Tensor | None = None
+        self.head_lens: Tensor | None = None  # ragged layout when set
+        self.state: dict[str, Tensor] = {}
+        self.seen = 0
+        self.peak_entries = 0
+        # Observation queries: how many of the latest queries the scorer wants (0: none, -1: all
+        # since the last compression), the buffer, and the attention scaling of this layer.
+        self.query_keep = 0
+        self.queries: Tensor | None = None
+        self.query_positions: Tensor | None = None
+        self.scaling: float | None = None
+
+    # --- transformers' layer protocol -------------------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty(b, h, 0, d)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.positions = torch.empty(b, h, 0, dtype=POSITION_DTYPE, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append the new tokens to every head; return keys/values padded for this attention call."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        new_pos = torch.arange(self.seen, self.seen + q, dtype=POSITION_DTYPE, device=self.device)
+        self.seen += q
+        if self.head_lens is None:
+            n_old = self.keys.shape[-2]
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
+            for name, s in self.state.items():
+                self.state[name] = torch.cat([s, s.new_zeros(b, h, q)], dim=-1)
+            keys, values, old_lens = self.keys, self.values, None
+        else:
+            old_lens = self.head_lens
+            n_old = int(old_lens.max())
+            # The attention call sees [old entries | padding | new tokens] per head ...
+            keys = torch.cat([ragged_to_padded(self.keys, old_lens)[None], key_states], dim=2)
+            values = torch.cat([ragged_to_padded(self.values, old_lens)[None], value_states], dim=2)
+            # ... while storage stays ragged: each head's segment grows by q.
+            self.keys = self._append_ragged(self.keys, key_states[0])
+            self.values = self._append_ragged(self.values, value_states[0])
+            self.positions = self._append_ragged(self.positions, new_pos.expand(h, q))
+            for name, s in self.state.items():
+                self.state[name] = self._append_ragged(s, s.new_zeros(h, q))
+            self.head_lens = old_lens + q
+        self.peak_entries = max(self.peak_entries, self.max_entries)
+        set_plan(AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self))
+        return keys, values
+
+    def _append_ragged(self, flat: Tensor, new: Tensor) -> Tensor:
+        """Insert ``new[h]`` ([H, q, ...]) after head h's segment of ``flat``."""
+        segments = torch.split(flat, self.head_lens.tolist())
+        return torch.cat([part for h, seg in enumerate(segments) for part in (seg, new[h])])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_entries + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (the position of the next token), not entries held."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__()
+
+    # --- what kvbudget adds -----------------------------------------------------------------
+    @property
+    def max_entries(self) -> int:
+        """Entries held by the fullest head."""
+        if not self.is_initialized:
+            return 0
+        if self.head_lens is not None:
+            return int(self.head_lens.max())
+        return self.keys.shape[-2]
+
+    @property
+    def n_heads(self) -> int:
+        return self.keys.shape[1] if self.head_lens is None else self.head_lens.shape[0]
+
+    def lengths(self) -> Tensor:
+        """Entries held per KV head, [H] (batch 0)."""
+        if self.head_lens is not None:
+            return self.head_lens.clone()
+        return torch.full((self.keys.shape[1],), self.keys.shape[-2], dtype=torch.long)
+
+    def nbytes(self) -> int:
+        """Exact bytes held: keys, values, positions, per-entry state, and the ragged length table."""
+        if not self.is_initialized:
+            return 0
+        total = self.keys.nbytes + self.values.nbytes + self.positions.nbytes
+        total += sum(s.nbytes for s in self.state.values())
+        if self.head_lens is not None:
+            total += self.head_lens.nbytes
+        return total
+
+    def view(self) -> LayerView:
+        """The entries as padded [B, H, n, ...] tensors (free in the dense layout)."""
+        if self.head_lens is None:
+            return LayerView(self.keys, self.values, self.positions, dict(self.state), None)
+        lens = self.head_lens
+        width = int(lens.max())
+        return LayerView(
+            keys=ragged_to_padded(self.keys, lens)[None],
+            values=ragged_to_padded(self.values, lens)[None],
+            positions=ragged_to_padded(self.positions, lens, fill=-1)[None],
+            state={k: ragged_to_padded(s, lens)[None] for k, s in self.state.items()},
+            valid=_valid_mask(lens, width)[None],
+        )
+
+    def keep(self, index: Tensor, lens: Tensor | None = None, view: LayerView | None = None) -> None:
+        """Keep only the entries at ``index`` ([B, H, k], positions in `view()` order, ascending).
+
+        With ``lens`` ([H]) head h keeps only its first ``lens[h]`` indices: different heads keep
+        different numbers of entries and storage becomes ragged (batch 1 only). ``view`` passes a
+        view already built (with updated state) to avoid building it twice.
+        """
+        view = view or self.view()
+
+        def gather(t: Tensor) -> Tensor:
+            idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
+            return t.gather(2, idx)
+
+        keys, values, positions = gather(view.keys), gather(view.values), gather(view.positions)
+        state = {k: gather(s) for k, s in view.state.items()}
+        if lens is None or bool((lens == index.shape[-1]).all()):
+            self.keys, self.values, self.positions, self.state, self.head_lens = keys, values, positions, state, None
+            return
+        if index.shape[0] != 1:
+            raise ValueError("per-head variable lengths need batch size 1")
+        lens = lens.to(device=index.device, dtype=torch.long)
+        self.keys = padded_to_ragged(keys[0], lens)
+        self.values = padded_to_ragged(values[0], lens)
+        self.positions = padded_to_ragged(positions[0], lens)
+        self.state = {k: padded_to_ragged(s[0], lens) for k, s in state.items()}
+        self.head_lens = lens
+
+    def drop_last(self, n: int) -> None:
+        """Forget the ``n`` most recently appended tokens (they are last in every head)."""
+        if n <= 0:
+            return
+        self.seen -= n
+        if self.head_lens is None:
+            self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+            self.positions = self.positions[..., :-n]
+            self.state = {k: s[..., :-n] for k, s in self.state.items()}
+            return
+        view = self.view()
+        lens = self.head_lens - n
+        self.keys = padded_to_ragged(view.keys[0], lens)
+        self.values = padded_to_ragged(view.values[0], lens)
+        self.positions = padded_to_ragged(view.positions[0], lens)
+        self.state = {k: padded_to_ragged(s[0], lens) for k, s in view.state.items()}
+        self.head_lens = lens
+
+    def observe(self, query: Tensor, scaling: float | None) -> None:
+        """Receive the queries of the tokens just processed (from the attention hook)."""
+        self.scaling = scaling
+        if self.query_keep == 0:
+            return
+        q_len = query.shape[2]
+        pos = torch.arange(self.seen - q_len, self.seen, device=query.device)
+        query = query.detach()
+        if self.queries is not None:
+            query = torch.cat([self.queries, query], dim=2)
+            pos = torch.cat([self.query_positions, pos])
+        if self.query_keep > 0:
+            query, pos = query[:, :, -self.query_keep :], pos[-self.query_keep :]
+        self.queries, self.query_positions = query, pos
+
+    def clear_queries(self) -> None:
+        self.queries = self.query_positions = None
+
+
+class BudgetedCache(Cache):
+    """A transformers `Cache` for budgeted KV: full-attention layers are `BudgetedLayer`s;
+    sliding-window layers of hybrid models (Gemma 3) keep transformers' own sliding layer, which
+    already bounds itself to its window — the budget applies to the full-attention layers only.
+    """
+
+    def __init__(self, config, dtype: torch.dtype = torch.float32) -> None:
+        text = config.get_text_config(decoder=True)
+        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text)
+        layers = [
+            BudgetedLayer() if t == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)
+            for t, kw in zip(layer_types, per_layer_kwargs)
+        ]
+        super().__init__(layers=layers)
+        self.config = text
+        self.dtype = dtype
+        self.budgeted = [i for i, layer in enumerate(layers) if isinstance(layer, BudgetedLayer)]
+        self.peak_bytes = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[self.budgeted[0]].seen if self.budgeted else super().get_seq_length(layer_idx)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, BudgetedLayer):
+            return layer.max_entries
+        return super().get_query_offset(layer_idx)
+
+    def budgeted_layers(self) -> list[BudgetedLayer]:
+        return [self.layers[i] for i in self.budgeted]
+
+    def layer_bytes(self) -> list[int]:
+        """Exact bytes held per layer (sliding layers: their window of K/V)."""
+        out = []
+        for layer in self.layers:
+            if isinstance(layer, BudgetedLayer):
+                out.append(layer.nbytes())
+            elif layer.is_initialized and layer.keys is not None:
+                out.append(layer.keys.nbytes + layer.values.nbytes)
+            else:
+                out.append(0)
+        return out
+
+    def nbytes(self) -> int:
+        """Exact bytes held by the whole cache."""
+        return sum(self.layer_bytes())
+
+    def track_peak(self) -> int:
+        """Record the bytes held now in ``peak_bytes`` (call after each forward, before eviction)."""
+        held = self.nbytes()
+        self.peak_bytes = max(self.peak_bytes, held)
+        return held
+
+    def peak_entries(self) -> int:
+        """Most entries any budgeted layer's fullest head has held."""
+        return max((layer.peak_entries for layer in self.budgeted_layers()), default=0)
+
+    def entries(self) -> list[Tensor]:
+        """Entries held per KV head, one [H] tensor per budgeted layer."""
+        return [layer.lengths() for layer in self.budgeted_layers()]
+
+    @contextmanager
+    def scratch(self) -> Iterator[None]:
+        """Tokens fed inside the block are forgotten at its end (teacher-forced scoring)."""
+        seen = self.get_seq_length()
+        sliding = [layer for layer in self.layers if not isinstance(layer, BudgetedLayer)]
+        for layer in sliding:
+            layer.record_past = True
+        saved = [(layer.queries, layer.query_positions) for layer in self.budgeted_layers()]
+        try:
+            yield
+        finally:
+            n = self.get_seq_length() - seen
+            for layer, (q, qp) in zip(self.budgeted_layers(), saved):
+                layer.drop_last(n)
+                layer.queries, layer.query_positions = q, qp
+            for layer in sliding:
+                if n > 0 and layer.is_initialized:
+                    layer.crop(-n)
+                elif layer.is_initialized:
+                    layer.crop(0)
+                layer.record_past = False

@@ -1,0 +1,346 @@
+"""Seeded, offline generators of synthetic tasks (specs/tasks.md), sized in model tokens.
+
+Every generator has the signature ``gen(tok, n, length, seed, **options) -> list[Task]``:
+``n`` tasks whose context is ``length`` tokens long (within 5%) as counted by ``tok`` without
+special tokens. Filler is varied English prose from a small seeded grammar below, so that
+nothing is downloaded and a compression policy cannot exploit one repeated sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Callable
+
+from kvbudget.errors import KVBudgetError
+from kvbudget.eval.taskfile import Question, Task
+
+# --------------------------------------------------------------------------- filler prose
+
+# Each topic: (place name, people, things, places within it, animals-or-sounds clauses).
+_TOPICS: list[dict[str, list[str]]] = [
+    {"name": ["the harbor town"],
+     "people": ["the fishermen", "the ferry captain", "the harbor master", "two dock workers",
+                "the net maker", "a young sailor"],
+     "things": ["the nets", "the cargo crates", "the mooring ropes", "the old rowing boat",
+                "the tide tables", "a barrel of salted herring", "the lanterns"],
+     "places": ["on the pier", "by the breakwater", "in the boathouse", "along the quay",
+                "near the lighthouse"],
+     "scenes": ["the gulls circled above the masts", "the tide crept over the mudflats",
+                "a foghorn sounded somewhere beyond the point",
+                "waves slapped against the wooden pilings"]},
+    {"name": ["the orchard"],
+     "people": ["the farmers", "the pickers", "the old gardener", "a neighbour's daughter",
+                "the beekeeper", "the cider maker"],
+     "things": ["the apple baskets", "the wooden ladders", "the pruning shears",
+                "the cider press", "the young pear trees", "a cart of windfalls"],
+     "places": ["between the rows of trees", "behind the barn", "at the edge of the field",
+                "under the walnut tree", "near the stone wall"],
+     "scenes": ["bees drifted lazily between the blossoms", "the grass was wet with dew",
+                "a late frost silvered the lower branches",
+                "the smell of ripe fruit hung in the air"]},
+    {"name": ["the library", "the town archive"],
+     "people": ["the librarian", "a group of students", "the archivist", "an elderly reader",
+                "the bookbinder", "a visiting historian"],
+     "things": ["the old maps", "the parish ledgers", "a box of letters", "the card catalogue",
+                "the reading lamps", "a stack of travel journals"],
+     "places": ["in the reading room", "on the top floor", "behind the main desk",
+                "in the cellar stacks", "beside the tall windows"],
+     "scenes": ["the only sound was the turning of pages", "dust floated in the slanting light",
+                "the radiators ticked as they warmed up",
+                "rain tapped against the skylight"]},
+    {"name": ["the mountain village"],
+     "people": ["the shepherds", "the innkeeper", "a pair of hikers", "the schoolteacher",
+                "the village baker", "the mountain guide"],
+     "things": ["the woollen blankets", "the firewood", "the trail markers",
+                "the chapel bell", "a basket of mushrooms", "the snow shovels"],
+     "places": ["on the high pasture", "by the chapel", "at the foot of the pass",
+                "in the village square", "along the mule track"],
+     "scenes": ["goats wandered across the path", "snow still lay in the shaded gullies",
+                "clouds rolled slowly down the valley", "the stream ran loud with meltwater"]},
+    {"name": ["the railway station"],
+     "people": ["the station master", "the passengers", "a porter", "the ticket clerk",
+                "the signal operator", "a family of travellers"],
+     "things": ["the timetables", "the luggage trolleys", "the platform clock",
+                "a crate of newspapers", "the waiting room stove", "the signal lamps"],
+     "places": ["on the far platform", "in the waiting room", "beside the ticket office",
+                "under the iron canopy", "near the goods shed"],
+     "scenes": ["the night train rumbled in an hour late", "steam drifted along the platform",
+                "a whistle blew twice in the distance",
+                "the rails hummed before the express came through"]},
+    {"name": ["the market square"],
+     "people": ["the traders", "the baker", "a cheese seller", "the flower seller",
+                "a crowd of shoppers", "the town crier"],
+     "things": ["the spice jars", "the copper pots", "baskets of bread", "the striped awnings",
+                "the weighing scales", "crates of oranges"],
+     "places": ["around the fountain", "under the clock tower", "at the corner stall",
+                "near the town hall", "along the narrow lane"],
+     "scenes": ["pigeons gathered around the fountain", "the church bells rang for noon",
+                "the smell of roasting chestnuts filled the square",
+                "a street musician played an old waltz"]},
+    {"name": ["the observatory"],
+     "people": ["the astronomers", "the night assistant", "a visiting professor",
+                "the caretaker", "two graduate students", "the instrument maker"],
+     "things": ["the great telescope", "the star charts", "the photographic plates",
+                "the logbooks", "the brass eyepieces", "the weather records"],
+     "places": ["under the dome", "in the plate room", "on the roof terrace",
+                "beside the clock room", "in the small library"],
+     "scenes": ["the sky cleared just after midnight", "a comet hung low over the hills",
+                "the dome creaked as it turned", "frost formed on the railings"]},
+    {"name": ["the river mill"],
+     "people": ["the miller", "the boatmen", "the miller's apprentice", "a fisherman",
+                "the lock keeper", "the carters"],
+     "things": ["the sacks of flour", "the millstones", "the wooden paddles",
+                "the barges", "the grain ledger", "the sluice gate"],
+     "places": ["by the weir", "on the towpath", "under the old bridge", "inside the mill",
+                "at the landing stage"],
+     "scenes": ["herons stood motionless in the shallows", "the water wheel turned steadily",
+                "reeds bent in the current", "mist lay thick over the water"]},
+    {"name": ["the carpenter's workshop"],
+     "people": ["the carpenter", "the apprentice", "a customer from the next town",
+                "the joiner", "the wood carver", "the carpenter's sister"],
+     "things": ["the oak planks", "the chisels", "a half-finished cabinet",
+                "the workbench", "the wood shavings", "the glue pots"],
+     "places": ["in the back room", "by the open door", "next to the lathe",
+                "in the timber yard", "under the skylight"],
+     "scenes": ["sawdust glittered in the sunlight", "the stove crackled in the corner",
+                "the smell of pine resin filled the room",
+                "a radio played quietly on the shelf"]},
+    {"name": ["the village school"],
+     "people": ["the teacher", "the pupils", "the headmistress", "the caretaker",
+                "a few parents", "the music teacher"],
+     "things": ["the spelling lists", "the chalkboards", "the school garden",
+                "the wooden desks", "the lunch baskets", "the class register"],
+     "places": ["in the classroom", "on the playground", "in the assembly hall",
+                "by the cloakroom", "behind the school"],
+     "scenes": ["the bell rang for the morning break", "children laughed in the yard",
+                "the windows rattled in the wind", "chalk dust hung in the air"]},
+]
+
+_VERBS = [  # (past, base): people act on things, so any pair stays sensible.
+    ("carried", "carry"), ("repaired", "repair"), ("counted", "count"), ("cleaned", "clean"),
+    ("checked", "check"), ("sorted", "sort"), ("moved", "move"), ("inspected", "inspect"),
+    ("gathered", "gather"), ("arranged", "arrange"), ("studied", "study"),
+    ("painted", "paint"), ("wrapped", "wrap"), ("measured", "measure"), ("polished", "polish"),
+    ("described", "describe"), ("stacked", "stack"), ("examined", "examine"),
+    ("packed", "pack"), ("mended", "mend"),
+]
+_TIMES = ["Early that morning", "Later in the afternoon", "By the end of the week",
+          "On the first day of spring", "Just before dusk", "Some years earlier",
+          "During the long winter", "That evening", "The following Sunday",
+          "In the middle of the harvest", "Shortly after breakfast", "Towards midnight"]
+_MANNERS = ["slowly", "carefully", "without a word", "with great patience", "in silence",
+            "as quickly as they could", "for the second time", "with some reluctance",
+            "more cheerfully than usual", "by lantern light"]
+_WEATHER = ["the rain had not stopped for three days", "the wind turned cold",
+            "the fog rolled in from the hills", "the sun came out after lunch",
+            "a storm was expected before nightfall", "the first snow had fallen",
+            "the air was unusually warm", "the roads were flooded"]
+_REMARKS = ["Nobody could say exactly why.", "Some thought it a waste of time, but others "
+            "disagreed.", "It was not the first time this had happened.",
+            "Everyone agreed that it had been a long day.",
+            "Few people outside the town ever heard about it.",
+            "The story was retold for many years afterwards.",
+            "It seemed a small thing then.", "Nobody complained, at least not aloud.",
+            "Most of the neighbours had seen it before."]
+_SHORT = ["Nobody minded.", "It rained.", "The day passed quietly.", "Then it was dark.",
+          "Nobody said much.", "That was all.", "It was late.", "Nothing else happened that day.",
+          "The work went on."]  # tail-enders: let a document land close to its target length
+_FEELINGS = ["pleased", "tired", "surprised", "worried", "relieved", "curious", "proud"]
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def _sentence(rng: random.Random, t: dict[str, list[str]]) -> str:
+    """One past-tense sentence about topic t, in one of several shapes."""
+    c = rng.choice
+    who, who2 = rng.sample(t["people"], 2)
+    what, what2 = rng.sample(t["things"], 2)
+    (v, vb), (v2, _) = rng.sample(_VERBS, 2)
+    where, name = c(t["places"]), c(t["name"])
+    shape = rng.randrange(10)
+    if shape == 0:
+        return f"{c(_TIMES)}, {who} {v} {what} {where}."
+    if shape == 1:
+        return f"{_cap(who)} {v} {what} {c(_MANNERS)}, and {who2} {v2} {what2}."
+    if shape == 2:
+        return f"Because {c(_WEATHER)}, {who} {v} {what} {where}."
+    if shape == 3:
+        return f"{_cap(who)}, who had worked in {name} for years, {v} {what} {c(_MANNERS)}."
+    if shape == 4:
+        return f"While {c(t['scenes'])}, {who} {v} {what}."
+    if shape == 5:
+        return f"{_cap(c(t['scenes']))}, and {who} felt {c(_FEELINGS)}."
+    if shape == 6:
+        return f"It was said that {who} would {vb} {what} whenever {c(_WEATHER)}."
+    if shape == 7:
+        remark = c(_REMARKS)
+        return f"{_cap(who)} asked {who2} to {vb} {what} {where}, but {remark[0].lower()}" \
+               f"{remark[1:]}"
+    if shape == 8:
+        return f"{c(_TIMES)}, {c(t['scenes'])} {where}."
+    return f"{_cap(who)} {v} {what} {where}. {c(_REMARKS)}"
+
+
+class _Prose:
+    """An endless, seeded stream of filler paragraphs: each stays on one topic a while."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.topic = rng.choice(_TOPICS)
+        self.left = rng.randint(3, 6)
+
+    def next(self) -> tuple[str, bool]:
+        """The next sentence and whether it starts a new paragraph."""
+        new_para = self.left == 0
+        if new_para:
+            self.topic = self.rng.choice([t for t in _TOPICS if t is not self.topic])
+            self.left = self.rng.randint(3, 6)
+        self.left -= 1
+        return _sentence(self.rng, self.topic), new_para
+
+
+def filler(rng: random.Random, sentences: int) -> str:
+    """`sentences` sentences of filler prose in paragraphs (for tests and previews)."""
+    prose = _Prose(rng)
+    return _join([prose.next() for _ in range(sentences)])
+
+
+def _join(pieces: list[tuple[str, bool]]) -> str:
+    out: list[str] = []
+    for i, (text, new_para) in enumerate(pieces):
+        if i:
+            out.append("\n\n" if new_para else " ")
+        out.append(text)
+    return "".join(out)
+
+
+def _ntok(tok: Any, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def document(tok: Any, rng: random.Random, length: int,
+             inserts: list[tuple[float, str, bool]]) -> str:
+    """Filler prose of `length` tokens (within 5%) with `inserts` placed at given depths.
+
+    inserts: (depth in [0, 1], text, as_paragraph); the text goes at the sentence boundary
+    nearest that fraction of the document, as its own paragraph when as_paragraph is set.
+    """
+    prose = _Prose(rng)
+    # What a paragraph break costs over a space (two newline tokens for SmolLM2's BPE).
+    brk = _ntok(tok, "x.\n\nThe") - _ntok(tok, "x. The")
+    _cost = lambda text, new_para: _ntok(tok, " " + text) + (brk if new_para else 0)  # noqa: E731
+    fixed = sum(_cost(text, para) for _, text, para in inserts)
+    budget = max(length - fixed, 0)
+    sents: list[tuple[str, bool, int]] = []
+    total = 0
+    while total < budget:
+        text, new_para = prose.next()
+        cost = _cost(text, new_para)
+        if total + cost > budget:
+            # Prefer a sentence that fits the remaining gap over overshooting by a whole one.
+            gap = budget - total
+            cands = [prose.next() for _ in range(40)] + [(x, False) for x in _SHORT]
+            text, new_para = min(cands, key=lambda s: abs(_cost(*s) - gap))
+            cost = _cost(text, new_para)
+            if abs(gap - cost) >= gap:
+                break
+        sents.append((text, new_para, cost))
+        total += cost
+    # Token counts are not exactly additive across joins: if the sum drifted, swap the last
+    # sentence for whichever candidate (or none) lands nearest the target, measured exactly.
+    doc = _assemble(list(sents), inserts)
+    if sents and abs(_ntok(tok, doc) - length) > 0.01 * length:
+        cands = [prose.next() for _ in range(40)] + [(x, False) for x in _SHORT]
+        options = [sents[:-1]] + [sents[:-1] + [(t, p, 0)] for t, p in cands]
+        docs = [_assemble(list(o), inserts) for o in options]
+        doc = min(docs, key=lambda d: abs(_ntok(tok, d) - length))
+    return doc
+
+
+def _assemble(sents: list[tuple[str, bool, int]],
+              inserts: list[tuple[float, str, bool]]) -> str:
+    total = sum(c for *_, c in sents) or 1
+    # Sentence index at which each insert goes, by cumulative token count.
+    bounds, acc = [0], 0
+    for *_, c in sents:
+        acc += c
+        bounds.append(acc)
+    pieces: list[tuple[str, bool]] = []
+    placed = sorted(inserts, key=lambda x: x[0])
+    at = [min(range(len(bounds)), key=lambda i: abs(bounds[i] - d * total)) for d, *_ in placed]
+    j = 0
+    for i in range(len(sents) + 1):
+        while j < len(placed) and at[j] == i:
+            _, text, para = placed[j]
+            pieces.append((text, para or not pieces))
+            j += 1
+            if para and i < len(sents):
+                # Text after a paragraph insert starts a fresh paragraph too.
+                sents[i] = (sents[i][0], True, sents[i][2])
+        if i < len(sents):
+            pieces.append((sents[i][0], sents[i][1]))
+    return _join(pieces)
+
+
+# --------------------------------------------------------------------------- generators
+
+_COLORS = ["blue", "red", "green", "yellow", "silver", "orange", "purple", "white", "black",
+           "brown", "golden", "grey"]
+_OBJECTS = ["door", "safe", "locker", "gate", "cabinet", "vault", "chest", "mailbox",
+            "garage", "drawer", "shed", "suitcase"]
+
+
+def needle(tok: Any, n: int, length: int, seed: int, *, facts: tuple[int, int] = (3, 5)
+           ) -> list[Task]:
+    """NIAH: prose with 3-5 planted facts ("The code for the blue door is 4721.").
+
+    One `contains` question per fact, asked in a shuffled order; facts sit at spread-out
+    depths so that a policy keeping only the start or end of the context loses some.
+    """
+    rng = random.Random(f"needle/{seed}")
+    tasks = []
+    for i in range(n):
+        k = rng.randint(*facts)
+        colors, objects = rng.sample(_COLORS, k), rng.sample(_OBJECTS, k)
+        codes = rng.sample(range(1000, 10000), k)
+        # Spread depths over (0.05, 0.95), one per equal slice, jittered inside the slice.
+        depths = [0.05 + 0.9 * (j + rng.uniform(0.2, 0.8)) / k for j in range(k)]
+        facts_ = [f"The code for the {c} {o} is {code}."
+                  for c, o, code in zip(colors, objects, codes)]
+        context = document(tok, rng, length, [(d, f, False) for d, f in zip(depths, facts_)])
+        qs = [Question(question=f"What is the code for the {c} {o}?", answers=[str(code)],
+                       metric="contains", category="needle")
+              for c, o, code in zip(colors, objects, codes)]
+        rng.shuffle(qs)
+        tasks.append(Task(id=f"needle-{seed}-{i:04d}", context=context, questions=qs))
+    return tasks
+
+
+def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 8, questions: tuple[int, int]
+       = (4, 5)) -> list[Task]:
+    """Key-value retrieval: a JSON object of `pairs` keys -> values inside prose.
+
+    TODO calibrate.
+    """
+    raise NotImplementedError
+
+
+GENERATORS: dict[str, Callable[..., list[Task]]] = {"needle": needle, "kv": kv}
+
+
+def make_tasks(name: str, tok: Any, n: int, length: int, seed: int, **options: Any
+               ) -> list[Task]:
+    """Generate `n` tasks of the built-in set `name` with contexts of `length` tokens."""
+    try:
+        gen = GENERATORS[name]
+    except KeyError:
+        raise KVBudgetError(f"unknown task set {name!r} (known: {', '.join(GENERATORS)})") \
+            from None
+    if n < 1:
+        raise KVBudgetError(f"number of tasks must be positive (got {n})")
+    if length < 100:
+        raise KVBudgetError(f"task length must be at least 100 tokens (got {length})")
+    return gen(tok, n, length, seed, **options)

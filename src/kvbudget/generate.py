@@ -1,0 +1,189 @@
+"""Sessions: one conversation over a budgeted cache, in the model's chat template.
+
+``add_context`` prefills text or messages block-wise under the budget; ``ask`` appends a question,
+decodes greedily, and appends the question and its answer so follow-up questions see them
+(multi-turn mode). The question is *not* used to evict context before it is answered: the turn
+(question + answer) is compressed into the cache after the answer, like any other block.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import KVBudgetError
+from .policies.base import Policy, make_policy
+from .prefill import PrefillStats, prefill
+
+
+@dataclass
+class Turn:
+    """One question answered by a session."""
+
+    question: str
+    text: str  # the generated answer
+    token_ids: list[int]
+    answer_logprob: float | None = None  # teacher-forced mean log-prob of the gold answer
+    prefill_s: float = 0.0  # question prefill
+    decode_s: float = 0.0
+    kv_bytes: int = 0  # held right before decoding (context + question)
+    peak_bytes: int = 0  # most bytes the cache has held so far
+
+
+@dataclass
+class Session:
+    """A conversation whose KV cache is held under ``policy``'s budget."""
+
+    model: object
+    tok: object
+    policy: "Policy | str | None" = None
+    block_size: int | None = None
+    messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = make_policy("full")
+        elif isinstance(self.policy, str):
+            self.policy = make_policy(self.policy)
+        else:
+            # A ratio or byte budget is resolved per session (it depends on this context).
+            self.policy = copy.copy(self.policy)
+        self.block_size = self.block_size or self.policy.block_size
+        self.cache = self.policy.new_cache(self.model)
+        self.rendered = ""  # text of everything fed to the cache so far
+        self.input_ids: list[int] = []  # token ids of everything fed, in order
+        self.stats = PrefillStats()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id}
+        self.eos.discard(None)
+
+    # --- rendering ------------------------------------------------------------------------------
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # Base models without a template: a document, then "Question: ...\nAnswer: ..." turns.
+        # Each rendering extends the previous one (prefix-stable), as incremental feeding needs.
+        text = messages[0]["content"] if messages else ""
+        for m in messages[1:]:
+            text += f"\n\nQuestion: {m['content']}\nAnswer:" if m["role"] == "user" else f" {m['content']}"
+        return text
+
+    def _suffix(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, str]:
+        full = self._render(messages, add_generation_prompt)
+        if not full.startswith(self.rendered):
+            raise KVBudgetError("the chat template re-rendered earlier turns differently; cannot append incrementally")
+        return full, full[len(self.rendered) :]
+
+    def _encode(self, text: str) -> Tensor:
+        ids = self.tok(text, add_special_tokens=not self.rendered, return_tensors="pt").input_ids
+        return ids
+
+    def _feed(self, full: str, text: str, compress_last: bool = True) -> tuple[Tensor, PrefillStats]:
+        ids = self._encode(text)
+        if self.policy.tokens is None and self.policy.budget is not None:
+            self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids))
+        logits, stats = prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last)
+        self.input_ids.extend(ids[0].tolist())
+        self.rendered = full
+        return logits, stats
+
+    # --- public API -----------------------------------------------------------------------------
+    def add_context(self, context: "str | list[dict]") -> PrefillStats:
+        """Prefill a document (str) or chat messages block-wise under the budget."""
+        if isinstance(context, str):
+            if not context.strip():
+                raise KVBudgetError("context is empty")
+            new = [{"role": "user", "content": context}]
+        else:
+            new = list(context)
+            if not new:
+                raise KVBudgetError("context is an empty list of messages")
+            for i, m in enumerate(new):
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise KVBudgetError(f"context message {i} must be a dict with 'role' and 'content'")
+        full, text = self._suffix(self.messages + new, add_generation_prompt=False)
+        _, stats = self._feed(full, text)
+        self.messages += new
+        self.stats.add(stats)
+        return stats
+
+    @torch.inference_mode()
+    def ask_detailed(
+        self,
+        question: str,
+        max_new_tokens: int = 64,
+        gold: str | None = None,
+        history_answer: str | None = None,
+    ) -> Turn:
+        """Answer ``question`` greedily; with ``gold``, also score it teacher-forced.
+
+        The turn is then appended to the conversation with the generated answer, or with
+        ``history_answer`` if given (evaluation appends the gold answer so that every policy sees
+        the same conversation).
+        """
+        if not question or not question.strip():
+            raise KVBudgetError("question is empty")
+        asked = self.messages + [{"role": "user", "content": question}]
+        full, text = self._suffix(asked, add_generation_prompt=True)
+        logits, stats = self._feed(full, text, compress_last=False)
+        turn = Turn(question, "", [], prefill_s=stats.seconds, kv_bytes=self.cache.nbytes())
+        if gold is not None:
+            turn.answer_logprob = self._answer_logprob(logits, gold)
+        start = time.perf_counter()
+        with self.cache.scratch():
+            turn.token_ids = self._decode(logits, max_new_tokens)
+        turn.decode_s = time.perf_counter() - start
+        turn.text = self.tok.decode(turn.token_ids, skip_special_tokens=True).strip()
+        answered = asked + [{"role": "assistant", "content": turn.text if history_answer is None else history_answer}]
+        # The answer is fed again as one block (the decoded tokens were scratch), then the whole
+        # turn is compressed into the cache: the cache always holds exactly the rendered text.
+        full, text = self._suffix(answered, add_generation_prompt=False)
+        self._feed(full, text)
+        self.messages = answered
+        turn.peak_bytes = self.cache.peak_bytes
+        return turn
+
+    def ask(self, question: str, max_new_tokens: int = 64) -> str:
+        """Answer ``question`` greedily and append the turn to the conversation."""
+        return self.ask_detailed(question, max_new_tokens).text
+
+    # --- internals ------------------------------------------------------------------------------
+    def _decode(self, logits: Tensor, max_new_tokens: int) -> list[int]:
+        ids: list[int] = []
+        for step in range(max_new_tokens):
+            token = int(logits[0].argmax())
+            if token in self.eos:
+                break
+            ids.append(token)
+            if step == max_new_tokens - 1:
+                break
+            inp = torch.tensor([[token]], device=self.model.device)
+            logits = self.model(input_ids=inp, past_key_values=self.cache, use_cache=True).logits[:, -1]
+            self.cache.track_peak()
+        return ids
+
+    def _answer_logprob(self, logits: Tensor, answer: str) -> float:
+        """Mean log-probability of ``answer``'s tokens, teacher-forced after the current prompt."""
+        ids = self.tok(answer, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
+        if ids.shape[1] == 0:
+            raise KVBudgetError("gold answer is empty")
+        with self.cache.scratch():
+            all_logits = logits[:, None]
+            if ids.shape[1] > 1:
+                out = self.model(input_ids=ids[:, :-1], past_key_values=self.cache, use_cache=True)
+                all_logits = torch.cat([all_logits, out.logits], dim=1)
+        logp = all_logits.float().log_softmax(-1).gather(-1, ids[..., None])
+        return float(logp.mean())
+
+    @property
+    def kv_bytes(self) -> int:
+        """Exact bytes the cache holds now."""
+        return self.cache.nbytes()
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.cache.get_seq_length()

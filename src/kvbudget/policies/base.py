@@ -1,0 +1,257 @@
+"""The policy protocol and the machinery every policy shares.
+
+A policy = a *scorer* (which entries matter: one short file per method) + an *allocator* (how
+the budget is split over layers) (+ later a *store*). Everything else lives here, once:
+building the `Observation` a scorer looks at, protecting the observation window, the top-k per
+head, keeping kept entries in their original order with their original positions, and handing
+the result to the cache, which really frees what is dropped.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..allocation import get_allocator
+from ..budget import Budget, parse_budget
+from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, padded_to_ragged
+from ..errors import BudgetError, UnknownPolicyError
+
+
+@dataclass
+class Observation:
+    """What a scorer may look at for one layer. Tensors are padded [B, H, n, ...] views."""
+
+    layer_idx: int  # index among the budgeted layers
+    n_layers: int  # number of budgeted layers
+    keys: Tensor  # [B, H, n, d], RoPE applied
+    values: Tensor  # [B, H, n, dv]
+    positions: Tensor  # [B, H, n] original token positions (-1 on padding)
+    valid: Tensor | None  # [B, H, n] bool, None = no padding
+    queries: Tensor | None  # [B, Hq, m, d] latest queries (after RoPE), as many as the scorer asked
+    query_positions: Tensor | None  # [m]
+    scaling: float  # the layer's attention scaling
+    budget: int  # entries per head this layer keeps
+    seen: int  # tokens seen so far (position of the next token)
+    seed: int  # for seeded random choices
+    state: dict[str, Tensor] = field(default_factory=dict)  # per-entry running state, [B, H, n]
+
+    @cached_property
+    def attention(self) -> Tensor:
+        """softmax(Q K^T * scaling) of the observed queries, causal by position, averaged over the
+        query heads of each KV head: [B, H, m, n] (float32)."""
+        if self.queries is None:
+            raise RuntimeError("this scorer needs queries but none were observed")
+        b, hq, m, d = self.queries.shape
+        h = self.keys.shape[1]
+        q = self.queries.float().view(b, h, hq // h, m, d)
+        logits = torch.einsum("bhgmd,bhnd->bhgmn", q, self.keys.float()) * self.scaling
+        future = self.positions[:, :, None, None, :] > self.query_positions.to(self.positions)[None, None, None, :, None]
+        if self.valid is not None:
+            future = future | ~self.valid[:, :, None, None, :]
+        return logits.masked_fill(future, float("-inf")).softmax(-1).mean(2)
+
+    def zeros(self) -> Tensor:
+        """A [B, H, n] float tensor of zeros, for scorers that build a score step by step."""
+        return torch.zeros(self.positions.shape, dtype=torch.float32, device=self.keys.device)
+
+
+class Scorer:
+    """One KV-cache method's notion of importance. Subclasses override `score` only."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    # Which observed queries `score` needs: 0 none, k > 0 the latest k, -1 every query since the
+    # last compression (accumulating scorers such as H2O).
+    queries: ClassVar[int] = 0
+    # Names of per-entry float state kept by the cache between compressions.
+    state_names: ClassVar[tuple[str, ...]] = ()
+    evicts: ClassVar[bool] = True
+
+    def __init__(self, window: int = 32) -> None:
+        self.window = window
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.queries != 0
+
+    def score(self, obs: Observation) -> Tensor:
+        """[B, H, n] importance per entry: higher = keep."""
+        raise NotImplementedError
+
+
+SCORERS: dict[str, type[Scorer]] = {}
+# Named combinations: pyramidkv = snapkv scores with the pyramid allocator.
+PRESETS: dict[str, tuple[str, dict]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a scorer available as ``kb.policy(name)``."""
+
+    def deco(cls: type[Scorer]) -> type[Scorer]:
+        cls.name = name
+        SCORERS[name] = cls
+        return cls
+
+    return deco
+
+
+def select(scores: Tensor, obs: Observation, window: int) -> Tensor:
+    """Indices to keep, [B, H, k] ascending: the protected window, then the best scores."""
+    scores = scores.float()
+    recent = obs.positions >= obs.seen - window
+    scores = scores.masked_fill(recent, float("inf"))
+    if obs.valid is not None:
+        scores = scores.masked_fill(~obs.valid, float("-inf"))
+    k = min(obs.budget, scores.shape[-1])
+    # Padding scores -inf, so it sorts last among a short head's picks and stays beyond its length.
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+class Policy:
+    """A scorer + an allocator + a budget; `compress` cuts a cache back to the budget."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        budget: "int | str | Budget | None",
+        allocator: str = "uniform",
+        window: int = 32,
+        block_size: int = 256,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        if block_size <= 0:
+            raise BudgetError(f"block size must be positive, got {block_size}")
+        self.scorer = scorer
+        self.budget = None if budget is None else parse_budget(budget)
+        if self.budget is None and scorer.evicts:
+            raise BudgetError(f"policy '{scorer.name}' needs a budget (tokens, bytes like 24MiB, or a ratio like 4x)")
+        self.allocator = allocator
+        self._allocate = get_allocator(allocator)
+        self.window = window
+        self.block_size = block_size
+        self.seed = seed
+        self.name = name or (scorer.name if allocator == "uniform" else f"{scorer.name}+{allocator}")
+        self.tokens: int | None = self.budget.tokens if self.budget is not None else None
+
+    def __repr__(self) -> str:
+        return f"Policy({self.name}, budget={self.budget}, block_size={self.block_size})"
+
+    # --- budget ---------------------------------------------------------------------------------
+    @staticmethod
+    def entry_bytes(cache: BudgetedCache) -> int:
+        """Bytes of one token in one budgeted layer (all KV heads): K, V and its position."""
+        cfg = cache.config
+        heads = cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elem = cache.dtype.itemsize
+        return heads * (2 * head_dim * elem + POSITION_DTYPE.itemsize)
+
+    def resolve(self, cache: BudgetedCache, context_tokens: int | None = None) -> int | None:
+        """Fix the budget in tokens per layer for this cache (bytes and ratios need it)."""
+        if self.budget is None:
+            return None
+        if self.tokens is None or self.budget.tokens is None:
+            self.tokens = self.budget.resolve(self.entry_bytes(cache), len(cache.budgeted), context_tokens)
+        return self.tokens
+
+    def layer_budgets(self, n_layers: int) -> list[int]:
+        """Entries per head kept in each budgeted layer."""
+        return self._allocate(self.tokens, n_layers, min(self.window, self.tokens))
+
+    # --- the cache ------------------------------------------------------------------------------
+    def new_cache(self, model) -> BudgetedCache:
+        """An empty cache set up to record the queries this policy's scorer needs."""
+        cache = BudgetedCache(model.config, dtype=model.dtype)
+        for layer in cache.budgeted_layers():
+            layer.query_keep = self.scorer.queries
+        return cache
+
+    def compress(self, cache: BudgetedCache) -> None:
+        """Cut every budgeted layer back to its budget (no-op for layers under budget)."""
+        if not self.scorer.evicts:
+            return
+        if self.tokens is None:
+            self.resolve(cache)
+        budgets = self.layer_budgets(len(cache.budgeted))
+        for i, layer in enumerate(cache.budgeted_layers()):
+            over = layer.max_entries > budgets[i]
+            if over or self.scorer.state_names:
+                self._compress_layer(layer, i, len(budgets), budgets[i], evict=over)
+            if self.scorer.queries < 0:
+                layer.clear_queries()
+
+    def _compress_layer(self, layer: BudgetedLayer, i: int, n_layers: int, budget: int, evict: bool) -> None:
+        view = layer.view()
+        obs = Observation(
+            layer_idx=i,
+            n_layers=n_layers,
+            keys=view.keys,
+            values=view.values,
+            positions=view.positions,
+            valid=view.valid,
+            queries=layer.queries,
+            query_positions=layer.query_positions,
+            scaling=layer.scaling or view.keys.shape[-1] ** -0.5,
+            budget=budget,
+            seen=layer.seen,
+            seed=zlib.crc32(f"{self.seed}:{i}:{layer.seen}".encode()),
+            state=view.state,
+        )
+        scores = self.scorer.score(obs)
+        if not evict:
+            layer.state = _unpad_state(obs.state, layer)
+            return
+        index = select(scores, obs, min(self.window, budget))
+        lens = None
+        if view.valid is not None:
+            lens = torch.minimum(view.lengths[0], torch.tensor(index.shape[-1]))
+        view.state = obs.state
+        layer.keep(index, lens, view=view)
+
+
+def _unpad_state(state: dict[str, Tensor], layer: BudgetedLayer) -> dict[str, Tensor]:
+    if layer.head_lens is None:
+        return state
+    return {k: padded_to_ragged(s[0], layer.head_lens) for k, s in state.items()}
+
+
+def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs) -> Policy:
+    """``kb.policy("snapkv", budget=512)``; ``"snapkv+pyramid"`` picks an allocator by name."""
+    from . import load_all
+
+    load_all()
+    head, *rest = name.strip().lower().split("+")
+    allocator = kwargs.pop("allocator", None)
+    if head in PRESETS:
+        scorer_name, preset = PRESETS[head]
+        allocator = allocator or preset.get("allocator")
+        policy_name = head
+    else:
+        scorer_name, policy_name = head, None
+    for part in rest:
+        if allocator is not None and allocator != part:
+            raise UnknownPolicyError(f"policy '{name}': two allocators given ({allocator}, {part})")
+        allocator = part
+    if scorer_name not in SCORERS:
+        known = ", ".join(sorted([*SCORERS, *PRESETS]))
+        raise UnknownPolicyError(f"unknown policy '{head}' (known: {known})")
+    window = kwargs.pop("window", 32)
+    block_size = kwargs.pop("block_size", 256)
+    seed = kwargs.pop("seed", 0)
+    try:
+        scorer = SCORERS[scorer_name](window=window, **kwargs)
+    except TypeError as exc:
+        raise UnknownPolicyError(f"policy '{name}': {exc}") from None
+    if policy_name is None and allocator not in (None, "uniform"):
+        policy_name = f"{scorer_name}+{allocator}"
+    if not scorer.evicts:
+        budget = None
+    return Policy(scorer, budget, allocator or "uniform", window, block_size, seed, name=policy_name)

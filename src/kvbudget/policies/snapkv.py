@@ -1,0 +1,29 @@
+"""SnapKV (Li et al. 2024), and PyramidKV (Cai et al. 2024) = SnapKV scores + pyramid allocator."""
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import PRESETS, Observation, Scorer, register
+
+
+@register("snapkv")
+class SnapKV(Scorer):
+    """Attention from the observation window, summed over its queries, then max-pooled along tokens
+    (kernel 7) so that kept tokens come in small clusters."""
+
+    paper = "SnapKV (Li et al. 2024)"
+    summary = "window attention, summed over the window, 1-D max-pooled (kernel 7)"
+
+    def __init__(self, window: int = 32, kernel: int = 7) -> None:
+        super().__init__(window)
+        self.queries = window
+        self.kernel = kernel
+
+    def score(self, obs: Observation) -> Tensor:
+        scores = obs.attention.sum(dim=2)  # [B, H, n]
+        b, h, n = scores.shape
+        pooled = F.max_pool1d(scores.view(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
+        return pooled.view(b, h, n)
+
+
+PRESETS["pyramidkv"] = ("snapkv", {"allocator": "pyramid"})
