@@ -156,3 +156,15 @@ def load_model(
     model.eval()
     attach(model)
     return model, tok
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """The tokenizer alone (converting an embedded model on first use)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot load tokenizer '{name_or_path}': {str(exc).splitlines()[0]}") from None

