@@ -54,7 +54,8 @@ class Observation:
         future = self.positions[:, :, None, None, :] > self.query_positions.to(self.positions)[None, None, None, :, None]
         if self.valid is not None:
             future = future | ~self.valid[:, :, None, None, :]
-        return logits.masked_fill(future, float("-inf")).softmax(-1).mean(2)
+        # A query whose visible keys were all evicted earlier contributes nothing (not NaN).
+        return logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
 
     def zeros(self) -> Tensor:
         """A [B, H, n] float tensor of zeros, for scorers that build a score step by step."""
@@ -104,7 +105,7 @@ def register(name: str):
 
 def select(scores: Tensor, obs: Observation, window: int) -> Tensor:
     """Indices to keep, [B, H, k] ascending: the protected window, then the best scores."""
-    scores = scores.float()
+    scores = scores.float().nan_to_num(nan=float("-inf"))
     recent = obs.positions >= obs.seen - window
     scores = scores.masked_fill(recent, float("inf"))
     if obs.valid is not None:
@@ -164,7 +165,12 @@ class Policy:
 
     def layer_budgets(self, n_layers: int) -> list[int]:
         """Entries per head kept in each budgeted layer."""
-        return self._allocate(self.tokens, n_layers, min(self.window, self.tokens))
+        return self._allocate(self.tokens, n_layers, self.protected(self.tokens))
+
+    def protected(self, budget: int) -> int:
+        """How many of the most recent tokens are always kept: the observation window, but never
+        more than half the budget, so the scorer still chooses at small budgets."""
+        return min(self.window, budget // 2)
 
     # --- the cache ------------------------------------------------------------------------------
     def new_cache(self, model) -> BudgetedCache:
@@ -181,8 +187,11 @@ class Policy:
         if self.tokens is None:
             self.resolve(cache)
         budgets = self.layer_budgets(len(cache.budgeted))
+        # While the whole context fits in the average budget nothing is evicted, whatever the
+        # allocator says for single layers (as PyramidKV: contexts under the budget stay whole).
+        fits = cache.get_seq_length() <= self.tokens
         for i, layer in enumerate(cache.budgeted_layers()):
-            over = layer.max_entries > budgets[i]
+            over = not fits and layer.max_entries > budgets[i]
             if over or self.scorer.state_names:
                 self._compress_layer(layer, i, len(budgets), budgets[i], evict=over)
             if self.scorer.queries < 0:
@@ -209,7 +218,7 @@ class Policy:
         if not evict:
             layer.state = _unpad_state(obs.state, layer)
             return
-        index = select(scores, obs, min(self.window, budget))
+        index = select(scores, obs, self.protected(budget))
         lens = None
         if view.valid is not None:
             lens = torch.minimum(view.lengths[0], torch.tensor(index.shape[-1]))

@@ -1,0 +1,155 @@
+"""Every policy: budget >= context equals full, bytes within budget, peak within budget + block,
+shared machinery (window, order, positions), allocators, registry and bad input."""
+
+import pytest
+import torch
+
+import kvbudget as kb
+from kvbudget.allocation import pyramid, uniform
+from kvbudget.errors import BudgetError, UnknownPolicyError
+from kvbudget.policies import SCORERS, PRESETS, load_all
+
+from conftest import random_ids
+
+load_all()
+EVICTING = sorted(name for name, cls in SCORERS.items() if cls.evicts) + sorted(PRESETS)
+
+
+def _prefill(model, name, budget, ids, block=16):
+    policy = kb.policy(name, budget=budget, block_size=block)
+    cache = policy.new_cache(model)
+    logits, stats = kb.prefill(model, cache, policy, ids, block)
+    return policy, cache, logits
+
+
+def _greedy(model, cache, logits, steps=6):
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            tok = logits.argmax(-1, keepdim=True)
+            out.append(int(tok))
+            logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+    return out
+
+
+def test_first_policies_are_registered():
+    for name in ["full", "random", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm"]:
+        assert kb.policy(name, budget=64).name == name
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_budget_at_least_context_equals_full(tiny_llama, name):
+    ids = random_ids(70)
+    _, full_cache, full_logits = _prefill(tiny_llama, "full", None, ids)
+    _, cache, logits = _prefill(tiny_llama, name, 70, ids)
+    torch.testing.assert_close(logits, full_logits)
+    assert _greedy(tiny_llama, cache, logits) == _greedy(tiny_llama, full_cache, full_logits)
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_bytes_and_peak_within_budget(tiny_llama, name):
+    budget, block = 24, 16
+    policy, cache, _ = _prefill(tiny_llama, name, budget, random_ids(150), block)
+    n_layers = len(cache.budgeted)
+    entry = policy.entry_bytes(cache)
+    state = sum(4 * 2 * budget for _ in policy.scorer.state_names) * n_layers  # per-entry float state
+    assert cache.nbytes() <= n_layers * budget * entry + state
+    budgets = policy.layer_budgets(n_layers)
+    for layer, b in zip(cache.budgeted_layers(), budgets):
+        assert layer.max_entries <= b
+        # Nothing is evicted until the context exceeds the average budget, hence max(b, budget).
+        assert layer.peak_entries <= max(b, budget) + block
+    assert cache.peak_entries() <= max(*budgets, budget) + block
+    assert cache.peak_bytes >= cache.nbytes()
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_kept_entries_keep_order_positions_and_window(tiny_llama, name):
+    policy, cache, logits = _prefill(tiny_llama, name, 24, random_ids(150))
+    for layer, b in zip(cache.budgeted_layers(), policy.layer_budgets(len(cache.budgeted))):
+        pos = layer.view().positions[0]
+        assert torch.all(pos[:, 1:] > pos[:, :-1]), "kept entries stay in original order"
+        assert pos.max() == 149
+        recent = set(range(150 - policy.protected(b), 150))  # min(window, layer budget // 2)
+        for h in range(pos.shape[0]):
+            assert recent <= set(pos[h].tolist())
+    # Decoding continues from the true position, not from the number of entries kept.
+    assert cache.get_seq_length() == 150
+    assert len(_greedy(tiny_llama, cache, logits)) == 6
+
+
+def test_streaming_keeps_sinks_and_recent(tiny_llama):
+    _, cache, _ = _prefill(tiny_llama, "streaming", 20, random_ids(100))
+    pos = cache.budgeted_layers()[0].view().positions[0, 0].tolist()
+    assert pos == [0, 1, 2, 3] + list(range(84, 100))
+
+
+def test_snapkv_scores_window_attention_pooled(tiny_llama):
+    """SnapKV keeps the tokens the window attends to most (computed here directly)."""
+    from kvbudget.policies.base import Observation
+    from kvbudget.policies.snapkv import SnapKV
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 40, 16, generator=gen)
+    queries = torch.randn(1, 4, 8, 16, generator=gen)
+    obs = Observation(0, 1, keys, keys, torch.arange(40).expand(1, 2, 40), None, queries,
+                      torch.arange(32, 40), 0.25, 10, 40, 0)
+    scores = SnapKV(window=8).score(obs)
+    logits = torch.einsum("bhmd,bhnd->bhmn", queries, keys.repeat_interleave(2, 1)) * 0.25
+    causal = torch.arange(40)[None, :] > torch.arange(32, 40)[:, None]
+    attn = logits.masked_fill(causal, float("-inf")).softmax(-1).view(1, 2, 2, 8, 40).mean(2).sum(2)
+    expected = torch.nn.functional.max_pool1d(attn, 7, 1, 3)
+    torch.testing.assert_close(scores, expected)
+
+
+def test_h2o_state_accumulates_and_moves_with_entries(tiny_llama):
+    _, cache, _ = _prefill(tiny_llama, "h2o", 24, random_ids(120))
+    layer = cache.budgeted_layers()[0]
+    acc = layer.state["h2o"]
+    assert acc.shape == layer.positions.shape
+    # Older survivors have received attention from more queries than the newest tokens.
+    assert acc[0, :, 0].min() > acc[0, :, -1].max()
+
+
+def test_random_is_seeded(tiny_llama):
+    ids = random_ids(100)
+    a = _prefill(tiny_llama, "random", 20, ids)[1].budgeted_layers()[0].positions
+    b = _prefill(tiny_llama, "random", 20, ids)[1].budgeted_layers()[0].positions
+    assert torch.equal(a, b)
+
+
+def test_allocators_keep_the_total():
+    assert uniform(100, 30, 32) == [100] * 30
+    p = pyramid(200, 30, 32)
+    assert sum(p) <= 200 * 30 and sum(p) >= 200 * 30 - 30
+    assert p == sorted(p, reverse=True) and p[0] > 200 > p[-1] >= 32
+
+
+@pytest.mark.parametrize("bad", [0, -5, "0", "abc", "0.5x", "12 parsecs"])
+def test_bad_budgets_are_clear_errors(bad):
+    with pytest.raises(BudgetError, match="budget|ratio"):
+        kb.policy("snapkv", budget=bad)
+
+
+def test_budget_forms():
+    assert kb.parse_budget("512").tokens == 512
+    assert kb.parse_budget("24MiB").nbytes == 24 * 2**20
+    assert kb.parse_budget("4x").ratio == 4.0
+    with pytest.raises(BudgetError, match="needs a budget"):
+        kb.policy("snapkv")
+
+
+def test_byte_and_ratio_budgets_resolve(tiny_llama):
+    policy = kb.policy("knorm", budget="40KiB")
+    cache = policy.new_cache(tiny_llama)
+    tokens = policy.resolve(cache)
+    assert tokens == 40 * 1024 // (policy.entry_bytes(cache) * 3)
+    ratio = kb.policy("knorm", budget="4x")
+    assert ratio.resolve(ratio.new_cache(tiny_llama), context_tokens=400) == 100
+
+
+def test_unknown_policy_names_the_known_ones():
+    with pytest.raises(UnknownPolicyError, match="unknown policy 'bogus'.*snapkv"):
+        kb.policy("bogus", budget=10)
+    with pytest.raises(UnknownPolicyError):
+        kb.policy("snapkv", budget=10, not_a_parameter=3)
