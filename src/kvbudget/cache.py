@@ -323,8 +323,9 @@ class BudgetedCache(Cache):
         return [layer.lengths() for layer in self.budgeted_layers()]
 
     @contextmanager
-    def scratch(self) -> Iterator[None]:
-        """Tokens fed inside the block are forgotten at its end (teacher-forced scoring)."""
+    def scratch(self, keep_queries: bool = False) -> Iterator[None]:
+        """Tokens fed inside the block are forgotten at its end (teacher-forced scoring, decoding
+        that is replaced, scoring queries). ``keep_queries`` keeps the queries observed inside."""
         seen = self.get_seq_length()
         sliding = [layer for layer in self.layers if not isinstance(layer, BudgetedLayer)]
         for layer in sliding:
@@ -336,7 +337,8 @@ class BudgetedCache(Cache):
             n = self.get_seq_length() - seen
             for layer, (q, qp) in zip(self.budgeted_layers(), saved):
                 layer.drop_last(n)
-                layer.queries, layer.query_positions = q, qp
+                if not keep_queries:
+                    layer.queries, layer.query_positions = q, qp
             for layer in sliding:
                 if n > 0 and layer.is_initialized:
                     layer.crop(-n)

@@ -82,18 +82,25 @@ class Session:
         ids = self.tok(text, add_special_tokens=not self.rendered, return_tensors="pt").input_ids
         return ids
 
-    def _feed(self, full: str, text: str, compress_last: bool = True) -> tuple[Tensor, PrefillStats]:
+    def _feed(
+        self, full: str, text: str, compress_last: bool = True, scoring_ids: Tensor | None = None
+    ) -> tuple[Tensor, PrefillStats]:
         ids = self._encode(text)
         if self.policy.tokens is None and self.policy.budget is not None:
             self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids))
-        logits, stats = prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last)
+        logits, stats = prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids)
         self.input_ids.extend(ids[0].tolist())
         self.rendered = full
         return logits, stats
 
     # --- public API -----------------------------------------------------------------------------
-    def add_context(self, context: "str | list[dict]") -> PrefillStats:
-        """Prefill a document (str) or chat messages block-wise under the budget."""
+    def add_context(self, context: "str | list[dict]", question: str | None = None) -> PrefillStats:
+        """Prefill a document (str) or chat messages block-wise under the budget.
+
+        With ``question``, compression is *query-aware*: after every block the question's queries
+        score the cache (the optimistic single-question mode most papers report; label it so).
+        Without it, the context is compressed without knowing what will be asked.
+        """
         if isinstance(context, str):
             if not context.strip():
                 raise KVBudgetError("context is empty")
@@ -106,7 +113,12 @@ class Session:
                 if not isinstance(m, dict) or "role" not in m or "content" not in m:
                     raise KVBudgetError(f"context message {i} must be a dict with 'role' and 'content'")
         full, text = self._suffix(self.messages + new, add_generation_prompt=False)
-        _, stats = self._feed(full, text)
+        scoring = None
+        if question is not None:
+            # The question turn as it will follow the context (same template, generation prompt).
+            asked = self._render(self.messages + new + [{"role": "user", "content": question}], True)
+            scoring = self.tok(asked[len(full) :], add_special_tokens=False, return_tensors="pt").input_ids
+        _, stats = self._feed(full, text, scoring_ids=scoring)
         self.messages += new
         self.stats.add(stats)
         return stats

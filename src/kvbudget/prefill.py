@@ -38,11 +38,17 @@ def prefill(
     input_ids: Tensor,
     block_size: int | None = None,
     compress_last: bool = True,
+    scoring_ids: Tensor | None = None,
 ) -> tuple[Tensor, PrefillStats]:
     """Feed ``input_ids`` ([1, T]) block by block; returns the last token's logits and the stats.
 
     ``compress_last=False`` leaves the final block uncompressed (a question about to be answered
     is not used to evict the context it asks about: multi-turn mode compresses after the answer).
+
+    ``scoring_ids`` ([1, S]): tokens run after each block as *scoring queries* — their queries
+    are observed, their KV is discarded — so scorers see them as the window instead of the
+    block's own tail. With the question here this is the query-aware mode of SnapKV-style papers,
+    kept under the same peak memory; EpiCache passes an episode's patched prompt.
     """
     block_size = block_size or policy.block_size
     stats = PrefillStats(tokens=input_ids.shape[1])
@@ -57,7 +63,17 @@ def prefill(
         stats.blocks += 1
         if compress_last or s + block_size < n:
             t0 = time.perf_counter()
+            if scoring_ids is not None:
+                observe_scoring_queries(model, cache, scoring_ids)
             policy.compress(cache)
             stats.compress_seconds += time.perf_counter() - t0
     stats.seconds = time.perf_counter() - start
     return logits, stats
+
+
+def observe_scoring_queries(model, cache: BudgetedCache, scoring_ids: Tensor) -> None:
+    """Run ``scoring_ids`` after the cache's tokens: keep their queries, forget their KV."""
+    for layer in cache.budgeted_layers():
+        layer.clear_queries()
+    with cache.scratch(keep_queries=True):
+        model(input_ids=scoring_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
