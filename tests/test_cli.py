@@ -1,0 +1,80 @@
+"""CLI: bad input gives one clear line and a non-zero exit; the happy paths write their files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvbudget.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvbudget.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_policies_lists_every_first_policy(capsys):
+    assert main(["policies"]) == 0
+    out = capsys.readouterr().out
+    for name in ["full", "random", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm"]:
+        assert f"\n{name} " in out
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    rows = [{"id": "t1", "context": "Alice keeps a red kite in the shed. " * 30,
+             "questions": [{"question": "What colour is Alice's kite?", "answers": ["red"], "metric": "contains"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--tasks", "{tasks}", "--policy", "bogus", "--budget", "64"], "unknown policy 'bogus'"),
+        (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "0"], "budget must be positive"),
+        (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "lots"], "cannot read budget"),
+        (["eval", "--tasks", "{bad}", "--policy", "snapkv", "--budget", "64"], "line 2"),
+        (["eval", "--tasks", "{missing}", "--policy", "snapkv", "--budget", "64"], "missing.jsonl"),
+        (["run", "--context", "{empty}", "-q", "Why?", "--policy", "snapkv", "--budget", "64"], "context is empty"),
+        (["tasks", "make", "sudoku", "--out", "{out}"], "unknown task set"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, task_file, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(task_file.read_text() + '{"id": "t2", "context": "x", "questions": []}\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    paths = {"tasks": task_file, "bad": bad, "missing": tmp_path / "missing.jsonl", "empty": empty, "out": tmp_path / "o.jsonl"}
+    proc = _run(*[a.format(**paths) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvbudget: error:"), proc.stderr
+    assert message in lines[0]
+
+
+def test_budget_larger_than_context_is_an_error(task_file):
+    proc = _run("eval", "--tasks", str(task_file), "--policy", "snapkv", "--budget", "5000", "--no-progress")
+    assert proc.returncode == 2
+    assert "larger than the context of task 't1'" in proc.stderr
+
+
+def test_eval_writes_results_summary_report(tmp_path, task_file):
+    out = tmp_path / "out"
+    proc = _run("eval", "--tasks", str(task_file), "--policy", "snapkv,streaming", "--budget", "64,4x",
+                "--out", str(out), "--no-progress", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["policy"], r["budget"]) for r in rows} == {
+        ("full", "-"), ("snapkv", "64"), ("snapkv", "4x"), ("streaming", "64"), ("streaming", "4x")}
+    for key in ["score", "answer_logprob", "retention", "kv_bytes", "peak_bytes", "prefill_s", "decode_s", "prediction"]:
+        assert all(key in r for r in rows)
+    full = next(r for r in rows if r["policy"] == "full")
+    assert full["retention"] in (1.0, None)
+    assert all(r["kv_bytes"] < full["kv_bytes"] for r in rows if r["policy"] != "full")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["rows"]) == 5
+    assert (out / "plot.png").stat().st_size > 10_000
+    assert "| model |" in (out / "report.md").read_text()
+    assert "snapkv" in proc.stdout and "retain" in proc.stdout
