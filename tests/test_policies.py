@@ -53,8 +53,13 @@ def test_bytes_and_peak_within_budget(tiny_llama, name):
     n_layers = len(cache.budgeted)
     entry = policy.entry_bytes(cache)
     state = sum(4 * 2 * budget for _ in policy.scorer.state_names) * n_layers  # per-entry float state
-    assert cache.nbytes() <= n_layers * budget * entry + state
+    lens_tables = sum(8 * layer.n_heads for layer in cache.budgeted_layers() if layer.head_lens is not None)
+    assert cache.nbytes() <= n_layers * budget * entry + state + lens_tables
     budgets = policy.layer_budgets(n_layers)
+    if policy.allocator == "head-adaptive":
+        for layer in cache.budgeted_layers():  # heads share the layer's budget
+            assert int(layer.lengths().sum()) <= budget * layer.n_heads
+        return
     for layer, b in zip(cache.budgeted_layers(), budgets):
         assert layer.max_entries <= b
         # Nothing is evicted until the context exceeds the average budget, hence max(b, budget).
@@ -67,12 +72,13 @@ def test_bytes_and_peak_within_budget(tiny_llama, name):
 def test_kept_entries_keep_order_positions_and_window(tiny_llama, name):
     policy, cache, logits = _prefill(tiny_llama, name, 24, random_ids(150))
     for layer, b in zip(cache.budgeted_layers(), policy.layer_budgets(len(cache.budgeted))):
-        pos = layer.view().positions[0]
-        assert torch.all(pos[:, 1:] > pos[:, :-1]), "kept entries stay in original order"
-        assert pos.max() == 149
+        view = layer.view()
         recent = set(range(150 - policy.protected(b), 150))  # min(window, layer budget // 2)
-        for h in range(pos.shape[0]):
-            assert recent <= set(pos[h].tolist())
+        for h, n in enumerate(view.lengths[0].tolist()):
+            pos = view.positions[0, h, :n]
+            assert torch.all(pos[1:] > pos[:-1]), "kept entries stay in original order"
+            assert pos.max() == 149
+            assert recent <= set(pos.tolist())
     # Decoding continues from the true position, not from the number of entries kept.
     assert cache.get_seq_length() == 150
     assert len(_greedy(tiny_llama, cache, logits)) == 6
@@ -153,3 +159,16 @@ def test_unknown_policy_names_the_known_ones():
         kb.policy("bogus", budget=10)
     with pytest.raises(UnknownPolicyError):
         kb.policy("snapkv", budget=10, not_a_parameter=3)
+
+
+def test_adakv_heads_keep_different_lengths_and_really_store_them(tiny_llama):
+    """Ada-KV: one top-k over the heads of a layer; ragged storage holds exactly that many entries."""
+    policy, cache, logits = _prefill(tiny_llama, "adakv", 24, random_ids(200, seed=4))
+    lengths = [layer.lengths() for layer in cache.budgeted_layers()]
+    assert any(int(l.min()) != int(l.max()) for l in lengths), lengths
+    for layer, lens in zip(cache.budgeted_layers(), lengths):
+        assert int(lens.sum()) == 24 * 2
+        assert int(lens.min()) >= int(0.2 * 24)
+        if layer.head_lens is not None:
+            assert layer.keys.shape[0] == int(lens.sum())  # no padding stored
+    assert len(_greedy(tiny_llama, cache, logits)) == 6

@@ -1,7 +1,9 @@
-"""Allocators: how a budget is split over layers (and, later, heads). They compose with any scorer.
+"""Allocators: how a budget is split over layers and heads. They compose with any scorer.
 
 An allocator maps (budget per layer on average, number of budgeted layers, protected window) to
-one integer budget per layer whose sum never exceeds ``budget * n_layers``.
+one integer budget per layer whose sum never exceeds ``budget * n_layers``. ``head-adaptive``
+keeps uniform layer budgets and lets the heads of a layer share theirs (one top-k over all
+heads, `policies.base.select_across_heads`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def pyramid(budget: int, n_layers: int, window: int, beta: float = 20.0) -> list
     return [max(1, int(bottom - i * step) + min(window, budget)) for i in range(n_layers)]
 
 
-ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "pyramid": pyramid}
+ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "pyramid": pyramid, "head-adaptive": uniform}
+# Allocators whose heads share the layer budget (variable per-head lengths).
+HEAD_ADAPTIVE = {"head-adaptive"}
 
 
 def get_allocator(name: str) -> Allocator:

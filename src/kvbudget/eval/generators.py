@@ -354,7 +354,8 @@ def _token(rng: random.Random, style: str) -> str:
 
 def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 8,
        questions: tuple[int, int] = (4, 5), key_style: str = "word",
-       value_style: str = "number", depth: tuple[float, float] = (0.2, 0.8)) -> list[Task]:
+       value_style: str = "number", layout: str = "object",
+       depth: tuple[float, float] = (0.2, 0.8), question_style: int = 0) -> list[Task]:
     """Key-value retrieval: a JSON object of `pairs` keys -> values inside prose.
 
     TODO calibrate.
@@ -364,14 +365,20 @@ def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 8,
     for i in range(n):
         keys = _keys(rng, key_style, pairs)
         values = [_token(rng, value_style) for _ in keys]
-        obj = json.dumps(dict(zip(keys, values)), indent=1)
-        block = f"The records office keeps this JSON object of keys and their values:\n{obj}"
-        if length <= 0:
-            context = obj
+        if layout == "object":
+            obj = json.dumps(dict(zip(keys, values)), indent=1)
+            block = f"The records office keeps this JSON object of keys and their values:\n{obj}"
+            inserts = [(rng.uniform(*depth), block, True)]
         else:
-            context = document(tok, rng, length, [(rng.uniform(*depth), block, True)])
+            inserts = [(0.05 + 0.9 * (j + rng.uniform(0.2, 0.8)) / pairs,
+                        f'The ledger has the entry {json.dumps({k: v})}.', False)
+                       for j, (k, v) in enumerate(zip(keys, values))]
+        context = document(tok, rng, length, inserts)
         asked = rng.sample(range(pairs), min(pairs, rng.randint(*questions)))
-        qs = [Question(question=f'What is the value of the key "{keys[j]}" in the JSON object?',
+        qtext = ['What is the value of the key "{}" in the JSON object?',
+                 'What is the value of "{}"?',
+                 'What is the value for the key "{}"?'][question_style]
+        qs = [Question(question=qtext.format(keys[j]),
                        answers=[values[j]], metric="contains", category="kv") for j in asked]
         tasks.append(Task(id=f"kv-{seed}-{i:04d}", context=context, questions=qs))
     return tasks

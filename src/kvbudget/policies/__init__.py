@@ -13,6 +13,9 @@ def load_all() -> None:
         import_module(f"{__name__}.{name}")
 
 
+PRESET_PAPERS = {"pyramidkv": "PyramidKV (Cai et al. 2024)", "adakv": "Ada-KV (Feng et al. 2024)"}
+
+
 def describe() -> list[dict]:
     """One row per policy: name, paper, what it does, whether it needs attention (queries)."""
     load_all()
@@ -25,7 +28,7 @@ def describe() -> list[dict]:
         rows.append(
             {
                 "name": name,
-                "paper": "PyramidKV (Cai et al. 2024)" if name == "pyramidkv" else "",
+                "paper": PRESET_PAPERS.get(name, ""),
                 "summary": f"{scorer_name} scores, {preset.get('allocator')} layer budgets",
                 "needs_attention": scorer.needs_attention,
             }

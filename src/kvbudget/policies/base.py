@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..allocation import get_allocator
+from ..allocation import HEAD_ADAPTIVE, get_allocator
 from ..budget import Budget, parse_budget
 from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, padded_to_ragged
 from ..errors import BudgetError, UnknownPolicyError
@@ -88,7 +88,7 @@ class Scorer:
 
 
 SCORERS: dict[str, type[Scorer]] = {}
-# Named combinations: pyramidkv = snapkv scores with the pyramid allocator.
+# Named combinations: pyramidkv = snapkv scores with the pyramid allocator, adakv = with head-adaptive.
 PRESETS: dict[str, tuple[str, dict]] = {}
 
 
@@ -103,16 +103,47 @@ def register(name: str):
     return deco
 
 
-def select(scores: Tensor, obs: Observation, window: int) -> Tensor:
-    """Indices to keep, [B, H, k] ascending: the protected window, then the best scores."""
+def _ranked(scores: Tensor, obs: Observation, window: int) -> Tensor:
+    """Scores with the protected window at +inf and padding at -inf."""
     scores = scores.float().nan_to_num(nan=float("-inf"))
-    recent = obs.positions >= obs.seen - window
-    scores = scores.masked_fill(recent, float("inf"))
+    scores = scores.masked_fill(obs.positions >= obs.seen - window, float("inf"))
     if obs.valid is not None:
         scores = scores.masked_fill(~obs.valid, float("-inf"))
+    return scores
+
+
+def select(scores: Tensor, obs: Observation, window: int) -> tuple[Tensor, Tensor | None]:
+    """Every head keeps its own top ``budget``: indices [B, H, k] ascending (+ per-head lengths
+    when some heads hold fewer entries than k)."""
+    scores = _ranked(scores, obs, window)
     k = min(obs.budget, scores.shape[-1])
     # Padding scores -inf, so it sorts last among a short head's picks and stays beyond its length.
-    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    index = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    lens = None if obs.valid is None else obs.valid[0].sum(-1).clamp(max=k)
+    return index, lens
+
+
+def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Ada-KV (Feng et al. 2024): one top-k over all heads of the layer (``budget * heads``
+    entries), each head first guaranteed its best ``floor * budget``: heads keep different
+    numbers of entries and the cache stores exactly those (ragged, batch 1)."""
+    scores = _ranked(scores, obs, window)[0]  # [H, n]
+    h, n = scores.shape
+    finite = scores > float("-inf")
+    chosen = torch.zeros_like(finite)
+    guaranteed = min(int(floor * obs.budget), n)
+    if guaranteed:
+        chosen.scatter_(1, scores.topk(guaranteed, dim=-1).indices, True)
+        chosen &= finite
+    rest = min(obs.budget * h, int(finite.sum())) - int(chosen.sum())
+    if rest > 0:
+        pick = scores.masked_fill(chosen, float("-inf")).flatten().topk(rest).indices
+        chosen.view(-1)[pick] = True
+    lens = chosen.sum(-1)
+    order = torch.arange(n, device=scores.device).expand(h, n)
+    # Chosen entries first, in their original order; the rest pushed behind them.
+    index = torch.where(chosen, order, order + n).argsort(dim=-1)[:, : int(lens.max())]
+    return index[None], lens
 
 
 class Policy:
@@ -190,8 +221,10 @@ class Policy:
         # While the whole context fits in the average budget nothing is evicted, whatever the
         # allocator says for single layers (as PyramidKV: contexts under the budget stay whole).
         fits = cache.get_seq_length() <= self.tokens
+        shared = self.allocator in HEAD_ADAPTIVE
         for i, layer in enumerate(cache.budgeted_layers()):
-            over = not fits and layer.max_entries > budgets[i]
+            held = int(layer.lengths().sum()) if shared else layer.max_entries
+            over = not fits and held > budgets[i] * (layer.n_heads if shared else 1)
             if over or self.scorer.state_names:
                 self._compress_layer(layer, i, len(budgets), budgets[i], evict=over)
             if self.scorer.queries < 0:
@@ -218,10 +251,8 @@ class Policy:
         if not evict:
             layer.state = _unpad_state(obs.state, layer)
             return
-        index = select(scores, obs, self.protected(budget))
-        lens = None
-        if view.valid is not None:
-            lens = torch.minimum(view.lengths[0], torch.tensor(index.shape[-1]))
+        choose = select_across_heads if self.allocator in HEAD_ADAPTIVE else select
+        index, lens = choose(scores, obs, self.protected(budget))
         view.state = obs.state
         layer.keep(index, lens, view=view)
 

@@ -1,4 +1,5 @@
-"""SnapKV (Li et al. 2024), and PyramidKV (Cai et al. 2024) = SnapKV scores + pyramid allocator."""
+"""SnapKV (Li et al. 2024); PyramidKV (Cai et al. 2024) = SnapKV scores + pyramid allocator;
+Ada-KV (Feng et al. 2024) = SnapKV scores + head-adaptive allocation."""
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,3 +28,4 @@ class SnapKV(Scorer):
 
 
 PRESETS["pyramidkv"] = ("snapkv", {"allocator": "pyramid"})
+PRESETS["adakv"] = ("snapkv", {"allocator": "head-adaptive"})
