@@ -172,3 +172,16 @@ def test_adakv_heads_keep_different_lengths_and_really_store_them(tiny_llama):
         if layer.head_lens is not None:
             assert layer.keys.shape[0] == int(lens.sum())  # no padding stored
     assert len(_greedy(tiny_llama, cache, logits)) == 6
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova"])
+def test_observation_queries_same_under_sdpa_and_eager(tiny_llama, tiny_llama_eager, name):
+    """The hook exposes the same post-RoPE queries with either attention implementation, so
+    attention-based policies keep the same entries."""
+    tiny_llama_eager.load_state_dict(tiny_llama.state_dict())
+    ids = random_ids(120, seed=7)
+    a = _prefill(tiny_llama, name, 24, ids)[1]
+    b = _prefill(tiny_llama_eager, name, 24, ids)[1]
+    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+        assert torch.equal(la.positions, lb.positions)
+        torch.testing.assert_close(la.queries, lb.queries) if la.queries is not None else None

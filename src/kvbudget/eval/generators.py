@@ -347,6 +347,8 @@ def _keys(rng: random.Random, style: str, k: int) -> list[str]:
 def _token(rng: random.Random, style: str) -> str:
     if style == "hex":
         return f"{rng.getrandbits(32):08x}"
+    if style == "number4":
+        return str(rng.randrange(1000, 10000))
     if style == "uuid":
         return f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}"
     return str(rng.randrange(10000, 100000))
@@ -370,8 +372,10 @@ def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 8,
             block = f"The records office keeps this JSON object of keys and their values:\n{obj}"
             inserts = [(rng.uniform(*depth), block, True)]
         else:
+            fmt = ('The ledger has the entry {{"{}": "{}"}}.' if layout == "scattered"
+                   else 'The value for the key "{}" is {}.')
             inserts = [(0.05 + 0.9 * (j + rng.uniform(0.2, 0.8)) / pairs,
-                        f'The ledger has the entry {json.dumps({k: v})}.', False)
+                        fmt.format(k, v), False)
                        for j, (k, v) in enumerate(zip(keys, values))]
         context = document(tok, rng, length, inserts)
         asked = rng.sample(range(pairs), min(pairs, rng.randint(*questions)))

@@ -4,7 +4,7 @@ from importlib import import_module
 
 from .base import PRESETS, SCORERS, Observation, Policy, Scorer, make_policy, register
 
-_MODULES = ("full", "random", "streaming", "snapkv", "h2o", "tova", "keydiff", "knorm")
+_MODULES = ("full", "random", "streaming", "snapkv", "h2o", "tova", "keydiff", "knorm", "a2sf", "scissorhands")
 
 
 def load_all() -> None:
