@@ -6,6 +6,7 @@ import importlib.util
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -84,13 +85,27 @@ def test_needle_facts_match_questions(tok):
         assert first < len(task.context) / 2 < last
 
 
-def test_kv_context_holds_a_json_object(tok):
-    for task in make_tasks("kv", tok, 3, 600, seed=5):
+def test_kv_pairs_are_stated_once_each(tok):
+    for task in make_tasks("kv", tok, 3, 600, seed=5, pairs=8, key_style="word"):
+        pairs = dict(re.findall(r'The value for the key "([a-z]+-[a-z]+)" is (\d{5})\.',
+                                task.context))
+        assert len(pairs) == 8  # asked pairs plus distractors
+        for q in task.questions:
+            key = re.search(r'"([^"]+)"', q.question).group(1)
+            assert pairs[key] == q.answers[0]
+            assert task.context.count(key) == 1
+
+
+def test_kv_json_layout_holds_a_json_object(tok):
+    for task in make_tasks("kv", tok, 2, 600, seed=5, layout="json", pairs=6):
         obj = json.loads(task.context[task.context.index("{"):task.context.index("}") + 1])
-        assert len(obj) >= len(task.questions)
+        assert len(obj) == 6
+        assert all(re.fullmatch(r"[0-9a-f]{8}", k) for k in obj)
         for q in task.questions:
             key = re.search(r'"([^"]+)"', q.question).group(1)
             assert obj[key] == q.answers[0]
+    with pytest.raises(KVBudgetError, match="unknown kv layout"):
+        make_tasks("kv", tok, 1, 300, 0, layout="xml")
 
 
 def test_filler_is_varied_prose():
@@ -108,7 +123,44 @@ def test_make_tasks_errors(tok):
         make_tasks("nope", tok, 1, 300, 0)
     with pytest.raises(KVBudgetError, match="positive"):
         make_tasks("needle", tok, 0, 300, 0)
+    with pytest.raises(KVBudgetError, match="length 120 is too short"):
+        make_tasks("kv", tok, 1, 120, 0, pairs=8)
 
 
 def test_tasks_are_task_objects(tok):
     assert all(isinstance(t, Task) for t in make_tasks("needle", tok, 1, 300, 0))
+
+
+_HASH_SCRIPT = """
+import hashlib, json
+from kvbudget.eval.generators import make_tasks
+from kvbudget.eval.taskfile import task_to_dict
+
+class WordTok:  # a stand-in tokenizer: one token per whitespace-separated word
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+tasks = [t for name in ("needle", "kv") for t in make_tasks(name, WordTok(), 3, 400, 7)]
+blob = json.dumps([task_to_dict(t) for t in tasks], sort_keys=True)
+print(hashlib.sha256(blob.encode()).hexdigest())
+"""
+
+
+def test_same_tasks_in_every_process():
+    """Seeded output must not depend on Python's per-process string hashing."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    here = io.StringIO()
+    with contextlib.redirect_stdout(here):
+        exec(_HASH_SCRIPT, {})
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    other_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    env = dict(os.environ, PYTHONHASHSEED=other_seed,
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    there = subprocess.run([sys.executable, "-c", _HASH_SCRIPT], env=env, check=True,
+                           capture_output=True, text=True).stdout
+    assert here.getvalue().strip() == there.strip()

@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = read_tasks(args.tasks)
     policies, budgets = _split(args.policy), _split(args.budget)
     check_names(EvalConfig(policies, budgets))
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     out = Path(args.out)
     _run_grid(args, tasks, model, tok, policies, budgets, out, args.model or "smollm2-135m", _command())
     print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}")
@@ -95,7 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .models import load_model
 
     start = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     tasks = make_tasks("needle", tok, n=args.tasks, length=args.length, seed=args.seed)
     tasks += make_tasks("kv", tok, n=args.tasks, length=args.length, seed=args.seed + 1)
     out = Path(args.out)
@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KVBudgetError(f"context file not found: {path}")
     text = path.read_text()
     policy = make_policy(args.policy, budget=args.budget, block_size=args.block_size)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     session = Session(model, tok, policy)
     stats = session.add_context(text)
     for q in args.question:
@@ -141,6 +141,7 @@ def _command() -> str:
 
 def _common(p: argparse.ArgumentParser, budget_default: str | None) -> None:
     p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
     p.add_argument("--max-new-tokens", type=_positive, default=24, help="answer length cap (default 24)")
     p.add_argument("--seed", type=int, default=0)
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="the main job: a quick, complete comparison on the default model")
     p.add_argument("--out", default="kvbudget-results", help="output directory (default ./kvbudget-results)")
-    p.add_argument("--tasks", type=_positive, default=3, help="contexts per task family (default 3)")
+    p.add_argument("--tasks", type=_positive, default=2, help="contexts per task family (default 2)")
     p.add_argument("--length", type=_positive, default=800, help="context length in tokens (default 800)")
     p.add_argument("--policy", default=None, help="comma list (default: all first policies)")
     _common(p, "2x,4x,8x")
