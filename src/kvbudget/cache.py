@@ -217,11 +217,14 @@ class BudgetedLayer(CacheLayerMixin):
             return
         if index.shape[0] != 1:
             raise ValueError("per-head variable lengths need batch size 1")
-        lens = lens.to(device=index.device, dtype=torch.long)
-        self.keys = padded_to_ragged(keys[0], lens)
-        self.values = padded_to_ragged(values[0], lens)
-        self.positions = padded_to_ragged(positions[0], lens)
-        self.state = {k: padded_to_ragged(s[0], lens) for k, s in state.items()}
+        self._store_ragged(LayerView(keys, values, positions, state, None), lens.to(index.device, torch.long))
+
+    def _store_ragged(self, view: LayerView, lens: Tensor) -> None:
+        """Keep the first ``lens[h]`` entries of each head of a padded view, ragged."""
+        self.keys = padded_to_ragged(view.keys[0], lens)
+        self.values = padded_to_ragged(view.values[0], lens)
+        self.positions = padded_to_ragged(view.positions[0], lens)
+        self.state = {k: padded_to_ragged(s[0], lens) for k, s in view.state.items()}
         self.head_lens = lens
 
     def drop_last(self, n: int) -> None:
@@ -234,13 +237,7 @@ class BudgetedLayer(CacheLayerMixin):
             self.positions = self.positions[..., :-n]
             self.state = {k: s[..., :-n] for k, s in self.state.items()}
             return
-        view = self.view()
-        lens = self.head_lens - n
-        self.keys = padded_to_ragged(view.keys[0], lens)
-        self.values = padded_to_ragged(view.values[0], lens)
-        self.positions = padded_to_ragged(view.positions[0], lens)
-        self.state = {k: padded_to_ragged(s[0], lens) for k, s in view.state.items()}
-        self.head_lens = lens
+        self._store_ragged(self.view(), self.head_lens - n)
 
     def observe(self, query: Tensor, scaling: float | None) -> None:
         """Receive the queries of the tokens just processed (from the attention hook)."""
