@@ -11,8 +11,6 @@ teacher-forced mean log-probability.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..budget import parse_budget
 from ..errors import BudgetError
+from ..fileio import atomic_write_text
 from ..generate import Session
 from ..policies.base import make_policy
 from .metrics import score as score_answer
@@ -87,15 +86,6 @@ def validate(cfg: EvalConfig, tok, tasks: list[Task]) -> dict[str, int]:
                     "nothing to compress; use a smaller budget or a ratio such as 4x"
                 )
     return lengths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _no_context_logprobs(model, tok, task: Task) -> list[float]:
@@ -173,11 +163,11 @@ def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path
             all_rows.extend(rows)
             bar.update(1)
     bar.close()
-    _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in all_rows))
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in all_rows))
     summary = summarize(all_rows)
     summary["seconds"] = time.perf_counter() - start
     summary["config"] = cfg.__dict__
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from kvbudget.errors import TaskFileError
+from kvbudget.fileio import atomic_open
 
 METRICS = ("exact", "contains", "f1", "choice")
 ROLES = ("user", "assistant", "system")
@@ -200,22 +200,9 @@ def read_tasks(path: str | os.PathLike) -> list[Task]:
 
 def write_tasks(path: str | os.PathLike, tasks: Iterable[Task]) -> None:
     """Write tasks as JSONL atomically: a half-written file never replaces the old one."""
-    p = Path(path)
-    # Same directory so os.replace is a rename on one filesystem (atomic).
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for task in tasks:
-                f.write(json.dumps(task_to_dict(task), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path) as f:
+        for task in tasks:
+            f.write(json.dumps(task_to_dict(task), ensure_ascii=False) + "\n")
 
 
 def context_messages(task: Task) -> list[dict]:
