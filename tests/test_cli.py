@@ -78,3 +78,13 @@ def test_eval_writes_results_summary_report(tmp_path, task_file):
     assert (out / "plot.png").stat().st_size > 10_000
     assert "| model |" in (out / "report.md").read_text()
     assert "snapkv" in proc.stdout and "retain" in proc.stdout
+
+
+def test_query_aware_mode_is_labelled(tmp_path, task_file):
+    out = tmp_path / "qa"
+    proc = _run("eval", "--tasks", str(task_file), "--policy", "snapkv", "--budget", "64", "--mode", "query-aware",
+                "--out", str(out), "--no-progress", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["mode"] for r in rows} == {"query-aware"}
+    assert "OPTIMISTIC" in (out / "report.md").read_text()

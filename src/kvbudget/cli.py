@@ -65,6 +65,7 @@ def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name:
         block_size=args.block_size,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        mode=args.mode,
     )
     summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress)
     print(format_table(summary))
@@ -81,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = read_tasks(args.tasks)
     policies, budgets = _split(args.policy), _split(args.budget)
-    check_names(EvalConfig(policies, budgets))
+    check_names(EvalConfig(policies, budgets, mode=args.mode))
     model, tok = load_model(args.model, device=args.device)
     out = Path(args.out)
     _run_grid(args, tasks, model, tok, policies, budgets, out, args.model or "smollm2-135m", _command())
@@ -124,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     policy = make_policy(args.policy, budget=args.budget, block_size=args.block_size)
     model, tok = load_model(args.model, device=args.device)
     session = Session(model, tok, policy)
-    stats = session.add_context(text)
+    stats = session.add_context(text, question=args.question[0] if args.mode == "query-aware" else None)
     for q in args.question:
         print(f"Q: {q}\nA: {session.ask(q, args.max_new_tokens)}")
     print(
@@ -146,6 +147,8 @@ def _common(p: argparse.ArgumentParser, budget_default: str | None) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=24, help="answer length cap (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mode", default="multi-turn", choices=["multi-turn", "query-aware"],
+                   help="multi-turn (default): questions unknown at compression; query-aware: optimistic reference")
     if budget_default is None:
         p.add_argument("--budget", required=True, help="comma list: tokens (512), bytes (24MiB) or ratios (4x)")
     else:

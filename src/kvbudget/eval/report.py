@@ -10,6 +10,14 @@ from pathlib import Path
 from .runner import format_table
 
 
+MODE_TEXT = {
+    "multi-turn": "Mode: multi-turn (context compressed without the questions; each question and its gold "
+    "answer appended before the next).",
+    "query-aware": "Mode: query-aware — OPTIMISTIC reference: each question known while its context is "
+    "compressed (one session per question); not comparable with multi-turn numbers.",
+}
+
+
 def environment(model_name: str, seconds: float | None = None) -> dict:
     """Model, machine and versions, for the report's provenance section."""
     import torch
@@ -62,7 +70,7 @@ def plot(summary: dict, path: str | Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle("kvbudget: quality vs KV compression (multi-turn)")
+    fig.suptitle(f"kvbudget: quality vs KV compression ({summary.get('config', {}).get('mode', 'multi-turn')})")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -81,9 +89,9 @@ def write_markdown(summary: dict, env: dict, path: str | Path, command: str, plo
         "|" + "---|" * len(env),
         "| " + " | ".join(str(v) for v in env.values()) + " |",
         "",
-        "Mode: multi-turn (context compressed without the questions; each question and its gold answer",
-        "appended before the next). acc = task metric; retain = answer retention (1 = full cache, 0 = no",
-        "context); compr = full KV bytes / kept KV bytes; overhead = scoring + eviction share of prefill.",
+        MODE_TEXT[summary.get("config", {}).get("mode", "multi-turn")],
+        "acc = task metric; retain = answer retention (1 = full cache, 0 = no context); compr = full KV",
+        "bytes / kept KV bytes; overhead = scoring + eviction share of prefill.",
         "",
         "```",
         format_table(summary),

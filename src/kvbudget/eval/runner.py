@@ -20,7 +20,7 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from ..budget import parse_budget
-from ..errors import BudgetError
+from ..errors import BudgetError, KVBudgetError
 from ..fileio import atomic_write_text
 from ..generate import Session
 from ..policies.base import make_policy
@@ -42,6 +42,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     window: int = 32
     seed: int = 0
+    mode: str = "multi-turn"  # or "query-aware" (optimistic reference)
 
 
 def _cells(cfg: EvalConfig) -> list[tuple[str, str | None]]:
@@ -63,8 +64,13 @@ def context_tokens(tok, task: Task) -> int:
     return len(tok(messages[0]["content"]).input_ids)
 
 
+MODES = ("multi-turn", "query-aware")
+
+
 def check_names(cfg: EvalConfig) -> None:
-    """Unknown policies and unreadable budgets fail before anything is loaded."""
+    """Unknown policies, modes and unreadable budgets fail before anything is loaded."""
+    if cfg.mode not in MODES:
+        raise KVBudgetError(f"unknown mode '{cfg.mode}' (known: {', '.join(MODES)})")
     for name in cfg.policies:
         make_policy(name, budget=1)  # raises UnknownPolicyError with the known names
     for b in cfg.budgets:
@@ -97,19 +103,27 @@ def _no_context_logprobs(model, tok, task: Task) -> list[float]:
 
 
 def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalConfig) -> list[dict]:
-    """One session over one task: the context, then every question in order. One row per question."""
+    """One task under one policy; one row per question.
+
+    ``multi-turn``: one session, the context compressed without the questions, then every question
+    in order. ``query-aware``: a fresh session per question whose compression is scored by that
+    question (the optimistic single-question setting of most papers; never mix the two).
+    """
     policy = make_policy(name, budget=budget, block_size=cfg.block_size, window=cfg.window, seed=cfg.seed)
-    session = Session(model, tok, policy)
-    stats = session.add_context(task.context)
-    kv_bytes = session.kv_bytes
     rows = []
+    session = None
     for i, q in enumerate(task.questions):
+        if session is None or cfg.mode == "query-aware":
+            session = Session(model, tok, policy)
+            stats = session.add_context(task.context, question=q.question if cfg.mode == "query-aware" else None)
+            kv_bytes = session.kv_bytes
         turn = session.ask_detailed(q.question, cfg.max_new_tokens, gold=q.answers[0], history_answer=q.answers[0])
         rows.append(
             {
                 "task": task.id,
                 "question_index": i,
                 "category": q.category,
+                "mode": cfg.mode,
                 "policy": session.policy.name,
                 "budget": budget if budget is not None else "-",
                 "budget_tokens": session.policy.tokens,
@@ -183,7 +197,8 @@ def summarize(rows: list[dict]) -> dict:
         groups[(r["policy"], str(r["budget"]))].append(r)
     table = []
     for (policy, budget), rs in groups.items():
-        runs = {(r["task"]): r for r in rs}  # per-session numbers repeat on each question row
+        # Per-session numbers repeat on each question row of a multi-turn session.
+        runs = {(r["task"], r["question_index"] if r.get("mode") == "query-aware" else 0): r for r in rs}
         decode_s = sum(r["decode_s"] for r in rs)
         table.append(
             {
