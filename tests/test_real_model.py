@@ -34,45 +34,43 @@ def test_full_policy_equals_model_generate(default_model):
 @pytest.fixture(scope="module")
 def needle_task(default_model):
     _, tok = default_model
-    task = make_tasks("needle", tok, n=1, length=1000, seed=0)[0]
-    question = next(q for q in task.questions if "brown suitcase" in q.question)
-    return task, question
+    return make_tasks("needle", tok, n=1, length=1000, seed=0)[0]
 
 
 def _run(model, tok, task, question, name, budget, query_aware):
     session = kb.Session(model, tok, kb.policy(name, budget=budget, block_size=128))
     session.add_context(task.context, question=question.question if query_aware else None)
-    turn = session.ask_detailed(question.question, max_new_tokens=24, gold=question.answers[0])
+    turn = session.ask_detailed(question.question, max_new_tokens=16, gold=question.answers[0])
     return session, turn
 
 
 def test_needle_full_and_snapkv_at_4x(default_model, needle_task):
-    """~1k-token needle: answered by `full` and by query-aware `snapkv` at 4x compression; snapkv's
-    answer retention beats `random`'s at the same budget."""
+    """~1k-token needle (3-5 facts): `full` and query-aware `snapkv` at 4x compression answer the
+    same question; snapkv's answer retention beats `random`'s at the same budget on every fact."""
     model, tok = default_model
-    task, q = needle_task
-    full_s, full = _run(model, tok, task, q, "full", None, False)
-    assert 950 <= full_s.stats.tokens <= 1100
-    assert score(full.text, q.answers, "contains") == 1.0
-    snap_s, snap = _run(model, tok, task, q, "snapkv", "4x", True)
-    assert score(snap.text, q.answers, "contains") == 1.0
-    assert full_s.kv_bytes / snap_s.kv_bytes > 3.5  # 4x fewer entries (+ per-entry positions)
-    _, rand = _run(model, tok, task, q, "random", "4x", True)
-    none = kb.Session(model, tok).ask_detailed(q.question, max_new_tokens=0, gold=q.answers[0])
-    gain = full.answer_logprob - none.answer_logprob
-    assert gain > 0.5
-
-    def retention(t):
-        return (t.answer_logprob - none.answer_logprob) / gain
-
-    assert retention(snap) > retention(rand)
-    assert retention(snap) > 0.5
+    answered = {"full": set(), "snapkv": set()}
+    for i, q in enumerate(needle_task.questions):
+        full_s, full = _run(model, tok, needle_task, q, "full", None, False)
+        snap_s, snap = _run(model, tok, needle_task, q, "snapkv", "4x", True)
+        _, rand = _run(model, tok, needle_task, q, "random", "4x", True)
+        none = kb.Session(model, tok).ask_detailed(q.question, max_new_tokens=0, gold=q.answers[0])
+        assert 950 <= full_s.stats.tokens <= 1100
+        assert full_s.kv_bytes / snap_s.kv_bytes > 3.5  # 4x fewer entries (+ per-entry positions)
+        gain = full.answer_logprob - none.answer_logprob
+        assert gain > 0.5, "the full context must make the gold answer more likely"
+        retention = {k: (t.answer_logprob - none.answer_logprob) / gain for k, t in (("snapkv", snap), ("random", rand))}
+        assert retention["snapkv"] > retention["random"], (q.question, retention)
+        for name, turn in (("full", full), ("snapkv", snap)):
+            if score(turn.text, q.answers, "contains") == 1.0:
+                answered[name].add(i)
+    assert len(answered["full"]) >= len(needle_task.questions) // 2
+    assert answered["full"] & answered["snapkv"], answered
 
 
 def test_peak_entries_bounded_on_real_model(default_model, needle_task):
     """Block-wise prefill of ~1k tokens at budget 128: no layer ever held more than 128 + 64."""
     model, tok = default_model
-    task, _ = needle_task
+    task = needle_task
     session = kb.Session(model, tok, kb.policy("snapkv", budget=128, block_size=64))
     session.add_context(task.context)
     assert session.cache.peak_entries() <= 128 + 64
