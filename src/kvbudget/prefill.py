@@ -63,7 +63,7 @@ def prefill(
         stats.blocks += 1
         if compress_last or s + block_size < n:
             t0 = time.perf_counter()
-            if scoring_ids is not None:
+            if scoring_ids is not None and policy.scorer.queries != 0 and policy.scorer.evicts:
                 observe_scoring_queries(model, cache, scoring_ids)
             policy.compress(cache)
             stats.compress_seconds += time.perf_counter() - t0
