@@ -77,3 +77,18 @@ def test_peak_entries_bounded_on_real_model(default_model, needle_task):
     assert all(int(n.max()) <= 128 for n in session.cache.entries())
     per_token = kb.Policy.entry_bytes(session.cache)
     assert session.kv_bytes <= 30 * 128 * per_token
+
+
+def test_multi_turn_session_keeps_every_turn(default_model):
+    """Questions and answers are appended: the cache holds exactly the rendered conversation."""
+    model, tok = default_model
+    session = kb.Session(model, tok, kb.policy("snapkv", budget=64), block_size=32)
+    session.add_context("The meeting moved to Thursday. Bring the blue folder. " * 6)
+    first = session.ask("Which day is the meeting?", max_new_tokens=12)
+    second = session.ask("What should I bring?", max_new_tokens=12)
+    roles = [m["role"] for m in session.messages]
+    assert roles == ["user", "user", "assistant", "user", "assistant"]
+    assert session.messages[2]["content"] == first and session.messages[4]["content"] == second
+    assert session.tokens_seen == len(session.input_ids)
+    assert tok.decode(session.input_ids).endswith(session.rendered[-40:])
+    assert all(int(n.max()) <= 64 for n in session.cache.entries())  # every turn compressed back
