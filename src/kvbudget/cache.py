@@ -25,12 +25,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import (
-    DYNAMIC_LAYER_TYPE_MAPPING,
-    Cache,
-    CacheLayerMixin,
-    get_layer_types_and_kwargs,
-)
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .attention import AttentionPlan, set_plan
 
@@ -258,6 +253,25 @@ class BudgetedLayer(CacheLayerMixin):
         self.queries = self.query_positions = None
 
 
+def _layer_types(config) -> list[str]:
+    """Attention type of each layer, as transformers infers it (the helper's signature changed
+    across 5.x, so it is read here from the config the same way)."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+        types = [kind] * config.num_hidden_layers
+    shared = getattr(config, "num_kv_shared_layers", None) or 0
+    return list(types[: len(types) - shared])
+
+
+def _layer_for(layer_type: str, config) -> CacheLayerMixin:
+    if layer_type == "full_attention":
+        return BudgetedLayer()
+    if layer_type == "sliding_attention":  # bounds itself to its window; the budget does not apply
+        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+    raise ValueError(f"kvbudget does not support '{layer_type}' layers yet (full and sliding-window attention only)")
+
+
 class BudgetedCache(Cache):
     """A transformers `Cache` for budgeted KV: full-attention layers are `BudgetedLayer`s;
     sliding-window layers of hybrid models (Gemma 3) keep transformers' own sliding layer, which
@@ -266,11 +280,7 @@ class BudgetedCache(Cache):
 
     def __init__(self, config, dtype: torch.dtype = torch.float32) -> None:
         text = config.get_text_config(decoder=True)
-        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text)
-        layers = [
-            BudgetedLayer() if t == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)
-            for t, kw in zip(layer_types, per_layer_kwargs)
-        ]
+        layers = [_layer_for(t, text) for t in _layer_types(text)]
         super().__init__(layers=layers)
         self.config = text
         self.dtype = dtype
