@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa
 
 _local = threading.local()
 
@@ -67,12 +68,6 @@ def _take_plan(key: Tensor) -> AttentionPlan | None:
         return None
     _local.plan = None
     return plan
-
-
-def _sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _eager(module, query, key, value, attention_mask, **kwargs):

@@ -86,7 +86,7 @@ class Session:
         self, full: str, text: str, compress_last: bool = True, scoring_ids: Tensor | None = None
     ) -> tuple[Tensor, PrefillStats]:
         ids = self._encode(text)
-        if self.policy.tokens is None and self.policy.budget is not None:
+        if self.policy.tokens is None:
             self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids))
         logits, stats = prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids)
         self.input_ids.extend(ids[0].tolist())

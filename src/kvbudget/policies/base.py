@@ -190,7 +190,7 @@ class Policy:
         """Fix the budget in tokens per layer for this cache (bytes and ratios need it)."""
         if self.budget is None:
             return None
-        if self.tokens is None or self.budget.tokens is None:
+        if self.tokens is None:
             self.tokens = self.budget.resolve(self.entry_bytes(cache), len(cache.budgeted), context_tokens)
         return self.tokens
 
