@@ -28,6 +28,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .attention import AttentionPlan, set_plan
+from .store import Body, Store, rebuild_body
 
 POSITION_DTYPE = torch.int32
 
@@ -88,6 +89,11 @@ class BudgetedLayer(CacheLayerMixin):
         self.queries: Tensor | None = None
         self.query_positions: Tensor | None = None
         self.scaling: float | None = None
+        # With a store, older entries live encoded in ``body`` and ``keys``/``values`` hold only
+        # the full-precision tail (the most recent ``residual`` entries and new tokens).
+        self.store: Store | None = None
+        self.residual = 0
+        self.body: Body | None = None
 
     # --- transformers' layer protocol -------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -106,13 +112,13 @@ class BudgetedLayer(CacheLayerMixin):
         new_pos = torch.arange(self.seen, self.seen + q, dtype=POSITION_DTYPE, device=self.device)
         self.seen += q
         if self.head_lens is None:
-            n_old = self.keys.shape[-2]
+            n_old = self.max_entries
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
             for name, s in self.state.items():
                 self.state[name] = torch.cat([s, s.new_zeros(b, h, q)], dim=-1)
-            keys, values, old_lens = self.keys, self.values, None
+            keys, values, old_lens = self._with_body(self.keys, self.values) + (None,)
         else:
             old_lens = self.head_lens
             n_old = int(old_lens.max())
@@ -130,6 +136,13 @@ class BudgetedLayer(CacheLayerMixin):
         set_plan(AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self))
         return keys, values
 
+    def _with_body(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Full-precision tail keys/values preceded by the decoded body (if any)."""
+        if self.body is None:
+            return keys, values
+        body_keys, body_values = self.body.decode(self.store, keys.dtype)
+        return torch.cat([body_keys, keys], dim=-2), torch.cat([body_values, values], dim=-2)
+
     def _append_ragged(self, flat: Tensor, new: Tensor) -> Tensor:
         """Insert ``new[h]`` ([H, q, ...]) after head h's segment of ``flat``."""
         segments = torch.split(flat, self.head_lens.tolist())
@@ -146,7 +159,9 @@ class BudgetedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        store, residual, query_keep = self.store, self.residual, self.query_keep
         self.__init__()
+        self.store, self.residual, self.query_keep = store, residual, query_keep
 
     # --- what kvbudget adds -----------------------------------------------------------------
     @property
@@ -156,7 +171,7 @@ class BudgetedLayer(CacheLayerMixin):
             return 0
         if self.head_lens is not None:
             return int(self.head_lens.max())
-        return self.keys.shape[-2]
+        return self.keys.shape[-2] + (len(self.body) if self.body is not None else 0)
 
     @property
     def n_heads(self) -> int:
@@ -166,7 +181,7 @@ class BudgetedLayer(CacheLayerMixin):
         """Entries held per KV head, [H] (batch 0)."""
         if self.head_lens is not None:
             return self.head_lens.clone()
-        return torch.full((self.keys.shape[1],), self.keys.shape[-2], dtype=torch.long)
+        return torch.full((self.keys.shape[1],), self.max_entries, dtype=torch.long)
 
     def nbytes(self) -> int:
         """Exact bytes held: keys, values, positions, per-entry state, and the ragged length table."""
@@ -176,12 +191,15 @@ class BudgetedLayer(CacheLayerMixin):
         total += sum(s.nbytes for s in self.state.values())
         if self.head_lens is not None:
             total += self.head_lens.nbytes
+        if self.body is not None:
+            total += self.body.nbytes()
         return total
 
     def view(self) -> LayerView:
         """The entries as padded [B, H, n, ...] tensors (free in the dense layout)."""
         if self.head_lens is None:
-            return LayerView(self.keys, self.values, self.positions, dict(self.state), None)
+            keys, values = self._with_body(self.keys, self.values)
+            return LayerView(keys, values, self.positions, dict(self.state), None)
         lens = self.head_lens
         width = int(lens.max())
         return LayerView(
@@ -200,6 +218,16 @@ class BudgetedLayer(CacheLayerMixin):
         view already built (with updated state) to avoid building it twice.
         """
         view = view or self.view()
+        if self.store is not None:
+            if lens is not None and not bool((lens == index.shape[-1]).all()):
+                raise ValueError(
+                    f"store '{self.store.name}' needs every head to keep the same number of entries "
+                    "(combine it with a uniform or pyramid allocator, not head-adaptive)"
+                )
+            kept_positions = view.positions.gather(2, index)
+            recent = (kept_positions >= self.seen - self.residual).sum(-1)
+            self.rebuild(index, int(recent.min()), view)
+            return
 
         def gather(t: Tensor) -> Tensor:
             idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
@@ -214,6 +242,32 @@ class BudgetedLayer(CacheLayerMixin):
             raise ValueError("per-head variable lengths need batch size 1")
         self._store_ragged(LayerView(keys, values, positions, state, None), lens.to(index.device, torch.long))
 
+    def rebuild(self, index: Tensor, n_tail: int, view: LayerView | None = None) -> None:
+        """Keep the entries at ``index`` ([B, H, k], body entries first): the last ``n_tail`` of
+        each head stay in full precision, the rest are held encoded by the store."""
+        view = view or self.view()
+        self.positions = view.positions.gather(2, index)
+        self.state = {k: s.gather(2, index) for k, s in view.state.items()}
+        self.body, self.keys, self.values = rebuild_body(
+            self.store, self.body, self.keys, self.values, index, n_tail, self.queries
+        )
+        self.head_lens = None
+
+    def flush(self, view: LayerView | None = None) -> None:
+        """Encode tail entries older than the residual window, in whole chunks (KIVI: a group is
+        quantized once it is full; the most recent ``residual`` entries stay in full precision)."""
+        if self.store is None or not self.is_initialized:
+            return
+        n = self.max_entries
+        tail = self.keys.shape[-2]
+        older = int((self.positions[..., -tail:] < self.seen - self.residual).sum(-1).min()) if tail else 0
+        if self.store.chunk:
+            older -= older % self.store.chunk
+        if older <= 0:
+            return
+        index = torch.arange(n, device=self.device).expand(*self.positions.shape[:2], n)
+        self.rebuild(index, tail - older, view)
+
     def _store_ragged(self, view: LayerView, lens: Tensor) -> None:
         """Keep the first ``lens[h]`` entries of each head of a padded view, ragged."""
         self.keys = padded_to_ragged(view.keys[0], lens)
@@ -227,6 +281,8 @@ class BudgetedLayer(CacheLayerMixin):
         if n <= 0:
             return
         self.seen -= n
+        if self.body is not None and n > self.keys.shape[-2]:
+            raise RuntimeError("cannot drop entries that were already encoded by the store")
         if self.head_lens is None:
             self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
             self.positions = self.positions[..., :-n]
@@ -286,6 +342,9 @@ class BudgetedCache(Cache):
         self.dtype = dtype
         self.budgeted = [i for i, layer in enumerate(layers) if isinstance(layer, BudgetedLayer)]
         self.peak_bytes = 0
+        self.unscored: list[Tensor] = []  # token ids fed since the last compression (KVzip repeats them)
+        self._scratch: list = []  # one entry per open `scratch` block: None or a snapshot
+        self._snapshot_bytes = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[self.budgeted[0]].seen if self.budgeted else super().get_seq_length(layer_idx)
@@ -315,12 +374,6 @@ class BudgetedCache(Cache):
         """Exact bytes held by the whole cache."""
         return sum(self.layer_bytes())
 
-    def track_peak(self) -> int:
-        """Record the bytes held now in ``peak_bytes`` (call after each forward, before eviction)."""
-        held = self.nbytes()
-        self.peak_bytes = max(self.peak_bytes, held)
-        return held
-
     def peak_entries(self) -> int:
         """Most entries any budgeted layer's fullest head has held."""
         return max((layer.peak_entries for layer in self.budgeted_layers()), default=0)
@@ -328,6 +381,21 @@ class BudgetedCache(Cache):
     def entries(self) -> list[Tensor]:
         """Entries held per KV head, one [H] tensor per budgeted layer."""
         return [layer.lengths() for layer in self.budgeted_layers()]
+
+    def before_compress(self) -> None:
+        """Called by a policy before it evicts. Inside `scratch` (decode-time compression of an
+        answer that will be rolled back), the layers are first snapshotted, because evicted
+        entries cannot be dropped-last back; the snapshot's bytes count toward the peak."""
+        if self._scratch and self._scratch[-1] is None:
+            layers = [(layer, dict(layer.__dict__)) for layer in self.budgeted_layers()]
+            self._scratch[-1] = (self.get_seq_length(), layers)
+            self._snapshot_bytes += self.nbytes()
+
+    def track_peak(self) -> int:
+        """Record the bytes held now in ``peak_bytes`` (call after each forward, before eviction)."""
+        held = self.nbytes()
+        self.peak_bytes = max(self.peak_bytes, held + self._snapshot_bytes)
+        return held
 
     @contextmanager
     def scratch(self, keep_queries: bool = False) -> Iterator[None]:
@@ -338,14 +406,28 @@ class BudgetedCache(Cache):
         for layer in sliding:
             layer.record_past = True
         saved = [(layer.queries, layer.query_positions) for layer in self.budgeted_layers()]
+        self._scratch.append(None)
         try:
             yield
         finally:
-            n = self.get_seq_length() - seen
+            snapshot = self._scratch.pop()
+            end = fed = self.get_seq_length()
+            if snapshot is not None:
+                # Back to the state before the first eviction inside the block, then drop the
+                # tokens fed between the start of the block and that eviction.
+                end, layers = snapshot
+                for layer, attrs in layers:
+                    queries = (layer.queries, layer.query_positions)
+                    layer.__dict__.clear()
+                    layer.__dict__.update(attrs)
+                    layer.queries, layer.query_positions = queries
+                self._snapshot_bytes = 0
+            n = end - seen
             for layer, (q, qp) in zip(self.budgeted_layers(), saved):
                 layer.drop_last(n)
                 if not keep_queries:
                     layer.queries, layer.query_positions = q, qp
+            n = fed - seen
             for layer in sliding:
                 if n > 0 and layer.is_initialized:
                     layer.crop(-n)

@@ -54,6 +54,7 @@ class Session:
             self.policy = copy.copy(self.policy)
         self.block_size = self.block_size or self.policy.block_size
         self.cache = self.policy.new_cache(self.model)
+        self.policy.scorer.bind(self.tok)
         self.rendered = ""  # text of everything fed to the cache so far
         self.input_ids: list[int] = []  # token ids of everything fed, in order
         self.stats = PrefillStats()
@@ -165,7 +166,10 @@ class Session:
 
     # --- internals ------------------------------------------------------------------------------
     def _decode(self, logits: Tensor, max_new_tokens: int) -> list[int]:
+        """Greedy decoding; every ``policy.decode_interval`` new tokens the cache is compressed,
+        so a long answer stays inside the budget (decode-time compression)."""
         ids: list[int] = []
+        interval = self.policy.decode_interval
         for step in range(max_new_tokens):
             token = int(logits[0].argmax())
             if token in self.eos:
@@ -176,6 +180,8 @@ class Session:
             inp = torch.tensor([[token]], device=self.model.device)
             logits = self.model(input_ids=inp, past_key_values=self.cache, use_cache=True).logits[:, -1]
             self.cache.track_peak()
+            if interval and (step + 1) % interval == 0:
+                self.policy.compress(self.cache)
         return ids
 
     def _answer_logprob(self, logits: Tensor, answer: str) -> float:

@@ -52,6 +52,7 @@ def prefill(
     """
     block_size = block_size or policy.block_size
     stats = PrefillStats(tokens=input_ids.shape[1])
+    _sync(model.device)
     start = time.perf_counter()
     logits = None
     n = input_ids.shape[1]
@@ -60,15 +61,30 @@ def prefill(
         out = model(input_ids=block, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         cache.track_peak()
+        cache.unscored.append(block)
         stats.blocks += 1
         if compress_last or s + block_size < n:
+            _sync(model.device)
             t0 = time.perf_counter()
-            if scoring_ids is not None and policy.scorer.queries != 0 and policy.scorer.evicts:
-                observe_scoring_queries(model, cache, scoring_ids)
+            fed = torch.cat(cache.unscored, dim=1)
+            cache.unscored = []
+            scoring = policy.scorer.reconstruction_ids(fed) if policy.evicts else None
+            if scoring is None and scoring_ids is not None and policy.scorer.queries != 0 and policy.evicts:
+                scoring = scoring_ids
+            if scoring is not None:
+                observe_scoring_queries(model, cache, scoring)
             policy.compress(cache)
+            _sync(model.device)
             stats.compress_seconds += time.perf_counter() - t0
+    _sync(model.device)
     stats.seconds = time.perf_counter() - start
     return logits, stats
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock timers measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def observe_scoring_queries(model, cache: BudgetedCache, scoring_ids: Tensor) -> None:
@@ -77,3 +93,4 @@ def observe_scoring_queries(model, cache: BudgetedCache, scoring_ids: Tensor) ->
         layer.clear_queries()
     with cache.scratch(keep_queries=True):
         model(input_ids=scoring_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.track_peak()

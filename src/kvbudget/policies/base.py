@@ -9,6 +9,7 @@ the result to the cache, which really frees what is dropped.
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,6 +22,7 @@ from ..allocation import HEAD_ADAPTIVE, get_allocator
 from ..budget import Budget, parse_budget
 from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, padded_to_ragged
 from ..errors import BudgetError, UnknownPolicyError
+from ..store import STORE_VARIANTS, STORES, Store
 
 
 @dataclass
@@ -45,6 +47,11 @@ class Observation:
     def attention(self) -> Tensor:
         """softmax(Q K^T * scaling) of the observed queries, causal by position, averaged over the
         query heads of each KV head: [B, H, m, n] (float32)."""
+        return self.group_attention().mean(2)
+
+    def group_attention(self) -> Tensor:
+        """The same attention before averaging the query heads of each group: [B, H, g, m, n].
+        Softmax is over the cached entries (tokens the queries belong to are not in the cache)."""
         if self.queries is None:
             raise RuntimeError("this scorer needs queries but none were observed")
         b, hq, m, d = self.queries.shape
@@ -55,7 +62,7 @@ class Observation:
         if self.valid is not None:
             future = future | ~self.valid[:, :, None, None, :]
         # A query whose visible keys were all evicted earlier contributes nothing (not NaN).
-        return logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
+        return logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0)
 
     def zeros(self) -> Tensor:
         """A [B, H, n] float tensor of zeros, for scorers that build a score step by step."""
@@ -68,12 +75,15 @@ class Scorer:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    saves: ClassVar[str] = "tokens (evicted entries are freed)"
     # Which observed queries `score` needs: 0 none, k > 0 the latest k, -1 every query since the
     # last compression (accumulating scorers such as H2O).
     queries: ClassVar[int] = 0
     # Names of per-entry float state kept by the cache between compressions.
     state_names: ClassVar[tuple[str, ...]] = ()
     evicts: ClassVar[bool] = True
+    # Decode-time compression interval this method prefers (LazyEviction's lag); None: the policy's.
+    decode_interval: int | None = None
 
     def __init__(self, window: int = 32) -> None:
         self.window = window
@@ -85,6 +95,19 @@ class Scorer:
     def score(self, obs: Observation) -> Tensor:
         """[B, H, n] importance per entry: higher = keep."""
         raise NotImplementedError
+
+    def bind(self, tokenizer) -> None:
+        """Called with the session's tokenizer (scorers that build prompts tokenize them here)."""
+
+    def scratch_entries(self, block_size: int) -> int:
+        """Entries a scoring pass adds on top of budget + block while it runs (then discards)."""
+        return 0
+
+    def reconstruction_ids(self, fed: Tensor) -> Tensor | None:
+        """Tokens to run (and forget) before scoring, given the tokens ``fed`` ([1, t]) since the
+        last compression; their queries are what `score` observes. None: score with the queries
+        of the fed tokens themselves (or the question's, in query-aware mode)."""
+        return None
 
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -147,7 +170,11 @@ def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: fl
 
 
 class Policy:
-    """A scorer + an allocator + a budget; `compress` cuts a cache back to the budget."""
+    """A scorer + an allocator + a store + a budget; `compress` cuts a cache back to the budget.
+
+    ``decode_interval``: during generation the cache is compressed every that many new tokens
+    (0 = never), so long answers stay inside the budget too.
+    """
 
     def __init__(
         self,
@@ -158,13 +185,21 @@ class Policy:
         block_size: int = 256,
         seed: int = 0,
         name: str | None = None,
+        store: Store | None = None,
+        decode_interval: int | None = None,
     ) -> None:
         if block_size <= 0:
             raise BudgetError(f"block size must be positive, got {block_size}")
         self.scorer = scorer
+        self.store = store
         self.budget = None if budget is None else parse_budget(budget)
-        if self.budget is None and scorer.evicts:
+        if self.budget is None and self.evicts:
             raise BudgetError(f"policy '{scorer.name}' needs a budget (tokens, bytes like 24MiB, or a ratio like 4x)")
+        if decode_interval is None:
+            decode_interval = scorer.decode_interval or 64
+        if decode_interval < 0:
+            raise BudgetError(f"decode interval must be >= 0, got {decode_interval}")
+        self.decode_interval = decode_interval
         self.allocator = allocator
         self._allocate = get_allocator(allocator)
         self.window = window
@@ -176,6 +211,11 @@ class Policy:
     def __repr__(self) -> str:
         return f"Policy({self.name}, budget={self.budget}, block_size={self.block_size})"
 
+    @property
+    def evicts(self) -> bool:
+        """Whether entries are removed (or, for a demoting store, moved to low precision)."""
+        return self.scorer.evicts or (self.store is not None and self.store.demotes)
+
     # --- budget ---------------------------------------------------------------------------------
     @staticmethod
     def entry_bytes(cache: BudgetedCache) -> int:
@@ -186,12 +226,21 @@ class Policy:
         elem = cache.dtype.itemsize
         return heads * (2 * head_dim * elem + POSITION_DTYPE.itemsize)
 
+    def stored_entry_bytes(self, cache: BudgetedCache) -> int:
+        """`entry_bytes` as this policy's store holds an entry (encoded, on average)."""
+        if self.store is None or self.store.demotes:
+            return self.entry_bytes(cache)
+        cfg = cache.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_head = self.store.entry_bytes(head_dim, cache.dtype) + POSITION_DTYPE.itemsize
+        return max(1, round(cfg.num_key_value_heads * per_head))
+
     def resolve(self, cache: BudgetedCache, context_tokens: int | None = None) -> int | None:
         """Fix the budget in tokens per layer for this cache (bytes and ratios need it)."""
         if self.budget is None:
             return None
         if self.tokens is None:
-            self.tokens = self.budget.resolve(self.entry_bytes(cache), len(cache.budgeted), context_tokens)
+            self.tokens = self.budget.resolve(self.stored_entry_bytes(cache), len(cache.budgeted), context_tokens)
         return self.tokens
 
     def layer_budgets(self, n_layers: int) -> list[int]:
@@ -207,13 +256,28 @@ class Policy:
     def new_cache(self, model) -> BudgetedCache:
         """An empty cache set up to record the queries this policy's scorer needs."""
         cache = BudgetedCache(model.config, dtype=model.dtype)
+        wanted = [self.scorer.queries, self.store.queries if self.store else 0]
         for layer in cache.budgeted_layers():
-            layer.query_keep = self.scorer.queries
+            layer.query_keep = -1 if -1 in wanted else max(wanted)
+            layer.store = self.store
         return cache
+
+    def residual(self, budget: int | None) -> int:
+        """Full-precision tail of a store. With eviction it is at most the protected window:
+        every head keeps that window, so every head's tail holds the same entries."""
+        if self.store is None:
+            return 0
+        if self.scorer.evicts and budget is not None:
+            return min(self.store.residual, self.protected(budget))
+        return self.store.residual
 
     def compress(self, cache: BudgetedCache) -> None:
         """Cut every budgeted layer back to its budget (no-op for layers under budget)."""
-        if not self.scorer.evicts:
+        cache.before_compress()
+        if not self.evicts:
+            for layer in cache.budgeted_layers():
+                layer.residual = self.residual(None)
+                layer.flush()
             return
         if self.tokens is None:
             self.resolve(cache)
@@ -222,11 +286,18 @@ class Policy:
         # allocator says for single layers (as PyramidKV: contexts under the budget stay whole).
         fits = cache.get_seq_length() <= self.tokens
         shared = self.allocator in HEAD_ADAPTIVE
+        demotes = self.store is not None and self.store.demotes
         for i, layer in enumerate(cache.budgeted_layers()):
-            held = int(layer.lengths().sum()) if shared else layer.max_entries
+            layer.residual = self.residual(budgets[i])
+            if demotes:
+                held = layer.keys.shape[-2]  # entries still at full precision
+            else:
+                held = int(layer.lengths().sum()) if shared else layer.max_entries
             over = not fits and held > budgets[i] * (layer.n_heads if shared else 1)
             if over or self.scorer.state_names:
                 self._compress_layer(layer, i, len(budgets), budgets[i], evict=over)
+            if not over and not demotes:
+                layer.flush()
             if self.scorer.queries < 0:
                 layer.clear_queries()
 
@@ -251,10 +322,27 @@ class Policy:
         if not evict:
             layer.state = _unpad_state(obs.state, layer)
             return
+        view.state = obs.state
+        if self.store is not None and self.store.demotes:
+            layer.rebuild(demotion_index(scores, obs, layer, self.protected(budget)), budget, view)
+            return
         choose = select_across_heads if self.allocator in HEAD_ADAPTIVE else select
         index, lens = choose(scores, obs, self.protected(budget))
-        view.state = obs.state
         layer.keep(index, lens, view=view)
+
+
+def demotion_index(scores: Tensor, obs: Observation, layer: BudgetedLayer, window: int) -> Tensor:
+    """MiKV: instead of evicting, full-precision entries outside each head's top ``budget`` move
+    to the low-precision body. Encoded entries never return to full precision, so the top-k is
+    taken among the full-precision tail. Returns the rebuild index: [body | demoted | kept]."""
+    scores = _ranked(scores, obs, window)
+    b = layer.max_entries - layer.keys.shape[-2]
+    tail = scores[..., b:]
+    order = tail.argsort(dim=-1, descending=True, stable=True)
+    kept = order[..., : obs.budget].sort(dim=-1).values + b
+    demoted = order[..., obs.budget :].sort(dim=-1).values + b
+    body = torch.arange(b, device=scores.device).expand(*scores.shape[:2], b)
+    return torch.cat([body, demoted, kept], dim=-1)
 
 
 def _unpad_state(state: dict[str, Tensor], layer: BudgetedLayer) -> dict[str, Tensor]:
@@ -264,34 +352,65 @@ def _unpad_state(state: dict[str, Tensor], layer: BudgetedLayer) -> dict[str, Te
 
 
 def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs) -> Policy:
-    """``kb.policy("snapkv", budget=512)``; ``"snapkv+pyramid"`` picks an allocator by name."""
+    """``kb.policy("snapkv", budget=512)``. Parts joined by ``+`` add an allocator and/or a store:
+    ``"snapkv+pyramid"``, ``"snapkv+kivi4"``, ``"kivi2"`` (a store alone keeps every token),
+    ``"mikv"``. Keyword arguments go to the scorer or the store whose constructor takes them;
+    ``allocator``, ``window``, ``block_size``, ``seed`` and ``decode_interval`` to the policy."""
     from . import load_all
 
     load_all()
-    head, *rest = name.strip().lower().split("+")
+    head, *rest = [part.strip() for part in name.strip().lower().split("+")]
     allocator = kwargs.pop("allocator", None)
+    store_name = kwargs.pop("store", None)
     if head in PRESETS:
         scorer_name, preset = PRESETS[head]
         allocator = allocator or preset.get("allocator")
         policy_name = head
+    elif head in STORES and head not in SCORERS:
+        # A store on its own: its default scorer (full = keep every token, quantized).
+        store_name, scorer_name, policy_name = head, STORES[head].default_scorer, head
     else:
         scorer_name, policy_name = head, None
     for part in rest:
+        if part in STORES:
+            if store_name is not None and store_name != part:
+                raise UnknownPolicyError(f"policy '{name}': two stores given ({store_name}, {part})")
+            store_name = part
+            continue
         if allocator is not None and allocator != part:
             raise UnknownPolicyError(f"policy '{name}': two allocators given ({allocator}, {part})")
         allocator = part
     if scorer_name not in SCORERS:
-        known = ", ".join(sorted([*SCORERS, *PRESETS]))
+        known = ", ".join(sorted([*SCORERS, *PRESETS, *STORES]))
         raise UnknownPolicyError(f"unknown policy '{head}' (known: {known})")
     window = kwargs.pop("window", 32)
     block_size = kwargs.pop("block_size", 256)
     seed = kwargs.pop("seed", 0)
+    decode_interval = kwargs.pop("decode_interval", None)
+    store = None
     try:
+        if store_name is not None:
+            store_cls = STORES[store_name]
+            accepted = inspect.signature(store_cls.__init__).parameters
+            store_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
+            store = store_cls(**STORE_VARIANTS.get(store_name, {}), **store_kwargs)
         scorer = SCORERS[scorer_name](window=window, **kwargs)
     except TypeError as exc:
         raise UnknownPolicyError(f"policy '{name}': {exc}") from None
-    if policy_name is None and allocator not in (None, "uniform"):
-        policy_name = f"{scorer_name}+{allocator}"
-    if not scorer.evicts:
+    if policy_name is None:
+        parts = [scorer_name] + [p for p in (allocator, store_name) if p not in (None, "uniform")]
+        policy_name = "+".join(parts) if len(parts) > 1 else None
+    elif store_name is not None and store_name != head:
+        policy_name = f"{policy_name}+{store_name}"
+    demotes = store is not None and store.demotes
+    if store is not None and not demotes and (allocator or "") in HEAD_ADAPTIVE:
+        raise UnknownPolicyError(
+            f"policy '{name}': store '{store_name}' needs every head to keep the same number of entries; "
+            "use it with the uniform or pyramid allocator"
+        )
+    if not scorer.evicts and not demotes:
         budget = None
-    return Policy(scorer, budget, allocator or "uniform", window, block_size, seed, name=policy_name)
+    return Policy(
+        scorer, budget, allocator or "uniform", window, block_size, seed,
+        name=policy_name, store=store, decode_interval=decode_interval,
+    )

@@ -11,6 +11,7 @@ class Full(Scorer):
 
     paper = "-"
     summary = "keeps everything (reference)"
+    saves = "nothing"
     evicts = False
 
     def score(self, obs: Observation) -> Tensor:

@@ -1,0 +1,46 @@
+"""LazyEviction (2025): lagged eviction that keeps tokens whose importance recurs.
+
+In long reasoning, a token is often attended, ignored for a while, then attended again. For each
+entry this scorer tracks when it was last important (attention above the uniform share 1/n of
+the query, as Scissorhands) and the longest interval observed between two such moments (its
+recurrence interval). An entry is expected back while the time since it was last important is
+within its interval: the score is ``interval - (now - last)``, higher = keep, so entries
+attended once drift out in order of staleness and periodically re-attended ones stay. Eviction
+runs only every ``lag`` generated tokens (the policy's decode interval), not at every step.
+"""
+
+import torch
+from torch import Tensor
+
+from .base import Observation, Scorer, register
+
+
+@register("lazy")
+class LazyEviction(Scorer):
+    paper = "LazyEviction (2025)"
+    summary = "recurrence interval of each token's importance; evicts every `lag` steps"
+    queries = -1
+    state_names = ("lazy_last", "lazy_gap")
+
+    def __init__(self, window: int = 32, lag: int = 64) -> None:
+        super().__init__(window)
+        self.decode_interval = lag
+
+    def score(self, obs: Observation) -> Tensor:
+        attn = obs.attention  # [B, H, m, n]
+        qpos = obs.query_positions.to(obs.keys.device).float()[None, None, :, None]
+        pos = obs.positions.float()
+        visible = pos[:, :, None, :] <= qpos
+        if obs.valid is not None:
+            visible = visible & obs.valid[:, :, None, :]
+        important = attn > 1.0 / visible.sum(-1, keepdim=True).clamp(min=1)
+        # New entries start with state 0: an entry was last "important" when it was written.
+        last = torch.maximum(obs.state.get("lazy_last", obs.zeros()), pos)
+        events = torch.where(important, qpos, torch.tensor(float("-inf"), device=attn.device))
+        previous = torch.cat([last[:, :, None], events], dim=2).cummax(dim=2).values
+        gaps = torch.where(important, qpos - previous[:, :, :-1], 0.0)
+        gap = torch.maximum(obs.state.get("lazy_gap", obs.zeros()), gaps.amax(dim=2))
+        last = previous[:, :, -1]
+        obs.state["lazy_last"], obs.state["lazy_gap"] = last, gap
+        # Ties (entries never re-attended) are broken by the attention just received.
+        return gap - (obs.seen - last) + attn.mean(dim=2)

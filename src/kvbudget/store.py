@@ -1,0 +1,192 @@
+"""Stores: how a layer's older entries are held once they leave the full-precision tail.
+
+A `BudgetedLayer` with a store keeps its entries in two parts, in this order:
+
+* the **body**: older entries, encoded by the store (packed low-bit codes, pruned channels...)
+  and decoded on the fly for each attention call and each scoring pass;
+* the **tail**: the most recent entries in full precision (``keys``/``values`` of the layer),
+  where new tokens are appended.
+
+Encoded data comes in two kinds, both counted byte for byte: per-token payload (codes, per-token
+scales) and per-*chunk* metadata shared by the tokens encoded together (KIVI's per-channel key
+scales over a group of 32 tokens, ThinK's kept channel indices). Each body entry records its
+chunk, so eviction from the body is a plain gather: nothing is re-quantized, and chunks no entry
+uses any more are freed. A store class says how to encode and decode; the bookkeeping is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+STORES: dict[str, type["Store"]] = {}
+# Named settings of one store class: "kivi2" -> {"bits": 2}.
+STORE_VARIANTS: dict[str, dict] = {}
+
+
+def register_store(name: str, **variants: dict):
+    """Class decorator: make a store available by name (``snapkv+kivi4``), plus named variants."""
+
+    def deco(cls: type[Store]) -> type[Store]:
+        cls.name = name
+        STORES[name] = cls
+        for variant, settings in variants.items():
+            STORES[variant] = cls
+            STORE_VARIANTS[variant] = settings
+        return cls
+
+    return deco
+
+
+@dataclass
+class Encoded:
+    """A batch of encoded entries: per-token tensors [B, H, m, ...] and per-chunk [B, H, c, ...]."""
+
+    tokens: dict[str, Tensor]
+    chunks: dict[str, Tensor]
+
+
+class Store:
+    """How body entries are encoded. Subclasses set the class fields and override encode/decode."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    saves: ClassVar[str] = ""
+    # Tokens sharing one chunk of metadata (consecutive per head); None: one chunk per encode call.
+    chunk: ClassVar[int | None] = None
+    # MiKV: entries the scorer would evict are encoded (kept at low precision) instead of dropped.
+    demotes: ClassVar[bool] = False
+    # Observed queries the store needs (ThinK scores channels with the window queries).
+    queries: ClassVar[int] = 0
+    # The scorer used when the store is named on its own ("kivi4" keeps every token, quantized).
+    default_scorer: ClassVar[str] = "full"
+
+    def __init__(self, residual: int = 128) -> None:
+        if residual < 0:
+            raise ValueError(f"residual must be >= 0, got {residual}")
+        self.residual = residual
+
+    def encode(self, keys: Tensor, values: Tensor, valid: Tensor, queries: Tensor | None) -> Encoded:
+        """Encode ``keys``/``values`` [B, H, m, d] (``valid`` [B, H, m]: False on padding)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, H, n, d] from per-token data and the chunk data of each token."""
+        raise NotImplementedError
+
+    def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
+        """Bytes one encoded entry of one head costs on average (for byte budgets)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _chunk_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n < 2**15 else torch.int32
+
+
+def _gather(t: Tensor, index: Tensor) -> Tensor:
+    """``t`` [B, H, n, ...] gathered along dim 2 with ``index`` [B, H, k]."""
+    idx = index.view(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
+    return t.gather(2, idx)
+
+
+@dataclass
+class Body:
+    """The encoded entries of one layer, [B, H, n] in the layer's entry order."""
+
+    tokens: dict[str, Tensor]
+    chunk_id: Tensor | None  # [B, H, n] which chunk each entry belongs to (None: no chunk data)
+    chunks: dict[str, Tensor]  # [B, H, C, ...]
+
+    def __len__(self) -> int:
+        return next(iter(self.tokens.values())).shape[2]
+
+    def nbytes(self) -> int:
+        total = sum(t.nbytes for t in self.tokens.values()) + sum(t.nbytes for t in self.chunks.values())
+        return total + (self.chunk_id.nbytes if self.chunk_id is not None else 0)
+
+    def decode(self, store: Store, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        per_token = {k: _gather(c, self.chunk_id.long()) for k, c in self.chunks.items()} if self.chunks else {}
+        return store.decode(self.tokens, per_token, dtype)
+
+
+def rebuild_body(
+    store: Store,
+    body: Body | None,
+    tail_keys: Tensor,
+    tail_values: Tensor,
+    index: Tensor,
+    n_tail: int,
+    queries: Tensor | None,
+) -> tuple[Body | None, Tensor, Tensor]:
+    """Rebuild a layer from the entries at ``index`` ([B, H, k], in entry order: body entries
+    first, then tail entries): the last ``n_tail`` chosen entries of every head stay in the
+    full-precision tail, the others form the new body. Chosen tail entries that fall into the
+    body part are encoded (heads may encode different numbers of them), chosen body entries are
+    gathered as they are. Returns (body, tail keys, tail values)."""
+    b = len(body) if body is not None else 0
+    k = index.shape[-1]
+    n_body = k - n_tail
+    tail_index = index[..., n_body:] - b
+    if bool((tail_index < 0).any()):
+        raise ValueError("an encoded entry cannot return to the full-precision tail")
+    new_keys, new_values = _gather(tail_keys, tail_index), _gather(tail_values, tail_index)
+    if n_body == 0:
+        return None, new_keys, new_values
+    chosen = index[..., :n_body]
+    is_old = chosen < b
+    n_old = is_old.sum(-1, keepdim=True)  # [B, H, 1]
+    n_new = n_body - n_old
+    width = int(n_new.max())
+    tokens: dict[str, Tensor] = {}
+    chunk_id: Tensor | None = None
+    chunks: dict[str, Tensor] = {}
+    if body is not None:
+        old_index = chosen.clamp(max=max(b - 1, 0))
+        tokens = {name: _gather(t, old_index) for name, t in body.tokens.items()}
+        chunk_id = _gather(body.chunk_id, old_index).long() if body.chunk_id is not None else None
+        chunks = dict(body.chunks)
+    if width > 0:
+        # The new entries of each head, moved to the front: [B, H, width], padding beyond n_new.
+        rank = torch.arange(width, device=index.device)
+        src = chosen.gather(-1, (n_old + rank).clamp(max=n_body - 1)) - b
+        valid = rank < n_new
+        src = src.clamp(min=0)
+        enc = store.encode(_gather(tail_keys, src), _gather(tail_values, src), valid, queries)
+        # Back to slot order: slot s of a head holds its new entry number s - n_old.
+        slot_rank = (torch.arange(n_body, device=index.device) - n_old).clamp(0, width - 1)
+        fresh = ~is_old
+        for name, t in enc.tokens.items():
+            t = _gather(t, slot_rank)
+            if name in tokens:
+                mask = fresh.view(*fresh.shape, *([1] * (t.dim() - 3)))
+                t = torch.where(mask, t, tokens[name])
+            tokens[name] = t
+        if enc.chunks:
+            first = next(iter(chunks.values())).shape[2] if chunks else 0
+            per_chunk = store.chunk or width
+            new_id = first + slot_rank // per_chunk
+            chunk_id = new_id if chunk_id is None else torch.where(fresh, new_id, chunk_id)
+            chunks = {name: torch.cat([chunks[name], c], dim=2) if name in chunks else c for name, c in enc.chunks.items()}
+    if chunk_id is not None:
+        chunk_id, chunks = _drop_unused(chunk_id, chunks)
+    return Body(tokens, chunk_id, chunks), new_keys, new_values
+
+
+def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Free chunks no entry refers to any more (across every head; a chunk used by one head only
+    stays whole, and is counted)."""
+    n = next(iter(chunks.values())).shape[2]
+    used = torch.zeros(n, dtype=torch.bool, device=chunk_id.device)
+    used[chunk_id.flatten().long()] = True
+    if not bool(used.all()):
+        remap = used.long().cumsum(0) - 1
+        chunk_id = remap[chunk_id.long()]
+        chunks = {name: c[:, :, used] for name, c in chunks.items()}
+    return chunk_id.to(_chunk_dtype(int(used.sum()))), chunks

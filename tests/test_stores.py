@@ -1,0 +1,166 @@
+"""Stores (KIVI, rotated, MiKV, ThinK): bytes equal the formula, encoded entries decode within a
+stated error, eviction composes with them, and quantization primitives are exact where claimed."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvbudget as kb
+from kvbudget.attention import attach
+from kvbudget.errors import UnknownPolicyError
+from kvbudget.quant import dequantize, dequantize_groups, hadamard, pack, quantize, quantize_groups, unpack
+
+from conftest import random_ids
+
+
+@pytest.fixture(scope="module")
+def llama64():
+    """Random-weight Llama with head_dim 64 (KIVI's group of 32 channels divides it), fp32."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    attach(model)
+    return model
+
+
+def _prefill(model, name, ids, budget=None, block=64, **kw):
+    policy = kb.policy(name, budget=budget, block_size=block, **kw)
+    cache = policy.new_cache(model)
+    logits, _ = kb.prefill(model, cache, policy, ids, block)
+    return policy, cache, logits
+
+
+# --- primitives ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (3, 5, 64), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantization_error_is_at_most_half_a_step(bits):
+    x = torch.randn(4, 32, 64)
+    codes, scale, zero = quantize(x, bits, dim=1)
+    assert int(codes.max()) <= 2**bits - 1
+    err = (dequantize(codes, scale, zero, x.dtype) - x).abs()
+    assert bool((err <= scale / 2 + 1e-6).all())
+    packed, s, z = quantize_groups(x, bits, 32)
+    back = dequantize_groups(packed, s, z, bits, x.dtype)
+    assert back.shape == x.shape and float((back - x).abs().max()) <= float(s.max()) / 2 + 1e-6
+
+
+def test_masked_statistics_ignore_padding():
+    x = torch.tensor([[0.0, 1.0, 100.0]])
+    codes, scale, zero = quantize(x, 2, dim=-1, valid=torch.tensor([[True, True, False]]))
+    assert float(zero) == 0.0 and float(scale) == pytest.approx(1 / 3)
+
+
+def test_hadamard_is_orthogonal_and_rejects_odd_sizes():
+    r = hadamard(64, seed=3)
+    torch.testing.assert_close(r @ r.T, torch.eye(64), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(48)
+
+
+# --- bytes ---------------------------------------------------------------------------------------
+def test_kivi2_bytes_equal_the_formula(llama64):
+    """KIVI-2, group 32, head_dim 64, fp32 scales/zeros: 256 tokens, residual 64 -> 192 tokens
+    quantized (6 key groups), 64 in full precision."""
+    _, cache, _ = _prefill(llama64, "kivi2", random_ids(256), residual=64)
+    h, d, n_body, n_tail, f32 = 1, 64, 192, 64, 4
+    key_codes = n_body * d * 2 // 8
+    key_scales = (n_body // 32) * d * 2 * f32  # per channel, per group of 32 tokens: scale + zero
+    value_codes = n_body * d * 2 // 8
+    value_scales = n_body * (d // 32) * 2 * f32  # per token, per group of 32 channels
+    chunk_ids = n_body * 2  # int16: which key group each token belongs to
+    tail = n_tail * d * 2 * f32
+    positions = (n_body + n_tail) * 4
+    expected = h * (key_codes + key_scales + value_codes + value_scales + chunk_ids + tail + positions)
+    for layer in cache.budgeted_layers():
+        assert len(layer.body) == n_body and layer.keys.shape[-2] == n_tail
+        assert layer.nbytes() == expected
+    full = _prefill(llama64, "full", random_ids(256))[1]
+    assert cache.nbytes() < 0.36 * full.nbytes()  # a quarter of the tokens stay full precision
+
+
+def test_store_entry_bytes_match_what_is_held(llama64):
+    """The per-entry figure used for byte budgets equals the bytes really held per body entry."""
+    for name in ["kivi2", "kivi4", "rotate2", "think"]:
+        policy, cache, _ = _prefill(llama64, name, random_ids(256), residual=64)
+        layer = cache.budgeted_layers()[0]
+        per_entry = layer.body.nbytes() / len(layer.body)
+        assert per_entry == pytest.approx(policy.store.entry_bytes(64, torch.float32), rel=0.02), name
+
+
+def test_eviction_composes_with_kivi(llama64):
+    ids = random_ids(300)
+    _, plain, _ = _prefill(llama64, "snapkv", ids, budget=96)
+    policy, quant, logits = _prefill(llama64, "snapkv+kivi4", ids, budget=96)
+    assert policy.name == "snapkv+kivi4"
+    for a, b in zip(plain.budgeted_layers(), quant.budgeted_layers()):
+        assert a.max_entries == b.max_entries == 96
+        # The tail is the protected window; everything older is 4-bit.
+        assert b.keys.shape[-2] == policy.protected(96) and len(b.body) == 96 - policy.protected(96)
+        pos = b.positions[0, 0]
+        assert bool((pos[1:] > pos[:-1]).all())
+    assert quant.nbytes() < 0.5 * plain.nbytes()  # a third of the entries are the fp window
+    assert torch.isfinite(logits).all()
+
+
+def test_head_adaptive_with_a_store_is_a_clear_error():
+    with pytest.raises(UnknownPolicyError, match="same number of entries"):
+        kb.policy("adakv+kivi4", budget=64)
+
+
+# --- error vs full precision ---------------------------------------------------------------------
+def test_eight_bit_rotation_is_nearly_exact(llama64):
+    ids = random_ids(200)
+    ref = _prefill(llama64, "full", ids)[2]
+    for name in ["rotate", "kivi"]:
+        logits = _prefill(llama64, name, ids, bits=8, residual=32)[2]
+        torch.testing.assert_close(logits, ref, atol=2e-2, rtol=0)
+
+
+def test_mikv_demotes_instead_of_evicting(llama64):
+    ids = random_ids(300)
+    policy, cache, _ = _prefill(llama64, "mikv", ids, budget=64)
+    assert policy.scorer.name == "h2o" and policy.store.demotes
+    for layer in cache.budgeted_layers():
+        assert layer.max_entries == 300  # no token left behind
+        assert layer.keys.shape[-2] == 64  # only the budget at full precision
+        assert sorted(layer.positions[0, 0].tolist()) == list(range(300))
+    full = _prefill(llama64, "full", ids)[1]
+    assert cache.nbytes() < 0.4 * full.nbytes()
+    # Budget >= context: nothing is demoted, identical to full.
+    same = _prefill(llama64, "mikv", ids, budget=300)[2]
+    torch.testing.assert_close(same, _prefill(llama64, "full", ids)[2])
+
+
+def test_think_keeps_the_top_channels_and_stores_only_them(llama64):
+    ids = random_ids(200)
+    ref = _prefill(llama64, "full", ids)[2]
+    torch.testing.assert_close(_prefill(llama64, "think", ids, ratio=0.0)[2], ref)  # nothing pruned
+    policy, cache, _ = _prefill(llama64, "think", ids, ratio=0.5)
+    layer = cache.budgeted_layers()[0]
+    assert layer.body.tokens["k"].shape[-1] == 32 and layer.body.chunks["channels"].shape[-1] == 32
+    keys = layer.view().keys[0, 0, : len(layer.body)]
+    assert int((keys.abs().sum(0) > 0).sum()) <= 32 * layer.body.chunks["channels"].shape[2]
+
+
+def test_store_state_survives_decode_and_scratch(llama64):
+    """Tokens decoded after a quantized prefill land in the full-precision tail, and scratch
+    rolls them back exactly."""
+    _, cache, logits = _prefill(llama64, "kivi4", random_ids(200), residual=32)
+    before = [(len(layer.body), layer.keys.clone()) for layer in cache.budgeted_layers()]
+    with cache.scratch(), torch.inference_mode():
+        for _ in range(5):
+            tok = logits.argmax(-1, keepdim=True)
+            logits = llama64(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+    for layer, (n_body, tail) in zip(cache.budgeted_layers(), before):
+        assert len(layer.body) == n_body and torch.equal(layer.keys, tail)
