@@ -37,9 +37,12 @@ def cmd_policies(args: argparse.Namespace) -> int:
     from .policies import describe
 
     rows = describe()
-    print(f"{'name':<11} {'attention':<9}  {'paper':<32} what it keeps")
+    print(f"{'name':<13} {'kind':<7} {'attention':<9}  {'paper':<44} {'saves':<42} what it does")
     for r in rows:
-        print(f"{r['name']:<11} {'yes' if r['needs_attention'] else 'no':<9}  {r['paper']:<32} {r['summary']}")
+        attention = "yes" if r["needs_attention"] else "no"
+        print(f"{r['name']:<13} {r['kind']:<7} {attention:<9}  {r['paper']:<44} {r['saves']:<42} {r['summary']}")
+    print("\nCompose with '+': a scorer, an allocator (uniform, pyramid, head-adaptive) and a store,")
+    print("e.g. snapkv+pyramid, snapkv+kivi4, h2o+mikv. A store alone (kivi4) keeps every token.")
     return 0
 
 
@@ -66,6 +69,7 @@ def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         mode=args.mode,
+        decode_interval=args.decode_interval,
     )
     summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress)
     print(format_table(summary))
@@ -146,6 +150,8 @@ def _common(p: argparse.ArgumentParser, budget_default: str | None) -> None:
     p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
     p.add_argument("--max-new-tokens", type=_positive, default=24, help="answer length cap (default 24)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-interval", type=int, default=None,
+                   help="compress during generation every N new tokens (default: 64, or the policy's own; 0 = never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mode", default="multi-turn", choices=["multi-turn", "query-aware"],
                    help="multi-turn (default): questions unknown at compression; query-aware: optimistic reference")

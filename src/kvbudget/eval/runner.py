@@ -43,12 +43,16 @@ class EvalConfig:
     window: int = 32
     seed: int = 0
     mode: str = "multi-turn"  # or "query-aware" (optimistic reference)
+    decode_interval: int | None = None  # decode-time compression every N new tokens (None: policy default)
 
 
 def _cells(cfg: EvalConfig) -> list[tuple[str, str | None]]:
     cells: list[tuple[str, str | None]] = [("full", None)]
     for name in cfg.policies:
         if name == "full":
+            continue
+        if not make_policy(name, budget=1).evicts:  # a store alone (kivi4): no budget to sweep
+            cells.append((name, None))
             continue
         for b in cfg.budgets:
             cells.append((name, b))
@@ -109,7 +113,10 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
     in order. ``query-aware``: a fresh session per question whose compression is scored by that
     question (the optimistic single-question setting of most papers; never mix the two).
     """
-    policy = make_policy(name, budget=budget, block_size=cfg.block_size, window=cfg.window, seed=cfg.seed)
+    policy = make_policy(
+        name, budget=budget, block_size=cfg.block_size, window=cfg.window, seed=cfg.seed,
+        decode_interval=cfg.decode_interval,
+    )
     rows = []
     session = None
     for i, q in enumerate(task.questions):
@@ -225,7 +232,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def format_table(summary: dict) -> str:
     """The policy x budget table as fixed-width text."""
-    head = f"{'policy':<12}{'budget':>8}{'acc':>7}{'retain':>8}{'KV MB':>8}{'compr':>7}{'prefill s':>10}{'overhead':>9}{'tok/s':>7}"
+    head = f"{'policy':<16}{'budget':>8}{'acc':>7}{'retain':>8}{'KV MB':>8}{'compr':>7}{'prefill s':>10}{'overhead':>9}{'tok/s':>7}"
     lines = [head, "-" * len(head)]
 
     def f(v, fmt):
@@ -233,7 +240,7 @@ def format_table(summary: dict) -> str:
 
     for r in summary["rows"]:
         lines.append(
-            f"{r['policy']:<12}{r['budget']:>8}{f(r['accuracy'], '.2f'):>7}{f(r['retention'], '.2f'):>8}"
+            f"{r['policy']:<16}{r['budget']:>8}{f(r['accuracy'], '.2f'):>7}{f(r['retention'], '.2f'):>8}"
             f"{f(r['kv_bytes'] / 1e6 if r['kv_bytes'] else None, '.2f'):>8}{f(r['compression'], '.1f'):>7}"
             f"{f(r['prefill_s'], '.2f'):>10}{f(r['compress_share'] * 100 if r['compress_share'] is not None else None, '.0f'):>8}%"
             f"{f(r['decode_tok_s'], '.1f'):>7}"

@@ -17,7 +17,7 @@ from .kivi import KIVI
 
 @register_store("mikv")
 class MiKV(KIVI):
-    paper = "No Token Left Behind / MiKV (Yang et al. 2024)"
+    paper = "MiKV (Yang et al. 2024)"
     summary = "entries a scorer would evict kept at 2 bits; important ones at full precision"
     saves = "bits of unimportant entries (16 -> 2), nothing dropped"
     demotes = True
