@@ -186,3 +186,45 @@ def test_observation_queries_same_under_sdpa_and_eager(tiny_llama, tiny_llama_ea
     for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
         assert torch.equal(la.positions, lb.positions)
         torch.testing.assert_close(la.queries, lb.queries) if la.queries is not None else None
+
+
+def _observation(n=6, seen=30, budget=3, state=None):
+    from kvbudget.policies.base import Observation
+
+    keys = torch.zeros(1, 1, n, 4)
+    obs = Observation(0, 1, keys, keys, torch.arange(n).expand(1, 1, n), None, torch.zeros(1, 1, 4, 4),
+                      torch.tensor([10, 15, 20, 25]), 1.0, budget, seen, 0, state=state or {})
+    return obs
+
+
+def test_lazy_tracks_recurrence_intervals():
+    """Entry 0 is important at queries 10 and 20 (interval 10, last 20): at seen=30 it is due back
+    and outranks entry 1, important once at 10, and entry 2, never important."""
+    from kvbudget.policies.lazy import LazyEviction
+
+    obs = _observation()
+    attn = torch.full((1, 1, 4, 6), 0.01)
+    attn[0, 0, 0, 0] = attn[0, 0, 2, 0] = 0.9  # queries at 10 and 20 -> entry 0
+    attn[0, 0, 0, 1] = 0.9  # query at 10 -> entry 1
+    obs.__dict__["attention"] = attn
+    scores = LazyEviction().score(obs)
+    assert obs.state["lazy_gap"][0, 0, :3].tolist() == [10.0, 9.0, 0.0]  # entry 1: since its write at 1
+    assert obs.state["lazy_last"][0, 0, :3].tolist() == [20.0, 10.0, 2.0]
+    assert scores[0, 0, 0] > scores[0, 0, 1] > scores[0, 0, 2]
+    assert kb.policy("lazy", budget=64).decode_interval == 64  # lagged: evicts every `lag` steps
+
+
+def test_kvzip_scores_by_reconstruction(default_model):
+    """The scoring pass repeats the fed tokens after the reconstruction prompt in the chat template,
+    and an entry keeps the largest attention it has received."""
+    model, tok = default_model
+    policy = kb.policy("kvzip", budget=32)
+    policy.scorer.bind(tok)
+    prompt = tok.decode(policy.scorer.prefix[0])
+    assert "Repeat the previous context exactly." in prompt and "assistant" in prompt
+    fed = torch.tensor([[5, 6, 7]])
+    assert policy.scorer.reconstruction_ids(fed)[0, -3:].tolist() == [5, 6, 7]
+    obs = _observation(state={"kvzip": torch.tensor([[[0.5, 0, 0, 0, 0, 0]]])})
+    obs.queries = torch.randn(1, 1, 4, 4)
+    scores = policy.scorer.score(obs)
+    assert float(scores[0, 0, 0]) >= 0.5 and torch.equal(scores, obs.state["kvzip"])

@@ -164,3 +164,49 @@ def test_store_state_survives_decode_and_scratch(llama64):
             logits = llama64(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
     for layer, (n_body, tail) in zip(cache.budgeted_layers(), before):
         assert len(layer.body) == n_body and torch.equal(layer.keys, tail)
+
+
+def test_minicache_merges_upper_layer_pairs(llama64):
+    ids = random_ids(200)
+    ref = _prefill(llama64, "full", ids)
+    # Everything retained unmerged: exact.
+    torch.testing.assert_close(_prefill(llama64, "minicache", ids, retain=1.0)[2], ref[2])
+    policy, cache, logits = _prefill(llama64, "minicache", ids, retain=0.0)
+    assert policy.store.pairs(2) == []  # two layers: the upper half is one layer, nothing to pair
+    torch.testing.assert_close(logits, ref[2])
+
+
+def test_minicache_bytes_and_restoration():
+    """Four layers: layers 2 and 3 are merged; the shared directions are counted once."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    attach(model)
+    ids = random_ids(160)
+    _, full, _ = _prefill(model, "full", ids)
+    policy, cache, _ = _prefill(model, "minicache", ids, retain=0.0, residual=32)
+    assert policy.store.pairs(4) == [(2, 3)]
+    layers = cache.budgeted_layers()
+    assert layers[0].body is None and layers[1].body is None
+    n = len(layers[2].body)
+    assert n == 160 - 32 and layers[3].body.pair is layers[2].body.pair
+    f32, d = 4, 64
+    merged = n * (2 * d + 2) * f32 + n * 2 * f32  # shared K/V directions + both layers' K/V norms
+    held = sum(layer.nbytes() for layer in layers[2:])
+    unmerged = 2 * (32 * 2 * d * f32) + 2 * 160 * 4  # both tails + positions
+    assert held == merged + unmerged + layers[2].body.pair.retained.nbytes
+    assert cache.nbytes() < full.nbytes()
+    # Norms are exact: restored vectors keep their own lengths. (Layer 2's inputs come from exact
+    # layers 0-1, so its keys match the full run; layer 3 already sees merged layer-2 attention.)
+    got, ref_keys = layers[2].view().keys, full.budgeted_layers()[2].view().keys
+    torch.testing.assert_close(got.norm(dim=-1), ref_keys.norm(dim=-1))
+    assert float(torch.nn.functional.cosine_similarity(got, ref_keys, dim=-1).min()) > 0.5
+
+
+def test_minicache_refuses_eviction():
+    with pytest.raises(UnknownPolicyError, match="merges layers"):
+        kb.policy("snapkv+minicache", budget=64)

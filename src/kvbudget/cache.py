@@ -195,8 +195,13 @@ class BudgetedLayer(CacheLayerMixin):
             total += self.body.nbytes()
         return total
 
-    def view(self) -> LayerView:
-        """The entries as padded [B, H, n, ...] tensors (free in the dense layout)."""
+    def view(self, tail_only: bool = False) -> LayerView:
+        """The entries as padded [B, H, n, ...] tensors (free in the dense layout). ``tail_only``:
+        only the full-precision tail of a store (nothing decoded)."""
+        if tail_only and self.body is not None:
+            b = len(self.body)
+            state = {k: s[..., b:] for k, s in self.state.items()}
+            return LayerView(self.keys, self.values, self.positions[..., b:], state, None)
         if self.head_lens is None:
             keys, values = self._with_body(self.keys, self.values)
             return LayerView(keys, values, self.positions, dict(self.state), None)
@@ -226,7 +231,7 @@ class BudgetedLayer(CacheLayerMixin):
                 )
             kept_positions = view.positions.gather(2, index)
             recent = (kept_positions >= self.seen - self.residual).sum(-1)
-            self.rebuild(index, int(recent.min()), view)
+            self.rebuild(index, int(recent.min()), view.state)
             return
 
         def gather(t: Tensor) -> Tensor:
@@ -242,18 +247,19 @@ class BudgetedLayer(CacheLayerMixin):
             raise ValueError("per-head variable lengths need batch size 1")
         self._store_ragged(LayerView(keys, values, positions, state, None), lens.to(index.device, torch.long))
 
-    def rebuild(self, index: Tensor, n_tail: int, view: LayerView | None = None) -> None:
+    def rebuild(self, index: Tensor, n_tail: int, state: dict[str, Tensor] | None = None) -> None:
         """Keep the entries at ``index`` ([B, H, k], body entries first): the last ``n_tail`` of
-        each head stay in full precision, the rest are held encoded by the store."""
-        view = view or self.view()
-        self.positions = view.positions.gather(2, index)
-        self.state = {k: s.gather(2, index) for k, s in view.state.items()}
+        each head stay in full precision, the rest are held encoded by the store. ``state``:
+        per-entry state updated by the scorer (default: the layer's own)."""
+        state = self.state if state is None else state
+        self.positions = self.positions.gather(2, index)
+        self.state = {k: s.gather(2, index) for k, s in state.items()}
         self.body, self.keys, self.values = rebuild_body(
             self.store, self.body, self.keys, self.values, index, n_tail, self.queries
         )
         self.head_lens = None
 
-    def flush(self, view: LayerView | None = None) -> None:
+    def flush(self) -> None:
         """Encode tail entries older than the residual window, in whole chunks (KIVI: a group is
         quantized once it is full; the most recent ``residual`` entries stay in full precision)."""
         if self.store is None or not self.is_initialized:
@@ -266,7 +272,7 @@ class BudgetedLayer(CacheLayerMixin):
         if older <= 0:
             return
         index = torch.arange(n, device=self.device).expand(*self.positions.shape[:2], n)
-        self.rebuild(index, tail - older, view)
+        self.rebuild(index, tail - older)
 
     def _store_ragged(self, view: LayerView, lens: Tensor) -> None:
         """Keep the first ``lens[h]`` entries of each head of a padded view, ragged."""

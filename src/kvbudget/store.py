@@ -64,6 +64,8 @@ class Store:
     queries: ClassVar[int] = 0
     # The scorer used when the store is named on its own ("kivi4" keeps every token, quantized).
     default_scorer: ClassVar[str] = "full"
+    # Encodes across layers, so every layer must keep the same tokens (no eviction scorer).
+    cross_layer: ClassVar[bool] = False
 
     def __init__(self, residual: int = 128) -> None:
         if residual < 0:
@@ -77,6 +79,10 @@ class Store:
     def decode(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Keys and values [B, H, n, d] from per-token data and the chunk data of each token."""
         raise NotImplementedError
+
+    def flush_cache(self, cache) -> bool:
+        """Encode across layers (MiniCache); True when done here instead of layer by layer."""
+        return False
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
         """Bytes one encoded entry of one head costs on average (for byte budgets)."""

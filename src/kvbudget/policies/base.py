@@ -275,6 +275,8 @@ class Policy:
         """Cut every budgeted layer back to its budget (no-op for layers under budget)."""
         cache.before_compress()
         if not self.evicts:
+            if self.store is not None and self.store.flush_cache(cache):
+                return
             for layer in cache.budgeted_layers():
                 layer.residual = self.residual(None)
                 layer.flush()
@@ -302,7 +304,11 @@ class Policy:
                 layer.clear_queries()
 
     def _compress_layer(self, layer: BudgetedLayer, i: int, n_layers: int, budget: int, evict: bool) -> None:
-        view = layer.view()
+        # A demoting store (MiKV) only chooses among full-precision entries (encoded ones never
+        # come back), so only the tail is scored: no decoding, no attention over the whole body.
+        demotes = self.store is not None and self.store.demotes
+        view = layer.view(tail_only=demotes)
+        start = layer.max_entries - view.keys.shape[2]
         obs = Observation(
             layer_idx=i,
             n_layers=n_layers,
@@ -319,30 +325,38 @@ class Policy:
             state=view.state,
         )
         scores = self.scorer.score(obs)
+        state = _with_body_state(obs.state, layer, start) if start else obs.state
         if not evict:
-            layer.state = _unpad_state(obs.state, layer)
+            layer.state = _unpad_state(state, layer)
             return
-        view.state = obs.state
-        if self.store is not None and self.store.demotes:
-            layer.rebuild(demotion_index(scores, obs, layer, self.protected(budget)), budget, view)
+        if demotes:
+            layer.rebuild(demotion_index(scores, obs, start, self.protected(budget)), budget, state)
             return
+        view.state = state
         choose = select_across_heads if self.allocator in HEAD_ADAPTIVE else select
         index, lens = choose(scores, obs, self.protected(budget))
         layer.keep(index, lens, view=view)
 
 
-def demotion_index(scores: Tensor, obs: Observation, layer: BudgetedLayer, window: int) -> Tensor:
+def demotion_index(scores: Tensor, obs: Observation, n_body: int, window: int) -> Tensor:
     """MiKV: instead of evicting, full-precision entries outside each head's top ``budget`` move
-    to the low-precision body. Encoded entries never return to full precision, so the top-k is
-    taken among the full-precision tail. Returns the rebuild index: [body | demoted | kept]."""
+    to the low-precision body. ``scores`` cover the full-precision tail only (encoded entries
+    never return). Returns the rebuild index over all entries: [body | demoted | kept]."""
     scores = _ranked(scores, obs, window)
-    b = layer.max_entries - layer.keys.shape[-2]
-    tail = scores[..., b:]
-    order = tail.argsort(dim=-1, descending=True, stable=True)
-    kept = order[..., : obs.budget].sort(dim=-1).values + b
-    demoted = order[..., obs.budget :].sort(dim=-1).values + b
-    body = torch.arange(b, device=scores.device).expand(*scores.shape[:2], b)
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    kept = order[..., : obs.budget].sort(dim=-1).values + n_body
+    demoted = order[..., obs.budget :].sort(dim=-1).values + n_body
+    body = torch.arange(n_body, device=scores.device).expand(*scores.shape[:2], n_body)
     return torch.cat([body, demoted, kept], dim=-1)
+
+
+def _with_body_state(tail_state: dict[str, Tensor], layer: BudgetedLayer, n_body: int) -> dict[str, Tensor]:
+    """Per-entry state over all entries: the body's as it was, the tail's as just scored."""
+    out = {}
+    for name, s in tail_state.items():
+        body = layer.state[name][..., :n_body] if name in layer.state else s.new_zeros(*s.shape[:2], n_body)
+        out[name] = torch.cat([body, s], dim=-1)
+    return out
 
 
 def _unpad_state(state: dict[str, Tensor], layer: BudgetedLayer) -> dict[str, Tensor]:
@@ -408,6 +422,8 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
             f"policy '{name}': store '{store_name}' needs every head to keep the same number of entries; "
             "use it with the uniform or pyramid allocator"
         )
+    if store is not None and store.cross_layer and scorer.evicts:
+        raise UnknownPolicyError(f"policy '{name}': store '{store_name}' merges layers and cannot be combined with eviction")
     if not scorer.evicts and not demotes:
         budget = None
     return Policy(
