@@ -13,18 +13,22 @@ from kvbudget.quant import dequantize, dequantize_groups, hadamard, pack, quanti
 from conftest import random_ids
 
 
-@pytest.fixture(scope="module")
-def llama64():
+def _llama64(layers: int) -> LlamaForCausalLM:
     """Random-weight Llama with head_dim 64 (KIVI's group of 32 channels divides it), fp32."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(cfg).eval()
     attach(model)
     return model
+
+
+@pytest.fixture(scope="module")
+def llama64():
+    return _llama64(layers=2)
 
 
 def _prefill(model, name, ids, budget=None, block=64, **kw):
@@ -178,14 +182,7 @@ def test_minicache_merges_upper_layer_pairs(llama64):
 
 def test_minicache_bytes_and_restoration():
     """Four layers: layers 2 and 3 are merged; the shared directions are counted once."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    attach(model)
+    model = _llama64(layers=4)
     ids = random_ids(160)
     _, full, _ = _prefill(model, "full", ids)
     policy, cache, _ = _prefill(model, "minicache", ids, retain=0.0, residual=32)
@@ -210,3 +207,14 @@ def test_minicache_bytes_and_restoration():
 def test_minicache_refuses_eviction():
     with pytest.raises(UnknownPolicyError, match="merges layers"):
         kb.policy("snapkv+minicache", budget=64)
+
+
+def test_chunk_tables_are_compacted_per_head(tiny_llama):
+    """Two KV heads evicting independently: each head's live chunks are packed to the front, so
+    the table is as wide as the head with the most live chunks, and every id points inside it."""
+    _, cache, _ = _prefill(tiny_llama, "snapkv+kivi4", random_ids(400), budget=48, block=32)
+    for layer in cache.budgeted_layers():
+        ids = layer.body.chunk_id[0].long()
+        live = [len(set(ids[h].tolist())) for h in range(ids.shape[0])]
+        assert layer.body.chunks["k_scale"].shape[2] == max(live)
+        assert all(set(ids[h].tolist()) == set(range(live[h])) for h in range(ids.shape[0]))

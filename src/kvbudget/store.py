@@ -186,13 +186,17 @@ def rebuild_body(
 
 
 def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Free chunks no entry refers to any more (across every head; a chunk used by one head only
-    stays whole, and is counted)."""
+    """Free the chunks no entry refers to any more, head by head: each head's live chunks are
+    packed to the front of its table (heads evict independently, so a chunk often lives on in
+    one head only); the table is as wide as the head with the most live chunks."""
+    ids = chunk_id.long()
     n = next(iter(chunks.values())).shape[2]
-    used = torch.zeros(n, dtype=torch.bool, device=chunk_id.device)
-    used[chunk_id.flatten().long()] = True
-    if not bool(used.all()):
-        remap = used.long().cumsum(0) - 1
-        chunk_id = remap[chunk_id.long()]
-        chunks = {name: c[:, :, used] for name, c in chunks.items()}
-    return chunk_id.to(_chunk_dtype(int(used.sum()))), chunks
+    used = torch.zeros(*ids.shape[:2], n, dtype=torch.bool, device=ids.device)
+    used.scatter_(2, ids, True)
+    width = int(used.sum(-1).max())
+    if width < n:
+        remap = used.long().cumsum(-1) - 1  # [B, H, C]: new slot of each live chunk
+        ids = remap.gather(2, ids)
+        live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # live ones first, in order
+        chunks = {name: _gather(c, live) for name, c in chunks.items()}
+    return ids.to(_chunk_dtype(width)), chunks
