@@ -198,8 +198,9 @@ def _observation(n=6, seen=30, budget=3, state=None):
 
 
 def test_lazy_tracks_recurrence_intervals():
-    """Entry 0 is important at queries 10 and 20 (interval 10, last 20): at seen=30 it is due back
-    and outranks entry 1, important once at 10, and entry 2, never important."""
+    """Entry 0 is important at queries 10 and 20 (interval 10, last 20): at seen=30 it is on
+    schedule and outranks entry 1 (important once at 10, overdue by 10) and entry 2 (never
+    important: overdue by its age)."""
     from kvbudget.policies.lazy import LazyEviction
 
     obs = _observation()
