@@ -91,18 +91,24 @@ def _facts(rng: random.Random) -> list[dict]:
     trip, food, instrument = rng.choice(_TRIPS), rng.choice(_FOODS), rng.choice(_INSTRUMENTS)
     return [
         {"topic": "pets", "lines": [f"By the way, my {pet} is called {pet_name}."],
+         "replies": [f"{pet_name} is a lovely name for a {pet}!"],
          "q": f"What is my {pet} called?", "a": pet_name, "cat": "single-hop"},
         {"topic": "food", "lines": [f"My favourite dish to cook is {food}."],
+         "replies": [f"{food.capitalize()} sounds delicious!"],
          "q": "What is my favourite dish to cook?", "a": food, "cat": "single-hop"},
         {"topic": "hobbies", "lines": [f"I have started taking {instrument} lessons."],
+         "replies": [f"The {instrument} is a beautiful instrument. Enjoy the lessons!"],
          "q": "Which instrument am I learning?", "a": instrument, "cat": "single-hop"},
         {"topic": "family", "lines": [f"I live in {city_a} at the moment.",
                                       f"Big news: I just moved from {city_a} to {city_b}."],
+         "replies": [f"{city_a} is a nice city to live in.", f"Congratulations on the move to {city_b}!"],
          "q": "Which city do I live in now?", "a": city_b, "cat": "update"},
         {"topic": "family", "lines": [f"My {relative} is called {rel_name}.",
                                       f"{rel_name} has started working as a {job}."],
+         "replies": [f"{rel_name} is a nice name.", f"A {job}? Good for {rel_name}!"],
          "q": f"What job does my {relative} have?", "a": job, "cat": "two-hop"},
         {"topic": "travel", "lines": [f"I just booked a trip to {trip}."],
+         "replies": [f"A trip to {trip} will be wonderful!"],
          "q": f"In which session did I tell you about my trip to {trip}?", "a": "session {s}",
          "cat": "temporal"},
     ]
@@ -135,8 +141,8 @@ def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5)
         for fact in facts:
             k = len(fact["lines"])
             at = sorted(rng.sample(range(sessions), k))
-            for s, line in zip(at, fact["lines"]):
-                placed[s].append((fact["topic"], line))
+            for s, line, reply in zip(at, fact["lines"], fact["replies"]):
+                placed[s].append((line, reply))
             answer = fact["a"].format(s=at[0] + 1)
             questions.append(Question(question=fact["q"], answers=[answer], metric="contains",
                                       category=fact["cat"]))
@@ -150,8 +156,7 @@ def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5)
             out = []
             for s in range(sessions):
                 exchanges = list(talk[s])
-                for j, (topic, line) in enumerate(placed[s]):
-                    reply = rng_replies[(s, j)]
+                for j, (line, reply) in enumerate(placed[s]):
                     exchanges.insert(min(len(exchanges), 1 + 2 * j), (line, reply))
                 head = f"[Session {s + 1} - {_DATES[dates[s]]}] "
                 for j, (user, assistant) in enumerate(exchanges):
@@ -159,10 +164,6 @@ def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5)
                     out.append({"role": "assistant", "content": assistant})
             return out
 
-        rng_replies = {(s, j): rng.choice(["Thanks for telling me, I will remember that.",
-                                           "Oh, that is good to know!", "How exciting!",
-                                           "Noted. Tell me more whenever you like."])
-                       for s in range(sessions) for j in range(len(placed[s]))}
         messages = render()
         # Count incrementally (template overhead per exchange measured once), check exactly at the end.
         total = _message_tokens(tok, messages)
