@@ -207,6 +207,9 @@ class Policy:
         self.seed = seed
         self.name = name or (scorer.name if allocator == "uniform" else f"{scorer.name}+{allocator}")
         self.tokens: int | None = self.budget.tokens if self.budget is not None else None
+        # How `make_policy` was called (name, budget, keyword arguments): what a session file
+        # records to rebuild this exact policy. None for a policy built by hand.
+        self.spec: dict | None = None
 
     def __repr__(self) -> str:
         return f"Policy({self.name}, budget={self.budget}, block_size={self.block_size})"
@@ -373,6 +376,7 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
     from . import load_all
 
     load_all()
+    spec = {"name": name, "budget": None if budget is None else str(parse_budget(budget)), "kwargs": dict(kwargs)}
     head, *rest = [part.strip() for part in name.strip().lower().split("+")]
     allocator = kwargs.pop("allocator", None)
     store_name = kwargs.pop("store", None)
@@ -426,7 +430,9 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
         raise UnknownPolicyError(f"policy '{name}': store '{store_name}' merges layers and cannot be combined with eviction")
     if not scorer.evicts and not demotes:
         budget = None
-    return Policy(
+    policy = Policy(
         scorer, budget, allocator or "uniform", window, block_size, seed,
         name=policy_name, store=store, decode_interval=decode_interval,
     )
+    policy.spec = spec
+    return policy
