@@ -12,12 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import _tiny_llama
 
 import kvbudget as kb
 from kvbudget import sessionfile
 from kvbudget.errors import KVBudgetError, SessionFileError
-
-from conftest import _tiny_llama
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STORY = "Alice has a cat named Pepper. Bob's favourite city is Lisbon. Carol plays the oboe. " * 3
@@ -204,7 +203,9 @@ def test_unsupported_cases_are_clear_errors(tiny_llama, tmp_path):
     with pytest.raises(KVBudgetError, match="not supported yet"):
         session.save(tmp_path / "m.kvb")
     assert not (tmp_path / "m.kvb").exists()
-    from kvbudget.policies.full import Full  # a policy built by hand has no recorded settings
+    from kvbudget.policies.full import (
+        Full,  # a policy built by hand has no recorded settings
+    )
 
     hand = kb.Session(tiny_llama, CharTok(), kb.Policy(Full(), None))
     hand.add_context("abc")

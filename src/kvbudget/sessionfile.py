@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -158,13 +159,13 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{str(t.dtype)}:{list(t.shape)};".encode())
+        h.update(f"{name}:{t.dtype!s}:{list(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 # --- save ---------------------------------------------------------------------------------------
-def session_payload(session: "Session") -> tuple[dict[str, Tensor], dict]:
+def session_payload(session: Session) -> tuple[dict[str, Tensor], dict]:
     """The tensors and the JSON metadata that describe ``session`` completely."""
     cache = session.cache
     if cache._scratch:
@@ -200,7 +201,7 @@ def session_payload(session: "Session") -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def save_session(session: "Session", path: "str | os.PathLike") -> int:
+def save_session(session: Session, path: str | os.PathLike) -> int:
     """Write ``session`` to ``path`` atomically (temp file + rename); returns the bytes written.
     The previous file at ``path``, if any, stays intact until the new one is complete."""
     tensors, meta = session_payload(session)
@@ -229,13 +230,16 @@ def _parse_header(head: bytes, size: int, path: Path) -> tuple[int, dict, dict]:
     if meta.get("version") != VERSION:
         raise SessionFileError(f"{path}: session file version {meta.get('version')} (this kvbudget reads {VERSION})")
     data_size = size - 8 - n
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise SessionFileError(f"{path}: corrupt session file (malformed tensor table)") from None
     if end > data_size:
         raise SessionFileError(f"{path}: truncated session file ({data_size} bytes of tensor data, {end} expected)")
     return n, header, meta
 
 
-def read_metadata(path: "str | os.PathLike") -> dict:
+def read_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of a session file, read from its header only (no tensors)."""
     path = Path(path)
     try:
@@ -249,7 +253,7 @@ def read_metadata(path: "str | os.PathLike") -> dict:
     return _parse_header(head, size, path)[2]
 
 
-def read_session_file(path: "str | os.PathLike", device: "torch.device | str" = "cpu") -> tuple[dict[str, Tensor], dict]:
+def read_session_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict]:
     """The tensors (on ``device``) and metadata of a session file, checked whole."""
     path = Path(path)
     try:
@@ -259,14 +263,14 @@ def read_session_file(path: "str | os.PathLike", device: "torch.device | str" = 
     _, _, meta = _parse_header(data, len(data), path)
     try:
         tensors = st_load(data)
-    except Exception as exc:  # safetensors raises its own error type for every malformation
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise SessionFileError(f"{path}: corrupt session file ({exc})") from None
     if _checksum(tensors) != meta.get("checksum"):
         raise SessionFileError(f"{path}: corrupt session file (tensor data does not match its checksum)")
     return {k: v.to(device) for k, v in tensors.items()}, meta
 
 
-def load_session(path: "str | os.PathLike", model, tok) -> "Session":
+def load_session(path: str | os.PathLike, model, tok) -> Session:
     """Rebuild the session saved at ``path`` on ``model`` (which must be the model it was saved
     with): same policy, same conversation, the same cache entry for entry."""
     from .generate import Session
