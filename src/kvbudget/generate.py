@@ -164,6 +164,12 @@ class Session:
         turn.peak_bytes = self.cache.peak_bytes
         return turn
 
+    def new_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> int:
+        """How many tokens feeding ``messages`` after the conversation so far would add (the
+        server checks a prompt against the model's positions before running it)."""
+        _, text = self._suffix(self.messages + list(messages), add_generation_prompt)
+        return int(self._encode(text).shape[1])
+
     def ask(self, question: str, max_new_tokens: int = 64) -> str:
         """Answer ``question`` greedily and append the turn to the conversation."""
         return self.ask_detailed(question, max_new_tokens).text
