@@ -102,8 +102,8 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model": config.model_name,
-                "policies": sorted({p.name for p in manager.policies.values()}),
+        served = [manager.policies[name.strip().lower()].name for name in config.policies]  # the default first
+        return {"status": "ok", "model": config.model_name, "policies": list(dict.fromkeys(served)),
                 "budget": config.budget, "memory": config.memory}
 
     @app.get("/metrics")
