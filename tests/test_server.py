@@ -87,9 +87,9 @@ def start(default_model, tmp_path):
     running: list[Server] = []
 
     def _start(store: Path | None = None, **overrides) -> Server:
-        cfg = dict(model_name="smollm2-135m", store=store or tmp_path / "store", policies=[POLICY, "full"],
-                   budget=BUDGET, memory=2**30, block_size=BLOCK, max_tokens=64, default_max_tokens=MAX_TOKENS)
-        cfg.update(overrides)
+        cfg = {"model_name": "smollm2-135m", "store": store or tmp_path / "store", "policies": [POLICY, "full"],
+               "budget": BUDGET, "memory": 2**30, "block_size": BLOCK, "max_tokens": 64,
+               "default_max_tokens": MAX_TOKENS, **overrides}
         server = Server(create_app(model, tok, ServeConfig(**cfg)))
         running.append(server)
         return server
