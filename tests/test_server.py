@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
+
+from conftest import half_then_fail
 
 import kvbudget as kb
 from kvbudget import sessionfile
@@ -296,17 +297,7 @@ def test_a_failed_save_loses_nothing(start, reference, monkeypatch):
     path = server.app.state.manager.store.path(sid)
     before = path.read_bytes()
     real = sessionfile.atomic_open
-
-    @contextmanager
-    def half_then_fail(target, mode="w"):
-        with real(target, mode) as f:
-            class HalfWriter:
-                def write(self, data):
-                    f.write(data[: len(data) // 2])
-                    raise OSError("No space left on device")
-            yield HalfWriter()
-
-    monkeypatch.setattr(sessionfile, "atomic_open", half_then_fail)
+    monkeypatch.setattr(sessionfile, "atomic_open", half_then_fail(real))
     failed = server.chat(sid, QUESTIONS[1])
     _expect(failed, 500, "internal_error", "No space left")
     monkeypatch.setattr(sessionfile, "atomic_open", real)

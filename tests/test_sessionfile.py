@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import _tiny_llama
+from conftest import _tiny_llama, half_then_fail
 
 import kvbudget as kb
 from kvbudget import sessionfile
@@ -137,17 +136,7 @@ def test_failed_save_leaves_the_previous_file(tiny_llama, tmp_path, monkeypatch)
     before = path.read_bytes()
     old.ask("Who has a cat?", 4)
     real = sessionfile.atomic_open
-
-    @contextmanager
-    def half_then_fail(target, mode="w"):
-        with real(target, mode) as f:
-            class HalfWriter:
-                def write(self, data):
-                    f.write(data[: len(data) // 2])
-                    raise OSError("No space left on device")
-            yield HalfWriter()
-
-    monkeypatch.setattr(sessionfile, "atomic_open", half_then_fail)
+    monkeypatch.setattr(sessionfile, "atomic_open", half_then_fail(real))
     with pytest.raises(OSError, match="No space"):
         old.save(path)
     assert path.read_bytes() == before
