@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 import httpx
 
 QUESTIONS = [
-    "I am planning a trip to Lisbon in May with two friends. We like food, old streets and the sea. "
-    "What should we see first?",
+    ("I am planning a trip to Lisbon in May with two friends. We like food, old streets and the sea. "
+     "What should we see first?"),
     "Which neighbourhood should we stay in?",
     "What food should we try there?",
     "How many days do we need?",
@@ -122,6 +122,11 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
+def _rate(after: dict, before: dict, num: str, den: str) -> float:
+    d = after[den] - before[den]
+    return round((after[num] - before[num]) / d, 3) if d else 0.0
+
+
 def run_level(url: str, n: int, args) -> dict:
     """N sessions, N clients at once, ``args.requests`` turns each, at most ``args.time_limit`` s."""
     with httpx.Client(base_url=url, timeout=600) as client:
@@ -165,6 +170,8 @@ def run_level(url: str, n: int, args) -> dict:
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2) if wall else None,
         "requests_per_s": round(len(results) / wall, 3) if wall else None,
+        "server_decode_tokens_per_s": _rate(after, before, "kvbudget_generated_tokens_total", "kvbudget_decode_seconds_total"),
+        "save_ms": round(1000 * _rate(after, before, "kvbudget_session_save_seconds_total", "kvbudget_session_saves_total"), 1),
         "kv_bytes_peak": after["kvbudget_kv_bytes_peak"],
         "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
         "loads": after["kvbudget_session_loads_total"] - before["kvbudget_session_loads_total"],
@@ -199,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"memory {health['memory']} B; {args.requests} requests/session, max_tokens {args.max_tokens}, "
                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
             print(f"{'sessions':>8} {'requests':>8} {'errors':>6} {'wall s':>7} {'p50 s':>7} {'p99 s':>7} "
-                  f"{'ttft50 s':>8} {'tok/s':>6} {'evict':>5} {'loads':>5} {'KV peak MB':>10}")
+                  f"{'ttft50 s':>8} {'tok/s':>6} {'decode tok/s':>12} {'save ms':>7} {'evict':>5} {'loads':>5} "
+                  f"{'KV peak MB':>10}")
             for n in [int(x) for x in args.sessions.split(",")]:
                 row = {"policy": args.policy, "budget": args.budget, "max_tokens": args.max_tokens,
                        "memory": health["memory"], **run_level(url, n, args)}
                 print(f"{row['sessions']:>8} {row['requests']:>8} {row['errors']:>6} {row['wall_s']:>7} "
                       f"{row['p50_s']:>7} {row['p99_s']:>7} {row['ttft_p50_s']:>8} {row['tokens_per_s']:>6} "
+                      f"{row['server_decode_tokens_per_s']:>12} {row['save_ms']:>7} "
                       f"{row['evictions']:>5.0f} {row['loads']:>5.0f} {row['kv_bytes_peak'] / 1e6:>10.2f}", flush=True)
                 if args.out:
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -338,22 +338,22 @@ def test_server_killed_during_a_save_leaves_the_previous_file(start, default_mod
             assert first.status_code == 200, first.text
             second = threading.Thread(target=lambda: _post_ignoring_errors(url, sid, long_message), daemon=True)
             second.start()
-            caught = False
             deadline = time.monotonic() + 120
             while proc.poll() is None and time.monotonic() < deadline:
                 if any(p.name.endswith(".tmp") for p in store.iterdir()):
-                    caught = True
                     break
                 time.sleep(0.001)
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             second.join(30)
+            # A temp file left behind proves the kill came before the rename, i.e. mid-save.
+            interrupted = any(p.name.endswith(".tmp") for p in store.iterdir())
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     session = kb.Session.load(store / f"{sid}.kvb", model, tok)  # readable whatever the timing
-    if caught:  # killed mid-save: the file is still the one saved after the first turn
+    if interrupted:  # killed mid-save: the file is still the one saved after the first turn
         assert len(session.messages) == 2
     server = start(store)
     info = server.client.get(f"/v1/sessions/{sid}").json()
@@ -408,3 +408,19 @@ def test_chat_page_in_headless_chromium(start, tmp_path):
         assert info["messages"][1]["content"] == reply
     finally:
         driver.quit()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--memory", "3x"], "cannot read memory"),
+        (["--policy", "bogus"], "unknown policy 'bogus'"),
+        (["--budget", "0"], "budget must be positive"),
+    ],
+)
+def test_serve_command_bad_input_is_one_clear_line(args, message, capsys):
+    from kvbudget.cli import main
+
+    assert main(["serve", *args]) == 2  # before any model is loaded or port opened
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvbudget: error:") and message in lines[0], lines

@@ -145,7 +145,7 @@ class SessionManager:
         policy = session.policy
         growth = new_tokens + max_tokens + policy.scorer.scratch_entries(session.block_size)
         need = session.kv_bytes + growth * self._token_bytes
-        if policy.evicts and policy.decode_interval and max_tokens > policy.decode_interval:
+        if policy.decode_interval and max_tokens > policy.decode_interval:
             need *= 2
         return need
 
