@@ -424,3 +424,24 @@ def test_serve_command_bad_input_is_one_clear_line(args, message, capsys):
     assert main(["serve", *args]) == 2  # before any model is loaded or port opened
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvbudget: error:") and message in lines[0], lines
+
+
+def test_the_memory_estimate_covers_decode_time_compression(default_model, tmp_path):
+    """A turn long enough to compress while decoding (a snapshot of the cache is kept for the
+    roll-back) still peaks within what the manager reserved for it."""
+    from kvbudget.serve import SessionManager
+    from kvbudget.serve.schema import ChatRequest
+
+    model, tok = default_model
+    config = ServeConfig(model_name="smollm2-135m", store=tmp_path, policies=[POLICY], budget=BUDGET,
+                         block_size=BLOCK, max_tokens=80)
+    manager = SessionManager(model, tok, config)
+    try:
+        req = ChatRequest([{"role": "user", "content": "Write a long story about a cat who travels the world."}], 72)
+        probe = kb.Session(model, tok, manager.default_policy)
+        config.memory = manager._need(probe, probe.new_tokens(req.messages), req.max_tokens)  # exactly the reserve
+        result = manager.chat(req)
+        assert result.completion_tokens > manager.default_policy.decode_interval, result.text
+        assert 0 < manager.metrics.kv_bytes_peak <= config.memory
+    finally:
+        manager.close()
