@@ -166,6 +166,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """EpiCache's layer sensitivity of a model on a seeded conversation sample."""
+    from .eval.generators import make_tasks
+    from .models import load_model
+    from .sensitivity import profile, save_profile
+
+    model, tok = load_model(args.model, device=args.device)
+    task = make_tasks("conversation", tok, n=1, length=args.length, seed=args.seed)[0]
+    text = tok.apply_chat_template(task.context, tokenize=False) if tok.chat_template else str(task.context)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    data = profile(model, ids, block=args.block_size, sinks=args.sinks)
+    data.update(model=getattr(model, "kvbudget_name", args.model), seed=args.seed, seconds=time.perf_counter() - start)
+    save_profile(data, args.out)
+    print(" ".join(f"{s:.4f}" for s in data["sensitivity"]))
+    print(f"wrote {args.out} ({len(data['sensitivity'])} layers, {data['tokens']} tokens, {data['seconds']:.1f} s)")
+    return 0
+
+
 def _command() -> str:
     return "kvbudget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -227,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "4x")
     p.set_defaults(func=cmd_run)
 
+    _add_profile(sub)
+    _add_serve(sub)
+    return parser
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="EpiCache layer sensitivity of a model (for the sensitivity allocator)")
+    p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--length", type=_positive, default=2048, help="sample length in tokens (default 2048)")
+    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size profiled (default 128)")
+    p.add_argument("--sinks", type=int, default=8, help="sink tokens always visible (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_profile)
+
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over persistent sessions in bounded memory")
     p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
@@ -242,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated when a request names no max_tokens (default 128)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

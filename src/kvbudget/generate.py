@@ -46,6 +46,14 @@ class Session:
     block_size: int | None = None
     messages: list[dict] = field(default_factory=list)
 
+    def __new__(cls, model=None, tok=None, policy=None, *args, **kwargs):
+        # An episodic policy (EpiCache) gets the session that holds one cache per episode.
+        if cls is Session and isinstance(policy, Policy) and getattr(policy.scorer, "episodic", False):
+            from .episodic import EpisodicSession
+
+            cls = EpisodicSession
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         if self.policy is None:
             self.policy = make_policy("full")
@@ -91,10 +99,14 @@ class Session:
         ids = self._encode(text)
         if self.policy.tokens is None:
             self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids))
-        logits, stats = prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids)
+        logits, stats = self._prefill_ids(ids, compress_last, scoring_ids)
         self.input_ids.extend(ids[0].tolist())
         self.rendered = full
         return logits, stats
+
+    def _prefill_ids(self, ids: Tensor, compress_last: bool, scoring_ids: Tensor | None) -> tuple[Tensor, PrefillStats]:
+        """Feed token ids into the session's cache (episodic sessions feed several caches)."""
+        return prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids)
 
     # --- public API -----------------------------------------------------------------------------
     def add_context(self, context: "str | list[dict]", question: str | None = None) -> PrefillStats:

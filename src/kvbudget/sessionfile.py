@@ -30,7 +30,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from .cache import BudgetedLayer
+from .cache import BudgetedCache, BudgetedLayer
 from .errors import KVBudgetError, SessionFileError
 from .fileio import atomic_open
 from .prefill import PrefillStats
@@ -164,27 +164,85 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-# --- save ---------------------------------------------------------------------------------------
-def session_payload(session: Session) -> tuple[dict[str, Tensor], dict]:
-    """The tensors and the JSON metadata that describe ``session`` completely."""
-    cache = session.cache
+def _cache_to_file(prefix: str, cache: BudgetedCache, tensors: dict[str, Tensor]) -> dict:
+    """Add ``cache``'s tensors (named ``prefix + "layers.<i>..."``) and return its metadata."""
     if cache._scratch:
         raise KVBudgetError("cannot save a session in the middle of a turn")
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        name = f"{prefix}layers.{i}"
+        if isinstance(layer, BudgetedLayer):
+            layers.append(_budgeted_to_file(name, layer, tensors))
+        elif isinstance(layer, DynamicSlidingWindowLayer):
+            layers.append(_sliding_to_file(name, layer, tensors))
+        else:
+            raise KVBudgetError(f"cannot save cache layer {i} of type {type(layer).__name__}")
+    if cache.unscored:
+        tensors[f"{prefix}unscored"] = _cpu(torch.cat(cache.unscored, dim=1))
+    return {"peak_bytes": cache.peak_bytes, "kv_bytes": cache.nbytes(), "layers": layers}
+
+
+def _cache_from_file(prefix: str, cache: BudgetedCache, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    """Fill the empty ``cache`` (built by the same policy on the same model) from the file."""
+    layers = meta["layers"]
+    if len(layers) != len(cache.layers):
+        raise SessionFileError(f"{path}: {len(layers)} cache layers saved, the model has {len(cache.layers)}")
+    for i, (layer, layer_meta) in enumerate(zip(cache.layers, layers)):
+        name = f"{prefix}layers.{i}"
+        if layer_meta["kind"] == "budgeted" and isinstance(layer, BudgetedLayer):
+            _budgeted_from_file(name, layer, layer_meta, tensors)
+        elif layer_meta["kind"] == "sliding" and isinstance(layer, DynamicSlidingWindowLayer):
+            _sliding_from_file(name, layer, layer_meta, tensors)
+        else:
+            raise SessionFileError(f"{path}: layer {i} was saved as {layer_meta['kind']}, the model's is {type(layer).__name__}")
+    cache.peak_bytes = meta["peak_bytes"]
+    cache.unscored = [tensors[f"{prefix}unscored"]] if f"{prefix}unscored" in tensors else []
+
+
+def _episodes_to_file(session: Session, tensors: dict[str, Tensor]) -> dict:
+    """EpiCache: each episode's centroid, windows, patched prompt and cache; which one is active."""
+    episodes = []
+    for e, ep in enumerate(session.episodes):
+        tensors[f"episodes.{e}.centroid"] = _cpu(ep.centroid)
+        tensors[f"episodes.{e}.prompt_ids"] = _cpu(ep.prompt_ids)
+        episodes.append({"windows": ep.windows, "prompt": ep.prompt, "stats": asdict(ep.stats),
+                         "cache": _cache_to_file(f"episodes.{e}.", ep.cache, tensors)})
+    active = next((e for e, ep in enumerate(session.episodes) if ep.cache is session.cache), 0)
+    return {"episodes": episodes, "active": active, "routed": session.routed, "build_seconds": session.build_seconds}
+
+
+def _episodes_from_file(session: Session, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    from .episodic import Episode
+
+    if not hasattr(session, "episodes"):
+        raise SessionFileError(f"{path}: episodic session file, but its policy did not build an episodic session")
+    for e, em in enumerate(meta["episodes"]):
+        cache = session.policy.new_cache(session.model)
+        _cache_from_file(f"episodes.{e}.", cache, em["cache"], tensors, path)
+        session.episodes.append(Episode(
+            centroid=tensors[f"episodes.{e}.centroid"].cpu(), windows=em["windows"], prompt=em["prompt"],
+            prompt_ids=tensors[f"episodes.{e}.prompt_ids"].cpu(), cache=cache.to("cpu"),  # idle episodes wait on CPU
+            stats=PrefillStats(**em["stats"]),
+        ))
+    session.routed, session.build_seconds = meta["routed"], meta["build_seconds"]
+    session.cache = session.episodes[meta["active"]].cache
+
+
+# --- save ---------------------------------------------------------------------------------------
+def session_bytes(session: Session) -> int:
+    """KV bytes a session holds: every episode's cache for EpiCache, else its one cache."""
+    return getattr(session, "all_kv_bytes", None) or session.kv_bytes
+
+
+def session_payload(session: Session) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and the JSON metadata that describe ``session`` completely."""
     policy = session.policy
     if policy.spec is None:
         raise KVBudgetError("cannot save a session whose policy was not built by kb.policy() (its settings are unknown)")
     tensors: dict[str, Tensor] = {}
-    layers = []
-    for i, layer in enumerate(cache.layers):
-        prefix = f"layers.{i}"
-        if isinstance(layer, BudgetedLayer):
-            layers.append(_budgeted_to_file(prefix, layer, tensors))
-        elif isinstance(layer, DynamicSlidingWindowLayer):
-            layers.append(_sliding_to_file(prefix, layer, tensors))
-        else:
-            raise KVBudgetError(f"cannot save cache layer {i} of type {type(layer).__name__}")
-    if cache.unscored:
-        tensors["cache.unscored"] = _cpu(torch.cat(cache.unscored, dim=1))
+    episodic = _episodes_to_file(session, tensors) if getattr(session, "episodes", None) else None
+    # An episodic session's current cache is one of its episodes' (saved with them).
+    cache = None if episodic else _cache_to_file("", session.cache, tensors)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -195,7 +253,9 @@ def session_payload(session: Session) -> tuple[dict[str, Tensor], dict]:
         "rendered": session.rendered,
         "input_ids": session.input_ids,
         "stats": asdict(session.stats),
-        "cache": {"peak_bytes": cache.peak_bytes, "kv_bytes": cache.nbytes(), "layers": layers},
+        "kv_bytes": session_bytes(session),
+        "cache": cache,
+        "episodic": episodic,
         "checksum": _checksum(tensors),
     }
     return tensors, meta
@@ -284,21 +344,12 @@ def load_session(path: str | os.PathLike, model, tok) -> Session:
         policy = make_policy(spec["name"], budget=spec["budget"], **spec["kwargs"])
     except KVBudgetError as exc:
         raise SessionFileError(f"{path}: cannot rebuild its policy: {exc}") from None
-    session = Session(model, tok, policy, block_size=meta["block_size"])
+    session = Session(model, tok, policy, block_size=meta["block_size"])  # episodic policies: an EpisodicSession
     session.policy.tokens = spec["tokens"]  # a ratio budget was resolved against that context
-    cache = session.cache
-    layers = meta["cache"]["layers"]
-    if len(layers) != len(cache.layers):
-        raise SessionFileError(f"{path}: {len(layers)} cache layers saved, the model has {len(cache.layers)}")
-    for i, (layer, layer_meta) in enumerate(zip(cache.layers, layers)):
-        if layer_meta["kind"] == "budgeted" and isinstance(layer, BudgetedLayer):
-            _budgeted_from_file(f"layers.{i}", layer, layer_meta, tensors)
-        elif layer_meta["kind"] == "sliding" and isinstance(layer, DynamicSlidingWindowLayer):
-            _sliding_from_file(f"layers.{i}", layer, layer_meta, tensors)
-        else:
-            raise SessionFileError(f"{path}: layer {i} was saved as {layer_meta['kind']}, the model's is {type(layer).__name__}")
-    cache.peak_bytes = meta["cache"]["peak_bytes"]
-    cache.unscored = [tensors["cache.unscored"]] if "cache.unscored" in tensors else []
+    if meta["episodic"] is not None:
+        _episodes_from_file(session, meta["episodic"], tensors, path)
+    else:
+        _cache_from_file("", session.cache, meta["cache"], tensors, path)
     session.messages = meta["messages"]
     session.rendered = meta["rendered"]
     session.input_ids = meta["input_ids"]

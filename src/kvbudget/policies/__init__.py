@@ -7,7 +7,7 @@ from .base import PRESETS, SCORERS, Observation, Policy, Scorer, make_policy, re
 
 _MODULES = (
     "full", "random", "streaming", "snapkv", "h2o", "tova", "keydiff", "knorm", "a2sf", "scissorhands",
-    "kvzip", "lazy", "kivi", "rotate", "mikv", "think", "minicache",
+    "kvzip", "lazy", "kivi", "rotate", "mikv", "think", "minicache", "epicache",
 )
 
 

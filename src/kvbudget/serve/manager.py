@@ -27,6 +27,7 @@ from ..cache import BudgetedCache
 from ..errors import KVBudgetError, SessionFileError
 from ..generate import Session
 from ..policies.base import Policy, make_policy
+from ..sessionfile import session_bytes
 from .config import ServeConfig
 from .metrics import Metrics
 from .schema import APIError, ChatRequest, check_session_id
@@ -67,6 +68,11 @@ class TurnResult:
             "prefill_s": round(self.prefill_s, 4),
             "decode_s": round(self.decode_s, 4),
         }
+
+
+def _caches(session: Session) -> list:
+    episodes = getattr(session, "episodes", None)
+    return [ep.cache for ep in episodes] if episodes else [session.cache]
 
 
 class SessionManager:
@@ -139,12 +145,13 @@ class SessionManager:
 
     def _need(self, session: Session, new_tokens: int, max_tokens: int) -> int:
         """The most KV bytes ``session`` may hold while it takes ``new_tokens`` and answers with up
-        to ``max_tokens``: every new token at full precision before any compression, plus what a
-        scorer runs and discards; doubled when decoding may compress (the turn's decoding is
-        rolled back from a snapshot of the cache taken at its first eviction)."""
+        to ``max_tokens``: every new token at full precision before any compression (in each
+        episode's cache, for EpiCache); doubled when decoding may compress (the turn's decoding is
+        rolled back from a snapshot of the cache taken at its first eviction). Scoring passes
+        attend without storing, so they add nothing."""
         policy = session.policy
-        growth = new_tokens + max_tokens + policy.scorer.scratch_entries(session.block_size)
-        need = session.kv_bytes + growth * self._token_bytes
+        caches = max(1, len(getattr(session, "episodes", ())))
+        need = session_bytes(session) + (new_tokens + max_tokens) * self._token_bytes * caches
         if policy.decode_interval and max_tokens > policy.decode_interval:
             need *= 2
         return need
@@ -181,7 +188,7 @@ class SessionManager:
         except SessionFileError as exc:
             raise APIError(500, f"session {session_id!r} cannot be loaded: {exc}", code="session_unreadable") from None
         self.live[session_id] = session
-        self._set_held(session_id, session.kv_bytes)
+        self._set_held(session_id, session_bytes(session))
         self.metrics.count("loads")
         return session
 
@@ -206,7 +213,7 @@ class SessionManager:
         session = Session(self.model, self.tok, self._policy(policy))
         self._save(session_id, session)
         self.live[session_id] = session
-        self._set_held(session_id, session.kv_bytes)
+        self._set_held(session_id, session_bytes(session))
         return self.describe(session_id)
 
     def describe(self, session_id: str) -> dict:
@@ -216,14 +223,14 @@ class SessionManager:
             raise APIError(404, f"unknown session {session_id!r}", code="session_not_found")
         live = self.live.get(session_id)
         if live is not None:
-            messages, tokens, kv = live.messages, live.tokens_seen, live.kv_bytes
+            messages, tokens, kv = live.messages, live.tokens_seen, session_bytes(live)
             policy, budget = live.policy.name, live.policy.budget
         else:
             try:
                 meta = self.store.metadata(session_id)
             except SessionFileError as exc:
                 raise APIError(500, f"session {session_id!r} cannot be read: {exc}", code="session_unreadable") from None
-            messages, tokens, kv = meta["messages"], len(meta["input_ids"]), meta["cache"]["kv_bytes"]
+            messages, tokens, kv = meta["messages"], len(meta["input_ids"]), meta["kv_bytes"]
             policy, budget = meta["policy"]["resolved_name"], meta["policy"]["budget"]
         full = self.full_kv_bytes(tokens)
         return {
@@ -280,9 +287,9 @@ class SessionManager:
         if events is not None:
             events("ready", None)
         on_token = (lambda token: events("token", token)) if events is not None else None
-        cache = session.cache
-        before = cache.peak_bytes
-        cache.peak_bytes = session.kv_bytes  # measure this turn's own peak ...
+        lifetime = {id(c): c.peak_bytes for c in _caches(session)}
+        for c in _caches(session):
+            c.peak_bytes = c.nbytes()  # measure this turn's own peak ...
         others = self._held_total - self._held.get(sid, 0)
         try:
             if req.context:
@@ -290,14 +297,16 @@ class SessionManager:
             turn = session.ask_detailed(req.question, req.max_tokens, on_token=on_token)
             if sid is not None:
                 self._save(sid, session)
-                self._set_held(sid, session.kv_bytes)
+                self._set_held(sid, session_bytes(session))
         except BaseException:
             if sid is not None:
                 self._drop(sid)  # the file still holds the session as it was before this turn
             raise
         finally:
-            self.metrics.peak(others + cache.peak_bytes)
-            cache.peak_bytes = max(before, cache.peak_bytes)  # ... then keep the lifetime peak
+            caches = _caches(session)  # (EpiCache builds its episode caches in the first turn)
+            self.metrics.peak(others + sum(c.peak_bytes for c in caches))
+            for c in caches:
+                c.peak_bytes = max(lifetime.get(id(c), 0), c.peak_bytes)  # ... then keep the lifetime peak
         self.metrics.generation(new_tokens, len(turn.token_ids), turn.decode_s)
         return TurnResult(
             text=turn.text,
@@ -308,7 +317,7 @@ class SessionManager:
             policy=session.policy.name,
             budget=None if session.policy.budget is None else str(session.policy.budget),
             tokens_seen=session.tokens_seen,
-            kv_bytes=session.kv_bytes,
+            kv_bytes=session_bytes(session),
             full_kv_bytes=self.full_kv_bytes(session.tokens_seen),
             prefill_s=turn.prefill_s,
             decode_s=turn.decode_s,
