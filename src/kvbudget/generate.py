@@ -9,8 +9,10 @@ decodes greedily, and appends the question and its answer so follow-up questions
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -143,12 +145,14 @@ class Session:
         max_new_tokens: int = 64,
         gold: str | None = None,
         history_answer: str | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> Turn:
         """Answer ``question`` greedily; with ``gold``, also score it teacher-forced.
 
         The turn is then appended to the conversation with the generated answer, or with
         ``history_answer`` if given (evaluation appends the gold answer so that every policy sees
-        the same conversation).
+        the same conversation). ``on_token`` is called with each generated token id as soon as it
+        is chosen (the server streams with it).
         """
         if not question or not question.strip():
             raise KVBudgetError("question is empty")
@@ -160,7 +164,7 @@ class Session:
             turn.answer_logprob = self._answer_logprob(logits, gold)
         start = time.perf_counter()
         with self.cache.scratch():
-            turn.token_ids = self._decode(logits, max_new_tokens)
+            turn.token_ids = self._decode(logits, max_new_tokens, on_token)
         turn.decode_s = time.perf_counter() - start
         turn.text = self.tok.decode(turn.token_ids, skip_special_tokens=True).strip()
         answered = asked + [{"role": "assistant", "content": turn.text if history_answer is None else history_answer}]
@@ -172,12 +176,33 @@ class Session:
         turn.peak_bytes = self.cache.peak_bytes
         return turn
 
+    def new_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> int:
+        """How many tokens feeding ``messages`` after the conversation so far would add (the
+        server checks a prompt against the model's positions before running it)."""
+        _, text = self._suffix(self.messages + list(messages), add_generation_prompt)
+        return int(self._encode(text).shape[1])
+
     def ask(self, question: str, max_new_tokens: int = 64) -> str:
         """Answer ``question`` greedily and append the turn to the conversation."""
         return self.ask_detailed(question, max_new_tokens).text
 
+    # --- files ----------------------------------------------------------------------------------
+    def save(self, path: "str | os.PathLike") -> int:
+        """Write this session (cache, conversation, policy) to ``path`` atomically; returns the
+        bytes written. See `kvbudget.sessionfile` for the format."""
+        from .sessionfile import save_session
+
+        return save_session(self, path)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", model, tok) -> "Session":
+        """A session saved by `save`, continued with ``model`` (the model it was saved with)."""
+        from .sessionfile import load_session
+
+        return load_session(path, model, tok)
+
     # --- internals ------------------------------------------------------------------------------
-    def _decode(self, logits: Tensor, max_new_tokens: int) -> list[int]:
+    def _decode(self, logits: Tensor, max_new_tokens: int, on_token: Callable[[int], None] | None = None) -> list[int]:
         """Greedy decoding; every ``policy.decode_interval`` new tokens the cache is compressed,
         so a long answer stays inside the budget (decode-time compression)."""
         ids: list[int] = []
@@ -187,6 +212,8 @@ class Session:
             if token in self.eos:
                 break
             ids.append(token)
+            if on_token is not None:
+                on_token(token)
             if step == max_new_tokens - 1:
                 break
             inp = torch.tensor([[token]], device=self.model.device)

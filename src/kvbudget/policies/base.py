@@ -213,6 +213,9 @@ class Policy:
         self.seed = seed
         self.name = name or (scorer.name if allocator == "uniform" else f"{scorer.name}+{allocator}")
         self.tokens: int | None = self.budget.tokens if self.budget is not None else None
+        # How `make_policy` was called (name, budget, keyword arguments): what a session file
+        # records to rebuild this exact policy. None for a policy built by hand.
+        self.spec: dict | None = None
 
     def __repr__(self) -> str:
         return f"Policy({self.name}, budget={self.budget}, block_size={self.block_size})"
@@ -390,6 +393,7 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
     from . import load_all
 
     load_all()
+    spec = {"name": name, "budget": None if budget is None else str(parse_budget(budget)), "kwargs": dict(kwargs)}
     head, *rest = [part.strip() for part in name.strip().lower().split("+")]
     allocator = kwargs.pop("allocator", None)
     store_name = kwargs.pop("store", None)
@@ -449,7 +453,9 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
         raise UnknownPolicyError(f"policy '{name}': store '{store_name}' merges layers and cannot be combined with eviction")
     if not scorer.evicts and not demotes:
         budget = None
-    return Policy(
+    policy = Policy(
         scorer, budget, allocator or "uniform", window, block_size, seed,
         name=policy_name, store=store, decode_interval=decode_interval, heads=heads, alpha=alpha, profile=profile,
     )
+    policy.spec = spec
+    return policy
