@@ -3,13 +3,19 @@ the sensitivity profile and allocator, and the conversation generator."""
 
 import pytest
 import torch
+from conftest import random_ids
 
 import kvbudget as kb
-from kvbudget.episodic import EpisodicSession, cluster, conversation_windows, embed, medoids, route
+from kvbudget.episodic import (
+    EpisodicSession,
+    cluster,
+    conversation_windows,
+    embed,
+    medoids,
+    route,
+)
 from kvbudget.eval.generators import make_tasks
 from kvbudget.sensitivity import block_mask, budgets, load_scores, profile
-
-from conftest import random_ids
 
 TOPICS = {
     "pets": ["My dog Biscuit chewed the sofa again.", "The vet said the puppy needs shots.",

@@ -32,7 +32,7 @@ from .prefill import PrefillStats, prefill
 
 
 # --- windows and embeddings ---------------------------------------------------------------------
-def conversation_windows(context: "str | list[dict]", conv_window: int = 4) -> list[str]:
+def conversation_windows(context: str | list[dict], conv_window: int = 4) -> list[str]:
     """Windows of ``conv_window`` utterances (``User said, "..."``), or a document's paragraphs."""
     if isinstance(context, str):
         paragraphs = [p.strip() for p in context.split("\n\n") if p.strip()]
@@ -147,7 +147,7 @@ class EpisodicSession(Session):
 
     _active: Episode | None = None
 
-    def add_context(self, context: "str | list[dict]", question: str | None = None) -> PrefillStats:
+    def add_context(self, context: str | list[dict], question: str | None = None) -> PrefillStats:
         """Cluster the context into episodes, then one block-wise prefill per episode (``question``
         is ignored: EpiCache compresses without knowing it)."""
         if self.episodes:

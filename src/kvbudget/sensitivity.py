@@ -68,7 +68,7 @@ def profile_path(name: str) -> Path:
     return Path(str(resources.files("kvbudget") / "profiles" / f"{name}.json"))
 
 
-def load_scores(model, path: "str | Path | None" = None) -> list[float]:
+def load_scores(model, path: str | Path | None = None) -> list[float]:
     """Sensitivity scores for ``model``: from ``path``, or the profile shipped for its name."""
     name = getattr(model, "kvbudget_name", None)
     path = Path(path) if path else (profile_path(name) if name else None)
@@ -86,5 +86,5 @@ def load_scores(model, path: "str | Path | None" = None) -> list[float]:
     return list(data["sensitivity"])
 
 
-def save_profile(data: dict, path: "str | Path") -> None:
+def save_profile(data: dict, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))

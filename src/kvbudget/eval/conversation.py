@@ -127,6 +127,20 @@ def _content_tokens(tok: Any, text: str) -> int:
     return len(tok(text, add_special_tokens=False).input_ids)
 
 
+def _render(talk: dict[int, list], placed: dict[int, list], dates: list[int]) -> list[dict]:
+    """Chat messages: per session its small talk with the planted exchanges slotted in early."""
+    out = []
+    for s in range(len(talk)):
+        exchanges = list(talk[s])
+        for j, (line, reply) in enumerate(placed[s]):
+            exchanges.insert(min(len(exchanges), 1 + 2 * j), (line, reply))
+        head = f"[Session {s + 1} - {_DATES[dates[s]]}] "
+        for j, (user, assistant) in enumerate(exchanges):
+            out.append({"role": "user", "content": (head if j == 0 else "") + user})
+            out.append({"role": "assistant", "content": assistant})
+    return out
+
+
 def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5) -> list[Task]:
     """``n`` multi-session user/assistant chats of ``length`` tokens (chat template included,
     within 5%) with six planted facts (single-hop, update, two-hop, temporal) asked back."""
@@ -152,19 +166,7 @@ def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5)
         topics = list(_SMALL_TALK)
         session_topic = {s: rng.sample(topics, 2) for s in range(sessions)}
 
-        def render() -> list[dict]:
-            out = []
-            for s in range(sessions):
-                exchanges = list(talk[s])
-                for j, (line, reply) in enumerate(placed[s]):
-                    exchanges.insert(min(len(exchanges), 1 + 2 * j), (line, reply))
-                head = f"[Session {s + 1} - {_DATES[dates[s]]}] "
-                for j, (user, assistant) in enumerate(exchanges):
-                    out.append({"role": "user", "content": (head if j == 0 else "") + user})
-                    out.append({"role": "assistant", "content": assistant})
-            return out
-
-        messages = render()
+        messages = _render(talk, placed, dates)
         # Count incrementally (template overhead per exchange measured once), check exactly at the end.
         total = _message_tokens(tok, messages)
         pair = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
@@ -177,6 +179,6 @@ def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5)
                 user = f"{_sentence(rng, rng.choice(_TOPICS))} Anyway, {lead}"
             talk[s].append((user, assistant))
             total += _content_tokens(tok, user) + _content_tokens(tok, assistant) + overhead
-        messages = render()
+        messages = _render(talk, placed, dates)
         tasks.append(Task(id=f"conversation-{seed}-{i:04d}", context=messages, questions=questions))
     return tasks

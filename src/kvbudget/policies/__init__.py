@@ -59,4 +59,4 @@ def describe() -> list[dict]:
     return rows
 
 
-__all__ = ["Observation", "Policy", "Scorer", "SCORERS", "PRESETS", "make_policy", "register", "load_all", "describe"]
+__all__ = ["PRESETS", "SCORERS", "Observation", "Policy", "Scorer", "describe", "load_all", "make_policy", "register"]

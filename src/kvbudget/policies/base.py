@@ -177,7 +177,7 @@ class Policy:
     def __init__(
         self,
         scorer: Scorer,
-        budget: "int | str | Budget | None",
+        budget: int | str | Budget | None,
         allocator: str = "uniform",
         window: int = 32,
         block_size: int = 256,
@@ -385,7 +385,7 @@ def _unpad_state(state: dict[str, Tensor], layer: BudgetedLayer) -> dict[str, Te
     return {k: padded_to_ragged(s[0], layer.head_lens) for k, s in state.items()}
 
 
-def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs) -> Policy:
+def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -> Policy:
     """``kb.policy("snapkv", budget=512)``. Parts joined by ``+`` add an allocator and/or a store:
     ``"snapkv+pyramid"``, ``"snapkv+kivi4"``, ``"kivi2"`` (a store alone keeps every token),
     ``"mikv"``. Keyword arguments go to the scorer or the store whose constructor takes them;

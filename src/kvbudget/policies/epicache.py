@@ -8,8 +8,8 @@ allocator (profiled per model, sharpness ``alpha``); within a layer the heads sh
 `kb.Session` with this policy becomes an `EpisodicSession`.
 """
 
-from .snapkv import SnapKV
 from .base import register
+from .snapkv import SnapKV
 
 
 @register("epicache")
