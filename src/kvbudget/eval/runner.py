@@ -142,6 +142,8 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
                 "score": score_answer(turn.text, q.answers, q.metric),
                 "answer_logprob": turn.answer_logprob,
                 "kv_bytes": kv_bytes,
+                # EpiCache holds one cache per episode (one on the device at a time).
+                "stored_bytes": getattr(session, "all_kv_bytes", kv_bytes),
                 "peak_bytes": turn.peak_bytes,
                 "prefill_s": stats.seconds,
                 "compress_s": stats.compress_seconds,
