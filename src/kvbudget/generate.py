@@ -28,6 +28,12 @@ class Turn:
     text: str  # the generated answer
     token_ids: list[int]
     answer_logprob: float | None = None  # teacher-forced mean log-prob of the gold answer
+    # Log-softmax [T, vocab] at the positions predicting a given reference answer's T tokens,
+    # teacher-forced (fidelity against the full cache: eval/fidelity.py).
+    reference_logprobs: Tensor | None = None
+    # With ``keep_steps``: log-softmax [steps, vocab] of each greedy decoding step (the last one
+    # predicts the end of the answer when it stopped by itself); its argmax is the answer.
+    step_logprobs: Tensor | None = None
     prefill_s: float = 0.0  # question prefill
     decode_s: float = 0.0
     kv_bytes: int = 0  # held right before decoding (context + question)
@@ -95,6 +101,19 @@ class Session:
         return logits, stats
 
     # --- public API -----------------------------------------------------------------------------
+    def fork(self) -> "Session":
+        """An independent copy of this session (multi-request mode: one compressed context, each
+        question asked on its own copy). The cache and conversation are copied; model, tokenizer
+        and the resolved policy are shared (a policy keeps no per-session state once resolved)."""
+        twin = copy.copy(self)
+        # The model config is shared, not copied: it is read-only and can be large.
+        twin.cache = copy.deepcopy(self.cache, memo={id(self.cache.config): self.cache.config})
+        twin.messages = [dict(m) for m in self.messages]
+        twin.input_ids = list(self.input_ids)
+        twin.stats = copy.copy(self.stats)
+        twin.eos = set(self.eos)
+        return twin
+
     def add_context(self, context: "str | list[dict]", question: str | None = None) -> PrefillStats:
         """Prefill a document (str) or chat messages block-wise under the budget.
 
@@ -131,8 +150,14 @@ class Session:
         max_new_tokens: int = 64,
         gold: str | None = None,
         history_answer: str | None = None,
+        reference: list[int] | None = None,
+        keep_steps: bool = False,
     ) -> Turn:
         """Answer ``question`` greedily; with ``gold``, also score it teacher-forced.
+
+        With ``reference`` (token ids, e.g. the full cache's answer), ``turn.reference_logprobs``
+        holds the next-token log-distributions over that answer, teacher-forced; with
+        ``keep_steps``, ``turn.step_logprobs`` holds those of this turn's own greedy decoding.
 
         The turn is then appended to the conversation with the generated answer, or with
         ``history_answer`` if given (evaluation appends the gold answer so that every policy sees
@@ -146,9 +171,14 @@ class Session:
         turn = Turn(question, "", [], prefill_s=stats.seconds, kv_bytes=self.cache.nbytes())
         if gold is not None:
             turn.answer_logprob = self._answer_logprob(logits, gold)
+        if reference is not None:
+            ids = torch.tensor([reference], dtype=torch.long, device=self.model.device)
+            turn.reference_logprobs = self._teacher_forced(logits, ids)[0]
         start = time.perf_counter()
         with self.cache.scratch():
-            turn.token_ids = self._decode(logits, max_new_tokens)
+            turn.token_ids, steps = self._decode(logits, max_new_tokens, keep_steps)
+        if keep_steps:
+            turn.step_logprobs = torch.cat(steps) if steps else None
         turn.decode_s = time.perf_counter() - start
         turn.text = self.tok.decode(turn.token_ids, skip_special_tokens=True).strip()
         answered = asked + [{"role": "assistant", "content": turn.text if history_answer is None else history_answer}]
@@ -165,12 +195,16 @@ class Session:
         return self.ask_detailed(question, max_new_tokens).text
 
     # --- internals ------------------------------------------------------------------------------
-    def _decode(self, logits: Tensor, max_new_tokens: int) -> list[int]:
+    def _decode(self, logits: Tensor, max_new_tokens: int, keep_steps: bool = False) -> tuple[list[int], list[Tensor]]:
         """Greedy decoding; every ``policy.decode_interval`` new tokens the cache is compressed,
-        so a long answer stays inside the budget (decode-time compression)."""
+        so a long answer stays inside the budget (decode-time compression). Returns the token ids
+        and, with ``keep_steps``, each step's log-softmax [1, vocab]."""
         ids: list[int] = []
+        steps: list[Tensor] = []
         interval = self.policy.decode_interval
         for step in range(max_new_tokens):
+            if keep_steps:
+                steps.append(logits.float().log_softmax(-1))
             token = int(logits[0].argmax())
             if token in self.eos:
                 break
@@ -182,20 +216,25 @@ class Session:
             self.cache.track_peak()
             if interval and (step + 1) % interval == 0:
                 self.policy.compress(self.cache)
-        return ids
+        return ids, steps
 
     def _answer_logprob(self, logits: Tensor, answer: str) -> float:
         """Mean log-probability of ``answer``'s tokens, teacher-forced after the current prompt."""
         ids = self.tok(answer, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
         if ids.shape[1] == 0:
             raise KVBudgetError("gold answer is empty")
+        logp = self._teacher_forced(logits, ids).gather(-1, ids[..., None])
+        return float(logp.mean())
+
+    def _teacher_forced(self, logits: Tensor, ids: Tensor) -> Tensor:
+        """Log-softmax [1, T, vocab] predicting ``ids`` ([1, T]) after the current prompt, whose
+        last ``logits`` are given; the fed tokens are forgotten afterwards."""
         with self.cache.scratch():
             all_logits = logits[:, None]
             if ids.shape[1] > 1:
                 out = self.model(input_ids=ids[:, :-1], past_key_values=self.cache, use_cache=True)
                 all_logits = torch.cat([all_logits, out.logits], dim=1)
-        logp = all_logits.float().log_softmax(-1).gather(-1, ids[..., None])
-        return float(logp.mean())
+        return all_logits.float().log_softmax(-1)
 
     @property
     def kv_bytes(self) -> int:
