@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..budget import parse_budget
@@ -39,7 +40,7 @@ from .metrics import score as score_answer
 from .summary import format_table, summarize
 from .taskfile import Task, task_to_dict
 
-__all__ = ["EvalConfig", "MODES", "check_names", "expand_policies", "format_table", "parse_modes",
+__all__ = ["MODES", "EvalConfig", "check_names", "expand_policies", "format_table", "parse_modes",
            "read_results", "run_eval", "run_task", "summarize", "validate"]
 
 # Below this gain (nats) the full cache does not make the gold answer more likely than no
@@ -164,7 +165,7 @@ class _Reference:
 
     answer_logprob: float
     kv_bytes: int
-    steps: "object"  # Tensor [steps, vocab]: log-softmax of each greedy step (None: no step)
+    steps: Tensor | None  # [steps, vocab]: log-softmax of each greedy decoding step
 
 
 def _no_context_logprobs(model, tok, task: Task) -> list[float]:
@@ -310,12 +311,21 @@ def _check_sweep(out: Path, cfg: EvalConfig, tasks: list[Task]) -> None:
     atomic_write_text(path, json.dumps({"settings": settings, "tasks": hashes}, indent=2))
 
 
-def _done(rows: list[dict], tasks: list[Task]) -> set[tuple[str, str, str, str]]:
-    """(task, mode, policy, budget) whose every question has a row."""
+def _key(row: dict) -> tuple[str, str, str, str]:
+    return (row["task"], row.get("mode", "multi-turn"), row["policy"], str(row["budget"]))
+
+
+def _done(path: Path, tasks: list[Task]) -> set[tuple[str, str, str, str]]:
+    """(task, mode, policy, budget) whose every question has a row in ``path``. Rows of a cell
+    that a crash left incomplete are removed from the file: that cell runs again whole."""
+    rows = read_results(path)
     n_questions = {t.id: len(t.questions) for t in tasks}
     seen: dict[tuple[str, str, str, str], set[int]] = {}
     for r in rows:
-        seen.setdefault((r["task"], r.get("mode", "multi-turn"), r["policy"], str(r["budget"])), set()).add(r["question_index"])
+        seen.setdefault(_key(r), set()).add(r["question_index"])
+    partial = {k for k, qs in seen.items() if k[0] in n_questions and len(qs) < n_questions[k[0]]}
+    if partial:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if _key(r) not in partial))
     return {k for k, qs in seen.items() if k[0] in n_questions and len(qs) == n_questions[k[0]]}
 
 
@@ -338,7 +348,7 @@ def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path
         for old in (results, out / "sweep.json"):
             old.unlink(missing_ok=True)
     _check_sweep(out, cfg, tasks)
-    done = _done(read_results(results), tasks)
+    done = _done(results, tasks)
     cells = _cells(cfg)
 
     def missing(task: Task, name: str, budget: str | None) -> list[str]:

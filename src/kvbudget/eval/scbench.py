@@ -9,9 +9,11 @@ default model (SmolLM2-135M) answers with the full cache (docs/benchmarks.md, ca
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kvbudget.errors import KVBudgetError
 from kvbudget.eval.generators import document, ntok, spread
@@ -68,6 +70,15 @@ def _random_string(rng: random.Random, size: int) -> str:
     return rng.choice(string.ascii_lowercase) + "".join(rng.choice(_ALNUM) for _ in range(size - 1))
 
 
+def _fresh_string(rng: random.Random, size: int, affix: int, used: set[str]) -> str:
+    """A random string whose prefix and suffix (``affix`` characters) no earlier string has."""
+    while True:
+        s = _random_string(rng, size)
+        if s[:affix] not in used and s[-affix:] not in used and s[:affix] != s[-affix:]:
+            used.update((s[:affix], s[-affix:]))
+            return s
+
+
 def prefix_suffix(tok: Any, n: int, length: int, seed: int, *, size: int = 10, affix: int = 3,
                   questions: tuple[int, int] = (3, 4), strings: int = 6, layout: str = "sentences") -> list[Task]:
     """Retr.Prefix-Suffix: "the string that starts with P and ends with S", answer the string.
@@ -85,21 +96,13 @@ def prefix_suffix(tok: Any, n: int, length: int, seed: int, *, size: int = 10, a
     tasks = []
     for i in range(n):
         used: set[str] = set()  # prefixes and suffixes seen: each must identify one string
-
-        def make(r: random.Random) -> str:
-            while True:
-                s = _random_string(r, size)
-                if s[:affix] not in used and s[-affix:] not in used and s[:affix] != s[-affix:]:
-                    used.update((s[:affix], s[-affix:]))
-                    return s
-
         if layout == "list":
             head = "Here is a list of random strings, one per line.\n\n"
-            counter = iter(range(1, 10**6))
-            context, items = fill_list(tok, length, head, lambda: f"{next(counter)}. {make(rng)}", "\n")
+            numbered = (f"{k}. {_fresh_string(rng, size, affix, used)}" for k in itertools.count(1))
+            context, items = fill_list(tok, length, head, numbered.__next__, "\n")
             pool = [item.split(". ", 1)[1] for item in items]
         else:
-            pool = [make(rng) for _ in range(strings)]
+            pool = [_fresh_string(rng, size, affix, used) for _ in range(strings)]
             labels = rng.sample(range(10, 100), len(pool))
             inserts = [(spread(rng, j, len(pool)), f'The archive lists the string "{s}" under label {lab}.', False)
                        for j, (s, lab) in enumerate(zip(pool, labels))]
@@ -179,8 +182,7 @@ def math_find(tok: Any, n: int, length: int, seed: int, *, numbers: int = 8, que
     for i in range(n):
         pool = rng.sample(range(100, 10000), 9900)
         if layout == "list":
-            it = iter(pool)
-            context, items = fill_list(tok, length, "Here is a list of numbers: ", lambda: str(next(it)), ", ")
+            context, items = fill_list(tok, length, "Here is a list of numbers: ", map(str, pool).__next__, ", ")
             listed = [int(x) for x in items]
         else:
             listed = pool[:numbers]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 # Report order of the modes; query-aware last: it is the optimistic reference, not a peer.
 MODE_ORDER = ("multi-turn", "multi-request", "query-aware")
@@ -69,7 +69,9 @@ def summarize(rows: list[dict]) -> dict:
         by_category = {c: _mean(r["score"] for r in rs if r.get("category") == c) for c in sorted(cats)}
         table.append({"mode": mode, "policy": policy, "budget": budget, **_cell(rs), "by_category": by_category})
     by_task = []
-    key = lambda r: (r.get("category") or "all", r.get("mode", "multi-turn"), r["policy"], str(r["budget"]))  # noqa: E731
+    def key(r: dict) -> tuple:
+        return (r.get("category") or "all", r.get("mode", "multi-turn"), r["policy"], str(r["budget"]))
+
     for (family, mode, policy, budget), rs in _grouped(rows, key):
         by_task.append({"task_family": family, "mode": mode, "policy": policy, "budget": budget, **_cell(rs)})
     categories = sorted({r.get("category") for r in rows if r.get("category")})
