@@ -176,7 +176,8 @@ class Session:
             turn.reference_logprobs = self._teacher_forced(logits, ids)[0]
         start = time.perf_counter()
         with self.cache.scratch():
-            turn.token_ids, steps = self._decode(logits, max_new_tokens, keep_steps)
+            steps: list[Tensor] = []
+            turn.token_ids = self._decode(logits, max_new_tokens, steps if keep_steps else None)
         if keep_steps:
             turn.step_logprobs = torch.cat(steps) if steps else None
         turn.decode_s = time.perf_counter() - start
@@ -195,15 +196,14 @@ class Session:
         return self.ask_detailed(question, max_new_tokens).text
 
     # --- internals ------------------------------------------------------------------------------
-    def _decode(self, logits: Tensor, max_new_tokens: int, keep_steps: bool = False) -> tuple[list[int], list[Tensor]]:
+    def _decode(self, logits: Tensor, max_new_tokens: int, steps: list[Tensor] | None = None) -> list[int]:
         """Greedy decoding; every ``policy.decode_interval`` new tokens the cache is compressed,
-        so a long answer stays inside the budget (decode-time compression). Returns the token ids
-        and, with ``keep_steps``, each step's log-softmax [1, vocab]."""
+        so a long answer stays inside the budget (decode-time compression). With ``steps``, each
+        step's log-softmax [1, vocab] is appended to it."""
         ids: list[int] = []
-        steps: list[Tensor] = []
         interval = self.policy.decode_interval
         for step in range(max_new_tokens):
-            if keep_steps:
+            if steps is not None:
                 steps.append(logits.float().log_softmax(-1))
             token = int(logits[0].argmax())
             if token in self.eos:
@@ -216,7 +216,7 @@ class Session:
             self.cache.track_peak()
             if interval and (step + 1) % interval == 0:
                 self.policy.compress(self.cache)
-        return ids, steps
+        return ids
 
     def _answer_logprob(self, logits: Tensor, answer: str) -> float:
         """Mean log-probability of ``answer``'s tokens, teacher-forced after the current prompt."""
