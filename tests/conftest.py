@@ -1,5 +1,7 @@
 """Shared fixtures: the real default model (session-scoped) and tiny random-weight models."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -56,3 +58,20 @@ def random_ids(n: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     """[1, n] random token ids (avoiding the first ids, which tiny configs use as special tokens)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (1, n), generator=gen)
+
+
+def half_then_fail(real_atomic_open):
+    """A stand-in for `fileio.atomic_open` whose file takes half of what is written, then fails
+    like a full disk (a save that dies mid-write)."""
+
+    @contextmanager
+    def opener(target, mode="w"):
+        with real_atomic_open(target, mode) as f:
+            class HalfWriter:
+                def write(self, data):
+                    f.write(data[: len(data) // 2])
+                    raise OSError("No space left on device")
+
+            yield HalfWriter()
+
+    return opener

@@ -3,14 +3,21 @@ stated error, eviction composes with them, and quantization primitives are exact
 
 import pytest
 import torch
+from conftest import random_ids
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvbudget as kb
 from kvbudget.attention import attach
 from kvbudget.errors import UnknownPolicyError
-from kvbudget.quant import dequantize, dequantize_groups, hadamard, pack, quantize, quantize_groups, unpack
-
-from conftest import random_ids
+from kvbudget.quant import (
+    dequantize,
+    dequantize_groups,
+    hadamard,
+    pack,
+    quantize,
+    quantize_groups,
+    unpack,
+)
 
 
 def _llama64(layers: int) -> LlamaForCausalLM:

@@ -9,7 +9,14 @@
 
 from .budget import Budget, parse_budget
 from .cache import BudgetedCache, BudgetedLayer
-from .errors import BudgetError, KVBudgetError, ModelNotFoundError, TaskFileError, UnknownPolicyError
+from .errors import (
+    BudgetError,
+    KVBudgetError,
+    ModelNotFoundError,
+    SessionFileError,
+    TaskFileError,
+    UnknownPolicyError,
+)
 from .generate import Session, Turn
 from .models import load_model
 from .policies import describe as list_policies
@@ -27,6 +34,7 @@ __all__ = [
     "ModelNotFoundError",
     "Policy",
     "Session",
+    "SessionFileError",
     "TaskFileError",
     "Turn",
     "UnknownPolicyError",

@@ -36,7 +36,9 @@ def pyramid(budget: int, n_layers: int, window: int, beta: float = 20.0) -> list
     return [max(1, int(bottom - i * step) + min(window, budget)) for i in range(n_layers)]
 
 
-ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "pyramid": pyramid, "head-adaptive": uniform}
+ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "pyramid": pyramid, "head-adaptive": uniform,
+                                    # EpiCache's: needs the model's profile, applied by the Policy.
+                                    "sensitivity": uniform}
 # Allocators whose heads share the layer budget (variable per-head lengths).
 HEAD_ADAPTIVE = {"head-adaptive"}
 

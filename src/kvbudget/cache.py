@@ -94,6 +94,10 @@ class BudgetedLayer(CacheLayerMixin):
         self.store: Store | None = None
         self.residual = 0
         self.body: Body | None = None
+        # Transient mode (`BudgetedCache.transient`): tokens are attended but not stored;
+        # ``phantom`` counts them so that `drop_last` forgets them first.
+        self.transient = False
+        self.phantom = 0
 
     # --- transformers' layer protocol -------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -111,6 +115,8 @@ class BudgetedLayer(CacheLayerMixin):
         b, h, q, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + q, dtype=POSITION_DTYPE, device=self.device)
         self.seen += q
+        if self.transient:
+            return self._attend_without_storing(key_states, value_states)
         if self.head_lens is None:
             n_old = self.max_entries
             self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -134,6 +140,23 @@ class BudgetedLayer(CacheLayerMixin):
             self.head_lens = old_lens + q
         self.peak_entries = max(self.peak_entries, self.max_entries)
         set_plan(AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self))
+        return keys, values
+
+    def _attend_without_storing(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Scoring passes (query-aware question, KVzip's repetition, EpiCache's patched prompt):
+        the tokens attend to the cache and to each other, their queries are observed, but their
+        KV is never stored, so they add nothing to the entries held."""
+        self.phantom += key_states.shape[2]
+        if self.head_lens is None:
+            old_keys, old_values = self._with_body(self.keys, self.values)
+            old_lens = None
+        else:
+            old_lens = self.head_lens
+            old_keys = ragged_to_padded(self.keys, old_lens)[None]
+            old_values = ragged_to_padded(self.values, old_lens)[None]
+        keys = torch.cat([old_keys, key_states], dim=2)
+        values = torch.cat([old_values, value_states], dim=2)
+        set_plan(AttentionPlan(keys=keys, head_lens=old_lens, n_old=old_keys.shape[2], layer=self))
         return keys, values
 
     def _with_body(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,6 +310,11 @@ class BudgetedLayer(CacheLayerMixin):
         if n <= 0:
             return
         self.seen -= n
+        phantom = min(n, self.phantom)
+        self.phantom -= phantom
+        n -= phantom
+        if n <= 0:
+            return
         if self.body is not None and n > self.keys.shape[-2]:
             raise RuntimeError("cannot drop entries that were already encoded by the store")
         if self.head_lens is None:
@@ -313,6 +341,26 @@ class BudgetedLayer(CacheLayerMixin):
 
     def clear_queries(self) -> None:
         self.queries = self.query_positions = None
+
+
+def _move_tensors(obj, device: torch.device) -> None:
+    """Move the tensors held by ``obj``'s attributes (also inside dicts and dataclasses) in place."""
+
+    def moved(value):
+        if isinstance(value, Tensor):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return tuple(moved(v) for v in value)
+        if hasattr(value, "__dataclass_fields__"):
+            _move_tensors(value, device)
+        return value
+
+    for name, value in list(vars(obj).items()):
+        setattr(obj, name, moved(value))
+    if hasattr(obj, "device") and isinstance(getattr(obj, "device", None), torch.device):
+        obj.device = device
 
 
 def _layer_types(config) -> list[str]:
@@ -361,6 +409,14 @@ class BudgetedCache(Cache):
             return layer.max_entries
         return super().get_query_offset(layer_idx)
 
+    def to(self, device: "torch.device | str") -> "BudgetedCache":
+        """Move every held tensor to ``device`` (EpiCache keeps idle episode caches on CPU)."""
+        device = torch.device(device)
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None and layer.keys.device != device:
+                _move_tensors(layer, device)
+        return self
+
     def budgeted_layers(self) -> list[BudgetedLayer]:
         return [self.layers[i] for i in self.budgeted]
 
@@ -402,6 +458,17 @@ class BudgetedCache(Cache):
         held = self.nbytes()
         self.peak_bytes = max(self.peak_bytes, held + self._snapshot_bytes)
         return held
+
+    @contextmanager
+    def transient(self) -> Iterator[None]:
+        """Inside `scratch`: budgeted layers attend to new tokens without storing them."""
+        for layer in self.budgeted_layers():
+            layer.transient = True
+        try:
+            yield
+        finally:
+            for layer in self.budgeted_layers():
+                layer.transient = False
 
     @contextmanager
     def scratch(self, keep_queries: bool = False) -> Iterator[None]:

@@ -1,4 +1,4 @@
-"""Command line: kvbudget policies | tasks make | eval | bench | report | run.
+"""Command line: kvbudget policies | tasks make | eval | bench | report | run | serve.
 
 Bad input ends the command with one line on stderr and exit status 2.
 """
@@ -155,6 +155,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, cache_dir
+    from .policies.base import make_policy
+    from .serve import ServeConfig, parse_memory, serve
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise KVBudgetError("kvbudget serve needs FastAPI and uvicorn: pip install 'kvbudget[serve]'") from None
+    config = ServeConfig(
+        model_name=args.model or DEFAULT_MODEL,
+        store=Path(args.store) if args.store else cache_dir() / "sessions",
+        policies=_split(args.policy),
+        budget=args.budget,
+        memory=parse_memory(args.memory),
+        block_size=args.block_size,
+        max_tokens=args.max_tokens,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+    )
+    for name in config.policies:  # bad names and budgets fail before the model loads
+        make_policy(name, budget=config.budget, block_size=config.block_size)
+    serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """EpiCache's layer sensitivity of a model on a seeded conversation sample."""
+    from .eval.generators import make_tasks
+    from .models import load_model
+    from .sensitivity import profile, save_profile
+
+    model, tok = load_model(args.model, device=args.device)
+    task = make_tasks("conversation", tok, n=1, length=args.length, seed=args.seed)[0]
+    text = tok.apply_chat_template(task.context, tokenize=False) if tok.chat_template else str(task.context)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    data = profile(model, ids, block=args.block_size, sinks=args.sinks)
+    data.update(model=getattr(model, "kvbudget_name", args.model), seed=args.seed, seconds=time.perf_counter() - start)
+    save_profile(data, args.out)
+    print(" ".join(f"{s:.4f}" for s in data["sensitivity"]))
+    print(f"wrote {args.out} ({len(data['sensitivity'])} layers, {data['tokens']} tokens, {data['seconds']:.1f} s)")
+    return 0
+
+
 def _command() -> str:
     return "kvbudget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -225,7 +270,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="snapkv")
     _common(p, "4x")
     p.set_defaults(func=cmd_run)
+
+    _add_profile(sub)
+    _add_serve(sub)
     return parser
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="EpiCache layer sensitivity of a model (for the sensitivity allocator)")
+    p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--length", type=_positive, default=2048, help="sample length in tokens (default 2048)")
+    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size profiled (default 128)")
+    p.add_argument("--sinks", type=int, default=8, help="sink tokens always visible (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_profile)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over persistent sessions in bounded memory")
+    p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--policy", default="snapkv", help="policy, or a comma list (the first is the default; default snapkv)")
+    p.add_argument("--budget", default="512", help="budget of every session: tokens, bytes (24MiB) or a ratio (default 512)")
+    p.add_argument("--memory", default="2GiB", help="KV bytes all sessions in memory may hold together (default 2GiB)")
+    p.add_argument("--store", default=None, help="session store directory (default $KVBUDGET_CACHE/sessions)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive, default=8000)
+    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
+    p.add_argument("--max-tokens", type=_positive, default=512, help="the most tokens a request may generate (default 512)")
+    p.add_argument("--default-max-tokens", type=_positive, default=128,
+                   help="tokens generated when a request names no max_tokens (default 128)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

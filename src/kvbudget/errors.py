@@ -19,3 +19,7 @@ class TaskFileError(KVBudgetError):
 
 class ModelNotFoundError(KVBudgetError):
     """A model that cannot be loaded from local files; the message says what to install."""
+
+
+class SessionFileError(KVBudgetError):
+    """A session file that cannot be loaded: truncated, corrupt, or saved with another model."""

@@ -9,8 +9,10 @@ decodes greedily, and appends the question and its answer so follow-up questions
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -49,6 +51,14 @@ class Session:
     policy: "Policy | str | None" = None
     block_size: int | None = None
     messages: list[dict] = field(default_factory=list)
+
+    def __new__(cls, model=None, tok=None, policy=None, *args, **kwargs):
+        # An episodic policy (EpiCache) gets the session that holds one cache per episode.
+        if cls is Session and isinstance(policy, Policy) and getattr(policy.scorer, "episodic", False):
+            from .episodic import EpisodicSession
+
+            cls = EpisodicSession
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if self.policy is None:
@@ -95,24 +105,23 @@ class Session:
         ids = self._encode(text)
         if self.policy.tokens is None:
             self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids))
-        logits, stats = prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids)
+        logits, stats = self._prefill_ids(ids, compress_last, scoring_ids)
         self.input_ids.extend(ids[0].tolist())
         self.rendered = full
         return logits, stats
 
+    def _prefill_ids(self, ids: Tensor, compress_last: bool, scoring_ids: Tensor | None) -> tuple[Tensor, PrefillStats]:
+        """Feed token ids into the session's cache (episodic sessions feed several caches)."""
+        return prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids)
+
     # --- public API -----------------------------------------------------------------------------
     def fork(self) -> "Session":
         """An independent copy of this session (multi-request mode: one compressed context, each
-        question asked on its own copy). The cache and conversation are copied; model, tokenizer
-        and the resolved policy are shared (a policy keeps no per-session state once resolved)."""
-        twin = copy.copy(self)
-        # The model config is shared, not copied: it is read-only and can be large.
-        twin.cache = copy.deepcopy(self.cache, memo={id(self.cache.config): self.cache.config})
-        twin.messages = [dict(m) for m in self.messages]
-        twin.input_ids = list(self.input_ids)
-        twin.stats = copy.copy(self.stats)
-        twin.eos = set(self.eos)
-        return twin
+        question asked on its own copy). Everything the conversation holds is copied (caches,
+        messages, fed ids; an episodic session's episodes); model, tokenizer, policy and configs
+        are shared: they are read-only here (a policy keeps no per-session state once resolved)."""
+        shared = [self.model, self.tok, self.policy, getattr(self.model, "config", None), self.cache.config]
+        return copy.deepcopy(self, memo={id(x): x for x in shared if x is not None})
 
     def add_context(self, context: "str | list[dict]", question: str | None = None) -> PrefillStats:
         """Prefill a document (str) or chat messages block-wise under the budget.
@@ -150,6 +159,7 @@ class Session:
         max_new_tokens: int = 64,
         gold: str | None = None,
         history_answer: str | None = None,
+        on_token: Callable[[int], None] | None = None,
         reference: list[int] | None = None,
         keep_steps: bool = False,
     ) -> Turn:
@@ -161,7 +171,8 @@ class Session:
 
         The turn is then appended to the conversation with the generated answer, or with
         ``history_answer`` if given (evaluation appends the gold answer so that every policy sees
-        the same conversation).
+        the same conversation). ``on_token`` is called with each generated token id as soon as it
+        is chosen (the server streams with it).
         """
         if not question or not question.strip():
             raise KVBudgetError("question is empty")
@@ -177,7 +188,7 @@ class Session:
         start = time.perf_counter()
         with self.cache.scratch():
             steps: list[Tensor] = []
-            turn.token_ids = self._decode(logits, max_new_tokens, steps if keep_steps else None)
+            turn.token_ids = self._decode(logits, max_new_tokens, on_token, steps if keep_steps else None)
         if keep_steps:
             turn.step_logprobs = torch.cat(steps) if steps else None
         turn.decode_s = time.perf_counter() - start
@@ -191,12 +202,36 @@ class Session:
         turn.peak_bytes = self.cache.peak_bytes
         return turn
 
+    def new_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> int:
+        """How many tokens feeding ``messages`` after the conversation so far would add (the
+        server checks a prompt against the model's positions before running it)."""
+        _, text = self._suffix(self.messages + list(messages), add_generation_prompt)
+        return int(self._encode(text).shape[1])
+
     def ask(self, question: str, max_new_tokens: int = 64) -> str:
         """Answer ``question`` greedily and append the turn to the conversation."""
         return self.ask_detailed(question, max_new_tokens).text
 
+    # --- files ----------------------------------------------------------------------------------
+    def save(self, path: "str | os.PathLike") -> int:
+        """Write this session (cache, conversation, policy) to ``path`` atomically; returns the
+        bytes written. See `kvbudget.sessionfile` for the format."""
+        from .sessionfile import save_session
+
+        return save_session(self, path)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", model, tok) -> "Session":
+        """A session saved by `save`, continued with ``model`` (the model it was saved with)."""
+        from .sessionfile import load_session
+
+        return load_session(path, model, tok)
+
     # --- internals ------------------------------------------------------------------------------
-    def _decode(self, logits: Tensor, max_new_tokens: int, steps: list[Tensor] | None = None) -> list[int]:
+    def _decode(
+        self, logits: Tensor, max_new_tokens: int, on_token: Callable[[int], None] | None = None,
+        steps: list[Tensor] | None = None,
+    ) -> list[int]:
         """Greedy decoding; every ``policy.decode_interval`` new tokens the cache is compressed,
         so a long answer stays inside the budget (decode-time compression). With ``steps``, each
         step's log-softmax [1, vocab] is appended to it."""
@@ -209,6 +244,8 @@ class Session:
             if token in self.eos:
                 break
             ids.append(token)
+            if on_token is not None:
+                on_token(token)
             if step == max_new_tokens - 1:
                 break
             inp = torch.tensor([[token]], device=self.model.device)

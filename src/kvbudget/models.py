@@ -155,6 +155,10 @@ def load_model(
         model = model.to(device)
     model.eval()
     attach(model)
+    # The name profiles (EpiCache's layer sensitivity) are shipped under.
+    model.kvbudget_name = name_or_path if name_or_path in EMBEDDED else Path(str(path)).name
+    if name_or_path is None:
+        model.kvbudget_name = DEFAULT_MODEL
     return model, tok
 
 

@@ -91,6 +91,5 @@ def observe_scoring_queries(model, cache: BudgetedCache, scoring_ids: Tensor) ->
     """Run ``scoring_ids`` after the cache's tokens: keep their queries, forget their KV."""
     for layer in cache.budgeted_layers():
         layer.clear_queries()
-    with cache.scratch(keep_queries=True):
+    with cache.scratch(keep_queries=True), cache.transient():
         model(input_ids=scoring_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.track_peak()

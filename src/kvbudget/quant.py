@@ -79,7 +79,7 @@ def dequantize_groups(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, dt
     return dequantize(codes, scale[..., None], zero[..., None], dtype).flatten(-2)
 
 
-def hadamard(d: int, seed: int = 0, device: "torch.device | str | None" = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def hadamard(d: int, seed: int = 0, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """A random orthogonal Hadamard matrix ``H diag(s) / sqrt(d)`` (Sylvester construction, random
     signs ``s`` from ``seed``): x @ R spreads channel outliers over all channels, x @ R @ R.T = x."""
     if d < 1 or d & (d - 1):

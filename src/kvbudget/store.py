@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-STORES: dict[str, type["Store"]] = {}
+STORES: dict[str, type[Store]] = {}
 # Named settings of one store class: "kivi2" -> {"bits": 2}.
 STORE_VARIANTS: dict[str, dict] = {}
 

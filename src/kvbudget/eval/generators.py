@@ -403,7 +403,13 @@ def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 5,
     return tasks
 
 
-GENERATORS: dict[str, Callable[..., list[Task]]] = {"needle": needle, "kv": kv}
+def _conversation(*args: Any, **kwargs: Any) -> list[Task]:
+    from kvbudget.eval.conversation import conversation  # imports this module's filler
+
+    return conversation(*args, **kwargs)
+
+
+GENERATORS: dict[str, Callable[..., list[Task]]] = {"needle": needle, "kv": kv, "conversation": _conversation}
 
 
 def _register_more() -> None:

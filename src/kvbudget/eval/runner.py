@@ -208,6 +208,8 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
             "question": q.question, "answers": q.answers, "metric": q.metric, "prediction": turn.text,
             "score": score_answer(turn.text, q.answers, q.metric), "answer_logprob": turn.answer_logprob,
             "kv_bytes": kv_bytes, "peak_bytes": turn.peak_bytes, "prefill_s": stats.seconds,
+            # EpiCache holds one cache per episode (one on the device at a time).
+            "stored_bytes": getattr(session, "all_kv_bytes", kv_bytes),
             "compress_s": stats.compress_seconds, "decode_s": turn.decode_s, "new_tokens": len(turn.token_ids),
             "_turn": turn,  # dropped before writing: the full cache's turns become the references
         })

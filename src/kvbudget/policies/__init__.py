@@ -7,7 +7,7 @@ from .base import PRESETS, SCORERS, Observation, Policy, Scorer, make_policy, re
 
 _MODULES = (
     "full", "random", "streaming", "snapkv", "h2o", "tova", "keydiff", "knorm", "a2sf", "scissorhands",
-    "kvzip", "lazy", "kivi", "rotate", "mikv", "think", "minicache",
+    "kvzip", "lazy", "kivi", "rotate", "mikv", "think", "minicache", "epicache",
 )
 
 
@@ -59,4 +59,4 @@ def describe() -> list[dict]:
     return rows
 
 
-__all__ = ["Observation", "Policy", "Scorer", "SCORERS", "PRESETS", "make_policy", "register", "load_all", "describe"]
+__all__ = ["PRESETS", "SCORERS", "Observation", "Policy", "Scorer", "describe", "load_all", "make_policy", "register"]

@@ -22,6 +22,8 @@ from ..allocation import HEAD_ADAPTIVE, get_allocator
 from ..budget import Budget, parse_budget
 from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, padded_to_ragged
 from ..errors import BudgetError, UnknownPolicyError
+from ..sensitivity import budgets as sensitivity_budgets
+from ..sensitivity import load_scores
 from ..store import STORE_VARIANTS, STORES, Store
 
 
@@ -99,10 +101,6 @@ class Scorer:
     def bind(self, tokenizer) -> None:
         """Called with the session's tokenizer (scorers that build prompts tokenize them here)."""
 
-    def scratch_entries(self, block_size: int) -> int:
-        """Entries a scoring pass adds on top of budget + block while it runs (then discards)."""
-        return 0
-
     def reconstruction_ids(self, fed: Tensor) -> Tensor | None:
         """Tokens to run (and forget) before scoring, given the tokens ``fed`` ([1, t]) since the
         last compression; their queries are what `score` observes. None: score with the queries
@@ -179,7 +177,7 @@ class Policy:
     def __init__(
         self,
         scorer: Scorer,
-        budget: "int | str | Budget | None",
+        budget: int | str | Budget | None,
         allocator: str = "uniform",
         window: int = 32,
         block_size: int = 256,
@@ -187,6 +185,9 @@ class Policy:
         name: str | None = None,
         store: Store | None = None,
         decode_interval: int | None = None,
+        heads: str = "uniform",
+        alpha: float = 1.2,
+        profile: str | None = None,
     ) -> None:
         if block_size <= 0:
             raise BudgetError(f"block size must be positive, got {block_size}")
@@ -200,6 +201,11 @@ class Policy:
         if decode_interval < 0:
             raise BudgetError(f"decode interval must be >= 0, got {decode_interval}")
         self.decode_interval = decode_interval
+        if heads not in ("uniform", "adaptive"):
+            raise BudgetError(f"heads must be 'uniform' or 'adaptive', got '{heads}'")
+        self.heads = "adaptive" if allocator in HEAD_ADAPTIVE else heads
+        self.alpha, self.profile = alpha, profile
+        self.sensitivity: list[float] | None = None  # per-layer scores of the `sensitivity` allocator
         self.allocator = allocator
         self._allocate = get_allocator(allocator)
         self.window = window
@@ -207,6 +213,9 @@ class Policy:
         self.seed = seed
         self.name = name or (scorer.name if allocator == "uniform" else f"{scorer.name}+{allocator}")
         self.tokens: int | None = self.budget.tokens if self.budget is not None else None
+        # How `make_policy` was called (name, budget, keyword arguments): what a session file
+        # records to rebuild this exact policy. None for a policy built by hand.
+        self.spec: dict | None = None
 
     def __repr__(self) -> str:
         return f"Policy({self.name}, budget={self.budget}, block_size={self.block_size})"
@@ -243,8 +252,17 @@ class Policy:
             self.tokens = self.budget.resolve(self.stored_entry_bytes(cache), len(cache.budgeted), context_tokens)
         return self.tokens
 
+    @property
+    def head_adaptive(self) -> bool:
+        """Whether the heads of a layer share its budget (Ada-KV: variable per-head lengths)."""
+        return self.heads == "adaptive"
+
     def layer_budgets(self, n_layers: int) -> list[int]:
         """Entries per head kept in each budgeted layer."""
+        if self.allocator == "sensitivity":
+            if self.sensitivity is None:
+                raise BudgetError("the sensitivity allocator needs the model's profile: create the cache with new_cache(model)")
+            return sensitivity_budgets(self.tokens, self.sensitivity, self.alpha, self.protected(self.tokens))
         return self._allocate(self.tokens, n_layers, self.protected(self.tokens))
 
     def protected(self, budget: int) -> int:
@@ -256,6 +274,8 @@ class Policy:
     def new_cache(self, model) -> BudgetedCache:
         """An empty cache set up to record the queries this policy's scorer needs."""
         cache = BudgetedCache(model.config, dtype=model.dtype)
+        if self.allocator == "sensitivity" and self.sensitivity is None:
+            self.sensitivity = load_scores(model, self.profile)
         wanted = [self.scorer.queries, self.store.queries if self.store else 0]
         for layer in cache.budgeted_layers():
             layer.query_keep = -1 if -1 in wanted else max(wanted)
@@ -287,7 +307,7 @@ class Policy:
         # While the whole context fits in the average budget nothing is evicted, whatever the
         # allocator says for single layers (as PyramidKV: contexts under the budget stay whole).
         fits = cache.get_seq_length() <= self.tokens
-        shared = self.allocator in HEAD_ADAPTIVE
+        shared = self.head_adaptive
         demotes = self.store is not None and self.store.demotes
         for i, layer in enumerate(cache.budgeted_layers()):
             layer.residual = self.residual(budgets[i])
@@ -333,7 +353,7 @@ class Policy:
             layer.rebuild(demotion_index(scores, obs, start, self.protected(budget)), budget, state)
             return
         view.state = state
-        choose = select_across_heads if self.allocator in HEAD_ADAPTIVE else select
+        choose = select_across_heads if self.head_adaptive else select
         index, lens = choose(scores, obs, self.protected(budget))
         layer.keep(index, lens, view=view)
 
@@ -365,7 +385,7 @@ def _unpad_state(state: dict[str, Tensor], layer: BudgetedLayer) -> dict[str, Te
     return {k: padded_to_ragged(s[0], layer.head_lens) for k, s in state.items()}
 
 
-def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs) -> Policy:
+def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -> Policy:
     """``kb.policy("snapkv", budget=512)``. Parts joined by ``+`` add an allocator and/or a store:
     ``"snapkv+pyramid"``, ``"snapkv+kivi4"``, ``"kivi2"`` (a store alone keeps every token),
     ``"mikv"``. Keyword arguments go to the scorer or the store whose constructor takes them;
@@ -373,6 +393,7 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
     from . import load_all
 
     load_all()
+    spec = {"name": name, "budget": None if budget is None else str(parse_budget(budget)), "kwargs": dict(kwargs)}
     head, *rest = [part.strip() for part in name.strip().lower().split("+")]
     allocator = kwargs.pop("allocator", None)
     store_name = kwargs.pop("store", None)
@@ -401,6 +422,11 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
     block_size = kwargs.pop("block_size", 256)
     seed = kwargs.pop("seed", 0)
     decode_interval = kwargs.pop("decode_interval", None)
+    scorer_cls = SCORERS[scorer_name]
+    heads = kwargs.pop("heads", getattr(scorer_cls, "default_heads", "uniform"))
+    alpha = kwargs.pop("alpha", 1.2)
+    profile = kwargs.pop("profile", None)
+    allocator = allocator or getattr(scorer_cls, "default_allocator", None)
     store = None
     try:
         if store_name is not None:
@@ -412,12 +438,13 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
     except TypeError as exc:
         raise UnknownPolicyError(f"policy '{name}': {exc}") from None
     if policy_name is None:
-        parts = [scorer_name] + [p for p in (allocator, store_name) if p not in (None, "uniform")]
-        policy_name = "+".join(parts) if len(parts) > 1 else None
+        default = getattr(scorer_cls, "default_allocator", "uniform")
+        parts = [scorer_name] + [p for p in (allocator, store_name) if p not in (None, "uniform", default)]
+        policy_name = "+".join(parts)
     elif store_name is not None and store_name != head:
         policy_name = f"{policy_name}+{store_name}"
     demotes = store is not None and store.demotes
-    if store is not None and not demotes and (allocator or "") in HEAD_ADAPTIVE:
+    if store is not None and not demotes and ((allocator or "") in HEAD_ADAPTIVE or heads == "adaptive"):
         raise UnknownPolicyError(
             f"policy '{name}': store '{store_name}' needs every head to keep the same number of entries; "
             "use it with the uniform or pyramid allocator"
@@ -426,7 +453,9 @@ def make_policy(name: str, budget: "int | str | Budget | None" = None, **kwargs)
         raise UnknownPolicyError(f"policy '{name}': store '{store_name}' merges layers and cannot be combined with eviction")
     if not scorer.evicts and not demotes:
         budget = None
-    return Policy(
+    policy = Policy(
         scorer, budget, allocator or "uniform", window, block_size, seed,
-        name=policy_name, store=store, decode_interval=decode_interval,
+        name=policy_name, store=store, decode_interval=decode_interval, heads=heads, alpha=alpha, profile=profile,
     )
+    policy.spec = spec
+    return policy

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..quant import dequantize, dequantize_groups, pack, quantize, quantize_groups, unpack
+from ..quant import (
+    dequantize,
+    dequantize_groups,
+    pack,
+    quantize,
+    quantize_groups,
+    unpack,
+)
 from ..store import Encoded, Store, register_store
 
 

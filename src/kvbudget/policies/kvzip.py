@@ -42,11 +42,6 @@ class KVzip(Scorer):
             text = f"\n\n{PROMPT}\n"
         self.prefix = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
-    def scratch_entries(self, block_size: int) -> int:
-        # The repeated block and the prompt sit in the cache during the scoring pass: peak
-        # entries are budget + 2 blocks + prompt, the price of the extra pass.
-        return block_size + self.prefix.shape[1]
-
     def reconstruction_ids(self, fed: Tensor) -> Tensor:
         return torch.cat([self.prefix.to(fed.device), fed], dim=1)
 

@@ -3,9 +3,10 @@
 In long reasoning, a token is often attended, ignored for a while, then attended again. For each
 entry this scorer tracks when it was last important (attention above the uniform share 1/n of
 the query, as Scissorhands) and the longest interval observed between two such moments (its
-recurrence interval). An entry is expected back while the time since it was last important is
-within its interval: the score is ``interval - (now - last)``, higher = keep, so entries
-attended once drift out in order of staleness and periodically re-attended ones stay. Eviction
+recurrence interval). An entry is *on schedule* while the time since it was last important is
+within its interval: it is expected back, and on-schedule entries are kept first, ranked by the
+attention they just received (sinks and steadily used tokens on top). Overdue entries come
+after, least overdue first, so entries attended once drift out in order of staleness. Eviction
 runs only every ``lag`` generated tokens (the policy's decode interval), not at every step.
 """
 
@@ -42,5 +43,6 @@ class LazyEviction(Scorer):
         gap = torch.maximum(obs.state.get("lazy_gap", obs.zeros()), gaps.amax(dim=2))
         last = previous[:, :, -1]
         obs.state["lazy_last"], obs.state["lazy_gap"] = last, gap
-        # Ties (entries never re-attended) are broken by the attention just received.
-        return gap - (obs.seen - last) + attn.mean(dim=2)
+        overdue = (obs.seen - 1 - last) - gap
+        on_schedule = 1e4 + attn.sum(dim=2)  # above any overdue entry's score
+        return torch.where(overdue <= 0, on_schedule, -overdue)
