@@ -39,6 +39,8 @@ def task_file(tmp_path):
         (["eval", "--tasks", "{missing}", "--policy", "snapkv", "--budget", "64"], "missing.jsonl"),
         (["run", "--context", "{empty}", "-q", "Why?", "--policy", "snapkv", "--budget", "64"], "context is empty"),
         (["tasks", "make", "sudoku", "--out", "{out}"], "unknown task set"),
+        (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "64", "--mode", "one-shot"], "unknown mode"),
+        (["report", "{missing}"], "no results.jsonl"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, task_file, args, message):
@@ -73,11 +75,18 @@ def test_eval_writes_results_summary_report(tmp_path, task_file):
     full = next(r for r in rows if r["policy"] == "full")
     assert full["retention"] in (1.0, None)
     assert all(r["kv_bytes"] < full["kv_bytes"] for r in rows if r["policy"] != "full")
+    assert {r["mode"] for r in rows} == {"multi-turn", "multi-request", "query-aware"}  # all three by default
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["rows"]) == 5
+    assert len(summary["rows"]) == 5 * 3
     assert (out / "plot.png").stat().st_size > 10_000
     assert "| model |" in (out / "report.md").read_text()
-    assert "snapkv" in proc.stdout and "retain" in proc.stdout
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert "snapkv" in proc.stdout and "retain" in proc.stdout and "agree" in proc.stdout
+    # `kvbudget report DIR` rewrites both from results.jsonl alone.
+    (out / "report.html").unlink()
+    proc = _run("report", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
 def test_query_aware_mode_is_labelled(tmp_path, task_file):

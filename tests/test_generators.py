@@ -61,6 +61,10 @@ def test_length_within_5_percent(tok, name, length):
         assert abs(_ntok(tok, task.context) - length) <= 0.05 * length
 
 
+METRICS = {"needle": "contains", "kv": "contains", "prefix_suffix": "contains", "multihop": "f1",
+           "math_find": "exact"}
+
+
 @pytest.mark.parametrize("name", DOCUMENTS)
 def test_answers_in_context_and_ids_unique(tok, name, tmp_path):
     tasks = make_tasks(name, tok, 6, 500, seed=3)
@@ -70,8 +74,10 @@ def test_answers_in_context_and_ids_unique(tok, name, tmp_path):
         assert 3 <= len(task.questions) <= 5
         assert len({q.question for q in task.questions}) == len(task.questions)
         for q in task.questions:
-            assert q.metric == "contains" and q.category == name
-            assert re.search(rf"\b{re.escape(q.answers[0])}\b", task.context)
+            assert q.metric == METRICS.get(name, q.metric) and q.category == name
+            # Every word of the answer (multihop: each variable name) is stated in the context.
+            for word in q.answers[0].split():
+                assert re.search(rf"\b{re.escape(word)}\b", task.context)
     # Generated tasks are valid task files.
     write_tasks(tmp_path / "t.jsonl", tasks)
     assert read_tasks(tmp_path / "t.jsonl") == tasks
@@ -112,6 +118,48 @@ def test_kv_json_layout_holds_a_json_object(tok):
         make_tasks("kv", tok, 1, 300, 0, layout="xml")
 
 
+@pytest.mark.parametrize("options", [{}, {"layout": "list"}])
+def test_prefix_suffix_identifies_one_string(tok, options):
+    for task in make_tasks("prefix_suffix", tok, 3, 600, seed=8, **options):
+        strings = re.findall(r"\b[a-z][a-z0-9]{9}\b", task.context)
+        for q in task.questions:
+            prefix, suffix = re.findall(r'"([a-z0-9]+)"', q.question)
+            hits = {s for s in strings if s.startswith(prefix) and s.endswith(suffix)}
+            assert hits == {q.answers[0]}
+
+
+def test_multihop_chains_resolve_to_the_answer(tok):
+    for task in make_tasks("multihop", tok, 3, 800, seed=9):
+        value_of = {}
+        for name, rhs in re.findall(r"VAR ([A-Z]{5}) = (\d{5}|VAR [A-Z]{5})\.", task.context):
+            value_of[name] = value_of[rhs[4:]] if rhs.startswith("VAR ") else rhs  # defined before use
+        for q in task.questions:
+            value = re.search(r"value (\d{5})", q.question).group(1)
+            assert sorted(q.answers[0].split()) == sorted(n for n, v in value_of.items() if v == value)
+            assert q.metric == "f1"
+
+
+@pytest.mark.parametrize("options", [{}, {"layout": "list"}])
+def test_math_find_answers_are_right(tok, options):
+    for task in make_tasks("math_find", tok, 3, 600, seed=10, **options):
+        numbers = sorted(int(x) for x in re.findall(r"\b\d+\b", task.context))
+        assert len(numbers) == len(set(numbers)) >= 4
+        expect = {"largest": numbers[-1], "smallest": numbers[0], "second largest": numbers[-2],
+                  "second smallest": numbers[1]}
+        for q in task.questions:
+            kind = re.search(r"the ((?:second )?(?:largest|smallest)) number", q.question).group(1)
+            assert q.answers == [str(expect[kind])]
+
+
+def test_new_generators_reject_bad_options(tok):
+    with pytest.raises(KVBudgetError, match="unknown layout"):
+        make_tasks("math_find", tok, 1, 300, 0, layout="table")
+    with pytest.raises(KVBudgetError, match="shorter than the strings"):
+        make_tasks("prefix_suffix", tok, 1, 300, 0, size=6, affix=3)
+    with pytest.raises(KVBudgetError, match="hops must be positive"):
+        make_tasks("multihop", tok, 1, 300, 0, hops=0)
+
+
 def test_filler_is_varied_prose():
     text = filler(random.Random(0), 200)
     sentences = re.split(r"(?<=\.)\s+", text)
@@ -144,7 +192,8 @@ class WordTok:  # a stand-in tokenizer: one token per whitespace-separated word
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": text.split()}
 
-tasks = [t for name in ("needle", "kv") for t in make_tasks(name, WordTok(), 3, 400, 7)]
+tasks = [t for name in ("needle", "kv", "prefix_suffix", "multihop", "math_find")
+         for t in make_tasks(name, WordTok(), 3, 400, 7)]
 blob = json.dumps([task_to_dict(t) for t in tasks], sort_keys=True)
 print(hashlib.sha256(blob.encode()).hexdigest())
 """

@@ -89,3 +89,31 @@ def test_max_over_answers_and_range():
 def test_unknown_metric():
     with pytest.raises(KVBudgetError, match="unknown metric 'fuzzy'"):
         score("a", ["a"], "fuzzy")
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("ABCDE, FGHIJ, KLMNO.", "ABCDE FGHIJ KLMNO", 1.0),  # case and punctuation
+    ("ABCDE, FGHIJ and KLMNO.", "ABCDE FGHIJ KLMNO", pytest.approx(6 / 7)),  # "and" costs precision
+    ("klmno fghij abcde", "ABCDE FGHIJ KLMNO", 1.0),  # order does not matter
+    ("VAR ABCDE, VAR FGHIJ", "ABCDE FGHIJ", pytest.approx(2 / 3)),  # the "VAR" words cost precision
+    ("ABCDE", "ABCDE FGHIJ KLMNO", pytest.approx(0.5)),
+    ("ABCDEF", "ABCDE", 0.0),  # no partial words
+])
+def test_f1_over_names(pred, gold, expected):
+    assert score(pred, [gold], "f1") == expected
+
+
+@pytest.mark.parametrize("pred,gold,metric,expected", [
+    ("9,993", "9993", "exact", 1.0),
+    ("9993.", "9993", "exact", 1.0),
+    ("The largest number is 9993.", "9993", "exact", 0.0),  # exact means the number only
+    ("The largest number is 9993.", "9993", "contains", 1.0),
+    ("99930", "9993", "contains", 0.0),
+    ("-9993", "9993", "exact", 1.0),  # a sign is punctuation to the normaliser
+    ("9993.5", "9993", "exact", 0.0),  # a decimal is another number
+    ('"kx7pq2mzt4"', "kx7pq2mzt4", "contains", 1.0),
+    ("KX7PQ2MZT4", "kx7pq2mzt4", "contains", 1.0),
+    ("kx7pq2mzt", "kx7pq2mzt4", "contains", 0.0),
+])
+def test_numbers_and_strings(pred, gold, metric, expected):
+    assert score(pred, [gold], metric) == expected

@@ -1,4 +1,4 @@
-"""Command line: kvbudget policies | tasks make | eval | bench | run | serve.
+"""Command line: kvbudget policies | tasks make | eval | bench | report | run | serve.
 
 Bad input ends the command with one line on stderr and exit status 2.
 """
@@ -58,9 +58,13 @@ def cmd_tasks_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name: str, command: str) -> dict:
-    from .eval.report import environment, plot, write_markdown
+def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name: str, command: str,
+              resume: bool = True) -> dict:
+    import json
+
+    from .eval.report import environment, write_report
     from .eval.runner import EvalConfig, format_table, run_eval
+    from .fileio import atomic_write_text
 
     cfg = EvalConfig(
         policies=policies,
@@ -70,12 +74,13 @@ def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name:
         seed=args.seed,
         mode=args.mode,
         decode_interval=args.decode_interval,
+        model=model_name,
     )
-    summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress)
+    summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=resume)
     print(format_table(summary))
-    env = environment(model_name, summary["seconds"])
-    plot(summary, out / "plot.png")
-    write_markdown(summary, env, out / "report.md", command)
+    env = {**environment(model_name, summary["seconds"], seed=args.seed), "command": command}
+    atomic_write_text(out / "env.json", json.dumps(env, indent=2))
+    write_report(out, env)
     return summary
 
 
@@ -86,11 +91,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = read_tasks(args.tasks)
     policies, budgets = _split(args.policy), _split(args.budget)
-    check_names(EvalConfig(policies, budgets, mode=args.mode))
+    check_names(EvalConfig(policies, budgets, mode=args.mode))  # before the model loads
     model, tok = load_model(args.model, device=args.device)
     out = Path(args.out)
     _run_grid(args, tasks, model, tok, policies, budgets, out, args.model or "smollm2-135m", _command())
-    print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}")
+    print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}, {out / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .eval.report import write_report
+
+    md, page = write_report(args.dir)
+    print(f"report: {md}, {page}")
     return 0
 
 
@@ -111,7 +124,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"bench: {len(tasks)} tasks x {sum(len(t.questions) for t in tasks) // len(tasks)} questions, "
         f"~{args.length} tokens, policies {', '.join(['full', *policies])}, budgets {args.budget}"
     )
-    _run_grid(args, tasks, model, tok, policies, _split(args.budget), out, args.model or "smollm2-135m", _command())
+    # The bench measures this code: it starts afresh instead of resuming an older run.
+    _run_grid(args, tasks, model, tok, policies, _split(args.budget), out, args.model or "smollm2-135m", _command(),
+              resume=False)
     print(f"report: {out / 'report.md'} (plot {out / 'plot.png'})")
     print(f"bench time: {time.perf_counter() - start:.0f} s")
     return 0
@@ -189,7 +204,7 @@ def _command() -> str:
     return "kvbudget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _common(p: argparse.ArgumentParser, budget_default: str | None) -> None:
+def _common(p: argparse.ArgumentParser, budget_default: str | None, mode_default: str = "single") -> None:
     p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
@@ -198,8 +213,13 @@ def _common(p: argparse.ArgumentParser, budget_default: str | None) -> None:
     p.add_argument("--decode-interval", type=int, default=None,
                    help="compress during generation every N new tokens (default: 64, or the policy's own; 0 = never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--mode", default="multi-turn", choices=["multi-turn", "query-aware"],
-                   help="multi-turn (default): questions unknown at compression; query-aware: optimistic reference")
+    if mode_default == "single":
+        p.add_argument("--mode", default="multi-turn", choices=["multi-turn", "query-aware"],
+                       help="multi-turn (default): questions unknown at compression; query-aware: optimistic reference")
+    else:
+        p.add_argument("--mode", default=mode_default,
+                       help="comma list of multi-turn, multi-request, query-aware (optimistic reference), or all "
+                       f"(default {mode_default})")
     if budget_default is None:
         p.add_argument("--budget", required=True, help="comma list: tokens (512), bytes (24MiB) or ratios (4x)")
     else:
@@ -216,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="synthetic task sets")
     tsub = p.add_subparsers(dest="tasks_command", required=True)
     m = tsub.add_parser("make", help="generate a seeded task set")
-    m.add_argument("name", help="generator: needle, kv")
+    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find")
     m.add_argument("--n", type=_positive, default=10, help="number of contexts")
     m.add_argument("--length", type=_positive, default=1000, help="context length in model tokens")
     m.add_argument("--seed", type=int, default=0)
@@ -224,11 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="tokenizer to measure lengths with (default: the embedded model)")
     m.set_defaults(func=cmd_tasks_make)
 
-    p = sub.add_parser("eval", help="run policies x budgets on a task file (multi-turn)")
+    p = sub.add_parser("eval", help="run policies x budgets on a task file in three modes (resumable sweep)")
     p.add_argument("--tasks", required=True, help="task file (JSONL)")
-    p.add_argument("--policy", required=True, help="comma list of policies (see `kvbudget policies`)")
-    p.add_argument("--out", default="kvbudget-eval", help="output directory")
-    _common(p, None)
+    p.add_argument("--policy", required=True, help="comma list of policies (see `kvbudget policies`), or all")
+    p.add_argument("--out", default="kvbudget-eval",
+                   help="output directory; a rerun into it skips the cells already in its results.jsonl")
+    _common(p, None, mode_default="all")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="the main job: a quick, complete comparison on the default model")
@@ -236,8 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_positive, default=2, help="contexts per task family (default 2)")
     p.add_argument("--length", type=_positive, default=800, help="context length in tokens (default 800)")
     p.add_argument("--policy", default=None, help="comma list (default: all first policies)")
-    _common(p, "2x,4x,8x")
+    _common(p, "2x,4x,8x", mode_default="multi-turn")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html for an eval directory")
+    p.add_argument("dir", help="directory written by `kvbudget eval` or `kvbudget bench`")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="answer questions about one document under a policy")
     p.add_argument("--context", required=True, help="text file with the document")

@@ -174,7 +174,7 @@ class EpisodicSession(Session):
 
     @torch.inference_mode()
     def ask_detailed(self, question: str, max_new_tokens: int = 64, gold: str | None = None,
-                     history_answer: str | None = None, on_token=None) -> Turn:
+                     history_answer: str | None = None, on_token=None, **fidelity) -> Turn:
         """Route ``question`` to an episode, answer from that cache alone, then add the turn to
         every other episode's cache too."""
         if not self.episodes:
@@ -188,7 +188,8 @@ class EpisodicSession(Session):
         active.cache.to(self.model.device)
         self.cache = active.cache
         try:
-            turn = super().ask_detailed(question, max_new_tokens, gold, history_answer, on_token)
+            # ``fidelity``: reference / keep_steps, the evaluation's teacher-forced comparison.
+            turn = super().ask_detailed(question, max_new_tokens, gold, history_answer, on_token, **fidelity)
             turn_ids = torch.tensor([self.input_ids[fed_before:]])
             self._targets = [ep for ep in self.episodes if ep is not active]
             self._active = None

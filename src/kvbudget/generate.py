@@ -30,6 +30,12 @@ class Turn:
     text: str  # the generated answer
     token_ids: list[int]
     answer_logprob: float | None = None  # teacher-forced mean log-prob of the gold answer
+    # Log-softmax [T, vocab] at the positions predicting a given reference answer's T tokens,
+    # teacher-forced (fidelity against the full cache: eval/fidelity.py).
+    reference_logprobs: Tensor | None = None
+    # With ``keep_steps``: log-softmax [steps, vocab] of each greedy decoding step (the last one
+    # predicts the end of the answer when it stopped by itself); its argmax is the answer.
+    step_logprobs: Tensor | None = None
     prefill_s: float = 0.0  # question prefill
     decode_s: float = 0.0
     kv_bytes: int = 0  # held right before decoding (context + question)
@@ -109,6 +115,14 @@ class Session:
         return prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids)
 
     # --- public API -----------------------------------------------------------------------------
+    def fork(self) -> "Session":
+        """An independent copy of this session (multi-request mode: one compressed context, each
+        question asked on its own copy). Everything the conversation holds is copied (caches,
+        messages, fed ids; an episodic session's episodes); model, tokenizer, policy and configs
+        are shared: they are read-only here (a policy keeps no per-session state once resolved)."""
+        shared = [self.model, self.tok, self.policy, getattr(self.model, "config", None), self.cache.config]
+        return copy.deepcopy(self, memo={id(x): x for x in shared if x is not None})
+
     def add_context(self, context: "str | list[dict]", question: str | None = None) -> PrefillStats:
         """Prefill a document (str) or chat messages block-wise under the budget.
 
@@ -146,8 +160,14 @@ class Session:
         gold: str | None = None,
         history_answer: str | None = None,
         on_token: Callable[[int], None] | None = None,
+        reference: list[int] | None = None,
+        keep_steps: bool = False,
     ) -> Turn:
         """Answer ``question`` greedily; with ``gold``, also score it teacher-forced.
+
+        With ``reference`` (token ids, e.g. the full cache's answer), ``turn.reference_logprobs``
+        holds the next-token log-distributions over that answer, teacher-forced; with
+        ``keep_steps``, ``turn.step_logprobs`` holds those of this turn's own greedy decoding.
 
         The turn is then appended to the conversation with the generated answer, or with
         ``history_answer`` if given (evaluation appends the gold answer so that every policy sees
@@ -162,9 +182,15 @@ class Session:
         turn = Turn(question, "", [], prefill_s=stats.seconds, kv_bytes=self.cache.nbytes())
         if gold is not None:
             turn.answer_logprob = self._answer_logprob(logits, gold)
+        if reference is not None:
+            ids = torch.tensor([reference], dtype=torch.long, device=self.model.device)
+            turn.reference_logprobs = self._teacher_forced(logits, ids)[0]
         start = time.perf_counter()
         with self.cache.scratch():
-            turn.token_ids = self._decode(logits, max_new_tokens, on_token)
+            steps: list[Tensor] = []
+            turn.token_ids = self._decode(logits, max_new_tokens, on_token, steps if keep_steps else None)
+        if keep_steps:
+            turn.step_logprobs = torch.cat(steps) if steps else None
         turn.decode_s = time.perf_counter() - start
         turn.text = self.tok.decode(turn.token_ids, skip_special_tokens=True).strip()
         answered = asked + [{"role": "assistant", "content": turn.text if history_answer is None else history_answer}]
@@ -202,12 +228,18 @@ class Session:
         return load_session(path, model, tok)
 
     # --- internals ------------------------------------------------------------------------------
-    def _decode(self, logits: Tensor, max_new_tokens: int, on_token: Callable[[int], None] | None = None) -> list[int]:
+    def _decode(
+        self, logits: Tensor, max_new_tokens: int, on_token: Callable[[int], None] | None = None,
+        steps: list[Tensor] | None = None,
+    ) -> list[int]:
         """Greedy decoding; every ``policy.decode_interval`` new tokens the cache is compressed,
-        so a long answer stays inside the budget (decode-time compression)."""
+        so a long answer stays inside the budget (decode-time compression). With ``steps``, each
+        step's log-softmax [1, vocab] is appended to it."""
         ids: list[int] = []
         interval = self.policy.decode_interval
         for step in range(max_new_tokens):
+            if steps is not None:
+                steps.append(logits.float().log_softmax(-1))
             token = int(logits[0].argmax())
             if token in self.eos:
                 break
@@ -228,13 +260,18 @@ class Session:
         ids = self.tok(answer, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
         if ids.shape[1] == 0:
             raise KVBudgetError("gold answer is empty")
+        logp = self._teacher_forced(logits, ids).gather(-1, ids[..., None])
+        return float(logp.mean())
+
+    def _teacher_forced(self, logits: Tensor, ids: Tensor) -> Tensor:
+        """Log-softmax [1, T, vocab] predicting ``ids`` ([1, T]) after the current prompt, whose
+        last ``logits`` are given; the fed tokens are forgotten afterwards."""
         with self.cache.scratch():
             all_logits = logits[:, None]
             if ids.shape[1] > 1:
                 out = self.model(input_ids=ids[:, :-1], past_key_values=self.cache, use_cache=True)
                 all_logits = torch.cat([all_logits, out.logits], dim=1)
-        logp = all_logits.float().log_softmax(-1).gather(-1, ids[..., None])
-        return float(logp.mean())
+        return all_logits.float().log_softmax(-1)
 
     @property
     def kv_bytes(self) -> int:

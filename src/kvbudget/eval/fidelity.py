@@ -46,3 +46,22 @@ def attention_error(model, input_ids: Tensor, policy: Policy, block_size: int = 
         got = _attend(layer, q, qpos, scaling)
         errors.append(float((got - expected).norm() / expected.norm()))
     return errors
+
+
+def next_token_fidelity(reference: Tensor, other: Tensor) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(reference || other) of next-token distributions.
+
+    Both are log-softmax rows [T, vocab] at the same positions: the full cache's answer span
+    (``reference``, from its greedy decoding) and another cache teacher-forced on that answer.
+    Agreement is the share of positions whose argmax tokens match; KL is in nats, averaged over
+    positions (0 and 1 for identical distributions).
+    """
+    if reference.shape != other.shape or reference.dim() != 2 or reference.shape[0] == 0:
+        raise ValueError(f"need two non-empty [T, vocab] log-prob tensors of one shape, got "
+                         f"{tuple(reference.shape)} and {tuple(other.shape)}")
+    reference, other = reference.float(), other.float()
+    agreement = (reference.argmax(-1) == other.argmax(-1)).float().mean()
+    p = reference.exp()
+    # Where the reference gives a token no mass, it adds nothing (avoids 0 * inf = nan).
+    kl = torch.where(p > 0, p * (reference - other), 0.0).sum(-1).clamp_min(0).mean()
+    return float(agreement), float(kl)

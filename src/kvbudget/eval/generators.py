@@ -224,7 +224,8 @@ def _join(pieces: list[tuple[str, bool]]) -> str:
     return "".join(out)
 
 
-def _ntok(tok: Any, text: str) -> int:
+def ntok(tok: Any, text: str) -> int:
+    """Tokens of ``text`` under ``tok``, without special tokens."""
     return len(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -238,10 +239,10 @@ def document(tok: Any, rng: random.Random, length: int,
     """
     prose = _Prose(rng)
     # What a paragraph break costs over a space (two newline tokens for SmolLM2's BPE).
-    brk = _ntok(tok, "x.\n\nThe") - _ntok(tok, "x. The")
+    brk = ntok(tok, "x.\n\nThe") - ntok(tok, "x. The")
 
     def cost(text: str, new_para: bool) -> int:
-        return _ntok(tok, " " + text) + (brk if new_para else 0)
+        return ntok(tok, " " + text) + (brk if new_para else 0)
 
     planted = sum(cost(text, para) for _, text, para in inserts)
     if planted > 0.9 * length:
@@ -266,14 +267,20 @@ def document(tok: Any, rng: random.Random, length: int,
         topics.append(prose.topic)
         total += c
     doc = _assemble(sents, inserts)
-    if sents and abs(_ntok(tok, doc) - length) > 0.01 * length:
+    if sents and abs(ntok(tok, doc) - length) > 0.01 * length:
         # Token counts are not exactly additive across joins: swap the last sentence for the
         # candidate (or none) that lands nearest the target, measured on the whole text.
         alts = prose.alternatives(40, topics[-1], sents[-1][1])
         options = [sents[:-1]] + [sents[:-1] + [(t, p, 0)] for t, p in alts]
         doc = min((_assemble(o, inserts) for o in options),
-                  key=lambda d: abs(_ntok(tok, d) - length))
+                  key=lambda d: abs(ntok(tok, d) - length))
     return doc
+
+
+def spread(rng: random.Random, j: int, k: int) -> float:
+    """Depth of the j-th of k planted items: one per equal slice of (0.05, 0.95), jittered
+    inside its slice, so that items are spread out and keep their order."""
+    return 0.05 + 0.9 * (j + rng.uniform(0.2, 0.8)) / k
 
 
 def _assemble(sents: list[tuple[str, bool, int]],
@@ -320,8 +327,7 @@ def needle(tok: Any, n: int, length: int, seed: int, *, facts: tuple[int, int] =
         k = rng.randint(*facts)
         colors, objects = rng.sample(_COLORS, k), rng.sample(_OBJECTS, k)
         codes = rng.sample(range(1000, 10000), k)
-        # Spread depths over (0.05, 0.95), one per equal slice, jittered inside the slice.
-        depths = [0.05 + 0.9 * (j + rng.uniform(0.2, 0.8)) / k for j in range(k)]
+        depths = [spread(rng, j, k) for j in range(k)]
         facts_ = [f"The code for the {c} {o} is {code}."
                   for c, o, code in zip(colors, objects, codes)]
         context = document(tok, rng, length, [(d, f, False) for d, f in zip(depths, facts_)])
@@ -386,7 +392,7 @@ def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 5,
                         f"The records office keeps this JSON object of keys and values:\n{obj}",
                         True)]
         else:
-            inserts = [(0.05 + 0.9 * (j + rng.uniform(0.2, 0.8)) / pairs,
+            inserts = [(spread(rng, j, pairs),
                         f'The value for the key "{k}" is {v}.', False)
                        for j, (k, v) in enumerate(zip(keys, values))]
         context = document(tok, rng, length, inserts)
@@ -404,6 +410,16 @@ def _conversation(*args: Any, **kwargs: Any) -> list[Task]:
 
 
 GENERATORS: dict[str, Callable[..., list[Task]]] = {"needle": needle, "kv": kv, "conversation": _conversation}
+
+
+def _register_more() -> None:
+    # scbench.py builds on this module's prose, so it is imported after everything it uses.
+    from kvbudget.eval.scbench import GENERATORS as more
+
+    GENERATORS.update(more)
+
+
+_register_more()
 
 
 def make_tasks(name: str, tok: Any, n: int, length: int, seed: int, **options: Any

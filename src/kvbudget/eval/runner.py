@@ -1,40 +1,61 @@
-"""Run policies x budgets over a task set in multi-turn mode and score every question.
+"""Run policies x budgets over a task set in up to three modes and score every question.
 
-For each task the context is prefilled once per (policy, budget) without knowing the questions;
-the questions are then asked in order in the same session, each question and its gold answer
-appended before the next one (so every policy sees the same conversation text; only what the
-cache kept differs). Each row carries accuracy (the task's metric) and answer retention
-(DESIGN.md, Measuring): (lp_policy - lp_none) / (lp_full - lp_none) of the gold answer's
-teacher-forced mean log-probability.
+Modes (specs/tasks.md):
+- ``multi-turn``: the context is prefilled once per (policy, budget) without knowing the
+  questions; the questions are then asked in order in the same session, each question and its
+  gold answer appended before the next (every policy sees the same conversation text; only what
+  the cache kept differs).
+- ``multi-request``: the same compressed context, copied for each question, which is asked alone.
+- ``query-aware``: the OPTIMISTIC reference of most papers: a fresh session per question whose
+  context is compressed knowing that question.
+
+Each row carries accuracy (the task's metric), answer retention (DESIGN.md, Measuring):
+(lp_policy - lp_none) / (lp_full - lp_none) of the gold answer's teacher-forced mean
+log-probability, and fidelity against the full cache on its own answer span: top-1 agreement and
+mean KL of the next-token distributions, teacher-forced on the full cache's greedy answer.
+
+A run is a sweep that can be resumed: rows are appended to ``results.jsonl`` one unit of work
+(task, policy, budget) at a time, and a rerun skips the units whose rows are all there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..budget import parse_budget
 from ..errors import BudgetError, KVBudgetError
 from ..fileio import atomic_write_text
-from ..generate import Session
+from ..generate import Session, Turn
 from ..policies.base import make_policy
+from .fidelity import next_token_fidelity
 from .metrics import score as score_answer
-from .taskfile import Task
+from .summary import format_table, summarize
+from .taskfile import Task, task_to_dict
+
+__all__ = ["MODES", "EvalConfig", "check_names", "expand_policies", "format_table", "parse_modes",
+           "read_results", "run_eval", "run_task", "summarize", "validate"]
 
 # Below this gain (nats) the full cache does not make the gold answer more likely than no
 # context at all: retention would divide by noise, so it is left undefined for that question.
 MIN_GAIN = 0.1
 
+MODES = ("multi-turn", "multi-request", "query-aware")
+
+# Settings that change results: a resumed sweep must use the same ones as the rows it extends.
+_RESULT_SETTINGS = ("block_size", "max_new_tokens", "window", "seed", "decode_interval", "model")
+
 
 @dataclass
 class EvalConfig:
-    """What to run: policies x budgets, and how."""
+    """What to run: policies x budgets, in which modes, and how."""
 
     policies: list[str]
     budgets: list[str]
@@ -42,13 +63,54 @@ class EvalConfig:
     max_new_tokens: int = 32
     window: int = 32
     seed: int = 0
-    mode: str = "multi-turn"  # or "query-aware" (optimistic reference)
+    mode: str = "multi-turn"  # one mode, a comma list of modes, or "all"
     decode_interval: int | None = None  # decode-time compression every N new tokens (None: policy default)
+    model: str | None = None  # recorded in results so that a resumed sweep cannot mix models
+
+    @property
+    def modes(self) -> list[str]:
+        return parse_modes(self.mode)
+
+
+def parse_modes(mode: str) -> list[str]:
+    """``"multi-turn,query-aware"`` or ``"all"`` -> modes in report order; unknown ones fail."""
+    names = [m.strip() for m in mode.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(MODES)
+    for m in names:
+        if m not in MODES:
+            raise KVBudgetError(f"unknown mode '{m}' (known: {', '.join(MODES)}, all)")
+    if not names:
+        raise KVBudgetError("no mode given")
+    return [m for m in MODES if m in names]
+
+
+def expand_policies(names: list[str]) -> list[str]:
+    """Replace ``all`` by every registered policy (``kvbudget policies``), except ``full``, which
+    every grid has anyway, and store names that only alias one of their variants (kivi = kivi2)."""
+    if "all" not in names:
+        return names
+    from ..policies import describe
+    from ..store import STORE_VARIANTS, STORES
+
+    every = []
+    for row in describe():
+        name = row["name"]
+        aliased = row["kind"] == "store" and name not in STORE_VARIANTS and any(
+            STORES[v] is STORES[name] for v in STORE_VARIANTS)
+        if name != "full" and not aliased:
+            every.append(name)
+    out: list[str] = []
+    for name in names:
+        for n in every if name == "all" else [name]:
+            if n not in out:
+                out.append(n)
+    return out
 
 
 def _cells(cfg: EvalConfig) -> list[tuple[str, str | None]]:
     cells: list[tuple[str, str | None]] = [("full", None)]
-    for name in cfg.policies:
+    for name in expand_policies(cfg.policies):
         if name == "full":
             continue
         if not make_policy(name, budget=1).evicts:  # a store alone (kivi4): no budget to sweep
@@ -68,14 +130,10 @@ def context_tokens(tok, task: Task) -> int:
     return len(tok(messages[0]["content"]).input_ids)
 
 
-MODES = ("multi-turn", "query-aware")
-
-
 def check_names(cfg: EvalConfig) -> None:
     """Unknown policies, modes and unreadable budgets fail before anything is loaded."""
-    if cfg.mode not in MODES:
-        raise KVBudgetError(f"unknown mode '{cfg.mode}' (known: {', '.join(MODES)})")
-    for name in cfg.policies:
+    parse_modes(cfg.mode)
+    for name in expand_policies(cfg.policies):
         make_policy(name, budget=1)  # raises UnknownPolicyError with the known names
     for b in cfg.budgets:
         parse_budget(b)
@@ -98,6 +156,18 @@ def validate(cfg: EvalConfig, tok, tasks: list[Task]) -> dict[str, int]:
     return lengths
 
 
+# --------------------------------------------------------------------------- one unit of work
+
+
+@dataclass
+class _Reference:
+    """What the full cache gave for one question in one mode: the baseline of every other row."""
+
+    answer_logprob: float
+    kv_bytes: int
+    steps: Tensor | None  # [steps, vocab]: log-softmax of each greedy decoding step
+
+
 def _no_context_logprobs(model, tok, task: Task) -> list[float]:
     out = []
     for q in task.questions:
@@ -106,145 +176,217 @@ def _no_context_logprobs(model, tok, task: Task) -> list[float]:
     return out
 
 
-def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalConfig) -> list[dict]:
-    """One task under one policy; one row per question.
+def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalConfig,
+             references: dict[tuple[str, int], _Reference] | None = None) -> list[dict]:
+    """One task under one policy in every mode of ``cfg``; one row per (mode, question).
 
-    ``multi-turn``: one session, the context compressed without the questions, then every question
-    in order. ``query-aware``: a fresh session per question whose compression is scored by that
-    question (the optimistic single-question setting of most papers; never mix the two).
+    With ``references`` (the full cache's turns, keyed by (mode, question index)) each turn is
+    also teacher-forced on the full cache's answer, for the fidelity columns; without them (the
+    full cache itself) the turn keeps its own decoding distributions to serve as the reference.
     """
     policy = make_policy(
         name, budget=budget, block_size=cfg.block_size, window=cfg.window, seed=cfg.seed,
         decode_interval=cfg.decode_interval,
     )
-    rows = []
-    session = None
-    for i, q in enumerate(task.questions):
-        if session is None or cfg.mode == "query-aware":
-            session = Session(model, tok, policy)
-            stats = session.add_context(task.context, question=q.question if cfg.mode == "query-aware" else None)
-            kv_bytes = session.kv_bytes
-        turn = session.ask_detailed(q.question, cfg.max_new_tokens, gold=q.answers[0], history_answer=q.answers[0])
-        rows.append(
-            {
-                "task": task.id,
-                "question_index": i,
-                "category": q.category,
-                "mode": cfg.mode,
-                "policy": session.policy.name,
-                "budget": budget if budget is not None else "-",
-                "budget_tokens": session.policy.tokens,
-                "context_tokens": stats.tokens,
-                "question": q.question,
-                "answers": q.answers,
-                "metric": q.metric,
-                "prediction": turn.text,
-                "score": score_answer(turn.text, q.answers, q.metric),
-                "answer_logprob": turn.answer_logprob,
-                "kv_bytes": kv_bytes,
-                # EpiCache holds one cache per episode (one on the device at a time).
-                "stored_bytes": getattr(session, "all_kv_bytes", kv_bytes),
-                "peak_bytes": turn.peak_bytes,
-                "prefill_s": stats.seconds,
-                "compress_s": stats.compress_seconds,
-                "decode_s": turn.decode_s,
-                "new_tokens": len(turn.token_ids),
-            }
-        )
+    modes = cfg.modes
+    rows: list[dict] = []
+
+    def ask(session: Session, mode: str, i: int, history: bool) -> Turn:
+        q = task.questions[i]
+        ref = references.get((mode, i)) if references is not None else None
+        reference = ref.steps.argmax(-1).tolist() if ref is not None and ref.steps is not None else None
+        return session.ask_detailed(q.question, cfg.max_new_tokens, gold=q.answers[0],
+                                    history_answer=q.answers[0] if history else None,
+                                    reference=reference, keep_steps=references is None)
+
+    def add(mode: str, i: int, session: Session, stats, kv_bytes: int, turn: Turn) -> None:
+        q = task.questions[i]
+        rows.append({
+            "task": task.id, "question_index": i, "category": q.category, "mode": mode,
+            "policy": session.policy.name, "budget": budget if budget is not None else "-",
+            "budget_tokens": session.policy.tokens, "context_tokens": stats.tokens,
+            "question": q.question, "answers": q.answers, "metric": q.metric, "prediction": turn.text,
+            "score": score_answer(turn.text, q.answers, q.metric), "answer_logprob": turn.answer_logprob,
+            "kv_bytes": kv_bytes, "peak_bytes": turn.peak_bytes, "prefill_s": stats.seconds,
+            # EpiCache holds one cache per episode (one on the device at a time).
+            "stored_bytes": getattr(session, "all_kv_bytes", kv_bytes),
+            "compress_s": stats.compress_seconds, "decode_s": turn.decode_s, "new_tokens": len(turn.token_ids),
+            "_turn": turn,  # dropped before writing: the full cache's turns become the references
+        })
+
+    if "multi-turn" in modes or "multi-request" in modes:
+        session = Session(model, tok, policy)
+        stats = session.add_context(task.context)
+        kv_bytes = session.kv_bytes
+        if "multi-request" in modes:  # before multi-turn, which extends the session
+            for i in range(len(task.questions)):
+                add("multi-request", i, session, stats, kv_bytes, ask(session.fork(), "multi-request", i, False))
+        if "multi-turn" in modes:
+            for i in range(len(task.questions)):
+                add("multi-turn", i, session, stats, kv_bytes, ask(session, "multi-turn", i, True))
+    if "query-aware" in modes:
+        if not policy.evicts and "multi-request" in modes:
+            # The question only steers eviction: without eviction, query-aware = multi-request.
+            rows += [dict(r, mode="query-aware") for r in rows if r["mode"] == "multi-request"]
+        else:
+            for i, q in enumerate(task.questions):
+                session = Session(model, tok, policy)
+                stats = session.add_context(task.context, question=q.question)
+                add("query-aware", i, session, stats, session.kv_bytes, ask(session, "query-aware", i, False))
     return rows
 
 
-def _add_references(rows: list[dict], lp_none: list[float], full_rows: list[dict]) -> None:
+def _add_references(rows: list[dict], lp_none: list[float], refs: dict[tuple[str, int], _Reference]) -> None:
     for row in rows:
         i = row["question_index"]
-        lp_full = full_rows[i]["answer_logprob"]
-        gain = lp_full - lp_none[i]
-        row["lp_none"], row["lp_full"] = lp_none[i], lp_full
+        ref = refs[(row["mode"], i)]
+        gain = ref.answer_logprob - lp_none[i]
+        row["lp_none"], row["lp_full"] = lp_none[i], ref.answer_logprob
         row["retention"] = (row["answer_logprob"] - lp_none[i]) / gain if gain > MIN_GAIN else None
-        row["full_kv_bytes"] = full_rows[i]["kv_bytes"]
-        row["compression"] = row["full_kv_bytes"] / row["kv_bytes"] if row["kv_bytes"] else None
+        row["full_kv_bytes"] = ref.kv_bytes
+        row["compression"] = ref.kv_bytes / row["kv_bytes"] if row["kv_bytes"] else None
+        turn: Turn = row.pop("_turn")
+        if row["policy"] == "full":  # the reference itself, by definition
+            row["agreement"], row["kl"] = (1.0, 0.0) if ref.steps is not None else (None, None)
+        elif ref.steps is not None and turn.reference_logprobs is not None:
+            row["agreement"], row["kl"] = next_token_fidelity(ref.steps, turn.reference_logprobs)
+        else:
+            row["agreement"] = row["kl"] = None
 
 
-def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run the grid, write ``results.jsonl`` and ``summary.json`` into ``out_dir``; return the summary."""
+def _references(rows: list[dict]) -> dict[tuple[str, int], _Reference]:
+    return {(r["mode"], r["question_index"]): _Reference(r["answer_logprob"], r["kv_bytes"], r["_turn"].step_logprobs)
+            for r in rows}
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a ``results.jsonl``. A last line cut short by a crash is dropped (and removed
+    from the file, so that appending goes on after the last whole row)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise KVBudgetError(f"{p} line {n}: not a JSON row; cannot resume this sweep") from None
+            atomic_write_text(p, "".join(lines[:-1]))
+    return rows
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    # One write per unit of work, flushed to disk: a crash loses at most the unit in flight.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _task_hash(task: Task) -> str:
+    return hashlib.sha1(json.dumps(task_to_dict(task), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_sweep(out: Path, cfg: EvalConfig, tasks: list[Task]) -> None:
+    """Record the settings and tasks of the sweep in ``sweep.json``; a rerun into the same
+    directory must use the same settings, and a task id must keep its content."""
+    path = out / "sweep.json"
+    settings = {k: v for k, v in asdict(cfg).items() if k in _RESULT_SETTINGS}
+    hashes = {t.id: _task_hash(t) for t in tasks}
+    if path.exists():
+        old = json.loads(path.read_text())
+        for k, v in settings.items():
+            if old["settings"].get(k) != v:
+                raise KVBudgetError(f"{out} holds a sweep run with {k}={old['settings'].get(k)!r}, not {v!r}: "
+                                    "use the same settings to resume it, or another --out")
+        for tid, h in hashes.items():
+            if old["tasks"].get(tid, h) != h:
+                raise KVBudgetError(f"{out} holds results for another task with the id '{tid}': use another --out")
+        hashes = {**old["tasks"], **hashes}
+    atomic_write_text(path, json.dumps({"settings": settings, "tasks": hashes}, indent=2))
+
+
+def _key(row: dict) -> tuple[str, str, str, str]:
+    return (row["task"], row.get("mode", "multi-turn"), row["policy"], str(row["budget"]))
+
+
+def _done(path: Path, tasks: list[Task]) -> set[tuple[str, str, str, str]]:
+    """(task, mode, policy, budget) whose every question has a row in ``path``. Rows of a cell
+    that a crash left incomplete are removed from the file: that cell runs again whole."""
+    rows = read_results(path)
+    n_questions = {t.id: len(t.questions) for t in tasks}
+    seen: dict[tuple[str, str, str, str], set[int]] = {}
+    for r in rows:
+        seen.setdefault(_key(r), set()).add(r["question_index"])
+    partial = {k for k, qs in seen.items() if k[0] in n_questions and len(qs) < n_questions[k[0]]}
+    if partial:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if _key(r) not in partial))
+    return {k for k, qs in seen.items() if k[0] in n_questions and len(qs) == n_questions[k[0]]}
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path, progress: bool = True,
+             resume: bool = True) -> dict:
+    """Run the grid, append to ``results.jsonl``, write ``summary.json``; return the summary.
+
+    With ``resume`` (default) cells already in ``results.jsonl`` are skipped and the summary
+    covers every row there (a directory accumulates one sweep); without it the directory's
+    earlier results are replaced.
+    """
     validate(cfg, tok, tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    if not resume:
+        for old in (results, out / "sweep.json"):
+            old.unlink(missing_ok=True)
+    _check_sweep(out, cfg, tasks)
+    done = _done(results, tasks)
     cells = _cells(cfg)
-    all_rows: list[dict] = []
+
+    def missing(task: Task, name: str, budget: str | None) -> list[str]:
+        # Rows carry the policy's own name ("pyramidkv", "snapkv+kivi4"), as the session has it.
+        label = make_policy(name, budget=budget if budget is not None else 1).name
+        return [m for m in cfg.modes if (task.id, m, label, budget if budget is not None else "-") not in done]
+
+    pending = [(task, name, budget, missing(task, name, budget)) for task in tasks for name, budget in cells]
+    pending = [p for p in pending if p[3]]
+    skipped = len(tasks) * len(cells) - len(pending)
     start = time.perf_counter()
-    bar = tqdm(total=len(tasks) * len(cells), desc="eval", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(pending), desc="eval", unit="cell", disable=not progress, dynamic_ncols=True)
+    if skipped and progress:
+        bar.write(f"resuming: {skipped} of {len(tasks) * len(cells)} cells already in {results}")
     for task in tasks:
+        todo = [(n, b, ms) for t, n, b, ms in pending if t is task]
+        if not todo:
+            continue
         lp_none = _no_context_logprobs(model, tok, task)
-        full_rows: list[dict] = []
-        for name, budget in cells:
+        # The full cache is the reference of every row; rerun (not rewritten) when resuming.
+        full_rows = run_task(model, tok, task, "full", None, cfg)
+        refs = _references(full_rows)
+        for name, budget, modes in todo:
             bar.set_postfix_str(f"{task.id} {name} {budget or ''}".strip())
-            rows = run_task(model, tok, task, name, budget, cfg)
             if name == "full":
-                full_rows = rows
-            _add_references(rows, lp_none, full_rows)
-            all_rows.extend(rows)
+                rows = [r for r in full_rows if r["mode"] in modes]
+            else:
+                sub = EvalConfig(**{**asdict(cfg), "mode": ",".join(modes)})
+                rows = run_task(model, tok, task, name, budget, sub, refs)
+            _add_references(rows, lp_none, refs)
+            _append(results, rows)
             bar.update(1)
     bar.close()
-    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in all_rows))
-    summary = summarize(all_rows)
+    summary = summarize(read_results(results))
     summary["seconds"] = time.perf_counter() - start
-    summary["config"] = cfg.__dict__
+    summary["config"] = asdict(cfg)
+    summary["resumed_cells"] = skipped
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-def _mean(values: Iterable[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Aggregate rows per (policy, budget): accuracy, retention, bytes, compression, times."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["policy"], str(r["budget"]))].append(r)
-    table = []
-    for (policy, budget), rs in groups.items():
-        # Per-session numbers repeat on each question row of a multi-turn session.
-        runs = {(r["task"], r["question_index"] if r.get("mode") == "query-aware" else 0): r for r in rs}
-        decode_s = sum(r["decode_s"] for r in rs)
-        table.append(
-            {
-                "policy": policy,
-                "budget": budget,
-                "questions": len(rs),
-                "accuracy": _mean(r["score"] for r in rs),
-                "retention": _mean(r.get("retention") for r in rs),
-                "retention_n": sum(r.get("retention") is not None for r in rs),
-                "kv_bytes": _mean(r["kv_bytes"] for r in runs.values()),
-                "peak_bytes": max(r["peak_bytes"] for r in rs),
-                "compression": _mean(r.get("compression") for r in runs.values()),
-                "prefill_s": _mean(r["prefill_s"] for r in runs.values()),
-                "compress_share": _mean(r["compress_s"] / r["prefill_s"] for r in runs.values() if r["prefill_s"]),
-                "decode_tok_s": sum(r["new_tokens"] for r in rs) / decode_s if decode_s else None,
-                "by_category": {
-                    c: _mean(r["score"] for r in rs if r.get("category") == c) for c in {r.get("category") for r in rs} if c
-                },
-            }
-        )
-    categories = sorted({r.get("category") for r in rows if r.get("category")})
-    return {"rows": table, "categories": categories}
-
-
-def format_table(summary: dict) -> str:
-    """The policy x budget table as fixed-width text."""
-    head = f"{'policy':<16}{'budget':>8}{'acc':>7}{'retain':>8}{'KV MB':>8}{'compr':>7}{'prefill s':>10}{'overhead':>9}{'tok/s':>7}"
-    lines = [head, "-" * len(head)]
-
-    def f(v, fmt):
-        return format(v, fmt) if v is not None else "-"
-
-    for r in summary["rows"]:
-        lines.append(
-            f"{r['policy']:<16}{r['budget']:>8}{f(r['accuracy'], '.2f'):>7}{f(r['retention'], '.2f'):>8}"
-            f"{f(r['kv_bytes'] / 1e6 if r['kv_bytes'] else None, '.2f'):>8}{f(r['compression'], '.1f'):>7}"
-            f"{f(r['prefill_s'], '.2f'):>10}{f(r['compress_share'] * 100 if r['compress_share'] is not None else None, '.0f'):>8}%"
-            f"{f(r['decode_tok_s'], '.1f'):>7}"
-        )
-    return "\n".join(lines)
