@@ -86,6 +86,8 @@ def _eager(module, query, key, value, attention_mask, **kwargs):
 def _make(base: Callable) -> Callable:
     def kvbudget_attention(module, query, key, value, attention_mask, **kwargs):
         plan = _take_plan(key)
+        if hasattr(plan, "attend"):  # static decoding (kvbudget.static): the kernel masks by length
+            return plan.attend(query, kwargs.get("scaling", getattr(module, "scaling", None))), None
         if plan is not None:
             attention_mask = plan.mask(query.shape[2], query.shape[1])
             plan.layer.observe(query, kwargs.get("scaling", getattr(module, "scaling", None)))

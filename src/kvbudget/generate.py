@@ -20,6 +20,9 @@ from torch import Tensor
 from .errors import KVBudgetError
 from .policies.base import Policy, make_policy
 from .prefill import PrefillStats, prefill
+from .static import StaticDecoder, UnsupportedStatic, supports
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
 @dataclass
@@ -51,6 +54,10 @@ class Session:
     policy: "Policy | str | None" = None
     block_size: int | None = None
     messages: list[dict] = field(default_factory=list)
+    # "auto": static buffers + one CUDA graph per decode step on CUDA where the cache allows it
+    # (kvbudget.static), eager elsewhere; "eager"; "static" (static buffers, no graph: CPU too);
+    # "graph" (static + CUDA graph, CUDA only).
+    decode: str = "auto"
 
     def __new__(cls, model=None, tok=None, policy=None, *args, **kwargs):
         # An episodic policy (EpiCache) gets the session that holds one cache per episode.
@@ -61,6 +68,8 @@ class Session:
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise KVBudgetError(f"unknown decode mode '{self.decode}' (choose from {', '.join(DECODE_MODES)})")
         if self.policy is None:
             self.policy = make_policy("full")
         elif isinstance(self.policy, str):
@@ -237,6 +246,7 @@ class Session:
         step's log-softmax [1, vocab] is appended to it."""
         ids: list[int] = []
         interval = self.policy.decode_interval
+        static = self._static_decoder(max_new_tokens)
         for step in range(max_new_tokens):
             if steps is not None:
                 steps.append(logits.float().log_softmax(-1))
@@ -249,11 +259,44 @@ class Session:
             if step == max_new_tokens - 1:
                 break
             inp = torch.tensor([[token]], device=self.model.device)
-            logits = self.model(input_ids=inp, past_key_values=self.cache, use_cache=True).logits[:, -1]
-            self.cache.track_peak()
+            if static is not None:
+                logits = static.step(inp[0])
+            else:
+                logits = self.model(input_ids=inp, past_key_values=self.cache, use_cache=True).logits[:, -1]
+                self.cache.track_peak()
             if interval and (step + 1) % interval == 0:
+                if static is not None:
+                    static.write_back(self.cache)
                 self.policy.compress(self.cache)
+                if static is not None:
+                    static.reload(self.cache)
+        if static is not None:
+            static.write_back(self.cache)
         return ids
+
+    def _static_decoder(self, max_new_tokens: int) -> StaticDecoder | None:
+        """The static-buffer decoder for this answer, or None to decode eagerly."""
+        mode = self.decode
+        cuda = torch.device(self.model.device).type == "cuda"
+        if mode == "eager" or (mode == "auto" and not cuda) or max_new_tokens < 2:
+            return None
+        if mode == "graph" and not cuda:
+            raise KVBudgetError("decode='graph' needs a CUDA device (use 'static' or 'eager' on CPU)")
+        reason = supports(self.model, self.cache)
+        if reason is not None:
+            if mode == "auto":
+                return None
+            raise KVBudgetError(f"decode='{mode}' is not possible here: {reason}")
+        interval = self.policy.decode_interval
+        compresses = self.policy.evicts and interval and interval < max_new_tokens - 1
+        query_slots = interval if compresses and self.policy.scorer.queries != 0 else 0
+        try:
+            return StaticDecoder.from_cache(self.model, self.cache, capacity=max_new_tokens,
+                                            graph=mode != "static", query_slots=query_slots)
+        except UnsupportedStatic:
+            if mode == "auto":
+                return None
+            raise
 
     def _answer_logprob(self, logits: Tensor, answer: str) -> float:
         """Mean log-probability of ``answer``'s tokens, teacher-forced after the current prompt."""

@@ -1,0 +1,339 @@
+"""Static-capacity decoding: the budgeted cache in preallocated buffers, one CUDA graph per step.
+
+A budgeted cache has a capacity known in advance (what the policy keeps + the tokens decoded
+before the next compression), so decoding can run on buffers allocated once. Nothing in a
+decode step then depends on host-side values: the new token's KV is written at
+``starts + lens`` (device tensors), the attention reads ``lens`` entries per head, and the
+position and query slot advance on the device. That makes the whole step capturable as one
+CUDA graph, which removes the ~70 ms/token launch overhead that plain transformers pays for an
+8B model (docs/benchmarks.md, "GPU decode").
+
+Storage is flat per layer, ``keys [S, d]`` with one segment per (batch, KV head): segment ``i``
+starts at ``starts[i]`` and holds ``lens[i]`` entries. Heads that keep different numbers of
+entries (Ada-KV) therefore need no padding in memory, and since ``starts`` is a device tensor
+the segments can be laid out again after a compression without re-capturing the graph.
+
+Between compressions the decoded entries live only here; `StaticDecoder.write_back` appends
+them to the `BudgetedCache` (with positions, zeroed per-entry state and the observed queries),
+the policy compresses the cache as usual, and `StaticDecoder.reload` copies what was kept back
+into the buffers. Stores (encoded bodies) and sliding-window layers are not supported here:
+`supports` says why and the session decodes eagerly instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import set_plan
+from .cache import BudgetedCache, BudgetedLayer, padded_to_ragged
+
+_local = threading.local()
+
+
+def reference_varlen_decode(
+    q: Tensor, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, scale: float, width: int
+) -> Tensor:
+    """Decode attention over per-head segments of flat storage, in plain torch (float32).
+
+    ``q [B, Hq, d]``; ``keys [S, d]``, ``values [S, dv]``; ``starts``/``lens`` ``[B*H]``;
+    ``width`` >= every length (a host-side bound: nothing here reads ``lens`` on the host).
+    Returns ``[B, Hq, dv]`` in q's dtype; a head with no entries gives zeros."""
+    b, hq, d = q.shape
+    bh = starts.numel()
+    g = hq * b // bh
+    offs = torch.arange(width, device=q.device)
+    valid = offs[None, :] < lens[:, None]
+    idx = torch.where(valid, starts[:, None] + offs[None, :], 0).clamp_max(keys.shape[0] - 1)
+    qq = q.reshape(bh, g, d).float()
+    logits = torch.bmm(qq, keys[idx].float().transpose(1, 2)) * scale
+    probs = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    out = torch.bmm(probs, values[idx].float())
+    return out.reshape(b, hq, -1).to(q.dtype)
+
+
+def varlen_decode(q: Tensor, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, scale: float, width: int) -> Tensor:
+    """The Triton kernel on CUDA when available (kvbudget.kernels), else the torch reference."""
+    if q.is_cuda:
+        try:
+            from .kernels import HAVE_TRITON, varlen_decode_attention
+        except ImportError:
+            HAVE_TRITON = False
+        if HAVE_TRITON:
+            return varlen_decode_attention(q, keys, values, starts, lens, scale, max_len=width)
+    return reference_varlen_decode(q, keys, values, starts, lens, scale, width)
+
+
+@dataclass
+class StaticPlan:
+    """Handed to the attention hook by `StaticLayer.update`: attend with the layer's lengths."""
+
+    keys: Tensor  # identity check against the attention call's key argument
+    layer: "StaticLayer"
+
+    def attend(self, query: Tensor, scaling: float) -> Tensor:
+        """``query [B, Hq, 1, d]`` -> ``[B, 1, Hq, dv]`` (the layout transformers expects back)."""
+        layer = self.layer
+        if layer.qbuf is not None:
+            layer.qbuf.index_copy_(2, layer.qslot, query)
+        out = varlen_decode(query[:, :, 0], layer.keys, layer.values, layer.starts, layer.lens, scaling, layer.width)
+        return out[:, None]
+
+
+class StaticLayer(CacheLayerMixin):
+    """One budgeted layer's entries in a preallocated flat buffer (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, width: int) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values  # [S, d], [S, dv]
+        self.starts, self.lens = starts, lens  # [B*H] int64, [B*H] int32
+        self.width = width  # host-side bound on any segment's length
+        self.qbuf: Tensor | None = None  # [B, Hq, slots, d] queries of the decoded tokens
+        self.qslot: Tensor | None = None  # [1] long, shared by all layers
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # pragma: no cover
+        raise RuntimeError("a StaticLayer is built with its buffers")
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Write the new token of every (batch, head) at the end of its segment (one token per step)."""
+        if key_states.shape[2] != 1:
+            raise ValueError("static decoding feeds one token per step")
+        slot = self.starts + self.lens.long()
+        self.keys.index_copy_(0, slot, key_states.reshape(-1, key_states.shape[-1]).to(self.keys.dtype))
+        self.values.index_copy_(0, slot, value_states.reshape(-1, value_states.shape[-1]).to(self.values.dtype))
+        self.lens.add_(1)
+        set_plan(StaticPlan(self.keys, self))
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:  # positions are passed explicitly; never used in decode
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.width, 0
+
+    def get_max_length(self) -> int:
+        return self.width
+
+
+class UnsupportedStatic(Exception):
+    """The cache or model cannot be decoded with static buffers (the caller decodes eagerly)."""
+
+
+def supports(model, cache: BudgetedCache) -> str | None:
+    """None if ``cache`` can be decoded statically, else the reason it cannot."""
+    if len(cache.budgeted) != len(cache.layers):
+        return "sliding-window layers are not supported by static decoding"
+    for layer in cache.budgeted_layers():
+        if not layer.is_initialized:
+            return "the cache is empty"
+        if layer.body is not None or layer.store is not None:
+            return "stores (encoded bodies) decode eagerly"
+        if layer.phantom or layer.transient:
+            return "a scoring pass is in progress"
+    return None
+
+
+class StaticDecoder:
+    """Greedy-decoding engine over static buffers; on CUDA each step is one CUDA-graph replay.
+
+    Typical use (`Session` does this when ``decode`` is "graph", or "auto" on CUDA)::
+
+        dec = StaticDecoder.from_cache(model, cache, capacity=max_new_tokens)
+        logits = dec.step(token_ids)          # [B] -> [B, vocab]
+        ...
+        dec.write_back(cache)                 # the decoded entries join the cache
+        policy.compress(cache); dec.reload(cache)
+
+    ``capacity``: tokens decoded in all before the decoder is dropped; every head's segment has
+    room for them, so compressions in between never need new buffers (a compression never grows
+    a head beyond what it held plus the tokens decoded since).
+    """
+
+    def __init__(self, model, layers: list[StaticLayer], positions: Tensor, capacity: int,
+                 graph: bool | None = None, query_slots: int = 0) -> None:
+        self.model = model
+        self.layers = layers
+        self.cache = Cache(layers=layers)
+        device = layers[0].keys.device
+        self.batch = positions.shape[0]
+        self.capacity = capacity
+        self.decoded = 0  # tokens decoded since construction
+        self.steps = 0  # tokens decoded since the last (re)load
+        self.query_slots = query_slots
+        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
+        self.pos = positions.to(device, torch.long).view(self.batch, 1).clone()
+        self._seen = int(positions[0])
+        # A prepared 4-D mask makes transformers skip building one (the kernel masks by length).
+        self.mask = torch.ones(self.batch, 1, 1, 1, dtype=torch.bool, device=device)
+        self.qslot = torch.zeros(1, dtype=torch.long, device=device)
+        if query_slots:
+            cfg = model.config.get_text_config(decoder=True)
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            for layer in layers:
+                layer.qbuf = torch.zeros(self.batch, cfg.num_attention_heads, query_slots, head_dim,
+                                         dtype=layer.keys.dtype, device=device)
+        for layer in layers:
+            layer.qslot = self.qslot
+        self.logits: Tensor | None = None
+        self.use_graph = device.type == "cuda" if graph is None else graph
+        self.graph: "torch.cuda.CUDAGraph | None" = None
+
+    # --- building --------------------------------------------------------------------------
+    @classmethod
+    def from_cache(cls, model, cache: BudgetedCache, capacity: int, graph: bool | None = None,
+                   query_slots: int = 0) -> "StaticDecoder":
+        """Copy ``cache``'s entries into static buffers with room for ``capacity`` decoded tokens
+        per head; ``query_slots``: queries kept per layer between write-backs (for scorers)."""
+        reason = supports(model, cache)
+        if reason:
+            raise UnsupportedStatic(reason)
+        layers = []
+        batch = 1
+        for layer in cache.budgeted_layers():
+            view = layer.view()
+            lens = view.lengths.reshape(-1)  # [B*H]
+            batch = view.keys.shape[0]
+            size = int(lens.sum()) + lens.numel() * capacity
+            keys = view.keys.new_empty(size, view.keys.shape[-1])
+            values = view.values.new_empty(size, view.values.shape[-1])
+            # Dense layers: every head holds the same count, so the longest segment is bounded
+            # by it; ragged ones may be laid out again differently, bounded only by the total.
+            bound = int(lens.max()) + capacity if layer.head_lens is None else size
+            static = StaticLayer(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound)
+            _fill(static, view.keys, view.values, lens, capacity)
+            layers.append(static)
+        positions = torch.full((batch,), cache.get_seq_length(), dtype=torch.long)
+        return cls(model, layers, positions, capacity, graph, query_slots)
+
+    def reload(self, cache: BudgetedCache) -> None:
+        """After a compression of ``cache``: copy what it keeps into the same buffers (the graph,
+        which reads buffers, starts and lengths from device memory, stays valid)."""
+        room = self.capacity - self.decoded
+        for static, layer in zip(self.layers, cache.budgeted_layers()):
+            view = layer.view()
+            lens = view.lengths.reshape(-1)
+            if int(lens.sum()) + lens.numel() * room > static.keys.shape[0] or int(lens.max()) + room > static.width:
+                raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
+            _fill(static, view.keys, view.values, lens, room)
+        self._seen = cache.get_seq_length()
+        self.pos.fill_(self._seen)
+        self.qslot.zero_()
+        self.steps = 0
+
+    # --- decoding --------------------------------------------------------------------------
+    def _forward(self) -> None:
+        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        if self.logits is None:
+            self.logits = torch.empty_like(out.logits[:, -1])
+        self.logits.copy_(out.logits[:, -1])
+        self.pos.add_(1)
+        self.qslot.add_(1)
+
+    def _capture(self) -> None:
+        """Warm up (kernel compilation, library handles) on a side stream, undo the warm-up's
+        writes, then capture one step."""
+        lens = [layer.lens.clone() for layer in self.layers]
+        pos, qslot = self.pos.clone(), self.qslot.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+                for layer, saved in zip(self.layers, lens):
+                    layer.lens.copy_(saved)
+                self.pos.copy_(pos)
+                self.qslot.copy_(qslot)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward()
+
+    @torch.inference_mode()
+    def step(self, token_ids: Tensor) -> Tensor:
+        """Feed one token per sequence (``[B]``); returns the next-token logits ``[B, vocab]``
+        (a buffer overwritten by the next step)."""
+        if self.decoded >= self.capacity:
+            raise RuntimeError(f"static buffers are full ({self.capacity} decoded tokens)")
+        if self.query_slots and self.steps >= self.query_slots:
+            raise RuntimeError(f"{self.query_slots} queries kept per layer: write_back and reload first")
+        self.ids.copy_(token_ids.reshape(self.batch, 1))
+        if self.use_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        else:
+            self._forward()
+        self.steps += 1
+        self.decoded += 1
+        return self.logits
+
+    def write_back(self, cache: BudgetedCache) -> None:
+        """Append the tokens decoded since the last (re)load to ``cache``'s layers: their KV,
+        positions, zeroed per-entry state and observed queries, exactly as eager decoding would."""
+        n = self.steps
+        if n == 0:
+            return
+        new_pos = torch.arange(self._seen, self._seen + n, dtype=torch.int32)
+        for static, layer in zip(self.layers, cache.budgeted_layers()):
+            lens = static.lens.long()
+            offs = torch.arange(int(lens.max()), device=lens.device)
+            idx = torch.where(offs[None] < lens[:, None], static.starts[:, None] + offs[None], 0)
+            b, h = layer.positions.shape[:2] if layer.head_lens is None else (1, layer.head_lens.shape[0])
+            keys = static.keys[idx].view(b, h, -1, static.keys.shape[-1])
+            values = static.values[idx].view(b, h, -1, static.values.shape[-1])
+            pos = new_pos.to(layer.positions.device)
+            if layer.head_lens is None:
+                layer.keys, layer.values = keys, values
+                layer.positions = torch.cat([layer.positions, pos.expand(b, h, n)], dim=-1)
+                layer.state = {k: torch.cat([s, s.new_zeros(b, h, n)], dim=-1) for k, s in layer.state.items()}
+            else:
+                layer.keys = padded_to_ragged(keys[0], lens)
+                layer.values = padded_to_ragged(values[0], lens)
+                layer.positions = layer._append_ragged(layer.positions, pos.expand(h, n))
+                layer.state = {k: layer._append_ragged(s, s.new_zeros(h, n)) for k, s in layer.state.items()}
+                layer.head_lens = lens.clone()
+            layer.seen += n
+            layer.peak_entries = max(layer.peak_entries, layer.max_entries)
+            if static.qbuf is not None and layer.query_keep != 0:
+                _observe(layer, static.qbuf[:, :, :n], new_pos)
+        cache.track_peak()
+        self._seen += n
+        self.steps = 0
+        self.qslot.zero_()
+
+
+def _observe(layer: BudgetedLayer, queries: Tensor, positions: Tensor) -> None:
+    """The decoded tokens' queries, kept as `BudgetedLayer.observe` keeps them."""
+    pos = positions.to(queries.device)
+    if layer.queries is not None:
+        queries = torch.cat([layer.queries, queries], dim=2)
+        pos = torch.cat([layer.query_positions, pos.to(layer.query_positions.dtype)])
+    if layer.query_keep > 0:
+        queries, pos = queries[:, :, -layer.query_keep :], pos[-layer.query_keep :]
+    layer.queries, layer.query_positions = queries.clone(), pos
+
+
+def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots: int) -> None:
+    """Lay segments out head after head (each with room for ``slots`` more entries) and copy the
+    padded ``keys``/``values`` ``[B, H, n, d]``' first ``lens`` entries of each head into them."""
+    lens = lens.to(static.keys.device, torch.long)
+    sizes = lens + slots
+    starts = torch.cumsum(sizes, 0) - sizes
+    n = keys.shape[2]
+    offs = torch.arange(n, device=lens.device)
+    valid = offs[None] < lens[:, None]
+    dest = (starts[:, None] + offs[None])[valid]
+    static.keys.index_copy_(0, dest, keys.reshape(-1, n, keys.shape[-1])[valid].to(static.keys.dtype))
+    static.values.index_copy_(0, dest, values.reshape(-1, n, values.shape[-1])[valid].to(static.values.dtype))
+    static.starts.copy_(starts)
+    static.lens.copy_(lens.to(torch.int32))

@@ -1,0 +1,137 @@
+"""Static-capacity decoding (kvbudget.static): the same tokens, cache and bytes as eager decoding.
+
+CI has no GPU, so these run the static path without the CUDA graph (``decode="static"``): the
+buffers, the in-place writes at ``starts + lens``, the length-masked attention, write-back and
+reload are the code the graph captures. The graph itself is checked on the GPU by
+benchmarks/gpu_tests.py (log in benchmarks/results/)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kvbudget as kb
+from kvbudget.generate import Session
+from kvbudget.static import StaticDecoder, UnsupportedStatic, reference_varlen_decode, supports
+
+from conftest import random_ids
+
+
+def _decode(model, policy_name: str, mode: str, n_new: int = 24, interval: int = 8, context: int = 90, **kw):
+    """Prefill ``context`` random tokens, decode ``n_new`` greedily with ``mode``; returns the
+    tokens, the cache and the policy."""
+    policy = kb.policy(policy_name, decode_interval=interval, **kw)
+    cache = policy.new_cache(model)
+    logits, _ = kb.prefill(model, cache, policy, random_ids(context), block_size=32)
+    fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode=mode)
+    fake._static_decoder = lambda n: Session._static_decoder(fake, n)
+    with torch.inference_mode():
+        ids = Session._decode(fake, logits, n_new)
+    return ids, cache, policy
+
+
+def _same_cache(a, b) -> None:
+    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+        assert la.seen == lb.seen
+        va, vb = la.view(), lb.view()
+        assert torch.equal(va.positions, vb.positions)
+        torch.testing.assert_close(va.keys, vb.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(va.values, vb.values, rtol=1e-5, atol=1e-5)
+        for name in va.state:
+            torch.testing.assert_close(va.state[name], vb.state[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("full", {}),
+        ("snapkv", {"budget": 40}),  # window queries kept across write-backs
+        ("h2o", {"budget": 40}),  # every decoded query + accumulated per-entry state
+        ("adakv", {"budget": 40}),  # ragged per-head lengths, laid out again at each reload
+        ("streaming", {"budget": 40}),
+    ],
+)
+def test_static_decode_equals_eager(tiny_llama, name, kw):
+    eager_ids, eager_cache, _ = _decode(tiny_llama, name, "eager", **kw)
+    static_ids, static_cache, _ = _decode(tiny_llama, name, "static", **kw)
+    assert static_ids == eager_ids
+    assert len(static_ids) == 24
+    _same_cache(eager_cache, static_cache)
+    assert static_cache.peak_bytes == eager_cache.peak_bytes
+    if "budget" in kw:  # decode-time compression happened inside the static run
+        assert static_cache.budgeted_layers()[0].max_entries <= 40 + 8 + 32
+
+
+def test_ragged_layout_has_no_padding(tiny_llama):
+    """Ada-KV heads keep different counts; the static buffer holds their sum (+ decode room),
+    not heads x longest head."""
+    policy = kb.policy("adakv", budget=40)
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(120), block_size=32)
+    dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=4, graph=False)
+    for static, layer in zip(dec.layers, cache.budgeted_layers()):
+        lens = layer.lengths()
+        assert static.keys.shape[0] == int(lens.sum()) + lens.numel() * 4
+        assert torch.equal(static.lens.long().cpu(), lens)
+
+
+def test_reference_varlen_matches_padded_attention():
+    torch.manual_seed(1)
+    b, h, g, d = 2, 3, 2, 16
+    lens = torch.tensor([5, 0, 9, 1, 7, 3])
+    starts = torch.cumsum(lens + 2, 0) - (lens + 2)
+    keys, values = torch.randn(int((lens + 2).sum()), d), torch.randn(int((lens + 2).sum()), d)
+    q = torch.randn(b, h * g, d)
+    out = reference_varlen_decode(q, keys, values, starts, lens, 0.25, width=11)
+    for i in range(b * h):
+        k = keys[starts[i] : starts[i] + lens[i]].double()
+        v = values[starts[i] : starts[i] + lens[i]].double()
+        for j in range(g):
+            qi = q.view(b * h, g, d)[i, j].double()
+            ref = torch.zeros(d, dtype=torch.double) if lens[i] == 0 else (qi @ k.T * 0.25).softmax(-1) @ v
+            torch.testing.assert_close(out.view(b * h, g, d)[i, j].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_caches_say_why(tiny_gemma, tiny_llama):
+    policy = kb.policy("snapkv", budget=40)
+    cache = policy.new_cache(tiny_gemma)
+    kb.prefill(tiny_gemma, cache, policy, random_ids(60), block_size=32)
+    assert "sliding" in supports(tiny_gemma, cache)
+    with pytest.raises(UnsupportedStatic, match="sliding"):
+        StaticDecoder.from_cache(tiny_gemma, cache, capacity=4)
+    policy = kb.policy("kivi4")
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(300), block_size=64)
+    assert "store" in supports(tiny_llama, cache)
+
+
+def test_capacity_is_enforced(tiny_llama):
+    policy = kb.policy("snapkv", budget=40)
+    cache = policy.new_cache(tiny_llama)
+    logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(60), block_size=32)
+    dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=2, graph=False)
+    tok = logits.argmax(-1)
+    dec.step(tok)
+    dec.step(tok)
+    with pytest.raises(RuntimeError, match="full"):
+        dec.step(tok)
+
+
+def test_session_decode_modes(default_model):
+    """On the real model: the session's answer is the same with static buffers as eagerly, and
+    a bad mode or the graph on CPU is a clear error."""
+    model, tok = default_model
+    doc = "The secret code of the blue door is 4711. " * 3 + "The weather is mild."
+    answers = []
+    for mode in ("eager", "static"):
+        s = kb.Session(model, tok, kb.policy("h2o", budget=48, block_size=32, decode_interval=8), decode=mode)
+        s.add_context(doc)
+        answers.append(s.ask_detailed("What is the secret code of the blue door?", max_new_tokens=20))
+    assert answers[0].token_ids == answers[1].token_ids
+    assert answers[0].peak_bytes == answers[1].peak_bytes
+    with pytest.raises(kb.KVBudgetError, match="unknown decode mode"):
+        kb.Session(model, tok, kb.policy("full"), decode="fast")
+    s = kb.Session(model, tok, kb.policy("full"), decode="graph")
+    s.add_context(doc)
+    with pytest.raises(kb.KVBudgetError, match="CUDA"):
+        s.ask("What is the code?", max_new_tokens=4)
