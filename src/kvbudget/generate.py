@@ -269,7 +269,10 @@ class Session:
                     static.write_back(self.cache)
                 self.policy.compress(self.cache)
                 if static is not None:
-                    static.reload(self.cache)
+                    try:
+                        static.reload(self.cache)
+                    except UnsupportedStatic:  # e.g. a dense layer turned ragged: go on eagerly
+                        static = None
         if static is not None:
             static.write_back(self.cache)
         return ids

@@ -22,6 +22,7 @@ into the buffers. Stores (encoded bodies) and sliding-window layers are not supp
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -56,16 +57,40 @@ def reference_varlen_decode(
     return out.reshape(b, hq, -1).to(q.dtype)
 
 
-def varlen_decode(q: Tensor, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, scale: float, width: int) -> Tensor:
-    """The Triton kernel on CUDA when available (kvbudget.kernels), else the torch reference."""
-    if q.is_cuda:
+# Which attention a static decode step uses: "auto" (the Triton kernel on CUDA, else padded SDPA
+# for dense layers, else the torch reference), or one of "triton", "sdpa", "reference" (benchmarks).
+ATTENTION = os.environ.get("KVBUDGET_DECODE_ATTENTION", "auto")
+
+
+def padded_sdpa_decode(q: Tensor, keys: Tensor, values: Tensor, lens: Tensor, scale: float, width: int) -> Tensor:
+    """Dense layers only (every segment ``width`` long, head after head): PyTorch SDPA over the
+    padded ``[B, H, width, d]`` view with a length mask. The g query heads of a group are passed
+    as g query rows of their KV head, so nothing is expanded for GQA."""
+    b, hq, d = q.shape
+    h = lens.numel() // b
+    k = keys.view(b, h, width, -1)
+    v = values.view(b, h, width, -1)
+    mask = (torch.arange(width, device=q.device)[None, :] < lens[:, None]).view(b, h, 1, width)
+    out = torch.nn.functional.scaled_dot_product_attention(q.view(b, h, hq // h, d), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, -1)
+
+
+def varlen_decode(q: Tensor, layer: "StaticLayer", scale: float) -> Tensor:
+    """Decode attention of ``q [B, Hq, d]`` over ``layer``'s segments, with the backend chosen by
+    `ATTENTION`."""
+    choice = ATTENTION
+    if choice in ("auto", "triton") and q.is_cuda:
         try:
             from .kernels import HAVE_TRITON, varlen_decode_attention
         except ImportError:
             HAVE_TRITON = False
         if HAVE_TRITON:
-            return varlen_decode_attention(q, keys, values, starts, lens, scale, max_len=width)
-    return reference_varlen_decode(q, keys, values, starts, lens, scale, width)
+            return varlen_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lens, scale, max_len=layer.width)
+        if choice == "triton":
+            raise RuntimeError("KVBUDGET_DECODE_ATTENTION=triton but kvbudget.kernels/triton is unavailable")
+    if layer.dense and (choice == "sdpa" or (choice == "auto" and q.is_cuda)):
+        return padded_sdpa_decode(q, layer.keys, layer.values, layer.lens, scale, layer.width)
+    return reference_varlen_decode(q, layer.keys, layer.values, layer.starts, layer.lens, scale, layer.width)
 
 
 @dataclass
@@ -80,7 +105,7 @@ class StaticPlan:
         layer = self.layer
         if layer.qbuf is not None:
             layer.qbuf.index_copy_(2, layer.qslot, query)
-        out = varlen_decode(query[:, :, 0], layer.keys, layer.values, layer.starts, layer.lens, scaling, layer.width)
+        out = varlen_decode(query[:, :, 0], layer, scaling)
         return out[:, None]
 
 
@@ -91,8 +116,11 @@ class StaticLayer(CacheLayerMixin):
     is_compileable = True
     is_croppable = False
 
-    def __init__(self, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, width: int) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, width: int, dense: bool) -> None:
         super().__init__()
+        # Dense: every head holds the same count, segments are all ``width`` long (a padded
+        # [B, H, width, d] view exists); ragged: segments sized per head, ``width`` bounds them.
+        self.dense = dense
         self.keys, self.values = keys, values  # [S, d], [S, dv]
         self.starts, self.lens = starts, lens  # [B*H] int64, [B*H] int32
         self.width = width  # host-side bound on any segment's length
@@ -208,7 +236,8 @@ class StaticDecoder:
             # Dense layers: every head holds the same count, so the longest segment is bounded
             # by it; ragged ones may be laid out again differently, bounded only by the total.
             bound = int(lens.max()) + capacity if layer.head_lens is None else size
-            static = StaticLayer(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound)
+            static = StaticLayer(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound,
+                                 dense=layer.head_lens is None)
             _fill(static, view.keys, view.values, lens, capacity)
             layers.append(static)
         positions = torch.full((batch,), cache.get_seq_length(), dtype=torch.long)
@@ -221,7 +250,9 @@ class StaticDecoder:
         for static, layer in zip(self.layers, cache.budgeted_layers()):
             view = layer.view()
             lens = view.lengths.reshape(-1)
-            if int(lens.sum()) + lens.numel() * room > static.keys.shape[0] or int(lens.max()) + room > static.width:
+            if (static.dense and layer.head_lens is not None) or int(lens.max()) + room > static.width or (
+                int(lens.sum()) + lens.numel() * room > static.keys.shape[0]
+            ):
                 raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
             _fill(static, view.keys, view.values, lens, room)
         self._seen = cache.get_seq_length()
@@ -327,7 +358,7 @@ def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots
     """Lay segments out head after head (each with room for ``slots`` more entries) and copy the
     padded ``keys``/``values`` ``[B, H, n, d]``' first ``lens`` entries of each head into them."""
     lens = lens.to(static.keys.device, torch.long)
-    sizes = lens + slots
+    sizes = torch.full_like(lens, static.width) if static.dense else lens + slots
     starts = torch.cumsum(sizes, 0) - sizes
     n = keys.shape[2]
     offs = torch.arange(n, device=lens.device)

@@ -1,0 +1,320 @@
+"""GPU benchmark of issue 6: peak prefill memory, prefill/compression time, decode speed, roofline.
+
+Random-weight model of the Llama-3.1-8B shape (32 layers, 32 query / 8 KV heads, head_dim 128,
+bf16; speed does not depend on weight values), built from a config (benchmarks/gpu_smoke.build).
+
+Sections (``--sections``, comma-separated; one JSON object per row to ``--out``):
+
+* ``bw``: device copy bandwidth (bytes read + written per second, as METHOD.md counts it) and
+  a read-only reduction's bandwidth: the ceilings the roofline uses.
+* ``baseline``: plain transformers (DynamicCache, sdpa): one-shot prefill of each context, peak
+  memory, then eager decode ms/token: the issue's baseline table, re-measured in the same run.
+* ``budget``: kvbudget block-wise prefill (block 2048) per policy x budget x context: peak GPU
+  memory (flat in context), prefill seconds, compression share; then decode ms/token eagerly
+  (BudgetedCache) and with static buffers + one CUDA graph per step (kvbudget.static).
+* ``batch``: the largest batch of 32k-token conversations that fits, full cache vs budget 2k,
+  each with its decode ms/step and tokens/s. The KV contents are random (filled, not prefilled:
+  speed does not depend on values; prefilling 200 x 32k tokens would take the whole lease).
+
+Roofline per decode step: bytes that must be read (weights except the embedding table, of which
+only the fed rows are read, + every kept K/V entry) / the measured copy bandwidth. ``fraction`` =
+roofline time / measured time.
+
+Run on the H100 through the `device` tool (from the repository root):
+    PYTHONPATH=src python3 benchmarks/gpu_bench.py --out $OUT/gpu_bench.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import kvbudget as kb  # noqa: E402
+from kvbudget import static as kstatic  # noqa: E402
+from gpu_smoke import build  # noqa: E402
+
+GB = 1e9
+ROWS: list[dict] = []
+OUT: Path | None = None
+
+
+def emit(row: dict) -> None:
+    row = {"device": torch.cuda.get_device_name(), "torch": torch.__version__} | row
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    if OUT is not None:
+        with OUT.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def cuda_ms(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# --- ceilings -------------------------------------------------------------------------------
+def bandwidth() -> float:
+    """Copy bandwidth in bytes/s (read + written), 4 GiB buffers."""
+    n = 1 << 31
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    copy_ms = cuda_ms(lambda: b.copy_(a), reps=20)
+    read_ms = cuda_ms(lambda: a.sum(dtype=torch.float32), reps=20)
+    bw = 2 * a.nbytes / (copy_ms / 1e3)
+    emit({"section": "bw", "copy_bytes": a.nbytes, "copy_ms": round(copy_ms, 3), "copy_tb_s": round(bw / 1e12, 3),
+          "read_tb_s": round(a.nbytes / (read_ms / 1e3) / 1e12, 3)})
+    del a, b
+    free_memory()
+    return bw
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads from the weights: all but the embedding table (rows gathered)."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.nbytes for p in model.parameters()) - embed.nbytes
+
+
+def kv_entry_bytes(model) -> int:
+    cfg = model.config
+    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 2  # K and V, bf16
+
+
+def roofline(model, entries_read: int, batch: int, bw: float, measured_ms: float) -> dict:
+    bytes_read = weight_bytes(model) + entries_read * kv_entry_bytes(model) + batch * model.config.hidden_size * 2
+    ms = bytes_read / bw * 1e3
+    return {"bytes_read_gb": round(bytes_read / GB, 3), "roofline_ms": round(ms, 3),
+            "fraction": round(ms / measured_ms, 3)}
+
+
+# --- baseline: plain transformers -------------------------------------------------------------
+@torch.inference_mode()
+def baseline(model, context: int, bw: float, steps: int = 32) -> None:
+    free_memory()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, 128000, (1, context), device="cuda")
+    cache = DynamicCache(config=model.config)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated()
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+    def step():
+        nonlocal tok
+        tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
+    ms = cuda_ms(lambda: [step() for _ in range(steps)], reps=1, warmup=1) / steps
+    emit({"section": "baseline", "engine": "transformers DynamicCache", "context": context, "prefill_s": round(prefill_s, 3),
+          "peak_prefill_gb": round(peak / GB, 2), "kv_gb": round(kv / GB, 3), "decode_ms": round(ms, 2)}
+         | roofline(model, context, 1, bw, ms))
+    del cache, out
+    free_memory()
+
+
+# --- kvbudget: block-wise prefill, eager and graph decode ----------------------------------------
+@torch.inference_mode()
+def budgeted(model, name: str, budget: int | None, context: int, bw: float, block: int = 2048, steps: int = 64) -> None:
+    free_memory()
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    policy = kb.policy(name, budget=budget, block_size=block) if budget else kb.policy(name, block_size=block)
+    cache = policy.new_cache(model)
+    ids = torch.randint(0, 128000, (1, context), device="cuda")
+    logits, stats = kb.prefill(model, cache, policy, ids, block_size=block)
+    peak = torch.cuda.max_memory_allocated()
+    entries = int(sum(layer.lengths().sum() for layer in cache.budgeted_layers()) // len(cache.budgeted))
+    kv_entries = entries // model.config.num_key_value_heads  # per head, mean over layers
+    row = {"section": "budget", "policy": name, "budget": budget, "context": context, "block": block,
+           "prefill_s": round(stats.seconds, 3), "compress_share": round(stats.compress_seconds / stats.seconds, 4),
+           "peak_prefill_gb": round(peak / GB, 2), "weights_gb": round(weights / GB, 2),
+           "kv_gb": round(cache.nbytes() / GB, 3), "entries_per_head": kv_entries}
+    tok = logits.argmax(-1, keepdim=True)
+
+    # Eager decode on the BudgetedCache (inside scratch, so the cache is unchanged afterwards).
+    with cache.scratch():
+        def eager():
+            nonlocal tok
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
+        row["eager_decode_ms"] = round(cuda_ms(lambda: [eager() for _ in range(16)], reps=1, warmup=0) / 16, 2)
+    # Static buffers + CUDA graph.
+    dec = kstatic.StaticDecoder.from_cache(model, cache, capacity=steps * 3 + 8)
+    first = tok[:, 0]
+    dec.step(first)  # capture
+    graph_ms = cuda_ms(lambda: [dec.step(first) for _ in range(steps)], reps=2, warmup=0) / steps
+    row["graph_decode_ms"] = round(graph_ms, 3)
+    row["graph_speedup_vs_eager"] = round(row["eager_decode_ms"] / graph_ms, 2)
+    emit(row | roofline(model, kv_entries, 1, bw, graph_ms))
+    del dec, cache
+    free_memory()
+
+
+# --- batch: the largest batch of 32k conversations --------------------------------------------------
+def synthetic_decoder(model, batch: int, entries: int, room: int) -> kstatic.StaticDecoder:
+    """A StaticDecoder over ``batch`` sequences holding ``entries`` random K/V per head."""
+    cfg = model.config
+    layers = []
+    bh = batch * cfg.num_key_value_heads
+    width = entries + room
+    for _ in range(cfg.num_hidden_layers):
+        keys = torch.empty(bh * width, cfg.head_dim, dtype=torch.bfloat16, device="cuda").normal_()
+        values = torch.empty_like(keys).normal_()
+        starts = torch.arange(bh, device="cuda", dtype=torch.long) * width
+        lens = torch.full((bh,), entries, dtype=torch.int32, device="cuda")
+        layers.append(kstatic.StaticLayer(keys, values, starts, lens, width, dense=True))
+    positions = torch.full((batch,), 32768, dtype=torch.long)
+    return kstatic.StaticDecoder(model, layers, positions, capacity=room)
+
+
+@torch.inference_mode()
+def try_batch(model, batch: int, entries: int, steps: int = 8) -> float | None:
+    """Decode ms/step at ``batch`` with ``entries`` per head, or None if it does not fit."""
+    dec = None
+    try:
+        free_memory()
+        dec = synthetic_decoder(model, batch, entries, room=steps + 2)
+        tok = torch.randint(0, 128000, (batch,), device="cuda")
+        dec.step(tok)
+        ms = cuda_ms(lambda: [dec.step(tok) for _ in range(steps // 2)], reps=2, warmup=0) / (steps // 2)
+        return ms
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del dec
+        free_memory()
+
+
+@torch.inference_mode()
+def try_dynamic_batch(model, batch: int, context: int, steps: int = 4) -> float | None:
+    """Plain transformers at ``batch`` x ``context`` (random KV filled in), ms/step or None."""
+    cache = None
+    try:
+        free_memory()
+        cfg = model.config
+        cache = DynamicCache(config=cfg)
+        for i in range(cfg.num_hidden_layers):
+            k = torch.empty(batch, cfg.num_key_value_heads, context, cfg.head_dim, dtype=torch.bfloat16, device="cuda").normal_()
+            cache.update(k, torch.empty_like(k).normal_(), i)
+        tok = torch.randint(0, 128000, (batch, 1), device="cuda")
+        model(input_ids=tok, past_key_values=cache, use_cache=True)
+        return cuda_ms(lambda: [model(input_ids=tok, past_key_values=cache, use_cache=True) for _ in range(steps)],
+                       reps=1, warmup=0) / steps
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del cache
+        free_memory()
+
+
+def largest(fn, guess: int) -> tuple[int, float]:
+    """Largest batch for which ``fn(batch)`` returns a time (bisection around ``guess``)."""
+    lo, lo_ms = 0, None
+    hi = guess
+    while (ms := fn(hi)) is not None:  # grow until it fails
+        lo, lo_ms, hi = hi, ms, hi * 2
+    while hi - lo > max(1, lo // 32):
+        mid = (lo + hi) // 2
+        ms = fn(mid)
+        if ms is None:
+            hi = mid
+        else:
+            lo, lo_ms = mid, ms
+    return lo, lo_ms
+
+
+def batch_section(model, bw: float, context: int = 32768, budget: int = 2048) -> None:
+    free = torch.cuda.mem_get_info()[0]
+    for engine, entries, fn in (
+        ("transformers DynamicCache (full)", context, lambda b: try_dynamic_batch(model, b, context)),
+        ("kvbudget static+graph (full)", context, lambda b: try_batch(model, b, context)),
+        (f"kvbudget static+graph (budget {budget})", budget, lambda b: try_batch(model, b, budget)),
+    ):
+        per_seq = entries * kv_entry_bytes(model)
+        guess = max(1, int(free * 0.6 // per_seq))
+        try:
+            batch, ms = largest(fn, guess)
+        except Exception as exc:  # noqa: BLE001 - one failure must not lose the other rows
+            emit({"section": "batch", "engine": engine, "error": repr(exc)[:500]})
+            continue
+        if not batch:
+            emit({"section": "batch", "engine": engine, "error": "not even batch 1 fits"})
+            continue
+        one = fn(1)
+        emit({"section": "batch", "engine": engine, "context": context, "entries_per_head": entries,
+              "kv_gb_per_seq": round(per_seq / GB, 3), "max_batch": batch, "step_ms": round(ms, 2),
+              "tokens_per_s": round(batch / ms * 1e3, 1), "batch1_ms": round(one, 2) if one else None}
+             | roofline(model, entries * batch, batch, bw, ms))
+
+
+def main() -> None:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sections", default="bw,baseline,budget,batch")
+    parser.add_argument("--contexts", default="8192,32768,131072")
+    parser.add_argument("--budgets", default="1024,2048,4096")
+    parser.add_argument("--policies", default="snapkv")
+    args = parser.parse_args()
+    OUT = Path(args.out)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("")
+    sections = args.sections.split(",")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    bw = bandwidth() if "bw" in sections else 3.0e12
+    model = build()
+    emit({"section": "model", "weights_gb": round(sum(p.nbytes for p in model.parameters()) / GB, 3),
+          "weights_read_per_step_gb": round(weight_bytes(model) / GB, 3), "attention_backend": kstatic.ATTENTION})
+    jobs = []
+    if "baseline" in sections:
+        jobs += [(baseline, (model, c, bw)) for c in contexts]
+    if "budget" in sections:
+        for policy in args.policies.split(","):
+            for budget in (int(b) for b in args.budgets.split(",")):
+                jobs += [(budgeted, (model, policy, budget, c, bw)) for c in contexts]
+    if "batch" in sections:
+        jobs.append((batch_section, (model, bw)))
+    for fn, fargs in jobs:
+        try:
+            fn(*fargs)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            emit({"section": fn.__name__, "args": [str(a) for a in fargs[1:]], "error": repr(exc)[:500]})
+            free_memory()
+    print("\nsummary")
+    for r in ROWS:
+        print({k: v for k, v in r.items() if k not in ("device", "torch")})
+
+
+if __name__ == "__main__":
+    main()
