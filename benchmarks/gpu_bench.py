@@ -277,11 +277,92 @@ def batch_section(model, bw: float, context: int = 32768, budget: int = 2048) ->
              | roofline(model, entries * batch, batch, bw, ms))
 
 
+# --- offload: episode caches host <-> device ------------------------------------------------------
+@torch.inference_mode()
+def offload_section(model, episodes: int = 4, budget: int = 2048, context: int = 8192, turn: int = 512) -> None:
+    """EpiCache's turn step: a turn is prefilled into every episode cache, each brought from host
+    memory and sent back. Blocking copies (pageable memory) vs copies on a side stream into pinned
+    memory that overlap the other episodes' prefill (`BudgetedCache.to(non_blocking=True)`)."""
+    from types import SimpleNamespace
+
+    from kvbudget.episodic import EpisodicSession
+    from kvbudget.prefill import PrefillStats
+
+    free_memory()
+    policy = kb.policy("snapkv", budget=budget, block_size=2048)
+    eps = []
+    for e in range(episodes):
+        cache = policy.new_cache(model)
+        kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, context), device="cuda"))
+        eps.append(SimpleNamespace(cache=cache.to("cpu"), prompt_ids=torch.randint(0, 128000, (1, 64)), stats=PrefillStats()))
+    ids = torch.randint(0, 128000, (1, turn))
+    cache_gb = eps[0].cache.nbytes() / GB
+    for overlap in (False, True, False, True):
+        fake = SimpleNamespace(model=model, policy=policy, block_size=2048, _targets=eps, _active=None, async_copies=overlap)
+        # Each run adds the turn to every cache and compresses back to the budget: same sizes.
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        EpisodicSession._prefill_ids(fake, ids, True, None)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        emit({"section": "offload", "episodes": episodes, "cache_gb": round(cache_gb, 3), "turn_tokens": turn,
+              "async_pinned": overlap, "wall_s": round(wall, 4)})
+    for ep in eps:
+        ep.cache.to("cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for ep in eps:
+        kb.prefill(model, ep.cache, policy, ids, 2048, True, ep.prompt_ids)
+    torch.cuda.synchronize()
+    emit({"section": "offload", "episodes": episodes, "cache_gb": round(cache_gb, 3), "turn_tokens": turn,
+          "async_pinned": None, "note": "no copies: all caches resident", "wall_s": round(time.perf_counter() - t0, 4)})
+    del eps
+    free_memory()
+
+
+# --- profile: where a graph decode step's time goes ------------------------------------------------
+@torch.inference_mode()
+def profile_section(model, bw: float, entries: int = 2048, batch: int = 1) -> None:
+    """Kernels of one decode step (the same kernels the graph replays), grouped: matrix products
+    (weights), attention, everything else; with the bytes the matrix products must read."""
+    from torch.profiler import ProfilerActivity, profile
+
+    free_memory()
+    dec = synthetic_decoder(model, batch, entries, room=16)
+    dec.use_graph = False
+    tok = torch.randint(0, 128000, (batch,), device="cuda")
+    for _ in range(3):
+        dec.step(tok)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.step(tok)
+        torch.cuda.synchronize()
+    groups: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.name.lower()
+        kind = ("matmul" if any(k in name for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "splitk"))
+                else "attention" if any(k in name for k in ("attention", "fmha", "flash", "varlen", "decode"))
+                else "other")
+        groups.setdefault(kind, []).append(ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total)
+    row = {"section": "profile", "batch": batch, "entries_per_head": entries}
+    for kind, times in groups.items():
+        row[f"{kind}_kernels"] = len(times)
+        row[f"{kind}_ms"] = round(sum(times) / 1e3, 3)
+    matmul_ms = row.get("matmul_ms", 0)
+    if matmul_ms:
+        row["matmul_tb_s"] = round(weight_bytes(model) / (matmul_ms / 1e3) / 1e12, 3)
+    row["kernel_ms_total"] = round(sum(sum(t) for t in groups.values()) / 1e3, 3)
+    emit(row)
+    del dec
+    free_memory()
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--sections", default="bw,baseline,budget,batch")
+    parser.add_argument("--sections", default="bw,baseline,budget,offload,profile,batch")
     parser.add_argument("--contexts", default="8192,32768,131072")
     parser.add_argument("--budgets", default="1024,2048,4096")
     parser.add_argument("--policies", default="snapkv")
@@ -302,6 +383,10 @@ def main() -> None:
         for policy in args.policies.split(","):
             for budget in (int(b) for b in args.budgets.split(",")):
                 jobs += [(budgeted, (model, policy, budget, c, bw)) for c in contexts]
+    if "profile" in sections:
+        jobs.append((profile_section, (model, bw)))
+    if "offload" in sections:
+        jobs.append((offload_section, (model,)))
     if "batch" in sections:
         jobs.append((batch_section, (model, bw)))
     for fn, fargs in jobs:

@@ -50,6 +50,28 @@ def compare_caches(a, b) -> float:
     return worst
 
 
+def check_async_copies(model) -> int:
+    """A cache sent to pinned host memory and back with non_blocking copies is unchanged, also
+    while the GPU computes something else meanwhile."""
+    policy = kb.policy("snapkv", budget=512, block_size=512)
+    cache = policy.new_cache(model)
+    kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, 2000), device="cuda"))
+    before = [(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in cache.budgeted_layers()]
+    cache.to("cpu", non_blocking=True)
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy.T / 64  # compute queued on the main stream meanwhile
+    cache.wait()
+    pinned = all(layer.keys.is_pinned() for layer in cache.budgeted_layers())
+    cache.to("cuda", non_blocking=True)
+    cache.wait()
+    same = all(torch.equal(a, layer.keys) and torch.equal(b, layer.values) and torch.equal(c, layer.positions)
+               for (a, b, c), layer in zip(before, cache.budgeted_layers()))
+    ok = same and pinned
+    print(f"{'ok  ' if ok else 'FAIL'} async cache copies: round trip equal={same}, host copy pinned={pinned}")
+    return 0 if ok else 1
+
+
 def main() -> int:
     failures = 0
     model = build(layers=4, dtype=torch.float32)
@@ -75,6 +97,7 @@ def main() -> int:
             print(f"{'ok  ' if ok else 'FAIL'} graph decode == eager  backend={backend:<9} policy={name:<9} "
                   f"tokens equal={eager == graph} ({len(graph)} tokens) max |cache diff|={diff:.2e}", flush=True)
     kstatic.ATTENTION = "auto"
+    failures += check_async_copies(model)
     print("FAILURES:", failures)
     return 1 if failures else 0
 

@@ -343,24 +343,36 @@ class BudgetedLayer(CacheLayerMixin):
         self.queries = self.query_positions = None
 
 
-def _move_tensors(obj, device: torch.device) -> None:
-    """Move the tensors held by ``obj``'s attributes (also inside dicts and dataclasses) in place."""
+def _move_tensors(obj, device: torch.device, move=None) -> None:
+    """Move the tensors held by ``obj``'s attributes (also inside dicts and dataclasses) in place;
+    ``move(tensor)`` does the copy (default: ``tensor.to(device)``)."""
+    move = move or (lambda t: t.to(device))
 
     def moved(value):
         if isinstance(value, Tensor):
-            return value.to(device)
+            return move(value)
         if isinstance(value, dict):
             return {k: moved(v) for k, v in value.items()}
         if isinstance(value, tuple):
             return tuple(moved(v) for v in value)
         if hasattr(value, "__dataclass_fields__"):
-            _move_tensors(value, device)
+            _move_tensors(value, device, move)
         return value
 
     for name, value in list(vars(obj).items()):
         setattr(obj, name, moved(value))
     if hasattr(obj, "device") and isinstance(getattr(obj, "device", None), torch.device):
         obj.device = device
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per GPU for host<->device copies of caches (they overlap compute)."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 def _layer_types(config) -> list[str]:
@@ -399,6 +411,7 @@ class BudgetedCache(Cache):
         self.unscored: list[Tensor] = []  # token ids fed since the last compression (KVzip repeats them)
         self._scratch: list = []  # one entry per open `scratch` block: None or a snapshot
         self._snapshot_bytes = 0
+        self._pending = None  # (event, device) of a non-blocking `to` in flight
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[self.budgeted[0]].seen if self.budgeted else super().get_seq_length(layer_idx)
@@ -409,13 +422,60 @@ class BudgetedCache(Cache):
             return layer.max_entries
         return super().get_query_offset(layer_idx)
 
-    def to(self, device: "torch.device | str") -> "BudgetedCache":
-        """Move every held tensor to ``device`` (EpiCache keeps idle episode caches on CPU)."""
+    def to(self, device: "torch.device | str", non_blocking: bool = False) -> "BudgetedCache":
+        """Move every held tensor to ``device`` (EpiCache keeps idle episode caches on CPU).
+
+        ``non_blocking`` (between CPU and a GPU): the copies run on a side stream, into pinned
+        host memory when offloading, and return at once, so they overlap whatever the GPU and
+        the host do next. Call `wait` before the cache is used again (the episodic session and
+        the session file do)."""
         device = torch.device(device)
-        for layer in self.layers:
-            if layer.is_initialized and layer.keys is not None and layer.keys.device != device:
+        layers = [layer for layer in self.layers
+                  if layer.is_initialized and layer.keys is not None and layer.keys.device != device]
+        if not layers:
+            return self
+        gpu = device if device.type == "cuda" else layers[0].keys.device
+        if not non_blocking or gpu.type != "cuda":
+            self.wait()
+            for layer in layers:
                 _move_tensors(layer, device)
+            return self
+        self.wait()
+        stream = _copy_stream(gpu)
+        stream.wait_stream(torch.cuda.current_stream(gpu))  # the data must be final before copying
+
+        def move(t: Tensor) -> Tensor:
+            if t.device == device:
+                return t
+            if device.type == "cpu":
+                dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            else:
+                dst = torch.empty(t.shape, dtype=t.dtype, device=device)
+            with torch.cuda.stream(stream):
+                dst.copy_(t, non_blocking=True)
+            for x in (t, dst):  # keep the allocator from reusing either before the copy ends
+                if x.is_cuda:
+                    x.record_stream(stream)
+            return dst
+
+        for layer in layers:
+            _move_tensors(layer, device, move)
+        self._pending = (torch.cuda.Event(), device)
+        self._pending[0].record(stream)
         return self
+
+    def wait(self) -> None:
+        """Wait for a non-blocking `to`: the GPU's current stream waits for copies to the GPU
+        (no host stall), the host waits for copies to the CPU."""
+        pending = self._pending
+        if pending is None:
+            return
+        event, device = pending
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).wait_event(event)
+        else:
+            event.synchronize()
+        self._pending = None
 
     def budgeted_layers(self) -> list[BudgetedLayer]:
         return [self.layers[i] for i in self.budgeted]

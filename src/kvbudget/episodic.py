@@ -130,19 +130,32 @@ class EpisodicSession(Session):
         self._targets: list[Episode] = []
         self.build_seconds = 0.0  # windowing + embedding + clustering
 
+    # Copies between host and GPU overlap compute: the next episode's cache is brought in, and
+    # the last one's sent back to pinned host memory, on a side stream while this one prefills.
+    async_copies: bool = True
+
     # Feeding goes to the target episodes, each scored by its own patched prompt.
     def _prefill_ids(self, ids: Tensor, compress_last: bool, scoring_ids: Tensor | None) -> tuple[Tensor, PrefillStats]:
         total = PrefillStats(tokens=ids.shape[1])
         logits = None
-        for ep in self._targets:
-            ep.cache.to(self.model.device)
+        device = self.model.device
+        overlap = self.async_copies and torch.device(device).type == "cuda"
+        targets = list(self._targets)
+        if targets:
+            targets[0].cache.to(device, non_blocking=overlap)
+        for j, ep in enumerate(targets):
+            ep.cache.wait()
+            if j + 1 < len(targets):
+                targets[j + 1].cache.to(device, non_blocking=overlap)
             logits, stats = prefill(self.model, ep.cache, self.policy, ids, self.block_size, compress_last, ep.prompt_ids)
             if ep is not self._active:
-                ep.cache.to("cpu")
+                ep.cache.to("cpu", non_blocking=overlap)
             ep.stats.add(stats)
             total.blocks += stats.blocks
             total.seconds += stats.seconds
             total.compress_seconds += stats.compress_seconds
+        for ep in targets:  # copies still in flight end here (a cache is never left pending)
+            ep.cache.wait()
         return logits, total
 
     _active: Episode | None = None
