@@ -1,5 +1,11 @@
 """Shared fixtures: the real default model (session-scoped) and tiny random-weight models."""
 
+import os
+
+# The Triton kernels (test_kernels.py) run on CPU under Triton's interpreter. The variable must be
+# set before triton is first imported, and importing transformers' model classes below imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from contextlib import contextmanager
 
 import pytest

@@ -1,0 +1,271 @@
+"""Decode kernels (kvbudget.kernels): the Triton kernels run under Triton's interpreter on CPU
+tensors and must match a float64 reference; the dispatch falls back to the torch path on CPU.
+
+CI has no GPU: TRITON_INTERPRET=1 makes the same kernel source run in numpy. It must be set
+before triton is first imported: conftest.py sets it (transformers imports triton there), and
+so does the top of this module for a run without that conftest.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev] on Linux)")
+
+import triton.runtime.interpreter as _interp
+
+import kvbudget.kernels as K
+from kvbudget.kernels import kivi_decode as KD
+from kvbudget.kernels import varlen_decode as VD
+from kvbudget.policies.kivi import KIVI
+from kvbudget.store import rebuild_body
+
+INTERPRETED = isinstance(triton.language.zeros, _interp.InterpretedFunction)
+if not INTERPRETED:
+    raise RuntimeError(
+        "triton was imported before TRITON_INTERPRET=1 was set: the kernels cannot run on CPU. "
+        "Set it in the environment or at the top of conftest.py."
+    )
+
+
+def _shim_numpy_24() -> None:
+    """triton 3.6's interpreter converts its one-element scalar arrays with int(array), which
+    numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream after 3.6): a loop like
+    ``range(lo, hi)`` with runtime bounds then fails in the interpreter only. Take the element."""
+    original = _interp._patch_lang_tensor
+    if getattr(original, "_kvbudget_shim", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._kvbudget_shim = True
+    _interp._patch_lang_tensor = patched
+
+
+_shim_numpy_24()
+
+# bfloat16: the interpreter's float32 -> bfloat16 casts truncate (the GPU rounds to nearest), which
+# biases dequantised values and probabilities by ~0.3%: CPU errors reach ~1e-2, GPU ones ~2e-3.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+GQA = [(4, 2), (8, 2)]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Scratch buffers start as NaN, so a slot a kernel forgets to write shows up."""
+    real = VD.new_partials
+
+    def new_partials(q, splits, dv):
+        o, lse = real(q, splits, dv)
+        return o.fill_(float("nan")), lse.fill_(float("nan"))
+
+    monkeypatch.setattr(VD, "new_partials", new_partials)
+    monkeypatch.setattr(KD, "new_partials", new_partials)
+
+
+def _nan_out(b, hq, dv, dtype):
+    return torch.full((b, hq, dv), float("nan"), dtype=dtype)
+
+
+def _naive(q, heads_k, heads_v, scale):
+    """Float64 ground truth: one head at a time. heads_k[b][h]: [n, D] (n may be 0)."""
+    b, hq, _ = q.shape
+    hkv = len(heads_k[0])
+    g = hq // hkv
+    out = torch.zeros(b, hq, heads_v[0][0].shape[-1], dtype=torch.float64)
+    for i in range(b):
+        for j in range(hq):
+            k, v = heads_k[i][j // g].double(), heads_v[i][j // g].double()
+            if k.shape[0]:
+                p = torch.softmax(k @ q[i, j].double() * scale, dim=0)
+                out[i, j] = p @ v
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq,hkv", GQA)
+def test_dense_decode_matches_float64(poisoned, dtype, d, hq, hkv):
+    gen = torch.Generator().manual_seed(hash((str(dtype), d, hq)) % 2**31)
+    b, cap = 2, 200
+    # A view of a larger buffer (static capacity with room to spare): strides, not a copy.
+    big_k = torch.randn(b, hkv, cap + 37, d, generator=gen).to(dtype)
+    big_v = torch.randn(b, hkv, cap + 37, d, generator=gen).to(dtype)
+    k, v = big_k[:, :, :cap], big_v[:, :, :cap]
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    lens = torch.tensor([[0, 1], [130, 200]], dtype=torch.int32)  # empty, one, non-multiple of 64, full
+    scale = d**-0.5
+    ref = _naive(q, [[k[i, h, : lens[i, h]] for h in range(hkv)] for i in range(b)],
+                 [[v[i, h, : lens[i, h]] for h in range(hkv)] for i in range(b)], scale)
+    for splits in (None, 1, 3):
+        out = VD.decode_attention(q, k, v, lens, scale, num_splits=splits, out=_nan_out(b, hq, d, dtype))
+        assert out.dtype == dtype and out.shape == (b, hq, d)
+        assert _rel(out, ref) < TOL[dtype], splits
+        assert (out[0, : hq // hkv] == 0).all()  # a head of length 0 gives zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", GQA)
+def test_ragged_decode_matches_float64(poisoned, dtype, hq, hkv):
+    gen = torch.Generator().manual_seed(11 + hq)
+    b, d, dv = 3, 64, 128  # value dim differs from key dim
+    lens = torch.tensor([0, 1, 64, 65, 250, 7], dtype=torch.int32)[: b * hkv]
+    # Heads laid out in a shuffled order with gaps between them.
+    order = torch.randperm(b * hkv, generator=gen)
+    starts = torch.zeros(b * hkv, dtype=torch.int64)
+    pos = 5
+    for i in order.tolist():
+        starts[i] = pos
+        pos += int(lens[i]) + 3
+    k = torch.randn(pos, d, generator=gen).to(dtype)
+    v = torch.randn(pos, dv, generator=gen).to(dtype)
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    heads = [[slice(int(starts[i * hkv + h]), int(starts[i * hkv + h] + lens[i * hkv + h])) for h in range(hkv)] for i in range(b)]
+    ref = _naive(q, [[k[s] for s in row] for row in heads], [[v[s] for s in row] for row in heads], 0.1)
+    out = VD.varlen_decode_attention(q, k, v, starts, lens, 0.1, num_splits=4)
+    assert out.shape == (b, hq, dv) and _rel(out, ref) < TOL[dtype]
+    out = VD.varlen_decode_attention(q, k, v, starts, lens, 0.1)  # max_len read from lens
+    assert _rel(out, ref) < TOL[dtype]
+    # An under-estimated max_len only slows down: the last split runs to each head's end.
+    out = VD.varlen_decode_attention(q, k, v, starts, lens, 0.1, max_len=64, num_splits=2)
+    assert _rel(out, ref) < TOL[dtype]
+
+
+def test_split_choice_fills_the_machine():
+    splits, per = VD.choose_splits(programs=8, max_len=32768, block_n=64, sms=132)
+    assert 8 * splits >= 132 and per % 64 == 0 and splits * per >= 32768
+    assert VD.choose_splits(programs=256, max_len=2048, block_n=64, sms=132)[0] == 2
+    assert VD.choose_splits(programs=8, max_len=10, block_n=64, sms=132) == (1, 64)
+    assert VD.choose_splits(programs=8, max_len=0, block_n=64, sms=132) == (1, 64)
+
+
+def _kivi_layer(store, b, hkv, d, dtype, gen, m=300, tail=30):
+    """A real KIVI body built by the store machinery: encode ``m - 44`` entries (a partial last
+    chunk included), then evict a random subset per head (chunk ids become irregular, emptied
+    chunks are dropped) and encode more tail entries into the body."""
+    k = torch.randn(b, hkv, m, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, m, d, generator=gen).to(dtype)
+    k[..., 3] *= 8  # an outlier channel, as in real keys
+    idx = torch.arange(m).expand(b, hkv, m)
+    body, tk, tv = rebuild_body(store, None, k, v, idx, 44, None)
+    nb, keep = len(body), 150
+    sel = torch.stack([torch.randperm(nb, generator=gen)[:keep].sort().values for _ in range(b * hkv)]).view(b, hkv, keep)
+    idx = torch.cat([sel, nb + torch.arange(44).expand(b, hkv, 44)], -1)
+    return rebuild_body(store, body, tk, tv, idx, tail, None)
+
+
+def _dequant_then_attend(q, body, store, tk, tv, scale, body_lens=None, tail_lens=None):
+    """What kvbudget does today: decode the body in the model dtype, then attend (float64)."""
+    bk, bv = body.decode(store, tk.dtype)
+    b, hkv = tk.shape[:2]
+    bl = body_lens if body_lens is not None else torch.full((b, hkv), bk.shape[2])
+    tl_ = tail_lens if tail_lens is not None else torch.full((b, hkv), tk.shape[2])
+    return _naive(
+        q,
+        [[torch.cat([bk[i, h, : bl[i, h]], tk[i, h, : tl_[i, h]]]) for h in range(hkv)] for i in range(b)],
+        [[torch.cat([bv[i, h, : bl[i, h]], tv[i, h, : tl_[i, h]]]) for h in range(hkv)] for i in range(b)],
+        scale,
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,hq,hkv", [(128, 4, 2), (64, 8, 2)])
+def test_kivi_fused_equals_dequantize_then_attend(poisoned, bits, dtype, d, hq, hkv):
+    gen = torch.Generator().manual_seed(bits * 1000 + d + hq)
+    store = KIVI(bits=bits)
+    b = 2
+    body, tk, tv = _kivi_layer(store, b, hkv, d, dtype, gen)
+    assert body.chunk_id is not None and len(body) > 64
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    scale = d**-0.5
+    assert KD.kivi_supported(q, body, store, tk) is None
+    ref = _dequant_then_attend(q, body, store, tk, tv, scale)
+    out = KD.kivi_decode_attention(q, body, store, tk, tv, scale, num_splits=3, out=_nan_out(b, hq, d, dtype))
+    assert out.dtype == dtype and _rel(out, ref) < TOL[dtype]
+    out = KD.kivi_decode_attention(q, body, store, tk, tv, scale)  # automatic split count
+    assert _rel(out, ref) < TOL[dtype]
+    # Per-head lengths (a static-capacity layout): an empty body head, an empty tail head.
+    body_lens = torch.tensor([[0, 70], [len(body), 1]], dtype=torch.int32)
+    tail_lens = torch.tensor([[5, 0], [tk.shape[2], 17]], dtype=torch.int32)
+    ref = _dequant_then_attend(q, body, store, tk, tv, scale, body_lens, tail_lens)
+    out = KD.kivi_decode_attention(q, body, store, tk, tv, scale, tail_lens=tail_lens, body_lens=body_lens, num_splits=2)
+    assert _rel(out, ref) < TOL[dtype]
+
+
+def test_kivi_fused_on_a_prefilled_layer(poisoned):
+    """A layer filled by the real prefill loop (snapkv eviction + kivi4): the fused kernel over
+    its body and tail equals attention over `BudgetedLayer._with_body` (dequantize, concat)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import kvbudget as kb
+    from kvbudget.attention import attach
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    attach(model)
+    policy = kb.policy("snapkv+kivi4", budget=160, block_size=64, residual=32)
+    cache = policy.new_cache(model)
+    kb.prefill(model, cache, policy, torch.randint(0, 96, (1, 300)), 64)
+    layer = cache.budgeted_layers()[0]
+    assert layer.body is not None and isinstance(layer.store, KIVI)
+    keys, values = layer._with_body(layer.keys, layer.values)
+    q = torch.randn(1, 4, 64)
+    ref = _naive(q, [[keys[0, h] for h in range(2)]], [[values[0, h] for h in range(2)]], 0.125)
+    out = KD.kivi_decode_attention(q, layer.body, layer.store, layer.keys, layer.values, 0.125)
+    assert _rel(out, ref) < TOL[torch.float32]
+
+
+def test_dispatch_uses_the_torch_path_on_cpu(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 64, generator=gen)
+    k, v = torch.randn(1, 2, 90, 64, generator=gen), torch.randn(1, 2, 90, 64, generator=gen)
+    lens = torch.tensor([[0, 77]])
+    calls = []
+    monkeypatch.setattr(VD, "decode_attention", lambda *a, **kw: calls.append(1))
+    out = K.decode_attention(q, k, v, lens, 0.125)
+    assert not calls  # CPU tensors never reach the Triton path outside the interpreter tests
+    assert torch.equal(out, K.reference_decode_attention(q, k, v, lens, 0.125))
+    monkeypatch.undo()
+    assert _rel(out, VD.decode_attention(q, k, v, lens, 0.125)) < 1e-5
+    assert torch.equal(out[0, :2], torch.zeros(2, 64))
+    flat_k, flat_v = k[0].reshape(-1, 64), v[0].reshape(-1, 64)
+    starts = torch.tensor([0, 90])
+    ragged = K.varlen_decode_attention(q, flat_k, flat_v, starts, lens[0], 0.125)
+    assert torch.allclose(ragged, out, atol=1e-6)
+
+
+def test_kivi_dispatch_falls_back_where_the_kernel_does_not_apply(monkeypatch):
+    from kvbudget.policies.mikv import MiKV
+
+    gen = torch.Generator().manual_seed(6)
+    store = KIVI(bits=4)
+    body, tk, tv = _kivi_layer(store, 1, 2, 64, torch.float32, gen)
+    q = torch.randn(1, 4, 64, generator=gen)
+    out = K.kivi_decode_attention(q, body, store, tk, tv, 0.125)
+    ref = K.reference_kivi_decode_attention(q, body, store, tk, tv, 0.125)
+    assert torch.equal(out, ref)
+    assert _rel(ref, _dequant_then_attend(q, body, store, tk, tv, 0.125)) < 1e-5
+    assert "not plain KIVI" in KD.kivi_supported(q, body, MiKV(), tk)
+    small = KIVI(bits=2)
+    body2, tk2, _ = _kivi_layer(small, 1, 2, 32, torch.float32, gen)
+    assert "too small" in KD.kivi_supported(torch.randn(1, 4, 32), body2, small, tk2)
+    assert K.HAVE_TRITON
+    # Only a tail (nothing encoded yet): the varlen kernel alone.
+    out = KD.kivi_decode_attention(q, None, store, tk, tv, 0.125)
+    assert _rel(out, _naive(q, [[tk[0, h] for h in range(2)]], [[tv[0, h] for h in range(2)]], 0.125)) < 1e-5
