@@ -15,6 +15,7 @@ FLOP estimate. One JSON object per line (stdout and --out). A few seconds on an 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -119,10 +120,15 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("scoring_bench needs CUDA")
-    out = open(args.out, "w") if args.out else None
+    with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
+        run(args, out)
+
+
+def run(args: argparse.Namespace, out) -> None:
+    """Every row, printed and written to ``out`` (a file or None) as it is measured."""
 
     def emit(row: dict) -> None:
-        row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+        row = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}
         line = json.dumps(row | {"m": args.m, "n": args.n, "heads": args.heads, "kv_heads": args.kv_heads,
                                  "head_dim": args.head_dim, "dtype": args.dtype, "device": torch.cuda.get_device_name()})
         print(line, flush=True)
@@ -159,8 +165,6 @@ def main() -> None:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             emit(row)
             torch.cuda.empty_cache()
-    if out:
-        out.close()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 from torch import Tensor
 
 from kvbudget import scoring
@@ -20,7 +20,7 @@ from kvbudget.policies import SCORERS, load_all
 from kvbudget.policies.base import Observation
 
 triton = pytest.importorskip("triton")
-from kvbudget.kernels import attn_scores  # noqa: E402,F401 - the kernels import
+from kvbudget.kernels import attn_scores  # noqa: F401 - the kernels import
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -287,5 +287,5 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = str(Path(__file__).resolve().parent.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", COMPILE], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
