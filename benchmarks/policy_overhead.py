@@ -14,12 +14,18 @@ Run (quick CPU check, then the GPU shape):
     python benchmarks/policy_overhead.py --model llama8b --device cuda --context 8192,32768 \\
         --budget 2048 --block-size 2048 --policies all --repeats 3 --out ovh-h100.jsonl
 One JSON object per line goes to --out; a table goes to stdout.
+
+``--scoring materialise|chunked|triton|auto`` (default: the environment's KVBUDGET_SCORING,
+else auto) picks how attention reductions over many queries are computed (H2O, A2SF, KVzip,
+LazyEviction, SnapKV's sum; `kvbudget.scoring`): ``materialise`` is the old full-matrix path,
+for before/after comparisons in one checkout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -195,12 +201,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--scoring", choices=("auto", "materialise", "chunked", "triton"), default=None,
+                   help="attention-reduction path (sets KVBUDGET_SCORING)")
     args = p.parse_args()
+    if args.scoring:
+        os.environ["KVBUDGET_SCORING"] = args.scoring
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
     contexts = [int(c) for c in args.context.split(",")]
     model = load(args.model, args.device)
     env = environment(args.device, args.model) | {"seed": args.seed}
+    env["scoring"] = os.environ.get("KVBUDGET_SCORING", "auto")
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(model.config.vocab_size, (1, max(contexts)), generator=gen)
     print(json.dumps(env))

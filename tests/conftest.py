@@ -1,15 +1,15 @@
 """Shared fixtures: the real default model (session-scoped) and tiny random-weight models."""
 
 import os
-
-# The Triton kernels (test_kernels.py) run on CPU under Triton's interpreter. The variable must be
-# set before triton is first imported, and importing transformers' model classes below imports it.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from contextlib import contextmanager
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in triton's interpreter (numpy). It must be chosen before
+# triton is first imported, and transformers' model classes import it: so here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kvbudget as kb

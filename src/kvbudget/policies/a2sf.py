@@ -20,6 +20,6 @@ class A2SF(Scorer):
         self.forget = forget
 
     def score(self, obs: Observation) -> Tensor:
-        acc = self.forget * obs.state.get("a2sf", obs.zeros()) + obs.attention.sum(dim=2)
+        acc = self.forget * obs.state.get("a2sf", obs.zeros()) + obs.attention_sum()
         obs.state["a2sf"] = acc
         return acc

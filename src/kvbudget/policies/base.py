@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
@@ -18,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .. import scoring
 from ..allocation import HEAD_ADAPTIVE, get_allocator
 from ..budget import Budget, parse_budget
 from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, padded_to_ragged
@@ -48,23 +50,49 @@ class Observation:
     @cached_property
     def attention(self) -> Tensor:
         """softmax(Q K^T * scaling) of the observed queries, causal by position, averaged over the
-        query heads of each KV head: [B, H, m, n] (float32)."""
+        query heads of each KV head: [B, H, m, n] (float32). Materialises the whole matrix: for
+        scorers with few queries (a window); reductions over many queries use `attention_sum`,
+        `attention_max` or `attention_chunks`."""
         return self.group_attention().mean(2)
 
     def group_attention(self) -> Tensor:
         """The same attention before averaging the query heads of each group: [B, H, g, m, n].
         Softmax is over the cached entries (tokens the queries belong to are not in the cache)."""
+        q = self._queries()
+        return scoring.group_probs(q, self.keys, scoring.key_positions(self.positions, self.valid),
+                                   self.query_positions, self.scaling)
+
+    def attention_sum(self, weights: Tensor | None = None) -> Tensor:
+        """``attention.sum(2)`` without the [m, n] matrix: the attention each entry received,
+        summed over the queries (each times ``weights[i]``, [m], when given): [B, H, n] float32.
+        Triton on CUDA, query chunks elsewhere (`kvbudget.scoring`)."""
+        if "attention" in self.__dict__:  # already materialised: reuse it
+            a = self.attention
+            return (a if weights is None else a * weights.to(a)[:, None]).sum(2)
+        return self._reduce("sum", weights)
+
+    def attention_max(self) -> Tensor:
+        """``group_attention().amax(dim=(2, 3))`` without the matrix: the largest attention each
+        entry received from any query head of its group and any query: [B, H, n] float32."""
+        return self._reduce("max")
+
+    def attention_chunks(self) -> Iterator[tuple[int, Tensor]]:
+        """``attention`` a chunk of queries at a time, for per-query logic (LazyEviction):
+        (index of the chunk's first query, [B, H, mc, n] float32), in query order."""
+        if "attention" in self.__dict__:  # already materialised: one chunk
+            return iter([(0, self.attention)])
+        q = self._queries()
+        kpos = scoring.key_positions(self.positions, self.valid)
+        return scoring.attention_chunks(q, self.keys, kpos, self.query_positions.to(self.keys.device), self.scaling)
+
+    def _reduce(self, mode: str, weights: Tensor | None = None) -> Tensor:
+        return scoring.attention_reduce(self._queries(), self.keys, self.positions, self.valid,
+                                        self.query_positions, self.scaling, mode, weights)
+
+    def _queries(self) -> Tensor:
         if self.queries is None:
             raise RuntimeError("this scorer needs queries but none were observed")
-        b, hq, m, d = self.queries.shape
-        h = self.keys.shape[1]
-        q = self.queries.float().view(b, h, hq // h, m, d)
-        logits = torch.einsum("bhgmd,bhnd->bhgmn", q, self.keys.float()) * self.scaling
-        future = self.positions[:, :, None, None, :] > self.query_positions.to(self.positions)[None, None, None, :, None]
-        if self.valid is not None:
-            future = future | ~self.valid[:, :, None, None, :]
-        # A query whose visible keys were all evicted earlier contributes nothing (not NaN).
-        return logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0)
+        return self.queries
 
     def zeros(self) -> Tensor:
         """A [B, H, n] float tensor of zeros, for scorers that build a score step by step."""

@@ -22,7 +22,7 @@ class H2O(Scorer):
         self.recent = recent
 
     def score(self, obs: Observation) -> Tensor:
-        acc = obs.state.get("h2o", obs.zeros()) + obs.attention.sum(dim=2)
+        acc = obs.state.get("h2o", obs.zeros()) + obs.attention_sum()
         obs.state["h2o"] = acc
         n_recent = int(obs.budget * self.recent)
         return torch.where(obs.positions >= obs.seen - n_recent, torch.inf, acc)

@@ -46,7 +46,7 @@ class KVzip(Scorer):
         return torch.cat([self.prefix.to(fed.device), fed], dim=1)
 
     def score(self, obs: Observation) -> Tensor:
-        received = obs.group_attention().amax(dim=(2, 3))  # max over query heads and queries
+        received = obs.attention_max()  # max over query heads and queries
         best = torch.maximum(obs.state.get("kvzip", obs.zeros()), received)
         obs.state["kvzip"] = best
         return best

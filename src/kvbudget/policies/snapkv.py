@@ -21,7 +21,7 @@ class SnapKV(Scorer):
         self.kernel = kernel
 
     def score(self, obs: Observation) -> Tensor:
-        scores = obs.attention.sum(dim=2)  # [B, H, n]
+        scores = obs.attention_sum()  # [B, H, n]
         b, h, n = scores.shape
         pooled = F.max_pool1d(scores.view(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
         return pooled.view(b, h, n)

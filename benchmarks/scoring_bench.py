@@ -1,0 +1,171 @@
+"""Attention-reduction scoring on CUDA: materialised vs chunked vs Triton (`kvbudget.scoring`).
+
+The shape of one Llama-3.1-8B layer at a block-wise prefill with budget 2048 and block 2048:
+m = 2048 queries (the block), n = 4096 cached entries (budget + block), 32 query heads over 8 KV
+heads, head_dim 128, bf16. Key positions: the budget's 2048 survivors spread over the earlier
+context, then the block itself (causal inside the block), one KV head padded (ragged).
+Per reduction (sum, max) and path: median milliseconds over ``--repeats`` (CUDA events), peak
+extra GPU memory, max relative error vs the materialised float32 reference. For scale: the
+layer's own matmuls (QKV, O, MLP at m tokens) and its SDPA attention on the same shape, plus a
+FLOP estimate. One JSON object per line (stdout and --out). A few seconds on an H100.
+
+    python benchmarks/scoring_bench.py --out scoring-h100.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from kvbudget import scoring
+except ImportError:  # not installed: use this checkout's source
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from kvbudget import scoring
+
+
+def timed(fn, repeats: int) -> tuple[float, int, object]:
+    """Median ms over ``repeats`` after one warm-up; peak memory above the start; the result."""
+    out = fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() - base, out
+
+
+def inputs(args: argparse.Namespace) -> dict:
+    """Queries, keys, positions and validity of the benchmark shape (seeded)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev, dt = "cuda", getattr(torch, args.dtype)
+    b, hq, h, m, n, d = 1, args.heads, args.kv_heads, args.m, args.n, args.head_dim
+    q = torch.randn(b, hq, m, d, device=dev, generator=gen).to(dt)
+    k = torch.randn(b, h, n, d, device=dev, generator=gen).to(dt)
+    kept = n - m  # survivors of earlier blocks: sorted positions below the block's first
+    first = 8 * kept
+    old = torch.randperm(first, device=dev, generator=gen)[:kept].sort().values
+    pos = torch.cat([old, torch.arange(first, first + m, device=dev)]).to(torch.int32).expand(b, h, n).clone()
+    valid = torch.ones(b, h, n, dtype=torch.bool, device=dev)
+    valid[:, 0, : n // 8] = False  # one head holds fewer entries (ragged, Ada-KV style)
+    pos = pos.masked_fill(~valid, -1)
+    qpos = torch.arange(first, first + m, device=dev)
+    return {"q": q, "k": k, "pos": pos, "valid": valid, "qpos": qpos, "scaling": d**-0.5}
+
+
+def reduce_fn(x: dict, mode: str, path: str, **kw):
+    if path == "triton":
+        from kvbudget.kernels.attn_scores import attention_reduce
+
+        kpos = scoring.key_positions(x["pos"], x["valid"])
+        return lambda: attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], mode, **kw)
+    return lambda: scoring.attention_reduce(x["q"], x["k"], x["pos"], x["valid"], x["qpos"], x["scaling"], mode, path=path)
+
+
+def layer_reference(args: argparse.Namespace, x: dict, repeats: int) -> list[dict]:
+    """What scoring competes with: the layer's own matmuls and its attention at this shape."""
+    rows = []
+    dt = getattr(torch, args.dtype)
+    hidden, inter, d = args.heads * args.head_dim, args.intermediate, args.head_dim
+    xs = torch.randn(args.m, hidden, device="cuda", dtype=dt)
+    w_qkv = torch.randn(hidden, (args.heads + 2 * args.kv_heads) * d, device="cuda", dtype=dt)
+    w_o = torch.randn(hidden, hidden, device="cuda", dtype=dt)
+    w_up = torch.randn(hidden, 2 * inter, device="cuda", dtype=dt)
+    w_down = torch.randn(inter, hidden, device="cuda", dtype=dt)
+
+    def matmuls():
+        return (xs @ w_qkv, xs @ w_o, (xs @ w_up)[:, :inter] @ w_down)
+
+    flops = 2 * args.m * (w_qkv.numel() + w_o.numel() + w_up.numel() + w_down.numel())
+    ms, mem, _ = timed(matmuls, repeats)
+    rows.append({"row": "layer_matmuls", "ms": ms, "gflop": flops / 1e9, "tflops": flops / ms / 1e9})
+    g = args.heads // args.kv_heads
+    k = x["k"].repeat_interleave(g, 1)
+    mask = x["pos"].repeat_interleave(g, 1)[:, :, None, :] <= x["qpos"][None, None, :, None]
+    mask = mask & x["valid"].repeat_interleave(g, 1)[:, :, None, :]
+
+    def attention():
+        return F.scaled_dot_product_attention(x["q"], k, k, attn_mask=mask)
+
+    flops = 4 * args.heads * args.m * args.n * d
+    ms, mem, _ = timed(attention, repeats)
+    rows.append({"row": "layer_sdpa_masked", "ms": ms, "gflop": flops / 1e9, "peak_extra_mib": mem / 2**20})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--m", type=int, default=2048)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("scoring_bench needs CUDA")
+    with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
+        run(args, out)
+
+
+def run(args: argparse.Namespace, out) -> None:
+    """Every row, printed and written to ``out`` (a file or None) as it is measured."""
+
+    def emit(row: dict) -> None:
+        row = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}
+        line = json.dumps(row | {"m": args.m, "n": args.n, "heads": args.heads, "kv_heads": args.kv_heads,
+                                 "head_dim": args.head_dim, "dtype": args.dtype, "device": torch.cuda.get_device_name()})
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    x = inputs(args)
+    # One pass of QK^T over every (query head, query, key): the Triton path runs two.
+    qk_gflop = 2 * args.heads * args.m * args.n * args.head_dim / 1e9
+    emit({"row": "estimate", "qk_gflop_per_pass": qk_gflop, "triton_gflop": 2 * qk_gflop,
+          "materialised_logits_mib": args.heads * args.m * args.n * 4 / 2**20})
+    try:
+        for row in layer_reference(args, x, args.repeats):
+            emit(row)
+    except Exception as exc:  # noqa: BLE001 - the scoring rows matter more
+        emit({"row": "layer_reference", "error": f"{type(exc).__name__}: {exc}"})
+    configs = [("materialise", {}), ("chunked", {})]
+    configs += [("triton", {"block_m": bm, "block_n": bn, "num_warps": w})
+                for bm, bn, w in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]]
+    for mode in ("sum", "max"):
+        ref = None
+        for path, kw in configs:
+            row = {"row": "scoring", "mode": mode, "path": path, **kw}
+            try:
+                ms, mem, res = timed(reduce_fn(x, mode, path, **kw), args.repeats)
+                if path == "materialise":
+                    ref = res
+                err = None if ref is None else float((res - ref).abs().max() / ref.abs().max())
+                row |= {"ms": ms, "peak_extra_mib": mem / 2**20, "max_rel_err_vs_materialise": err}
+                if path == "triton":
+                    row["tflops"] = 2 * qk_gflop / ms
+            except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            emit(row)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

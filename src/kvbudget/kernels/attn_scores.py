@@ -1,0 +1,219 @@
+"""Triton kernels: attention received by each cached entry, reduced over the queries, without
+ever holding the [m, n] attention matrix.
+
+Two passes, both on tensor cores (bf16/fp16 operands, fp32 accumulation; fp32 operands use
+IEEE fp32 dots so float32 models keep float32 accuracy):
+
+1. `_lse_kernel`, one program per (query tile, batch x query head): streams the key tiles and
+   keeps each query row's running max and sum of exp (online softmax), giving the row's
+   log-sum-exp over its *visible* keys (base 2). A row that sees nothing gets -inf.
+2. `_reduce_kernel`, one program per (key tile, batch x KV head): loads the key tile once, loops
+   over query tiles and, inside, over the g query heads of the group, recomputes the logits and
+   p = exp2(logit - lse) and folds p into a [BLOCK_N] accumulator: sum (optionally weighted per
+   query) or max. Writes [B, H, n] float32.
+
+Visibility is "key position <= query position": the caller gives masked keys (padding) a
+position no query reaches, so one comparison handles causality and validity. Invisible pairs
+contribute exactly 0 (the reference's ``nan_to_num`` of fully masked rows).
+
+Only this module imports triton; `kvbudget.scoring` imports it lazily on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+MODES = {"sum": 0, "max": 1}
+# Masked keys get this position (no query position reaches it); rows beyond m get QPOS_NONE.
+# constexpr: compiled kernels may only read globals that are.
+KPOS_NONE = tl.constexpr(2**31 - 1)
+QPOS_NONE = tl.constexpr(-(2**31))
+
+
+@triton.jit
+def _lse_kernel(
+    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr,
+    m, n, D, qk_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_pb, s_ph, s_pn,
+    HQ: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    h = hq // G  # the KV head this query head reads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < m
+    q_base = q_ptr + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
+    q = tl.load(
+        q_base + rows[:, None].to(tl.int64) * s_qm + dims[None, :] * s_qd,
+        mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+    )
+    qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
+    k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    p_base = kpos_ptr + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph
+
+    run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, n, BLOCK_N):
+        idx = start + cols
+        col_ok = idx < n
+        k = tl.load(
+            k_base + idx[:, None].to(tl.int64) * s_kn + dims[None, :] * s_kd,
+            mask=col_ok[:, None] & (dims[None, :] < D), other=0.0,
+        )
+        kpos = tl.load(p_base + idx.to(tl.int64) * s_pn, mask=col_ok, other=KPOS_NONE)
+        if IEEE:
+            logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            logits = tl.dot(q, tl.trans(k))
+        logits = logits * qk_scale
+        visible = kpos[None, :] <= qpos[:, None]
+        logits = tl.where(visible, logits, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(logits, 1))
+        # Rows that have seen nothing yet keep max -inf: shift by 0 instead (exp2(-inf) = 0).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2(run_max - shift) + tl.sum(tl.exp2(logits - shift[:, None]), 1)
+        run_max = new_max
+    # log2(0) = -inf: a row with no visible key gets lse -inf and contributes nothing in pass 2.
+    seen = run_sum > 0
+    lse = tl.where(seen, run_max + tl.log2(tl.where(seen, run_sum, 1.0)), float("-inf"))
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * m + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _reduce_kernel(
+    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr,
+    m, n, D, qk_scale, out_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_pb, s_ph, s_pn,
+    H: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    idx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    rows0 = tl.arange(0, BLOCK_M)
+    col_ok = idx < n
+    k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    k = tl.load(
+        k_base + idx[:, None].to(tl.int64) * s_kn + dims[None, :] * s_kd,
+        mask=col_ok[:, None] & (dims[None, :] < D), other=0.0,
+    )
+    kt = tl.trans(k)
+    kpos = tl.load(kpos_ptr + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph + idx.to(tl.int64) * s_pn,
+                   mask=col_ok, other=KPOS_NONE)
+    acc = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0: 0 is also max's identity here
+    for start in range(0, m, BLOCK_M):
+        rows = start + rows0
+        row_ok = rows < m
+        qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
+        visible = kpos[None, :] <= qpos[:, None]
+        tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for gi in range(G):
+            hq = h * G + gi
+            q = tl.load(
+                q_ptr + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
+                + rows[:, None].to(tl.int64) * s_qm + dims[None, :] * s_qd,
+                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+            )
+            lse = tl.load(lse_ptr + (b.to(tl.int64) * H * G + hq) * m + rows, mask=row_ok, other=0.0)
+            if IEEE:
+                logits = tl.dot(q, kt, input_precision="ieee")
+            else:
+                logits = tl.dot(q, kt)
+            # A visible pair always has a finite lse (its row saw at least this key).
+            p = tl.where(visible, tl.exp2(logits * qk_scale - lse[:, None]), 0.0)
+            if MODE == 0:
+                tile += p
+            else:
+                tile = tl.maximum(tile, p)
+        if MODE == 0:
+            if WEIGHTED:
+                w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+                tile = tile * w[:, None]
+            acc += tl.sum(tile, 0)
+        else:
+            acc = tl.maximum(acc, tl.max(tile, 0))
+    tl.store(out_ptr + pid_bh.to(tl.int64) * n + idx, acc * out_scale, mask=col_ok)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def attention_reduce(
+    queries: Tensor,
+    keys: Tensor,
+    key_positions: Tensor,
+    query_positions: Tensor,
+    scaling: float,
+    mode: str = "sum",
+    weights: Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> Tensor:
+    """Attention received per cached entry, reduced over queries: [B, H, n] float32.
+
+    ``queries`` [B, Hq, m, d], ``keys`` [B, H, n, d] (same dtype), ``key_positions`` [B, H, n]
+    with masked entries at `KPOS_NONE`, ``query_positions`` [m]. ``mode`` "sum": sum over
+    queries (times ``weights`` [m] if given) of the mean over the g query heads of each KV head;
+    "max": max over queries and over the g query heads. ``block_m``, ``block_n`` (powers of
+    two, >= 16) and ``num_warps`` tune the tiles (benchmarks/scoring_bench.py compares them).
+    """
+    b, hq, m, d = queries.shape
+    h, n = keys.shape[1], keys.shape[2]
+    if hq % h:
+        raise ValueError(f"{hq} query heads do not split into {h} KV heads")
+    g = hq // h
+    if keys.dtype != queries.dtype:
+        keys = keys.to(queries.dtype)
+    kpos = key_positions.to(torch.int32)
+    qpos = query_positions.to(device=queries.device, dtype=torch.int32).contiguous()
+    out = torch.empty(b, h, n, dtype=torch.float32, device=queries.device)
+    if m == 0 or n == 0:
+        return out.zero_()
+    lse = torch.empty(b, hq, m, dtype=torch.float32, device=queries.device)
+    bd = _block_d(d)
+    ieee = queries.dtype == torch.float32
+    qk_scale = float(scaling) * LOG2E
+    q_strides = queries.stride()
+    k_strides = keys.stride()
+    p_strides = kpos.stride()
+    # fp32 tiles take twice the registers/shared memory: halve the query tile.
+    bm = block_m if not ieee else max(16, block_m // 2)
+    _lse_kernel[(triton.cdiv(m, bm), b * hq)](
+        queries, keys, kpos, qpos, lse, m, n, d, qk_scale, *q_strides, *k_strides, *p_strides,
+        HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
+    )
+    weighted = weights is not None
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got '{mode}'")
+    if weighted:
+        if mode != "sum":
+            raise ValueError("weights only apply to mode 'sum'")
+        w = weights.to(device=queries.device, dtype=torch.float32).contiguous()
+    else:
+        w = lse  # never read (WEIGHTED is False); any valid pointer
+    _reduce_kernel[(triton.cdiv(n, block_n), b * h)](
+        queries, keys, kpos, qpos, lse, w, out, m, n, d, qk_scale,
+        1.0 / g if mode == "sum" else 1.0,
+        *q_strides, *k_strides, *p_strides,
+        H=h, G=g, MODE=MODES[mode], WEIGHTED=weighted,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
+    )
+    return out

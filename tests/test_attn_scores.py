@@ -1,0 +1,291 @@
+"""Attention reductions without the full matrix (`kvbudget.scoring`, the Triton kernels under
+the interpreter on CPU) equal a float64 materialised reference: padding, causal positions,
+queries that see nothing, g = 1 and 4; the ported scorers equal their materialised forms.
+
+On a machine with CUDA the Triton tests run the compiled kernels on the GPU instead."""
+
+import os
+
+import torch
+
+# Before anything imports triton (conftest.py does the same, as it imports transformers first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from torch import Tensor
+
+from kvbudget import scoring
+from kvbudget.policies import SCORERS, load_all
+from kvbudget.policies.base import Observation
+
+triton = pytest.importorskip("triton")
+from kvbudget.kernels import attn_scores  # noqa: F401 - the kernels import
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+
+
+def _fix_interpreter() -> None:
+    """Two gaps of triton 3.6's interpreter, patched here only (the compiled GPU path has
+    neither): with numpy >= 2.4 a runtime int used as a loop bound is a 1-element array that
+    int() refuses, and tl.dot multiplies bf16 operands as their raw uint16 bits."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    if getattr(interp, "_kvbudget_patched", False):
+        return
+    patch_tensor = interp._patch_lang_tensor
+
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    dot = interp.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        def f32(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            data = interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interp.TensorHandle(data, tl.float32)
+
+        return dot(self, f32(a), f32(b), d, *args)
+
+    interp._patch_lang_tensor = patched_tensor
+    interp.InterpreterBuilder.create_dot = create_dot
+    interp._kvbudget_patched = True
+
+
+if INTERPRET:
+    _fix_interpreter()
+
+
+def reference(q, k, pos, valid, qpos, scaling, mode, weights=None):
+    """The materialised formula in float64 (what `Observation.group_attention` computes)."""
+    b, hq, m, d = q.shape
+    h = k.shape[1]
+    logits = torch.einsum("bhgmd,bhnd->bhgmn", q.double().view(b, h, hq // h, m, d), k.double()) * scaling
+    future = pos[:, :, None, None, :] > qpos.to(pos)[None, None, None, :, None]
+    if valid is not None:
+        future = future | ~valid[:, :, None, None, :]
+    p = logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0)
+    if mode == "max":
+        return p.amax(dim=(2, 3))
+    p = p.mean(2)
+    return (p if weights is None else p * weights.double()[:, None]).sum(2)
+
+
+def case(g: int, d: int = 32, m: int = 37, n: int = 70, b: int = 1, h: int = 2, padded: bool = True, seed: int = 0):
+    """Random queries/keys; key positions with gaps (evicted tokens); ragged padding (-1); the
+    queries: positions inside the key range (causal masking matters), the first ones placed
+    before every valid key (they see nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h * g, m, d, generator=gen) * 1.5
+    k = torch.randn(b, h, n, d, generator=gen) * 1.5
+    base = torch.sort(torch.randperm(3 * n, generator=gen)[:n]).values + 10
+    pos = base.expand(b, h, n).clone().to(torch.int32)
+    valid = None
+    if padded:
+        lens = torch.randint(n // 2, n + 1, (b, h), generator=gen)
+        lens[0, 0] = n
+        valid = torch.arange(n)[None, None] < lens[..., None]
+        pos = pos.masked_fill(~valid, -1)
+    qpos = torch.cat([torch.tensor([0, 3]), torch.sort(torch.randint(10, int(base[-1]) + 5, (m - 2,), generator=gen)).values])
+    return q, k, pos, valid, qpos
+
+
+def triton_reduce(q, k, pos, valid, qpos, scaling, mode, weights=None):
+    """The Triton path on DEVICE (the GPU when there is one), result back on the CPU."""
+    on = (lambda t: None if t is None else t.to(DEVICE))
+    out = scoring.attention_reduce(on(q), on(k), on(pos), on(valid), on(qpos), scaling, mode, on(weights), path="triton")
+    return out.cpu()
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("mode", ["sum", "max", "weighted"])
+@pytest.mark.parametrize("path", ["materialise", "chunked"])
+def test_torch_paths_equal_reference(g, mode, path):
+    q, k, pos, valid, qpos = case(g)
+    w = torch.rand(q.shape[2]) if mode == "weighted" else None
+    mode_ = "max" if mode == "max" else "sum"
+    ref = reference(q, k, pos, valid, qpos, 0.125, mode_, w)
+    # chunk=5: several chunks, the last one short.
+    out = scoring.attention_reduce(q, k, pos, valid, qpos, 0.125, mode_, w, path=path, chunk=5)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_chunk_size_follows_the_memory_cap():
+    assert scoring.chunk_size(1, 32, 4096, 256 * 2**20) == 512  # 32 heads x 4096 x 4 B = 512 KiB per query
+    assert scoring.chunk_size(1, 32, 10**9, 1) == 1
+
+
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "max", "weighted"])
+def test_triton_equals_reference(g, dtype, mode):
+    q, k, pos, valid, qpos = case(g)
+    q, k = q.to(dtype), k.to(dtype)
+    w = torch.rand(q.shape[2]) if mode == "weighted" else None
+    mode_ = "max" if mode == "max" else "sum"
+    ref = reference(q, k, pos, valid, qpos, 0.125, mode_, w)  # from the rounded inputs
+    out = triton_reduce(q, k, pos, valid, qpos, 0.125, mode_, w)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_triton_odd_head_dim_no_padding_batch_and_strided_keys():
+    """head_dim 24 (padded to a 32 block), no validity mask, batch 2, keys a strided view."""
+    q, _, pos, _, qpos = case(2, d=24, m=20, n=45, b=2, padded=False, seed=1)
+    big = torch.randn(2, 2, 60, 24)
+    k = big[:, :, 5:50]  # non-contiguous along the entries
+    for mode in ("sum", "max"):
+        ref = reference(q, k, pos, None, qpos, 0.2, mode)
+        out = triton_reduce(q, k, pos, None, qpos, 0.2, mode)
+        assert rel_err(out, ref) < 1e-4
+
+
+def test_query_that_sees_nothing_contributes_zero():
+    q, k, pos, valid, qpos = case(4, m=4)
+    qpos = torch.tensor([0, 1, 2, 3])  # before every key (positions start at 10)
+    for path in ("materialise", "chunked", "triton"):
+        for mode in ("sum", "max"):
+            if path == "triton":
+                out = triton_reduce(q, k, pos, valid, qpos, 0.125, mode)
+            else:
+                out = scoring.attention_reduce(q, k, pos, valid, qpos, 0.125, mode, path=path)
+            assert torch.isfinite(out).all() and (out == 0).all()
+
+
+def test_backend_choice(monkeypatch):
+    k = torch.zeros(1, 1, 4, 8)
+    monkeypatch.delenv("KVBUDGET_SCORING", raising=False)
+    assert scoring.backend(k) == "chunked"  # CPU
+    monkeypatch.setenv("KVBUDGET_SCORING", "materialise")
+    assert scoring.backend(k) == "materialise"
+    monkeypatch.setenv("KVBUDGET_SCORING", "bogus")
+    with pytest.raises(ValueError):
+        scoring.backend(k)
+
+
+def _observation(g: int = 4, seed: int = 0, state=None, device: str = "cpu") -> Observation:
+    q, k, pos, valid, qpos = (None if t is None else t.to(device) for t in case(g, seed=seed))
+    state = {name: s.to(device) for name, s in (state or {}).items()}
+    return Observation(
+        layer_idx=0, n_layers=1, keys=k, values=k.clone(), positions=pos, valid=valid, queries=q,
+        query_positions=qpos, scaling=0.125, budget=16, seen=int(qpos[-1]) + 1, seed=0, state=state,
+    )
+
+
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+def test_observation_reductions_equal_materialised(monkeypatch, path):
+    monkeypatch.setenv("KVBUDGET_SCORING", path)
+    device = DEVICE if path == "triton" else "cpu"
+    obs = _observation(device=device)
+    full = obs.group_attention()
+    assert torch.allclose(obs.attention_max(), full.amax(dim=(2, 3)), atol=1e-5)
+    w = torch.linspace(0.1, 1, obs.queries.shape[2])
+    w = w.to(device)
+    fresh = _observation(device=device)  # `attention` not yet materialised: the reduction runs
+    assert torch.allclose(fresh.attention_sum(w), (full.mean(2) * w[:, None]).sum(2), atol=1e-5)
+    assert torch.allclose(obs.attention_sum(), full.mean(2).sum(2), atol=1e-5)
+
+
+def _old_lazy(obs: Observation) -> Tensor:
+    """The pre-port LazyEviction score, verbatim: the whole [m, n] attention at once."""
+    attn = obs.attention
+    qpos = obs.query_positions.to(obs.keys.device).float()[None, None, :, None]
+    pos = obs.positions.float()
+    visible = pos[:, :, None, :] <= qpos
+    if obs.valid is not None:
+        visible = visible & obs.valid[:, :, None, :]
+    important = attn > 1.0 / visible.sum(-1, keepdim=True).clamp(min=1)
+    last = torch.maximum(obs.state.get("lazy_last", obs.zeros()), pos)
+    events = torch.where(important, qpos, torch.tensor(float("-inf"), device=attn.device))
+    previous = torch.cat([last[:, :, None], events], dim=2).cummax(dim=2).values
+    gaps = torch.where(important, qpos - previous[:, :, :-1], 0.0)
+    gap = torch.maximum(obs.state.get("lazy_gap", obs.zeros()), gaps.amax(dim=2))
+    last = previous[:, :, -1]
+    obs.state["lazy_last"], obs.state["lazy_gap"] = last, gap
+    overdue = (obs.seen - 1 - last) - gap
+    on_schedule = 1e4 + attn.sum(dim=2)
+    return torch.where(overdue <= 0, on_schedule, -overdue)
+
+
+def test_lazy_in_chunks_equals_the_materialised_scan(monkeypatch):
+    load_all()
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 2 * 4 * 70 * 4 * 6)  # 6 queries per chunk
+    state = {"lazy_last": torch.full((1, 2, 70), 30.0), "lazy_gap": torch.full((1, 2, 70), 5.0)}
+    old, new = _observation(state=state), _observation(state=state)
+    want = _old_lazy(old)
+    got = SCORERS["lazy"]().score(new)
+    assert torch.allclose(got, want, atol=1e-4)
+    for name in ("lazy_last", "lazy_gap"):
+        assert torch.equal(new.state[name], old.state[name])
+
+
+@pytest.mark.parametrize("name", ["h2o", "a2sf", "kvzip", "snapkv"])
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+def test_ported_scorers_equal_their_materialised_form(monkeypatch, name, path):
+    load_all()
+    device = DEVICE if path == "triton" else "cpu"
+    monkeypatch.setenv("KVBUDGET_SCORING", "materialise")
+    want = SCORERS[name]().score(_observation(device=device))
+    monkeypatch.setenv("KVBUDGET_SCORING", path)
+    got = SCORERS[name]().score(_observation(device=device))
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert torch.allclose(got[finite], want[finite], atol=1e-5)
+
+
+COMPILE = r'''
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvbudget.kernels import attn_scores as K
+
+def build(fn, consts, types, warps):
+    names = [a for a in fn.arg_names if a not in consts]
+    signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
+    where = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=where),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+for dt, bm in (("bf16", 64), ("fp32", 32)):
+    ieee = dt == "fp32"
+    c = build(K._lse_kernel, {"HQ": 32, "G": 4, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
+              [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "i32", "i32", "i32", "fp32"] + ["i64"] * 11, 4)
+    assert "cubin" in c.asm
+    for mode, weighted in ((0, False), (0, True), (1, False)):
+        c = build(K._reduce_kernel, {"H": 8, "G": 4, "MODE": mode, "WEIGHTED": weighted, "BLOCK_M": bm,
+                                     "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
+                  [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "fp32", "fp32"]
+                  + ["i64"] * 11, 4)
+        assert "cubin" in c.asm
+        if dt == "bf16":
+            assert "wgmma" in c.asm["ptx"]  # Hopper tensor cores
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The real compiler (not the interpreter) takes both kernels down to sm_90 cubin: what the
+    interpreter cannot check (constexpr globals, dot shapes, types) fails here, not on the GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", COMPILE], check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
