@@ -298,7 +298,9 @@ def offload_section(model, episodes: int = 4, budget: int = 2048, context: int =
         eps.append(SimpleNamespace(cache=cache.to("cpu"), prompt_ids=torch.randint(0, 128000, (1, 64)), stats=PrefillStats()))
     ids = torch.randint(0, 128000, (1, turn))
     cache_gb = eps[0].cache.nbytes() / GB
-    for overlap in (False, True, False, True):
+    # Twice each, consecutively: the second async run starts from caches in pinned memory, as a
+    # session's would after its first offload (the blocking path leaves them pageable).
+    for overlap in (False, False, True, True):
         fake = SimpleNamespace(model=model, policy=policy, block_size=2048, _targets=eps, _active=None, async_copies=overlap)
         # Each run adds the turn to every cache and compresses back to the budget: same sizes.
         torch.cuda.synchronize()

@@ -1,0 +1,51 @@
+"""Where one compression's time goes (H100, Llama-3.1-8B shape, bf16): torch.profiler over
+`policy.compress` after a 2048-token block on top of a full budget. Prints the top operators by
+host time and by device time. Run: PYTHONPATH=src python3 benchmarks/compress_profile.py snapkv h2o
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import kvbudget as kb  # noqa: E402
+from gpu_smoke import build  # noqa: E402
+
+
+@torch.inference_mode()
+def main() -> None:
+    model = build()
+    for name in sys.argv[1:] or ["snapkv"]:
+        policy = kb.policy(name, budget=2048, block_size=2048)
+        cache = policy.new_cache(model)
+        kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, 8192), device="cuda"))
+        block = torch.randint(0, 128000, (1, 2048), device="cuda")
+        times = []
+        for i in range(4):
+            model(input_ids=block, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if i == 3:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    policy.compress(cache)
+                    torch.cuda.synchronize()
+            else:
+                policy.compress(cache)
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        print(f"\n=== {name}: compress wall ms (last is profiled) {[round(t * 1e3, 2) for t in times]}")
+        avg = prof.key_averages()
+        print(avg.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=50))
+        print(avg.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
