@@ -57,14 +57,21 @@ def group_probs(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, scali
     return logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0)
 
 
-def backend(keys: Tensor) -> str:
-    """The path a reduction takes for these keys (see the module docstring)."""
+# Below this many queries (SnapKV's window of 32, TOVA's 1) one small materialised chunk is
+# faster than the two-pass kernel, whose grid is then too small to fill the GPU (measured on H100:
+# 32 window queries took 91 us per layer through the kernel; docs/benchmarks.md, "GPU").
+TRITON_MIN_QUERIES = 256
+
+
+def backend(keys: Tensor, n_queries: int | None = None) -> str:
+    """The path a reduction takes for these keys and this many queries (module docstring)."""
     forced = os.environ.get("KVBUDGET_SCORING", "auto").strip().lower() or "auto"
     if forced not in BACKENDS:
         raise ValueError(f"KVBUDGET_SCORING must be one of {', '.join(BACKENDS)}, got '{forced}'")
     if forced != "auto":
         return forced
-    if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
+    few = n_queries is not None and n_queries < TRITON_MIN_QUERIES
+    if keys.is_cuda and not few and keys.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
         return "triton"
     return "chunked"
 
@@ -120,7 +127,7 @@ def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Te
         raise ValueError("weights only apply to mode 'sum'")
     kpos = key_positions(positions, valid)
     qpos = query_positions.to(keys.device)
-    path = path or backend(keys)
+    path = path or backend(keys, queries.shape[2])
     if path == "triton":
         from .kernels.attn_scores import attention_reduce as triton_reduce
 
