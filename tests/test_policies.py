@@ -230,3 +230,36 @@ def test_kvzip_scores_by_reconstruction(default_model):
     obs.queries = torch.randn(1, 1, 4, 4)
     scores = policy.scorer.score(obs)
     assert float(scores[0, 0, 0]) >= 0.5 and torch.equal(scores, obs.state["kvzip"])
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "keydiff", "knorm", "streaming", "a2sf", "scissorhands", "lazy"])
+def test_stacked_compression_equals_layer_by_layer(tiny_llama, name):
+    """Scoring all layers at once (stacked along the batch) keeps exactly what the per-layer loop
+    keeps: same entries, positions and per-entry state, through several compressions."""
+    results = []
+    for stacked in (True, False):
+        policy = kb.policy(name, budget=40)
+        policy.stack_layers = stacked
+        cache = policy.new_cache(tiny_llama)
+        kb.prefill(tiny_llama, cache, policy, random_ids(150), block_size=32)
+        results.append(cache)
+    for a, b in zip(results[0].budgeted_layers(), results[1].budgeted_layers()):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert a.state.keys() == b.state.keys()
+        for k in a.state:
+            torch.testing.assert_close(a.state[k], b.state[k])
+
+
+def test_stacked_compression_is_used(tiny_llama, monkeypatch):
+    """The stacked path really runs for a uniform dense policy (and not for random, whose seed is
+    per layer)."""
+    calls = []
+    original = kb.Policy._compress_layer
+    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    policy = kb.policy("snapkv", budget=40)
+    kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
+    assert calls == []
+    policy = kb.policy("random", budget=40)
+    kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
+    assert calls

@@ -114,6 +114,10 @@ class Scorer:
     evicts: ClassVar[bool] = True
     # Decode-time compression interval this method prefers (LazyEviction's lag); None: the policy's.
     decode_interval: int | None = None
+    # Whether `score` treats the batch dimension as independent rows, so that the layers of a
+    # cache can be scored together, stacked along it (`Policy.compress`). A scorer that depends
+    # on the layer (its index, a per-layer seed) sets this to False.
+    stackable: ClassVar[bool] = True
 
     def __init__(self, window: int = 32) -> None:
         self.window = window
@@ -337,6 +341,8 @@ class Policy:
         fits = cache.get_seq_length() <= self.tokens
         shared = self.head_adaptive
         demotes = self.store is not None and self.store.demotes
+        if not fits and self._stack(cache, budgets):
+            return
         for i, layer in enumerate(cache.budgeted_layers()):
             layer.residual = self.residual(budgets[i])
             if demotes:
@@ -350,6 +356,67 @@ class Policy:
                 layer.flush()
             if self.scorer.queries < 0:
                 layer.clear_queries()
+
+    # Score every layer in one pass when they allow it (set False to compare with the loop).
+    stack_layers: bool = True
+
+    def _stack(self, cache: BudgetedCache, budgets: list[int]) -> bool:
+        """Compress all budgeted layers at once, stacked along the batch dimension: the same
+        scores and picks as layer by layer, in a few large operations instead of ~100 small ones
+        per layer (on a GPU the per-layer loop is bound by the host launching kernels:
+        docs/benchmarks.md, "GPU performance"). Only when every layer is dense, unencoded, of the
+        same shape and over the same budget; returns False (nothing done) otherwise."""
+        layers = cache.budgeted_layers()
+        if not (self.stack_layers and self.scorer.stackable and self.store is None and not self.head_adaptive
+                and len(layers) > 1 and len(set(budgets)) == 1):
+            return False
+        first = layers[0]
+        shape = first.keys.shape if first.is_initialized else None
+        names = set(first.state)
+        q_shape = None if first.queries is None else first.queries.shape
+        for layer in layers:
+            if (not layer.is_initialized or layer.head_lens is not None or layer.body is not None
+                    or layer.keys.shape != shape or layer.values.shape[-1] != first.values.shape[-1]
+                    or layer.seen != first.seen or set(layer.state) != names
+                    or (None if layer.queries is None else layer.queries.shape) != q_shape
+                    or layer.scaling != first.scaling):
+                return False
+        budget = budgets[0]
+        if shape[2] <= budget:
+            return False
+        b = shape[0]
+        obs = Observation(
+            layer_idx=0,
+            n_layers=len(layers),
+            keys=torch.cat([layer.keys for layer in layers]),
+            values=torch.cat([layer.values for layer in layers]),
+            positions=torch.cat([layer.positions for layer in layers]),
+            valid=None,
+            queries=None if q_shape is None else torch.cat([layer.queries for layer in layers]),
+            query_positions=first.query_positions,
+            scaling=first.scaling or shape[-1] ** -0.5,
+            budget=budget,
+            seen=first.seen,
+            seed=zlib.crc32(f"{self.seed}:stacked:{first.seen}".encode()),
+            state={k: torch.cat([layer.state[k] for layer in layers]) for k in names},
+        )
+        scores = self.scorer.score(obs)
+        index, _ = select(scores, obs, self.protected(budget))
+
+        def gather(t: Tensor) -> Tensor:
+            idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
+            return t.gather(2, idx)
+
+        keys, values, positions = gather(obs.keys), gather(obs.values), gather(obs.positions)
+        state = {k: gather(v) for k, v in obs.state.items()}
+        for i, layer in enumerate(layers):
+            rows = slice(i * b, (i + 1) * b)
+            layer.keys, layer.values, layer.positions = keys[rows], values[rows], positions[rows]
+            layer.state = {k: v[rows] for k, v in state.items()}
+            layer.residual = self.residual(budget)
+            if self.scorer.queries < 0:
+                layer.clear_queries()
+        return True
 
     def _compress_layer(self, layer: BudgetedLayer, i: int, n_layers: int, budget: int, evict: bool) -> None:
         # A demoting store (MiKV) only chooses among full-precision entries (encoded ones never

@@ -10,6 +10,7 @@ from .base import Observation, Scorer, register
 class Random(Scorer):
     """Uniform random scores; the seed depends on the policy seed, the layer and the step."""
 
+    stackable = False  # a seed per layer
     paper = "-"
     summary = "uniform random eviction (seeded floor)"
 
