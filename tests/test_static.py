@@ -62,6 +62,25 @@ def test_static_decode_equals_eager(tiny_llama, name, kw):
         assert static_cache.budgeted_layers()[0].max_entries <= 40 + 8 + 32
 
 
+@pytest.mark.parametrize("name", ["full", "h2o", "streaming"])
+def test_padded_sdpa_backend_equals_eager(tiny_llama, monkeypatch, name):
+    """The padded-SDPA backend (dense layers) reads every slot up to the capacity, masked: the
+    unused slots must hold finite values (a NaN there poisons the masked softmax)."""
+    from kvbudget import static as kstatic
+
+    monkeypatch.setattr(kstatic, "ATTENTION", "sdpa")
+    kw = {} if name == "full" else {"budget": 40}
+    for context in (90, 200):
+        eager_ids, _, _ = _decode(tiny_llama, name, "eager", context=context, **kw)
+        static_ids, _, _ = _decode(tiny_llama, name, "static", context=context, **kw)
+        assert static_ids == eager_ids
+    policy = kb.policy("full")
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(50), block_size=32)
+    dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=8, graph=False)
+    assert all(torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all() for layer in dec.layers)
+
+
 def test_ragged_layout_has_no_padding(tiny_llama):
     """Ada-KV heads keep different counts; the static buffer holds their sum (+ decode room),
     not heads x longest head."""

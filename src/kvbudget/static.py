@@ -231,8 +231,10 @@ class StaticDecoder:
             lens = view.lengths.reshape(-1)  # [B*H]
             batch = view.keys.shape[0]
             size = int(lens.sum()) + lens.numel() * capacity
-            keys = view.keys.new_empty(size, view.keys.shape[-1])
-            values = view.values.new_empty(size, view.values.shape[-1])
+            # Zeroed, not empty: padded SDPA multiplies the unused slots by a mask, and stale
+            # memory there can hold NaN/inf bit patterns (NaN * 0 is NaN).
+            keys = view.keys.new_zeros(size, view.keys.shape[-1])
+            values = view.values.new_zeros(size, view.values.shape[-1])
             # Dense layers: every head holds the same count, so the longest segment is bounded
             # by it; ragged ones may be laid out again differently, bounded only by the total.
             bound = int(lens.max()) + capacity if layer.head_lens is None else size
