@@ -261,12 +261,12 @@ def build(fn, consts, types, warps):
 for dt, bm in (("bf16", 64), ("fp32", 32)):
     ieee = dt == "fp32"
     c = build(K._lse_kernel, {"HQ": 32, "G": 4, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
-              [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "i32", "i32", "i32", "fp32"] + ["i64"] * 11, 4)
+              [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*i32", "i32", "i32", "i32", "fp32"] + ["i64"] * 11, 4)
     assert "cubin" in c.asm
     for mode, weighted in ((0, False), (0, True), (1, False)):
         c = build(K._reduce_kernel, {"H": 8, "G": 4, "MODE": mode, "WEIGHTED": weighted, "BLOCK_M": bm,
                                      "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
-                  [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "fp32", "fp32"]
+                  [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32", "fp32", "fp32"]
                   + ["i64"] * 11, 4)
         assert "cubin" in c.asm
         if dt == "bf16":
@@ -289,3 +289,35 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", COMPILE], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_triton_skips_hidden_tiles_exactly(shuffled):
+    """Small tiles over a prefill-like block (old keys seen by all, new keys causal): the skipped
+    tiles (before ``qstart``, after ``kend``) change nothing; with keys out of position order
+    nothing is skipped and the result is still exact."""
+    from kvbudget.kernels.attn_scores import _tile_bounds
+    from kvbudget.kernels.attn_scores import attention_reduce as kernel_reduce
+
+    gen = torch.Generator().manual_seed(3)
+    m, n_old, g, h, d = 80, 48, 2, 2, 32
+    n = n_old + m
+    q = torch.randn(1, h * g, m, d, generator=gen)
+    k = torch.randn(1, h, n, d, generator=gen)
+    pos = torch.cat([torch.sort(torch.randperm(500, generator=gen)[:n_old]).values, torch.arange(600, 600 + m)])
+    pos = pos.expand(1, h, n).clone().to(torch.int32)
+    qpos = torch.arange(600, 600 + m)
+    if shuffled:
+        perm = torch.randperm(n, generator=gen)
+        k, pos = k[:, :, perm], pos[:, :, perm]
+    kpos = scoring.key_positions(pos, None)
+    kend, qstart = _tile_bounds(kpos.to(DEVICE), qpos.to(DEVICE, torch.int32), 16, 16)
+    if shuffled:
+        assert bool((kend == n).all()) and bool((qstart == 0).all())
+    else:
+        assert int(kend.min()) < n and int(qstart.max()) > 0  # something is skipped
+    for mode in ("sum", "max"):
+        ref = reference(q, k, pos, None, qpos, 0.125, mode)
+        out = kernel_reduce(q.to(DEVICE), k.to(DEVICE), kpos.to(DEVICE), qpos.to(DEVICE), 0.125, mode,
+                            block_m=16, block_n=16).cpu()
+        assert rel_err(out, ref) < 1e-4

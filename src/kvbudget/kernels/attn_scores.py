@@ -36,7 +36,7 @@ QPOS_NONE = tl.constexpr(-(2**31))
 
 @triton.jit
 def _lse_kernel(
-    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr,
+    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, kend_ptr,
     m, n, D, qk_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -64,7 +64,9 @@ def _lse_kernel(
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, n, BLOCK_N):
+    # Keys past kend are visible to no row of this tile (positions ascend): not even loaded.
+    kend = tl.load(kend_ptr + (b * (HQ // G) + h).to(tl.int64) * tl.num_programs(0) + pid_m)
+    for start in range(0, kend, BLOCK_N):
         idx = start + cols
         col_ok = idx < n
         k = tl.load(
@@ -92,7 +94,7 @@ def _lse_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr,
+    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr, qstart_ptr,
     m, n, D, qk_scale, out_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -117,7 +119,9 @@ def _reduce_kernel(
     kpos = tl.load(kpos_ptr + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph + idx.to(tl.int64) * s_pn,
                    mask=col_ok, other=KPOS_NONE)
     acc = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0: 0 is also max's identity here
-    for start in range(0, m, BLOCK_M):
+    # Query tiles before qstart see none of these keys (positions ascend): skipped.
+    qstart = tl.load(qstart_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n)
+    for start in range(qstart, m, BLOCK_M):
         rows = start + rows0
         row_ok = rows < m
         qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
@@ -149,6 +153,32 @@ def _reduce_kernel(
         else:
             acc = tl.maximum(acc, tl.max(tile, 0))
     tl.store(out_ptr + pid_bh.to(tl.int64) * n + idx, acc * out_scale, mask=col_ok)
+
+
+def _tile_bounds(kpos: Tensor, qpos: Tensor, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+    """Which tiles can matter, so that causally hidden ones are skipped (a quarter of the work of
+    a prefill block: its new keys are visible only to the queries after them).
+
+    ``kend`` [B*H, query tiles]: the keys that any row of a query tile may see all lie before it;
+    ``qstart`` [B*H, key tiles]: no query row before it sees any key of the key tile. Both rely
+    on positions ascending along keys (kept entries keep their order; padding, at `KPOS_NONE`,
+    comes last) and along queries; when either is not sorted nothing is skipped. One host sync."""
+    b, h, n = kpos.shape
+    m = qpos.shape[0]
+    n_mt, n_nt = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+    sorted_ok = bool(torch.stack([(kpos[..., 1:] >= kpos[..., :-1]).all(), (qpos[1:] >= qpos[:-1]).all()]).all())
+    if not sorted_ok:
+        kend = torch.full((b * h, n_mt), n, dtype=torch.int32, device=kpos.device)
+        return kend, torch.zeros(b * h, n_nt, dtype=torch.int32, device=kpos.device)
+    flat = kpos.reshape(b * h, n).contiguous()
+    last_row = (torch.arange(n_mt, device=kpos.device) * block_m + block_m - 1).clamp(max=m - 1)
+    qmax = qpos[last_row].expand(b * h, n_mt).contiguous()
+    kend = torch.searchsorted(flat, qmax, right=True).to(torch.int32)
+    padded = torch.nn.functional.pad(flat, (0, n_nt * block_n - n), value=KPOS_NONE.value)
+    kmin = padded.view(b * h, n_nt, block_n).amin(-1)
+    first = torch.searchsorted(qpos.contiguous(), kmin.contiguous())  # first row with qpos >= kmin
+    qstart = (first // block_m * block_m).to(torch.int32)
+    return kend, qstart
 
 
 def _block_d(d: int) -> int:
@@ -196,8 +226,9 @@ def attention_reduce(
     p_strides = kpos.stride()
     # fp32 tiles take twice the registers/shared memory: halve the query tile.
     bm = block_m if not ieee else max(16, block_m // 2)
+    kend, qstart = _tile_bounds(kpos, qpos, bm, block_n)
     _lse_kernel[(triton.cdiv(m, bm), b * hq)](
-        queries, keys, kpos, qpos, lse, m, n, d, qk_scale, *q_strides, *k_strides, *p_strides,
+        queries, keys, kpos, qpos, lse, kend, m, n, d, qk_scale, *q_strides, *k_strides, *p_strides,
         HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
     )
     weighted = weights is not None
@@ -210,7 +241,7 @@ def attention_reduce(
     else:
         w = lse  # never read (WEIGHTED is False); any valid pointer
     _reduce_kernel[(triton.cdiv(n, block_n), b * h)](
-        queries, keys, kpos, qpos, lse, w, out, m, n, d, qk_scale,
+        queries, keys, kpos, qpos, lse, w, out, qstart, m, n, d, qk_scale,
         1.0 / g if mode == "sum" else 1.0,
         *q_strides, *k_strides, *p_strides,
         H=h, G=g, MODE=MODES[mode], WEIGHTED=weighted,
