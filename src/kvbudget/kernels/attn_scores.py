@@ -162,14 +162,12 @@ def _tile_bounds(kpos: Tensor, qpos: Tensor, block_m: int, block_n: int) -> tupl
     ``kend`` [B*H, query tiles]: the keys that any row of a query tile may see all lie before it;
     ``qstart`` [B*H, key tiles]: no query row before it sees any key of the key tile. Both rely
     on positions ascending along keys (kept entries keep their order; padding, at `KPOS_NONE`,
-    comes last) and along queries; when either is not sorted nothing is skipped. One host sync."""
+    comes last) and along queries; when either is not sorted nothing is skipped."""
     b, h, n = kpos.shape
     m = qpos.shape[0]
     n_mt, n_nt = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    sorted_ok = bool(torch.stack([(kpos[..., 1:] >= kpos[..., :-1]).all(), (qpos[1:] >= qpos[:-1]).all()]).all())
-    if not sorted_ok:
-        kend = torch.full((b * h, n_mt), n, dtype=torch.int32, device=kpos.device)
-        return kend, torch.zeros(b * h, n_nt, dtype=torch.int32, device=kpos.device)
+    # Checked on the device (no host sync): unsorted positions fall back to "skip nothing".
+    sorted_ok = (kpos[..., 1:] >= kpos[..., :-1]).all() & (qpos[1:] >= qpos[:-1]).all()
     flat = kpos.reshape(b * h, n).contiguous()
     last_row = (torch.arange(n_mt, device=kpos.device) * block_m + block_m - 1).clamp(max=m - 1)
     qmax = qpos[last_row].expand(b * h, n_mt).contiguous()
@@ -178,6 +176,8 @@ def _tile_bounds(kpos: Tensor, qpos: Tensor, block_m: int, block_n: int) -> tupl
     kmin = padded.view(b * h, n_nt, block_n).amin(-1)
     first = torch.searchsorted(qpos.contiguous(), kmin.contiguous())  # first row with qpos >= kmin
     qstart = (first // block_m * block_m).to(torch.int32)
+    kend = torch.where(sorted_ok, kend, torch.full_like(kend, n))
+    qstart = torch.where(sorted_ok, qstart, torch.zeros_like(qstart))
     return kend, qstart
 
 
