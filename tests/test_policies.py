@@ -237,13 +237,15 @@ def test_stacked_compression_equals_layer_by_layer(tiny_llama, name):
     """Scoring all layers at once (stacked along the batch) keeps exactly what the per-layer loop
     keeps: same entries, positions and per-entry state, through several compressions."""
     results = []
-    for stacked in (True, False):
+    for stacked, group_bytes in ((True, None), (True, 1), (False, None)):  # all / one layer per group / loop
         policy = kb.policy(name, budget=40)
         policy.stack_layers = stacked
+        if group_bytes:
+            policy.STACK_BYTES = group_bytes
         cache = policy.new_cache(tiny_llama)
         kb.prefill(tiny_llama, cache, policy, random_ids(150), block_size=32)
         results.append(cache)
-    for a, b in zip(results[0].budgeted_layers(), results[1].budgeted_layers()):
+    for a, b in [(x, y) for other in results[:2] for x, y in zip(other.budgeted_layers(), results[2].budgeted_layers())]:
         assert torch.equal(a.positions, b.positions)
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
         assert a.state.keys() == b.state.keys()
