@@ -203,6 +203,46 @@ def test_kivi_fused_equals_dequantize_then_attend(poisoned, bits, dtype, d, hq, 
     assert _rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_kivi_fold_handles_any_chunk_ids(poisoned, order):
+    """Blocks over many chunks, gaps in the ids (evicted chunks never freed), single-entry chunks,
+    ids out of order: the fold kernel (one scale row per chunk) still equals dequantise-then-attend."""
+    gen = torch.Generator().manual_seed(21)
+    store = KIVI(bits=4)
+    b, hkv, hq, d, dtype = 2, 2, 4, 64, torch.float32
+    body, tk, tv = _kivi_layer(store, b, hkv, d, dtype, gen)
+    n, c = len(body), body.chunks["k_scale"].shape[2]
+    # Ids: runs of 1..40 entries, then jumps of 1..3 chunks (wrapping inside the table).
+    steps = (torch.rand(b, hkv, n, generator=gen) < 0.15).long() * torch.randint(1, 4, (b, hkv, n), generator=gen)
+    ids = steps.cumsum(-1) % c
+    if order == "shuffled":
+        ids = ids.gather(-1, torch.stack([torch.randperm(n, generator=gen) for _ in range(b * hkv)]).view(b, hkv, n))
+    body.chunk_id = ids.to(torch.int16)
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    ref = _dequant_then_attend(q, body, store, tk, tv, 0.125)
+    assert KD.fold_supported(q, body, d, d, 32)
+    for splits in (None, 1, 5):
+        out = KD.kivi_decode_attention(q, body, store, tk, tv, 0.125, num_splits=splits)
+        assert _rel(out, ref) < TOL[dtype], splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kivi_gather_kernel_and_odd_head_dims(poisoned, monkeypatch, dtype):
+    """The per-element gather kernel: forced, and chosen for a head dim that is not a power of two."""
+    gen = torch.Generator().manual_seed(31)
+    store = KIVI(bits=4)
+    for d in (64, 96):
+        body, tk, tv = _kivi_layer(store, 2, 2, d, dtype, gen)
+        q = torch.randn(2, 4, d, generator=gen).to(dtype)
+        ref = _dequant_then_attend(q, body, store, tk, tv, d**-0.5)
+        assert KD.fold_supported(q, body, d, d, 32) == (d == 64)
+        with monkeypatch.context() as m:
+            if d == 64:
+                m.setattr(KD, "KERNEL", "gather")
+            out = KD.kivi_decode_attention(q, body, store, tk, tv, d**-0.5, num_splits=3)
+        assert _rel(out, ref) < TOL[dtype], d
+
+
 def test_kivi_fused_on_a_prefilled_layer(poisoned):
     """A layer filled by the real prefill loop (snapkv eviction + kivi4): the fused kernel over
     its body and tail equals attention over `BudgetedLayer._with_body` (dequantize, concat)."""
