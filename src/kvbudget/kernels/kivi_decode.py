@@ -57,10 +57,13 @@ BLOCK_N = 32
 # gathers); "gather": the first kernel, `_kivi_stage_kernel` (kept for comparison).
 KERNEL = os.environ.get("KVBUDGET_KIVI_KERNEL", "fold")
 # Launch settings: (entries per block, warps, pipeline stages, programs resident per SM, register
-# cap per thread or 0 for none). The fold kernel needs ~240 registers a thread (ptxas, sm_90, bf16,
-# no spills): two 4-warp programs fit on an SM.
-FOLD_CONFIG = (32, 4, 1, 2, 0)
+# cap per thread or 0 for none). The fold kernel fits 168 registers a thread without spills (ptxas,
+# sm_90, bf16, 2 and 4 bits), so three 4-warp programs are resident per SM.
+FOLD_CONFIG = (32, 4, 1, 3, 168)
 FOLD_CONFIG_FP32 = (32, 8, 1, 1, 0)  # float32 tiles: 4 warps would spill
+# Query rows of the fold kernel's tiles (the group padded to a power of two, at least this): 4, not
+# 16, since tl.dot pads M itself on sm_90, and 4 x D float32 tiles cost far fewer registers.
+FOLD_MIN_ROWS = 4
 GATHER_CONFIG = (BLOCK_N, 8, 2, 2, 0)
 TAIL_BLOCK_FOLD = 32  # full-precision tail entries per block inside the fold kernel
 
@@ -366,10 +369,6 @@ def _kivi_fold_kernel(
         rows = (lo + offs_bn).to(tl.int64)
         cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
         kb = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :], mask=n_mask[:, None], other=0)
-        vb = tl.load(vc_base + rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
-        vsz = rows[:, None] * stride_vsn + offs_grp[None, :]
-        vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0)
-        vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0)
         nn_mask = lo + BLOCK_N + offs_bn < hi
         cid_n = tl.load(cid_base + (lo + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=nn_mask, other=0).to(tl.int32)
 
@@ -382,10 +381,13 @@ def _kivi_fold_kernel(
             x_mask = nx + offs_bn < hi
             x_rows = (nx + offs_bn).to(tl.int64)
             kb_x = tl.load(kc_base + x_rows[:, None] * stride_kcn + offs_j[None, :], mask=x_mask[:, None], other=0)
-            vb_x = tl.load(vc_base + x_rows[:, None] * stride_vcn + offs_jv[None, :], mask=x_mask[:, None], other=0)
-            vsz_x = x_rows[:, None] * stride_vsn + offs_grp[None, :]
-            vs_x = tl.load(vs_base + vsz_x, mask=x_mask[:, None], other=0.0)
-            vz_x = tl.load(vz_base + vsz_x, mask=x_mask[:, None], other=0.0)
+            # The current block's values (issued before the key math; prefetching them a block
+            # ahead as well would cost the registers of a third resident program).
+            cur_rows = (n0 + offs_bn).to(tl.int64)
+            vb = tl.load(vc_base + cur_rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
+            vsz = cur_rows[:, None] * stride_vsn + offs_grp[None, :]
+            vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0)
+            vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0)
             xx_mask = nx + BLOCK_N + offs_bn < hi
             cid_xx = tl.load(cid_base + (nx + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=xx_mask, other=0).to(tl.int32)
 
@@ -423,9 +425,6 @@ def _kivi_fold_kernel(
             cid = cid_n
             cid_n = cid_xx
             kb = kb_x
-            vb = vb_x
-            vs = vs_x
-            vz = vz_x
 
         offs_dv = tl.arange(0, BLOCK_DV)
         _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, pid_s,
@@ -550,7 +549,7 @@ def kivi_decode_attention(
             *(tail_k.stride() if t > 0 else (0,) * 4), *(tail_v.stride() if t > 0 else (0,) * 4),
             t, max(tail_split, 1), s_body,
             BITS=bits, PACK=pack, GV=gv, NG=dv // gv, BLOCK_N=block_n,
-            BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(MIN_ROWS, _pow2(group)), HAS_LENS=body_lens is not None,
+            BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, _pow2(group)), HAS_LENS=body_lens is not None,
             TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block,
             DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), num_warps=warps, num_stages=stages, **regs,
         )
