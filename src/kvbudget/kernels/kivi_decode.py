@@ -237,11 +237,32 @@ def _unpack(bytes_, BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _fold_rows(q, kcodes, sc, zc, DT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _unpack_centred(bytes_, BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Like `_unpack`, minus ``2**(BITS-1)``: flipping each field's top bit turns the field, read as
+    a signed BITS-bit integer (shift left to the top of an int32, arithmetic shift back), into
+    ``code - 2**(BITS-1)``: two shifts per code, one xor per byte."""
+    flip = 0
+    for i in tl.static_range(PACK):
+        flip = flip | (1 << (BITS * i + BITS - 1))
+    lefts = 32 - BITS - tl.arange(0, PACK) * BITS
+    codes = ((bytes_.to(tl.int32) ^ flip)[:, :, None] << lefts[None, None, :]) >> (32 - BITS)
+    return tl.reshape(codes, [BLOCK_N, BLOCK_D])
+
+
+@triton.jit
+def _fold_rows(q, kcodes, sc, zc, BITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
     """Logits (before the softmax scale) of a block's entries if they all belonged to the chunk of
-    scale / zero rows ``sc``, ``zc`` [BLOCK_D]: ``(q * sc) @ codes^T + q . zc`` [G_PAD, BLOCK_N]."""
-    qt = (q * sc.to(tl.float32)[None, :]).to(DT)
-    return _mm(qt, tl.trans(kcodes), DOT_PREC, UPCAST) + tl.sum(q * zc.to(tl.float32)[None, :], 1)[:, None]
+    scale / zero rows ``sc``, ``zc`` [BLOCK_D]: ``q . (code * sc + zc)`` [G_PAD, BLOCK_N], with
+    ``kcodes`` the centred codes ``code - 2**(BITS-1)`` (small integers, exact in any float):
+    ``(q * sc) @ kcodes^T + q . (zc + sc * 2**(BITS-1))``. Centring keeps the terms that the rounded
+    ``q * sc`` multiplies within about half the chunk's range, so the rounding error stays about
+    that of rounding the dequantised key (uncentred 2-bit keys with an outlier channel: ~3x more)."""
+    sc = sc.to(tl.float32)
+    qt = (q * sc[None, :]).to(DT)
+    zc = zc.to(tl.float32) + sc * (1 << (BITS - 1))
+    return _mm(qt, tl.trans(kcodes), DOT_PREC, UPCAST) + tl.sum(q * zc[None, :], 1)[:, None]
 
 
 @triton.jit
@@ -308,18 +329,19 @@ def _kivi_fold_kernel(
     HAS_LENS: tl.constexpr, TAIL_LENS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """`_kivi_stage_kernel` without per-element scale gathers, software-pipelined by hand.
+    """`_kivi_stage_kernel` without per-element scale gathers; the tail in extra programs.
 
     Needs power-of-two D, Dv and value group GV (NG = Dv / GV groups), unit channel strides.
-    Keys: ``q . k_t = sum_c (q_c s_c) code_tc + sum_c q_c z_c`` with (s, z) the row of entry t's
-    chunk: the scale row is folded into the query (``q * s`` rounded to the model dtype), the codes
-    of the whole block go through one tensor-core dot. A block's lowest and highest chunk ids c0,
-    c1 (the only ones when chunk ids are sorted and the block holds at most two chunks: the usual
-    case) get one dot each and every entry takes its chunk's logits; any chunk strictly between
-    them (sparse chunks after eviction) is handled by a loop over the remaining ids. Values: one
+    Keys: ``q . k_t = sum_c (q_c s_c) (code_tc - 2**(BITS-1)) + sum_c q_c (z_c + 2**(BITS-1) s_c)``
+    with (s, z) the row of entry t's chunk: the scale row is folded into the query (``q * s``
+    rounded to the model dtype) and the centred codes of the whole block go through one tensor-core
+    dot (`_fold_rows`). A block's lowest and highest chunk ids c0, c1 (the only ones when chunk ids
+    are sorted and the block holds at most two chunks: the usual case; one dot when c0 == c1) get
+    one dot each and every entry takes its chunk's logits; any chunk strictly between them (sparse
+    chunks after eviction, unsorted ids) is handled by a loop over the remaining ids. Values: one
     (scale, zero) per (entry, group) loaded as [BLOCK_N, NG] and broadcast over the group.
-    While a block is computed, the next block's bytes, value scales and key-scale rows, and the
-    chunk ids of the block after it, are already being loaded (no dependent load in the chain)."""
+    While a block is computed, the next block's key codes and the chunk ids of the block after it
+    are already being loaded. Programs ``pid_s >= S_BODY`` attend over the full-precision tail."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -364,7 +386,7 @@ def _kivi_fold_kernel(
         q = q.to(tl.float32)
         BIG: tl.constexpr = 2147483647
 
-        # Prologue: block 0's data, its key-scale rows (the one dependent load), block 1's chunk ids.
+        # Prologue: block 0's chunk ids and key codes, block 1's chunk ids.
         n_mask = lo + offs_bn < hi
         rows = (lo + offs_bn).to(tl.int64)
         cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
@@ -398,16 +420,16 @@ def _kivi_fold_kernel(
             z0 = tl.load(kz_base + c0.to(tl.int64) * stride_tc + offs_d)
             s1 = tl.load(ks_base + c1.to(tl.int64) * stride_tc + offs_d)
             z1 = tl.load(kz_base + c1.to(tl.int64) * stride_tc + offs_d)
-            kcodes = _unpack(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
-            qk = _fold_rows(q, kcodes, s0, z0, dt, DOT_PREC, UPCAST)
+            kcodes = _unpack_centred(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
+            qk = _fold_rows(q, kcodes, s0, z0, BITS, dt, DOT_PREC, UPCAST)
             if c1 != c0:  # the block spans several chunks (never when chunks of 32 align with blocks)
-                qk = tl.where(cid[None, :] == c1, _fold_rows(q, kcodes, s1, z1, dt, DOT_PREC, UPCAST), qk)
+                qk = tl.where(cid[None, :] == c1, _fold_rows(q, kcodes, s1, z1, BITS, dt, DOT_PREC, UPCAST), qk)
                 # Chunks strictly between c0 and c1 (sparse chunks after eviction, ids out of order).
                 c = tl.min(tl.where(n_mask & (cid > c0) & (cid < c1), cid, BIG), 0)
                 while c < c1:
                     sc = tl.load(ks_base + c.to(tl.int64) * stride_tc + offs_d)
                     zc = tl.load(kz_base + c.to(tl.int64) * stride_tc + offs_d)
-                    qk = tl.where(cid[None, :] == c, _fold_rows(q, kcodes, sc, zc, dt, DOT_PREC, UPCAST), qk)
+                    qk = tl.where(cid[None, :] == c, _fold_rows(q, kcodes, sc, zc, BITS, dt, DOT_PREC, UPCAST), qk)
                     c = tl.min(tl.where(n_mask & (cid > c) & (cid < c1), cid, BIG), 0)
 
             qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
