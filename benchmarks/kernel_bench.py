@@ -67,6 +67,24 @@ def bench(fns: list, rep: int = 60) -> float:
     return float(do_bench(call, warmup=10, rep=rep, return_mode="median"))
 
 
+def graphed(fns: list) -> list:
+    """The calls of ``fns`` captured as CUDA graphs (one per input copy), as a serving loop runs
+    them: timings without Python / launch overhead, which otherwise dominates small kernels."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for f in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            f()
+        graphs.append(g)
+    return [g.replay for g in graphs]
+
+
 def copies_for(nbytes: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
@@ -203,6 +221,17 @@ def timing_row(out, copy_gbps: float, fns: list, must_read: int, **meta) -> None
         free()
 
 
+def graph_row(out, copy_gbps: float, fns: list, must_read: int, **meta) -> None:
+    """`timing_row` of the calls replayed from CUDA graphs (a failed capture is reported, not raised)."""
+    try:
+        replays = graphed(fns)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        emit(out, {"kind": "time", **meta, "error": repr(exc)})
+        return
+    timing_row(out, copy_gbps, replays, must_read, **meta)
+
+
 # --- 3a. variable per-head lengths -----------------------------------------------------------------
 def bench_varlen(out, copy_gbps: float, budget: int = 2048) -> None:
     from kvbudget.kernels import varlen_decode as VD
@@ -269,8 +298,10 @@ def bench_kivi(out, copy_gbps: float, residual: int = 128) -> None:
                 dense = [(torch.randn(b, HQ, 1, D, device=dev, dtype=DTYPE),
                           torch.randn(b, HKV, ctx, D, device=dev, dtype=DTYPE),
                           torch.randn(b, HKV, ctx, D, device=dev, dtype=DTYPE)) for _ in range(n_copies)]
-                timing_row(out, copy_gbps, [lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], scale=SCALE, enable_gqa=True)
-                                            for s in dense], kv_bytes, impl="sdpa_bf16", **meta)
+                sdpa = [lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], scale=SCALE, enable_gqa=True)
+                        for s in dense]
+                timing_row(out, copy_gbps, sdpa, kv_bytes, impl="sdpa_bf16", **meta)
+                graph_row(out, copy_gbps, sdpa, kv_bytes, impl="sdpa_bf16_graph", **meta)
                 del dense
                 free()
             except Exception as exc:  # noqa: BLE001
@@ -288,8 +319,10 @@ def bench_kivi(out, copy_gbps: float, residual: int = 128) -> None:
                         q = torch.randn(b, HQ, D, device=dev, dtype=DTYPE)
                         sets.append((q, body, tk, tv))
                     must = body.nbytes() + tk.nbytes + tv.nbytes
-                    timing_row(out, copy_gbps, [lambda s=s, st=store: KD.kivi_decode_attention(s[0], s[1], st, s[2], s[3], SCALE)
-                                                for s in sets], must, impl=f"kivi{bits}_fused", **meta)
+                    fused = [lambda s=s, st=store: KD.kivi_decode_attention(s[0], s[1], st, s[2], s[3], SCALE)
+                             for s in sets]
+                    timing_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused", **meta)
+                    graph_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused_graph", **meta)
                     # kvbudget's path before the kernel: dequantise the body in torch, concat, SDPA.
                     # Its float32 temporaries are ~6x the bf16 KV: skip where that would not fit.
                     if kv_bytes * 6 < 24 * 2**30:
@@ -329,7 +362,8 @@ def table() -> None:
         b = base.get((r["bench"], r.get("mode"), r.get("context"), r["batch"]))
         speed = f"{b / r['ms']:7.2f}x" if b else ""
         print(f"{r['bench']:7} {case:>14} {r['batch']:>3} {r['impl']:28} {r['ms']:9.4f} {r['GBps']:8.0f} {100 * r['frac_copy']:6.1f} {speed:>8}")
-    print("(vs base: speed-up over sdpa_bf16 (kivi) / sdpa_mask_folded (varlen); GB/s = bytes the kernel must read / time)")
+    print("(vs base: speed-up over sdpa_bf16 (kivi) / sdpa_mask_folded (varlen); GB/s = bytes the kernel must read / time;"
+          " *_graph: the same calls replayed from CUDA graphs, without Python and launch overhead)")
 
 
 def main() -> int:

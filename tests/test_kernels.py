@@ -203,6 +203,46 @@ def test_kivi_fused_equals_dequantize_then_attend(poisoned, bits, dtype, d, hq, 
     assert _rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_kivi_fold_handles_any_chunk_ids(poisoned, order):
+    """Blocks over many chunks, gaps in the ids (evicted chunks never freed), single-entry chunks,
+    ids out of order: the fold kernel (one scale row per chunk) still equals dequantise-then-attend."""
+    gen = torch.Generator().manual_seed(21)
+    store = KIVI(bits=4)
+    b, hkv, hq, d, dtype = 2, 2, 4, 64, torch.float32
+    body, tk, tv = _kivi_layer(store, b, hkv, d, dtype, gen)
+    n, c = len(body), body.chunks["k_scale"].shape[2]
+    # Ids: runs of 1..40 entries, then jumps of 1..3 chunks (wrapping inside the table).
+    steps = (torch.rand(b, hkv, n, generator=gen) < 0.15).long() * torch.randint(1, 4, (b, hkv, n), generator=gen)
+    ids = steps.cumsum(-1) % c
+    if order == "shuffled":
+        ids = ids.gather(-1, torch.stack([torch.randperm(n, generator=gen) for _ in range(b * hkv)]).view(b, hkv, n))
+    body.chunk_id = ids.to(torch.int16)
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    ref = _dequant_then_attend(q, body, store, tk, tv, 0.125)
+    assert KD.fold_supported(q, body, d, d, 32)
+    for splits in (None, 1, 5):
+        out = KD.kivi_decode_attention(q, body, store, tk, tv, 0.125, num_splits=splits)
+        assert _rel(out, ref) < TOL[dtype], splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kivi_gather_kernel_and_odd_head_dims(poisoned, monkeypatch, dtype):
+    """The per-element gather kernel: forced, and chosen for a head dim that is not a power of two."""
+    gen = torch.Generator().manual_seed(31)
+    store = KIVI(bits=4)
+    for d in (64, 96):
+        body, tk, tv = _kivi_layer(store, 2, 2, d, dtype, gen)
+        q = torch.randn(2, 4, d, generator=gen).to(dtype)
+        ref = _dequant_then_attend(q, body, store, tk, tv, d**-0.5)
+        assert KD.fold_supported(q, body, d, d, 32) == (d == 64)
+        with monkeypatch.context() as m:
+            if d == 64:
+                m.setattr(KD, "KERNEL", "gather")
+            out = KD.kivi_decode_attention(q, body, store, tk, tv, d**-0.5, num_splits=3)
+        assert _rel(out, ref) < TOL[dtype], d
+
+
 def test_kivi_fused_on_a_prefilled_layer(poisoned):
     """A layer filled by the real prefill loop (snapkv eviction + kivi4): the fused kernel over
     its body and tail equals attention over `BudgetedLayer._with_body` (dequantize, concat)."""
@@ -269,3 +309,62 @@ def test_kivi_dispatch_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     # Only a tail (nothing encoded yet): the varlen kernel alone.
     out = KD.kivi_decode_attention(q, None, store, tk, tv, 0.125)
     assert _rel(out, _naive(q, [[tk[0, h] for h in range(2)]], [[tv[0, h] for h in range(2)]], 0.125)) < 1e-5
+
+
+KIVI_COMPILE = r'''
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvbudget.kernels import kivi_decode as KD
+
+fn = KD._kivi_fold_kernel
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+for dt in ("bf16", "fp32"):
+    block_n, warps, stages, _, maxnreg = KD.FOLD_CONFIG_FP32 if dt == "fp32" else KD.FOLD_CONFIG
+    for bits in (4, 2):
+        consts = dict(BITS=bits, PACK=8 // bits, GV=32, NG=4, BLOCK_N=block_n, BLOCK_D=128, BLOCK_DV=128,
+                      G_PAD=max(KD.FOLD_MIN_ROWS, 4), HAS_LENS=False, TAIL_LENS=False, TAIL_BLOCK=KD.TAIL_BLOCK_FOLD,
+                      DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False, stride_qd=1, stride_kcj=1,
+                      stride_vcj=1, stride_vsg=1, stride_td=1, stride_cn=1, stride_tkd=1, stride_tvd=1)
+        names = [a for a in fn.arg_names if a not in consts]
+        ptr = {"kc_ptr": "*u8", "vc_ptr": "*u8", "cid_ptr": "*i16", "blens_ptr": "*i32", "tlens_ptr": "*i32",
+               "po_ptr": "*fp32", "plse_ptr": "*fp32"}
+        sig = {a: (ptr.get(a, f"*{dt}") if a.endswith("_ptr") else "fp32" if a == "qk_scale"
+                   else "i64" if a.startswith("stride") else "i32") for a in names}
+        sig |= {k: "constexpr" for k in consts}
+        where = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+        # What the launcher specialises for real tensors: 16-byte aligned pointers and strides.
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names
+                 if a.endswith("_ptr") or (a.startswith("stride") and a != "stride_cn")}
+        opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=where, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=opts)
+        assert "cubin" in c.asm and ("mma" in c.asm["ptx"] or dt == "fp32")  # bf16: tensor cores
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(c.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        os.unlink(f.name)
+        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
+        print(dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
+        if dt == "bf16":
+            assert spills == 0, log
+print("compiled")
+'''
+
+
+def test_kivi_fold_kernel_compiles_for_hopper_without_spills():
+    """The real compiler takes the fold kernel (body and tail paths) down to sm_90 with its launch
+    settings; ptxas must report no register spills for bfloat16 (float32 only has to compile)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", KIVI_COMPILE], check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, (done.stdout + done.stderr)[-3000:]
