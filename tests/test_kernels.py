@@ -368,3 +368,36 @@ def test_kivi_fold_kernel_compiles_for_hopper_without_spills():
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", KIVI_COMPILE], check=False, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "compiled" in done.stdout, (done.stdout + done.stderr)[-3000:]
+
+
+
+def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch):
+    """With KVBUDGET_FUSED_KIVI on, a one-token step over a KIVI body attends through
+    kivi_decode_attention (torch reference on CPU, the Triton kernel on CUDA) and gives the
+    tokens of the path that decodes the body first."""
+    import kvbudget as kb
+    from kvbudget import cache as kcache
+    from conftest import random_ids
+
+    import kvbudget.kernels as kernels
+
+    calls = []
+    real = kernels.kivi_decode_attention
+    monkeypatch.setattr(kernels, "kivi_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    answers = []
+    for fused in (False, True):
+        monkeypatch.setattr(kcache, "FUSED_KIVI", fused)
+        policy = kb.policy("kivi4")
+        c = policy.new_cache(tiny_llama)
+        logits, _ = kb.prefill(tiny_llama, c, policy, random_ids(300), block_size=64)
+        assert c.budgeted_layers()[0].body is not None
+        ids = []
+        with torch.inference_mode():
+            for _ in range(12):
+                tok = logits.argmax(-1, keepdim=True)
+                ids.append(int(tok))
+                logits = tiny_llama(input_ids=tok, past_key_values=c, use_cache=True).logits[:, -1]
+        answers.append((ids, logits))
+    assert len(calls) == 12 * len(c.budgeted_layers())  # the fused run only, every layer, every step
+    assert answers[0][0] == answers[1][0]
+    torch.testing.assert_close(answers[0][1], answers[1][1], rtol=1e-4, atol=1e-4)

@@ -19,6 +19,7 @@ lives in ``state`` in the same layout and is gathered with the entries.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -31,6 +32,30 @@ from .attention import AttentionPlan, set_plan
 from .store import Body, Store, rebuild_body
 
 POSITION_DTYPE = torch.int32
+
+# Decode steps over a store's encoded body attend through the fused dequantise-and-attend kernel
+# (kvbudget.kernels.kivi_decode_attention) instead of decoding the whole body first. Opt-in
+# (KVBUDGET_FUSED_KIVI=1) until the kernel's final version has been checked on a GPU: see
+# docs/benchmarks.md, "GPU performance", table 5.
+FUSED_KIVI = os.environ.get("KVBUDGET_FUSED_KIVI", "0") == "1"
+
+
+@dataclass
+class BodyPlan:
+    """A one-token step over an encoded body: attention runs on the body as stored (packed codes,
+    scales) plus the full-precision tail, never decoding the body into memory."""
+
+    keys: Tensor  # the tail keys update() returned (identity check in the attention hook)
+    layer: "BudgetedLayer"
+
+    def attend(self, query: Tensor, scaling: float) -> Tensor:
+        """``query [B, Hq, 1, d]`` -> ``[B, 1, Hq, dv]``."""
+        from .kernels import kivi_decode_attention
+
+        layer = self.layer
+        layer.observe(query, scaling)
+        out = kivi_decode_attention(query[:, :, 0], layer.body, layer.store, layer.keys, layer.values, scaling)
+        return out[:, None]
 
 
 def _valid_mask(lens: Tensor, width: int) -> Tensor:
@@ -124,6 +149,10 @@ class BudgetedLayer(CacheLayerMixin):
             self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
             for name, s in self.state.items():
                 self.state[name] = torch.cat([s, s.new_zeros(b, h, q)], dim=-1)
+            if q == 1 and self.body is not None and FUSED_KIVI:
+                self.peak_entries = max(self.peak_entries, self.max_entries)
+                set_plan(BodyPlan(self.keys, self))
+                return self.keys, self.values
             keys, values, old_lens = self._with_body(self.keys, self.values) + (None,)
         else:
             old_lens = self.head_lens
