@@ -284,14 +284,20 @@ def decode_attention(
     b, hkv, cap, d = k.shape
     _check(q, hkv, d)
     lens = lens.reshape(-1)
-    block_n = _block_n(d)
-    max_len = cap if max_len is None else max_len
+    return _split_k(q, k, v, None, lens, scale, cap if max_len is None else max_len, num_splits, out)
+
+
+def _split_k(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, lens: Tensor, scale: float,
+             max_len: int, num_splits: int | None, out: Tensor | None) -> Tensor:
+    """Choose the splits, run the stage kernel into partials, combine them into ``out``."""
+    b, hkv = q.shape[0], lens.numel() // q.shape[0]
+    block_n = _block_n(k.shape[-1])
     if num_splits is None:
         splits, split_len = choose_splits(b * hkv, max_len, block_n, num_sms(q.device))
     else:
         splits, split_len = num_splits, max(block_n, -(-max_len // num_splits // block_n) * block_n)
     part_o, part_lse = new_partials(q, splits, v.shape[-1])
-    launch_stage(q, k, v, None, lens, scale, part_o, part_lse, 0, splits, split_len, block_n)
+    launch_stage(q, k, v, starts, lens, scale, part_o, part_lse, 0, splits, split_len, block_n)
     out = q.new_empty(b, q.shape[1], v.shape[-1]) if out is None else out
     return combine(part_o, part_lse, out)
 
@@ -313,17 +319,9 @@ def varlen_decode_attention(
         raise ValueError(f"{lens.numel()} head lengths do not divide over batch {b}")
     hkv, d = lens.numel() // b, k.shape[-1]
     _check(q, hkv, d)
-    block_n = _block_n(d)
     if max_len is None:
         max_len = int(lens.max()) if lens.numel() else 0
-    if num_splits is None:
-        splits, split_len = choose_splits(b * hkv, max_len, block_n, num_sms(q.device))
-    else:
-        splits, split_len = num_splits, max(block_n, -(-max_len // num_splits // block_n) * block_n)
-    part_o, part_lse = new_partials(q, splits, v.shape[-1])
-    launch_stage(q, k, v, starts, lens, scale, part_o, part_lse, 0, splits, split_len, block_n)
-    out = q.new_empty(b, q.shape[1], v.shape[-1]) if out is None else out
-    return combine(part_o, part_lse, out)
+    return _split_k(q, k, v, starts, lens, scale, max_len, num_splits, out)
 
 
 __all__ = ["choose_splits", "decode_attention", "num_sms", "varlen_decode_attention"]
