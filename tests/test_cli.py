@@ -97,3 +97,18 @@ def test_query_aware_mode_is_labelled(tmp_path, task_file):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["mode"] for r in rows} == {"query-aware"}
     assert "OPTIMISTIC" in (out / "report.md").read_text()
+
+
+def test_run_decodes_with_static_buffers_on_cpu(tmp_path, capsys):
+    """`kvbudget run --decode static` answers with the static-buffer decoder (CPU: no graph), the
+    same answer as eager decoding; `--decode graph` on CPU is one clear error line."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The blue door's code is 4711. " * 6 + "The weather is mild.")
+    answers = []
+    for mode in ("eager", "static"):
+        assert main(["run", "--context", str(doc), "-q", "What is the blue door's code?", "--policy", "snapkv",
+                     "--budget", "48", "--decode", mode, "--max-new-tokens", "12"]) == 0
+        answers.append(capsys.readouterr().out.split("\n")[1])
+    assert answers[0] == answers[1] and answers[0].startswith("A:")
+    assert main(["run", "--context", str(doc), "-q", "Code?", "--decode", "graph", "--budget", "48"]) != 0
+    assert "CUDA" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     text = path.read_text()
     policy = make_policy(args.policy, budget=args.budget, block_size=args.block_size)
     model, tok = load_model(args.model, device=args.device)
-    session = Session(model, tok, policy)
+    session = Session(model, tok, policy, decode=args.decode)
     stats = session.add_context(text, question=args.question[0] if args.mode == "query-aware" else None)
     for q in args.question:
         print(f"Q: {q}\nA: {session.ask(q, args.max_new_tokens)}")
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", required=True, help="text file with the document")
     p.add_argument("--question", "-q", action="append", required=True, help="question (repeatable: multi-turn)")
     p.add_argument("--policy", default="snapkv")
+    p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
+                   help="decoding: static buffers + one CUDA graph per token on CUDA ('auto'), or forced")
     _common(p, "4x")
     p.set_defaults(func=cmd_run)
 
