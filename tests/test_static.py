@@ -12,7 +12,8 @@ import torch
 
 import kvbudget as kb
 from kvbudget.generate import Session
-from kvbudget.static import StaticDecoder, UnsupportedStatic, reference_varlen_decode, supports
+from kvbudget.kernels import reference_varlen_decode_attention
+from kvbudget.static import StaticDecoder, UnsupportedStatic, supports
 
 from conftest import random_ids
 
@@ -94,14 +95,14 @@ def test_ragged_layout_has_no_padding(tiny_llama):
         assert torch.equal(static.lens.long().cpu(), lens)
 
 
-def test_reference_varlen_matches_padded_attention():
+def test_reference_varlen_with_a_length_bound_matches_attention():
     torch.manual_seed(1)
     b, h, g, d = 2, 3, 2, 16
     lens = torch.tensor([5, 0, 9, 1, 7, 3])
     starts = torch.cumsum(lens + 2, 0) - (lens + 2)
     keys, values = torch.randn(int((lens + 2).sum()), d), torch.randn(int((lens + 2).sum()), d)
     q = torch.randn(b, h * g, d)
-    out = reference_varlen_decode(q, keys, values, starts, lens, 0.25, width=11)
+    out = reference_varlen_decode_attention(q, keys, values, starts, lens, 0.25, max_len=11)  # no host sync
     for i in range(b * h):
         k = keys[starts[i] : starts[i] + lens[i]].double()
         v = values[starts[i] : starts[i] + lens[i]].double()
@@ -115,13 +116,24 @@ def test_unsupported_caches_say_why(tiny_gemma, tiny_llama):
     policy = kb.policy("snapkv", budget=40)
     cache = policy.new_cache(tiny_gemma)
     kb.prefill(tiny_gemma, cache, policy, random_ids(60), block_size=32)
-    assert "sliding" in supports(tiny_gemma, cache)
+    assert "sliding" in supports(cache)
     with pytest.raises(UnsupportedStatic, match="sliding"):
         StaticDecoder.from_cache(tiny_gemma, cache, capacity=4)
     policy = kb.policy("kivi4")
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(300), block_size=64)
-    assert "store" in supports(tiny_llama, cache)
+    assert "store" in supports(cache)
+
+
+def test_unknown_attention_backend_is_a_clear_error(tiny_llama, monkeypatch):
+    from kvbudget import static as kstatic
+
+    policy = kb.policy("snapkv", budget=40)
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(60), block_size=32)
+    monkeypatch.setattr(kstatic, "ATTENTION", "flash")
+    with pytest.raises(ValueError, match="KVBUDGET_DECODE_ATTENTION must be one of"):
+        StaticDecoder.from_cache(tiny_llama, cache, capacity=2, graph=False)
 
 
 def test_capacity_is_enforced(tiny_llama):

@@ -75,6 +75,12 @@ def padded_to_ragged(padded: Tensor, lens: Tensor) -> Tensor:
     return padded[_valid_mask(lens, padded.shape[1])]
 
 
+def gather_entries(t: Tensor, index: Tensor) -> Tensor:
+    """The entries at ``index`` ([B, H, k]) of ``t`` ([B, H, n] or [B, H, n, d])."""
+    idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
+    return t.gather(2, idx)
+
+
 @dataclass
 class LayerView:
     """A layer's entries as padded tensors (no copy in the dense layout)."""
@@ -142,6 +148,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.seen += q
         if self.transient:
             return self._attend_without_storing(key_states, value_states)
+        plan = None
         if self.head_lens is None:
             n_old = self.max_entries
             self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -150,10 +157,10 @@ class BudgetedLayer(CacheLayerMixin):
             for name, s in self.state.items():
                 self.state[name] = torch.cat([s, s.new_zeros(b, h, q)], dim=-1)
             if q == 1 and self.body is not None and FUSED_KIVI:
-                self.peak_entries = max(self.peak_entries, self.max_entries)
-                set_plan(BodyPlan(self.keys, self))
-                return self.keys, self.values
-            keys, values, old_lens = self._with_body(self.keys, self.values) + (None,)
+                plan = BodyPlan(self.keys, self)  # attends to the body as stored: nothing decoded
+                keys, values, old_lens = self.keys, self.values, None
+            else:
+                keys, values, old_lens = self._with_body(self.keys, self.values) + (None,)
         else:
             old_lens = self.head_lens
             n_old = int(old_lens.max())
@@ -168,7 +175,7 @@ class BudgetedLayer(CacheLayerMixin):
                 self.state[name] = self._append_ragged(s, s.new_zeros(h, q))
             self.head_lens = old_lens + q
         self.peak_entries = max(self.peak_entries, self.max_entries)
-        set_plan(AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self))
+        set_plan(plan or AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self))
         return keys, values
 
     def _attend_without_storing(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,12 +293,8 @@ class BudgetedLayer(CacheLayerMixin):
             self.rebuild(index, int(recent.min()), view.state)
             return
 
-        def gather(t: Tensor) -> Tensor:
-            idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
-            return t.gather(2, idx)
-
-        keys, values, positions = gather(view.keys), gather(view.values), gather(view.positions)
-        state = {k: gather(s) for k, s in view.state.items()}
+        keys, values, positions = (gather_entries(t, index) for t in (view.keys, view.values, view.positions))
+        state = {k: gather_entries(s, index) for k, s in view.state.items()}
         if lens is None or bool((lens == index.shape[-1]).all()):
             self.keys, self.values, self.positions, self.state, self.head_lens = keys, values, positions, state, None
             return

@@ -285,7 +285,7 @@ class Session:
             return None
         if mode == "graph" and not cuda:
             raise KVBudgetError("decode='graph' needs a CUDA device (use 'static' or 'eager' on CPU)")
-        reason = supports(self.model, self.cache)
+        reason = supports(self.cache)
         if reason is not None:
             if mode == "auto":
                 return None

@@ -31,35 +31,16 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import set_plan
-from .cache import BudgetedCache, BudgetedLayer, padded_to_ragged
+from .cache import BudgetedCache, padded_to_ragged
 
 _local = threading.local()
 
 
-def reference_varlen_decode(
-    q: Tensor, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, scale: float, width: int
-) -> Tensor:
-    """Decode attention over per-head segments of flat storage, in plain torch (float32).
-
-    ``q [B, Hq, d]``; ``keys [S, d]``, ``values [S, dv]``; ``starts``/``lens`` ``[B*H]``;
-    ``width`` >= every length (a host-side bound: nothing here reads ``lens`` on the host).
-    Returns ``[B, Hq, dv]`` in q's dtype; a head with no entries gives zeros."""
-    b, hq, d = q.shape
-    bh = starts.numel()
-    g = hq * b // bh
-    offs = torch.arange(width, device=q.device)
-    valid = offs[None, :] < lens[:, None]
-    idx = torch.where(valid, starts[:, None] + offs[None, :], 0).clamp_max(keys.shape[0] - 1)
-    qq = q.reshape(bh, g, d).float()
-    logits = torch.bmm(qq, keys[idx].float().transpose(1, 2)) * scale
-    probs = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
-    out = torch.bmm(probs, values[idx].float())
-    return out.reshape(b, hq, -1).to(q.dtype)
-
-
 # Which attention a static decode step uses: "auto" (the Triton kernel on CUDA, else padded SDPA
-# for dense layers, else the torch reference), or one of "triton", "sdpa", "reference" (benchmarks).
+# for dense layers, else the torch reference of kvbudget.kernels), or one of "triton", "sdpa",
+# "reference" (benchmarks).
 ATTENTION = os.environ.get("KVBUDGET_DECODE_ATTENTION", "auto")
+ATTENTION_CHOICES = ("auto", "triton", "sdpa", "reference")
 
 
 def padded_sdpa_decode(q: Tensor, keys: Tensor, values: Tensor, lens: Tensor, scale: float, width: int) -> Tensor:
@@ -78,19 +59,19 @@ def padded_sdpa_decode(q: Tensor, keys: Tensor, values: Tensor, lens: Tensor, sc
 def varlen_decode(q: Tensor, layer: "StaticLayer", scale: float) -> Tensor:
     """Decode attention of ``q [B, Hq, d]`` over ``layer``'s segments, with the backend chosen by
     `ATTENTION`."""
+    from . import kernels  # imports triton: only once a static step runs, not with kvbudget
+
     choice = ATTENTION
     if choice in ("auto", "triton") and q.is_cuda:
-        try:
-            from .kernels import HAVE_TRITON, varlen_decode_attention
-        except ImportError:
-            HAVE_TRITON = False
-        if HAVE_TRITON:
-            return varlen_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lens, scale, max_len=layer.width)
+        if kernels.HAVE_TRITON:
+            return kernels.varlen_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lens, scale,
+                                                   max_len=layer.width)
         if choice == "triton":
-            raise RuntimeError("KVBUDGET_DECODE_ATTENTION=triton but kvbudget.kernels/triton is unavailable")
+            raise RuntimeError("KVBUDGET_DECODE_ATTENTION=triton but triton is unavailable")
     if layer.dense and (choice == "sdpa" or (choice == "auto" and q.is_cuda)):
         return padded_sdpa_decode(q, layer.keys, layer.values, layer.lens, scale, layer.width)
-    return reference_varlen_decode(q, layer.keys, layer.values, layer.starts, layer.lens, scale, layer.width)
+    return kernels.reference_varlen_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lens, scale,
+                                                     max_len=layer.width)
 
 
 @dataclass
@@ -156,7 +137,7 @@ class UnsupportedStatic(Exception):
     """The cache or model cannot be decoded with static buffers (the caller decodes eagerly)."""
 
 
-def supports(model, cache: BudgetedCache) -> str | None:
+def supports(cache: BudgetedCache) -> str | None:
     """None if ``cache`` can be decoded statically, else the reason it cannot."""
     if len(cache.budgeted) != len(cache.layers):
         return "sliding-window layers are not supported by static decoding"
@@ -188,6 +169,8 @@ class StaticDecoder:
 
     def __init__(self, model, layers: list[StaticLayer], positions: Tensor, capacity: int,
                  graph: bool | None = None, query_slots: int = 0) -> None:
+        if ATTENTION not in ATTENTION_CHOICES:
+            raise ValueError(f"KVBUDGET_DECODE_ATTENTION must be one of {', '.join(ATTENTION_CHOICES)}, got '{ATTENTION}'")
         self.model = model
         self.layers = layers
         self.cache = Cache(layers=layers)
@@ -221,7 +204,7 @@ class StaticDecoder:
                    query_slots: int = 0) -> "StaticDecoder":
         """Copy ``cache``'s entries into static buffers with room for ``capacity`` decoded tokens
         per head; ``query_slots``: queries kept per layer between write-backs (for scorers)."""
-        reason = supports(model, cache)
+        reason = supports(cache)
         if reason:
             raise UnsupportedStatic(reason)
         layers = []
@@ -337,23 +320,12 @@ class StaticDecoder:
                 layer.head_lens = lens.clone()
             layer.seen += n
             layer.peak_entries = max(layer.peak_entries, layer.max_entries)
-            if static.qbuf is not None and layer.query_keep != 0:
-                _observe(layer, static.qbuf[:, :, :n], new_pos)
+            if static.qbuf is not None:  # copied: the buffer is overwritten after the next reload
+                layer.observe(static.qbuf[:, :, :n].clone(), layer.scaling)
         cache.track_peak()
         self._seen += n
         self.steps = 0
         self.qslot.zero_()
-
-
-def _observe(layer: BudgetedLayer, queries: Tensor, positions: Tensor) -> None:
-    """The decoded tokens' queries, kept as `BudgetedLayer.observe` keeps them."""
-    pos = positions.to(queries.device)
-    if layer.queries is not None:
-        queries = torch.cat([layer.queries, queries], dim=2)
-        pos = torch.cat([layer.query_positions, pos.to(layer.query_positions.dtype)])
-    if layer.query_keep > 0:
-        queries, pos = queries[:, :, -layer.query_keep :], pos[-layer.query_keep :]
-    layer.queries, layer.query_positions = queries.clone(), pos
 
 
 def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots: int) -> None:

@@ -47,10 +47,12 @@ def reference_varlen_decode_attention(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, lens: Tensor, scale: float,
     max_len: int | None = None, num_splits: int | None = None, out: Tensor | None = None,
 ) -> Tensor:
-    """Torch version of `varlen_decode_attention`: pads the ragged heads, then masks."""
+    """Torch version of `varlen_decode_attention`: pads the ragged heads (to ``max_len`` when
+    given), then masks."""
     b = q.shape[0]
     starts, lens = starts.reshape(-1).long(), lens.reshape(-1).long()
-    width = int(lens.max()) if lens.numel() else 0
+    # ``max_len`` (a bound on every length) keeps this free of host syncs, as inside a CUDA graph.
+    width = max_len if max_len is not None else (int(lens.max()) if lens.numel() else 0)
     pos = torch.arange(width, device=k.device)
     valid = pos[None, :] < lens[:, None]
     rows = (starts[:, None] + pos[None, :]).clamp(0, max(k.shape[0] - 1, 0))

@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import scoring
 from ..allocation import HEAD_ADAPTIVE, get_allocator
 from ..budget import Budget, parse_budget
-from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, padded_to_ragged
+from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, gather_entries, padded_to_ragged
 from ..errors import BudgetError, UnknownPolicyError
 from ..sensitivity import budgets as sensitivity_budgets
 from ..sensitivity import load_scores
@@ -417,12 +417,8 @@ class Policy:
         scores = self.scorer.score(obs)
         index, _ = select(scores, obs, self.protected(budget))
 
-        def gather(t: Tensor) -> Tensor:
-            idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
-            return t.gather(2, idx)
-
-        keys, values, positions = gather(obs.keys), gather(obs.values), gather(obs.positions)
-        state = {k: gather(v) for k, v in obs.state.items()}
+        keys, values, positions = (gather_entries(t, index) for t in (obs.keys, obs.values, obs.positions))
+        state = {k: gather_entries(v, index) for k, v in obs.state.items()}
         del obs
         for i, layer in enumerate(layers):
             rows = slice(i * b, (i + 1) * b)
