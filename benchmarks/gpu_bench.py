@@ -12,6 +12,8 @@ Sections (``--sections``, comma-separated; one JSON object per row to ``--out``)
 * ``budget``: kvbudget block-wise prefill (block 2048) per policy x budget x context: peak GPU
   memory (flat in context), prefill seconds, compression share; then decode ms/token eagerly
   (BudgetedCache) and with static buffers + one CUDA graph per step (kvbudget.static).
+* ``profile``: the kernels of one graph decode step, grouped (matmuls, attention, other) with
+  the most frequent "other" kernels named.
 * ``batch``: the largest batch of 32k-token conversations that fits, full cache vs budget 2k,
   each with its decode ms/step and tokens/s. The KV contents are random (filled, not prefilled:
   speed does not depend on values; prefilling 200 x 32k tokens would take the whole lease).
@@ -20,6 +22,10 @@ Roofline per decode step: bytes that must be read (weights except the embedding 
 only the fed rows are read, + every kept K/V entry) / the measured copy bandwidth. ``fraction`` =
 roofline time / measured time.
 
+``--fused off,auto`` runs the budget and profile sections without and with kvbudget's fused
+element-wise kernels (kvbudget.fusion; "auto", the default, is what users get on CUDA). The plain
+transformers rows always run on the unfused model.
+
 Run on the H100 through the `device` tool (from the repository root):
     PYTHONPATH=src python3 benchmarks/gpu_bench.py --out $OUT/gpu_bench.jsonl
 """
@@ -27,8 +33,10 @@ Run on the H100 through the `device` tool (from the repository root):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,6 +51,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import kvbudget as kb  # noqa: E402
+from kvbudget import fusion  # noqa: E402
 from kvbudget import static as kstatic  # noqa: E402
 from gpu_smoke import build  # noqa: E402
 
@@ -73,6 +82,23 @@ def cuda_ms(fn, reps: int = 10, warmup: int = 2) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def fused_ops(model, value: str):
+    """Run with ``KVBUDGET_FUSED_OPS=value`` and the model unfused at the start (a StaticDecoder
+    fuses it again under "auto")."""
+    before = os.environ.get("KVBUDGET_FUSED_OPS")
+    os.environ["KVBUDGET_FUSED_OPS"] = value
+    fusion.unfuse(model)
+    try:
+        yield
+    finally:
+        fusion.unfuse(model)
+        if before is None:
+            os.environ.pop("KVBUDGET_FUSED_OPS")
+        else:
+            os.environ["KVBUDGET_FUSED_OPS"] = before
 
 
 def free_memory() -> None:
@@ -117,6 +143,7 @@ def roofline(model, entries_read: int, batch: int, bw: float, measured_ms: float
 # --- baseline: plain transformers -------------------------------------------------------------
 @torch.inference_mode()
 def baseline(model, context: int, bw: float, steps: int = 32) -> None:
+    fusion.unfuse(model)  # plain transformers
     free_memory()
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, 128000, (1, context), device="cuda")
@@ -156,7 +183,8 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
     peak = torch.cuda.max_memory_allocated()
     entries = int(sum(layer.lengths().sum() for layer in cache.budgeted_layers()) // len(cache.budgeted))
     kv_entries = entries // model.config.num_key_value_heads  # per head, mean over layers
-    row = {"section": "budget", "policy": name, "budget": budget, "context": context, "block": block,
+    row = {"section": "budget", "fused_ops": fusion.mode(), "policy": name, "budget": budget, "context": context,
+           "block": block,
            "prefill_s": round(stats.seconds, 3), "compress_share": round(stats.compress_seconds / stats.seconds, 4),
            "peak_prefill_gb": round(peak / GB, 2), "weights_gb": round(weights / GB, 2),
            "kv_gb": round(cache.nbytes() / GB, 3), "entries_per_head": kv_entries}
@@ -170,7 +198,7 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
 
         row["eager_decode_ms"] = round(cuda_ms(lambda: [eager() for _ in range(16)], reps=3, warmup=1) / 16, 2)
     # Static buffers + CUDA graph.
-    dec = kstatic.StaticDecoder.from_cache(model, cache, capacity=steps * 3 + 8)
+    dec = kstatic.StaticDecoder.from_cache(model, cache, capacity=steps * 3 + 8)  # fuses under "auto"
     first = tok[:, 0]
     dec.step(first)  # capture
     graph_ms = cuda_ms(lambda: [dec.step(first) for _ in range(steps)], reps=2, warmup=0) / steps
@@ -220,6 +248,7 @@ def try_batch(model, batch: int, entries: int, steps: int = 8) -> float | None:
 def try_dynamic_batch(model, batch: int, context: int, steps: int = 4) -> float | None:
     """Plain transformers at ``batch`` x ``context`` (random KV filled in), ms/step or None."""
     cache = None
+    fusion.unfuse(model)  # plain transformers
     try:
         free_memory()
         cfg = model.config
@@ -340,6 +369,7 @@ def profile_section(model, bw: float, entries: int = 2048, batch: int = 1) -> No
         dec.step(tok)
         torch.cuda.synchronize()
     groups: dict[str, list[float]] = {}
+    others: dict[str, list[float]] = {}
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -347,8 +377,12 @@ def profile_section(model, bw: float, entries: int = 2048, batch: int = 1) -> No
         kind = ("matmul" if any(k in name for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "splitk"))
                 else "attention" if any(k in name for k in ("attention", "fmha", "flash", "varlen", "decode"))
                 else "other")
-        groups.setdefault(kind, []).append(ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total)
-    row = {"section": "profile", "batch": batch, "entries_per_head": entries}
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        groups.setdefault(kind, []).append(us)
+        if kind == "other":
+            others.setdefault(ev.name[:90], []).append(us)
+    row = {"section": "profile", "fused_ops": fusion.mode(), "fused": dec.fused, "batch": batch,
+           "entries_per_head": entries}
     for kind, times in groups.items():
         row[f"{kind}_kernels"] = len(times)
         row[f"{kind}_ms"] = round(sum(times) / 1e3, 3)
@@ -356,6 +390,8 @@ def profile_section(model, bw: float, entries: int = 2048, batch: int = 1) -> No
     if matmul_ms:
         row["matmul_tb_s"] = round(weight_bytes(model) / (matmul_ms / 1e3) / 1e12, 3)
     row["kernel_ms_total"] = round(sum(sum(t) for t in groups.values()) / 1e3, 3)
+    top = sorted(others.items(), key=lambda kv: -sum(kv[1]))[:12]
+    row["top_other"] = [[name, len(t), round(sum(t) / 1e3, 3)] for name, t in top]  # name, count, ms
     emit(row)
     del dec
     free_memory()
@@ -369,6 +405,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="8192,32768,131072")
     parser.add_argument("--budgets", default="1024,2048,4096")
     parser.add_argument("--policies", default="snapkv")
+    parser.add_argument("--fused", default="auto", help="KVBUDGET_FUSED_OPS values for budget/profile, e.g. off,auto")
     args = parser.parse_args()
     OUT = Path(args.out)
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -382,12 +419,20 @@ def main() -> None:
     jobs = []
     if "baseline" in sections:
         jobs += [(baseline, (model, c, bw)) for c in contexts]
-    if "budget" in sections:
-        for policy in args.policies.split(","):
-            for budget in (int(b) for b in args.budgets.split(",")):
-                jobs += [(budgeted, (model, policy, budget, c, bw)) for c in contexts]
-    if "profile" in sections:
-        jobs.append((profile_section, (model, bw)))
+    for fused in args.fused.split(","):
+        def with_fused(fn, fused=fused):
+            def run(*a):
+                with fused_ops(model, fused):
+                    fn(*a)
+            run.__name__ = fn.__name__
+            return run
+
+        if "budget" in sections:
+            for policy in args.policies.split(","):
+                for budget in (int(b) for b in args.budgets.split(",")):
+                    jobs += [(with_fused(budgeted), (model, policy, budget, c, bw)) for c in contexts]
+        if "profile" in sections:
+            jobs.append((with_fused(profile_section), (model, bw)))
     if "offload" in sections:
         jobs.append((offload_section, (model,)))
     if "batch" in sections:

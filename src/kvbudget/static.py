@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import fusion
 from .attention import set_plan
 from .cache import BudgetedCache, padded_to_ragged
 
@@ -116,10 +117,16 @@ class StaticLayer(CacheLayerMixin):
         """Write the new token of every (batch, head) at the end of its segment (one token per step)."""
         if key_states.shape[2] != 1:
             raise ValueError("static decoding feeds one token per step")
-        slot = self.starts + self.lens.long()
-        self.keys.index_copy_(0, slot, key_states.reshape(-1, key_states.shape[-1]).to(self.keys.dtype))
-        self.values.index_copy_(0, slot, value_states.reshape(-1, value_states.shape[-1]).to(self.values.dtype))
-        self.lens.add_(1)
+        key = key_states.reshape(-1, key_states.shape[-1]).to(self.keys.dtype)
+        value = value_states.reshape(-1, value_states.shape[-1]).to(self.values.dtype)
+        fused = fusion.kernels_for(key)
+        if fused is not None and key.stride(-1) == 1 and value.stride(-1) == 1:
+            fused.static_append(key, value, self.keys, self.values, self.starts, self.lens)
+        else:
+            slot = self.starts + self.lens.long()
+            self.keys.index_copy_(0, slot, key)
+            self.values.index_copy_(0, slot, value)
+            self.lens.add_(1)
         set_plan(StaticPlan(self.keys, self))
         return self.keys, self.values
 
@@ -196,6 +203,8 @@ class StaticDecoder:
             layer.qslot = self.qslot
         self.logits: Tensor | None = None
         self.use_graph = device.type == "cuda" if graph is None else graph
+        # One kernel per norm, RoPE, SiLU*mul and append instead of ~37 per layer (kvbudget.fusion).
+        self.fused = fusion.maybe_fuse(model, device)
         self.graph: "torch.cuda.CUDAGraph | None" = None
 
     # --- building --------------------------------------------------------------------------
