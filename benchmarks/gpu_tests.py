@@ -82,6 +82,7 @@ def report(ok: bool, text: str) -> int:
     return 0 if ok else 1
 
 
+@torch.no_grad()
 def check_fused_kernels() -> int:
     """Each fused kernel on bf16 CUDA tensors of the 8B shape against what it replaces."""
     from transformers import LlamaConfig
@@ -110,7 +111,8 @@ def check_fused_kernels() -> int:
         cos, sin = rotary(q, pos)
         qo, ko = fused.apply_rope(q, k, cos, sin)
         qr, kr = llama.apply_rotary_pos_emb.__dict__.get("kvbudget_original", llama.apply_rotary_pos_emb)(q, k, cos, sin)
-        failures += report(torch.equal(qo, qr) and torch.equal(ko, kr), f"rope b={b} m={m} bf16: bit-equal to transformers")
+        differ = int((qo != qr).sum() + (ko != kr).sum())
+        failures += report(differ == 0, f"rope b={b} m={m} bf16: {differ} elements differ from transformers")
     gu = torch.randn(3, 2 * 14336, device="cuda", dtype=dt)
     g, u = gu[:, :14336], gu[:, 14336:]
     failures += report(torch.equal(fused.silu_mul(g, u), torch.nn.functional.silu(g) * u), "silu_mul bf16: bit-equal")
@@ -139,7 +141,7 @@ def check_fused_decode() -> int:
         counts = fusion.fuse(model)
         out = model(ids).logits.float()
     rel = float((out - ref).norm() / ref.norm())
-    fails = report(rel < 1e-2, f"fused modules {counts}: logits rel diff vs plain model {rel:.2e} (bf16, 300 tokens)")
+    fails = report(rel < 1e-3, f"fused modules {counts}: logits rel diff vs plain model {rel:.2e} (bf16, 300 tokens)")
     fusion.unfuse(model)
     eager, _ = decode(model, "snapkv", "eager", budget=512)
     graph, _ = decode(model, "snapkv", "graph", budget=512)  # the StaticDecoder fuses the model
@@ -158,11 +160,10 @@ def check_fused_kivi() -> int:
     model = build(layers=4, dtype=torch.float32)
     fails = 0
     for bits in (4, 2):
-        kcache.FUSED_KIVI = False
+        kcache.FUSED_KIVI = "0"
         plain, cp = decode(model, f"kivi{bits}", "eager")
-        kcache.FUSED_KIVI = True
+        kcache.FUSED_KIVI = "auto"  # the default: the kernel on CUDA
         fusedk, cf = decode(model, f"kivi{bits}", "eager")
-        kcache.FUSED_KIVI = False
         fails += report(plain == fusedk, f"kivi-{bits} decode: fused kernel tokens equal decode-the-body tokens "
                                          f"({len(plain)} tokens), max |cache diff| {compare_caches(cp, cf):.2e}")
     del model

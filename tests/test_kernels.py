@@ -372,7 +372,7 @@ def test_kivi_fold_kernel_compiles_for_hopper_without_spills():
 
 
 def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch):
-    """With KVBUDGET_FUSED_KIVI on, a one-token step over a KIVI body attends through
+    """With KVBUDGET_FUSED_KIVI=1, a one-token step over a KIVI body attends through
     kivi_decode_attention (torch reference on CPU, the Triton kernel on CUDA) and gives the
     tokens of the path that decodes the body first."""
     import kvbudget as kb
@@ -385,7 +385,7 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
     real = kernels.kivi_decode_attention
     monkeypatch.setattr(kernels, "kivi_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     answers = []
-    for fused in (False, True):
+    for fused in ("0", "1"):
         monkeypatch.setattr(kcache, "FUSED_KIVI", fused)
         policy = kb.policy("kivi4")
         c = policy.new_cache(tiny_llama)
@@ -399,5 +399,10 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
                 logits = tiny_llama(input_ids=tok, past_key_values=c, use_cache=True).logits[:, -1]
         answers.append((ids, logits))
     assert len(calls) == 12 * len(c.budgeted_layers())  # the fused run only, every layer, every step
+    calls.clear()
+    monkeypatch.setattr(kcache, "FUSED_KIVI", "auto")  # the default: CUDA only
+    with torch.inference_mode():
+        tiny_llama(input_ids=logits.argmax(-1, keepdim=True), past_key_values=c, use_cache=True)
+    assert not calls
     assert answers[0][0] == answers[1][0]
     torch.testing.assert_close(answers[0][1], answers[1][1], rtol=1e-4, atol=1e-4)

@@ -33,11 +33,14 @@ from .store import Body, Store, rebuild_body
 
 POSITION_DTYPE = torch.int32
 
-# Decode steps over a store's encoded body attend through the fused dequantise-and-attend kernel
-# (kvbudget.kernels.kivi_decode_attention) instead of decoding the whole body first. Opt-in
-# (KVBUDGET_FUSED_KIVI=1) until the kernel's final version has been checked on a GPU: see
-# docs/benchmarks.md, "GPU performance", table 5.
-FUSED_KIVI = os.environ.get("KVBUDGET_FUSED_KIVI", "0") == "1"
+# On CUDA, decode steps over a store's encoded body attend through the fused dequantise-and-attend
+# kernel (kvbudget.kernels.kivi_decode_attention) instead of decoding the whole body first (checked
+# and timed on an H100: docs/benchmarks.md, "GPU performance", table 5). KVBUDGET_FUSED_KIVI:
+# "auto" (default) on CUDA only, since on CPU the kernel's torch path decodes the body anyway;
+# "1" everywhere (tests run that torch path on CPU); "0" never.
+FUSED_KIVI = os.environ.get("KVBUDGET_FUSED_KIVI", "auto").strip().lower()
+if FUSED_KIVI not in ("auto", "1", "0"):
+    raise ValueError(f"KVBUDGET_FUSED_KIVI must be auto, 1 or 0, got '{FUSED_KIVI}'")
 
 
 @dataclass
@@ -156,7 +159,7 @@ class BudgetedLayer(CacheLayerMixin):
             self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
             for name, s in self.state.items():
                 self.state[name] = torch.cat([s, s.new_zeros(b, h, q)], dim=-1)
-            if q == 1 and self.body is not None and FUSED_KIVI:
+            if q == 1 and self.body is not None and (FUSED_KIVI == "1" or (FUSED_KIVI == "auto" and key_states.is_cuda)):
                 plan = BodyPlan(self.keys, self)  # attends to the body as stored: nothing decoded
                 keys, values, old_lens = self.keys, self.values, None
             else:
