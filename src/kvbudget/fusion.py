@@ -112,9 +112,16 @@ def _fusable_mlp(mlp: nn.Module) -> bool:
         hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
-def fuse(model: nn.Module) -> dict[str, int]:
+KINDS = ("rms_norm", "mlp", "rope")
+
+
+def fuse(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> dict[str, int]:
     """Install the fused kernels on ``model`` (idempotent); returns how many modules of each kind
-    were fused (all zero when Triton is unavailable). See the module docstring."""
+    were fused (all zero when Triton is unavailable). ``kinds``: a subset of `KINDS`, to measure
+    them one at a time. See the module docstring."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown fused kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     counts = {"rms_norm": 0, "mlp": 0, "rope": 0}
     if _kernels() is None:
         return counts
@@ -124,15 +131,15 @@ def fuse(model: nn.Module) -> dict[str, int]:
         cls = type(module)
         if getattr(module, "kvbudget_fused", False):
             continue
-        if hasattr(module, "variance_epsilon") and _computes(cls.forward, _RMS_SIGNATURE):
+        if "rms_norm" in kinds and hasattr(module, "variance_epsilon") and _computes(cls.forward, _RMS_SIGNATURE):
             module.forward = types.MethodType(_rms_forward, module)
             module.kvbudget_fused = True
             counts["rms_norm"] += 1
-        elif _computes(cls.forward, _MLP_SIGNATURE) and _fusable_mlp(module):
+        elif "mlp" in kinds and _computes(cls.forward, _MLP_SIGNATURE) and _fusable_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
             module.kvbudget_fused = True
             counts["mlp"] += 1
-        elif "Attention" in cls.__name__:
+        elif "rope" in kinds and "Attention" in cls.__name__:
             counts["rope"] += _patch_rope(sys.modules.get(cls.__module__))
     model.kvbudget_fused_ops = counts
     return counts
