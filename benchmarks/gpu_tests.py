@@ -9,13 +9,21 @@
    transformers code they replace (RoPE and SiLU*mul bit for bit, RMSNorm within one bf16 ulp,
    the static append exactly), and greedy decoding of a bf16 model: unfused eager vs fused graph.
 4. Fused KIVI decode (KVBUDGET_FUSED_KIVI): greedy tokens with and without it.
+5. The attention call's log-sum-exp reused by the scoring (``KVBUDGET_ATTENTION_LSE``, issue 6):
+   the flash op the hook uses equals the torch reference `attention_with_lse` and the path
+   without LSE (bf16, GQA 32/8, d 128); scores from its LSE equal the kernel's two passes; H2O
+   block-wise prefill and decode-time compression receive it, and keep (nearly) the same entries
+   as with ``off``.
 
-Run: ``PYTHONPATH=src python3 benchmarks/gpu_tests.py`` (exit status 1 on any failure).
+Run: ``PYTHONPATH=src python3 benchmarks/gpu_tests.py`` (exit status 1 on any failure);
+``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, lse: 5).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,11 +184,180 @@ def check_fused_kivi() -> int:
     return fails
 
 
-def main() -> int:
+def check_lse_op() -> int:
+    """`flash_attention_with_lse` (what the hook runs on CUDA) against the torch reference
+    `attention_with_lse` (output and natural-log LSE) and against the path without LSE
+    (transformers' sdpa with the plan's mask): prefill block over old entries, decode step, first
+    block. Times the two attention calls (information only)."""
+    from gpu_bench import cuda_ms
+
+    from kvbudget.attention import (
+        AttentionPlan,
+        _sdpa,
+        attention_with_lse,
+        flash_attention_with_lse,
+    )
+
     failures = 0
-    failures += check_fused_kernels()
-    failures += check_fused_decode()
-    failures += check_fused_kivi()
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    scale = 128 ** -0.5
+    for n_old, m in ((2048, 2048), (2048, 1), (0, 1024)):
+        q = torch.randn(1, 32, m, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, n_old + m, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 8, n_old + m, 128, device="cuda", dtype=torch.bfloat16)
+        out, lse = flash_attention_with_lse(q, k, v, n_old, scale)
+        ref_out, ref_lse = attention_with_lse(q, k, v, n_old, scale)
+        mask = AttentionPlan(keys=k, head_lens=None, n_old=n_old, layer=None).mask(m, 32)
+        old_out = _sdpa(module, q, k, v, mask, scaling=scale)[0].transpose(1, 2)
+        shapes = out.shape == ref_out.shape == old_out.shape and lse.shape == ref_lse.shape == (1, 32, m)
+        top = float(ref_out.float().abs().max())
+        err_ref = float((out.float() - ref_out.float()).abs().max()) / top
+        err_old = float((out.float() - old_out.float()).abs().max()) / top
+        err_lse = float((lse - ref_lse).abs().max())
+        ok = shapes and lse.dtype == torch.float32 and err_ref < 1e-2 and err_old < 1e-2 and err_lse < 5e-3
+        failures += not ok
+        flash_ms = cuda_ms(lambda q=q, k=k, v=v, n=n_old: flash_attention_with_lse(q, k, v, n, scale))
+        sdpa_ms = cuda_ms(lambda q=q, k=k, v=v, mask=mask: _sdpa(module, q, k, v, mask, scaling=scale))
+        print(f"{'ok  ' if ok else 'FAIL'} attention with lse  n_old={n_old:<5} M={m:<5} shapes={shapes} "
+              f"out vs reference={err_ref:.1e} out vs sdpa+mask={err_old:.1e} max |lse diff|={err_lse:.1e} "
+              f"(flash {flash_ms:.3f} ms, sdpa+mask {sdpa_ms:.3f} ms)", flush=True)
+    return failures
+
+
+@contextmanager
+def lse_env(mode: str):
+    """KVBUDGET_ATTENTION_LSE=mode inside; records, at each `scoring.attention_reduce`, whether an
+    LSE came with the observation (the list yielded)."""
+    from kvbudget import scoring
+
+    seen: list[bool] = []
+    real = scoring.attention_reduce
+
+    def spy(*args, lse=None, **kwargs):
+        seen.append(lse is not None)
+        return real(*args, lse=lse, **kwargs)
+
+    before = os.environ.get("KVBUDGET_ATTENTION_LSE")
+    os.environ["KVBUDGET_ATTENTION_LSE"] = mode
+    scoring.attention_reduce = spy
+    try:
+        yield seen
+    finally:
+        scoring.attention_reduce = real
+        if before is None:
+            os.environ.pop("KVBUDGET_ATTENTION_LSE", None)
+        else:
+            os.environ["KVBUDGET_ATTENTION_LSE"] = before
+
+
+def check_lse_scores(model) -> int:
+    """After a block over a compressed cache, each layer's kept LSE (from the flash op) gives the
+    same attention sums as the Triton kernel's own first pass over the same queries and keys."""
+    from kvbudget import scoring
+
+    ids = torch.randint(0, 128000, (1, 4096), device="cuda")
+    policy = kb.policy("h2o", budget=1024, block_size=2048)
+    cache = policy.new_cache(model)
+    with lse_env("auto"):
+        kb.prefill(model, cache, policy, ids, 2048, compress_last=False)
+    worst, have = 0.0, True
+    for layer in cache.budgeted_layers():
+        have &= layer.lse is not None and layer.lse.shape[2] == layer.queries.shape[2] == 2048
+        if layer.lse is None:
+            continue
+        view = layer.view()
+        args = (layer.queries, view.keys, view.positions, None, layer.query_positions, layer.scaling)
+        one = scoring.attention_reduce(*args, path="triton", lse=layer.lse)
+        two = scoring.attention_reduce(*args, path="triton")
+        worst = max(worst, float((one - two).abs().max() / two.abs().max()))
+    ok = have and worst < 2e-2
+    print(f"{'ok  ' if ok else 'FAIL'} scores from the attention lse == two-pass kernel: every layer kept "
+          f"its lse={have}, max rel err={worst:.1e}", flush=True)
+    return 0 if ok else 1
+
+
+def overlap(a, b) -> list[float]:
+    """Per layer: the share of kept (head, position) pairs the two caches have in common."""
+    out = []
+    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+        pa, pb = la.view().positions[0], lb.view().positions[0]
+        common = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(pa, pb))
+        out.append(common / max(1, pa.numel()))
+    return out
+
+
+def check_lse_prefill(model) -> int:
+    """H2O block-wise prefill (8k tokens, blocks of 2048, budget 1024) with the LSE (auto) and
+    without (off): every Triton reduction received it with auto and none with off; the kept
+    positions overlap. Layer 0's keys do not depend on attention, so there only the LSE's
+    rounding can change a pick; deeper layers also see the two attention kernels' bf16 rounding
+    (flash vs sdpa with a mask), which moves near-tied picks."""
+    ids = torch.randint(0, 128000, (1, 8192), device="cuda")
+    caches, flags = {}, {}
+    for mode in ("auto", "off"):
+        policy = kb.policy("h2o", budget=1024, block_size=2048)
+        cache = policy.new_cache(model)
+        with lse_env(mode) as seen:
+            kb.prefill(model, cache, policy, ids, 2048)
+        caches[mode], flags[mode] = cache, seen
+    share = overlap(caches["auto"], caches["off"])
+    used = bool(flags["auto"]) and all(flags["auto"]) and not any(flags["off"])
+    ok = used and share[0] >= 0.95 and sum(share) / len(share) >= 0.8
+    print(f"{'ok  ' if ok else 'FAIL'} h2o prefill auto vs off: lse used={used} ({len(flags['auto'])} reductions), "
+          f"kept overlap per layer={[round(x, 3) for x in share]}", flush=True)
+    return 0 if ok else 1
+
+
+def check_lse_decode(model) -> int:
+    """Eager decode steps (M = 1 through the flash op) keep their LSE, and decode-time
+    compression receives it."""
+    policy = kb.policy("h2o", budget=512, decode_interval=16, block_size=512)
+    cache = policy.new_cache(model)
+    fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode="eager")
+    fake._static_decoder = lambda n: None  # eager steps: through the attention hook
+    with lse_env("auto") as seen, torch.inference_mode():
+        logits, _ = kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, 3000), device="cuda"))
+        n_prefill = len(seen)
+        out = Session._decode(fake, logits, 48)
+    decode_flags = seen[n_prefill:]
+    ok = bool(decode_flags) and all(decode_flags)
+    print(f"{'ok  ' if ok else 'FAIL'} h2o decode-time compression receives the decode steps' lse: "
+          f"{sum(decode_flags)}/{len(decode_flags)} reductions ({len(out)} tokens)", flush=True)
+    return 0 if ok else 1
+
+
+def check_attention_lse() -> int:
+    failures = check_lse_op()
+    model = build(layers=4, dtype=torch.bfloat16)
+    failures += check_lse_scores(model)
+    failures += check_lse_prefill(model)
+    failures += check_lse_decode(model)
+    return failures
+
+
+GROUPS = ("fused", "graph", "lse")
+
+
+def main() -> int:
+    groups = sys.argv[1:] or list(GROUPS)
+    if set(groups) - set(GROUPS):
+        raise SystemExit(f"groups: {', '.join(GROUPS)}")
+    failures = 0
+    if "fused" in groups:
+        failures += check_fused_kernels()
+        failures += check_fused_decode()
+        failures += check_fused_kivi()
+    if "graph" in groups:
+        failures += check_graph_decode()
+    if "lse" in groups:
+        failures += check_attention_lse()
+    print("FAILURES:", failures)
+    return 1 if failures else 0
+
+
+def check_graph_decode() -> int:
+    failures = 0
     model = build(layers=4, dtype=torch.float32)
     fusion.maybe_fuse(model, torch.device("cuda"))  # eager and graph below run the same kernels
     backends = ["sdpa", "reference"]
@@ -206,8 +383,9 @@ def main() -> int:
                   f"tokens equal={eager == graph} ({len(graph)} tokens) max |cache diff|={diff:.2e}", flush=True)
     kstatic.ATTENTION = "auto"
     failures += check_async_copies(model)
-    print("FAILURES:", failures)
-    return 1 if failures else 0
+    del model
+    torch.cuda.empty_cache()
+    return failures
 
 
 if __name__ == "__main__":

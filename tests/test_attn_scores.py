@@ -151,6 +151,65 @@ def test_triton_odd_head_dim_no_padding_batch_and_strided_keys():
         assert rel_err(out, ref) < 1e-4
 
 
+def row_lse(q, k, pos, valid, qpos, scaling):
+    """Each query row's log-sum-exp (natural log) over its visible keys, [B, Hq, m] float32:
+    what the model's attention call hands to the scoring. -inf for a row that sees nothing."""
+    hq, h = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(hq // h, dim=1)
+    logits = torch.einsum("bhmd,bhnd->bhmn", q.double(), kk) * scaling
+    visible = pos[:, :, None, :] <= qpos.to(pos)[None, None, :, None]
+    if valid is not None:
+        visible = visible & valid[:, :, None, :]
+    visible = visible.repeat_interleave(hq // h, dim=1)
+    return logits.masked_fill(~visible, float("-inf")).logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "max", "weighted"])
+def test_triton_with_given_lse_equals_two_passes(g, dtype, mode):
+    """Pass 1 skipped: the reduction from a supplied LSE equals the two-pass kernel and the
+    reference, with GQA, ragged padding, causal positions and rows that see nothing (-inf)."""
+    from kvbudget.kernels.attn_scores import attention_reduce as kernel_reduce
+
+    q, k, pos, valid, qpos = case(g)
+    q, k = q.to(dtype), k.to(dtype)
+    lse = row_lse(q, k, pos, valid, qpos, 0.125)
+    assert bool(torch.isinf(lse[:, :, 0]).all())  # case(): the first query sees no key
+    w = torch.rand(q.shape[2]) if mode == "weighted" else None
+    mode_ = "max" if mode == "max" else "sum"
+    kpos = scoring.key_positions(pos, valid)
+    on = (lambda t: None if t is None else t.to(DEVICE))
+    one = kernel_reduce(on(q), on(k), on(kpos), on(qpos), 0.125, mode_, on(w), lse=on(lse)).cpu()
+    two = kernel_reduce(on(q), on(k), on(kpos), on(qpos), 0.125, mode_, on(w)).cpu()
+    ref = reference(q, k, pos, valid, qpos, 0.125, mode_, w)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.isfinite(one).all()
+    assert rel_err(one, two.double()) < tol and rel_err(one, ref) < tol
+    # Through kvbudget.scoring (what Observation uses): the same.
+    via = scoring.attention_reduce(on(q), on(k), on(pos), on(valid), on(qpos), 0.125, mode_, on(w),
+                                   path="triton", lse=on(lse)).cpu()
+    assert torch.equal(via, one)
+
+
+def test_given_lse_of_minus_inf_contributes_nothing():
+    """A row handed lse = -inf adds nothing even where it sees keys (never inf or NaN)."""
+    from kvbudget.kernels.attn_scores import attention_reduce as kernel_reduce
+
+    q, k, pos, valid, qpos = case(2, m=12)
+    lse = row_lse(q, k, pos, valid, qpos, 0.125)
+    lse[:, :, 5] = float("-inf")  # row 5 sees keys, but is declared empty
+    kpos = scoring.key_positions(pos, valid)
+    on = (lambda t: t.to(DEVICE))
+    got = kernel_reduce(on(q), on(k), on(kpos), on(qpos), 0.125, "sum", lse=on(lse)).cpu()
+    w = torch.ones(12)
+    w[5] = 0
+    want = reference(q, k, pos, valid, qpos, 0.125, "sum", w)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-4
+    with pytest.raises(ValueError):
+        kernel_reduce(on(q), on(k), on(kpos), on(qpos), 0.125, "sum", lse=on(lse[:, :, :3]))
+
+
 def test_query_that_sees_nothing_contributes_zero():
     q, k, pos, valid, qpos = case(4, m=4)
     qpos = torch.tensor([0, 1, 2, 3])  # before every key (positions start at 10)

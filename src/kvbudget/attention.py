@@ -10,14 +10,23 @@ numbers once entries are evicted) and where the new tokens start. The hook then
 2. hands the query states of the tokens just processed (after RoPE) to the layer, which keeps the
    few that its policy's scorer asked for (`BudgetedLayer.observe`).
 
+When the layer keeps *every* query (accumulating scorers: H2O, A2SF) and is dense, the hook can
+also hand over each query's log-sum-exp over the keys it attended to: the attention call then
+runs through an op that returns it (`attend_with_lse`), and the scoring kernel skips its own
+first pass over the same queries and keys (docs/scoring.md, "Reusing the model's log-sum-exp").
+``KVBUDGET_ATTENTION_LSE`` chooses: ``auto`` (default: on CUDA in fp16/bf16, flash attention),
+``off``, or ``reference`` (the materialised `attention_with_lse` on any device: tests).
+
 Without a plan (ordinary `DynamicCache`, sliding-window layers of hybrid models) it is a plain
 call of transformers' own sdpa/eager attention with the model's mask: outputs are unchanged.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -70,6 +79,106 @@ def _take_plan(key: Tensor) -> AttentionPlan | None:
     return plan
 
 
+LSE_MODES = ("auto", "off", "reference")
+
+
+def lse_mode() -> str:
+    """``KVBUDGET_ATTENTION_LSE`` (read at every call): auto | off | reference."""
+    mode = os.environ.get("KVBUDGET_ATTENTION_LSE", "auto").strip().lower() or "auto"
+    if mode not in LSE_MODES:
+        raise ValueError(f"KVBUDGET_ATTENTION_LSE must be one of {', '.join(LSE_MODES)}, got '{mode}'")
+    return mode
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, n_old: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of ``q`` [B, Hq, M, d] over ``k``/``v`` [B, Hkv, n_old + M, d | dv] where every
+    one of the first ``n_old`` keys is visible to every query and the last M (the queries' own
+    tokens) causally: query i sees keys 0 .. n_old + i. The query heads of a group share their
+    KV head (repeat_kv order). Returns the output [B, Hq, M, dv] in q's dtype and the row
+    log-sum-exp of the scaled logits over the visible keys, [B, Hq, M] float32, natural log.
+
+    The torch reference (materialised, float32 softmax): any device and dtype. On CUDA
+    `flash_attention_with_lse` gives the same with flash attention."""
+    b, hq, m, d = q.shape
+    h, n = k.shape[1], k.shape[2]
+    if n != n_old + m:
+        raise ValueError(f"{n} keys for {n_old} old entries and {m} queries")
+    qg = q.float().view(b, h, hq // h, m, d)
+    logits = torch.einsum("bhgmd,bhnd->bhgmn", qg, k.float()) * scale
+    visible = torch.arange(n, device=q.device)[None, :] <= torch.arange(m, device=q.device)[:, None] + n_old
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = logits.logsumexp(-1)
+    p = (logits - lse[..., None]).exp()
+    out = torch.einsum("bhgmn,bhnd->bhgmd", p, v.float())
+    return out.reshape(b, hq, m, v.shape[-1]).to(q.dtype), lse.reshape(b, hq, m)
+
+
+def flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, n_old: int, scale: float) -> tuple[Tensor, Tensor]:
+    """`attention_with_lse` on CUDA (fp16/bf16, head_dim a multiple of 8, <= 256, d == dv,
+    sm80+) through ``torch.ops.aten._flash_attention_forward``: the flash-attention-2 kernel that
+    torch's SDPA dispatches to, called directly because SDPA drops the log-sum-exp it computes.
+
+    Why this op: it takes fewer KV heads than query heads as they are (GQA, query head i reads KV
+    head i // g, repeat_kv's order: nothing expanded), its ``is_causal`` is aligned bottom-right
+    when M < N (query i sees keys up to N - M + i: every old entry plus causal inside the block,
+    exactly the plan's mask of a dense layer; torch's CausalBias LOWER_RIGHT relies on the same),
+    and it returns softmax_lse [B, Hq, M] float32 in natural log. Layout [B, M, H, d]: transposed
+    views, only the last dimension must be contiguous."""
+    m, n = q.shape[2], k.shape[2]
+    if n != n_old + m:
+        raise ValueError(f"{n} keys for {n_old} old entries and {m} queries")
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        None, None, m, n, 0.0, m > 1, False, scale=scale,
+    )[:2]
+    return out.transpose(1, 2), lse[..., :m]
+
+
+def _flash_fits(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    d = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and key.dtype == query.dtype and value.dtype == query.dtype
+            and d % 8 == 0 and d <= 256 and value.shape[-1] == d
+            and query.shape[1] % key.shape[1] == 0)
+
+
+_FLASH_BROKEN = False  # set at the first failure of the op: every later call takes the old path
+
+
+def attend_with_lse(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, scaling: float | None,
+                    kwargs: dict) -> tuple[Tensor, Tensor] | None:
+    """The plan's attention and each query's log-sum-exp, or None where this cannot be done (then
+    the caller takes the ordinary path and observes no LSE): ``KVBUDGET_ATTENTION_LSE=off``, a
+    layer whose heads hold different numbers of entries (its mask is not a plain bottom-right
+    causal one), features the op does not have (dropout, softcapping, sinks, position bias), or
+    no fast op for these tensors (CPU, float32) in ``auto``. Returns (output [B, M, Hq, dv]
+    contiguous, the layout attention functions return; lse [B, Hq, M] float32 natural log)."""
+    global _FLASH_BROKEN
+    mode = lse_mode()
+    if mode == "off" or plan.head_lens is not None:
+        return None
+    if kwargs.get("dropout", 0.0) or any(kwargs.get(k) is not None for k in
+                                         ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")):
+        return None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if mode == "reference":
+        fn = attention_with_lse
+    elif _FLASH_BROKEN or not _flash_fits(query, key, value):
+        return None
+    else:
+        fn = flash_attention_with_lse
+    try:
+        out, lse = fn(query, key, value, plan.n_old, scale)
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:  # op missing or refusing
+        if fn is attention_with_lse:
+            raise
+        _FLASH_BROKEN = True
+        warnings.warn(f"kvbudget: flash attention with log-sum-exp unavailable ({exc}); "
+                      "scoring computes its own", RuntimeWarning, stacklevel=2)
+        return None
+    return out.transpose(1, 2).contiguous(), lse
+
+
 def _eager(module, query, key, value, attention_mask, **kwargs):
     # Each model file has its own eager function (softcapping, sinks...): use the model's.
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -83,14 +192,24 @@ def _eager(module, query, key, value, attention_mask, **kwargs):
     return fn(module, query, key, value, attention_mask, **kwargs)
 
 
-def _make(base: Callable) -> Callable:
+def _make(base: Callable, with_lse: bool = False) -> Callable:
+    """The hooked attention over ``base``. ``with_lse``: the base computes plain softmax attention
+    (sdpa), so the op of `attend_with_lse` may stand in for it; the eager functions of some models
+    add softcapping or sinks, which it does not."""
+
     def kvbudget_attention(module, query, key, value, attention_mask, **kwargs):
         plan = _take_plan(key)
+        scaling = kwargs.get("scaling", getattr(module, "scaling", None))
         if hasattr(plan, "attend"):  # static decoding (kvbudget.static): the kernel masks by length
-            return plan.attend(query, kwargs.get("scaling", getattr(module, "scaling", None))), None
+            return plan.attend(query, scaling), None
         if plan is not None:
+            if with_lse and plan.layer.wants_lse():
+                got = attend_with_lse(plan, query, key, value, scaling, kwargs)
+                if got is not None:
+                    plan.layer.observe(query, scaling, lse=got[1])
+                    return got[0], None
             attention_mask = plan.mask(query.shape[2], query.shape[1])
-            plan.layer.observe(query, kwargs.get("scaling", getattr(module, "scaling", None)))
+            plan.layer.observe(query, scaling)
         return base(module, query, key, value, attention_mask, **kwargs)
 
     return kvbudget_attention
@@ -107,7 +226,7 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-    AttentionInterface.register(IMPLEMENTATIONS["sdpa"], _make(_sdpa))
+    AttentionInterface.register(IMPLEMENTATIONS["sdpa"], _make(_sdpa, with_lse=True))
     AttentionInterface.register(IMPLEMENTATIONS["eager"], _make(_eager))
     # Hybrid models still need the model's own masks for layers without a plan (sliding windows).
     AttentionMaskInterface.register(IMPLEMENTATIONS["sdpa"], sdpa_mask)

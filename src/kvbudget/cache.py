@@ -123,6 +123,13 @@ class BudgetedLayer(CacheLayerMixin):
         self.queries: Tensor | None = None
         self.query_positions: Tensor | None = None
         self.scaling: float | None = None
+        # Each kept query's log-sum-exp over the keys it attended to ([B, Hq, m] float32, natural
+        # log, aligned with ``queries``), from the attention call itself: the scoring reuses it
+        # instead of recomputing it. Only valid while those keys are exactly the layer's entries
+        # (keys are only appended, visibility is causal by position): anything that removes or
+        # re-encodes entries drops it (`_drop_lse`), and so does any observed chunk without one,
+        # until `clear_queries` starts a new interval.
+        self.lse: Tensor | None = None
         # With a store, older entries live encoded in ``body`` and ``keys``/``values`` hold only
         # the full-precision tail (the most recent ``residual`` entries and new tokens).
         self.store: Store | None = None
@@ -285,6 +292,7 @@ class BudgetedLayer(CacheLayerMixin):
         view already built (with updated state) to avoid building it twice.
         """
         view = view or self.view()
+        self._drop_lse()
         if self.store is not None:
             if lens is not None and not bool((lens == index.shape[-1]).all()):
                 raise ValueError(
@@ -310,6 +318,7 @@ class BudgetedLayer(CacheLayerMixin):
         each head stay in full precision, the rest are held encoded by the store. ``state``:
         per-entry state updated by the scorer (default: the layer's own)."""
         state = self.state if state is None else state
+        self._drop_lse()
         self.positions = self.positions.gather(2, index)
         self.state = {k: s.gather(2, index) for k, s in state.items()}
         self.body, self.keys, self.values = rebuild_body(
@@ -334,6 +343,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def _store_ragged(self, view: LayerView, lens: Tensor) -> None:
         """Keep the first ``lens[h]`` entries of each head of a padded view, ragged."""
+        self._drop_lse()
         self.keys = padded_to_ragged(view.keys[0], lens)
         self.values = padded_to_ragged(view.values[0], lens)
         self.positions = padded_to_ragged(view.positions[0], lens)
@@ -352,6 +362,7 @@ class BudgetedLayer(CacheLayerMixin):
             return
         if self.body is not None and n > self.keys.shape[-2]:
             raise RuntimeError("cannot drop entries that were already encoded by the store")
+        self._drop_lse()  # queries observed meanwhile attended to the entries dropped
         if self.head_lens is None:
             self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
             self.positions = self.positions[..., :-n]
@@ -359,23 +370,46 @@ class BudgetedLayer(CacheLayerMixin):
             return
         self._store_ragged(self.view(), self.head_lens - n)
 
-    def observe(self, query: Tensor, scaling: float | None) -> None:
-        """Receive the queries of the tokens just processed (from the attention hook)."""
+    def observe(self, query: Tensor, scaling: float | None, lse: Tensor | None = None) -> None:
+        """Receive the queries of the tokens just processed (from the attention hook), and with
+        ``lse`` ([B, Hq, q] float32, natural log) each one's log-sum-exp over the keys it
+        attended to. The LSE is kept only while every query of the interval came with one."""
         self.scaling = scaling
         if self.query_keep == 0:
             return
         q_len = query.shape[2]
         pos = torch.arange(self.seen - q_len, self.seen, device=query.device)
         query = query.detach()
+        # Transient tokens attended to their own keys, which are never stored: the scoring's
+        # softmax (over stored entries) differs from theirs.
+        lse = None if lse is None or self.transient else lse.detach()
         if self.queries is not None:
             query = torch.cat([self.queries, query], dim=2)
             pos = torch.cat([self.query_positions, pos])
+            # Never a mix of rows with and without LSE: one chunk without drops it for all.
+            lse = None if lse is None or self.lse is None else torch.cat([self.lse, lse], dim=2)
         if self.query_keep > 0:
             query, pos = query[:, :, -self.query_keep :], pos[-self.query_keep :]
-        self.queries, self.query_positions = query, pos
+            lse = None if lse is None else lse[:, :, -self.query_keep :]
+        self.queries, self.query_positions, self.lse = query, pos, lse
+
+    def wants_lse(self) -> bool:
+        """Whether the attention call should compute the LSE for `observe`: every query is kept
+        (accumulating scorers), the tokens are stored, and no chunk of this interval lacked it."""
+        return self.query_keep < 0 and not self.transient and (self.queries is None or self.lse is not None)
 
     def clear_queries(self) -> None:
-        self.queries = self.query_positions = None
+        self.queries = self.query_positions = self.lse = None
+
+    def _drop_lse(self) -> None:
+        self.lse = None
+
+    def observed(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The observed queries, their positions and their LSE (for `restore_observed`)."""
+        return self.queries, self.query_positions, self.lse
+
+    def restore_observed(self, observed: tuple[Tensor | None, Tensor | None, Tensor | None]) -> None:
+        self.queries, self.query_positions, self.lse = observed
 
 
 def _move_tensors(obj, device: torch.device, move=None) -> None:
@@ -573,7 +607,7 @@ class BudgetedCache(Cache):
         sliding = [layer for layer in self.layers if not isinstance(layer, BudgetedLayer)]
         for layer in sliding:
             layer.record_past = True
-        saved = [(layer.queries, layer.query_positions) for layer in self.budgeted_layers()]
+        saved = [layer.observed() for layer in self.budgeted_layers()]
         self._scratch.append(None)
         try:
             yield
@@ -585,16 +619,16 @@ class BudgetedCache(Cache):
                 # tokens fed between the start of the block and that eviction.
                 end, layers = snapshot
                 for layer, attrs in layers:
-                    queries = (layer.queries, layer.query_positions)
+                    observed = layer.observed()
                     layer.__dict__.clear()
                     layer.__dict__.update(attrs)
-                    layer.queries, layer.query_positions = queries
+                    layer.restore_observed(observed)
                 self._snapshot_bytes = 0
             n = end - seen
-            for layer, (q, qp) in zip(self.budgeted_layers(), saved):
+            for layer, observed in zip(self.budgeted_layers(), saved):
                 layer.drop_last(n)
-                if not keep_queries:
-                    layer.queries, layer.query_positions = q, qp
+                if not keep_queries:  # back to the same entries as then: their LSE holds again
+                    layer.restore_observed(observed)
             n = fed - seen
             for layer in sliding:
                 if n > 0 and layer.is_initialized:

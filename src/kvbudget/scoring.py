@@ -9,7 +9,8 @@ They only need a reduction over the query axis (a sum, a max, a per-query weight
 - ``chunked`` (CPU, and CUDA without triton): the queries in chunks whose logits stay under
   `CHUNK_BYTES`; each chunk's softmax is exact (it spans every key), the reduction accumulates.
 - ``triton`` (CUDA): `kvbudget.kernels.attn_scores`, two passes (row log-sum-exp, then the
-  reduction), nothing of size m x n ever in memory.
+  reduction), nothing of size m x n ever in memory; one pass when the caller already has the
+  log-sum-exp (``lse``: the model's attention call returned it).
 
 ``auto`` (the default) picks triton on CUDA when it imports, chunked otherwise. The environment
 variable ``KVBUDGET_SCORING=materialise|chunked|triton|auto`` forces one (benchmarks compare
@@ -114,12 +115,15 @@ def attention_chunks(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, 
 def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tensor | None,
                      query_positions: Tensor, scaling: float, mode: str = "sum",
                      weights: Tensor | None = None, path: str | None = None,
-                     chunk: int | None = None) -> Tensor:
+                     chunk: int | None = None, lse: Tensor | None = None) -> Tensor:
     """Attention each entry receives, reduced over the queries: [B, H, n] float32.
 
     ``mode`` "sum": sum over queries (each times ``weights[i]`` when given, [m]) of the mean over
     the g query heads of each KV head; "max": the max over queries and query heads. ``path``
-    overrides `backend`; ``chunk`` the queries per chunk of the chunked path.
+    overrides `backend`; ``chunk`` the queries per chunk of the chunked path. ``lse`` ([B, Hq, m]
+    float32, natural log): each query's log-sum-exp over exactly its visible keys, known already
+    (the model's attention call computed it); the triton path then skips its first pass, the
+    torch paths ignore it (their softmax is exact anyway).
     """
     if mode not in ("sum", "max"):
         raise ValueError(f"mode must be 'sum' or 'max', got '{mode}'")
@@ -131,7 +135,7 @@ def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Te
     if path == "triton":
         from .kernels.attn_scores import attention_reduce as triton_reduce
 
-        return triton_reduce(queries, keys, kpos, qpos, scaling, mode, weights)
+        return triton_reduce(queries, keys, kpos, qpos, scaling, mode, weights, lse=lse)
     if path == "materialise":
         p = group_probs(queries, keys, kpos, qpos, scaling)
         if mode == "max":

@@ -97,7 +97,7 @@ def _budgeted_to_file(prefix: str, layer: BudgetedLayer, tensors: dict[str, Tens
     if not layer.is_initialized:
         return meta
     named = {"keys": layer.keys, "values": layer.values, "positions": layer.positions, "head_lens": layer.head_lens,
-             "queries": layer.queries, "query_positions": layer.query_positions}
+             "queries": layer.queries, "query_positions": layer.query_positions, "lse": layer.lse}
     named.update({f"state.{k}": v for k, v in layer.state.items()})
     meta["state"] = sorted(layer.state)
     body = layer.body
@@ -129,7 +129,8 @@ def _budgeted_from_file(prefix: str, layer: BudgetedLayer, meta: dict, tensors: 
     layer.keys, layer.values, layer.positions = get("keys"), get("values"), get("positions")
     layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
     layer.head_lens = get("head_lens")
-    layer.queries, layer.query_positions = get("queries"), get("query_positions")
+    # Older files have no "lse": None, and the scoring computes it.
+    layer.queries, layer.query_positions, layer.lse = get("queries"), get("query_positions"), get("lse")
     layer.state = {k: get(f"state.{k}") for k in meta["state"]}
     if "body" in meta:
         layer.body = Body(

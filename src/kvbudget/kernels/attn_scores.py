@@ -12,6 +12,9 @@ IEEE fp32 dots so float32 models keep float32 accuracy):
    p = exp2(logit - lse) and folds p into a [BLOCK_N] accumulator: sum (optionally weighted per
    query) or max. Writes [B, H, n] float32.
 
+A caller that already knows each row's log-sum-exp (the model's own attention call over the same
+queries and keys returned it) passes it as ``lse`` and pass 1 is skipped.
+
 Visibility is "key position <= query position": the caller gives masked keys (padding) a
 position no query reaches, so one comparison handles causality and validity. Invisible pairs
 contribute exactly 0 (the reference's ``nan_to_num`` of fully masked rows).
@@ -181,6 +184,16 @@ def _tile_bounds(kpos: Tensor, qpos: Tensor, block_m: int, block_n: int) -> tupl
     return kend, qstart
 
 
+def _base2_lse(lse: Tensor, shape: tuple[int, int, int], device: torch.device) -> Tensor:
+    """A natural-log LSE [B, Hq, m] in the kernels' convention: base 2 (they take exp2 of logits
+    scaled by ``scaling * log2(e)``), contiguous float32. -inf (a row that saw nothing) becomes
+    +inf, so that exp2(logit - lse) is 0 for every key, not inf, whatever the row can see."""
+    if tuple(lse.shape) != shape:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, the queries need {shape}")
+    lse2 = lse.to(device=device, dtype=torch.float32) * LOG2E
+    return lse2.masked_fill(lse2 == float("-inf"), float("inf")).contiguous()
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -196,6 +209,7 @@ def attention_reduce(
     block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
+    lse: Tensor | None = None,
 ) -> Tensor:
     """Attention received per cached entry, reduced over queries: [B, H, n] float32.
 
@@ -204,6 +218,8 @@ def attention_reduce(
     queries (times ``weights`` [m] if given) of the mean over the g query heads of each KV head;
     "max": max over queries and over the g query heads. ``block_m``, ``block_n`` (powers of
     two, >= 16) and ``num_warps`` tune the tiles (benchmarks/scoring_bench.py compares them).
+    ``lse`` [B, Hq, m] (natural log): each row's log-sum-exp over exactly its visible keys,
+    already known: pass 1 is skipped. A row whose lse is -inf contributes nothing.
     """
     b, hq, m, d = queries.shape
     h, n = keys.shape[1], keys.shape[2]
@@ -217,7 +233,6 @@ def attention_reduce(
     out = torch.empty(b, h, n, dtype=torch.float32, device=queries.device)
     if m == 0 or n == 0:
         return out.zero_()
-    lse = torch.empty(b, hq, m, dtype=torch.float32, device=queries.device)
     bd = _block_d(d)
     ieee = queries.dtype == torch.float32
     qk_scale = float(scaling) * LOG2E
@@ -227,10 +242,14 @@ def attention_reduce(
     # fp32 tiles take twice the registers/shared memory: halve the query tile.
     bm = block_m if not ieee else max(16, block_m // 2)
     kend, qstart = _tile_bounds(kpos, qpos, bm, block_n)
-    _lse_kernel[(triton.cdiv(m, bm), b * hq)](
-        queries, keys, kpos, qpos, lse, kend, m, n, d, qk_scale, *q_strides, *k_strides, *p_strides,
-        HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
-    )
+    if lse is not None:
+        lse = _base2_lse(lse, (b, hq, m), queries.device)
+    else:
+        lse = torch.empty(b, hq, m, dtype=torch.float32, device=queries.device)
+        _lse_kernel[(triton.cdiv(m, bm), b * hq)](
+            queries, keys, kpos, qpos, lse, kend, m, n, d, qk_scale, *q_strides, *k_strides, *p_strides,
+            HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
+        )
     weighted = weights is not None
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got '{mode}'")

@@ -46,6 +46,10 @@ class Observation:
     seen: int  # tokens seen so far (position of the next token)
     seed: int  # for seeded random choices
     state: dict[str, Tensor] = field(default_factory=dict)  # per-entry running state, [B, H, n]
+    # [B, Hq, m] float32, natural log: each query's log-sum-exp of the scaled logits over exactly
+    # the keys visible to it here, from the model's own attention call (`BudgetedLayer.lse`);
+    # None: the reductions compute it. Never set for only some of the queries.
+    lse: Tensor | None = None
 
     @cached_property
     def attention(self) -> Tensor:
@@ -87,7 +91,7 @@ class Observation:
 
     def _reduce(self, mode: str, weights: Tensor | None = None) -> Tensor:
         return scoring.attention_reduce(self._queries(), self.keys, self.positions, self.valid,
-                                        self.query_positions, self.scaling, mode, weights)
+                                        self.query_positions, self.scaling, mode, weights, lse=self.lse)
 
     def _queries(self) -> Tensor:
         if self.queries is None:
@@ -399,6 +403,10 @@ class Policy:
         """One scoring, selection and gather for ``layers`` stacked along the batch dimension."""
         first = layers[0]
         b = first.keys.shape[0]
+        # The LSE goes along only if every layer has it (a stacked row without one is unknown).
+        lse = None
+        if first.queries is not None and all(layer.lse is not None for layer in layers):
+            lse = torch.cat([layer.lse for layer in layers])
         obs = Observation(
             layer_idx=0,
             n_layers=len(layers),
@@ -413,6 +421,7 @@ class Policy:
             seen=first.seen,
             seed=zlib.crc32(f"{self.seed}:stacked:{first.seen}".encode()),
             state={k: torch.cat([layer.state[k] for layer in layers]) for k in first.state},
+            lse=lse,
         )
         scores = self.scorer.score(obs)
         index, _ = select(scores, obs, self.protected(budget))
@@ -448,6 +457,8 @@ class Policy:
             seen=layer.seen,
             seed=zlib.crc32(f"{self.seed}:{i}:{layer.seen}".encode()),
             state=view.state,
+            # Scored over the tail only, the softmax spans fewer keys than the queries attended to.
+            lse=None if demotes else layer.lse,
         )
         scores = self.scorer.score(obs)
         state = _with_body_state(obs.state, layer, start) if start else obs.state

@@ -1,0 +1,263 @@
+"""The log-sum-exp of the model's own attention call, reused by the scoring (issue 6).
+
+On CPU the fast op (flash attention, CUDA only) is replaced by its torch reference,
+`attention_with_lse` (``KVBUDGET_ATTENTION_LSE=reference``): these tests check the reference's
+semantics, the plumbing hook -> `BudgetedLayer` -> `Observation` -> Triton kernel (under the
+interpreter), and that eviction is unchanged. benchmarks/gpu_tests.py compares the CUDA op with
+the reference on a GPU."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from types import SimpleNamespace
+
+import pytest
+from conftest import random_ids
+
+import kvbudget as kb
+from kvbudget import scoring
+from kvbudget.attention import AttentionPlan, attention_with_lse, lse_mode
+from kvbudget.attention import _sdpa as transformers_sdpa
+from kvbudget.cache import BudgetedCache
+
+triton = pytest.importorskip("triton")
+from test_attn_scores import DEVICE, rel_err, row_lse  # also patches the interpreter
+
+
+def _qkv(n_old: int, m: int, hq: int = 4, h: int = 2, d: int = 16, seed: int = 0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, m, d, generator=gen).to(dtype)
+    k = torch.randn(1, h, n_old + m, d, generator=gen).to(dtype)
+    v = torch.randn(1, h, n_old + m, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("n_old,m", [(7, 5), (0, 6), (9, 1)])
+def test_reference_equals_sdpa_with_the_plans_mask(n_old, m):
+    """Output = transformers' sdpa with the plan's mask (the path without LSE); lse = logsumexp of
+    the masked logits. GQA (4 query heads over 2 KV heads); first block (n_old 0) and decode."""
+    q, k, v = _qkv(n_old, m)
+    plan = AttentionPlan(keys=k, head_lens=None, n_old=n_old, layer=None)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    want, _ = transformers_sdpa(module, q, k, v, plan.mask(m, 4), scaling=0.3)  # [B, M, Hq, dv]
+    out, lse = attention_with_lse(q, k, v, n_old, 0.3)
+    assert out.shape == (1, 4, m, 16) and lse.shape == (1, 4, m) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.transpose(1, 2), want, atol=1e-5, rtol=1e-5)
+    mask = plan.mask(m, 4)
+    logits = torch.einsum("bhmd,bhnd->bhmn", q, k.repeat_interleave(2, dim=1)) * 0.3
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lse, logits.logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_lse_drives_the_kernel_like_its_own_first_pass():
+    """A prefill-shaped layer (old entries at scattered positions, then the block): the LSE of
+    the attention call fed to the reduction equals the kernel's two passes, in bf16 too."""
+    from kvbudget.kernels.attn_scores import attention_reduce as kernel_reduce
+
+    n_old, m = 40, 24
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        q, k, v = _qkv(n_old, m, dtype=dtype, seed=1)
+        old = torch.sort(torch.randperm(100)[:n_old]).values
+        pos = torch.cat([old, torch.arange(100, 100 + m)]).expand(1, 2, n_old + m).to(torch.int32)
+        qpos = torch.arange(100, 100 + m)
+        _, lse = attention_with_lse(q, k, v, n_old, 0.25)
+        torch.testing.assert_close(lse, row_lse(q, k, pos, None, qpos, 0.25), atol=1e-4, rtol=1e-4)
+        args = [t.to(DEVICE) for t in (q, k, pos, qpos)]
+        for mode in ("sum", "max"):
+            one = kernel_reduce(*args, 0.25, mode, lse=lse.to(DEVICE)).cpu()
+            two = kernel_reduce(*args, 0.25, mode).cpu()
+            assert rel_err(one, two.double()) < tol
+
+
+def _append(cache: BudgetedCache, m: int) -> None:
+    for layer in cache.budgeted_layers():
+        layer.update(torch.randn(1, 2, m, 16), torch.randn(1, 2, m, 16))
+
+
+def _layer(cache: BudgetedCache, n: int):
+    """The first budgeted layer of ``cache`` (every layer holding ``n`` tokens)."""
+    _append(cache, n)
+    layer = cache.budgeted_layers()[0]
+    layer.query_keep = -1
+    layer.cache = cache  # for _chunk
+    return layer
+
+
+def _chunk(layer, m: int, with_lse: bool = True):
+    """``m`` more tokens in every layer; ``layer`` observes their queries (and an LSE)."""
+    q = torch.randn(1, 4, m, 16)
+    lse = torch.randn(1, 4, m) if with_lse else None
+    _append(layer.cache, m)
+    layer.observe(q, 0.25, lse)
+    return q, lse
+
+
+def test_layer_keeps_lse_aligned_and_drops_it_for_the_interval(tiny_llama):
+    cache = BudgetedCache(tiny_llama.config)
+    layer = _layer(cache, 10)
+    assert layer.wants_lse()
+    (q1, l1), (q2, l2) = _chunk(layer, 3), _chunk(layer, 2)
+    assert torch.equal(layer.queries, torch.cat([q1, q2], 2)) and torch.equal(layer.lse, torch.cat([l1, l2], 2))
+    assert layer.query_positions.tolist() == [10, 11, 12, 13, 14]
+    _chunk(layer, 1, with_lse=False)  # e.g. a decode step through a path without LSE
+    assert layer.lse is None and not layer.wants_lse()
+    _chunk(layer, 2)  # a later chunk with LSE does not bring it back: the rows would mix
+    assert layer.lse is None and layer.queries.shape[2] == 8
+    layer.clear_queries()
+    assert layer.wants_lse()
+    _, l3 = _chunk(layer, 4)
+    assert torch.equal(layer.lse, l3)
+    # Evicting (anything but appending) changes the keys those LSEs were taken over.
+    layer.keep(torch.arange(5).expand(1, 2, 5))
+    assert layer.lse is None and layer.queries is not None
+    # Transient tokens attend to their own keys, never stored.
+    layer.clear_queries()
+    with cache.transient():
+        assert not layer.wants_lse()
+        _chunk(layer, 2)
+    assert layer.lse is None
+
+
+def test_lse_truncated_like_the_queries(tiny_llama):
+    cache = BudgetedCache(tiny_llama.config)
+    layer = _layer(cache, 6)
+    layer.query_keep = 3
+    _, l1 = _chunk(layer, 2)
+    q2, l2 = _chunk(layer, 2)
+    assert layer.queries.shape[2] == 3 and torch.equal(layer.queries[:, :, 1:], q2)
+    assert torch.equal(layer.lse, torch.cat([l1, l2], 2)[:, :, -3:])
+
+
+def test_scratch_restores_or_drops_the_lse(tiny_llama):
+    cache = BudgetedCache(tiny_llama.config)
+    layer = _layer(cache, 6)
+    _, l1 = _chunk(layer, 2)
+    with cache.scratch():  # forgotten afterwards: back to the same entries, the same LSE
+        _chunk(layer, 3)
+    assert torch.equal(layer.lse, l1) and layer.queries.shape[2] == 2
+    with cache.scratch(keep_queries=True):  # kept queries attended to entries now dropped
+        _chunk(layer, 3)
+    assert layer.lse is None and layer.queries.shape[2] == 5
+
+
+def _spy(monkeypatch) -> list:
+    """Record, at each Triton reduction, whether an LSE was supplied."""
+    from kvbudget.kernels import attn_scores
+
+    seen = []
+    real = attn_scores.attention_reduce
+
+    def spy(*args, lse=None, **kwargs):
+        seen.append(lse is not None)
+        return real(*args, lse=lse, **kwargs)
+
+    monkeypatch.setattr(attn_scores, "attention_reduce", spy)
+    return seen
+
+
+def _kept(model, name: str, stack: bool = True, context: int = 96):
+    policy = kb.policy(name, budget=24, block_size=32)
+    policy.stack_layers = stack
+    cache = policy.new_cache(model)
+    kb.prefill(model, cache, policy, random_ids(context, seed=4), 32)
+    return [(layer.positions.clone(), dict(layer.state)) for layer in cache.budgeted_layers()]
+
+
+@pytest.mark.parametrize("name", ["h2o", "a2sf"])
+def test_prefill_with_the_attention_lse_keeps_the_same_entries(tiny_llama, monkeypatch, name):
+    """End to end on CPU: the hook computes the attention with its LSE (reference op), the layer
+    keeps it, the stacked compression hands it to the kernel, which skips pass 1; the kept
+    entries and the accumulated scores equal those of the path without LSE."""
+    monkeypatch.setenv("KVBUDGET_SCORING", "triton")
+    seen = _spy(monkeypatch)
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "off")
+    off = _kept(tiny_llama, name)
+    assert seen and not any(seen)
+    seen.clear()
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
+    ref = _kept(tiny_llama, name)
+    assert seen and all(seen)
+    for (pa, sa), (pb, sb) in zip(off, ref):
+        assert torch.equal(pa, pb)
+        torch.testing.assert_close(sa[name], sb[name], atol=1e-5, rtol=1e-4)
+
+
+def test_stacked_compression_with_lse_equals_the_layer_loop(tiny_llama, monkeypatch):
+    monkeypatch.setenv("KVBUDGET_SCORING", "triton")
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
+    seen = _spy(monkeypatch)
+    stacked = _kept(tiny_llama, "h2o", stack=True)
+    n_stacked = len(seen)
+    loop = _kept(tiny_llama, "h2o", stack=False)
+    assert all(seen) and len(seen) - n_stacked == len(tiny_llama.model.layers) * n_stacked  # really stacked
+    for (pa, sa), (pb, sb) in zip(stacked, loop):
+        assert torch.equal(pa, pb)
+        torch.testing.assert_close(sa["h2o"], sb["h2o"], atol=1e-5, rtol=1e-4)
+
+
+def test_stacking_drops_the_lse_if_one_layer_lacks_it(tiny_llama, monkeypatch):
+    monkeypatch.setenv("KVBUDGET_SCORING", "triton")
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
+    seen = _spy(monkeypatch)
+    policy = kb.policy("h2o", budget=24, block_size=32)
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(64, seed=4), 32, compress_last=False)
+    assert all(layer.lse is not None for layer in cache.budgeted_layers())
+    seen.clear()
+    cache.budgeted_layers()[1].lse = None
+    policy.compress(cache)
+    assert seen == [False]
+
+
+def test_no_lse_for_the_eager_hook_or_when_off(tiny_llama_eager, tiny_llama, monkeypatch):
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
+    for model, expect in ((tiny_llama_eager, False), (tiny_llama, True)):
+        policy = kb.policy("h2o", budget=24, block_size=32)
+        cache = policy.new_cache(model)
+        kb.prefill(model, cache, policy, random_ids(40), 32, compress_last=False)
+        assert all((layer.lse is not None) == expect for layer in cache.budgeted_layers())
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "bogus")
+    with pytest.raises(ValueError):
+        lse_mode()
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "auto")
+    assert lse_mode() == "auto"
+    # auto on CPU / float32: no fast op, the ordinary path, no LSE.
+    policy = kb.policy("h2o", budget=24, block_size=32)
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(40), 32, compress_last=False)
+    if not torch.cuda.is_available():
+        assert all(layer.lse is None for layer in cache.budgeted_layers())
+
+
+def test_scoring_ignores_lse_on_torch_paths():
+    q, k, _ = _qkv(6, 4)
+    pos = torch.arange(10).expand(1, 2, 10)
+    qpos = torch.arange(6, 10)
+    want = scoring.attention_reduce(q, k, pos, None, qpos, 0.25, path="chunked")
+    bogus = torch.zeros(1, 4, 4)
+    for path in ("chunked", "materialise"):
+        got = scoring.attention_reduce(q, k, pos, None, qpos, 0.25, path=path, lse=bogus)
+        torch.testing.assert_close(got, want)
+
+
+def test_session_file_keeps_the_lse(tiny_llama):
+    """The same entries come back from a session file, so their queries' LSE comes back too."""
+    from kvbudget import sessionfile
+
+    cache = BudgetedCache(tiny_llama.config)
+    layer = _layer(cache, 6)
+    _, lse = _chunk(layer, 3)
+    tensors: dict = {}
+    meta = sessionfile._budgeted_to_file("l0", layer, tensors)
+    fresh = BudgetedCache(tiny_llama.config).budgeted_layers()[0]
+    sessionfile._budgeted_from_file("l0", fresh, meta, tensors)
+    assert torch.equal(fresh.lse, lse) and torch.equal(fresh.queries, layer.queries)
+    del tensors["l0.lse"]  # a file written before the LSE was kept
+    older = BudgetedCache(tiny_llama.config).budgeted_layers()[0]
+    sessionfile._budgeted_from_file("l0", older, meta, tensors)
+    assert older.lse is None and older.queries is not None
