@@ -212,6 +212,7 @@ def main() -> None:
     model = load(args.model, args.device)
     env = environment(args.device, args.model) | {"seed": args.seed}
     env["scoring"] = os.environ.get("KVBUDGET_SCORING", "auto")
+    env["attention_lse"] = os.environ.get("KVBUDGET_ATTENTION_LSE", "auto")  # H2O/A2SF reuse the attention's LSE
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(model.config.vocab_size, (1, max(contexts)), generator=gen)
     print(json.dumps(env))
