@@ -10,6 +10,11 @@ layer's own matmuls (QKV, O, MLP at m tokens) and its SDPA attention on the same
 FLOP estimate. One JSON object per line (stdout and --out). A few seconds on an H100.
 
     python benchmarks/scoring_bench.py --out scoring-h100.jsonl
+    python benchmarks/scoring_bench.py --sweep-reduce --out reduce-sweep.jsonl
+
+``--sweep-reduce`` times pass 2 alone (the reduction given each row's log-sum-exp, which is all
+H2O/A2SF run when the attention call supplies it: docs/scoring.md) over tile sizes, warps,
+pipelining stages, and with the group's query heads folded into one dot or looped.
 """
 
 from __future__ import annotations
@@ -106,6 +111,35 @@ def layer_reference(args: argparse.Namespace, x: dict, repeats: int) -> list[dic
     return rows
 
 
+def sweep_reduce(args: argparse.Namespace, x: dict, emit) -> None:
+    """Pass 2 alone, given the rows' natural-log LSE, over kernel configurations."""
+    import itertools
+
+    from kvbudget.kernels.attn_scores import attention_reduce
+
+    kpos = scoring.key_positions(x["pos"], x["valid"])
+    g = args.heads // args.kv_heads
+    q = x["q"].float().view(1, args.kv_heads, g, args.m, -1)
+    logits = torch.einsum("bhgmd,bhnd->bhgmn", q, x["k"].float()) * x["scaling"]
+    logits = logits.masked_fill(kpos[:, :, None, None, :] > x["qpos"][None, None, None, :, None], float("-inf"))
+    lse = logits.logsumexp(-1).view(1, args.heads, args.m)
+    del logits, q
+    torch.cuda.empty_cache()
+    ref = None
+    grid = [(False, bm) for bm in (32, 64, 128)] + [(True, bm) for bm in (16, 32, 64) if g * bm <= 256]
+    for (fold, bm), bn, warps, stages in itertools.product(grid, (64, 128), (4, 8), (None, 3)):
+        row = {"row": "reduce_sweep", "fold": fold, "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+        try:
+            fn = lambda: attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], "sum", block_m=bm,  # noqa: E731
+                                          block_n=bn, num_warps=warps, lse=lse, num_stages=stages, fold=fold)
+            ms, _, res = timed(fn, args.repeats)
+            ref = res if ref is None else ref
+            row |= {"ms": ms, "rel_err_vs_first": float((res - ref).abs().max() / ref.abs().max())}
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a row, not a stop
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        emit(row)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--m", type=int, default=2048)
@@ -117,6 +151,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--sweep-reduce", action="store_true", help="time pass 2 alone over kernel configs")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("scoring_bench needs CUDA")
@@ -137,6 +172,9 @@ def run(args: argparse.Namespace, out) -> None:
             out.flush()
 
     x = inputs(args)
+    if args.sweep_reduce:
+        sweep_reduce(args, x, emit)
+        return
     # One pass of QK^T over every (query head, query, key): the Triton path runs two.
     qk_gflop = 2 * args.heads * args.m * args.n * args.head_dim / 1e9
     emit({"row": "estimate", "qk_gflop_per_pass": qk_gflop, "triton_gflop": 2 * qk_gflop,
