@@ -147,8 +147,18 @@ def check_fused_decode() -> int:
     fusion.unfuse(model)
     ids = torch.randint(0, 128000, (1, 300), device="cuda")
     fails = 0
+    from kvbudget.kernels import fused
+
+    inputs = []
+    hooks = [mod.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0])))
+             for mod in model.modules() if type(mod).__name__.endswith("RMSNorm")]
     with torch.inference_mode():
         ref = model(ids).logits.float()
+        for hook in hooks:
+            hook.remove()
+        differ = [int((fused.rms_norm(x, mod.weight, mod.variance_epsilon) != mod(x)).sum()) for mod, x in inputs]
+        print(f"     rms_norm kernel on the model's own activations: elements differing from the module per norm "
+              f"call {differ} of {inputs[0][1].numel()}")
         again = model(ids).logits.float()
         print(f"     plain model twice: logits rel diff {float((again - ref).norm() / ref.norm()):.2e}")
         for kinds in (("rms_norm",), ("mlp",), ("rope",), fusion.KINDS):
