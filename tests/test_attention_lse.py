@@ -261,3 +261,28 @@ def test_session_file_keeps_the_lse(tiny_llama):
     older = BudgetedCache(tiny_llama.config).budgeted_layers()[0]
     sessionfile._budgeted_from_file("l0", older, meta, tensors)
     assert older.lse is None and older.queries is not None
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streaming", "full"])
+def test_blocks_of_other_policies_take_the_lse_op_and_keep_no_lse(tiny_llama, monkeypatch, name):
+    """Prefill blocks of dense layers go through the op that returns the LSE (flash on CUDA) even
+    when the scorer does not want it: same kept entries as the masked path, no LSE kept, and
+    one-token steps keep the ordinary path."""
+    import kvbudget.attention as katt
+
+    calls = []
+    real = katt.attention_with_lse
+    monkeypatch.setattr(katt, "attention_with_lse", lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k))
+    kept = {}
+    for mode in ("off", "reference"):
+        monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", mode)
+        policy = kb.policy(name, budget=24, block_size=32) if name != "full" else kb.policy(name, block_size=32)
+        cache = policy.new_cache(tiny_llama)
+        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(96, seed=4), 32)
+        with torch.inference_mode():
+            tiny_llama(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
+        kept[mode] = [layer.positions.clone() for layer in cache.budgeted_layers()]
+        assert all(layer.lse is None for layer in cache.budgeted_layers())
+    assert calls and min(calls) == 32  # blocks only: the one-token step took the ordinary path
+    for a, b in zip(kept["off"], kept["reference"]):
+        assert torch.equal(a, b)
