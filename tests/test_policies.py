@@ -265,3 +265,88 @@ def test_stacked_compression_is_used(tiny_llama, monkeypatch):
     policy = kb.policy("random", budget=40)
     kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
     assert calls
+
+
+def _prefill_and_decode(model, name: str, budget: int, block: int, stack: bool, group_bytes: int | None = None,
+                        window: int = 32):
+    """Prefill 150 tokens block-wise, then decode 12 greedily, compressing every 5 new tokens
+    (decode-time compression); returns the cache."""
+    policy = kb.policy(name, budget=budget, block_size=block, decode_interval=5, window=window)
+    policy.stack_layers = stack
+    if group_bytes:
+        policy.STACK_BYTES = group_bytes
+    cache = policy.new_cache(model)
+    logits, _ = kb.prefill(model, cache, policy, random_ids(150), block_size=block)
+    with torch.inference_mode():
+        for step in range(12):
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+            if (step + 1) % policy.decode_interval == 0:
+                policy.compress(cache)
+    return cache
+
+
+@pytest.mark.parametrize("name,budget,block,window", [
+    ("pyramidkv", 40, 32, 32), ("pyramidkv", 24, 16, 32), ("pyramidkv", 64, 24, 32),
+    ("pyramidkv", 40, 32, 2),  # a window short enough that pooling next to padding is not protected
+    ("tova+pyramid", 40, 32, 32), ("a2sf+pyramid", 40, 32, 32), ("lazy+pyramid", 40, 32, 32),
+])
+def test_stacked_compression_with_layer_budgets_equals_the_loop(tiny_llama, name, budget, block, window):
+    """Layers of different budgets, which hold different numbers of entries after their first
+    compression, stacked padded to the longest (all layers, or groups) keep exactly what
+    the per-layer loop keeps, through a block-wise prefill and decode-time compressions."""
+    loop = _prefill_and_decode(tiny_llama, name, budget, block, stack=False, window=window)
+    lengths = [layer.keys.shape[2] for layer in loop.budgeted_layers()]
+    assert len(set(lengths)) == len(lengths)  # really different budgets
+    first = loop.budgeted_layers()[0]
+    entry = (first.keys.nbytes + first.values.nbytes) // first.keys.shape[2]
+    for group_bytes in (None, 2 * (max(lengths) + block) * entry):  # all layers / about two per group
+        stacked = _prefill_and_decode(tiny_llama, name, budget, block, True, group_bytes, window)
+        for a, b in zip(stacked.budgeted_layers(), loop.budgeted_layers()):
+            assert torch.equal(a.positions, b.positions)
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            assert a.state.keys() == b.state.keys()
+            for k in a.state:
+                # Sums over the queries may round differently by row length (last bit, on CPU).
+                torch.testing.assert_close(a.state[k], b.state[k])
+
+
+def test_layer_budgets_are_stacked(tiny_llama, monkeypatch):
+    """PyramidKV scores once per compression, not once per layer; scorers that read their
+    layer's budget (H2O) or average over entries (KeyDiff) stay on the loop."""
+    from kvbudget.policies.snapkv import SnapKV
+
+    scored, looped = [], []
+    score, compress_layer = SnapKV.score, kb.Policy._compress_layer
+    monkeypatch.setattr(SnapKV, "score", lambda self, obs: scored.append(obs.keys.shape[0]) or score(self, obs))
+    monkeypatch.setattr(kb.Policy, "_compress_layer",
+                        lambda self, *a, **k: looped.append(1) or compress_layer(self, *a, **k))
+    policy = kb.policy("pyramidkv", budget=40)
+    kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
+    n_layers = len(tiny_llama.model.layers)
+    assert looped == [] and scored == [n_layers] * 4  # 4 compressions over budget, all layers each
+    for name in ("h2o+pyramid", "keydiff+pyramid"):
+        policy = kb.policy(name, budget=40)
+        kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
+        assert looped
+        looped.clear()
+
+
+def test_selection_breaks_ties_by_age_and_never_picks_padding():
+    """Equal scores go to the older entry, so a row's picks are the first ones of any longer
+    pick list; with a budget per row, padding (after the real entries) is never picked, even
+    where real entries score -inf."""
+    from kvbudget.policies.base import Observation, best, select_rows
+
+    ranked = torch.tensor([[[1.0, 2.0, 2.0, 2.0, 0.0]]])
+    assert best(ranked, 2).tolist() == [[[1, 2]]]
+    assert best(ranked, 4)[..., :2].tolist() == best(ranked, 2).tolist()
+    n = 6
+    positions = torch.tensor([[0, 1, 2, 3, -1, -1], [0, 1, 2, 3, 4, 5]])[:, None]
+    obs = Observation(0, 2, torch.zeros(2, 1, n, 4), torch.zeros(2, 1, n, 4), positions, positions >= 0, None, None,
+                      1.0, budget=5, seen=6, seed=0)
+    scores = torch.tensor([[1.0, float("-inf"), float("-inf"), 3.0, 9.0, 9.0], [5.0, 1.0, 1.0, 1.0, 2.0, 0.0]])[:, None]
+    index = select_rows(scores, obs, window=torch.tensor([0, 2]), keep=torch.tensor([3, 4]), k_max=4)
+    # Row 0 keeps 3 of its 4 real entries (one -inf real entry, not padding); row 1 protects its
+    # last 2 and takes the best 2 others (entry 0, then entry 1 of the tied 1, 2, 3).
+    assert index.tolist() == [[[0, 1, 3, n]], [[0, 1, 4, 5]]]

@@ -38,11 +38,11 @@ class Observation:
     keys: Tensor  # [B, H, n, d], RoPE applied
     values: Tensor  # [B, H, n, dv]
     positions: Tensor  # [B, H, n] original token positions (-1 on padding)
-    valid: Tensor | None  # [B, H, n] bool, None = no padding
+    valid: Tensor | None  # [B, H, n] bool, None = no padding (padding is at the end of a row)
     queries: Tensor | None  # [B, Hq, m, d] latest queries (after RoPE), as many as the scorer asked
     query_positions: Tensor | None  # [m]
     scaling: float  # the layer's attention scaling
-    budget: int  # entries per head this layer keeps
+    budget: int  # entries per head this layer keeps (stacked layers of several budgets: the largest)
     seen: int  # tokens seen so far (position of the next token)
     seed: int  # for seeded random choices
     state: dict[str, Tensor] = field(default_factory=dict)  # per-entry running state, [B, H, n]
@@ -122,6 +122,12 @@ class Scorer:
     # cache can be scored together, stacked along it (`Policy.compress`). A scorer that depends
     # on the layer (its index, a per-layer seed) sets this to False.
     stackable: ClassVar[bool] = True
+    # Whether layers of different budgets and entry counts (PyramidKV) can be scored together:
+    # stacked padded to the longest, padding at the end of each row and marked by `obs.valid`,
+    # `obs.budget` the largest of their budgets. False for a scorer that reads `obs.budget` or
+    # whose scores of real entries would change with padding beyond the attention's masking
+    # (a mean over entries sums in a different order).
+    stackable_padded: ClassVar[bool] = True
 
     def __init__(self, window: int = 32) -> None:
         self.window = window
@@ -160,8 +166,9 @@ def register(name: str):
     return deco
 
 
-def _ranked(scores: Tensor, obs: Observation, window: int) -> Tensor:
-    """Scores with the protected window at +inf and padding at -inf."""
+def _ranked(scores: Tensor, obs: Observation, window: int | Tensor) -> Tensor:
+    """Scores with the protected window at +inf and padding at -inf. ``window``: one length, or
+    one per batch row ([B, 1, 1], stacked layers of different budgets)."""
     scores = scores.float().nan_to_num(nan=float("-inf"))
     scores = scores.masked_fill(obs.positions >= obs.seen - window, float("inf"))
     if obs.valid is not None:
@@ -175,9 +182,29 @@ def select(scores: Tensor, obs: Observation, window: int) -> tuple[Tensor, Tenso
     scores = _ranked(scores, obs, window)
     k = min(obs.budget, scores.shape[-1])
     # Padding scores -inf, so it sorts last among a short head's picks and stays beyond its length.
-    index = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    index = best(scores, k).sort(dim=-1).values
     lens = None if obs.valid is None else obs.valid[0].sum(-1).clamp(max=k)
     return index, lens
+
+
+def best(ranked: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest of each row of ``ranked`` [..., n], highest first. Ties go to
+    the older entry (a stable sort, where `topk` breaks them as its algorithm happens to): the
+    picks of a row then never depend on the other rows stacked with it, on padding after it
+    (it ranks -inf, behind every real entry), on ``k`` (the best k are the first k of the best
+    k + 1) or on the device."""
+    return ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def select_rows(scores: Tensor, obs: Observation, window: Tensor, keep: Tensor, k_max: int) -> Tensor:
+    """`select` with a protected window and a budget per batch row (layers of different budgets
+    stacked along the batch): ``window`` and ``keep`` are [B] (``keep`` at most the row's valid
+    entries). Returns [B, H, k_max]: row r's first ``keep[r]`` indices are its picks, ascending,
+    and the rest are n (beyond every entry)."""
+    scores = _ranked(scores, obs, window[:, None, None])
+    index = best(scores, k_max)
+    beyond = torch.arange(k_max, device=index.device) >= keep[:, None, None]
+    return index.masked_fill(beyond, scores.shape[-1]).sort(dim=-1).values
 
 
 def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2) -> tuple[Tensor, Tensor]:
@@ -365,77 +392,114 @@ class Policy:
     stack_layers: bool = True
 
     def _stack(self, cache: BudgetedCache, budgets: list[int]) -> bool:
-        """Compress all budgeted layers at once, stacked along the batch dimension: the same
-        scores and picks as layer by layer, in a few large operations instead of ~100 small ones
-        per layer (on a GPU the per-layer loop is bound by the host launching kernels:
-        docs/benchmarks.md, "GPU performance"). Only when every layer is dense, unencoded, of the
-        same shape and over the same budget; returns False (nothing done) otherwise."""
+        """Compress the budgeted layers together, stacked along the batch dimension: the same
+        scores and picks as layer by layer, in a few large operations instead of ~24 kernel
+        launches per layer (on a GPU the per-layer loop is bound by the host launching them:
+        docs/benchmarks.md, "GPU performance"). Layers of different budgets (PyramidKV), which
+        also hold different numbers of entries after their first compression, are padded to the
+        longest when the scorer allows it (`Scorer.stackable_padded`). Only when every layer is
+        dense and unencoded with the same heads, tokens seen, state and observed queries; returns
+        False (nothing done) otherwise."""
         layers = cache.budgeted_layers()
         if not (self.stack_layers and self.scorer.stackable and self.store is None and not self.head_adaptive
-                and len(layers) > 1 and len(set(budgets)) == 1):
+                and len(layers) > 1 and _alike(layers)):
             return False
-        first = layers[0]
-        shape = first.keys.shape if first.is_initialized else None
-        names = set(first.state)
-        q_shape = None if first.queries is None else first.queries.shape
-        for layer in layers:
-            if (not layer.is_initialized or layer.head_lens is not None or layer.body is not None
-                    or layer.keys.shape != shape or layer.values.shape[-1] != first.values.shape[-1]
-                    or layer.seen != first.seen or set(layer.state) != names
-                    or (None if layer.queries is None else layer.queries.shape) != q_shape
-                    or layer.scaling != first.scaling):
-                return False
-        budget = budgets[0]
-        if shape[2] <= budget:
+        lengths = [layer.keys.shape[2] for layer in layers]
+        if all(n <= k for n, k in zip(lengths, budgets)):
+            return False  # nothing to evict: the loop only updates the scorer's state, if any
+        if (len(set(budgets)) > 1 or len(set(lengths)) > 1) and not self.scorer.stackable_padded:
             return False
-        # Layers go in groups whose stacked K/V stay under STACK_BYTES: the stacked copies are
-        # transient memory on top of the cache, and peak prefill memory must stay near
-        # weights + budget + block (measured on H100: all 32 layers at once added 1.3 GB).
-        per_layer = first.keys.nbytes + first.values.nbytes
-        group = max(1, min(len(layers), self.STACK_BYTES // max(per_layer, 1)))
-        for start in range(0, len(layers), group):
-            self._compress_stacked(layers[start : start + group], budget)
+        for group in self._groups(layers):
+            self._compress_stacked(layers[group], budgets[group])
         return True
 
+    # Layers go in groups whose stacked K/V stay under STACK_BYTES: the stacked copies are
+    # transient memory on top of the cache, and peak prefill memory must stay near
+    # weights + budget + block (measured on H100: all 32 layers at once added 1.3 GB).
     STACK_BYTES = 128 * 2**20
 
-    def _compress_stacked(self, layers: list[BudgetedLayer], budget: int) -> None:
-        """One scoring, selection and gather for ``layers`` stacked along the batch dimension."""
+    def _groups(self, layers: list[BudgetedLayer]) -> Iterator[slice]:
+        """Consecutive layers whose stacked K/V, padded to the group's longest, fit in
+        STACK_BYTES (at least one layer per group). Consecutive: PyramidKV's budgets fall with
+        depth, so neighbours hold similar numbers of entries and little padding is stacked."""
+        k, v = layers[0].keys, layers[0].values
+        entry = k.shape[0] * k.shape[1] * (k.shape[3] * k.element_size() + v.shape[3] * v.element_size())  # bytes
+        start = 0
+        while start < len(layers):
+            end, longest = start + 1, layers[start].keys.shape[2]
+            while end < len(layers):
+                longer = max(longest, layers[end].keys.shape[2])
+                if (end + 1 - start) * longer * entry > self.STACK_BYTES:
+                    break
+                end, longest = end + 1, longer
+            yield slice(start, end)
+            start = end
+
+    def _compress_stacked(self, layers: list[BudgetedLayer], budgets: list[int]) -> None:
+        """One scoring and selection for ``layers`` stacked along the batch dimension (padded to
+        the longest when they hold different numbers of entries)."""
+        b = layers[0].keys.shape[0]
+        lengths = [layer.keys.shape[2] for layer in layers]
+        obs = self._stacked_observation(layers, max(budgets))
+        scores = self.scorer.score(obs)
+        if len(set(budgets)) == 1 and obs.valid is None:
+            # One budget and one length: one top-k and one gather for every row.
+            index, _ = select(scores, obs, self.protected(budgets[0]))
+            kept = [gather_entries(t, index) for t in (obs.keys, obs.values, obs.positions)]
+            state = {k: gather_entries(v, index) for k, v in obs.state.items()}
+            del obs
+            for i, layer in enumerate(layers):
+                rows = slice(i * b, (i + 1) * b)
+                self._keep_stacked(layer, *(t[rows] for t in kept), {k: v[rows] for k, v in state.items()}, budgets[i])
+            return
+        keep = [min(k, n) for k, n in zip(budgets, lengths)]
+        per_row = _row_values([[self.protected(k) for k in budgets], keep], b, scores.device)
+        index = select_rows(scores, obs, per_row[0], per_row[1], max(keep))
+        state = obs.state
+        # The stacked (padded) K/V go now; each layer's kept entries come from its own tensors:
+        # a few gathers per layer, none of them padded.
+        del obs
+        for i, layer in enumerate(layers):
+            rows = slice(i * b, (i + 1) * b)
+            idx = index[rows, :, : keep[i]]
+            kept = [gather_entries(t, idx) for t in (layer.keys, layer.values, layer.positions)]
+            self._keep_stacked(layer, *kept, {k: gather_entries(v[rows], idx) for k, v in state.items()}, budgets[i])
+
+    def _stacked_observation(self, layers: list[BudgetedLayer], budget: int) -> Observation:
+        """The Observation of ``layers`` stacked along the batch dimension: layer i is rows
+        i*B..(i+1)*B; entries padded at the end of each row to the longest layer's (positions -1,
+        `valid` False there); ``budget``: the largest of the layers' budgets."""
         first = layers[0]
-        b = first.keys.shape[0]
+        n = max(layer.keys.shape[2] for layer in layers)
+        positions = _stack_entries([layer.positions for layer in layers], n, fill=-1)
+        padded = any(layer.keys.shape[2] != n for layer in layers)
         # The LSE goes along only if every layer has it (a stacked row without one is unknown).
         lse = None
         if first.queries is not None and all(layer.lse is not None for layer in layers):
             lse = torch.cat([layer.lse for layer in layers])
-        obs = Observation(
+        return Observation(
             layer_idx=0,
             n_layers=len(layers),
-            keys=torch.cat([layer.keys for layer in layers]),
-            values=torch.cat([layer.values for layer in layers]),
-            positions=torch.cat([layer.positions for layer in layers]),
-            valid=None,
+            keys=_stack_entries([layer.keys for layer in layers], n),
+            values=_stack_entries([layer.values for layer in layers], n),
+            positions=positions,
+            valid=positions >= 0 if padded else None,
             queries=None if first.queries is None else torch.cat([layer.queries for layer in layers]),
             query_positions=first.query_positions,
             scaling=first.scaling or first.keys.shape[-1] ** -0.5,
             budget=budget,
             seen=first.seen,
             seed=zlib.crc32(f"{self.seed}:stacked:{first.seen}".encode()),
-            state={k: torch.cat([layer.state[k] for layer in layers]) for k in first.state},
+            state={k: _stack_entries([layer.state[k] for layer in layers], n) for k in first.state},
             lse=lse,
         )
-        scores = self.scorer.score(obs)
-        index, _ = select(scores, obs, self.protected(budget))
 
-        keys, values, positions = (gather_entries(t, index) for t in (obs.keys, obs.values, obs.positions))
-        state = {k: gather_entries(v, index) for k, v in obs.state.items()}
-        del obs
-        for i, layer in enumerate(layers):
-            rows = slice(i * b, (i + 1) * b)
-            layer.keys, layer.values, layer.positions = keys[rows], values[rows], positions[rows]
-            layer.state = {k: v[rows] for k, v in state.items()}
-            layer.residual = self.residual(budget)
-            if self.scorer.queries < 0:
-                layer.clear_queries()
+    def _keep_stacked(self, layer: BudgetedLayer, keys: Tensor, values: Tensor, positions: Tensor,
+                      state: dict[str, Tensor], budget: int) -> None:
+        layer.keys, layer.values, layer.positions, layer.state = keys, values, positions, state
+        layer.residual = self.residual(budget)
+        if self.scorer.queries < 0:
+            layer.clear_queries()
 
     def _compress_layer(self, layer: BudgetedLayer, i: int, n_layers: int, budget: int, evict: bool) -> None:
         # A demoting store (MiKV) only chooses among full-precision entries (encoded ones never
@@ -472,6 +536,49 @@ class Policy:
         choose = select_across_heads if self.head_adaptive else select
         index, lens = choose(scores, obs, self.protected(budget))
         layer.keep(index, lens, view=view)
+
+
+def _alike(layers: list[BudgetedLayer]) -> bool:
+    """Whether ``layers`` can be stacked along the batch dimension: dense and unencoded, with the
+    same batch, heads and head dims, tokens seen, state names, observed queries and scaling
+    (they may hold different numbers of entries)."""
+    first = layers[0]
+    if not first.is_initialized:
+        return False
+    b, h, _, d = first.keys.shape
+    q_shape = None if first.queries is None else first.queries.shape
+    for layer in layers:
+        if (not layer.is_initialized or layer.head_lens is not None or layer.body is not None
+                or layer.keys.shape[:2] != (b, h) or layer.keys.shape[3] != d
+                or layer.values.shape[-1] != first.values.shape[-1]
+                or layer.seen != first.seen or set(layer.state) != set(first.state)
+                or (None if layer.queries is None else layer.queries.shape) != q_shape
+                or layer.scaling != first.scaling):
+            return False
+    return True
+
+
+def _stack_entries(parts: list[Tensor], n: int, fill: float = 0) -> Tensor:
+    """[B, H, n_i, ...] tensors stacked along the batch, each padded with ``fill`` after its
+    entries up to ``n``: [len(parts) * B, H, n, ...] (one concatenation when none needs it)."""
+    if all(p.shape[2] == n for p in parts):
+        return torch.cat(parts)
+    b = parts[0].shape[0]
+    out = parts[0].new_full((len(parts) * b, parts[0].shape[1], n, *parts[0].shape[3:]), fill)
+    for i, p in enumerate(parts):
+        out[i * b : (i + 1) * b, :, : p.shape[2]] = p
+    return out
+
+
+def _row_values(values: list[list[int]], repeat: int, device: torch.device) -> Tensor:
+    """Per-layer integers from the host as an int64 [len(values), layers * repeat] tensor on
+    ``device``, each repeated for its layer's ``repeat`` batch rows. On CUDA through pinned
+    memory without blocking: a copy from pageable memory may wait for the queued work, and the
+    host would stop launching ahead of the GPU."""
+    t = torch.tensor(values, dtype=torch.long).repeat_interleave(repeat, dim=1)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def demotion_index(scores: Tensor, obs: Observation, n_body: int, window: int) -> Tensor:

@@ -16,6 +16,7 @@ class H2O(Scorer):
     summary = "accumulated attention from every query so far + recent tokens"
     queries = -1
     state_names = ("h2o",)
+    stackable_padded = False  # the recent share depends on the layer's own budget
 
     def __init__(self, window: int = 32, recent: float = 0.5) -> None:
         super().__init__(window)

@@ -12,6 +12,7 @@ class KeyDiff(Scorer):
 
     paper = "KeyDiff (Park et al. 2025)"
     summary = "attention-free: keys least similar to the head's mean key"
+    stackable_padded = False  # a mean over entries: padding would change its rounding
 
     def score(self, obs: Observation) -> Tensor:
         keys = obs.keys.float()

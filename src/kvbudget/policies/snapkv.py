@@ -22,6 +22,10 @@ class SnapKV(Scorer):
 
     def score(self, obs: Observation) -> Tensor:
         scores = obs.attention_sum()  # [B, H, n]
+        if obs.valid is not None:
+            # Padding (at the end of a row) pools as -inf, like the pool's own edge, so no real
+            # entry sees it: the same scores as the row alone (attention there is 0 anyway).
+            scores = scores.masked_fill(~obs.valid, float("-inf"))
         b, h, n = scores.shape
         pooled = F.max_pool1d(scores.view(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
         return pooled.view(b, h, n)
