@@ -331,22 +331,3 @@ def test_layer_budgets_are_stacked(tiny_llama, monkeypatch):
         assert looped
         looped.clear()
 
-
-def test_selection_breaks_ties_by_age_and_never_picks_padding():
-    """Equal scores go to the older entry, so a row's picks are the first ones of any longer
-    pick list; with a budget per row, padding (after the real entries) is never picked, even
-    where real entries score -inf."""
-    from kvbudget.policies.base import Observation, best, select_rows
-
-    ranked = torch.tensor([[[1.0, 2.0, 2.0, 2.0, 0.0]]])
-    assert best(ranked, 2).tolist() == [[[1, 2]]]
-    assert best(ranked, 4)[..., :2].tolist() == best(ranked, 2).tolist()
-    n = 6
-    positions = torch.tensor([[0, 1, 2, 3, -1, -1], [0, 1, 2, 3, 4, 5]])[:, None]
-    obs = Observation(0, 2, torch.zeros(2, 1, n, 4), torch.zeros(2, 1, n, 4), positions, positions >= 0, None, None,
-                      1.0, budget=5, seen=6, seed=0)
-    scores = torch.tensor([[1.0, float("-inf"), float("-inf"), 3.0, 9.0, 9.0], [5.0, 1.0, 1.0, 1.0, 2.0, 0.0]])[:, None]
-    index = select_rows(scores, obs, window=torch.tensor([0, 2]), keep=torch.tensor([3, 4]), k_max=4)
-    # Row 0 keeps 3 of its 4 real entries (one -inf real entry, not padding); row 1 protects its
-    # last 2 and takes the best 2 others (entry 0, then entry 1 of the tied 1, 2, 3).
-    assert index.tolist() == [[[0, 1, 3, n]], [[0, 1, 4, 5]]]

@@ -182,29 +182,9 @@ def select(scores: Tensor, obs: Observation, window: int) -> tuple[Tensor, Tenso
     scores = _ranked(scores, obs, window)
     k = min(obs.budget, scores.shape[-1])
     # Padding scores -inf, so it sorts last among a short head's picks and stays beyond its length.
-    index = best(scores, k).sort(dim=-1).values
+    index = scores.topk(k, dim=-1).indices.sort(dim=-1).values
     lens = None if obs.valid is None else obs.valid[0].sum(-1).clamp(max=k)
     return index, lens
-
-
-def best(ranked: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` highest of each row of ``ranked`` [..., n], highest first. Ties go to
-    the older entry (a stable sort, where `topk` breaks them as its algorithm happens to): the
-    picks of a row then never depend on the other rows stacked with it, on padding after it
-    (it ranks -inf, behind every real entry), on ``k`` (the best k are the first k of the best
-    k + 1) or on the device."""
-    return ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-
-
-def select_rows(scores: Tensor, obs: Observation, window: Tensor, keep: Tensor, k_max: int) -> Tensor:
-    """`select` with a protected window and a budget per batch row (layers of different budgets
-    stacked along the batch): ``window`` and ``keep`` are [B] (``keep`` at most the row's valid
-    entries). Returns [B, H, k_max]: row r's first ``keep[r]`` indices are its picks, ascending,
-    and the rest are n (beyond every entry)."""
-    scores = _ranked(scores, obs, window[:, None, None])
-    index = best(scores, k_max)
-    beyond = torch.arange(k_max, device=index.device) >= keep[:, None, None]
-    return index.masked_fill(beyond, scores.shape[-1]).sort(dim=-1).values
 
 
 def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2) -> tuple[Tensor, Tensor]:
@@ -452,16 +432,19 @@ class Policy:
                 rows = slice(i * b, (i + 1) * b)
                 self._keep_stacked(layer, *(t[rows] for t in kept), {k: v[rows] for k, v in state.items()}, budgets[i])
             return
-        keep = [min(k, n) for k, n in zip(budgets, lengths)]
-        per_row = _row_values([[self.protected(k) for k in budgets], keep], b, scores.device)
-        index = select_rows(scores, obs, per_row[0], per_row[1], max(keep))
+        # The protected window depends on the layer's budget: one length per batch row.
+        windows = _row_values([[self.protected(k) for k in budgets]], b, scores.device)[0]
+        ranked = _ranked(scores, obs, windows[:, None, None])
         state = obs.state
         # The stacked (padded) K/V go now; each layer's kept entries come from its own tensors:
-        # a few gathers per layer, none of them padded.
+        # a few operations per layer, none of them padded.
         del obs
         for i, layer in enumerate(layers):
             rows = slice(i * b, (i + 1) * b)
-            idx = index[rows, :, : keep[i]]
+            # The layer's own top-k over its own entries (the stacked scores without the padding):
+            # exactly what the loop's `select` picks, ties included.
+            k = min(budgets[i], lengths[i])
+            idx = ranked[rows, :, : lengths[i]].topk(k, dim=-1).indices.sort(dim=-1).values
             kept = [gather_entries(t, idx) for t in (layer.keys, layer.values, layer.positions)]
             self._keep_stacked(layer, *kept, {k: gather_entries(v[rows], idx) for k, v in state.items()}, budgets[i])
 
