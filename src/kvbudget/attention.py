@@ -49,11 +49,16 @@ class AttentionPlan:
     head_lens: Tensor | None  # [H] entries held per head before the new tokens; None = all equal
     n_old: int  # entries before the new tokens in the (padded) key tensor
     layer: Any  # the BudgetedLayer, which receives the queries
+    # [H, n_old + q] bool: which key slots hold an entry (padding between a head's entries and
+    # the new tokens does not), when the layer built it already; None: made from head_lens.
+    visible: Tensor | None = None
 
     def mask(self, q_len: int, n_query_heads: int) -> Tensor | None:
         """Boolean mask [1, 1 or Hq, q, n_old + q]: True = may attend. None = everything visible."""
         if self.head_lens is None and q_len == 1:
             return None
+        if self.visible is not None:
+            return self._ragged_mask(q_len, n_query_heads)
         device = self.keys.device
         kv_len = self.n_old + q_len
         new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
@@ -66,6 +71,19 @@ class AttentionPlan:
         full = torch.cat([old, new.expand(n_heads, q_len, q_len)], dim=2)
         # Query heads of one group share their KV head (repeat_kv order: kv head j -> q heads j*g..).
         return full.repeat_interleave(n_query_heads // n_heads, dim=0).unsqueeze(0)
+
+    def _ragged_mask(self, q_len: int, n_query_heads: int) -> Tensor:
+        """`mask` from ``visible``: slot c is seen by query i when it holds an entry and is not a
+        later new token (c - n_old <= i; every old slot passes). Fewer ops than from head_lens:
+        on a GPU each is a launch, per layer and block."""
+        h, kv_len = self.visible.shape
+        device = self.visible.device
+        later = torch.arange(kv_len, device=device) - self.n_old
+        causal = later[None, :] <= torch.arange(q_len, device=device)[:, None]  # [q, n_old + q]
+        allowed = self.visible[:, None, :] & causal
+        # Query heads of one group share their KV head (repeat_kv order: kv head j -> q heads j*g..).
+        g = n_query_heads // h
+        return allowed[:, None].expand(h, g, q_len, kv_len).reshape(1, h * g, q_len, kv_len)
 
 
 def set_plan(plan: AttentionPlan | None) -> None:

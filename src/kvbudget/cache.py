@@ -65,17 +65,75 @@ def _valid_mask(lens: Tensor, width: int) -> Tensor:
     return torch.arange(width, device=lens.device)[None, :] < lens[:, None]
 
 
-def ragged_to_padded(flat: Tensor, lens: Tensor, fill: float = 0) -> Tensor:
-    """[N, ...] head-after-head -> [H, max(lens), ...] (padding = ``fill``)."""
-    width = int(lens.max()) if lens.numel() else 0
-    out = flat.new_full((lens.shape[0], width, *flat.shape[1:]), fill)
-    out[_valid_mask(lens, width)] = flat
-    return out
+# Ragged <-> padded moves are gathers with computed indices, never boolean-mask indexing: a
+# boolean mask's result size is read back from the device (``nonzero``: a host<->device sync on a
+# GPU, six of them per Ada-KV layer and compression before). The sizes they need (the widest head,
+# the total) are known on the host: `BudgetedLayer.host_lens` keeps the per-head lengths there.
 
 
-def padded_to_ragged(padded: Tensor, lens: Tensor) -> Tensor:
-    """[H, W, ...] -> [N, ...] keeping the first ``lens[h]`` entries of each head."""
-    return padded[_valid_mask(lens, padded.shape[1])]
+def true_indices(mask: Tensor, count: int) -> Tensor:
+    """Indices of the True entries of a 1-D bool ``mask``, ascending, given how many there are
+    (``mask.nonzero()[:, 0]`` without reading its size back from the device). ``count`` must be
+    exact: nothing checks it (that would be the read this avoids)."""
+    rank = mask.cumsum(0)  # 1-based rank of each True entry
+    # Every False entry writes to slot 0, a scratch slot dropped after.
+    slot = torch.where(mask, rank, 0)
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))
+    return out[1:]
+
+
+def _padded_index(lens: Tensor, width: int, total: int) -> tuple[Tensor, Tensor]:
+    """For a [H, width] padded layout of ragged entries (``lens`` per head, ``total`` in all):
+    each slot's row in the ragged storage, and which slots hold an entry (a padding slot's row is
+    some stored row: mask what is gathered there)."""
+    offs = torch.arange(width, device=lens.device)
+    rows = ((lens.cumsum(0) - lens)[:, None] + offs).clamp_(max=max(total - 1, 0))
+    return rows, offs < lens[:, None]
+
+
+def _block_index(lens: Tensor, n_old: int, q: int, total: int) -> tuple[Tensor, Tensor]:
+    """A block of ``q`` new tokens over ragged entries (``lens`` per head, ``total`` in all, the
+    widest ``n_old``), laid out [old entries | padding | new tokens], [H, n_old + q]: the rows of
+    its old slots in the storage ([H, n_old], as `_padded_index`) and which slots hold an entry."""
+    offs = torch.arange(n_old + q, device=lens.device)
+    rows = ((lens.cumsum(0) - lens)[:, None] + offs[:n_old]).clamp_(max=max(total - 1, 0))
+    return rows, (offs < lens[:, None]) | (offs >= n_old)
+
+
+def _take_padded(flat: Tensor, rows: Tensor, valid: Tensor, fill: float = 0) -> Tensor:
+    """``flat``'s rows at ``rows`` ([H, W]), ``fill`` where not ``valid``: [H, W, ...]."""
+    out = flat.index_select(0, rows.flatten()).view(*rows.shape, *flat.shape[1:])
+    return torch.where(valid.view(*valid.shape, *[1] * (flat.dim() - 1)), out, fill)
+
+
+def _grown(flat: Tensor, new: Tensor, rows: Tensor, kept: Tensor) -> Tensor:
+    """Ragged storage ``flat`` with ``new[h]`` ([H, q, ...]) after head h's entries: gathered
+    through a block's padded layout (`_block_index`'s ``rows``; ``kept``: its slots that hold an
+    entry, in order). Padding is gathered but never kept, so it is not masked."""
+    h, n_old = rows.shape
+    old = flat.index_select(0, rows.flatten()).view(h, n_old, *flat.shape[1:])
+    return torch.cat([old, new], dim=1).flatten(0, 1).index_select(0, kept)
+
+
+def ragged_to_padded(flat: Tensor, lens: Tensor, fill: float = 0, width: int | None = None) -> Tensor:
+    """[N, ...] head-after-head -> [H, max(lens), ...] (padding = ``fill``). ``width``: max(lens)
+    when the caller knows it (otherwise it is read from the device)."""
+    if width is None:
+        width = int(lens.max()) if lens.numel() else 0
+    if flat.shape[0] == 0:
+        return flat.new_full((lens.shape[0], width, *flat.shape[1:]), fill)
+    rows, valid = _padded_index(lens, width, flat.shape[0])
+    return _take_padded(flat, rows, valid, fill)
+
+
+def padded_to_ragged(padded: Tensor, lens: Tensor, total: int | None = None) -> Tensor:
+    """[H, W, ...] -> [N, ...] keeping the first ``lens[h]`` entries of each head. ``total``:
+    sum(lens) when the caller knows it (otherwise it is read from the device)."""
+    if total is None:
+        total = int(lens.sum())
+    rows = true_indices(_valid_mask(lens, padded.shape[1]).flatten(), total)
+    return padded.flatten(0, 1).index_select(0, rows)
 
 
 def gather_entries(t: Tensor, index: Tensor) -> Tensor:
@@ -93,6 +151,9 @@ class LayerView:
     positions: Tensor  # [B, H, n]
     state: dict[str, Tensor]  # name -> [B, H, n]
     valid: Tensor | None  # [B, H, n] bool, None = all valid
+    # Entries per head (batch 0) on the host when the layer knows them (ragged layout): lets
+    # selection size its tensors without reading `lengths` back from the device.
+    sizes: tuple[int, ...] | None = None
 
     @property
     def lengths(self) -> Tensor:
@@ -113,7 +174,7 @@ class BudgetedLayer(CacheLayerMixin):
     def __init__(self, **kwargs) -> None:
         super().__init__()
         self.positions: Tensor | None = None
-        self.head_lens: Tensor | None = None  # ragged layout when set
+        self.head_lens = None  # ragged layout when set (a property: also kept on the host)
         self.state: dict[str, Tensor] = {}
         self.seen = 0
         self.peak_entries = 0
@@ -140,6 +201,28 @@ class BudgetedLayer(CacheLayerMixin):
         self.transient = False
         self.phantom = 0
 
+    @property
+    def head_lens(self) -> Tensor | None:
+        """Entries per head, [H] int64 on the layer's device, in the ragged layout; None when
+        dense. Assign a new tensor to change it, never modify it in place: `host_lens` mirrors it."""
+        return self._head_lens
+
+    @head_lens.setter
+    def head_lens(self, lens: Tensor | None) -> None:
+        self._head_lens, self._host_lens = lens, None
+
+    def _set_head_lens(self, lens: Tensor, sizes: tuple[int, ...]) -> None:
+        """`head_lens` together with its host copy, known by the caller (nothing read back)."""
+        self._head_lens, self._host_lens = lens, tuple(sizes)
+
+    def host_lens(self) -> tuple[int, ...]:
+        """`head_lens` as Python ints. The layer's own code keeps it up to date as it appends and
+        keeps entries, so sizing tensors from it costs no host<->device sync; set from outside
+        (a session file, static decoding), it is read from the device once."""
+        if self._host_lens is None:
+            self._host_lens = tuple(self._head_lens.tolist())
+        return self._host_lens
+
     # --- transformers' layer protocol -------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -158,7 +241,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.seen += q
         if self.transient:
             return self._attend_without_storing(key_states, value_states)
-        plan = None
+        plan = visible = None
         if self.head_lens is None:
             n_old = self.max_entries
             self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -172,20 +255,21 @@ class BudgetedLayer(CacheLayerMixin):
             else:
                 keys, values, old_lens = self._with_body(self.keys, self.values) + (None,)
         else:
-            old_lens = self.head_lens
-            n_old = int(old_lens.max())
+            old_lens, sizes = self.head_lens, self.host_lens()
+            n_old = max(sizes)
             # The attention call sees [old entries | padding | new tokens] per head ...
-            keys = torch.cat([ragged_to_padded(self.keys, old_lens)[None], key_states], dim=2)
-            values = torch.cat([ragged_to_padded(self.values, old_lens)[None], value_states], dim=2)
-            # ... while storage stays ragged: each head's segment grows by q.
-            self.keys = self._append_ragged(self.keys, key_states[0])
-            self.values = self._append_ragged(self.values, value_states[0])
-            self.positions = self._append_ragged(self.positions, new_pos.expand(h, q))
+            keys, values, rows, visible = self._ragged_block(key_states, value_states)
+            # ... while storage stays ragged: each head's segment grows by q. In the padded order
+            # the stored one is the visible slots: gathered with their index (size known).
+            kept = true_indices(visible.flatten(), sum(sizes) + h * q)
+            self.keys = keys[0].flatten(0, 1).index_select(0, kept)
+            self.values = values[0].flatten(0, 1).index_select(0, kept)
+            self.positions = _grown(self.positions, new_pos.expand(h, q), rows, kept)
             for name, s in self.state.items():
-                self.state[name] = self._append_ragged(s, s.new_zeros(h, q))
-            self.head_lens = old_lens + q
+                self.state[name] = _grown(s, s.new_zeros(h, q), rows, kept)
+            self._set_head_lens(old_lens + q, tuple(n + q for n in sizes))
         self.peak_entries = max(self.peak_entries, self.max_entries)
-        set_plan(plan or AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self))
+        set_plan(plan or AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self, visible=visible))
         return keys, values
 
     def _attend_without_storing(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,15 +279,27 @@ class BudgetedLayer(CacheLayerMixin):
         self.phantom += key_states.shape[2]
         if self.head_lens is None:
             old_keys, old_values = self._with_body(self.keys, self.values)
-            old_lens = None
-        else:
-            old_lens = self.head_lens
-            old_keys = ragged_to_padded(self.keys, old_lens)[None]
-            old_values = ragged_to_padded(self.values, old_lens)[None]
-        keys = torch.cat([old_keys, key_states], dim=2)
-        values = torch.cat([old_values, value_states], dim=2)
-        set_plan(AttentionPlan(keys=keys, head_lens=old_lens, n_old=old_keys.shape[2], layer=self))
+            keys = torch.cat([old_keys, key_states], dim=2)
+            values = torch.cat([old_values, value_states], dim=2)
+            set_plan(AttentionPlan(keys=keys, head_lens=None, n_old=old_keys.shape[2], layer=self))
+            return keys, values
+        keys, values, _, visible = self._ragged_block(key_states, value_states)
+        set_plan(AttentionPlan(keys=keys, head_lens=self.head_lens, n_old=max(self.host_lens()), layer=self,
+                               visible=visible))
         return keys, values
+
+    def _ragged_block(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A block of q new tokens over ragged entries: the keys and values the attention call
+        sees, [1, H, n_old + q, d] = [old entries | padding (zeros) | new tokens] per head, each a
+        gather sized from `host_lens` (nothing read back); and that layout (`_block_index`: the
+        rows of its old slots, which slots hold an entry)."""
+        sizes = self.host_lens()
+        n_old = max(sizes)
+        rows, visible = _block_index(self.head_lens, n_old, key_states.shape[2], sum(sizes))
+        old = visible[:, :n_old]
+        keys = torch.cat([_take_padded(self.keys, rows, old), key_states[0]], dim=1)
+        values = torch.cat([_take_padded(self.values, rows, old), value_states[0]], dim=1)
+        return keys[None], values[None], rows, visible
 
     def _with_body(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Full-precision tail keys/values preceded by the decoded body (if any)."""
@@ -214,8 +310,10 @@ class BudgetedLayer(CacheLayerMixin):
 
     def _append_ragged(self, flat: Tensor, new: Tensor) -> Tensor:
         """Insert ``new[h]`` ([H, q, ...]) after head h's segment of ``flat``."""
-        segments = torch.split(flat, self.head_lens.tolist())
-        return torch.cat([part for h, seg in enumerate(segments) for part in (seg, new[h])])
+        sizes = self.host_lens()
+        h, q = new.shape[:2]
+        rows, visible = _block_index(self.head_lens, max(sizes), q, sum(sizes))
+        return _grown(flat, new, rows, true_indices(visible.flatten(), sum(sizes) + h * q))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_entries + query_length, 0
@@ -239,8 +337,14 @@ class BudgetedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         if self.head_lens is not None:
-            return int(self.head_lens.max())
+            return max(self.host_lens())
         return self.keys.shape[-2] + (len(self.body) if self.body is not None else 0)
+
+    def total_entries(self) -> int:
+        """Entries held over all KV heads (batch 0)."""
+        if self.head_lens is not None:
+            return sum(self.host_lens())
+        return self.max_entries * self.n_heads
 
     @property
     def n_heads(self) -> int:
@@ -274,14 +378,16 @@ class BudgetedLayer(CacheLayerMixin):
         if self.head_lens is None:
             keys, values = self._with_body(self.keys, self.values)
             return LayerView(keys, values, self.positions, dict(self.state), None)
-        lens = self.head_lens
-        width = int(lens.max())
+        # One index, from the host lengths, gathers every field (no size read back).
+        sizes = self.host_lens()
+        rows, valid = _padded_index(self.head_lens, max(sizes), sum(sizes))
         return LayerView(
-            keys=ragged_to_padded(self.keys, lens)[None],
-            values=ragged_to_padded(self.values, lens)[None],
-            positions=ragged_to_padded(self.positions, lens, fill=-1)[None],
-            state={k: ragged_to_padded(s, lens)[None] for k, s in self.state.items()},
-            valid=_valid_mask(lens, width)[None],
+            keys=_take_padded(self.keys, rows, valid)[None],
+            values=_take_padded(self.values, rows, valid)[None],
+            positions=_take_padded(self.positions, rows, valid, fill=-1)[None],
+            state={k: _take_padded(s, rows, valid)[None] for k, s in self.state.items()},
+            valid=valid[None],
+            sizes=sizes,
         )
 
     def keep(self, index: Tensor, lens: Tensor | None = None, view: LayerView | None = None) -> None:
@@ -306,12 +412,29 @@ class BudgetedLayer(CacheLayerMixin):
 
         keys, values, positions = (gather_entries(t, index) for t in (view.keys, view.values, view.positions))
         state = {k: gather_entries(s, index) for k, s in view.state.items()}
-        if lens is None or bool((lens == index.shape[-1]).all()):
+        sizes = None if lens is None else tuple(lens.tolist())  # read once; sizes all that follows
+        if sizes is None or all(n == index.shape[-1] for n in sizes):
             self.keys, self.values, self.positions, self.state, self.head_lens = keys, values, positions, state, None
             return
         if index.shape[0] != 1:
             raise ValueError("per-head variable lengths need batch size 1")
-        self._store_ragged(LayerView(keys, values, positions, state, None), lens.to(index.device, torch.long))
+        self._store_ragged(LayerView(keys, values, positions, state, None), lens.to(index.device, torch.long), sizes)
+
+    def keep_chosen(self, chosen: Tensor, lens: Tensor, sizes: tuple[int, ...], view: LayerView) -> None:
+        """Keep the entries of a batch-1 ``view`` where ``chosen`` ([H, n] bool) is True, in their
+        order: ``lens`` ([H], on the layer's device) and ``sizes`` (the same as Python ints) of them
+        per head. Ragged storage, or dense when every head keeps as many (as `keep`). One gather
+        per field, sized from ``sizes``: nothing is read back from the device."""
+        if self.store is not None:
+            raise ValueError(f"store '{self.store.name}' needs every head to keep the same number of entries")
+        self._store_rows(view, true_indices(chosen.flatten(), sum(sizes)), lens, sizes)
+        if len(set(sizes)) == 1:  # head after head, equal lengths: the dense layout is a view
+            shape = (1, len(sizes), sizes[0])
+            self.keys = self.keys.view(*shape, self.keys.shape[-1])
+            self.values = self.values.view(*shape, self.values.shape[-1])
+            self.positions = self.positions.view(shape)
+            self.state = {k: s.view(shape) for k, s in self.state.items()}
+            self.head_lens = None
 
     def rebuild(self, index: Tensor, n_tail: int, state: dict[str, Tensor] | None = None) -> None:
         """Keep the entries at ``index`` ([B, H, k], body entries first): the last ``n_tail`` of
@@ -341,14 +464,24 @@ class BudgetedLayer(CacheLayerMixin):
         index = torch.arange(n, device=self.device).expand(*self.positions.shape[:2], n)
         self.rebuild(index, tail - older)
 
-    def _store_ragged(self, view: LayerView, lens: Tensor) -> None:
-        """Keep the first ``lens[h]`` entries of each head of a padded view, ragged."""
+    def _store_ragged(self, view: LayerView, lens: Tensor, sizes: tuple[int, ...] | None = None) -> None:
+        """Keep the first ``lens[h]`` entries of each head of a padded view, ragged. ``sizes``:
+        ``lens`` as Python ints when the caller knows them (otherwise read once)."""
+        sizes = tuple(lens.tolist()) if sizes is None else sizes
+        rows = true_indices(_valid_mask(lens, view.keys.shape[2]).flatten(), sum(sizes))
+        self._store_rows(view, rows, lens, sizes)
+
+    def _store_rows(self, view: LayerView, rows: Tensor, lens: Tensor, sizes: tuple[int, ...]) -> None:
+        """Keep the slots ``rows`` of a batch-1 padded view flattened over its heads ([N], head
+        after head, ``sizes[h]`` in head h), ragged: one gather per field."""
         self._drop_lse()
-        self.keys = padded_to_ragged(view.keys[0], lens)
-        self.values = padded_to_ragged(view.values[0], lens)
-        self.positions = padded_to_ragged(view.positions[0], lens)
-        self.state = {k: padded_to_ragged(s[0], lens) for k, s in view.state.items()}
-        self.head_lens = lens
+
+        def take(t: Tensor) -> Tensor:
+            return t[0].flatten(0, 1).index_select(0, rows)
+
+        self.keys, self.values, self.positions = take(view.keys), take(view.values), take(view.positions)
+        self.state = {k: take(s) for k, s in view.state.items()}
+        self._set_head_lens(lens, sizes)
 
     def drop_last(self, n: int) -> None:
         """Forget the ``n`` most recently appended tokens (they are last in every head)."""
@@ -368,7 +501,7 @@ class BudgetedLayer(CacheLayerMixin):
             self.positions = self.positions[..., :-n]
             self.state = {k: s[..., :-n] for k, s in self.state.items()}
             return
-        self._store_ragged(self.view(), self.head_lens - n)
+        self._store_ragged(self.view(), self.head_lens - n, tuple(k - n for k in self.host_lens()))
 
     def observe(self, query: Tensor, scaling: float | None, lse: Tensor | None = None) -> None:
         """Receive the queries of the tokens just processed (from the attention hook), and with

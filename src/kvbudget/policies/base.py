@@ -172,7 +172,7 @@ def _ranked(scores: Tensor, obs: Observation, window: int | Tensor) -> Tensor:
     scores = scores.float().nan_to_num(nan=float("-inf"))
     scores = scores.masked_fill(obs.positions >= obs.seen - window, float("inf"))
     if obs.valid is not None:
-        scores = scores.masked_fill(~obs.valid, float("-inf"))
+        scores = torch.where(obs.valid, scores, float("-inf"))
     return scores
 
 
@@ -190,24 +190,64 @@ def select(scores: Tensor, obs: Observation, window: int) -> tuple[Tensor, Tenso
 def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2) -> tuple[Tensor, Tensor]:
     """Ada-KV (Feng et al. 2024): one top-k over all heads of the layer (``budget * heads``
     entries), each head first guaranteed its best ``floor * budget``: heads keep different
-    numbers of entries and the cache stores exactly those (ragged, batch 1)."""
+    numbers of entries and the cache stores exactly those (ragged, batch 1). Returns indices
+    [1, H, max kept] (ascending; a head's first ``lens[h]`` are its picks) and ``lens`` [H]; the
+    policy itself keeps `pick_across_heads`'s mask, without this padded index."""
+    chosen, lens, kept = pick_across_heads(scores, obs, window, floor)
+    h, n = chosen.shape
+    order = torch.arange(n, device=chosen.device).expand(h, n)
+    # Chosen entries first, in their original order; the rest pushed behind them.
+    index = torch.where(chosen, order, order + n).argsort(dim=-1)[:, : max(kept)]
+    return index[None], lens
+
+
+def pick_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2,
+                      sizes: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """`select_across_heads`'s choice as a mask: chosen [H, n] bool, kept per head [H] (on the
+    device) and the same as Python ints. ``sizes``: entries per head of the view (batch 0) on the
+    host (`LayerView.sizes`); None: every head holds n, or, with padding, read from the device.
+
+    One host<->device sync (reading the kept counts, which the cache needs on the host): the
+    size of the second top-k comes from ``sizes``, on the premise that every valid entry scores
+    above -inf. That read also checks it: where a valid entry scored -inf or NaN (never kept, so
+    fewer are kept in all), the second top-k is done again, sized from the device (two more
+    syncs, in that case only)."""
     scores = _ranked(scores, obs, window)[0]  # [H, n]
     h, n = scores.shape
+    if sizes is None:
+        sizes = (n,) * h if obs.valid is None else tuple(obs.valid[0].sum(-1).tolist())
     finite = scores > float("-inf")
-    chosen = torch.zeros_like(finite)
     guaranteed = min(int(floor * obs.budget), n)
-    if guaranteed:
-        chosen.scatter_(1, scores.topk(guaranteed, dim=-1).indices, True)
-        chosen &= finite
-    rest = min(obs.budget * h, int(finite.sum())) - int(chosen.sum())
-    if rest > 0:
-        pick = scores.masked_fill(chosen, float("-inf")).flatten().topk(rest).indices
-        chosen.view(-1)[pick] = True
-    lens = chosen.sum(-1)
-    order = torch.arange(n, device=scores.device).expand(h, n)
-    # Chosen entries first, in their original order; the rest pushed behind them.
-    index = torch.where(chosen, order, order + n).argsort(dim=-1)[:, : int(lens.max())]
-    return index[None], lens
+    # A head holding s valid (finite) entries gets min(guaranteed, s) of them first.
+    planned = min(obs.budget * h, sum(sizes)) - sum(min(guaranteed, s) for s in sizes)
+    chosen = _add_best(_best_per_head(scores, finite, guaranteed), scores, planned)
+    counts = torch.stack([chosen, finite]).sum(-1)  # [2, H]: kept, finite
+    kept, n_finite = counts.tolist()  # the one sync
+    lens = counts[0]
+    if sum(n_finite) != sum(sizes):
+        first = _best_per_head(scores, finite, guaranteed)
+        chosen = _add_best(first, scores, min(obs.budget * h, sum(n_finite)) - int(first.sum()))
+        lens = chosen.sum(-1)
+        kept = lens.tolist()
+    return chosen, lens, tuple(kept)
+
+
+def _best_per_head(scores: Tensor, finite: Tensor, k: int) -> Tensor:
+    """Each head's ``k`` best-scored entries that score above -inf: [H, n] bool."""
+    best = torch.zeros_like(finite)
+    if k:
+        best.scatter_(1, scores.topk(k, dim=-1).indices, True)
+        best &= finite
+    return best
+
+
+def _add_best(chosen: Tensor, scores: Tensor, k: int) -> Tensor:
+    """``chosen`` ([H, n] bool, updated in place) plus the ``k`` best-scored entries not in it,
+    over all heads."""
+    if k > 0:
+        pick = scores.masked_fill(chosen, float("-inf")).flatten().topk(k).indices
+        chosen.view(-1).scatter_(0, pick, True)
+    return chosen
 
 
 class Policy:
@@ -359,7 +399,7 @@ class Policy:
             if demotes:
                 held = layer.keys.shape[-2]  # entries still at full precision
             else:
-                held = int(layer.lengths().sum()) if shared else layer.max_entries
+                held = layer.total_entries() if shared else layer.max_entries
             over = not fits and held > budgets[i] * (layer.n_heads if shared else 1)
             if over or self.scorer.state_names:
                 self._compress_layer(layer, i, len(budgets), budgets[i], evict=over)
@@ -516,8 +556,11 @@ class Policy:
             layer.rebuild(demotion_index(scores, obs, start, self.protected(budget)), budget, state)
             return
         view.state = state
-        choose = select_across_heads if self.head_adaptive else select
-        index, lens = choose(scores, obs, self.protected(budget))
+        if self.head_adaptive:
+            chosen, lens, kept = pick_across_heads(scores, obs, self.protected(budget), sizes=view.sizes)
+            layer.keep_chosen(chosen, lens, kept, view)
+            return
+        index, lens = select(scores, obs, self.protected(budget))
         layer.keep(index, lens, view=view)
 
 
@@ -588,7 +631,8 @@ def _with_body_state(tail_state: dict[str, Tensor], layer: BudgetedLayer, n_body
 def _unpad_state(state: dict[str, Tensor], layer: BudgetedLayer) -> dict[str, Tensor]:
     if layer.head_lens is None:
         return state
-    return {k: padded_to_ragged(s[0], layer.head_lens) for k, s in state.items()}
+    total = layer.total_entries()
+    return {k: padded_to_ragged(s[0], layer.head_lens, total) for k, s in state.items()}
 
 
 def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -> Policy:
