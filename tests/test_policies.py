@@ -245,12 +245,19 @@ def test_stacked_compression_equals_layer_by_layer(tiny_llama, name):
         cache = policy.new_cache(tiny_llama)
         kb.prefill(tiny_llama, cache, policy, random_ids(150), block_size=32)
         results.append(cache)
-    for a, b in [(x, y) for other in results[:2] for x, y in zip(other.budgeted_layers(), results[2].budgeted_layers())]:
-        assert torch.equal(a.positions, b.positions)
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-        assert a.state.keys() == b.state.keys()
-        for k in a.state:
-            torch.testing.assert_close(a.state[k], b.state[k])
+    for other in results[:2]:
+        _assert_same_entries(other, results[2])
+
+
+def _assert_same_entries(a, b) -> None:
+    """Two caches keep the same entries (positions, keys, values bit for bit) and scorer state."""
+    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+        assert torch.equal(la.positions, lb.positions)
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        assert la.state.keys() == lb.state.keys()
+        for k in la.state:
+            # Sums over the queries may round differently by row length (last bit, on CPU).
+            torch.testing.assert_close(la.state[k], lb.state[k])
 
 
 def test_stacked_compression_is_used(tiny_llama, monkeypatch):
@@ -301,14 +308,7 @@ def test_stacked_compression_with_layer_budgets_equals_the_loop(tiny_llama, name
     first = loop.budgeted_layers()[0]
     entry = (first.keys.nbytes + first.values.nbytes) // first.keys.shape[2]
     for group_bytes in (None, 2 * (max(lengths) + block) * entry):  # all layers / about two per group
-        stacked = _prefill_and_decode(tiny_llama, name, budget, block, True, group_bytes, window)
-        for a, b in zip(stacked.budgeted_layers(), loop.budgeted_layers()):
-            assert torch.equal(a.positions, b.positions)
-            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-            assert a.state.keys() == b.state.keys()
-            for k in a.state:
-                # Sums over the queries may round differently by row length (last bit, on CPU).
-                torch.testing.assert_close(a.state[k], b.state[k])
+        _assert_same_entries(_prefill_and_decode(tiny_llama, name, budget, block, True, group_bytes, window), loop)
 
 
 def test_layer_budgets_are_stacked(tiny_llama, monkeypatch):
