@@ -14,7 +14,8 @@ FLOP estimate. One JSON object per line (stdout and --out). A few seconds on an 
 
 ``--sweep-reduce`` times pass 2 alone (the reduction given each row's log-sum-exp, which is all
 H2O/A2SF run when the attention call supplies it: docs/scoring.md) over tile sizes, warps,
-pipelining stages, and with the group's query heads folded into one dot or looped.
+and pipelining stages. (A variant that stacked the group's query heads into one dot was swept too
+and removed, no faster: commit 7ec168c has it.)
 """
 
 from __future__ import annotations
@@ -126,12 +127,11 @@ def sweep_reduce(args: argparse.Namespace, x: dict, emit) -> None:
     del logits, q
     torch.cuda.empty_cache()
     ref = None
-    grid = [(False, bm) for bm in (32, 64, 128)] + [(True, bm) for bm in (16, 32, 64) if g * bm <= 256]
-    for (fold, bm), bn, warps, stages in itertools.product(grid, (64, 128), (4, 8), (None, 3)):
-        row = {"row": "reduce_sweep", "fold": fold, "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+    for bm, bn, warps, stages in itertools.product((32, 64, 128), (64, 128), (4, 8), (None, 3)):
+        row = {"row": "reduce_sweep", "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
         try:
             fn = lambda: attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], "sum", block_m=bm,  # noqa: E731
-                                          block_n=bn, num_warps=warps, lse=lse, num_stages=stages, fold=fold)
+                                          block_n=bn, num_warps=warps, lse=lse, num_stages=stages)
             ms, _, res = timed(fn, args.repeats)
             ref = res if ref is None else ref
             row |= {"ms": ms, "rel_err_vs_first": float((res - ref).abs().max() / ref.abs().max())}

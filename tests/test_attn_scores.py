@@ -380,23 +380,3 @@ def test_triton_skips_hidden_tiles_exactly(shuffled):
         out = kernel_reduce(q.to(DEVICE), k.to(DEVICE), kpos.to(DEVICE), qpos.to(DEVICE), 0.125, mode,
                             block_m=16, block_n=16).cpu()
         assert rel_err(out, ref) < 1e-4
-
-
-@pytest.mark.parametrize("g", [2, 4])
-@pytest.mark.parametrize("mode", ["sum", "max", "weighted"])
-def test_folded_reduce_equals_the_per_head_loop(g, mode):
-    """Pass 2 with the group's query heads stacked into one dot (``fold``) gives the per-head
-    loop's result, with a given LSE (the reuse path) and with pass 1."""
-    from kvbudget.kernels import attn_scores as AS
-
-    q, k, pos, valid, qpos = case(g)
-    kpos = scoring.key_positions(pos, valid)
-    w = torch.rand(q.shape[2]) if mode == "weighted" else None
-    mode_ = "max" if mode == "max" else "sum"
-    loop = AS.attention_reduce(q, k, kpos, qpos, 0.125, mode_, w, block_m=16, block_n=16, fold=False)
-    folded = AS.attention_reduce(q, k, kpos, qpos, 0.125, mode_, w, block_m=16, block_n=16, fold=True)
-    assert rel_err(folded, loop.double()) < 1e-5
-    ref = reference(q, k, pos, valid, qpos, 0.125, mode_, w)
-    assert rel_err(folded, ref) < 1e-4
-    with pytest.raises(ValueError, match="power of two"):
-        AS.attention_reduce(case(3)[0], k, kpos, qpos, 0.125, mode_, w, block_m=16, fold=True)  # g = 3

@@ -50,7 +50,9 @@ def mode() -> str:
     return value
 
 
+@functools.cache
 def _kernels():
+    # Cached: the patched forwards call this on every layer of every forward pass.
     from . import kernels
 
     if not kernels.HAVE_TRITON:

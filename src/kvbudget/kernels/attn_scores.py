@@ -31,9 +31,6 @@ from torch import Tensor
 
 LOG2E = 1.4426950408889634
 MODES = {"sum": 0, "max": 1}
-# Pass 2 with the group's query heads stacked into one dot (`attention_reduce`'s ``fold``): off
-# until measured faster on the GPU (benchmarks/scoring_bench.py --sweep-reduce).
-FOLD_DEFAULT = False
 # Masked keys get this position (no query position reaches it); rows beyond m get QPOS_NONE.
 # constexpr: compiled kernels may only read globals that are.
 KPOS_NONE = tl.constexpr(2**31 - 1)
@@ -107,7 +104,6 @@ def _reduce_kernel(
     s_pb, s_ph, s_pn,
     H: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    FOLD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -128,65 +124,37 @@ def _reduce_kernel(
     acc = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0: 0 is also max's identity here
     # Query tiles before qstart see none of these keys (positions ascend): skipped.
     qstart = tl.load(qstart_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n)
-    if FOLD:
-        # The g query heads of the group stacked along M: row r is head r // BLOCK_M, query
-        # r % BLOCK_M of the tile, so one [g * BLOCK_M, BLOCK_N] dot serves the whole group.
-        fold_r = tl.arange(0, G * BLOCK_M)
-        fold_hq = h * G + fold_r // BLOCK_M
-        fold_row = fold_r % BLOCK_M
     for start in range(qstart, m, BLOCK_M):
-        if FOLD:
-            rows = start + fold_row
-            row_ok = rows < m
-            qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
+        rows = start + rows0
+        row_ok = rows < m
+        qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
+        visible = kpos[None, :] <= qpos[:, None]
+        tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for gi in range(G):
+            hq = h * G + gi
             q = tl.load(
-                q_ptr + b.to(tl.int64) * s_qb + fold_hq[:, None].to(tl.int64) * s_qh
+                q_ptr + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
                 + rows[:, None].to(tl.int64) * s_qm + dims[None, :] * s_qd,
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
             )
-            lse = tl.load(lse_ptr + (b.to(tl.int64) * H * G + fold_hq) * m + rows, mask=row_ok, other=0.0)
+            lse = tl.load(lse_ptr + (b.to(tl.int64) * H * G + hq) * m + rows, mask=row_ok, other=0.0)
             if IEEE:
                 logits = tl.dot(q, kt, input_precision="ieee")
             else:
                 logits = tl.dot(q, kt)
-            p = tl.where(kpos[None, :] <= qpos[:, None], tl.exp2(logits * qk_scale - lse[:, None]), 0.0)
+            # A visible pair always has a finite lse (its row saw at least this key).
+            p = tl.where(visible, tl.exp2(logits * qk_scale - lse[:, None]), 0.0)
             if MODE == 0:
-                if WEIGHTED:
-                    p = p * tl.load(w_ptr + rows, mask=row_ok, other=0.0)[:, None]
-                acc += tl.sum(p, 0)
+                tile += p
             else:
-                acc = tl.maximum(acc, tl.max(p, 0))
+                tile = tl.maximum(tile, p)
+        if MODE == 0:
+            if WEIGHTED:
+                w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+                tile = tile * w[:, None]
+            acc += tl.sum(tile, 0)
         else:
-            rows = start + rows0
-            row_ok = rows < m
-            qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
-            visible = kpos[None, :] <= qpos[:, None]
-            tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for gi in range(G):
-                hq = h * G + gi
-                q = tl.load(
-                    q_ptr + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
-                    + rows[:, None].to(tl.int64) * s_qm + dims[None, :] * s_qd,
-                    mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
-                )
-                lse = tl.load(lse_ptr + (b.to(tl.int64) * H * G + hq) * m + rows, mask=row_ok, other=0.0)
-                if IEEE:
-                    logits = tl.dot(q, kt, input_precision="ieee")
-                else:
-                    logits = tl.dot(q, kt)
-                # A visible pair always has a finite lse (its row saw at least this key).
-                p = tl.where(visible, tl.exp2(logits * qk_scale - lse[:, None]), 0.0)
-                if MODE == 0:
-                    tile += p
-                else:
-                    tile = tl.maximum(tile, p)
-            if MODE == 0:
-                if WEIGHTED:
-                    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
-                    tile = tile * w[:, None]
-                acc += tl.sum(tile, 0)
-            else:
-                acc = tl.maximum(acc, tl.max(tile, 0))
+            acc = tl.maximum(acc, tl.max(tile, 0))
     tl.store(out_ptr + pid_bh.to(tl.int64) * n + idx, acc * out_scale, mask=col_ok)
 
 
@@ -243,7 +211,6 @@ def attention_reduce(
     num_warps: int = 4,
     lse: Tensor | None = None,
     num_stages: int | None = None,
-    fold: bool | None = None,
 ) -> Tensor:
     """Attention received per cached entry, reduced over queries: [B, H, n] float32.
 
@@ -254,8 +221,7 @@ def attention_reduce(
     two, >= 16) and ``num_warps`` tune the tiles (benchmarks/scoring_bench.py compares them).
     ``lse`` [B, Hq, m] (natural log): each row's log-sum-exp over exactly its visible keys,
     already known: pass 1 is skipped. A row whose lse is -inf contributes nothing.
-    ``fold``: pass 2 stacks the g query heads of a group into one [g * block_m, block_n] dot
-    (needs g * block_m a power of two; None = when it is); ``num_stages``: software pipelining.
+    ``num_stages``: software pipelining (None: triton's default).
     """
     b, hq, m, d = queries.shape
     h, n = keys.shape[1], keys.shape[2]
@@ -295,17 +261,12 @@ def attention_reduce(
         w = weights.to(device=queries.device, dtype=torch.float32).contiguous()
     else:
         w = lse  # never read (WEIGHTED is False); any valid pointer
-    can_fold = (g * bm) & (g * bm - 1) == 0
-    if fold is None:
-        fold = can_fold and FOLD_DEFAULT
-    elif fold and not can_fold:
-        raise ValueError(f"fold needs g * block_m a power of two, got {g} x {bm}")
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _reduce_kernel[(triton.cdiv(n, block_n), b * h)](
         queries, keys, kpos, qpos, lse, w, out, qstart, m, n, d, qk_scale,
         1.0 / g if mode == "sum" else 1.0,
         *q_strides, *k_strides, *p_strides,
         H=h, G=g, MODE=MODES[mode], WEIGHTED=weighted,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, FOLD=bool(fold), num_warps=num_warps, **extra,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps, **extra,
     )
     return out
