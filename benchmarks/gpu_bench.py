@@ -56,6 +56,7 @@ from kvbudget import static as kstatic  # noqa: E402
 from gpu_smoke import build  # noqa: E402
 
 GB = 1e9
+VOCAB = 128000  # token ids drawn below this; the real default model's vocabulary under --model default
 ROWS: list[dict] = []
 OUT: Path | None = None
 
@@ -123,14 +124,22 @@ def bandwidth() -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes a decode step reads from the weights: all but the embedding table (rows gathered)."""
+    """Bytes a decode step reads from the weights: all but the embedding table (rows gathered),
+    unless the output head is tied to it (SmolLM2): then the head reads the whole table."""
     embed = model.get_input_embeddings().weight
-    return sum(p.nbytes for p in model.parameters()) - embed.nbytes
+    total = sum(p.nbytes for p in model.parameters())  # a tied table is one parameter, counted once
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    return total if tied else total - embed.nbytes
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def kv_entry_bytes(model) -> int:
     cfg = model.config
-    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 2  # K and V, bf16
+    return cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * 2 * 2  # K and V, bf16
 
 
 def roofline(model, entries_read: int, batch: int, bw: float, measured_ms: float) -> dict:
@@ -146,7 +155,7 @@ def baseline(model, context: int, bw: float, steps: int = 32) -> None:
     fusion.unfuse(model)  # plain transformers
     free_memory()
     torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(0, 128000, (1, context), device="cuda")
+    ids = torch.randint(0, VOCAB, (1, context), device="cuda")
     cache = DynamicCache(config=model.config)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -178,7 +187,7 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
     torch.cuda.reset_peak_memory_stats()
     policy = kb.policy(name, budget=budget, block_size=block) if budget else kb.policy(name, block_size=block)
     cache = policy.new_cache(model)
-    ids = torch.randint(0, 128000, (1, context), device="cuda")
+    ids = torch.randint(0, VOCAB, (1, context), device="cuda")
     logits, stats = kb.prefill(model, cache, policy, ids, block_size=block)
     peak = torch.cuda.max_memory_allocated()
     entries = int(sum(layer.lengths().sum() for layer in cache.budgeted_layers()) // len(cache.budgeted))
@@ -233,7 +242,7 @@ def try_batch(model, batch: int, entries: int, steps: int = 8) -> float | None:
     try:
         free_memory()
         dec = synthetic_decoder(model, batch, entries, room=steps + 2)
-        tok = torch.randint(0, 128000, (batch,), device="cuda")
+        tok = torch.randint(0, VOCAB, (batch,), device="cuda")
         dec.step(tok)
         ms = cuda_ms(lambda: [dec.step(tok) for _ in range(steps // 2)], reps=2, warmup=0) / (steps // 2)
         return ms
@@ -256,7 +265,7 @@ def try_dynamic_batch(model, batch: int, context: int, steps: int = 4) -> float 
         for i in range(cfg.num_hidden_layers):
             k = torch.empty(batch, cfg.num_key_value_heads, context, cfg.head_dim, dtype=torch.bfloat16, device="cuda").normal_()
             cache.update(k, torch.empty_like(k).normal_(), i)
-        tok = torch.randint(0, 128000, (batch, 1), device="cuda")
+        tok = torch.randint(0, VOCAB, (batch, 1), device="cuda")
         model(input_ids=tok, past_key_values=cache, use_cache=True)
         return cuda_ms(lambda: [model(input_ids=tok, past_key_values=cache, use_cache=True) for _ in range(steps)],
                        reps=1, warmup=0) / steps
@@ -323,9 +332,9 @@ def offload_section(model, episodes: int = 4, budget: int = 2048, context: int =
     eps = []
     for e in range(episodes):
         cache = policy.new_cache(model)
-        kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, context), device="cuda"))
-        eps.append(SimpleNamespace(cache=cache.to("cpu"), prompt_ids=torch.randint(0, 128000, (1, 64)), stats=PrefillStats()))
-    ids = torch.randint(0, 128000, (1, turn))
+        kb.prefill(model, cache, policy, torch.randint(0, VOCAB, (1, context), device="cuda"))
+        eps.append(SimpleNamespace(cache=cache.to("cpu"), prompt_ids=torch.randint(0, VOCAB, (1, 64)), stats=PrefillStats()))
+    ids = torch.randint(0, VOCAB, (1, turn))
     cache_gb = eps[0].cache.nbytes() / GB
     # Twice each, consecutively: the second async run starts from caches in pinned memory, as a
     # session's would after its first offload (the blocking path leaves them pageable).
@@ -362,7 +371,7 @@ def profile_section(model, bw: float, entries: int = 2048, batch: int = 1) -> No
     free_memory()
     dec = synthetic_decoder(model, batch, entries, room=16)
     dec.use_graph = False
-    tok = torch.randint(0, 128000, (batch,), device="cuda")
+    tok = torch.randint(0, VOCAB, (batch,), device="cuda")
     for _ in range(3):
         dec.step(tok)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -397,6 +406,17 @@ def profile_section(model, bw: float, entries: int = 2048, batch: int = 1) -> No
     free_memory()
 
 
+def load(name: str):
+    """The model measured: the 8B shape with random weights, or the real embedded default model
+    (SmolLM2-135M, bf16) as a sanity row: real weights, real tokenizer vocabulary."""
+    global VOCAB
+    if name == "llama8b":
+        return build()
+    model, _ = kb.load_model(device="cuda", dtype=torch.bfloat16)
+    VOCAB = model.config.vocab_size
+    return model
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -406,6 +426,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="1024,2048,4096")
     parser.add_argument("--policies", default="snapkv")
     parser.add_argument("--fused", default="auto", help="KVBUDGET_FUSED_OPS values for budget/profile, e.g. off,auto")
+    parser.add_argument("--model", choices=("llama8b", "default"), default="llama8b",
+                        help="llama8b: the random-weight 8B shape; default: the real embedded model (sanity row)")
     args = parser.parse_args()
     OUT = Path(args.out)
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -413,8 +435,8 @@ def main() -> None:
     sections = args.sections.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     bw = bandwidth() if "bw" in sections else 3.0e12
-    model = build()
-    emit({"section": "model", "weights_gb": round(sum(p.nbytes for p in model.parameters()) / GB, 3),
+    model = load(args.model)
+    emit({"section": "model", "model": args.model, "weights_gb": round(sum(p.nbytes for p in model.parameters()) / GB, 3),
           "weights_read_per_step_gb": round(weight_bytes(model) / GB, 3), "attention_backend": kstatic.ATTENTION})
     jobs = []
     if "baseline" in sections:
