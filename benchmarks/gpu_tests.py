@@ -14,9 +14,14 @@
    without LSE (bf16, GQA 32/8, d 128); scores from its LSE equal the kernel's two passes; H2O
    block-wise prefill and decode-time compression receive it, and keep (nearly) the same entries
    as with ``off``.
+6. LazyEviction's scan through the Triton reduction (issue 6): received, last and gap against
+   the chunked torch scan at the 8B shape (bf16, GQA 32/8, d 128, 2048 queries over 4096 keys),
+   with and without the flash call's LSE; both paths timed; then block-wise prefill of a 4-layer
+   model with each path (times and kept overlap, for information).
 
 Run: ``PYTHONPATH=src python3 benchmarks/gpu_tests.py`` (exit status 1 on any failure);
-``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, lse: 5).
+``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, lse: 5,
+lazy: 6).
 """
 
 from __future__ import annotations
@@ -346,7 +351,102 @@ def check_attention_lse() -> int:
     return failures
 
 
-GROUPS = ("fused", "graph", "lse")
+def lazy_inputs(seed: int = 0) -> dict:
+    """A block-wise prefill step of one 8B layer: 2048 queries (the block) over 4096 keys (2048
+    survivors of the earlier context, sorted, then the block itself, causal); bf16. The carried
+    state: survivors were last important between their write and the block, with an interval;
+    the block's entries are new."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    b, hq, h, m, n, d = 1, 32, 8, 2048, 4096, 128
+    n_old = n - m
+    first = 8 * n_old
+    q = torch.randn(b, hq, m, d, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(b, h, n, d, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(b, h, n, d, device="cuda", generator=gen).bfloat16()
+    old = torch.randperm(first, device="cuda", generator=gen)[:n_old].sort().values
+    pos = torch.cat([old, torch.arange(first, first + m, device="cuda")]).to(torch.int32)
+    pos = pos.expand(b, h, n).contiguous()
+    since = torch.rand(b, h, n, device="cuda", generator=gen) * (first - pos)
+    is_old = torch.arange(n, device="cuda") < n_old
+    last = torch.where(is_old, (pos + since).floor(), pos.float())
+    gap = torch.where(is_old, torch.randint(0, 2000, (b, h, n), device="cuda", generator=gen).float(), 0.0)
+    return {"q": q, "k": k, "v": v, "pos": pos, "qpos": torch.arange(first, first + m, device="cuda"),
+            "last": last, "gap": gap, "scale": d**-0.5, "n_old": n_old}
+
+
+def check_lazy_scan() -> int:
+    """The Triton lazy scan against the chunked torch scan over the same bf16 inputs with float32
+    products (what the kernel computes: bf16 products, fp32 sums): received allclose, (last, gap)
+    identical for >= 99% of the entries (importance is a threshold: rounding near it may flip
+    one query's verdict). For information, the chunked path as it runs on CUDA (logits rounded
+    to bf16) against the same reference, and the time of each path."""
+    from gpu_bench import cuda_ms
+
+    from kvbudget import scoring
+    from kvbudget.attention import flash_attention_with_lse
+
+    x = lazy_inputs()
+    _, lse = flash_attention_with_lse(x["q"], x["k"], x["v"], x["n_old"], x["scale"])
+
+    def scan(path: str, q=x["q"], k=x["k"], lse=None):
+        return scoring.attention_lazy(q, k, x["pos"], None, x["qpos"], x["scale"], x["last"], x["gap"],
+                                      path=path, lse=lse)
+
+    ref = scan("chunked", x["q"].float(), x["k"].float())
+    failures = 0
+    runs = {"triton, two passes": lambda: scan("triton"),
+            "triton, flash lse given": lambda: scan("triton", lse=lse),
+            "chunked bf16 (the fallback)": lambda: scan("chunked")}
+    for name, fn in runs.items():
+        received, last, gap = fn()
+        top = float(ref[0].abs().max())
+        err = float((received - ref[0]).abs().max())
+        same = float(((last == ref[1]) & (gap == ref[2])).float().mean())
+        ms = cuda_ms(fn, reps=5)
+        line = (f"lazy scan {name:<27}: received max |err| {err:.2e} ({err / top:.1e} of max {top:.3g}), "
+                f"(last, gap) identical for {same:.4%} of entries, {ms:.2f} ms")
+        if name.startswith("triton"):
+            ok = torch.allclose(received, ref[0], rtol=1e-2, atol=1e-4 * top) and same >= 0.99
+            failures += report(ok, line)
+        else:
+            print(f"info {line}", flush=True)
+    return failures
+
+
+def check_lazy_prefill() -> None:
+    """LazyEviction block-wise prefill (8k tokens, blocks of 2048, budget 2048) of a 4-layer bf16
+    model, chunked vs triton scoring: time and kept overlap per layer (information: on random
+    weights the attention is flat, so many pairs sit near the threshold and bf16 rounding moves
+    near-tied picks)."""
+    import time
+
+    model = build(layers=4, dtype=torch.bfloat16)
+    ids = torch.randint(0, 128000, (1, 8192), device="cuda")
+    before = os.environ.get("KVBUDGET_SCORING")
+    caches = {}
+    try:
+        for path in ("chunked", "triton", "chunked", "triton"):  # the second round is timed
+            os.environ["KVBUDGET_SCORING"] = path
+            policy = kb.policy("lazy", budget=2048, block_size=2048)
+            cache = policy.new_cache(model)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            kb.prefill(model, cache, policy, ids, 2048)
+            torch.cuda.synchronize()
+            caches[path] = (cache, time.perf_counter() - start)
+    finally:
+        if before is None:
+            os.environ.pop("KVBUDGET_SCORING", None)
+        else:
+            os.environ["KVBUDGET_SCORING"] = before
+    share = overlap(caches["triton"][0], caches["chunked"][0])
+    print(f"info lazy prefill 8k, 4 layers: chunked {caches['chunked'][1] * 1e3:.0f} ms, triton "
+          f"{caches['triton'][1] * 1e3:.0f} ms; kept overlap per layer {[round(x, 3) for x in share]}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+GROUPS = ("fused", "graph", "lse", "lazy")
 
 
 def main() -> int:
@@ -362,6 +462,9 @@ def main() -> int:
         failures += check_graph_decode()
     if "lse" in groups:
         failures += check_attention_lse()
+    if "lazy" in groups:
+        failures += check_lazy_scan()
+        check_lazy_prefill()
     print("FAILURES:", failures)
     return 1 if failures else 0
 

@@ -4,10 +4,11 @@ The shape of one Llama-3.1-8B layer at a block-wise prefill with budget 2048 and
 m = 2048 queries (the block), n = 4096 cached entries (budget + block), 32 query heads over 8 KV
 heads, head_dim 128, bf16. Key positions: the budget's 2048 survivors spread over the earlier
 context, then the block itself (causal inside the block), one KV head padded (ragged).
-Per reduction (sum, max) and path: median milliseconds over ``--repeats`` (CUDA events), peak
-extra GPU memory, max relative error vs the materialised float32 reference. For scale: the
-layer's own matmuls (QKV, O, MLP at m tokens) and its SDPA attention on the same shape, plus a
-FLOP estimate. One JSON object per line (stdout and --out). A few seconds on an H100.
+Per reduction (sum, max, and LazyEviction's scan "lazy", whose `received` is compared) and path:
+median milliseconds over ``--repeats`` (CUDA events), peak extra GPU memory, max relative error
+vs the materialised float32 reference. For scale: the layer's own matmuls (QKV, O, MLP at m
+tokens) and its SDPA attention on the same shape, plus a FLOP estimate. One JSON object per line
+(stdout and --out). A few seconds on an H100.
 
     python benchmarks/scoring_bench.py --out scoring-h100.jsonl
     python benchmarks/scoring_bench.py --sweep-reduce --out reduce-sweep.jsonl
@@ -73,6 +74,15 @@ def inputs(args: argparse.Namespace) -> dict:
 
 
 def reduce_fn(x: dict, mode: str, path: str, **kw):
+    if mode == "lazy":  # from a fresh state (every entry last important at its write)
+        last, gap = x["pos"].float(), torch.zeros_like(x["pos"], dtype=torch.float32)
+        if path == "triton":
+            from kvbudget.kernels.attn_scores import attention_lazy
+
+            kpos = scoring.key_positions(x["pos"], x["valid"])
+            return lambda: attention_lazy(x["q"], x["k"], kpos, x["qpos"], x["scaling"], last, gap, **kw)[0]
+        return lambda: scoring.attention_lazy(x["q"], x["k"], x["pos"], x["valid"], x["qpos"], x["scaling"],
+                                              last, gap, path=path)[0]
     if path == "triton":
         from kvbudget.kernels.attn_scores import attention_reduce
 
@@ -187,7 +197,7 @@ def run(args: argparse.Namespace, out) -> None:
     configs = [("materialise", {}), ("chunked", {})]
     configs += [("triton", {"block_m": bm, "block_n": bn, "num_warps": w})
                 for bm, bn, w in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]]
-    for mode in ("sum", "max"):
+    for mode in ("sum", "max", "lazy"):
         ref = None
         for path, kw in configs:
             row = {"row": "scoring", "mode": mode, "path": path, **kw}

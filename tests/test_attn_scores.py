@@ -20,7 +20,10 @@ from kvbudget.policies import SCORERS, load_all
 from kvbudget.policies.base import Observation
 
 triton = pytest.importorskip("triton")
+from triton import language as tl
+
 from kvbudget.kernels import attn_scores  # noqa: F401 - the kernels import
+from kvbudget.kernels.attn_scores import _lazy_step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -62,15 +65,20 @@ if INTERPRET:
     _fix_interpreter()
 
 
-def reference(q, k, pos, valid, qpos, scaling, mode, weights=None):
-    """The materialised formula in float64 (what `Observation.group_attention` computes)."""
+def group_probs64(q, k, pos, valid, qpos, scaling):
+    """`Observation.group_attention` in float64: [B, H, g, m, n]."""
     b, hq, m, d = q.shape
     h = k.shape[1]
     logits = torch.einsum("bhgmd,bhnd->bhgmn", q.double().view(b, h, hq // h, m, d), k.double()) * scaling
     future = pos[:, :, None, None, :] > qpos.to(pos)[None, None, None, :, None]
     if valid is not None:
         future = future | ~valid[:, :, None, None, :]
-    p = logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0)
+
+
+def reference(q, k, pos, valid, qpos, scaling, mode, weights=None):
+    """The materialised formula in float64 (what `Observation.group_attention` computes)."""
+    p = group_probs64(q, k, pos, valid, qpos, scaling)
     if mode == "max":
         return p.amax(dim=(2, 3))
     p = p.mean(2)
@@ -322,7 +330,7 @@ for dt, bm in (("bf16", 64), ("fp32", 32)):
     c = build(K._lse_kernel, {"HQ": 32, "G": 4, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
               [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*i32", "i32", "i32", "i32", "fp32"] + ["i64"] * 11, 4)
     assert "cubin" in c.asm
-    for mode, weighted in ((0, False), (0, True), (1, False)):
+    for mode, weighted in ((0, False), (0, True), (1, False), (2, False)):
         c = build(K._reduce_kernel, {"H": 8, "G": 4, "MODE": mode, "WEIGHTED": weighted, "BLOCK_M": bm,
                                      "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
                   [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32", "fp32", "fp32"]
@@ -380,3 +388,190 @@ def test_triton_skips_hidden_tiles_exactly(shuffled):
         out = kernel_reduce(q.to(DEVICE), k.to(DEVICE), kpos.to(DEVICE), qpos.to(DEVICE), 0.125, mode,
                             block_m=16, block_n=16).cpu()
         assert rel_err(out, ref) < 1e-4
+
+
+# LazyEviction's scan (`scoring.lazy_scan`, the Triton reduction's "lazy" mode).
+
+
+@triton.jit
+def _scan_tiles(attn_ptr, thr_ptr, qpos_ptr, last_ptr, gap_ptr, m, N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_lazy_step` alone over attention given as is, [rows, m, N], one program per row."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, N)
+    last = tl.load(last_ptr + r * N + cols)
+    gap = tl.load(gap_ptr + r * N + cols)
+    for start in range(0, m, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        ok = rows < m
+        attn = tl.load(attn_ptr + (r * m + rows[:, None]) * N + cols[None, :], mask=ok[:, None], other=0.0)
+        thr = tl.load(thr_ptr + r * m + rows, mask=ok, other=float("inf"))
+        qpos = tl.load(qpos_ptr + rows, mask=ok, other=-(2**31))
+        last, gap = _lazy_step(attn, thr, qpos, last, gap)
+    tl.store(last_ptr + r * N + cols, last)
+    tl.store(gap_ptr + r * N + cols, gap)
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_lazy_tile_scan_equals_the_torch_scan(shuffled):
+    """The tile-wise formulation (exclusive prefix max inside a tile, state carried across
+    tiles) against the torch scan, on attention built around the threshold so that importance
+    is exact: columns important never, once, at every row, exactly at the threshold (not
+    important: strictly above), once per tile, in the first and last tile only, across a tile
+    boundary; repeated query positions; keys in the future and padding; state carried in,
+    some of it ahead of the queries; queries out of order (the scan keeps a running max)."""
+    from kvbudget.kernels.attn_scores import _importance_thresholds
+
+    gen = torch.Generator().manual_seed(5)
+    h, n, m = 2, 16, 20
+    pos = torch.sort(torch.randperm(40, generator=gen)[:n]).values.expand(1, h, n).clone()
+    valid = torch.ones(1, h, n, dtype=torch.bool)
+    valid[0, 1, -2:] = False
+    pos = pos.masked_fill(~valid, -1)
+    qpos = torch.tensor([2, 5, 5, 8, 9, 12, 15, 15, 18, 20, 22, 25, 25, 28, 30, 31, 33, 36, 38, 39])
+    factor = torch.rand(m, n, generator=gen) * 2.5
+    factor[:, 0] = 0.5
+    factor[:, 1] = 0.5
+    factor[11, 1] = 3.0
+    factor[:, 2] = 3.0
+    factor[:, 3] = 1.0
+    factor[:, 4:7] = 0.5
+    factor[[3, 9, 17], 4] = 3.0
+    factor[[0, 19], 5] = 3.0
+    factor[[6, 7, 8], 6] = 3.0
+    if shuffled:
+        perm = torch.randperm(m, generator=gen)
+        qpos, factor = qpos[perm], factor[perm]
+    kpos = scoring.key_positions(pos, valid)
+    thr = _importance_thresholds(kpos, qpos.to(torch.int32))  # [H, m]
+    visible = kpos[0, :, None, :] <= qpos[None, :, None]
+    attn = torch.where(visible, thr[:, :, None] * factor, 0.0)[None]  # [1, H, m, n]
+    last = torch.maximum(torch.randint(0, 30, (1, h, n), generator=gen).float(), pos.float())
+    last[0, 0, 7] = 100.0  # ahead of every query
+    gap = torch.randint(0, 5, (1, h, n), generator=gen).float()
+    want = scoring.lazy_scan([(0, attn)], pos, valid, qpos, last, gap)
+    chunked = scoring.lazy_scan([(s, attn[:, :, s : s + 3]) for s in range(0, m, 3)], pos, valid, qpos, last, gap)
+    assert torch.equal(want[1], chunked[1]) and torch.equal(want[2], chunked[2])
+    on = (lambda t: t.to(DEVICE).contiguous())
+    for block_m in (4, 8):
+        got_last, got_gap = on(last), on(gap)
+        _scan_tiles[(h,)](on(attn), on(thr), on(qpos.to(torch.int32)), got_last, got_gap, m, N=n, BLOCK_M=block_m)
+        assert torch.equal(got_last.cpu(), want[1]) and torch.equal(got_gap.cpu(), want[2])
+    # The scan as written (query by query), and the coverage the columns were built for.
+    important = attn[0] > thr[:, :, None]
+    for r in range(h):
+        for j in range(n):
+            lj, gj = float(last[0, r, j]), float(gap[0, r, j])
+            for i in range(m):
+                if important[r, i, j]:
+                    gj, lj = max(gj, float(qpos[i]) - lj), max(lj, float(qpos[i]))
+            assert (lj, gj) == (float(want[1][0, r, j]), float(want[2][0, r, j]))
+    per_tile = important.view(h, m // 4, 4, n).sum(2)  # tiles of 4 rows as well as 8
+    assert {0, 1} <= set(per_tile.unique().tolist()) and int(per_tile.max()) >= 2
+    assert bool((attn[0] == thr[:, :, None]).any())  # ties at the threshold
+
+
+def lazy_margin(q, k, pos, valid, qpos, scaling) -> float:
+    """How far from its importance threshold the nearest visible attention is (float64, relative):
+    float32 paths agree on importance when this is well above their rounding (~1e-6). Queries
+    that see one key are left out: their attention 1 is never above 1/1, in every path."""
+    attn = group_probs64(q, k, pos, valid, qpos, scaling).mean(2)
+    visible = pos[:, :, None, :] <= qpos.to(pos)[None, None, :, None]
+    if valid is not None:
+        visible = visible & valid[:, :, None, :]
+    share = visible.sum(-1, keepdim=True)
+    return float((attn * share - 1).abs()[visible & (share > 1)].min())
+
+
+def lazy_state(pos, seed: int = 0):
+    """State carried in from an earlier scan: last important moments (some later than the entry's
+    own position) and intervals, both non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    last = torch.maximum(torch.randint(0, 250, pos.shape, generator=gen).float(), pos.float())
+    return last, torch.randint(1, 40, pos.shape, generator=gen).float()
+
+
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("lse_given", [False, True])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_triton_lazy_equals_the_torch_scan(g, lse_given, shuffled):
+    """The kernel's lazy mode equals the chunked torch scan: batch 2, ragged padding, positions
+    with holes, the first queries seeing nothing, key tiles partly in the causal future, query
+    tiles skipped before `qstart`, state carried in, three query tiles (carry across them), the
+    row LSE given or computed; keys and queries out of position order (nothing skipped)."""
+    from kvbudget.kernels.attn_scores import _tile_bounds
+    from kvbudget.kernels.attn_scores import attention_lazy as kernel_lazy
+
+    q, k, pos, valid, qpos = case(g, n=48, b=2, seed=1)
+    if shuffled:
+        gen = torch.Generator().manual_seed(7)
+        keys, queries = torch.randperm(k.shape[2], generator=gen), torch.randperm(q.shape[2], generator=gen)
+        k, pos, valid, q, qpos = k[:, :, keys], pos[:, :, keys], valid[:, :, keys], q[:, :, queries], qpos[queries]
+    assert lazy_margin(q, k, pos, valid, qpos, 0.125) > 1e-5
+    last, gap = lazy_state(pos)
+    want = scoring.attention_lazy(q, k, pos, valid, qpos, 0.125, last, gap, path="chunked", chunk=5)
+    kpos = scoring.key_positions(pos, valid)
+    _, qstart = _tile_bounds(kpos, qpos.to(torch.int32), 16, 16)
+    assert bool(qstart.max() > 0) != shuffled
+    lse = row_lse(q, k, pos, valid, qpos, 0.125) if lse_given else None
+    on = (lambda t: None if t is None else t.to(DEVICE))
+    got = kernel_lazy(on(q), on(k), on(kpos), on(qpos), 0.125, on(last), on(gap), block_m=16, block_n=16, lse=on(lse))
+    received, got_last, got_gap = (t.cpu() for t in got)
+    assert rel_err(received, want[0].double()) < 1e-6
+    assert torch.equal(got_last, want[1]) and torch.equal(got_gap, want[2])
+    if shuffled or g == 1:
+        return
+    # Through kvbudget.scoring, default tiles (one query tile here): the same scan.
+    via = scoring.attention_lazy(on(q), on(k), on(pos), on(valid), on(qpos), 0.125, on(last), on(gap),
+                                 path="triton", lse=on(lse))
+    assert torch.equal(via[1].cpu(), want[1]) and torch.equal(via[2].cpu(), want[2])
+    assert torch.equal(on(last).cpu(), last)  # the state passed in is not modified
+
+
+def test_triton_lazy_query_that_sees_one_key_finds_it_unimportant():
+    """A query that sees a single key gives it attention exactly 1, never above the share 1/1;
+    a given LSE a little below the logit (rounding of another kernel) must not make it
+    important: here that would move the entry's last important moment from 10 to 15."""
+    from kvbudget.kernels.attn_scores import attention_lazy as kernel_lazy
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 16, generator=gen), torch.randn(1, 1, 3, 16, generator=gen)
+    pos = torch.tensor([[[10, 20, 30]]], dtype=torch.int32)
+    qpos = torch.tensor([15])
+    lse = row_lse(q, k, pos, None, qpos, 0.25) - 1e-4
+    last, gap = pos.float(), torch.zeros(1, 1, 3)
+    want = scoring.attention_lazy(q, k, pos, None, qpos, 0.25, last, gap, path="chunked")
+    on = (lambda t: t.to(DEVICE))
+    got = kernel_lazy(on(q), on(k), on(pos), on(qpos), 0.25, on(last), on(gap), lse=on(lse))
+    assert want[1].tolist() == [[[10.0, 20.0, 30.0]]]
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
+    assert float(got[0][0, 0, 0]) > 1  # the rounding the threshold has to withstand
+
+
+def test_triton_lazy_without_queries_keeps_the_state():
+    from kvbudget.kernels.attn_scores import attention_lazy as kernel_lazy
+
+    q, k, pos, valid, qpos = case(2, m=4)
+    last, gap = lazy_state(pos)
+    received, new_last, new_gap = kernel_lazy(q[:, :, :0], k, scoring.key_positions(pos, valid), qpos[:0], 0.125, last, gap)
+    assert (received == 0).all() and torch.equal(new_last, last) and torch.equal(new_gap, gap)
+
+
+@pytest.mark.parametrize("lse_given", [False, True])
+def test_lazy_policy_same_through_both_backends(monkeypatch, lse_given):
+    """LazyEviction's scores and state, chunked torch vs Triton (`KVBUDGET_SCORING`), through the
+    Observation; with the attention call's LSE for the Triton run (the chunked path ignores it)."""
+    load_all()
+    q, k, pos, valid, qpos = case(4, seed=0)
+    assert lazy_margin(q, k, pos, valid, qpos, 0.125) > 1e-5
+    last, gap = lazy_state(pos, seed=3)
+    monkeypatch.setenv("KVBUDGET_SCORING", "chunked")
+    ref = _observation(state={"lazy_last": last, "lazy_gap": gap})
+    want = SCORERS["lazy"]().score(ref)
+    monkeypatch.setenv("KVBUDGET_SCORING", "triton")
+    obs = _observation(state={"lazy_last": last, "lazy_gap": gap}, device=DEVICE)
+    if lse_given:
+        obs.lse = row_lse(q, k, pos, valid, qpos, 0.125).to(DEVICE)
+    got = SCORERS["lazy"]().score(obs).cpu()
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    for name in ("lazy_last", "lazy_gap"):
+        assert torch.equal(obs.state[name].cpu(), ref.state[name])

@@ -16,6 +16,9 @@ They only need a reduction over the query axis (a sum, a max, a per-query weight
 variable ``KVBUDGET_SCORING=materialise|chunked|triton|auto`` forces one (benchmarks compare
 them); it is read at every call.
 
+LazyEviction's per-query scan (`attention_lazy`) dispatches the same way: `lazy_scan` over query
+chunks in torch, or the Triton reduction's "lazy" mode.
+
 Semantics everywhere (those of `Observation.group_attention`): softmax(Q K^T * scaling) over the
 cached entries, a key visible to a query when its position is <= the query's and it is valid;
 a query that sees no key contributes 0. Reductions average the g query heads of each KV head
@@ -25,7 +28,7 @@ a query that sees no key contributes 0. Reductions average the g query heads of 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -112,6 +115,13 @@ def attention_chunks(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, 
         yield start, (p.mean(2) if mean else p)
 
 
+def _prepare(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tensor | None,
+             query_positions: Tensor, path: str | None) -> tuple[Tensor, Tensor, str]:
+    """What every reduction starts from: key positions (padding beyond every query), query
+    positions on the keys' device, and the path (``path``, else `backend`'s choice)."""
+    return key_positions(positions, valid), query_positions.to(keys.device), path or backend(keys, queries.shape[2])
+
+
 def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tensor | None,
                      query_positions: Tensor, scaling: float, mode: str = "sum",
                      weights: Tensor | None = None, path: str | None = None,
@@ -129,9 +139,7 @@ def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Te
         raise ValueError(f"mode must be 'sum' or 'max', got '{mode}'")
     if weights is not None and mode != "sum":
         raise ValueError("weights only apply to mode 'sum'")
-    kpos = key_positions(positions, valid)
-    qpos = query_positions.to(keys.device)
-    path = path or backend(keys, queries.shape[2])
+    kpos, qpos, path = _prepare(queries, keys, positions, valid, query_positions, path)
     if path == "triton":
         from .kernels.attn_scores import attention_reduce as triton_reduce
 
@@ -152,3 +160,49 @@ def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Te
             w = weights[start : start + p.shape[2]].to(p)
             out += (p * w[:, None]).sum(2)
     return out
+
+
+def lazy_scan(chunks: Iterable[tuple[int, Tensor]], positions: Tensor, valid: Tensor | None,
+              query_positions: Tensor, last: Tensor, gap: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """LazyEviction's scan in torch (the reference; the CPU path), over ``chunks`` of the
+    attention averaged over each group's query heads ((first query, [B, H, mc, n]), in query
+    order: `attention_chunks`). Query i finds entry j important when its attention exceeds the
+    uniform share 1 / (entries query i sees). Scanning the queries in order, at each important
+    (i, j): ``gap[j]`` = max(gap[j], qpos_i - last[j]), then ``last[j]`` = max(last[j], qpos_i).
+    ``last`` and ``gap`` [B, H, n] float32 come in holding the state so far. Returns (received:
+    the attention each entry received, summed over the queries; last; gap), each [B, H, n]."""
+    pos = positions.float()
+    qpos_all = query_positions.to(positions.device).float()
+    received = torch.zeros(positions.shape, dtype=torch.float32, device=last.device)
+    # `last` carries the latest important moment from one chunk to the next, so the scan equals
+    # one over all queries.
+    for start, attn in chunks:  # [B, H, mc, n]
+        qpos = qpos_all[start : start + attn.shape[2]][None, None, :, None]
+        visible = pos[:, :, None, :] <= qpos
+        if valid is not None:
+            visible = visible & valid[:, :, None, :]
+        important = attn > 1.0 / visible.sum(-1, keepdim=True).clamp(min=1)
+        events = torch.where(important, qpos, torch.tensor(float("-inf"), device=attn.device))
+        previous = torch.cat([last[:, :, None], events], dim=2).cummax(dim=2).values
+        gaps = torch.where(important, qpos - previous[:, :, :-1], 0.0)
+        gap = torch.maximum(gap, gaps.amax(dim=2))
+        last = previous[:, :, -1]
+        received += attn.sum(dim=2)
+    return received, last, gap
+
+
+def attention_lazy(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tensor | None,
+                   query_positions: Tensor, scaling: float, last: Tensor, gap: Tensor,
+                   path: str | None = None, chunk: int | None = None,
+                   lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`lazy_scan` over the attention of ``queries``, without the [m, n] matrix: (received, last,
+    gap), [B, H, n] float32. Triton on CUDA (`kvbudget.kernels.attn_scores.attention_lazy`),
+    query chunks elsewhere; ``path``, ``chunk`` and ``lse`` as in `attention_reduce`."""
+    kpos, qpos, path = _prepare(queries, keys, positions, valid, query_positions, path)
+    if path == "triton":
+        from .kernels.attn_scores import attention_lazy as triton_lazy
+
+        return triton_lazy(queries, keys, kpos, qpos, scaling, last, gap, lse=lse)
+    if path == "materialise":
+        chunk = queries.shape[2]
+    return lazy_scan(attention_chunks(queries, keys, kpos, qpos, scaling, chunk), positions, valid, qpos, last, gap)

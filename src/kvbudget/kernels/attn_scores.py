@@ -10,7 +10,9 @@ IEEE fp32 dots so float32 models keep float32 accuracy):
 2. `_reduce_kernel`, one program per (key tile, batch x KV head): loads the key tile once, loops
    over query tiles and, inside, over the g query heads of the group, recomputes the logits and
    p = exp2(logit - lse) and folds p into a [BLOCK_N] accumulator: sum (optionally weighted per
-   query) or max. Writes [B, H, n] float32.
+   query) or max. Writes [B, H, n] float32. Mode "lazy" (LazyEviction, `attention_lazy`) sums
+   like "sum" and, as the query tiles come in order, also runs the scorer's per-query scan:
+   which queries found each key important, when last, and the longest interval between two.
 
 A caller that already knows each row's log-sum-exp (the model's own attention call over the same
 queries and keys returned it) passes it as ``lse`` and pass 1 is skipped.
@@ -30,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
-MODES = {"sum": 0, "max": 1}
+MODES = {"sum": 0, "max": 1, "lazy": 2}
 # Masked keys get this position (no query position reaches it); rows beyond m get QPOS_NONE.
 # constexpr: compiled kernels may only read globals that are.
 KPOS_NONE = tl.constexpr(2**31 - 1)
@@ -96,6 +98,32 @@ def _lse_kernel(
 
 
 @triton.jit
+def _max_and_max_before(a_all, a_before, b_all, b_before):
+    # Combines runs of rows as (max over the run, max over the run but its last row): associative,
+    # and the second value of a prefix is the max over the rows strictly before it.
+    return tl.maximum(a_all, b_all), tl.maximum(a_all, b_before)
+
+
+@triton.jit
+def _lazy_step(attn, thr, qpos, last, gap):
+    """LazyEviction's scan (`kvbudget.scoring.lazy_scan`) over one query tile, rows in order.
+    ``attn`` [BLOCK_M, BLOCK_N] (mean over the group), ``thr`` [BLOCK_M] (the rows' thresholds,
+    `_importance_thresholds`), ``qpos`` [BLOCK_M]; ``last`` / ``gap`` [BLOCK_N] carried from the
+    earlier rows.
+    Query i finds key j important when attn > thr; then gap = max(gap, qpos_i - last) and last
+    = max(last, qpos_i) (a running max, as the reference's cummax, so unsorted positions give
+    the same result). The rows of the tile all at once: the `last` each important row meets is
+    the carried one or the latest important row above it in the tile (an exclusive prefix max)."""
+    qf = qpos.to(tl.float32)[:, None]
+    important = attn > thr[:, None]
+    at = tl.where(important, qf, float("-inf"))
+    _, before = tl.associative_scan((at, tl.zeros_like(at) - float("inf")), 0, _max_and_max_before)
+    # Rows that are not important count 0, as the reference's: `gap` only grows from 0.
+    since = tl.where(important, qf - tl.maximum(last[None, :], before), 0.0)
+    return tl.maximum(last, tl.max(at, 0)), tl.maximum(gap, tl.max(since, 0))
+
+
+@triton.jit
 def _reduce_kernel(
     q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr, qstart_ptr,
     m, n, D, qk_scale, out_scale,
@@ -122,6 +150,13 @@ def _reduce_kernel(
     kpos = tl.load(kpos_ptr + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph + idx.to(tl.int64) * s_pn,
                    mask=col_ok, other=KPOS_NONE)
     acc = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0: 0 is also max's identity here
+    if MODE == 2:
+        # out is [3, B*H, n]: the sums, then the scan's `last` and `gap`, which come in holding
+        # the state carried from earlier queries and are rewritten at the end.
+        bh = tl.num_programs(1).to(tl.int64)
+        state = out_ptr + (bh + pid_bh) * n + idx
+        last = tl.load(state, mask=col_ok, other=0.0)
+        gap = tl.load(state + bh * n, mask=col_ok, other=0.0)
     # Query tiles before qstart see none of these keys (positions ascend): skipped.
     qstart = tl.load(qstart_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n)
     for start in range(qstart, m, BLOCK_M):
@@ -144,18 +179,25 @@ def _reduce_kernel(
                 logits = tl.dot(q, kt)
             # A visible pair always has a finite lse (its row saw at least this key).
             p = tl.where(visible, tl.exp2(logits * qk_scale - lse[:, None]), 0.0)
-            if MODE == 0:
-                tile += p
-            else:
+            if MODE == 1:
                 tile = tl.maximum(tile, p)
-        if MODE == 0:
+            else:
+                tile += p
+        if MODE == 1:
+            acc = tl.maximum(acc, tl.max(tile, 0))
+        else:
+            if MODE == 2:
+                # w holds each row's importance threshold here, [B*H, m].
+                thr = tl.load(w_ptr + pid_bh.to(tl.int64) * m + rows, mask=row_ok, other=float("inf"))
+                last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap)
             if WEIGHTED:
                 w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
                 tile = tile * w[:, None]
             acc += tl.sum(tile, 0)
-        else:
-            acc = tl.maximum(acc, tl.max(tile, 0))
     tl.store(out_ptr + pid_bh.to(tl.int64) * n + idx, acc * out_scale, mask=col_ok)
+    if MODE == 2:
+        tl.store(state, last, mask=col_ok)
+        tl.store(state + bh * n, gap, mask=col_ok)
 
 
 def _tile_bounds(kpos: Tensor, qpos: Tensor, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
@@ -223,6 +265,73 @@ def attention_reduce(
     already known: pass 1 is skipped. A row whose lse is -inf contributes nothing.
     ``num_stages``: software pipelining (None: triton's default).
     """
+    if mode not in ("sum", "max"):
+        raise ValueError(f"mode must be one of ['max', 'sum'], got '{mode}'")
+    if weights is not None:
+        if mode != "sum":
+            raise ValueError("weights only apply to mode 'sum'")
+        weights = weights.to(device=queries.device, dtype=torch.float32).contiguous()
+    b, h, n = key_positions.shape
+    out = torch.empty(b, h, n, dtype=torch.float32, device=queries.device)
+    if queries.shape[2] == 0 or n == 0:
+        return out.zero_()
+    _launch(queries, keys, key_positions, query_positions, scaling, mode, weights, out,
+            block_m, block_n, num_warps, lse, num_stages)
+    return out
+
+
+def attention_lazy(
+    queries: Tensor,
+    keys: Tensor,
+    key_positions: Tensor,
+    query_positions: Tensor,
+    scaling: float,
+    last: Tensor,
+    gap: Tensor,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    lse: Tensor | None = None,
+    num_stages: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LazyEviction's scan over the queries in order, without the [m, n] attention:
+    (received, last, gap), each [B, H, n] float32 (`kvbudget.scoring.lazy_scan` is the torch
+    reference and says what they are). ``last`` and ``gap`` [B, H, n] are the state carried in
+    (not modified); the other arguments are `attention_reduce`'s."""
+    b, h, n = key_positions.shape
+    received = torch.zeros(b, h, n, dtype=torch.float32, device=queries.device)
+    out = torch.stack([received, last.to(received), gap.to(received)])  # the kernel's [3, B*H, n]
+    if queries.shape[2] == 0 or n == 0:
+        return out.unbind(0)
+    kpos = key_positions.to(torch.int32)
+    qpos = query_positions.to(device=queries.device, dtype=torch.int32).contiguous()
+    thr = _importance_thresholds(kpos, qpos)
+    _launch(queries, keys, kpos, qpos, scaling, "lazy", thr, out, block_m, block_n, num_warps, lse, num_stages)
+    return out.unbind(0)
+
+
+def _importance_thresholds(kpos: Tensor, qpos: Tensor) -> Tensor:
+    """1 / the number of keys each query sees per (batch x KV head, query): [B*H, m] float32,
+    LazyEviction's importance threshold (the uniform share). Counted by a binary search over each
+    row's key positions sorted (they already are in kvbudget, but neither correctness nor a host
+    sync depends on it): no [m, n] comparison."""
+    b, h, n = kpos.shape
+    flat = kpos.reshape(b * h, n).sort(-1).values
+    counts = torch.searchsorted(flat, qpos.expand(b * h, -1).contiguous(), right=True)
+    # A query that sees one key gives it all its attention, exactly 1 in the reference's softmax:
+    # never above the share 1/1. Here p = exp2(logit - lse) may round to just above 1 (a given
+    # lse comes from another kernel), so such rows get no threshold to cross.
+    share = (1.0 / counts.clamp(min=1)).to(torch.float32)
+    return share.masked_fill(counts <= 1, float("inf")).contiguous()
+
+
+def _launch(
+    queries: Tensor, keys: Tensor, key_positions: Tensor, query_positions: Tensor, scaling: float,
+    mode: str, rows: Tensor | None, out: Tensor, block_m: int, block_n: int, num_warps: int,
+    lse: Tensor | None, num_stages: int | None,
+) -> None:
+    """Pass 1 unless ``lse`` is given, then pass 2 into ``out`` (``mode``'s layout). ``rows``:
+    the per-query weights of "sum" (None: unweighted), the [B*H, m] thresholds of "lazy"."""
     b, hq, m, d = queries.shape
     h, n = keys.shape[1], keys.shape[2]
     if hq % h:
@@ -232,9 +341,6 @@ def attention_reduce(
         keys = keys.to(queries.dtype)
     kpos = key_positions.to(torch.int32)
     qpos = query_positions.to(device=queries.device, dtype=torch.int32).contiguous()
-    out = torch.empty(b, h, n, dtype=torch.float32, device=queries.device)
-    if m == 0 or n == 0:
-        return out.zero_()
     bd = _block_d(d)
     ieee = queries.dtype == torch.float32
     qk_scale = float(scaling) * LOG2E
@@ -252,21 +358,12 @@ def attention_reduce(
             queries, keys, kpos, qpos, lse, kend, m, n, d, qk_scale, *q_strides, *k_strides, *p_strides,
             HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
         )
-    weighted = weights is not None
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got '{mode}'")
-    if weighted:
-        if mode != "sum":
-            raise ValueError("weights only apply to mode 'sum'")
-        w = weights.to(device=queries.device, dtype=torch.float32).contiguous()
-    else:
-        w = lse  # never read (WEIGHTED is False); any valid pointer
+    weighted = mode == "sum" and rows is not None
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _reduce_kernel[(triton.cdiv(n, block_n), b * h)](
-        queries, keys, kpos, qpos, lse, w, out, qstart, m, n, d, qk_scale,
-        1.0 / g if mode == "sum" else 1.0,
+        queries, keys, kpos, qpos, lse, lse if rows is None else rows, out, qstart, m, n, d, qk_scale,
+        1.0 if mode == "max" else 1.0 / g,
         *q_strides, *k_strides, *p_strides,
         H=h, G=g, MODE=MODES[mode], WEIGHTED=weighted,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps, **extra,
     )
-    return out

@@ -81,13 +81,23 @@ class Observation:
         return self._reduce("max")
 
     def attention_chunks(self) -> Iterator[tuple[int, Tensor]]:
-        """``attention`` a chunk of queries at a time, for per-query logic (LazyEviction):
-        (index of the chunk's first query, [B, H, mc, n] float32), in query order."""
+        """``attention`` a chunk of queries at a time, for per-query logic: (index of the chunk's
+        first query, [B, H, mc, n] float32), in query order."""
         if "attention" in self.__dict__:  # already materialised: one chunk
             return iter([(0, self.attention)])
         q = self._queries()
         kpos = scoring.key_positions(self.positions, self.valid)
         return scoring.attention_chunks(q, self.keys, kpos, self.query_positions.to(self.keys.device), self.scaling)
+
+    def attention_lazy(self, last: Tensor, gap: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """LazyEviction's scan of the queries in order (`scoring.lazy_scan`), from the state
+        ``last`` / ``gap`` [B, H, n] so far: (attention received, summed over the queries; when
+        each entry was last important; the longest interval between two such moments), each
+        [B, H, n] float32. Triton on CUDA, query chunks elsewhere."""
+        if "attention" in self.__dict__:  # already materialised: one chunk
+            return scoring.lazy_scan([(0, self.attention)], self.positions, self.valid, self.query_positions, last, gap)
+        return scoring.attention_lazy(self._queries(), self.keys, self.positions, self.valid,
+                                      self.query_positions, self.scaling, last, gap, lse=self.lse)
 
     def _reduce(self, mode: str, weights: Tensor | None = None) -> Tensor:
         return scoring.attention_reduce(self._queries(), self.keys, self.positions, self.valid,

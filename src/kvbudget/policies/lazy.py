@@ -28,26 +28,9 @@ class LazyEviction(Scorer):
         self.decode_interval = lag
 
     def score(self, obs: Observation) -> Tensor:
-        pos = obs.positions.float()
-        qpos_all = obs.query_positions.to(obs.keys.device).float()
         # New entries start with state 0: an entry was last "important" when it was written.
-        last = torch.maximum(obs.state.get("lazy_last", obs.zeros()), pos)
-        gap = obs.state.get("lazy_gap", obs.zeros())
-        received = obs.zeros()
-        # Query chunks in order (never the whole [m, n] attention): `last` carries the latest
-        # important moment from one chunk to the next, so the scan equals one over all queries.
-        for start, attn in obs.attention_chunks():  # [B, H, mc, n]
-            qpos = qpos_all[start : start + attn.shape[2]][None, None, :, None]
-            visible = pos[:, :, None, :] <= qpos
-            if obs.valid is not None:
-                visible = visible & obs.valid[:, :, None, :]
-            important = attn > 1.0 / visible.sum(-1, keepdim=True).clamp(min=1)
-            events = torch.where(important, qpos, torch.tensor(float("-inf"), device=attn.device))
-            previous = torch.cat([last[:, :, None], events], dim=2).cummax(dim=2).values
-            gaps = torch.where(important, qpos - previous[:, :, :-1], 0.0)
-            gap = torch.maximum(gap, gaps.amax(dim=2))
-            last = previous[:, :, -1]
-            received += attn.sum(dim=2)
+        last = torch.maximum(obs.state.get("lazy_last", obs.zeros()), obs.positions.float())
+        received, last, gap = obs.attention_lazy(last, obs.state.get("lazy_gap", obs.zeros()))
         obs.state["lazy_last"], obs.state["lazy_gap"] = last, gap
         overdue = (obs.seen - 1 - last) - gap
         on_schedule = 1e4 + received  # above any overdue entry's score
