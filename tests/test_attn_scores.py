@@ -328,13 +328,14 @@ def build(fn, consts, types, warps):
 for dt, bm in (("bf16", 64), ("fp32", 32)):
     ieee = dt == "fp32"
     c = build(K._lse_kernel, {"HQ": 32, "G": 4, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
-              [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*i32", "i32", "i32", "i32", "fp32"] + ["i64"] * 11, 4)
+              [f"*{dt}", "*i64", f"*{dt}", "*i32", "*i32", "*fp32", "*i32", "i32", "i32", "i32", "fp32", "i32"]
+              + ["i64"] * 11, 4)
     assert "cubin" in c.asm
     for mode, weighted in ((0, False), (0, True), (1, False), (2, False)):
         c = build(K._reduce_kernel, {"H": 8, "G": 4, "MODE": mode, "WEIGHTED": weighted, "BLOCK_M": bm,
                                      "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee},
-                  [f"*{dt}", f"*{dt}", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32", "fp32", "fp32"]
-                  + ["i64"] * 11, 4)
+                  [f"*{dt}", "*i64", f"*{dt}", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32",
+                   "fp32", "fp32", "i32"] + ["i64"] * 11, 4)
         assert "cubin" in c.asm
         if dt == "bf16":
             assert "wgmma" in c.asm["ptx"]  # Hopper tensor cores
@@ -575,3 +576,55 @@ def test_lazy_policy_same_through_both_backends(monkeypatch, lse_given):
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
     for name in ("lazy_last", "lazy_gap"):
         assert torch.equal(obs.state[name].cpu(), ref.state[name])
+
+
+def test_triton_reads_query_parts_where_they_lie():
+    """Stacked layers' queries given as parts along the batch (separate tensors, never
+    concatenated) give exactly what their concatenation gives, for every mode, with the
+    log-sum-exp given or computed; parts that are not alike are concatenated after all."""
+    from kvbudget.kernels.attn_scores import _query_parts
+    from kvbudget.kernels.attn_scores import attention_lazy as kernel_lazy
+    from kvbudget.kernels.attn_scores import attention_reduce as kernel_reduce
+
+    gen = torch.Generator().manual_seed(5)
+    layers, h, g, m, n, d = 3, 2, 2, 40, 56, 32
+    parts = [torch.randn(1, h * g, m, d, generator=gen).to(DEVICE) for _ in range(layers)]
+    whole = torch.cat(parts)
+    keys = torch.randn(layers, h, n, d, generator=gen).to(DEVICE)
+    pos = torch.cat([torch.arange(0, 2 * (n - m), 2), torch.arange(200, 200 + m)]).to(torch.int32)
+    kpos = pos.expand(layers, h, n).contiguous().to(DEVICE)
+    qpos = torch.arange(200, 200 + m).to(DEVICE)
+    lse = torch.randn(layers, h * g, m, generator=gen).to(DEVICE)
+    first, offsets, rows = _query_parts(parts)
+    assert first is parts[0] and offsets.shape == (layers,) and rows == 1
+    for given in (None, lse):
+        for mode in ("sum", "max"):
+            want = kernel_reduce(whole, keys, kpos, qpos, 0.2, mode, lse=given)
+            assert torch.equal(kernel_reduce(parts, keys, kpos, qpos, 0.2, mode, lse=given), want)
+        last, gap = torch.full((layers, h, n), 150.0), torch.zeros(layers, h, n)
+        want = kernel_lazy(whole, keys, kpos, qpos, 0.2, last, gap, lse=given)
+        got = kernel_lazy(parts, keys, kpos, qpos, 0.2, last, gap, lse=given)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    unlike = [parts[0], parts[1].transpose(2, 3).contiguous().transpose(2, 3), parts[2]]
+    assert _query_parts(unlike)[1].shape == (1,)  # concatenated: one part
+    want = kernel_reduce(whole, keys, kpos, qpos, 0.2, "sum")
+    assert torch.equal(kernel_reduce(unlike, keys, kpos, qpos, 0.2, "sum"), want)
+
+
+@pytest.mark.parametrize("name", ["h2o", "lazy"])
+def test_stacked_triton_scoring_equals_the_loop(tiny_llama, monkeypatch, name):
+    """Through the Triton reductions (the interpreter here), the stacked compression, which hands
+    the kernels the layers' queries as parts, keeps exactly what the per-layer loop keeps."""
+    import kvbudget as kb
+    from conftest import random_ids
+    from test_policies import _assert_same_entries
+
+    monkeypatch.setenv("KVBUDGET_SCORING", "triton")
+    caches = []
+    for stacked in (True, False):
+        policy = kb.policy(name, budget=40)
+        policy.stack_layers = stacked
+        cache = policy.new_cache(tiny_llama)
+        kb.prefill(tiny_llama, cache, policy, random_ids(120), block_size=32)
+        caches.append(cache)
+    _assert_same_entries(*caches)

@@ -28,7 +28,7 @@ a query that sees no key contributes 0. Reductions average the g query heads of 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -115,14 +115,23 @@ def attention_chunks(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, 
         yield start, (p.mean(2) if mean else p)
 
 
-def _prepare(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tensor | None,
+Queries = Tensor | Sequence[Tensor]  # [B, Hq, m, d], or parts of it along the batch (stacked layers)
+
+
+def joined(queries: Queries) -> Tensor:
+    """The queries as one tensor (parts concatenated along the batch: the torch paths)."""
+    return queries if isinstance(queries, Tensor) else torch.cat(list(queries))
+
+
+def _prepare(queries: Queries, keys: Tensor, positions: Tensor, valid: Tensor | None,
              query_positions: Tensor, path: str | None) -> tuple[Tensor, Tensor, str]:
     """What every reduction starts from: key positions (padding beyond every query), query
     positions on the keys' device, and the path (``path``, else `backend`'s choice)."""
-    return key_positions(positions, valid), query_positions.to(keys.device), path or backend(keys, queries.shape[2])
+    m = (queries if isinstance(queries, Tensor) else queries[0]).shape[2]
+    return key_positions(positions, valid), query_positions.to(keys.device), path or backend(keys, m)
 
 
-def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tensor | None,
+def attention_reduce(queries: Queries, keys: Tensor, positions: Tensor, valid: Tensor | None,
                      query_positions: Tensor, scaling: float, mode: str = "sum",
                      weights: Tensor | None = None, path: str | None = None,
                      chunk: int | None = None, lse: Tensor | None = None) -> Tensor:
@@ -133,7 +142,9 @@ def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Te
     overrides `backend`; ``chunk`` the queries per chunk of the chunked path. ``lse`` ([B, Hq, m]
     float32, natural log): each query's log-sum-exp over exactly its visible keys, known already
     (the model's attention call computed it); the triton path then skips its first pass, the
-    torch paths ignore it (their softmax is exact anyway).
+    torch paths ignore it (their softmax is exact anyway). ``queries`` may come as parts along
+    the batch (stacked layers' queries): the triton path reads them where they lie, the torch
+    paths concatenate them.
     """
     if mode not in ("sum", "max"):
         raise ValueError(f"mode must be 'sum' or 'max', got '{mode}'")
@@ -144,6 +155,7 @@ def attention_reduce(queries: Tensor, keys: Tensor, positions: Tensor, valid: Te
         from .kernels.attn_scores import attention_reduce as triton_reduce
 
         return triton_reduce(queries, keys, kpos, qpos, scaling, mode, weights, lse=lse)
+    queries = joined(queries)
     if path == "materialise":
         p = group_probs(queries, keys, kpos, qpos, scaling)
         if mode == "max":
@@ -191,7 +203,7 @@ def lazy_scan(chunks: Iterable[tuple[int, Tensor]], positions: Tensor, valid: Te
     return received, last, gap
 
 
-def attention_lazy(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tensor | None,
+def attention_lazy(queries: Queries, keys: Tensor, positions: Tensor, valid: Tensor | None,
                    query_positions: Tensor, scaling: float, last: Tensor, gap: Tensor,
                    path: str | None = None, chunk: int | None = None,
                    lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -203,6 +215,7 @@ def attention_lazy(queries: Tensor, keys: Tensor, positions: Tensor, valid: Tens
         from .kernels.attn_scores import attention_lazy as triton_lazy
 
         return triton_lazy(queries, keys, kpos, qpos, scaling, last, gap, lse=lse)
+    queries = joined(queries)
     if path == "materialise":
         chunk = queries.shape[2]
     return lazy_scan(attention_chunks(queries, keys, kpos, qpos, scaling, chunk), positions, valid, qpos, last, gap)

@@ -26,12 +26,15 @@ Only this module imports triton; `kvbudget.scoring` imports it lazily on CUDA.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
+Queries = Tensor | Sequence[Tensor]  # one tensor, or parts of it along the batch (stacked layers)
 MODES = {"sum": 0, "max": 1, "lazy": 2}
 # Masked keys get this position (no query position reaches it); rows beyond m get QPOS_NONE.
 # constexpr: compiled kernels may only read globals that are.
@@ -40,9 +43,16 @@ QPOS_NONE = tl.constexpr(-(2**31))
 
 
 @triton.jit
+def _query_row(q_ptr, qoff_ptr, b, QB, s_qb):
+    # Batch row b of the queries: row b % QB of the part b // QB, which starts qoff[b // QB]
+    # elements from q_ptr (`_query_parts`: the stacked layers' queries, never concatenated).
+    return q_ptr + tl.load(qoff_ptr + b // QB) + (b % QB).to(tl.int64) * s_qb
+
+
+@triton.jit
 def _lse_kernel(
-    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, kend_ptr,
-    m, n, D, qk_scale,
+    q_ptr, qoff_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, kend_ptr,
+    m, n, D, qk_scale, QB,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_pb, s_ph, s_pn,
@@ -58,7 +68,7 @@ def _lse_kernel(
     dims = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < m
-    q_base = q_ptr + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
+    q_base = _query_row(q_ptr, qoff_ptr, b, QB, s_qb) + hq.to(tl.int64) * s_qh
     q = tl.load(
         q_base + rows[:, None].to(tl.int64) * s_qm + dims[None, :] * s_qd,
         mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
@@ -125,8 +135,8 @@ def _lazy_step(attn, thr, qpos, last, gap):
 
 @triton.jit
 def _reduce_kernel(
-    q_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr, qstart_ptr,
-    m, n, D, qk_scale, out_scale,
+    q_ptr, qoff_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr, qstart_ptr,
+    m, n, D, qk_scale, out_scale, QB,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_pb, s_ph, s_pn,
@@ -147,6 +157,7 @@ def _reduce_kernel(
         mask=col_ok[:, None] & (dims[None, :] < D), other=0.0,
     )
     kt = tl.trans(k)
+    q_row = _query_row(q_ptr, qoff_ptr, b, QB, s_qb)
     kpos = tl.load(kpos_ptr + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph + idx.to(tl.int64) * s_pn,
                    mask=col_ok, other=KPOS_NONE)
     acc = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0: 0 is also max's identity here
@@ -168,7 +179,7 @@ def _reduce_kernel(
         for gi in range(G):
             hq = h * G + gi
             q = tl.load(
-                q_ptr + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
+                q_row + hq.to(tl.int64) * s_qh
                 + rows[:, None].to(tl.int64) * s_qm + dims[None, :] * s_qd,
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
             )
@@ -241,7 +252,7 @@ def _block_d(d: int) -> int:
 
 
 def attention_reduce(
-    queries: Tensor,
+    queries: Queries,
     keys: Tensor,
     key_positions: Tensor,
     query_positions: Tensor,
@@ -256,7 +267,8 @@ def attention_reduce(
 ) -> Tensor:
     """Attention received per cached entry, reduced over queries: [B, H, n] float32.
 
-    ``queries`` [B, Hq, m, d], ``keys`` [B, H, n, d] (same dtype), ``key_positions`` [B, H, n]
+    ``queries`` [B, Hq, m, d], or parts of it along the batch, each [b, Hq, m, d] (stacked
+    layers' queries, read where they lie: `_query_parts`), ``keys`` [B, H, n, d] (same dtype), ``key_positions`` [B, H, n]
     with masked entries at `KPOS_NONE`, ``query_positions`` [m]. ``mode`` "sum": sum over
     queries (times ``weights`` [m] if given) of the mean over the g query heads of each KV head;
     "max": max over queries and over the g query heads. ``block_m``, ``block_n`` (powers of
@@ -270,10 +282,10 @@ def attention_reduce(
     if weights is not None:
         if mode != "sum":
             raise ValueError("weights only apply to mode 'sum'")
-        weights = weights.to(device=queries.device, dtype=torch.float32).contiguous()
+        weights = weights.to(device=key_positions.device, dtype=torch.float32).contiguous()
     b, h, n = key_positions.shape
-    out = torch.empty(b, h, n, dtype=torch.float32, device=queries.device)
-    if queries.shape[2] == 0 or n == 0:
+    out = torch.empty(b, h, n, dtype=torch.float32, device=key_positions.device)
+    if _n_queries(queries) == 0 or n == 0:
         return out.zero_()
     _launch(queries, keys, key_positions, query_positions, scaling, mode, weights, out,
             block_m, block_n, num_warps, lse, num_stages)
@@ -281,7 +293,7 @@ def attention_reduce(
 
 
 def attention_lazy(
-    queries: Tensor,
+    queries: Queries,
     keys: Tensor,
     key_positions: Tensor,
     query_positions: Tensor,
@@ -299,12 +311,12 @@ def attention_lazy(
     reference and says what they are). ``last`` and ``gap`` [B, H, n] are the state carried in
     (not modified); the other arguments are `attention_reduce`'s."""
     b, h, n = key_positions.shape
-    received = torch.zeros(b, h, n, dtype=torch.float32, device=queries.device)
+    received = torch.zeros(b, h, n, dtype=torch.float32, device=key_positions.device)
     out = torch.stack([received, last.to(received), gap.to(received)])  # the kernel's [3, B*H, n]
-    if queries.shape[2] == 0 or n == 0:
+    if _n_queries(queries) == 0 or n == 0:
         return out.unbind(0)
     kpos = key_positions.to(torch.int32)
-    qpos = query_positions.to(device=queries.device, dtype=torch.int32).contiguous()
+    qpos = query_positions.to(device=key_positions.device, dtype=torch.int32).contiguous()
     thr = _importance_thresholds(kpos, qpos)
     _launch(queries, keys, kpos, qpos, scaling, "lazy", thr, out, block_m, block_n, num_warps, lse, num_stages)
     return out.unbind(0)
@@ -325,6 +337,37 @@ def _importance_thresholds(kpos: Tensor, qpos: Tensor) -> Tensor:
     return share.masked_fill(counts <= 1, float("inf")).contiguous()
 
 
+_NO_OFFSET: dict[torch.device, Tensor] = {}
+
+
+def _n_queries(queries: Queries) -> int:
+    return (queries if isinstance(queries, Tensor) else queries[0]).shape[2]
+
+
+def _query_parts(queries: Queries) -> tuple[Tensor, Tensor, int]:
+    """The queries as the kernels read them: (the first part, each part's offset in elements
+    from it as int64 on the device, batch rows per part). Parts are the stacked layers' queries
+    (`Policy.compress`), each [b, Hq, m, d]: concatenating them copied 128 MiB per group of 8
+    layers of the 8B shape (1 of the 8 ms of GPU time of an H2O compression, measured on H100),
+    so the kernels read every part where it lies. Parts not alike (shape, strides, dtype,
+    device) or not aligned to their element size are concatenated after all."""
+    if isinstance(queries, Tensor):
+        dev = queries.device
+        if dev not in _NO_OFFSET:
+            _NO_OFFSET[dev] = torch.zeros(1, dtype=torch.int64, device=dev)
+        return queries, _NO_OFFSET[dev], queries.shape[0]
+    first = queries[0]
+    size = first.element_size()
+    gaps = [q.data_ptr() - first.data_ptr() for q in queries]
+    if any(q.shape != first.shape or q.stride() != first.stride() or q.dtype != first.dtype
+           or q.device != first.device for q in queries) or any(gap % size for gap in gaps):
+        return _query_parts(torch.cat(list(queries)))
+    offsets = torch.tensor([gap // size for gap in gaps], dtype=torch.int64)
+    if first.is_cuda:  # without blocking: the host keeps launching ahead of the GPU
+        return first, offsets.pin_memory().to(first.device, non_blocking=True), first.shape[0]
+    return first, offsets, first.shape[0]
+
+
 def _launch(
     queries: Tensor, keys: Tensor, key_positions: Tensor, query_positions: Tensor, scaling: float,
     mode: str, rows: Tensor | None, out: Tensor, block_m: int, block_n: int, num_warps: int,
@@ -332,7 +375,9 @@ def _launch(
 ) -> None:
     """Pass 1 unless ``lse`` is given, then pass 2 into ``out`` (``mode``'s layout). ``rows``:
     the per-query weights of "sum" (None: unweighted), the [B*H, m] thresholds of "lazy"."""
+    queries, qoff, qb = _query_parts(queries)
     b, hq, m, d = queries.shape
+    b = qoff.shape[0] * qb
     h, n = keys.shape[1], keys.shape[2]
     if hq % h:
         raise ValueError(f"{hq} query heads do not split into {h} KV heads")
@@ -355,14 +400,14 @@ def _launch(
     else:
         lse = torch.empty(b, hq, m, dtype=torch.float32, device=queries.device)
         _lse_kernel[(triton.cdiv(m, bm), b * hq)](
-            queries, keys, kpos, qpos, lse, kend, m, n, d, qk_scale, *q_strides, *k_strides, *p_strides,
+            queries, qoff, keys, kpos, qpos, lse, kend, m, n, d, qk_scale, qb, *q_strides, *k_strides, *p_strides,
             HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
         )
     weighted = mode == "sum" and rows is not None
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _reduce_kernel[(triton.cdiv(n, block_n), b * h)](
-        queries, keys, kpos, qpos, lse, lse if rows is None else rows, out, qstart, m, n, d, qk_scale,
-        1.0 if mode == "max" else 1.0 / g,
+        queries, qoff, keys, kpos, qpos, lse, lse if rows is None else rows, out, qstart, m, n, d, qk_scale,
+        1.0 if mode == "max" else 1.0 / g, qb,
         *q_strides, *k_strides, *p_strides,
         H=h, G=g, MODE=MODES[mode], WEIGHTED=weighted,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps, **extra,

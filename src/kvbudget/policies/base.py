@@ -50,6 +50,9 @@ class Observation:
     # the keys visible to it here, from the model's own attention call (`BudgetedLayer.lse`);
     # None: the reductions compute it. Never set for only some of the queries.
     lse: Tensor | None = None
+    # Stacked layers: their queries, one [B, Hq, m, d] part per layer, left unconcatenated (the
+    # Triton reductions read each where it lies); `queries` is None until a torch path asks.
+    query_parts: list[Tensor] | None = None
 
     @cached_property
     def attention(self) -> Tensor:
@@ -96,14 +99,19 @@ class Observation:
         [B, H, n] float32. Triton on CUDA, query chunks elsewhere."""
         if "attention" in self.__dict__:  # already materialised: one chunk
             return scoring.lazy_scan([(0, self.attention)], self.positions, self.valid, self.query_positions, last, gap)
-        return scoring.attention_lazy(self._queries(), self.keys, self.positions, self.valid,
+        return scoring.attention_lazy(self._query_input(), self.keys, self.positions, self.valid,
                                       self.query_positions, self.scaling, last, gap, lse=self.lse)
 
     def _reduce(self, mode: str, weights: Tensor | None = None) -> Tensor:
-        return scoring.attention_reduce(self._queries(), self.keys, self.positions, self.valid,
+        return scoring.attention_reduce(self._query_input(), self.keys, self.positions, self.valid,
                                         self.query_positions, self.scaling, mode, weights, lse=self.lse)
 
+    def _query_input(self) -> scoring.Queries:
+        return self.query_parts if self.queries is None and self.query_parts is not None else self._queries()
+
     def _queries(self) -> Tensor:
+        if self.queries is None and self.query_parts is not None:
+            self.queries = torch.cat(self.query_parts)
         if self.queries is None:
             raise RuntimeError("this scorer needs queries but none were observed")
         return self.queries
@@ -539,7 +547,8 @@ class Policy:
             values=values,
             positions=positions,
             valid=positions >= 0 if padded else None,
-            queries=None if first.queries is None else torch.cat([layer.queries for layer in layers]),
+            queries=None,
+            query_parts=None if first.queries is None else [layer.queries for layer in layers],
             query_positions=first.query_positions,
             scaling=first.scaling or first.keys.shape[-1] ** -0.5,
             budget=budget,
