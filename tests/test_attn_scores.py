@@ -4,6 +4,7 @@ queries that see nothing, g = 1 and 4; the ported scorers equal their materialis
 
 On a machine with CUDA the Triton tests run the compiled kernels on the GPU instead."""
 
+import copy
 import os
 
 import torch
@@ -620,11 +621,12 @@ def test_stacked_triton_scoring_equals_the_loop(tiny_llama, monkeypatch, name):
     from test_policies import _assert_same_entries
 
     monkeypatch.setenv("KVBUDGET_SCORING", "triton")
+    model = tiny_llama if DEVICE == "cpu" else copy.deepcopy(tiny_llama).to(DEVICE)
     caches = []
     for stacked in (True, False):
         policy = kb.policy(name, budget=40)
         policy.stack_layers = stacked
-        cache = policy.new_cache(tiny_llama)
-        kb.prefill(tiny_llama, cache, policy, random_ids(120), block_size=32)
+        cache = policy.new_cache(model)
+        kb.prefill(model, cache, policy, random_ids(120), block_size=32)
         caches.append(cache)
     _assert_same_entries(*caches)

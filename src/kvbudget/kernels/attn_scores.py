@@ -39,6 +39,7 @@ MODES = {"sum": 0, "max": 1, "lazy": 2}
 # Masked keys get this position (no query position reaches it); rows beyond m get QPOS_NONE.
 # constexpr: compiled kernels may only read globals that are.
 KPOS_NONE = tl.constexpr(2**31 - 1)
+QOFF_ALIGN = tl.constexpr(16)  # query parts start a multiple of this many elements apart
 QPOS_NONE = tl.constexpr(-(2**31))
 
 
@@ -46,7 +47,11 @@ QPOS_NONE = tl.constexpr(-(2**31))
 def _query_row(q_ptr, qoff_ptr, b, QB, s_qb):
     # Batch row b of the queries: row b % QB of the part b // QB, which starts qoff[b // QB]
     # elements from q_ptr (`_query_parts`: the stacked layers' queries, never concatenated).
-    return q_ptr + tl.load(qoff_ptr + b // QB) + (b % QB).to(tl.int64) * s_qb
+    # The offset is a multiple of QOFF_ALIGN (checked on the host): without the hint the
+    # compiler no longer knows the rows' alignment and loads the queries element by element
+    # (measured on H100: H2O's compression share 13% -> 19%).
+    off = tl.multiple_of(tl.load(qoff_ptr + b // QB), QOFF_ALIGN)
+    return q_ptr + off + (b % QB).to(tl.int64) * s_qb
 
 
 @triton.jit
@@ -350,7 +355,7 @@ def _query_parts(queries: Queries) -> tuple[Tensor, Tensor, int]:
     (`Policy.compress`), each [b, Hq, m, d]: concatenating them copied 128 MiB per group of 8
     layers of the 8B shape (1 of the 8 ms of GPU time of an H2O compression, measured on H100),
     so the kernels read every part where it lies. Parts not alike (shape, strides, dtype,
-    device) or not aligned to their element size are concatenated after all."""
+    device) or not `QOFF_ALIGN` elements apart are concatenated after all."""
     if isinstance(queries, Tensor):
         dev = queries.device
         if dev not in _NO_OFFSET:
@@ -360,7 +365,7 @@ def _query_parts(queries: Queries) -> tuple[Tensor, Tensor, int]:
     size = first.element_size()
     gaps = [q.data_ptr() - first.data_ptr() for q in queries]
     if any(q.shape != first.shape or q.stride() != first.stride() or q.dtype != first.dtype
-           or q.device != first.device for q in queries) or any(gap % size for gap in gaps):
+           or q.device != first.device for q in queries) or any(gap % (size * QOFF_ALIGN.value) for gap in gaps):
         return _query_parts(torch.cat(list(queries)))
     offsets = torch.tensor([gap // size for gap in gaps], dtype=torch.int64)
     if first.is_cuda:  # without blocking: the host keeps launching ahead of the GPU
