@@ -36,7 +36,7 @@ class Observation:
     layer_idx: int  # index among the budgeted layers
     n_layers: int  # number of budgeted layers
     keys: Tensor  # [B, H, n, d], RoPE applied
-    values: Tensor | None  # [B, H, n, dv]; None for stacked padded layers unless `Scorer.reads_values`
+    values: Tensor  # [B, H, n, dv]
     positions: Tensor  # [B, H, n] original token positions (-1 on padding)
     valid: Tensor | None  # [B, H, n] bool, None = no padding (padding is at the end of a row)
     queries: Tensor | None  # [B, Hq, m, d] latest queries (after RoPE), as many as the scorer asked
@@ -146,9 +146,6 @@ class Scorer:
     # whose scores of real entries would change with padding beyond the attention's masking
     # (a mean over entries sums in a different order).
     stackable_padded: ClassVar[bool] = True
-    # Whether `score` reads `obs.values`; when it does not, layers stacked padded are scored
-    # without their values stacked (`Observation.values` is None there).
-    reads_values: ClassVar[bool] = False
 
     def __init__(self, window: int = 32) -> None:
         self.window = window
@@ -197,21 +194,13 @@ def _ranked(scores: Tensor, obs: Observation, window: int | Tensor) -> Tensor:
     return scores
 
 
-def best_first(scores: Tensor) -> Tensor:
-    """Indices of each row's entries, best score first; entries that tie keep their order (the
-    older first). A top-k is the first k: deterministic, so that the stacked compression and
-    the per-layer loop pick the same entries even where scores tie at the cut (SnapKV's pooled
-    scores tie often), and the first k of a longer ranking are a top-k themselves."""
-    return scores.sort(dim=-1, descending=True, stable=True).indices
-
-
 def select(scores: Tensor, obs: Observation, window: int) -> tuple[Tensor, Tensor | None]:
     """Every head keeps its own top ``budget``: indices [B, H, k] ascending (+ per-head lengths
     when some heads hold fewer entries than k)."""
     scores = _ranked(scores, obs, window)
     k = min(obs.budget, scores.shape[-1])
     # Padding scores -inf, so it sorts last among a short head's picks and stays beyond its length.
-    index = best_first(scores)[..., :k].sort(dim=-1).values
+    index = scores.topk(k, dim=-1).indices.sort(dim=-1).values
     lens = None if obs.valid is None else obs.valid[0].sum(-1).clamp(max=k)
     return index, lens
 
@@ -501,27 +490,19 @@ class Policy:
                 rows = slice(i * b, (i + 1) * b)
                 self._keep_stacked(layer, *(t[rows] for t in kept), {k: v[rows] for k, v in state.items()}, budgets[i])
             return
-        # The protected window and the number kept depend on the layer: one of each per batch row.
-        keep = [min(k, n) for k, n in zip(budgets, lengths)]
-        windows, counts = _row_values([[self.protected(k) for k in budgets], keep], b, scores.device)
+        # The protected window depends on the layer's budget: one length per batch row.
+        windows = _row_values([[self.protected(k) for k in budgets]], b, scores.device)[0]
         ranked = _ranked(scores, obs, windows[:, None, None])
-        if obs.valid is not None:
-            # Padding strictly below every real entry, also one that scored -inf: a row's first
-            # k picks are then always among its own entries.
-            ranked = torch.where(obs.valid, ranked.clamp(min=torch.finfo(ranked.dtype).min), float("-inf"))
-        # One ranking for every row; row r keeps its first counts[r]: what the loop's `select`
-        # picks for that layer (`best_first`: ties too). Unkept slots get index n, so that one
-        # ascending sort puts each row's picks, in their original order, before them.
-        n = ranked.shape[-1]
-        top = best_first(ranked)[..., : max(keep)]
-        slot = torch.arange(top.shape[-1], device=top.device)
-        index = torch.where(slot < counts[:, None, None], top, n).sort(dim=-1).values
         state = obs.state
-        # The stacked (padded) K go now; each layer's kept entries come from its own tensors.
+        # The stacked (padded) K/V go now; each layer's kept entries come from its own tensors:
+        # a few operations per layer, none of them padded.
         del obs
         for i, layer in enumerate(layers):
             rows = slice(i * b, (i + 1) * b)
-            idx = index[rows, :, : keep[i]]
+            # The layer's own top-k over its own entries (the stacked scores without the padding):
+            # exactly what the loop's `select` picks, ties included.
+            k = min(budgets[i], lengths[i])
+            idx = ranked[rows, :, : lengths[i]].topk(k, dim=-1).indices.sort(dim=-1).values
             kept = [gather_entries(t, idx) for t in (layer.keys, layer.values, layer.positions)]
             self._keep_stacked(layer, *kept, {k: gather_entries(v[rows], idx) for k, v in state.items()}, budgets[i])
 
@@ -533,9 +514,6 @@ class Policy:
         n = max(layer.keys.shape[2] for layer in layers)
         positions = _stack_entries([layer.positions for layer in layers], n, fill=-1)
         padded = any(layer.keys.shape[2] != n for layer in layers)
-        # Padded layers keep entries from their own tensors (`_compress_stacked`): their values
-        # are stacked only for a scorer that reads them.
-        values = None if padded and not self.scorer.reads_values else _stack_entries([layer.values for layer in layers], n)
         # The LSE goes along only if every layer has it (a stacked row without one is unknown).
         lse = None
         if first.queries is not None and all(layer.lse is not None for layer in layers):
@@ -544,7 +522,7 @@ class Policy:
             layer_idx=0,
             n_layers=len(layers),
             keys=_stack_entries([layer.keys for layer in layers], n),
-            values=values,
+            values=_stack_entries([layer.values for layer in layers], n),
             positions=positions,
             valid=positions >= 0 if padded else None,
             queries=None,
