@@ -331,3 +331,11 @@ def test_layer_budgets_are_stacked(tiny_llama, monkeypatch):
         assert looped
         looped.clear()
 
+
+
+def test_prefill_times_its_compressions(tiny_llama):
+    """`PrefillStats.compress_seconds` sums the compressions' time (wall clock on CPU, stream
+    events on CUDA): positive for a policy that compresses, within the prefill's total."""
+    policy = kb.policy("snapkv", budget=40)
+    _, stats = kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
+    assert 0 < stats.compress_seconds < stats.seconds and stats.blocks == 5
