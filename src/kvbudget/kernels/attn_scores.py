@@ -165,7 +165,10 @@ def _reduce_kernel(
     q_row = _query_row(q_ptr, qoff_ptr, b, QB, s_qb)
     kpos = tl.load(kpos_ptr + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph + idx.to(tl.int64) * s_pn,
                    mask=col_ok, other=KPOS_NONE)
-    acc = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0: 0 is also max's identity here
+    # Accumulated per (query row, key) over the query tiles and reduced over the rows once at
+    # the end: a reduction per tile crosses the warps through shared memory every time.
+    # Probabilities are >= 0: 0 is also max's identity here.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if MODE == 2:
         # out is [3, B*H, n]: the sums, then the scan's `last` and `gap`, which come in holding
         # the state carried from earlier queries and are rewritten at the end.
@@ -180,7 +183,7 @@ def _reduce_kernel(
         row_ok = rows < m
         qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
         visible = kpos[None, :] <= qpos[:, None]
-        tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # the tile's own sum, where it is needed
         for gi in range(G):
             hq = h * G + gi
             q = tl.load(
@@ -196,21 +199,21 @@ def _reduce_kernel(
             # A visible pair always has a finite lse (its row saw at least this key).
             p = tl.where(visible, tl.exp2(logits * qk_scale - lse[:, None]), 0.0)
             if MODE == 1:
-                tile = tl.maximum(tile, p)
-            else:
+                acc = tl.maximum(acc, p)
+            elif MODE == 2 or WEIGHTED:
                 tile += p
-        if MODE == 1:
-            acc = tl.maximum(acc, tl.max(tile, 0))
-        else:
-            if MODE == 2:
-                # w holds each row's importance threshold here, [B*H, m].
-                thr = tl.load(w_ptr + pid_bh.to(tl.int64) * m + rows, mask=row_ok, other=float("inf"))
-                last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap)
-            if WEIGHTED:
-                w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
-                tile = tile * w[:, None]
-            acc += tl.sum(tile, 0)
-    tl.store(out_ptr + pid_bh.to(tl.int64) * n + idx, acc * out_scale, mask=col_ok)
+            else:
+                acc += p
+        if MODE == 2:
+            # w holds each row's importance threshold here, [B*H, m].
+            thr = tl.load(w_ptr + pid_bh.to(tl.int64) * m + rows, mask=row_ok, other=float("inf"))
+            last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap)
+            acc += tile
+        if WEIGHTED:
+            w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+            acc += tile * w[:, None]
+    total = tl.max(acc, 0) if MODE == 1 else tl.sum(acc, 0)
+    tl.store(out_ptr + pid_bh.to(tl.int64) * n + idx, total * out_scale, mask=col_ok)
     if MODE == 2:
         tl.store(state, last, mask=col_ok)
         tl.store(state + bh * n, gap, mask=col_ok)
