@@ -268,7 +268,7 @@ def attention_reduce(
     mode: str = "sum",
     weights: Tensor | None = None,
     block_m: int = 64,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     lse: Tensor | None = None,
     num_stages: int | None = None,
@@ -280,7 +280,8 @@ def attention_reduce(
     with masked entries at `KPOS_NONE`, ``query_positions`` [m]. ``mode`` "sum": sum over
     queries (times ``weights`` [m] if given) of the mean over the g query heads of each KV head;
     "max": max over queries and over the g query heads. ``block_m``, ``block_n`` (powers of
-    two, >= 16) and ``num_warps`` tune the tiles (benchmarks/scoring_bench.py compares them).
+    two, >= 16; ``block_n`` None: 128 unweighted, 64 weighted) and ``num_warps`` tune the tiles
+    (benchmarks/scoring_bench.py compares them).
     ``lse`` [B, Hq, m] (natural log): each row's log-sum-exp over exactly its visible keys,
     already known: pass 1 is skipped. A row whose lse is -inf contributes nothing.
     ``num_stages``: software pipelining (None: triton's default).
@@ -296,8 +297,15 @@ def attention_reduce(
     if _n_queries(queries) == 0 or n == 0:
         return out.zero_()
     _launch(queries, keys, key_positions, query_positions, scaling, mode, weights, out,
-            block_m, block_n, num_warps, lse, num_stages)
+            block_m, block_n or _default_block_n(weights), num_warps, lse, num_stages)
     return out
+
+
+def _default_block_n(weights: Tensor | None) -> int:
+    # Key tiles of 128 where pass 2 keeps only the running [BLOCK_M, BLOCK_N] accumulator:
+    # 0.69 vs 1.01 ms for 2048 queries over 4096 keys on H100 (scoring_bench.py --sweep-reduce,
+    # docs/scoring.md). A weighted sum also keeps the tile's own sum, twice the registers: 64.
+    return 128 if weights is None else 64
 
 
 def attention_lazy(
