@@ -186,10 +186,16 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4, help="query heads")
     ap.add_argument("--kv-heads", type=int, default=2, help="KV heads (Llama-3.1-8B: 32 / 8)")
     ap.add_argument("--ops", action="store_true", help="also list the top-level ops of each region")
+    ap.add_argument("--loop", action="store_true", help="compress layer by layer (policy.stack_layers = False)")
+    ap.add_argument("--stack-bytes", type=int, default=None, help="policy.STACK_BYTES (layers per stacked group)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = tiny_llama32(args.heads, args.kv_heads)
     policy = kb.policy(args.policy, budget=args.budget, block_size=args.block)
+    if args.loop:
+        policy.stack_layers = False
+    if args.stack_bytes:
+        policy.STACK_BYTES = args.stack_bytes
     cache = policy.new_cache(model)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 96, (1, args.context + (args.repeats + 2) * args.block), generator=gen)
@@ -217,7 +223,8 @@ def main() -> None:
 
     layers = len(cache.budgeted)
     print(f"{args.policy}: tiny Llama, {layers} layers, {args.heads} / {args.kv_heads} heads, budget {args.budget}, "
-          f"block {args.block}, "
+          f"block {args.block}, {'layer by layer, ' if args.loop else ''}"
+          f"{f'STACK_BYTES {args.stack_bytes}, ' if args.stack_bytes else ''}"
           f"context {args.context} (+{len(blocks)} blocks); torch {torch.__version__}, 1 thread")
     report("(a) policy.compress(cache)", a, ("other",), args.ops)
     report("(b) one prefill block's forward", b, (*REGIONS, "other"), args.ops)

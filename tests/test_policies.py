@@ -275,10 +275,10 @@ def test_stacked_compression_is_used(tiny_llama, monkeypatch):
 
 
 def _prefill_and_decode(model, name: str, budget: int, block: int, stack: bool, group_bytes: int | None = None,
-                        window: int = 32):
+                        window: int = 32, **kwargs):
     """Prefill 150 tokens block-wise, then decode 12 greedily, compressing every 5 new tokens
-    (decode-time compression); returns the cache."""
-    policy = kb.policy(name, budget=budget, block_size=block, decode_interval=5, window=window)
+    (decode-time compression); returns the cache. ``kwargs`` go to the policy."""
+    policy = kb.policy(name, budget=budget, block_size=block, decode_interval=5, window=window, **kwargs)
     policy.stack_layers = stack
     if group_bytes:
         policy.STACK_BYTES = group_bytes
@@ -339,3 +339,96 @@ def test_prefill_times_its_compressions(tiny_llama):
     policy = kb.policy("snapkv", budget=40)
     _, stats = kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
     assert 0 < stats.compress_seconds < stats.seconds and stats.blocks == 5
+
+
+# Ada-KV and other head-adaptive policies: ragged layers (each head its own length) stacked.
+ADAPTIVE = [("adakv", {}), ("lazy", {"heads": "adaptive"}), ("snapkv", {"heads": "adaptive", "window": 4})]
+
+
+def _adaptive_run(model, name: str, kwargs: dict, budget: int, block: int, stack: bool,
+                  group_bytes: int | None = None):
+    """`_prefill_and_decode` with a head-adaptive policy's keyword arguments."""
+    return _prefill_and_decode(model, name, budget, block, stack, group_bytes, **kwargs)
+
+
+def _assert_same_ragged(a, b) -> None:
+    """Two caches hold exactly the same entries: keys, values, positions, per-entry state bit for
+    bit, the same per-head lengths (device and host) and layout."""
+    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+        for name in ("keys", "values", "positions", "head_lens"):
+            x, y = getattr(la, name), getattr(lb, name)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), name
+        if la.head_lens is not None:
+            assert la.host_lens() == lb.host_lens() == tuple(la.head_lens.tolist())
+        assert la.state.keys() == lb.state.keys()
+        for k in la.state:
+            assert torch.equal(la.state[k], lb.state[k]), k
+        assert (la.seen, la.max_entries, la.total_entries()) == (lb.seen, lb.max_entries, lb.total_entries())
+
+
+def _layer_bytes(cache) -> int:
+    """Bytes of one entry of every head of a layer (what `Policy._groups` counts per entry)."""
+    first = cache.budgeted_layers()[0]
+    return first.n_heads * (first.keys.shape[-1] * first.keys.element_size() + first.values.shape[-1] * first.values.element_size())
+
+
+@pytest.mark.parametrize("budget,block", [(24, 16), (40, 32), (64, 24)])
+@pytest.mark.parametrize("name,kwargs", ADAPTIVE)
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_eager"])
+def test_stacked_adakv_keeps_what_the_loop_keeps(request, fixture, name, kwargs, budget, block):
+    """Ada-KV's layers compressed together (all at once, one per group, about two per group) keep
+    exactly what the per-layer loop keeps, through a block-wise prefill (dense, then ragged
+    layers) and decode-time compressions; and the layers really end up ragged."""
+    model = request.getfixturevalue(fixture)
+    loop = _adaptive_run(model, name, kwargs, budget, block, stack=False)
+    assert any(layer.head_lens is not None for layer in loop.budgeted_layers())
+    widest = max(layer.max_entries for layer in loop.budgeted_layers())
+    for group_bytes in (None, 1, 2 * (widest + block) * _layer_bytes(loop)):
+        _assert_same_ragged(_adaptive_run(model, name, kwargs, budget, block, True, group_bytes), loop)
+
+
+def test_stacked_adakv_with_entries_scoring_nan_keeps_what_the_loop_keeps(tiny_llama, monkeypatch):
+    """Where valid entries score NaN or -inf (never kept, fewer kept in all), the stacked path
+    redoes those layers' second top-k as the loop does (`_refill`), and keeps the same."""
+    from kvbudget.policies import base
+    from kvbudget.policies.snapkv import SnapKV
+
+    score = SnapKV.score
+
+    def holes(self, obs):
+        s = score(self, obs)
+        s = s.masked_fill(obs.positions % 11 == 3, float("nan"))
+        return s.masked_fill(obs.positions % 13 == 5, float("-inf"))
+
+    refills = []
+    refill = base._refill
+    monkeypatch.setattr(SnapKV, "score", holes)
+    monkeypatch.setattr(base, "_refill", lambda *a: refills.append(1) or refill(*a))
+    loop = _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=False)
+    n_loop, refills[:] = len(refills), []
+    for group_bytes in (None, 1):
+        _assert_same_ragged(_adaptive_run(tiny_llama, "adakv", {}, 24, 16, True, group_bytes), loop)
+        assert len(refills) == n_loop > 0
+        refills.clear()
+
+
+def test_stacked_adakv_is_used_and_falls_back(tiny_llama, monkeypatch):
+    """Ada-KV compresses its layers together (no per-layer compression, one stacked call per
+    compression, every layer in it); layers of different budgets (pyramid allocator with
+    adaptive heads) and `stack_layers = False` go through the loop."""
+    looped, stacked = [], []
+    compress_layer, compress_adaptive = kb.Policy._compress_layer, kb.Policy._compress_adaptive
+    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: looped.append(1) or compress_layer(self, *a, **k))
+    monkeypatch.setattr(kb.Policy, "_compress_adaptive",
+                        lambda self, layers, *a: stacked.append(len(layers)) or compress_adaptive(self, layers, *a))
+    _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=True)
+    n_layers = len(tiny_llama.model.layers)
+    assert looped == [] and len(stacked) > 2 and set(stacked) == {n_layers}
+    stacked.clear()
+    _adaptive_run(tiny_llama, "snapkv+pyramid", {"heads": "adaptive"}, 24, 16, stack=True)
+    assert looped and stacked == []
+    looped.clear()
+    _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=False)
+    assert looped and stacked == []

@@ -202,10 +202,12 @@ def _snapshot(cache) -> list:
     return out
 
 
-def _run(model, name: str, kwargs: dict, query_aware: bool) -> dict:
+def _run(model, name: str, kwargs: dict, query_aware: bool, stack: bool = True) -> dict:
     """Block-wise prefill (query-aware: scored by 6 extra tokens), greedy decoding with
-    decode-time compression every 4 tokens, then the same inside `scratch` (rolled back)."""
+    decode-time compression every 4 tokens, then the same inside `scratch` (rolled back).
+    ``stack``: layers compressed together where they allow it (else the per-layer loop)."""
     policy = kb.policy(name, budget=24, block_size=16, decode_interval=4, **kwargs)
+    policy.stack_layers = stack
     cache = policy.new_cache(model)
     scoring = random_ids(6, seed=9) if query_aware else None
     logits, _ = kb.prefill(model, cache, policy, random_ids(150, seed=5), scoring_ids=scoring)
@@ -237,13 +239,14 @@ def _run(model, name: str, kwargs: dict, query_aware: bool) -> dict:
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_eager", "tiny_gemma"])
 def test_prefill_and_decoding_keep_what_the_reference_kept(request, monkeypatch, fixture, name, kwargs, query_aware):
     """End to end: the same kept positions, per-head lengths, K/V, state, tokens and logits after
-    every compression as the replaced code (swapped in by `ragged_reference.use_reference`)."""
+    every compression as the replaced code (swapped in by `ragged_reference.use_reference`), which
+    compresses layer by layer; the current code compresses the layers together."""
     model = request.getfixturevalue(fixture)
     got = _run(model, name, kwargs, query_aware)
     with monkeypatch.context() as m:
         ref.use_reference(m)
         assert BudgetedLayer.view is ref.view
-        want = _run(model, name, kwargs, query_aware)
+        want = _run(model, name, kwargs, query_aware, stack=False)
     assert got["tokens"] == want["tokens"]
     assert len(got["snaps"]) == len(want["snaps"])
     for snap_got, snap_want in zip(got["snaps"], want["snaps"]):
@@ -286,10 +289,13 @@ def _counted(fn, reads: _HostReads):
     return wrapper
 
 
-def test_adakv_reads_the_device_once_per_layer_and_compression(tiny_llama, monkeypatch):
-    """The one remaining sync per layer and compression is `pick_across_heads` reading the kept
-    counts; a block over ragged layers (update + mask) reads nothing (it was nine per layer)."""
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "loop"])
+def test_adakv_reads_the_device_once_per_group_and_compression(tiny_llama, monkeypatch, stack):
+    """The one remaining sync of a compression is reading the kept counts: once for all layers
+    stacked together (once per group of them), once per layer in the loop (`pick_across_heads`);
+    a block over ragged layers (update + mask) reads nothing (it was nine per layer)."""
     policy = kb.policy("adakv", budget=24, block_size=16)
+    policy.stack_layers = stack
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(100, seed=3))
     assert all(layer.head_lens is not None for layer in cache.budgeted_layers())
@@ -301,4 +307,10 @@ def test_adakv_reads_the_device_once_per_layer_and_compression(tiny_llama, monke
         assert reads.count == 0
         with _HostReads() as compress_reads:
             policy.compress(cache)
-    assert compress_reads.count == len(cache.budgeted)
+        assert compress_reads.count == (1 if stack else len(cache.budgeted))
+        if stack:  # one layer per group: one read per layer again
+            policy.STACK_BYTES = 1
+            tiny_llama(input_ids=random_ids(16, seed=5), past_key_values=cache, use_cache=True)
+            with _HostReads() as compress_reads:
+                policy.compress(cache)
+            assert compress_reads.count == len(cache.budgeted)

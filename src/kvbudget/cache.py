@@ -136,6 +136,16 @@ def padded_to_ragged(padded: Tensor, lens: Tensor, total: int | None = None) -> 
     return padded.flatten(0, 1).index_select(0, rows)
 
 
+def _take_rows(view: "LayerView", rows: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """The slots ``rows`` ([N]) of a batch-1 padded view flattened over its heads: keys, values,
+    positions and state, one gather per field."""
+
+    def take(t: Tensor) -> Tensor:
+        return t[0].flatten(0, 1).index_select(0, rows)
+
+    return take(view.keys), take(view.values), take(view.positions), {k: take(s) for k, s in view.state.items()}
+
+
 def gather_entries(t: Tensor, index: Tensor) -> Tensor:
     """The entries at ``index`` ([B, H, k]) of ``t`` ([B, H, n] or [B, H, n, d])."""
     idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
@@ -425,9 +435,19 @@ class BudgetedLayer(CacheLayerMixin):
         order: ``lens`` ([H], on the layer's device) and ``sizes`` (the same as Python ints) of them
         per head. Ragged storage, or dense when every head keeps as many (as `keep`). One gather
         per field, sized from ``sizes``: nothing is read back from the device."""
+        self.keep_entries(*_take_rows(view, true_indices(chosen.flatten(), sum(sizes))), lens, sizes)
+
+    def keep_entries(self, keys: Tensor, values: Tensor, positions: Tensor, state: dict[str, Tensor],
+                     lens: Tensor, sizes: tuple[int, ...]) -> None:
+        """Hold exactly these entries, already gathered: ``keys`` [N, d], ``values`` [N, dv],
+        ``positions`` [N] and ``state`` (name -> [N]), head after head, ``lens`` ([H], on the
+        layer's device) and ``sizes`` (the same as Python ints) of them per head. Ragged storage,
+        or dense when every head holds as many (as `keep`); nothing is read back from the device.
+        Stacked Ada-KV compression gathers every layer's kept entries at once and hands each
+        layer its part here."""
         if self.store is not None:
             raise ValueError(f"store '{self.store.name}' needs every head to keep the same number of entries")
-        self._store_rows(view, true_indices(chosen.flatten(), sum(sizes)), lens, sizes)
+        self._hold_ragged(keys, values, positions, state, lens, sizes)
         if len(set(sizes)) == 1:  # head after head, equal lengths: the dense layout is a view
             shape = (1, len(sizes), sizes[0])
             self.keys = self.keys.view(*shape, self.keys.shape[-1])
@@ -474,13 +494,13 @@ class BudgetedLayer(CacheLayerMixin):
     def _store_rows(self, view: LayerView, rows: Tensor, lens: Tensor, sizes: tuple[int, ...]) -> None:
         """Keep the slots ``rows`` of a batch-1 padded view flattened over its heads ([N], head
         after head, ``sizes[h]`` in head h), ragged: one gather per field."""
+        self._hold_ragged(*_take_rows(view, rows), lens, sizes)
+
+    def _hold_ragged(self, keys: Tensor, values: Tensor, positions: Tensor, state: dict[str, Tensor],
+                     lens: Tensor, sizes: tuple[int, ...]) -> None:
+        """Hold these ragged fields ([N, ...], head after head) as the layer's entries."""
         self._drop_lse()
-
-        def take(t: Tensor) -> Tensor:
-            return t[0].flatten(0, 1).index_select(0, rows)
-
-        self.keys, self.values, self.positions = take(view.keys), take(view.values), take(view.positions)
-        self.state = {k: take(s) for k, s in view.state.items()}
+        self.keys, self.values, self.positions, self.state = keys, values, positions, state
         self._set_head_lens(lens, sizes)
 
     def drop_last(self, n: int) -> None:

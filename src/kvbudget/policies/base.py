@@ -10,6 +10,7 @@ the result to the cache, which really frees what is dropped.
 from __future__ import annotations
 
 import inspect
+import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from torch import Tensor
 from .. import scoring
 from ..allocation import HEAD_ADAPTIVE, get_allocator
 from ..budget import Budget, parse_budget
-from ..cache import POSITION_DTYPE, BudgetedCache, BudgetedLayer, gather_entries, padded_to_ragged
+from ..cache import (POSITION_DTYPE, BudgetedCache, BudgetedLayer, _padded_index, _take_padded, gather_entries,
+                     padded_to_ragged, true_indices)
 from ..errors import BudgetError, UnknownPolicyError
 from ..sensitivity import budgets as sensitivity_budgets
 from ..sensitivity import load_scores
@@ -239,35 +241,48 @@ def pick_across_heads(scores: Tensor, obs: Observation, window: int, floor: floa
         sizes = (n,) * h if obs.valid is None else tuple(obs.valid[0].sum(-1).tolist())
     finite = scores > float("-inf")
     guaranteed = min(int(floor * obs.budget), n)
-    # A head holding s valid (finite) entries gets min(guaranteed, s) of them first.
-    planned = min(obs.budget * h, sum(sizes)) - sum(min(guaranteed, s) for s in sizes)
+    planned = _planned(sizes, obs.budget, guaranteed)
     chosen = _add_best(_best_per_head(scores, finite, guaranteed), scores, planned)
     counts = torch.stack([chosen, finite]).sum(-1)  # [2, H]: kept, finite
     kept, n_finite = counts.tolist()  # the one sync
     lens = counts[0]
     if sum(n_finite) != sum(sizes):
-        first = _best_per_head(scores, finite, guaranteed)
-        chosen = _add_best(first, scores, min(obs.budget * h, sum(n_finite)) - int(first.sum()))
-        lens = chosen.sum(-1)
-        kept = lens.tolist()
+        return _refill(scores, finite, guaranteed, min(obs.budget * h, sum(n_finite)))
     return chosen, lens, tuple(kept)
 
 
+def _planned(sizes: tuple[int, ...], budget: int, guaranteed: int) -> int:
+    """Entries the top-k over all heads adds to each head's guaranteed best, on the premise that
+    every valid entry scores above -inf: a head holding s of them gets min(guaranteed, s) first."""
+    return min(budget * len(sizes), sum(sizes)) - sum(min(guaranteed, s) for s in sizes)
+
+
+def _refill(scores: Tensor, finite: Tensor, guaranteed: int, total: int) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """`pick_across_heads`'s choice when some valid entries scored -inf or NaN: the second top-k
+    sized from the device (``total``: how many to keep in all, from the finite count read), so
+    two more syncs, in that case only. Returns (chosen [H, n], kept per head [H], as ints)."""
+    first = _best_per_head(scores, finite, guaranteed)
+    chosen = _add_best(first, scores, total - int(first.sum()))
+    lens = chosen.sum(-1)
+    return chosen, lens, tuple(lens.tolist())
+
+
 def _best_per_head(scores: Tensor, finite: Tensor, k: int) -> Tensor:
-    """Each head's ``k`` best-scored entries that score above -inf: [H, n] bool."""
+    """Each head's ``k`` best-scored entries that score above -inf: [..., H, n] bool (leading
+    dimensions: layers selected together, each row as on its own)."""
     best = torch.zeros_like(finite)
     if k:
-        best.scatter_(1, scores.topk(k, dim=-1).indices, True)
+        best.scatter_(-1, scores.topk(k, dim=-1).indices, True)
         best &= finite
     return best
 
 
 def _add_best(chosen: Tensor, scores: Tensor, k: int) -> Tensor:
-    """``chosen`` ([H, n] bool, updated in place) plus the ``k`` best-scored entries not in it,
-    over all heads."""
+    """``chosen`` ([..., H, n] bool, contiguous, updated in place) plus the ``k`` best-scored
+    entries not in it, over all heads (of each leading index: one top-k row of H * n each)."""
     if k > 0:
-        pick = scores.masked_fill(chosen, float("-inf")).flatten().topk(k).indices
-        chosen.view(-1).scatter_(0, pick, True)
+        pick = scores.masked_fill(chosen, float("-inf")).flatten(-2).topk(k).indices
+        chosen.view(*chosen.shape[:-2], -1).scatter_(-1, pick, True)
     return chosen
 
 
@@ -442,8 +457,11 @@ class Policy:
         dense and unencoded with the same heads, tokens seen, state and observed queries; returns
         False (nothing done) otherwise."""
         layers = cache.budgeted_layers()
-        if not (self.stack_layers and self.scorer.stackable and self.store is None and not self.head_adaptive
-                and len(layers) > 1 and _alike(layers)):
+        if not (self.stack_layers and self.scorer.stackable and self.store is None and len(layers) > 1):
+            return False
+        if self.head_adaptive:
+            return self._stack_adaptive(layers, budgets)
+        if not _alike(layers):
             return False
         lengths = [layer.keys.shape[2] for layer in layers]
         if all(n <= k for n, k in zip(lengths, budgets)):
@@ -463,13 +481,15 @@ class Policy:
         """Consecutive layers whose stacked K/V, padded to the group's longest, fit in
         STACK_BYTES (at least one layer per group). Consecutive: PyramidKV's budgets fall with
         depth, so neighbours hold similar numbers of entries and little padding is stacked."""
-        k, v = layers[0].keys, layers[0].values
-        entry = k.shape[0] * k.shape[1] * (k.shape[3] * k.element_size() + v.shape[3] * v.element_size())  # bytes
+        b, h, d, dv = _shape(layers[0])
+        entry = b * h * (d * layers[0].keys.element_size() + dv * layers[0].values.element_size())  # bytes
+        # Entries of the fullest head: what a ragged layer's padded view holds per head.
+        widths = [layer.max_entries for layer in layers]
         start = 0
         while start < len(layers):
-            end, longest = start + 1, layers[start].keys.shape[2]
+            end, longest = start + 1, widths[start]
             while end < len(layers):
-                longer = max(longest, layers[end].keys.shape[2])
+                longer = max(longest, widths[end])
                 if (end + 1 - start) * longer * entry > self.STACK_BYTES:
                     break
                 end, longest = end + 1, longer
@@ -515,17 +535,29 @@ class Policy:
             kept = [gather_entries(t, idx) for t in (layer.keys, layer.values, layer.positions)]
             self._keep_stacked(layer, *kept, {k: gather_entries(v[rows], idx) for k, v in state.items()}, budgets[i])
 
-    def _stacked_observation(self, layers: list[BudgetedLayer], budget: int) -> Observation:
+    def _stacked_observation(self, layers: list[BudgetedLayer], budget: int,
+                             entries: _Stacked | None = None) -> Observation:
         """The Observation of ``layers`` stacked along the batch dimension: layer i is rows
         i*B..(i+1)*B; entries padded at the end of each row to the longest layer's (positions -1,
-        `valid` False there); ``budget``: the largest of the layers' budgets."""
+        `valid` False there); ``budget``: the largest of the layers' budgets. ``entries``: the
+        stacked fields when the caller built them (ragged layers: `_stacked_ragged`)."""
         first = layers[0]
-        n = max(layer.keys.shape[2] for layer in layers)
-        positions = _stack_entries([layer.positions for layer in layers], n, fill=-1)
-        padded = any(layer.keys.shape[2] != n for layer in layers)
-        # Padded layers keep entries from their own tensors (`_compress_stacked`): their values
-        # are stacked only for a scorer that reads them.
-        values = None if padded and not self.scorer.reads_values else _stack_entries([layer.values for layer in layers], n)
+        if entries is None:
+            n = max(layer.keys.shape[2] for layer in layers)
+            positions = _stack_entries([layer.positions for layer in layers], n, fill=-1)
+            padded = any(layer.keys.shape[2] != n for layer in layers)
+            # Padded layers of different budgets keep entries from their own tensors
+            # (`_compress_stacked`): their values are stacked only for a scorer that reads them.
+            # Ada-KV's stacked path gathers every kept entry from the stacked fields.
+            own = padded and not self.scorer.reads_values and not self.head_adaptive
+            values = None if own else _stack_entries([layer.values for layer in layers], n)
+            entries = _Stacked(
+                keys=_stack_entries([layer.keys for layer in layers], n),
+                values=values,
+                positions=positions,
+                valid=positions >= 0 if padded else None,
+                state={k: _stack_entries([layer.state[k] for layer in layers], n) for k in first.state},
+            )
         # The LSE goes along only if every layer has it (a stacked row without one is unknown).
         lse = None
         if first.queries is not None and all(layer.lse is not None for layer in layers):
@@ -533,10 +565,10 @@ class Policy:
         return Observation(
             layer_idx=0,
             n_layers=len(layers),
-            keys=_stack_entries([layer.keys for layer in layers], n),
-            values=values,
-            positions=positions,
-            valid=positions >= 0 if padded else None,
+            keys=entries.keys,
+            values=entries.values,
+            positions=entries.positions,
+            valid=entries.valid,
             queries=None,
             query_parts=None if first.queries is None else [layer.queries for layer in layers],
             query_positions=first.query_positions,
@@ -544,9 +576,85 @@ class Policy:
             budget=budget,
             seen=first.seen,
             seed=zlib.crc32(f"{self.seed}:stacked:{first.seen}".encode()),
-            state={k: _stack_entries([layer.state[k] for layer in layers], n) for k in first.state},
+            state=entries.state,
             lse=lse,
         )
+
+    def _stack_adaptive(self, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
+        """Ada-KV's compression of the layers together (`_compress_adaptive`): only when they are
+        alike (dense or ragged, batch 1, the same heads, tokens seen, state and observed queries),
+        share one budget and are all over it; returns False (nothing done) otherwise, and the
+        loop does it."""
+        budget = budgets[0]
+        if len(set(budgets)) > 1 or not _alike(layers, ragged=True):
+            return False
+        if any(layer.total_entries() <= budget * layer.n_heads for layer in layers):
+            return False  # the loop leaves such a layer as it is (or only updates the scorer's state)
+        padded = any(layer.head_lens is not None for layer in layers) or len({layer.max_entries for layer in layers}) > 1
+        if padded and not self.scorer.stackable_padded:
+            return False
+        # Grouped in order of width (each layer's widest head): every head of a group is padded
+        # to the group's widest, and a layer's picks do not depend on the layers beside it.
+        layers = sorted(layers, key=lambda layer: layer.max_entries)
+        for group in self._groups(layers):
+            self._compress_adaptive(layers[group], budget)
+        return True
+
+    def _compress_adaptive(self, layers: list[BudgetedLayer], budget: int, floor: float = 0.2) -> None:
+        """Ada-KV (`pick_across_heads`) for ``layers`` together: one scoring of their views stacked
+        along the batch (each head padded to the widest head of any of them), every layer's choice
+        with one host<->device sync for all of them (the kept and finite counts), one gather of
+        everything kept. The per-layer loop costs ~86 operators and one sync per layer.
+
+        The same picks as the loop, ties included: every top-k runs on rows of the length and
+        content the loop's have (layer i's scores cut to its own width), layers batched into
+        one top-k only with layers of the same width and the same count to add. Which of tied
+        entries a top-k returns depends on its whole row (on the CPU: `std::nth_element` or a
+        heap over the row, chosen by its length), so padding a row could change them."""
+        sizes = [layer.host_lens() if layer.head_lens is not None else (layer.max_entries,) * layer.n_heads
+                 for layer in layers]
+        widths = [max(s) for s in sizes]
+        entries = None
+        if any(layer.head_lens is not None for layer in layers):
+            entries = _stacked_ragged(layers, sizes, max(widths))
+        obs = self._stacked_observation(layers, budget, entries)
+        scores = _ranked(self.scorer.score(obs), obs, self.protected(budget))  # [L, H, W] (batch 1)
+        finite = scores > float("-inf")
+        chosen = torch.zeros_like(finite)
+        guaranteed = int(floor * budget)
+        # Runs of neighbouring layers (in order of width) of one width and one count to add: one
+        # top-k of each kind per run, over views of the stacked scores (nothing copied).
+        alike = [(w, _planned(s, budget, min(guaranteed, w))) for s, w in zip(sizes, widths)]
+        start = 0
+        for (w, planned), run in itertools.groupby(alike):
+            rows = slice(start, start + len(list(run)))
+            start = rows.stop
+            ranked = scores[rows, :, :w]
+            chosen[rows, :, :w] = _add_best(_best_per_head(ranked, finite[rows, :, :w], min(guaranteed, w)),
+                                            ranked, planned)
+        counts = torch.stack([chosen, finite]).sum(-1)  # [2, L, H]: kept, finite
+        kept, n_finite = counts.tolist()  # the one sync
+        lens = list(counts[0].unbind())
+        for i, (s, w) in enumerate(zip(sizes, widths)):
+            if sum(n_finite[i]) != sum(s):  # a valid entry scored -inf or NaN: as the loop does
+                c, lens[i], kept[i] = _refill(scores[i, :, :w], finite[i, :, :w], min(guaranteed, w),
+                                              min(budget * len(s), sum(n_finite[i])))
+                chosen[i, :, :w] = c
+        kept = [tuple(k) for k in kept]
+        index = true_indices(chosen.flatten(), sum(map(sum, kept)))
+        totals = [sum(k) for k in kept]
+
+        def take(t: Tensor) -> tuple[Tensor, ...]:
+            return t.flatten(0, 2).index_select(0, index).split(totals)
+
+        keys, values, positions = take(obs.keys), take(obs.values), take(obs.positions)
+        state = {k: take(v) for k, v in obs.state.items()}
+        del obs
+        for i, layer in enumerate(layers):
+            layer.residual = self.residual(budget)
+            layer.keep_entries(keys[i], values[i], positions[i], {k: v[i] for k, v in state.items()}, lens[i], kept[i])
+            if self.scorer.queries < 0:
+                layer.clear_queries()
 
     def _keep_stacked(self, layer: BudgetedLayer, keys: Tensor, values: Tensor, positions: Tensor,
                       state: dict[str, Tensor], budget: int) -> None:
@@ -595,24 +703,67 @@ class Policy:
         layer.keep(index, lens, view=view)
 
 
-def _alike(layers: list[BudgetedLayer]) -> bool:
+def _alike(layers: list[BudgetedLayer], ragged: bool = False) -> bool:
     """Whether ``layers`` can be stacked along the batch dimension: dense and unencoded, with the
     same batch, heads and head dims, tokens seen, state names, observed queries and scaling
-    (they may hold different numbers of entries)."""
+    (they may hold different numbers of entries). ``ragged``: ragged layers too, and then batch 1
+    (Ada-KV's layers, each head holding its own number of entries)."""
     first = layers[0]
     if not first.is_initialized:
         return False
-    b, h, _, d = first.keys.shape
+    shape = _shape(first)
     q_shape = None if first.queries is None else first.queries.shape
     for layer in layers:
-        if (not layer.is_initialized or layer.head_lens is not None or layer.body is not None
-                or layer.keys.shape[:2] != (b, h) or layer.keys.shape[3] != d
-                or layer.values.shape[-1] != first.values.shape[-1]
+        if (not layer.is_initialized or (layer.head_lens is not None and not ragged) or layer.body is not None
+                or _shape(layer) != shape
                 or layer.seen != first.seen or set(layer.state) != set(first.state)
                 or (None if layer.queries is None else layer.queries.shape) != q_shape
                 or layer.scaling != first.scaling):
             return False
-    return True
+    return not ragged or shape[0] == 1
+
+
+def _shape(layer: BudgetedLayer) -> tuple[int, int, int, int]:
+    """A layer's (batch, KV heads, key dim, value dim), dense or ragged (batch 1)."""
+    if layer.head_lens is None:
+        b, h, _, d = layer.keys.shape
+        return b, h, d, layer.values.shape[-1]
+    return 1, layer.head_lens.shape[0], layer.keys.shape[-1], layer.values.shape[-1]
+
+
+@dataclass
+class _Stacked:
+    """Layers' entries stacked along the batch, padded: [L*B, H, n, ...] (`Observation`'s fields)."""
+
+    keys: Tensor
+    values: Tensor | None
+    positions: Tensor
+    valid: Tensor | None
+    state: dict[str, Tensor]
+
+
+def _stacked_ragged(layers: list[BudgetedLayer], sizes: list[tuple[int, ...]], width: int) -> _Stacked:
+    """Batch-1 layers, ragged or dense, stacked as their padded views (`BudgetedLayer.view`)
+    would be, each head padded to ``width``: [L, H, width, ...]. One gather per field over the
+    layers' storages concatenated, its index built from ``sizes`` (entries per head of each
+    layer, on the host): nothing is read back from the device."""
+    device = layers[0].keys.device
+    h = len(sizes[0])
+    lens = _row_values([[n for s in sizes for n in s]], 1, device)[0]  # [L*H], head after head
+    # Heads lie one after the other in the concatenated storages, as in one ragged layer.
+    rows, valid = _padded_index(lens, width, sum(map(sum, sizes)))
+
+    def stacked(parts: list[Tensor], fill: float = 0) -> Tensor:
+        flat = torch.cat([p if layer.head_lens is not None else p[0].flatten(0, 1) for p, layer in zip(parts, layers)])
+        return _take_padded(flat, rows, valid, fill).view(len(layers), h, width, *flat.shape[1:])
+
+    return _Stacked(
+        keys=stacked([layer.keys for layer in layers]),
+        values=stacked([layer.values for layer in layers]),
+        positions=stacked([layer.positions for layer in layers], fill=-1),
+        valid=valid.view(len(layers), h, width),
+        state={k: stacked([layer.state[k] for layer in layers]) for k in layers[0].state},
+    )
 
 
 def _stack_entries(parts: list[Tensor], n: int, fill: float = 0) -> Tensor:
