@@ -18,10 +18,12 @@
    the chunked torch scan at the 8B shape (bf16, GQA 32/8, d 128, 2048 queries over 4096 keys),
    with and without the flash call's LSE; both paths timed; then block-wise prefill of a 4-layer
    model with each path (times and kept overlap, for information).
+7. Stacked compression (layers scored and selected together) keeps exactly what the per-layer
+   loop keeps on CUDA: Ada-KV, PyramidKV, H2O.
 
 Run: ``PYTHONPATH=src python3 benchmarks/gpu_tests.py`` (exit status 1 on any failure);
 ``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, lse: 5,
-lazy: 6).
+lazy: 6, stacked: 7).
 """
 
 from __future__ import annotations
@@ -446,7 +448,30 @@ def check_lazy_prefill() -> None:
     torch.cuda.empty_cache()
 
 
-GROUPS = ("fused", "graph", "lse", "lazy")
+@torch.inference_mode()
+def check_stacked_equals_loop() -> int:
+    """Stacked compression keeps exactly what the per-layer loop keeps on CUDA too (where a top-k
+    over more rows may take another algorithm than over one layer's): Ada-KV (ragged layers,
+    one sync per group), PyramidKV (layers of different budgets), H2O, a 4-layer bf16 model of
+    the 8B attention shape, 6k tokens in blocks of 1024, budget 1024."""
+    model = build(layers=4, dtype=torch.bfloat16)
+    ids = torch.randint(0, 128000, (1, 6144), device="cuda")
+    failures = 0
+    for name in ("adakv", "pyramidkv", "h2o"):
+        caches = []
+        for stacked in (True, False):
+            policy = kb.policy(name, budget=1024, block_size=1024)
+            policy.stack_layers = stacked
+            cache = policy.new_cache(model)
+            kb.prefill(model, cache, policy, ids)
+            caches.append(cache)
+        same = all(torch.equal(a.view().positions, b.view().positions) and torch.equal(a.view().keys, b.view().keys)
+                   for a, b in zip(caches[0].budgeted_layers(), caches[1].budgeted_layers()))
+        failures += report(same, f"{name}: stacked compression keeps what the per-layer loop keeps (positions, keys)")
+    return failures
+
+
+GROUPS = ("fused", "graph", "lse", "lazy", "stacked")
 
 
 def main() -> int:
@@ -465,6 +490,8 @@ def main() -> int:
     if "lazy" in groups:
         failures += check_lazy_scan()
         check_lazy_prefill()
+    if "stacked" in groups:
+        failures += check_stacked_equals_loop()
     print("FAILURES:", failures)
     return 1 if failures else 0
 
