@@ -20,10 +20,12 @@
    model with each path (times and kept overlap, for information).
 7. Stacked compression (layers scored and selected together) keeps exactly what the per-layer
    loop keeps on CUDA: Ada-KV, PyramidKV, H2O.
+8. A prefill block over a ragged layer through varlen flash attention equals the masked SDPA
+   path; Ada-KV prefill keeps (nearly) the same entries with it as without.
 
 Run: ``PYTHONPATH=src python3 benchmarks/gpu_tests.py`` (exit status 1 on any failure);
 ``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, lse: 5,
-lazy: 6, stacked: 7).
+lazy: 6, stacked: 7, ragged: 8).
 """
 
 from __future__ import annotations
@@ -471,7 +473,61 @@ def check_stacked_equals_loop() -> int:
     return failures
 
 
-GROUPS = ("fused", "graph", "lse", "lazy", "stacked")
+@torch.inference_mode()
+def check_ragged_flash() -> int:
+    """A prefill block over a ragged layer through varlen flash attention (`ragged_flash`) equals
+    the masked SDPA path over the padded keys (bf16, GQA 32/8, d 128, 2048 queries, per-head
+    old lengths 1200-2800), and both are timed; then Ada-KV prefills with it keep (nearly) the
+    entries they keep without it (``KVBUDGET_ATTENTION_LSE=off`` takes the masked path)."""
+    from gpu_bench import cuda_ms
+
+    from kvbudget.attention import AttentionPlan, ragged_flash
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, g, d, m = 8, 4, 128, 2048
+    old = torch.randint(1200, 2800, (h,), device="cuda", generator=gen)
+    lens = tuple(int(n) + m for n in old.tolist())
+    flat_k = torch.randn(sum(lens), d, device="cuda", generator=gen).bfloat16()
+    flat_v = torch.randn(sum(lens), d, device="cuda", generator=gen).bfloat16()
+    query = torch.randn(1, h * g, m, d, device="cuda", generator=gen).bfloat16()
+    n_old = int(old.max())
+    pad_k = torch.zeros(1, h, n_old + m, d, device="cuda", dtype=torch.bfloat16)
+    pad_v = torch.zeros_like(pad_k)
+    start = 0
+    for i, n in enumerate(old.tolist()):
+        seg = slice(start, start + n + m)
+        pad_k[0, i, :n], pad_k[0, i, n_old:] = flat_k[seg][:n], flat_k[seg][n:]
+        pad_v[0, i, :n], pad_v[0, i, n_old:] = flat_v[seg][:n], flat_v[seg][n:]
+        start += n + m
+    scale = d**-0.5
+
+    def masked():
+        mask = AttentionPlan(keys=pad_k, head_lens=old, n_old=n_old, layer=None).mask(m, h * g)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, pad_k.repeat_interleave(g, 1), pad_v.repeat_interleave(g, 1), attn_mask=mask, scale=scale)
+
+    want = masked().transpose(1, 2).float()
+    got = ragged_flash(query, flat_k, flat_v, lens, scale).float()
+    err = float((got - want).abs().max())
+    t_flash = cuda_ms(lambda: ragged_flash(query, flat_k, flat_v, lens, scale))
+    t_masked = cuda_ms(masked)
+    failures = report(err < 2e-2, f"ragged block via varlen flash == masked SDPA: max |err| {err:.1e} "
+                                  f"(varlen flash {t_flash:.3f} ms, mask + SDPA {t_masked:.3f} ms)")
+    model = build(layers=4, dtype=torch.bfloat16)
+    ids = torch.randint(0, 128000, (1, 6144), device="cuda")
+    caches = []
+    for mode in ("auto", "off"):
+        with lse_env(mode):
+            policy = kb.policy("adakv", budget=1024, block_size=1024)
+            cache = policy.new_cache(model)
+            kb.prefill(model, cache, policy, ids)
+            caches.append(cache)
+    share = overlap(*caches)
+    failures += report(min(share) > 0.95, f"adakv prefill, varlen flash vs masked path: kept overlap per layer {share}")
+    return failures
+
+
+GROUPS = ("fused", "graph", "lse", "lazy", "stacked", "ragged")
 
 
 def main() -> int:
@@ -492,6 +548,8 @@ def main() -> int:
         check_lazy_prefill()
     if "stacked" in groups:
         failures += check_stacked_equals_loop()
+    if "ragged" in groups:
+        failures += check_ragged_flash()
     print("FAILURES:", failures)
     return 1 if failures else 0
 

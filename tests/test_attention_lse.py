@@ -286,3 +286,69 @@ def test_blocks_of_other_policies_take_the_lse_op_and_keep_no_lse(tiny_llama, mo
     assert calls and min(calls) == 32  # blocks only: the one-token step took the ordinary path
     for a, b in zip(kept["off"], kept["reference"]):
         assert torch.equal(a, b)
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale):
+    """What varlen flash attention computes, in torch: per sequence i, queries cu_q[i]..cu_q[i+1]
+    over keys cu_k[i]..cu_k[i+1], causal aligned bottom-right (query r of M sees the first
+    L - M + r + 1 keys), every query head over the sequence's one KV head."""
+    out = torch.empty_like(q)
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1], 0], v[cu_k[i]:cu_k[i + 1], 0]
+        m, n = qi.shape[0], ki.shape[0]
+        logits = torch.einsum("mgd,nd->gmn", qi.float(), ki.float()) * scale
+        if causal:
+            later = torch.arange(n)[None, :] > torch.arange(m)[:, None] + (n - m)
+            logits = logits.masked_fill(later, float("-inf"))
+        out[cu_q[i]:cu_q[i + 1]] = torch.einsum("gmn,nd->mgd", logits.softmax(-1), vi.float()).to(q.dtype)
+    return (out,)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_ragged_flash_layout_equals_the_masked_padded_path(m):
+    """`ragged_flash` hands varlen flash attention the right sequences: with a torch stand-in for
+    the op it equals SDPA over the padded keys with the ragged plan's mask (old entries of each
+    head, then padding, then the block causally), GQA included."""
+    from kvbudget.attention import ragged_flash
+
+    gen = torch.Generator().manual_seed(2)
+    h, g, d = 3, 2, 8
+    old = torch.tensor([4, 7, 2])
+    lens = tuple(int(n) + m for n in old)
+    flat_k, flat_v = torch.randn(sum(lens), d, generator=gen), torch.randn(sum(lens), d, generator=gen)
+    query = torch.randn(1, h * g, m, d, generator=gen)
+    n_old = int(old.max())
+    pad_k, pad_v = torch.zeros(1, h, n_old + m, d), torch.zeros(1, h, n_old + m, d)
+    start = 0
+    for i, n in enumerate(old.tolist()):
+        seg = slice(start, start + n + m)
+        pad_k[0, i, :n], pad_k[0, i, n_old:] = flat_k[seg][:n], flat_k[seg][n:]
+        pad_v[0, i, :n], pad_v[0, i, n_old:] = flat_v[seg][:n], flat_v[seg][n:]
+        start += n + m
+    mask = AttentionPlan(keys=pad_k, head_lens=old, n_old=n_old, layer=None).mask(m, h * g)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, pad_k.repeat_interleave(g, 1), pad_v.repeat_interleave(g, 1), attn_mask=mask, scale=0.3)
+    got = ragged_flash(query, flat_k, flat_v, lens, 0.3, op=_varlen_reference)
+    assert got.shape == (1, m, h * g, d)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_plan_carries_the_layers_storage(tiny_llama):
+    """A block over a ragged layer (Ada-KV after its first compression) leaves the attention call
+    the layer's storage with each head's segment holding the block, and the host lengths."""
+    from kvbudget import attention
+
+    policy = kb.policy("adakv", budget=24, block_size=16)
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(64), block_size=16)
+    layer = cache.budgeted_layers()[0]
+    assert layer.head_lens is not None
+    before = layer.host_lens()
+    keys = torch.randn(1, layer.n_heads, 3, layer.keys.shape[-1])
+    layer.update(keys, keys.clone())
+    plan = attention._take_plan(attention._local.plan.keys)
+    flat_k, _, lens = plan.segments
+    assert lens == tuple(n + 3 for n in before) == layer.host_lens() and flat_k is layer.keys
+    ends = torch.tensor(lens).cumsum(0)
+    for i in range(layer.n_heads):  # each segment ends with the block's tokens of that head
+        assert torch.equal(flat_k[ends[i] - 3 : ends[i]], keys[0, i])

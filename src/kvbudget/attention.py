@@ -25,6 +25,7 @@ call of transformers' own sdpa/eager attention with the model's mask: outputs ar
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -52,6 +53,10 @@ class AttentionPlan:
     # [H, n_old + q] bool: which key slots hold an entry (padding between a head's entries and
     # the new tokens does not), when the layer built it already; None: made from head_lens.
     visible: Tensor | None = None
+    # A ragged layer's storage after the update, when it holds the new tokens: keys and values
+    # [sum(lens), d] with head h's entries (its old ones, then the new tokens) contiguous, and
+    # the per-head lengths on the host: the layout of varlen flash attention (`ragged_flash`).
+    segments: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
 
     def mask(self, q_len: int, n_query_heads: int) -> Tensor | None:
         """Boolean mask [1, 1 or Hq, q, n_old + q]: True = may attend. None = everything visible."""
@@ -154,6 +159,29 @@ def flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, n_old: int, scale:
     return out.transpose(1, 2), lse[..., :m]
 
 
+def ragged_flash(query: Tensor, keys: Tensor, values: Tensor, lens: tuple[int, ...], scale: float,
+                 op: Callable | None = None) -> Tensor:
+    """Attention of a block of ``query`` [1, Hq, M, d] over a ragged layer's storage, ``keys`` /
+    ``values`` [sum(lens), d] with KV head h's ``lens[h]`` entries contiguous, its last M the
+    block's own tokens: each query sees every older entry of its head and the block causally.
+    Varlen flash attention with one sequence per KV head (its g query heads as the heads of
+    that sequence, one KV head): no padding and no [Hq, M, n] mask, which the SDPA path
+    materialises. ``is_causal`` is aligned bottom-right per sequence, as for the dense block.
+    Returns [1, M, Hq, d] contiguous, the layout attention functions return. ``op``: the varlen
+    op (default ``torch.ops.aten._flash_attention_forward``; tests pass a torch reference)."""
+    _, hq, m, d = query.shape
+    h = len(lens)
+    g = hq // h
+    q = query[0].reshape(h, g, m, d).transpose(1, 2).reshape(h * m, g, d)  # sequence h: rows h*m ..
+    starts = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    if query.is_cuda:  # without blocking: the host keeps launching ahead of the GPU
+        starts = starts.pin_memory().to(query.device, non_blocking=True)
+    cu_q = torch.arange(0, (h + 1) * m, m, dtype=torch.int32, device=query.device)
+    op = op or torch.ops.aten._flash_attention_forward
+    out = op(q, keys[:, None], values[:, None], cu_q, starts, m, max(lens), 0.0, m > 1, False, scale=scale)[0]
+    return out.view(h, m, g, d).transpose(0, 1).reshape(1, m, hq, d)
+
+
 def _flash_fits(query: Tensor, key: Tensor, value: Tensor) -> bool:
     d = query.shape[-1]
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
@@ -177,8 +205,7 @@ def attend_with_lse(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tens
     mode = lse_mode()
     if mode == "off" or plan.head_lens is not None:
         return None
-    if kwargs.get("dropout", 0.0) or any(kwargs.get(k) is not None for k in
-                                         ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")):
+    if kwargs.get("dropout", 0.0) or any(kwargs.get(k) is not None for k in _UNSUPPORTED):
         return None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if mode == "reference":
@@ -197,6 +224,17 @@ def attend_with_lse(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tens
                       "scoring computes its own", RuntimeWarning, stacklevel=2)
         return None
     return out.transpose(1, 2).contiguous(), lse
+
+
+def _flash_allowed(query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> bool:
+    """Whether the flash op may stand in for the model's attention here: ``KVBUDGET_ATTENTION_LSE``
+    not off, no feature the op lacks, tensors it takes, and the op not found broken."""
+    if lse_mode() == "off" or _FLASH_BROKEN or not _flash_fits(query, key, value):
+        return False
+    return not (kwargs.get("dropout", 0.0) or any(kwargs.get(k) is not None for k in _UNSUPPORTED))
+
+
+_UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
 
 
 def _eager(module, query, key, value, attention_mask, **kwargs):
@@ -227,6 +265,12 @@ def _make(base: Callable, with_lse: bool = False) -> Callable:
             # A block of new tokens over a dense layer goes through flash attention even when its
             # scorer does not want the LSE: measured on the H100 it is 1.4-2x faster than SDPA with
             # the plan's materialised mask (docs/benchmarks.md, table 4). One token: the SDPA path.
+            if with_lse and plan.segments is not None and query.shape[2] > 1 and _flash_allowed(query, key, value, kwargs):
+                # A block over a ragged layer (Ada-KV): varlen flash over its storage. No LSE
+                # (this op returns it per packed row): a scorer that wants it computes its own.
+                out = ragged_flash(query, *plan.segments, scaling if scaling is not None else query.shape[-1] ** -0.5)
+                plan.layer.observe(query, scaling)
+                return out, None
             if with_lse and (wants or query.shape[2] > 1):
                 got = attend_with_lse(plan, query, key, value, scaling, kwargs)
                 if got is not None:

@@ -278,6 +278,8 @@ class BudgetedLayer(CacheLayerMixin):
             for name, s in self.state.items():
                 self.state[name] = _grown(s, s.new_zeros(h, q), rows, kept)
             self._set_head_lens(old_lens + q, tuple(n + q for n in sizes))
+            plan = AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self, visible=visible,
+                                 segments=(self.keys, self.values, self.host_lens()))
         self.peak_entries = max(self.peak_entries, self.max_entries)
         set_plan(plan or AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self, visible=visible))
         return keys, values
