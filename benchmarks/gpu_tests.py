@@ -301,8 +301,9 @@ def overlap(a, b) -> list[float]:
     out = []
     for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
         pa, pb = la.view().positions[0], lb.view().positions[0]
-        common = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(pa, pb))
-        out.append(common / max(1, pa.numel()))
+        # Padding (ragged layers: heads shorter than the longest) is at position -1: not an entry.
+        common = sum(len((set(x.tolist()) & set(y.tolist())) - {-1}) for x, y in zip(pa, pb))
+        out.append(common / max(1, int((pa >= 0).sum())))
     return out
 
 
