@@ -483,6 +483,9 @@ def check_ragged_flash() -> int:
     entries they keep without it (``KVBUDGET_ATTENTION_LSE=off`` takes the masked path)."""
     from gpu_bench import cuda_ms
 
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from ragged_layout import padded_segments
+
     from kvbudget.attention import AttentionPlan, ragged_flash
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -493,14 +496,7 @@ def check_ragged_flash() -> int:
     flat_v = torch.randn(sum(lens), d, device="cuda", generator=gen).bfloat16()
     query = torch.randn(1, h * g, m, d, device="cuda", generator=gen).bfloat16()
     n_old = int(old.max())
-    pad_k = torch.zeros(1, h, n_old + m, d, device="cuda", dtype=torch.bfloat16)
-    pad_v = torch.zeros_like(pad_k)
-    start = 0
-    for i, n in enumerate(old.tolist()):
-        seg = slice(start, start + n + m)
-        pad_k[0, i, :n], pad_k[0, i, n_old:] = flat_k[seg][:n], flat_k[seg][n:]
-        pad_v[0, i, :n], pad_v[0, i, n_old:] = flat_v[seg][:n], flat_v[seg][n:]
-        start += n + m
+    pad_k, pad_v = padded_segments(flat_k, flat_v, old.tolist(), m)
     scale = d**-0.5
 
     def masked():

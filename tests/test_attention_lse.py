@@ -309,6 +309,8 @@ def test_ragged_flash_layout_equals_the_masked_padded_path(m):
     """`ragged_flash` hands varlen flash attention the right sequences: with a torch stand-in for
     the op it equals SDPA over the padded keys with the ragged plan's mask (old entries of each
     head, then padding, then the block causally), GQA included."""
+    from ragged_layout import padded_segments
+
     from kvbudget.attention import ragged_flash
 
     gen = torch.Generator().manual_seed(2)
@@ -318,13 +320,7 @@ def test_ragged_flash_layout_equals_the_masked_padded_path(m):
     flat_k, flat_v = torch.randn(sum(lens), d, generator=gen), torch.randn(sum(lens), d, generator=gen)
     query = torch.randn(1, h * g, m, d, generator=gen)
     n_old = int(old.max())
-    pad_k, pad_v = torch.zeros(1, h, n_old + m, d), torch.zeros(1, h, n_old + m, d)
-    start = 0
-    for i, n in enumerate(old.tolist()):
-        seg = slice(start, start + n + m)
-        pad_k[0, i, :n], pad_k[0, i, n_old:] = flat_k[seg][:n], flat_k[seg][n:]
-        pad_v[0, i, :n], pad_v[0, i, n_old:] = flat_v[seg][:n], flat_v[seg][n:]
-        start += n + m
+    pad_k, pad_v = padded_segments(flat_k, flat_v, old.tolist(), m)
     mask = AttentionPlan(keys=pad_k, head_lens=old, n_old=n_old, layer=None).mask(m, h * g)
     want = torch.nn.functional.scaled_dot_product_attention(
         query, pad_k.repeat_interleave(g, 1), pad_v.repeat_interleave(g, 1), attn_mask=mask, scale=0.3)
