@@ -25,7 +25,7 @@ from kvbudget.attention import _sdpa as transformers_sdpa
 from kvbudget.cache import BudgetedCache
 
 triton = pytest.importorskip("triton")
-from test_attn_scores import DEVICE, rel_err, row_lse  # also patches the interpreter
+from test_attn_scores import DEVICE, on_device, rel_err, row_lse  # also patches the interpreter
 
 
 def _qkv(n_old: int, m: int, hq: int = 4, h: int = 2, d: int = 16, seed: int = 0, dtype=torch.float32):
@@ -176,6 +176,7 @@ def test_prefill_with_the_attention_lse_keeps_the_same_entries(tiny_llama, monke
     monkeypatch.setenv("KVBUDGET_SCORING", "triton")
     seen = _spy(monkeypatch)
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "off")
+    tiny_llama = on_device(tiny_llama)
     off = _kept(tiny_llama, name)
     assert seen and not any(seen)
     seen.clear()
@@ -191,6 +192,7 @@ def test_stacked_compression_with_lse_equals_the_layer_loop(tiny_llama, monkeypa
     monkeypatch.setenv("KVBUDGET_SCORING", "triton")
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
     seen = _spy(monkeypatch)
+    tiny_llama = on_device(tiny_llama)
     stacked = _kept(tiny_llama, "h2o", stack=True)
     n_stacked = len(seen)
     loop = _kept(tiny_llama, "h2o", stack=False)
@@ -205,6 +207,7 @@ def test_stacking_drops_the_lse_if_one_layer_lacks_it(tiny_llama, monkeypatch):
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
     seen = _spy(monkeypatch)
     policy = kb.policy("h2o", budget=24, block_size=32)
+    tiny_llama = on_device(tiny_llama)
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(64, seed=4), 32, compress_last=False)
     assert all(layer.lse is not None for layer in cache.budgeted_layers())

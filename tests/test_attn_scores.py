@@ -621,7 +621,7 @@ def test_stacked_triton_scoring_equals_the_loop(tiny_llama, monkeypatch, name):
     from test_policies import _assert_same_entries
 
     monkeypatch.setenv("KVBUDGET_SCORING", "triton")
-    model = tiny_llama if DEVICE == "cpu" else copy.deepcopy(tiny_llama).to(DEVICE)
+    model = on_device(tiny_llama)
     caches = []
     for stacked in (True, False):
         policy = kb.policy(name, budget=40)
@@ -630,3 +630,9 @@ def test_stacked_triton_scoring_equals_the_loop(tiny_llama, monkeypatch, name):
         kb.prefill(model, cache, policy, random_ids(120), block_size=32)
         caches.append(cache)
     _assert_same_entries(*caches)
+
+
+def on_device(model):
+    """``model`` where the Triton kernels can read its tensors: as is under the interpreter (CPU),
+    a copy on the GPU on a CUDA machine (compiled kernels take no CPU tensors)."""
+    return model if DEVICE == "cpu" else copy.deepcopy(model).to(DEVICE)
