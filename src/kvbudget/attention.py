@@ -205,7 +205,7 @@ def attend_with_lse(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tens
     mode = lse_mode()
     if mode == "off" or plan.head_lens is not None:
         return None
-    if kwargs.get("dropout", 0.0) or any(kwargs.get(k) is not None for k in _UNSUPPORTED):
+    if _unsupported(kwargs):
         return None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if mode == "reference":
@@ -231,10 +231,14 @@ def _flash_allowed(query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> b
     not off, no feature the op lacks, tensors it takes, and the op not found broken."""
     if lse_mode() == "off" or _FLASH_BROKEN or not _flash_fits(query, key, value):
         return False
-    return not (kwargs.get("dropout", 0.0) or any(kwargs.get(k) is not None for k in _UNSUPPORTED))
+    return not _unsupported(kwargs)
 
 
-_UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
+def _unsupported(kwargs: dict) -> bool:
+    """Whether the call asks for something the flash op does not do (dropout, softcapping, sinks,
+    position bias, a sliding window)."""
+    return bool(kwargs.get("dropout", 0.0)) or any(
+        kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks", "position_bias", "sliding_window"))
 
 
 def _eager(module, query, key, value, attention_mask, **kwargs):
