@@ -22,7 +22,9 @@ Budget: < 4 minutes and < 40 GB on an H100. Every row is wrapped in try/except.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import json
 import math
 import sys
@@ -94,6 +96,22 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def kivi_variant(variant: str):
+    """Run the fused KIVI calls inside with ``variant``: '' (the library's choice), a kernel name
+    (`kivi_decode.KERNEL`) or ``stack:cb,warps,stages,resident,maxnreg`` (`STACK_CONFIG`)."""
+    from kvbudget.kernels import kivi_decode as KD
+
+    saved = (KD.KERNEL, KD.STACK_CONFIG)
+    kernel, _, config = variant.partition(":")
+    KD.KERNEL = kernel or saved[0]
+    KD.STACK_CONFIG = tuple(map(int, config.split(","))) if config else saved[1]
+    try:
+        yield
+    finally:
+        KD.KERNEL, KD.STACK_CONFIG = saved
+
+
 # --- KIVI bodies -----------------------------------------------------------------------------------
 def real_kivi_layer(bits: int, b: int, hkv: int, m: int, d: int, dtype, device, evict: bool = True):
     """A KIVI body through the store machinery (encode, evict a random subset, encode more)."""
@@ -140,7 +158,7 @@ def synthetic_kivi_body(bits: int, b: int, hkv: int, n: int, d: int, dtype, devi
 
 
 # --- 1. correctness -------------------------------------------------------------------------------
-def check_correctness(out) -> None:
+def check_correctness(out, variants: list[str]) -> None:
     from kvbudget.kernels import kivi_decode as KD
     from kvbudget.kernels import reference as R
     from kvbudget.kernels import varlen_decode as VD
@@ -179,19 +197,20 @@ def check_correctness(out) -> None:
             emit(out, {"kind": "check", "kernel": "varlen_decode_attention", "case": name, "rel_err": e})
             if not e < tol[dtype]:
                 failures.append(f"varlen_decode_attention {name}: {e:.3g}")
-            for bits in (2, 4):
-                store, body, tk, tv = real_kivi_layer(bits, 2, hkv, 700, d, dtype, dev)
+            for bits, evict in itertools.product((2, 4), (True, False)):
+                store, body, tk, tv = real_kivi_layer(bits, 2, hkv, 700, d, dtype, dev, evict=evict)
                 qk = q[:2]
                 bk, bv = body.decode(store, dtype)
                 keys, values = torch.cat([bk, tk], 2).double(), torch.cat([bv, tv], 2).double()
                 full = torch.full((2, hkv), keys.shape[2], device=dev)
                 ref = R.reference_decode_attention(qk.double(), keys, values, full, SCALE)
-                for splits in (None, 3):
-                    e = rel(KD.kivi_decode_attention(qk, body, store, tk, tv, SCALE, num_splits=splits), ref)
+                for variant, splits in itertools.product(variants, (None, 3)):
+                    with kivi_variant(variant):
+                        e = rel(KD.kivi_decode_attention(qk, body, store, tk, tv, SCALE, num_splits=splits), ref)
                     emit(out, {"kind": "check", "kernel": f"kivi{bits}_decode_attention", "case": name,
-                               "splits": splits, "rel_err": e})
+                               "variant": variant, "evicted": evict, "splits": splits, "rel_err": e})
                     if not e < tol[dtype]:
-                        failures.append(f"kivi{bits} {name} splits={splits}: {e:.3g}")
+                        failures.append(f"kivi{bits} {variant or 'default'} {name} evicted={evict} splits={splits}: {e:.3g}")
         except Exception as exc:  # noqa: BLE001 - report and go on
             traceback.print_exc()
             failures.append(f"{name}: {exc!r}")
@@ -285,11 +304,13 @@ def bench_varlen(out, copy_gbps: float, budget: int = 2048) -> None:
 
 
 # --- 3b. KIVI over the full context ----------------------------------------------------------------
-def bench_kivi(out, copy_gbps: float, residual: int = 128) -> None:
+def bench_kivi(out, copy_gbps: float, variants: list[str], residual: int = 128,
+               contexts: tuple[int, ...] = (8192, 32768, 131072), torch_path: bool = True) -> None:
+    """``variants``: the fused kernels to time (`kivi_variant`)."""
     from kvbudget.kernels import kivi_decode as KD
 
     dev = torch.device("cuda")
-    for ctx in (8192, 32768, 131072):
+    for ctx in contexts:
         for b in (1, 8):
             meta = {"bench": "kivi", "context": ctx, "batch": b}
             try:
@@ -321,11 +342,14 @@ def bench_kivi(out, copy_gbps: float, residual: int = 128) -> None:
                     must = body.nbytes() + tk.nbytes + tv.nbytes
                     fused = [lambda s=s, st=store: KD.kivi_decode_attention(s[0], s[1], st, s[2], s[3], SCALE)
                              for s in sets]
-                    timing_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused", **meta)
-                    graph_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused_graph", **meta)
+                    for variant in variants:
+                        tag = f"_{variant}" if variant else ""
+                        with kivi_variant(variant):
+                            timing_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused{tag}", **meta)
+                            graph_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused_graph{tag}", **meta)
                     # kvbudget's path before the kernel: dequantise the body in torch, concat, SDPA.
                     # Its float32 temporaries are ~6x the bf16 KV: skip where that would not fit.
-                    if kv_bytes * 6 < 24 * 2**30:
+                    if torch_path and kv_bytes * 6 < 24 * 2**30:
                         def torch_path(s, store=store):
                             bk, bv = s[1].decode(store, DTYPE)
                             keys, values = torch.cat([bk, s[2]], 2), torch.cat([bv, s[3]], 2)
@@ -370,17 +394,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="kernels.jsonl")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--only-kivi", action="store_true", help="time the KIVI kernels only (no varlen, no torch path)")
+    ap.add_argument("--kivi-variants", default="",
+                    help="';'-separated fused kernels to compare, e.g. 'fold;stack:4,8,1,2,0' (default: the library's)")
+    ap.add_argument("--contexts", default="8192,32768,131072")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    variants = args.kivi_variants.split(";") if args.kivi_variants else [""]
     t0 = time.time()
     with open(args.out, "w") as out:
         emit(out, {"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "triton": __import__("triton").__version__})
         if not args.skip_check:
-            check_correctness(out)
+            check_correctness(out, variants)
             print(f"correctness: {'FAILED: ' + '; '.join(failures) if failures else 'all kernels within tolerance'}"
                   f" ({time.time() - t0:.0f} s)", flush=True)
         try:
@@ -389,8 +418,10 @@ def main() -> int:
             traceback.print_exc()
             copy_gbps = float("nan")
         free()
-        bench_varlen(out, copy_gbps)
-        bench_kivi(out, copy_gbps)
+        if not args.only_kivi:
+            bench_varlen(out, copy_gbps)
+        bench_kivi(out, copy_gbps, variants=variants,
+                   contexts=tuple(int(c) for c in args.contexts.split(",")), torch_path=not args.only_kivi)
         emit(out, {"kind": "done", "seconds": time.time() - t0, "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
                    "failures": failures})
     table()
