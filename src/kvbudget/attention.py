@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa
 
+from .transfer import to_device
+
 _local = threading.local()
 
 IMPLEMENTATIONS = {"sdpa": "kvbudget_sdpa", "eager": "kvbudget_eager"}
@@ -173,9 +175,7 @@ def ragged_flash(query: Tensor, keys: Tensor, values: Tensor, lens: tuple[int, .
     h = len(lens)
     g = hq // h
     q = query[0].reshape(h, g, m, d).transpose(1, 2).reshape(h * m, g, d)  # sequence h: rows h*m ..
-    starts = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
-    if query.is_cuda:  # without blocking: the host keeps launching ahead of the GPU
-        starts = starts.pin_memory().to(query.device, non_blocking=True)
+    starts = to_device(torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32), query.device)
     cu_q = torch.arange(0, (h + 1) * m, m, dtype=torch.int32, device=query.device)
     op = op or torch.ops.aten._flash_attention_forward
     out = op(q, keys[:, None], values[:, None], cu_q, starts, m, max(lens), 0.0, m > 1, False, scale=scale)[0]

@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..transfer import to_device
+
 LOG2E = 1.4426950408889634
 Queries = Tensor | Sequence[Tensor]  # one tensor, or parts of it along the batch (stacked layers)
 MODES = {"sum": 0, "max": 1, "lazy": 2}
@@ -378,10 +380,7 @@ def _query_parts(queries: Queries) -> tuple[Tensor, Tensor, int]:
     if any(q.shape != first.shape or q.stride() != first.stride() or q.dtype != first.dtype
            or q.device != first.device for q in queries) or any(gap % (size * QOFF_ALIGN.value) for gap in gaps):
         return _query_parts(torch.cat(list(queries)))
-    offsets = torch.tensor([gap // size for gap in gaps], dtype=torch.int64)
-    if first.is_cuda:  # without blocking: the host keeps launching ahead of the GPU
-        return first, offsets.pin_memory().to(first.device, non_blocking=True), first.shape[0]
-    return first, offsets, first.shape[0]
+    return first, to_device(torch.tensor([gap // size for gap in gaps], dtype=torch.int64), first.device), first.shape[0]
 
 
 def _launch(
