@@ -454,24 +454,29 @@ def check_lazy_prefill() -> None:
 
 @torch.inference_mode()
 def check_stacked_equals_loop() -> int:
-    """Stacked compression keeps exactly what the per-layer loop keeps on CUDA too (where a top-k
-    over more rows may take another algorithm than over one layer's): Ada-KV (ragged layers,
-    one sync per group), PyramidKV (layers of different budgets), H2O, a 4-layer bf16 model of
-    the 8B attention shape, 6k tokens in blocks of 1024, budget 1024."""
+    """Stacked compression keeps exactly what the per-layer loop keeps on CUDA too (where a sort
+    or top-k over more rows may take another algorithm than over one layer's): Ada-KV (ragged
+    layers, picks by a stable sort, one sync per compression), PyramidKV (layers of different
+    budgets), H2O; all layers in one group and one layer per group (`Policy.STACK_BYTES`); a
+    4-layer bf16 model of the 8B attention shape, 6k tokens in blocks of 1024, budget 1024."""
     model = build(layers=4, dtype=torch.bfloat16)
     ids = torch.randint(0, 128000, (1, 6144), device="cuda")
     failures = 0
     for name in ("adakv", "pyramidkv", "h2o"):
-        caches = []
-        for stacked in (True, False):
+        caches = {}
+        for mode in ("loop", "stacked", "one layer per group"):
             policy = kb.policy(name, budget=1024, block_size=1024)
-            policy.stack_layers = stacked
+            policy.stack_layers = mode != "loop"
+            if mode == "one layer per group":
+                policy.STACK_BYTES = 1
             cache = policy.new_cache(model)
             kb.prefill(model, cache, policy, ids)
-            caches.append(cache)
-        same = all(torch.equal(a.view().positions, b.view().positions) and torch.equal(a.view().keys, b.view().keys)
-                   for a, b in zip(caches[0].budgeted_layers(), caches[1].budgeted_layers()))
-        failures += report(same, f"{name}: stacked compression keeps what the per-layer loop keeps (positions, keys)")
+            caches[mode] = cache
+        for mode in ("stacked", "one layer per group"):
+            same = all(torch.equal(a.view().positions, b.view().positions) and torch.equal(a.view().keys, b.view().keys)
+                       for a, b in zip(caches[mode].budgeted_layers(), caches["loop"].budgeted_layers()))
+            failures += report(same, f"{name}: stacked compression ({mode}) keeps what the per-layer loop keeps "
+                                     "(positions, keys)")
     return failures
 
 

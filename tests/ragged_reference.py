@@ -1,6 +1,6 @@
 """The ragged bookkeeping and Ada-KV selection as they were before they stopped reading sizes
-back from the device (commit ab1af40): verbatim copies, the reference that tests/test_ragged_ops.py
-compares the current code with. `use_reference` swaps them in (tests only).
+back from the device (commit ab1af40): verbatim copies (but for Ada-KV's tie rule, changed since:
+`_topk_indices`), the reference that tests/test_ragged_ops.py compares the current code with. `use_reference` swaps them in (tests only).
 
 Methods are module-level functions here; `use_reference` sets them on their classes."""
 
@@ -206,21 +206,29 @@ def _ranked(scores: Tensor, obs: Observation, window: int) -> Tensor:
     return scores
 
 
+def _topk_indices(scores: Tensor, k: int) -> Tensor:
+    """The indices of the ``k`` best along the last dimension, ties to the lower index. Not in
+    the old code, which called ``scores.topk(k).indices``: Ada-KV's tie rule changed since (a
+    stable sort, `policies.base._choose`), and this reference follows it, independently."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2) -> tuple[Tensor, Tensor]:
     """Ada-KV (Feng et al. 2024): one top-k over all heads of the layer (``budget * heads``
     entries), each head first guaranteed its best ``floor * budget``: heads keep different
-    numbers of entries and the cache stores exactly those (ragged, batch 1)."""
+    numbers of entries and the cache stores exactly those (ragged, batch 1). The two top-k are
+    `_topk_indices` (the one change from the old code)."""
     scores = _ranked(scores, obs, window)[0]  # [H, n]
     h, n = scores.shape
     finite = scores > float("-inf")
     chosen = torch.zeros_like(finite)
     guaranteed = min(int(floor * obs.budget), n)
     if guaranteed:
-        chosen.scatter_(1, scores.topk(guaranteed, dim=-1).indices, True)
+        chosen.scatter_(1, _topk_indices(scores, guaranteed), True)
         chosen &= finite
     rest = min(obs.budget * h, int(finite.sum())) - int(chosen.sum())
     if rest > 0:
-        pick = scores.masked_fill(chosen, float("-inf")).flatten().topk(rest).indices
+        pick = _topk_indices(scores.masked_fill(chosen, float("-inf")).flatten(), rest)
         chosen.view(-1)[pick] = True
     lens = chosen.sum(-1)
     order = torch.arange(n, device=scores.device).expand(h, n)

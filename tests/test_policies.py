@@ -390,28 +390,89 @@ def test_stacked_adakv_keeps_what_the_loop_keeps(request, fixture, name, kwargs,
 
 
 def test_stacked_adakv_with_entries_scoring_nan_keeps_what_the_loop_keeps(tiny_llama, monkeypatch):
-    """Where valid entries score NaN or -inf (never kept, fewer kept in all), the stacked path
-    redoes those layers' second top-k as the loop does (`_refill`), and keeps the same."""
+    """Where valid entries score NaN (never kept: fewer kept in all when too few others remain)
+    or -inf, the stacked path keeps what the loop keeps; every choice (`_choose`) keeps
+    min(budget * heads, entries ranked above -inf) per layer, none at -inf."""
     from kvbudget.policies import base
     from kvbudget.policies.snapkv import SnapKV
 
-    score = SnapKV.score
+    score, choose = SnapKV.score, base._choose
 
     def holes(self, obs):
         s = score(self, obs)
-        s = s.masked_fill(obs.positions % 11 == 3, float("nan"))
-        return s.masked_fill(obs.positions % 13 == 5, float("-inf"))
+        s = s.masked_fill(obs.positions % 2 == 1, float("nan"))
+        return s.masked_fill(obs.positions % 13 == 4, float("-inf"))
 
-    refills = []
-    refill = base._refill
+    short = []  # per choice: whether some layer kept fewer than budget * heads
+
+    def checked(scores, guaranteed, budget):
+        chosen = choose(scores, guaranteed, budget)
+        above = scores > float("-inf")
+        assert not (chosen & ~above).any()
+        want = above.flatten(1).sum(-1).clamp(max=budget * scores.shape[1])
+        assert torch.equal(chosen.flatten(1).sum(-1), want)
+        short.append(bool((want < budget * scores.shape[1]).any()))
+        return chosen
+
     monkeypatch.setattr(SnapKV, "score", holes)
-    monkeypatch.setattr(base, "_refill", lambda *a: refills.append(1) or refill(*a))
+    monkeypatch.setattr(base, "_choose", checked)
     loop = _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=False)
-    n_loop, refills[:] = len(refills), []
+    assert any(short)
     for group_bytes in (None, 1):
+        short.clear()
         _assert_same_ragged(_adaptive_run(tiny_llama, "adakv", {}, 24, 16, True, group_bytes), loop)
-        assert len(refills) == n_loop > 0
-        refills.clear()
+        assert any(short)
+
+
+def test_stacked_adakv_with_tied_scores_keeps_what_the_loop_keeps(tiny_llama, monkeypatch):
+    """Scores with many exact ties (SnapKV's, rounded to integers): layers of different widths
+    and per-head lengths chosen together (all at once, one per group, about two per group) keep
+    what the loop keeps, ties included."""
+    from kvbudget.policies.snapkv import SnapKV
+
+    score, choose = SnapKV.score, kb.Policy._choose_adaptive
+    distinct, widths = [], []
+
+    def rounded(self, obs):
+        s = (score(self, obs) * 4).round()
+        distinct.append(s.unique().numel() / s.numel())
+        return s
+
+    monkeypatch.setattr(SnapKV, "score", rounded)
+    monkeypatch.setattr(kb.Policy, "_choose_adaptive", lambda self, layers, *a: widths.append(
+        {layer.max_entries for layer in layers}) or choose(self, layers, *a))
+    loop = _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=False)
+    assert max(distinct) < 0.25  # many ties
+    widest = max(layer.max_entries for layer in loop.budgeted_layers())
+    for group_bytes in (None, 1, 2 * (widest + 16) * _layer_bytes(loop)):
+        widths.clear()
+        _assert_same_ragged(_adaptive_run(tiny_llama, "adakv", {}, 24, 16, True, group_bytes), loop)
+        if group_bytes is None:  # layers of different widths chosen together
+            assert any(len(w) > 1 for w in widths)
+
+
+def test_stacked_adakv_frees_every_groups_stacked_keys_before_keeping(tiny_llama, monkeypatch):
+    """Ada-KV's groups are all chosen before the one sync, but only their small results stay
+    alive until they are kept: each group's stacked keys are freed when its choice is made, so
+    the stacked copies never pile up beyond one group (the point of `Policy._groups`)."""
+    import weakref
+
+    stacked, alive, keep = [], [], kb.Policy._keep_adaptive
+    observe = kb.Policy._stacked_observation
+
+    def observed(self, *a, **k):
+        obs = observe(self, *a, **k)
+        stacked.append(weakref.ref(obs.keys))
+        return obs
+
+    def kept(self, *a, **k):
+        alive.append(sum(ref() is not None for ref in stacked))
+        return keep(self, *a, **k)
+
+    monkeypatch.setattr(kb.Policy, "_stacked_observation", observed)
+    monkeypatch.setattr(kb.Policy, "_keep_adaptive", kept)
+    _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=True, group_bytes=1)
+    assert len(stacked) > len(tiny_llama.model.layers) and alive and set(alive) == {0}
 
 
 def test_stacked_adakv_is_used_and_falls_back(tiny_llama, monkeypatch):

@@ -13,7 +13,7 @@ import kvbudget as kb
 from kvbudget import attention
 from kvbudget.attention import AttentionPlan
 from kvbudget.cache import BudgetedLayer, padded_to_ragged, ragged_to_padded, true_indices
-from kvbudget.policies.base import Observation, pick_across_heads, select_across_heads
+from kvbudget.policies.base import Observation, _choose, _ranked, pick_across_heads, select_across_heads
 
 import ragged_reference as ref
 from conftest import random_ids
@@ -168,7 +168,7 @@ def test_select_across_heads_matches_reference(lens, budget, special):
                 got = select_across_heads(scores, obs, window, floor)
                 _equal(got[0], want[0])
                 _equal(got[1], want[1])
-                chosen, lens_t, kept = pick_across_heads(scores, obs, window, floor, sizes=lens)
+                chosen, lens_t, kept = pick_across_heads(scores, obs, window, floor)
                 assert kept == tuple(want[1].tolist())
                 _equal(lens_t, want[1])
                 for h, k in enumerate(kept):
@@ -185,11 +185,67 @@ def test_keep_chosen_matches_reference_keep(lens, budget, special):
         view, old_view = new.view(), ref.view(old)
         scores, obs = _observation(lens, max(lens), budget, seed, special)
         obs.positions, obs.valid = view.positions, view.valid
-        chosen, lens_t, kept = pick_across_heads(scores, obs, 1, sizes=view.sizes)
+        chosen, lens_t, kept = pick_across_heads(scores, obs, 1)
         new.keep_chosen(chosen, lens_t, kept, view)
         index, lens_ref = ref.select_across_heads(scores, obs, 1)
         ref.keep(old, index, lens_ref, view=old_view)
         _same_layer(new, old)
+
+
+def _widened(scores: Tensor, obs: Observation, width: int, seed: int) -> tuple[Tensor, Observation]:
+    """The same layer padded to ``width``: tied random scores on the padding (which `_ranked`
+    puts at -inf), positions -1, `valid` False there."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, n = scores.shape
+    pad = width - n
+    wide = copy.copy(obs)
+    wide.positions = torch.cat([obs.positions, obs.positions.new_full((b, h, pad), -1)], dim=-1)
+    valid = torch.ones_like(obs.positions, dtype=torch.bool) if obs.valid is None else obs.valid
+    wide.valid = torch.cat([valid, valid.new_zeros(b, h, pad)], dim=-1)
+    return torch.cat([scores, torch.randint(0, 6, (b, h, pad), generator=gen).float()], dim=-1), wide
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf"])
+@pytest.mark.parametrize("lens,budget", SELECT_CASES)
+def test_adakv_picks_do_not_depend_on_padding(lens, budget, special):
+    """Ada-KV's picks (ties to the lower index) are the same whether a layer's row is padded to
+    a wider width or not, with many exactly tied scores: what lets the stacked path choose
+    layers of any widths together."""
+    n = max(lens)
+    for seed in range(6):
+        scores, obs = _observation(lens, n, budget, seed, special)
+        for window in (0, 2):
+            for floor in (0.2, 0.5, 0.0):
+                chosen, lens_t, kept = pick_across_heads(scores, obs, window, floor)
+                for width in (n + 1, n + 7, 3 * n + 2):
+                    wide, wide_obs = _widened(scores, obs, width, seed)
+                    got, got_lens, got_kept = pick_across_heads(wide, wide_obs, window, floor)
+                    assert got_kept == kept
+                    _equal(got_lens, lens_t)
+                    _equal(got[:, :n], chosen)
+                    assert not got[:, n:].any()
+
+
+def test_adakv_choice_of_stacked_layers_is_each_layers_own():
+    """`_choose` over layers of different widths and per-head lengths (so different counts to
+    add after the guaranteed picks: heads shorter than the guarantee), stacked and padded to
+    the widest, with tied, NaN and -inf scores: each layer's choice is the one it makes alone."""
+    layer_lens = [(9, 0, 4, 9), (3, 3, 3, 3), (1, 12, 2, 0), (6, 6, 6, 6), (0, 0, 0, 0), (2, 1, 7, 5)]
+    width = max(max(lens) for lens in layer_lens)
+    for budget in (1, 3, 6, 20):
+        for seed in range(4):
+            alone, stacked = [], []
+            for i, lens in enumerate(layer_lens):
+                scores, obs = _observation(lens, max(lens), budget, 10 * seed + i, special=seed % 2 == 1)
+                ranked = _ranked(scores, obs, 1)
+                alone.append(_choose(ranked, 2, budget)[0])
+                wide, wide_obs = _widened(scores, obs, width, seed)
+                stacked.append(_ranked(wide, wide_obs, 1)[0])
+            together = _choose(torch.stack(stacked), 2, budget)
+            for got, want in zip(together, alone):
+                n = want.shape[-1]
+                _equal(got[:, :n], want)
+                assert not got[:, n:].any()
 
 
 def _snapshot(cache) -> list:
@@ -290,10 +346,11 @@ def _counted(fn, reads: _HostReads):
 
 
 @pytest.mark.parametrize("stack", [True, False], ids=["stacked", "loop"])
-def test_adakv_reads_the_device_once_per_group_and_compression(tiny_llama, monkeypatch, stack):
+def test_adakv_reads_the_device_once_per_compression(tiny_llama, monkeypatch, stack):
     """The one remaining sync of a compression is reading the kept counts: once for all layers
-    stacked together (once per group of them), once per layer in the loop (`pick_across_heads`);
-    a block over ragged layers (update + mask) reads nothing (it was nine per layer)."""
+    stacked together, however many groups they are chosen in (`Policy._compress_adaptive`),
+    once per layer in the loop (`pick_across_heads`); a block over ragged layers (update +
+    mask) reads nothing (it was nine per layer)."""
     policy = kb.policy("adakv", budget=24, block_size=16)
     policy.stack_layers = stack
     cache = policy.new_cache(tiny_llama)
@@ -302,15 +359,22 @@ def test_adakv_reads_the_device_once_per_group_and_compression(tiny_llama, monke
     reads = _HostReads()
     for cls, name in ((BudgetedLayer, "update"), (AttentionPlan, "mask")):
         monkeypatch.setattr(cls, name, _counted(getattr(cls, name), reads))
+    groups = []
+    choose = kb.Policy._choose_adaptive
+    monkeypatch.setattr(kb.Policy, "_choose_adaptive", lambda self, layers, *a: groups.append(len(layers))
+                        or choose(self, layers, *a))
     with torch.inference_mode():
         tiny_llama(input_ids=random_ids(16, seed=4), past_key_values=cache, use_cache=True)
         assert reads.count == 0
         with _HostReads() as compress_reads:
             policy.compress(cache)
         assert compress_reads.count == (1 if stack else len(cache.budgeted))
-        if stack:  # one layer per group: one read per layer again
+        assert groups == ([len(cache.budgeted)] if stack else [])
+        if stack:  # one layer per group: still one read
             policy.STACK_BYTES = 1
+            groups.clear()
             tiny_llama(input_ids=random_ids(16, seed=5), past_key_values=cache, use_cache=True)
             with _HostReads() as compress_reads:
                 policy.compress(cache)
-            assert compress_reads.count == len(cache.budgeted)
+            assert compress_reads.count == 1
+            assert groups == [1] * len(cache.budgeted)

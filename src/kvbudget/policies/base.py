@@ -10,7 +10,6 @@ the result to the cache, which really frees what is dropped.
 from __future__ import annotations
 
 import inspect
-import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ class Observation:
     layer_idx: int  # index among the budgeted layers
     n_layers: int  # number of budgeted layers
     keys: Tensor  # [B, H, n, d], RoPE applied
-    values: Tensor | None  # [B, H, n, dv]; None for stacked padded layers unless `Scorer.reads_values`
+    values: Tensor | None  # [B, H, n, dv]; None for stacked padded (or Ada-KV) layers unless `Scorer.reads_values`
     positions: Tensor  # [B, H, n] original token positions (-1 on padding)
     valid: Tensor | None  # [B, H, n] bool, None = no padding (padding is at the end of a row)
     queries: Tensor | None  # [B, Hq, m, d] latest queries (after RoPE), as many as the scorer asked
@@ -211,11 +210,12 @@ def select(scores: Tensor, obs: Observation, window: int) -> tuple[Tensor, Tenso
 
 
 def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2) -> tuple[Tensor, Tensor]:
-    """Ada-KV (Feng et al. 2024): one top-k over all heads of the layer (``budget * heads``
-    entries), each head first guaranteed its best ``floor * budget``: heads keep different
-    numbers of entries and the cache stores exactly those (ragged, batch 1). Returns indices
-    [1, H, max kept] (ascending; a head's first ``lens[h]`` are its picks) and ``lens`` [H]; the
-    policy itself keeps `pick_across_heads`'s mask, without this padded index."""
+    """Ada-KV (Feng et al. 2024): the best ``budget * heads`` entries over all heads of the layer,
+    each head first guaranteed its best ``floor * budget``: heads keep different numbers of
+    entries and the cache stores exactly those (ragged, batch 1). Ties go to the lower index
+    (`_choose`). Returns indices [1, H, max kept] (ascending; a head's first ``lens[h]`` are its
+    picks) and ``lens`` [H]; the policy itself keeps `pick_across_heads`'s mask, without this
+    padded index."""
     chosen, lens, kept = pick_across_heads(scores, obs, window, floor)
     h, n = chosen.shape
     order = torch.arange(n, device=chosen.device).expand(h, n)
@@ -224,66 +224,42 @@ def select_across_heads(scores: Tensor, obs: Observation, window: int, floor: fl
     return index[None], lens
 
 
-def pick_across_heads(scores: Tensor, obs: Observation, window: int, floor: float = 0.2,
-                      sizes: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+def pick_across_heads(scores: Tensor, obs: Observation, window: int,
+                      floor: float = 0.2) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """`select_across_heads`'s choice as a mask: chosen [H, n] bool, kept per head [H] (on the
-    device) and the same as Python ints. ``sizes``: entries per head of the view (batch 0) on the
-    host (`LayerView.sizes`); None: every head holds n, or, with padding, read from the device.
-
-    One host<->device sync (reading the kept counts, which the cache needs on the host): the
-    size of the second top-k comes from ``sizes``, on the premise that every valid entry scores
-    above -inf. That read also checks it: where a valid entry scored -inf or NaN (never kept, so
-    fewer are kept in all), the second top-k is done again, sized from the device (two more
-    syncs, in that case only)."""
-    scores = _ranked(scores, obs, window)[0]  # [H, n]
-    h, n = scores.shape
-    if sizes is None:
-        sizes = (n,) * h if obs.valid is None else tuple(obs.valid[0].sum(-1).tolist())
-    finite = scores > float("-inf")
-    guaranteed = min(int(floor * obs.budget), n)
-    planned = _planned(sizes, obs.budget, guaranteed)
-    chosen = _add_best(_best_per_head(scores, finite, guaranteed), scores, planned)
-    counts = torch.stack([chosen, finite]).sum(-1)  # [2, H]: kept, finite
-    kept, n_finite = counts.tolist()  # the one sync
-    lens = counts[0]
-    if sum(n_finite) != sum(sizes):
-        return _refill(scores, finite, guaranteed, min(obs.budget * h, sum(n_finite)))
-    return chosen, lens, tuple(kept)
-
-
-def _planned(sizes: tuple[int, ...], budget: int, guaranteed: int) -> int:
-    """Entries the top-k over all heads adds to each head's guaranteed best, on the premise that
-    every valid entry scores above -inf: a head holding s of them gets min(guaranteed, s) first."""
-    return min(budget * len(sizes), sum(sizes)) - sum(min(guaranteed, s) for s in sizes)
-
-
-def _refill(scores: Tensor, finite: Tensor, guaranteed: int, total: int) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-    """`pick_across_heads`'s choice when some valid entries scored -inf or NaN: the second top-k
-    sized from the device (``total``: how many to keep in all, from the finite count read), so
-    two more syncs, in that case only. Returns (chosen [H, n], kept per head [H], as ints)."""
-    first = _best_per_head(scores, finite, guaranteed)
-    chosen = _add_best(first, scores, total - int(first.sum()))
+    device) and the same as Python ints, read back in the one host<->device sync (the cache
+    needs them on the host). The per-layer loop's choice; the stacked path (`_choose_adaptive`)
+    makes the same one for many layers at once."""
+    chosen = _choose(_ranked(scores, obs, window), int(floor * obs.budget), obs.budget)[0]  # [H, n]
     lens = chosen.sum(-1)
     return chosen, lens, tuple(lens.tolist())
 
 
-def _best_per_head(scores: Tensor, finite: Tensor, k: int) -> Tensor:
-    """Each head's ``k`` best-scored entries that score above -inf: [..., H, n] bool (leading
-    dimensions: layers selected together, each row as on its own)."""
-    best = torch.zeros_like(finite)
-    if k:
-        best.scatter_(-1, scores.topk(k, dim=-1).indices, True)
-        best &= finite
-    return best
+def _choose(scores: Tensor, guaranteed: int, budget: int) -> Tensor:
+    """Ada-KV's choice for each of L layers of ranked scores ([L, H, W], padding at the end of
+    each head at -inf): chosen [L, H, W] bool. Each head first keeps its best ``guaranteed``
+    entries, then the layer its best entries among the rest over all heads (flattened head
+    after head), up to ``budget * H`` in all; an entry at -inf (padding, a NaN score) is never
+    kept, so a layer with fewer others keeps fewer.
 
-
-def _add_best(chosen: Tensor, scores: Tensor, k: int) -> Tensor:
-    """``chosen`` ([..., H, n] bool, contiguous, updated in place) plus the ``k`` best-scored
-    entries not in it, over all heads (of each leading index: one top-k row of H * n each)."""
-    if k > 0:
-        pick = scores.masked_fill(chosen, float("-inf")).flatten(-2).topk(k).indices
-        chosen.view(*chosen.shape[:-2], -1).scatter_(-1, pick, True)
-    return chosen
+    "Best" is by score, ties to the lower index: a stable descending sort, not `torch.topk`
+    (which of tied entries a top-k returns depends on the whole row, so on its padding). With
+    this rule and padding last, a layer's picks are the same whatever width it is padded to,
+    so layers of any widths are chosen together: one sort per step for all of them, and each
+    layer's count to add applied on the device (nothing read back here). Ties go differently
+    than with the top-k used before."""
+    n_layers, h, w = scores.shape
+    g = min(guaranteed, w)
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if g:
+        best, order = scores.sort(dim=-1, descending=True, stable=True)
+        chosen.scatter_(-1, order[..., :g], best[..., :g] > float("-inf"))
+    # The rest ranked over all heads; a layer adds its first budget * H - (guaranteed kept) of
+    # them that score above -inf (chosen entries are put at -inf: never picked twice).
+    rest, order = scores.masked_fill(chosen, float("-inf")).flatten(1).sort(dim=-1, descending=True, stable=True)
+    room = budget * h - chosen.flatten(1).sum(-1, keepdim=True)  # [L, 1]
+    picked = (torch.arange(h * w, device=scores.device) < room) & (rest > float("-inf"))
+    return chosen | torch.empty_like(picked).scatter_(-1, order, picked).view(n_layers, h, w)
 
 
 class Policy:
@@ -546,10 +522,10 @@ class Policy:
             n = max(layer.keys.shape[2] for layer in layers)
             positions = _stack_entries([layer.positions for layer in layers], n, fill=-1)
             padded = any(layer.keys.shape[2] != n for layer in layers)
-            # Padded layers of different budgets keep entries from their own tensors
-            # (`_compress_stacked`): their values are stacked only for a scorer that reads them.
-            # Ada-KV's stacked path gathers every kept entry from the stacked fields.
-            own = padded and not self.scorer.reads_values and not self.head_adaptive
+            # Padded layers of different budgets, and Ada-KV's layers, keep entries from their own
+            # tensors (`_compress_stacked`, `_keep_adaptive`): their values are stacked only for a
+            # scorer that reads them.
+            own = (padded or self.head_adaptive) and not self.scorer.reads_values
             values = None if own else _stack_entries([layer.values for layer in layers], n)
             entries = _Stacked(
                 keys=_stack_entries([layer.keys for layer in layers], n),
@@ -593,64 +569,69 @@ class Policy:
         padded = any(layer.head_lens is not None for layer in layers) or len({layer.max_entries for layer in layers}) > 1
         if padded and not self.scorer.stackable_padded:
             return False
-        # Grouped in order of width (each layer's widest head): every head of a group is padded
-        # to the group's widest, and a layer's picks do not depend on the layers beside it.
-        layers = sorted(layers, key=lambda layer: layer.max_entries)
-        for group in self._groups(layers):
-            self._compress_adaptive(layers[group], budget)
+        self._compress_adaptive(layers, budget)
         return True
 
     def _compress_adaptive(self, layers: list[BudgetedLayer], budget: int, floor: float = 0.2) -> None:
-        """Ada-KV (`pick_across_heads`) for ``layers`` together: one scoring of their views stacked
-        along the batch (each head padded to the widest head of any of them), every layer's choice
-        with one host<->device sync for all of them (the kept and finite counts), one gather of
-        everything kept. The per-layer loop costs ~86 operators and one sync per layer.
-
-        The same picks as the loop, ties included: every top-k runs on rows of the length and
-        content the loop's have (layer i's scores cut to its own width), layers batched into
-        one top-k only with layers of the same width and the same count to add. Which of tied
-        entries a top-k returns depends on its whole row (on the CPU: `std::nth_element` or a
-        heap over the row, chosen by its length), so padding a row could change them."""
+        """Ada-KV (`pick_across_heads`) for ``layers`` together, in groups (`_groups`, in order of
+        width: every head of a group is padded to the group's widest): each group's views
+        stacked along the batch, scored and chosen (`_choose_adaptive`); then one host<->device
+        sync for every layer's kept counts; then each group's kept entries gathered from the
+        layers' own storage (`_keep_adaptive`). Between the two only each group's choice masks
+        and small per-entry fields stay alive, not its stacked keys. The per-layer loop costs
+        ~86 operators and one sync per layer; the same picks (`_choose`'s rule does not depend
+        on padding)."""
+        layers = sorted(layers, key=lambda layer: layer.max_entries)
         sizes = [layer.host_lens() if layer.head_lens is not None else (layer.max_entries,) * layer.n_heads
                  for layer in layers]
+        # Entries per head on the device: one copy from the host for every group (pinning costs
+        # the host ~0.5 ms a call on the H100, `compress_profile-adakv-stacked.log`).
+        lens = _row_values([[n for s in sizes for n in s]], 1, layers[0].keys.device)[0].view(len(layers), -1)
+        groups = [self._choose_adaptive(layers[group], sizes[group], lens[group], budget, floor)
+                  for group in self._groups(layers)]
+        counts = torch.cat([group.counts for group in groups])  # [L, H]: kept per head
+        kept = [tuple(k) for k in counts.tolist()]  # the one sync
+        kept_lens = counts.unbind()
+        start = 0
+        for group in groups:
+            end = start + len(group.layers)
+            self._keep_adaptive(group, kept_lens[start:end], kept[start:end], budget)
+            start = end
+
+    def _choose_adaptive(self, layers: list[BudgetedLayer], sizes: list[tuple[int, ...]], lens: Tensor,
+                         budget: int, floor: float) -> _Chosen:
+        """One group's scoring of its layers' views stacked along the batch (each head padded to
+        the group's widest) and every layer's choice (`_choose`), nothing read back. ``sizes``:
+        the layers' entries per head on the host, ``lens`` the same on the device ([L, H]).
+        Values are stacked only for a scorer that reads them: kept K/V come from the layers'
+        storage."""
         widths = [max(s) for s in sizes]
         entries = None
-        if any(layer.head_lens is not None for layer in layers):
-            entries = _stacked_ragged(layers, sizes, max(widths))
+        if any(layer.head_lens is not None for layer in layers) or len(set(widths)) > 1:
+            entries = _stacked_ragged(layers, sizes, lens.flatten(), max(widths), values=self.scorer.reads_values)
         obs = self._stacked_observation(layers, budget, entries)
-        scores = _ranked(self.scorer.score(obs), obs, self.protected(budget))  # [L, H, W] (batch 1)
-        finite = scores > float("-inf")
-        chosen = torch.zeros_like(finite)
-        guaranteed = int(floor * budget)
-        # Runs of neighbouring layers (in order of width) of one width and one count to add: one
-        # top-k of each kind per run, over views of the stacked scores (nothing copied).
-        alike = [(w, _planned(s, budget, min(guaranteed, w))) for s, w in zip(sizes, widths)]
-        start = 0
-        for (w, planned), run in itertools.groupby(alike):
-            rows = slice(start, start + len(list(run)))
-            start = rows.stop
-            ranked = scores[rows, :, :w]
-            chosen[rows, :, :w] = _add_best(_best_per_head(ranked, finite[rows, :, :w], min(guaranteed, w)),
-                                            ranked, planned)
-        counts = torch.stack([chosen, finite]).sum(-1)  # [2, L, H]: kept, finite
-        kept, n_finite = counts.tolist()  # the one sync
-        lens = list(counts[0].unbind())
-        for i, (s, w) in enumerate(zip(sizes, widths)):
-            if sum(n_finite[i]) != sum(s):  # a valid entry scored -inf or NaN: as the loop does
-                c, lens[i], kept[i] = _refill(scores[i, :, :w], finite[i, :, :w], min(guaranteed, w),
-                                              min(budget * len(s), sum(n_finite[i])))
-                chosen[i, :, :w] = c
-        kept = [tuple(k) for k in kept]
-        index = true_indices(chosen.flatten(), sum(map(sum, kept)))
+        chosen = _choose(_ranked(self.scorer.score(obs), obs, self.protected(budget)), int(floor * budget), budget)
+        return _Chosen(layers, chosen, chosen.sum(-1), None if entries is None else entries.rows,
+                       obs.positions, obs.state)
+
+    def _keep_adaptive(self, group: _Chosen, lens: tuple[Tensor, ...], kept: list[tuple[int, ...]],
+                       budget: int) -> None:
+        """Each layer of a chosen group keeps its picks (``lens`` [H] on the device, ``kept`` the
+        same as ints, per layer): keys and values in one gather per field over the group's
+        storages concatenated (a transient copy of one group's entries, unpadded), positions and
+        the scorer's state from the stacked fields."""
         totals = [sum(k) for k in kept]
+        slots = true_indices(group.chosen.flatten(), sum(totals))
+        rows = slots if group.rows is None else group.rows.flatten().index_select(0, slots)
 
-        def take(t: Tensor) -> tuple[Tensor, ...]:
-            return t.flatten(0, 2).index_select(0, index).split(totals)
+        def take(t: Tensor, index: Tensor) -> tuple[Tensor, ...]:
+            return t.index_select(0, index).split(totals)
 
-        keys, values, positions = take(obs.keys), take(obs.values), take(obs.positions)
-        state = {k: take(v) for k, v in obs.state.items()}
-        del obs
-        for i, layer in enumerate(layers):
+        keys = take(_storages(group.layers, [layer.keys for layer in group.layers]), rows)
+        values = take(_storages(group.layers, [layer.values for layer in group.layers]), rows)
+        positions = take(group.positions.flatten(), slots)
+        state = {k: take(v.flatten(), slots) for k, v in group.state.items()}
+        for i, layer in enumerate(group.layers):
             layer.residual = self.residual(budget)
             layer.keep_entries(keys[i], values[i], positions[i], {k: v[i] for k, v in state.items()}, lens[i], kept[i])
             if self.scorer.queries < 0:
@@ -696,7 +677,7 @@ class Policy:
             return
         view.state = state
         if self.head_adaptive:
-            chosen, lens, kept = pick_across_heads(scores, obs, self.protected(budget), sizes=view.sizes)
+            chosen, lens, kept = pick_across_heads(scores, obs, self.protected(budget))
             layer.keep_chosen(chosen, lens, kept, view)
             return
         index, lens = select(scores, obs, self.protected(budget))
@@ -740,29 +721,53 @@ class _Stacked:
     positions: Tensor
     valid: Tensor | None
     state: dict[str, Tensor]
+    # `_stacked_ragged`: each slot's row in the layers' storages concatenated (`_storages`), [L*H, n].
+    rows: Tensor | None = None
 
 
-def _stacked_ragged(layers: list[BudgetedLayer], sizes: list[tuple[int, ...]], width: int) -> _Stacked:
+@dataclass
+class _Chosen:
+    """One group of Ada-KV's stacked compression between its choice and its keeping
+    (`Policy._compress_adaptive`): what stays alive while the other groups are chosen."""
+
+    layers: list[BudgetedLayer]
+    chosen: Tensor  # [L, H, W] bool: the slots each layer keeps
+    counts: Tensor  # [L, H]: kept per head
+    rows: Tensor | None  # `_Stacked.rows`; None: the layers are unpadded, a slot's index is its row
+    positions: Tensor  # [L, H, W], stacked
+    state: dict[str, Tensor]  # name -> [L, H, W], stacked, as the scorer left it
+
+
+def _storages(layers: list[BudgetedLayer], parts: list[Tensor]) -> Tensor:
+    """One field of batch-1 layers' storages (``parts``, one per layer), ragged [N, ...] or dense
+    [1, H, n, ...], as one tensor of rows, head after head, layer after layer (as the heads of one
+    ragged layer): a copy unless there is one layer."""
+    flat = [p if layer.head_lens is not None else p[0].flatten(0, 1) for p, layer in zip(parts, layers)]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+def _stacked_ragged(layers: list[BudgetedLayer], sizes: list[tuple[int, ...]], lens: Tensor, width: int,
+                    values: bool) -> _Stacked:
     """Batch-1 layers, ragged or dense, stacked as their padded views (`BudgetedLayer.view`)
     would be, each head padded to ``width``: [L, H, width, ...]. One gather per field over the
     layers' storages concatenated, its index built from ``sizes`` (entries per head of each
-    layer, on the host): nothing is read back from the device."""
-    device = layers[0].keys.device
+    layer, on the host) and ``lens`` (the same on the device, [L*H], head after head): nothing
+    is read back from the device. ``values``: whether to stack them (else None)."""
     h = len(sizes[0])
-    lens = _row_values([[n for s in sizes for n in s]], 1, device)[0]  # [L*H], head after head
     # Heads lie one after the other in the concatenated storages, as in one ragged layer.
     rows, valid = _padded_index(lens, width, sum(map(sum, sizes)))
 
     def stacked(parts: list[Tensor], fill: float = 0) -> Tensor:
-        flat = torch.cat([p if layer.head_lens is not None else p[0].flatten(0, 1) for p, layer in zip(parts, layers)])
+        flat = _storages(layers, parts)
         return _take_padded(flat, rows, valid, fill).view(len(layers), h, width, *flat.shape[1:])
 
     return _Stacked(
         keys=stacked([layer.keys for layer in layers]),
-        values=stacked([layer.values for layer in layers]),
+        values=stacked([layer.values for layer in layers]) if values else None,
         positions=stacked([layer.positions for layer in layers], fill=-1),
         valid=valid.view(len(layers), h, width),
         state={k: stacked([layer.state[k] for layer in layers]) for k in layers[0].state},
+        rows=rows,
     )
 
 
