@@ -28,6 +28,7 @@ from ..errors import BudgetError, UnknownPolicyError
 from ..sensitivity import budgets as sensitivity_budgets
 from ..sensitivity import load_scores
 from ..store import STORE_VARIANTS, STORES, Store
+from ..transfer import to_device
 
 
 @dataclass
@@ -785,13 +786,9 @@ def _stack_entries(parts: list[Tensor], n: int, fill: float = 0) -> Tensor:
 
 def _row_values(values: list[list[int]], repeat: int, device: torch.device) -> Tensor:
     """Per-layer integers from the host as an int64 [len(values), layers * repeat] tensor on
-    ``device``, each repeated for its layer's ``repeat`` batch rows. On CUDA through pinned
-    memory without blocking: a copy from pageable memory may wait for the queued work, and the
-    host would stop launching ahead of the GPU."""
-    t = torch.tensor(values, dtype=torch.long).repeat_interleave(repeat, dim=1)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    ``device``, each repeated for its layer's ``repeat`` batch rows (`transfer.to_device`: the
+    host does not wait for the GPU)."""
+    return to_device(torch.tensor(values, dtype=torch.long).repeat_interleave(repeat, dim=1), device)
 
 
 def demotion_index(scores: Tensor, obs: Observation, n_body: int, window: int) -> Tensor:
