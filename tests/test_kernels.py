@@ -351,9 +351,10 @@ from triton.compiler import ASTSource
 from kvbudget.kernels import kivi_decode as KD
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-runs = [(KD._kivi_fold_kernel, dt, KD.FOLD_CONFIG_FP32 if dt == "fp32" else KD.FOLD_CONFIG, {}) for dt in ("bf16", "fp32")]
+fold = dict(STACK=False, CB=1, CHUNK=32)
+runs = [(KD._kivi_fold_kernel, dt, KD.FOLD_CONFIG_FP32 if dt == "fp32" else KD.FOLD_CONFIG, fold) for dt in ("bf16", "fp32")]
 cb, *launch = KD.STACK_CONFIG
-runs.append((KD._kivi_stack_kernel, "bf16", (cb * 32, *launch), dict(CB=cb, CHUNK=32)))
+runs.append((KD._kivi_fold_kernel, "bf16", (cb * 32, *launch), dict(STACK=True, CB=cb, CHUNK=32)))
 for fn, dt, (block_n, warps, stages, _, maxnreg), extra in runs:
     for bits in (4, 2):
         consts = dict(BITS=bits, PACK=8 // bits, GV=32, NG=4, BLOCK_N=block_n, BLOCK_D=128, BLOCK_DV=128, **extra,
@@ -380,7 +381,7 @@ for fn, dt, (block_n, warps, stages, _, maxnreg), extra in runs:
                              capture_output=True, text=True).stderr
         os.unlink(f.name)
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
-        print(fn.__name__, dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
+        print("stack" if extra["STACK"] else "fold", dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
         if dt == "bf16":
             assert spills == 0, log
 print("compiled")

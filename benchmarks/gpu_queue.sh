@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# What the fourth session (2026-11-23, no GPU lent) built and could not time: the measurements,
+# queued for the next session with a GPU (`device`, H100). Each step fits one 10-minute call:
+#
+#   bash benchmarks/gpu_queue.sh check   # CUDA correctness: gpu_tests groups + every KIVI variant
+#   bash benchmarks/gpu_queue.sh kivi    # the stack kernel vs the fold kernel vs bf16 SDPA (sweep)
+#   bash benchmarks/gpu_queue.sh adakv   # Ada-KV by a stable sort, one sync: A/B vs commit 8ab01f0
+#
+# `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
+#   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
+# (delete it afterwards). Outputs go to $OUT; commit them under benchmarks/results/gpu-h100/.
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+VARIANTS="fold;stack:2,8,1,1,0;stack:4,8,1,1,0;stack:2,4,1,2,0;stack:1,4,1,2,0;stack:2,8,2,1,0"
+case "${1:-}" in
+    check)
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py stacked ragged lse lazy 2>&1 | tee "$OUT/gpu_tests-session4.log"
+        ;;
+    kivi)
+        # Correctness of each variant first (the bench's check), then 32k / 128k at batch 1 and 8.
+        PYTHONPATH=src python3 benchmarks/kernel_bench.py --only-kivi --contexts 32768,131072 \
+            --kivi-variants "$VARIANTS" --out "$OUT/kivi-stack-sweep.jsonl" 2>&1 | tee "$OUT/kivi-stack-sweep.log"
+        ;;
+    adakv)
+        [[ -d oldref/src ]] || { echo "oldref/ missing (see the top of this script)" >&2; exit 2; }
+        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 --policies snapkv,adakv"
+        for i in 1 2; do
+            PYTHONPATH=oldref/src python3 oldref/benchmarks/policy_overhead.py $A --out "$OUT/adakv-sort-old-$i.jsonl" \
+                > "$OUT/adakv-sort-old-$i.txt" 2>&1
+            PYTHONPATH=src python3 benchmarks/policy_overhead.py $A --out "$OUT/adakv-sort-new-$i.jsonl" \
+                > "$OUT/adakv-sort-new-$i.txt" 2>&1
+        done
+        PYTHONPATH=src python3 benchmarks/compress_profile.py adakv > "$OUT/compress_profile-adakv-sort.log" 2>&1
+        tail -n 5 "$OUT"/adakv-sort-*.txt
+        ;;
+    *) echo "usage: $0 check|kivi|adakv" >&2; exit 2 ;;
+esac
