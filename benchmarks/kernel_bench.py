@@ -98,18 +98,16 @@ def free() -> None:
 
 @contextlib.contextmanager
 def kivi_variant(variant: str):
-    """Run the fused KIVI calls inside with ``variant``: '' (the library's choice), a kernel name
-    (`kivi_decode.KERNEL`) or ``stack:cb,warps,stages,resident,maxnreg`` (`STACK_CONFIG`)."""
+    """Run the fused KIVI calls inside with ``variant``: '' (the library's choice) or a kernel name
+    (`kivi_decode.KERNEL`: fold, gather)."""
     from kvbudget.kernels import kivi_decode as KD
 
-    saved = (KD.KERNEL, KD.STACK_CONFIG)
-    kernel, _, config = variant.partition(":")
-    KD.KERNEL = kernel or saved[0]
-    KD.STACK_CONFIG = tuple(map(int, config.split(","))) if config else saved[1]
+    saved = KD.KERNEL
+    KD.KERNEL = variant or saved
     try:
         yield
     finally:
-        KD.KERNEL, KD.STACK_CONFIG = saved
+        KD.KERNEL = saved
 
 
 # --- KIVI bodies -----------------------------------------------------------------------------------
@@ -396,7 +394,7 @@ def main() -> int:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only-kivi", action="store_true", help="time the KIVI kernels only (no varlen, no torch path)")
     ap.add_argument("--kivi-variants", default="",
-                    help="';'-separated fused kernels to compare, e.g. 'fold;stack:4,8,1,2,0' (default: the library's)")
+                    help="';'-separated fused kernels to compare, e.g. 'fold;gather' (default: the library's)")
     ap.add_argument("--contexts", default="8192,32768,131072")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -178,12 +178,10 @@ def _dequant_then_attend(q, body, store, tk, tv, scale, body_lens=None, tail_len
     )
 
 
-@pytest.mark.parametrize("kernel", ["fold", "stack"])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d,hq,hkv", [(128, 4, 2), (64, 8, 2)])
-def test_kivi_fused_equals_dequantize_then_attend(poisoned, monkeypatch, kernel, bits, dtype, d, hq, hkv):
-    monkeypatch.setattr(KD, "KERNEL", kernel)
+def test_kivi_fused_equals_dequantize_then_attend(poisoned, bits, dtype, d, hq, hkv):
     gen = torch.Generator().manual_seed(bits * 1000 + d + hq)
     store = KIVI(bits=bits)
     b = 2
@@ -205,13 +203,10 @@ def test_kivi_fused_equals_dequantize_then_attend(poisoned, monkeypatch, kernel,
     assert _rel(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("kernel", ["fold", "stack"])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
-def test_kivi_fold_handles_any_chunk_ids(poisoned, monkeypatch, kernel, order):
+def test_kivi_fold_handles_any_chunk_ids(poisoned, order):
     """Blocks over many chunks, gaps in the ids (evicted chunks never freed), single-entry chunks,
-    ids out of order: the fold and stack kernels (one scale row per chunk or slot, the rest redone
-    by chunk id) still equal dequantise-then-attend."""
-    monkeypatch.setattr(KD, "KERNEL", kernel)
+    ids out of order: the fold kernel (one scale row per chunk) still equals dequantise-then-attend."""
     gen = torch.Generator().manual_seed(21)
     store = KIVI(bits=4)
     b, hkv, hq, d, dtype = 2, 2, 4, 64, torch.float32
@@ -229,33 +224,6 @@ def test_kivi_fold_handles_any_chunk_ids(poisoned, monkeypatch, kernel, order):
     for splits in (None, 1, 5):
         out = KD.kivi_decode_attention(q, body, store, tk, tv, 0.125, num_splits=splits)
         assert _rel(out, ref) < TOL[dtype], splits
-
-
-@pytest.mark.parametrize("slots,bits,dtype,d,hq,hkv", [
-    (2, 4, torch.bfloat16, 128, 8, 2), (4, 2, torch.bfloat16, 64, 4, 2),
-    (1, 4, torch.float32, 64, 4, 1), (2, 2, torch.float32, 128, 8, 2), (4, 4, torch.float32, 128, 4, 2)])
-def test_kivi_stack_kernel_on_aligned_chunks(poisoned, monkeypatch, slots, bits, dtype, d, hq, hkv):
-    """The stack kernel's main path: a body encoded without eviction, so every slot of 32 entries
-    is one chunk (its scale rows folded into one dot per block); a body length that is no multiple
-    of the block, per-head lengths that end mid-slot, and 1, 2 or 4 slots per block."""
-    monkeypatch.setattr(KD, "KERNEL", "stack")
-    config = (slots, 4, 1, 1, 0)
-    monkeypatch.setattr(KD, "STACK_CONFIG", config)
-    monkeypatch.setattr(KD, "STACK_CONFIG_FP32", config)
-    gen = torch.Generator().manual_seed(bits * 100 + d + slots)
-    store, b, m = KIVI(bits=bits), 2, 333
-    k = torch.randn(b, hkv, m, d, generator=gen).to(dtype)
-    v = torch.randn(b, hkv, m, d, generator=gen).to(dtype)
-    k[..., 3] *= 8
-    body, tk, tv = rebuild_body(store, None, k, v, torch.arange(m).expand(b, hkv, m), 45, None)
-    assert torch.equal(body.chunk_id[0, 0].long(), torch.arange(len(body)) // store.chunk)  # aligned
-    q = torch.randn(b, hq, d, generator=gen).to(dtype)
-    for splits in (None, 1, 3):
-        out = KD.kivi_decode_attention(q, body, store, tk, tv, d**-0.5, num_splits=splits)
-        assert _rel(out, _dequant_then_attend(q, body, store, tk, tv, d**-0.5)) < TOL[dtype], splits
-    body_lens = torch.tensor([[len(body), 37]] * b if hkv == 2 else [[200]] * b, dtype=torch.int32)
-    out = KD.kivi_decode_attention(q, body, store, tk, tv, d**-0.5, body_lens=body_lens, num_splits=2)
-    assert _rel(out, _dequant_then_attend(q, body, store, tk, tv, d**-0.5, body_lens)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -350,14 +318,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvbudget.kernels import kivi_decode as KD
 
+fn = KD._kivi_fold_kernel
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-fold = dict(STACK=False, CB=1, CHUNK=32)
-runs = [(KD._kivi_fold_kernel, dt, KD.FOLD_CONFIG_FP32 if dt == "fp32" else KD.FOLD_CONFIG, fold) for dt in ("bf16", "fp32")]
-cb, *launch = KD.STACK_CONFIG
-runs.append((KD._kivi_fold_kernel, "bf16", (cb * 32, *launch), dict(STACK=True, CB=cb, CHUNK=32)))
-for fn, dt, (block_n, warps, stages, _, maxnreg), extra in runs:
+for dt in ("bf16", "fp32"):
+    block_n, warps, stages, _, maxnreg = KD.FOLD_CONFIG_FP32 if dt == "fp32" else KD.FOLD_CONFIG
     for bits in (4, 2):
-        consts = dict(BITS=bits, PACK=8 // bits, GV=32, NG=4, BLOCK_N=block_n, BLOCK_D=128, BLOCK_DV=128, **extra,
+        consts = dict(BITS=bits, PACK=8 // bits, GV=32, NG=4, BLOCK_N=block_n, BLOCK_D=128, BLOCK_DV=128,
                       G_PAD=max(KD.FOLD_MIN_ROWS, 4), HAS_LENS=False, TAIL_LENS=False, TAIL_BLOCK=KD.TAIL_BLOCK_FOLD,
                       DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False, stride_qd=1, stride_kcj=1,
                       stride_vcj=1, stride_vsg=1, stride_td=1, stride_cn=1, stride_tkd=1, stride_tvd=1)
@@ -381,7 +347,7 @@ for fn, dt, (block_n, warps, stages, _, maxnreg), extra in runs:
                              capture_output=True, text=True).stderr
         os.unlink(f.name)
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
-        print("stack" if extra["STACK"] else "fold", dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
+        print(dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
         if dt == "bf16":
             assert spills == 0, log
 print("compiled")
@@ -389,9 +355,8 @@ print("compiled")
 
 
 def test_kivi_fold_kernel_compiles_for_hopper_without_spills():
-    """The real compiler takes the fold and stack kernels (body and tail paths) down to sm_90 with
-    their launch settings; ptxas must report no register spills for bfloat16 (float32 only has to
-    compile)."""
+    """The real compiler takes the fold kernel (body and tail paths) down to sm_90 with its launch
+    settings; ptxas must report no register spills for bfloat16 (float32 only has to compile)."""
     import subprocess
     import sys
     from pathlib import Path

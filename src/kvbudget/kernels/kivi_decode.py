@@ -54,9 +54,7 @@ from .varlen_decode import (
 # no spills; 64 x 4 warps spills ~0.5 KB per thread).
 BLOCK_N = 32
 # "fold" (default): `_kivi_fold_kernel`, scales folded per chunk / per value group (no per-element
-# gathers); "stack": the same kernel with `_stack_body`, blocks of several chunks with every scale inside the two
-# dots (fourth session: correct on CPU and compiled for sm_90 without spills, not yet timed on a
-# GPU, so not the default); "gather": the first kernel, `_kivi_stage_kernel` (kept for comparison).
+# gathers); "gather": the first kernel, `_kivi_stage_kernel` (kept for comparison).
 KERNEL = os.environ.get("KVBUDGET_KIVI_KERNEL", "fold")
 # Launch settings: (entries per block, warps, pipeline stages, programs resident per SM, register
 # cap per thread or 0 for none). The fold kernel fits 168 registers a thread without spills (ptxas,
@@ -67,12 +65,6 @@ FOLD_CONFIG_FP32 = (32, 8, 1, 1, 0)  # float32 tiles: 4 warps would spill
 # 16, since tl.dot pads M itself on sm_90, and 4 x D float32 tiles cost far fewer registers.
 FOLD_MIN_ROWS = 4
 GATHER_CONFIG = (BLOCK_N, 8, 2, 2, 0)
-# The stack kernel: (key chunks per block, warps, pipeline stages, programs resident per SM,
-# register cap or 0); KVBUDGET_KIVI_STACK="cb,warps,stages,resident,maxnreg" overrides it (sweeps).
-# 2 chunks x 8 warps: 221 registers a thread, no spills (ptxas, sm_90, bf16, 2 and 4 bits), so one
-# program per SM; 4 chunks need 255 and spill a little (`test_kivi_fold_kernel_compiles_for_hopper_without_spills`).
-STACK_CONFIG = tuple(int(x) for x in os.environ.get("KVBUDGET_KIVI_STACK", "2,8,1,1,0").split(","))
-STACK_CONFIG_FP32 = (2, 8, 1, 1, 0)
 TAIL_BLOCK_FOLD = 32  # full-precision tail entries per block inside the fold kernel
 
 
@@ -336,11 +328,8 @@ def _kivi_fold_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, G_PAD: tl.constexpr,
     HAS_LENS: tl.constexpr, TAIL_LENS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    STACK: tl.constexpr = False, CB: tl.constexpr = 1, CHUNK: tl.constexpr = 32,
 ):
-    """`_kivi_stage_kernel` without per-element scale gathers; the tail in extra programs. The body
-    loop is `_fold_body`, or with ``STACK`` `_stack_body` (blocks of ``CB`` chunks of ``CHUNK``
-    entries, ``BLOCK_N = CB * CHUNK``: the "stack" kernel).
+    """`_kivi_stage_kernel` without per-element scale gathers; the tail in extra programs.
 
     Needs power-of-two D, Dv and value group GV (NG = Dv / GV groups), unit channel strides.
     Keys: ``q . k_t = sum_c (q_c s_c) (code_tc - 2**(BITS-1)) + sum_c q_c (z_c + 2**(BITS-1) s_c)``
@@ -382,10 +371,12 @@ def _kivi_fold_kernel(
         ks_base = ks_ptr + b * stride_tb + h64 * stride_th
         kz_base = kz_ptr + b * stride_tb + h64 * stride_th
 
+        DP: tl.constexpr = BLOCK_D // PACK
+        DVP: tl.constexpr = BLOCK_DV // PACK
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, BLOCK_D)
-        offs_j = tl.arange(0, BLOCK_D // PACK)  # packed key bytes of an entry
-        offs_jv = tl.arange(0, BLOCK_DV // PACK)
+        offs_j = tl.arange(0, DP)
+        offs_jv = tl.arange(0, DVP)
         offs_grp = tl.arange(0, NG)
         offs_bn = tl.arange(0, BLOCK_N)
         mask_g = offs_g < GROUP
@@ -393,192 +384,73 @@ def _kivi_fold_kernel(
         q = tl.load(q_ptr + b * stride_qb + qhead[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
         dt = q.dtype
         q = q.to(tl.float32)
-        # (The two calls are spelled out: a tuple of constexprs does not unpack into a call on sm_90.)
-        if STACK:
-            acc, m_i, l_i = _stack_body(q, dt, lo, hi, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base,
-                                        stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc, qk_scale,
-                                        offs_d, offs_j, offs_jv, offs_grp, offs_bn, BITS, PACK,
-                                        GV, NG, CB, CHUNK, BLOCK_N, BLOCK_D, BLOCK_DV, G_PAD, DOT_PREC, UPCAST)
-        else:
-            acc, m_i, l_i = _fold_body(q, dt, lo, hi, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base,
-                                       stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc, qk_scale,
-                                       offs_d, offs_j, offs_jv, offs_grp, offs_bn, BITS, PACK,
-                                       GV, NG, CB, CHUNK, BLOCK_N, BLOCK_D, BLOCK_DV, G_PAD, DOT_PREC, UPCAST)
+        BIG: tl.constexpr = 2147483647
+
+        # Prologue: block 0's chunk ids and key codes, block 1's chunk ids.
+        n_mask = lo + offs_bn < hi
+        rows = (lo + offs_bn).to(tl.int64)
+        cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
+        kb = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :], mask=n_mask[:, None], other=0)
+        nn_mask = lo + BLOCK_N + offs_bn < hi
+        cid_n = tl.load(cid_base + (lo + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=nn_mask, other=0).to(tl.int32)
+
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            # -- loads for the next block (n0 + BLOCK_N) and the chunk ids of the one after it.
+            nx = n0 + BLOCK_N
+            x_mask = nx + offs_bn < hi
+            x_rows = (nx + offs_bn).to(tl.int64)
+            kb_x = tl.load(kc_base + x_rows[:, None] * stride_kcn + offs_j[None, :], mask=x_mask[:, None], other=0)
+            # The current block's values (issued before the key math; prefetching them a block
+            # ahead as well would cost the registers of a third resident program).
+            cur_rows = (n0 + offs_bn).to(tl.int64)
+            vb = tl.load(vc_base + cur_rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
+            vsz = cur_rows[:, None] * stride_vsn + offs_grp[None, :]
+            vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0)
+            vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0)
+            xx_mask = nx + BLOCK_N + offs_bn < hi
+            cid_xx = tl.load(cid_base + (nx + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=xx_mask, other=0).to(tl.int32)
+
+            # -- this block: its lowest and highest chunk ids (from ids loaded one block ahead).
+            c0 = tl.min(tl.where(n_mask, cid, BIG), 0)
+            c1 = tl.max(tl.where(n_mask, cid, 0), 0)
+            s0 = tl.load(ks_base + c0.to(tl.int64) * stride_tc + offs_d)
+            z0 = tl.load(kz_base + c0.to(tl.int64) * stride_tc + offs_d)
+            s1 = tl.load(ks_base + c1.to(tl.int64) * stride_tc + offs_d)
+            z1 = tl.load(kz_base + c1.to(tl.int64) * stride_tc + offs_d)
+            kcodes = _unpack_centred(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
+            qk = _fold_rows(q, kcodes, s0, z0, BITS, dt, DOT_PREC, UPCAST)
+            if c1 != c0:  # the block spans several chunks (never when chunks of 32 align with blocks)
+                qk = tl.where(cid[None, :] == c1, _fold_rows(q, kcodes, s1, z1, BITS, dt, DOT_PREC, UPCAST), qk)
+                # Chunks strictly between c0 and c1 (sparse chunks after eviction, ids out of order).
+                c = tl.min(tl.where(n_mask & (cid > c0) & (cid < c1), cid, BIG), 0)
+                while c < c1:
+                    sc = tl.load(ks_base + c.to(tl.int64) * stride_tc + offs_d)
+                    zc = tl.load(kz_base + c.to(tl.int64) * stride_tc + offs_d)
+                    qk = tl.where(cid[None, :] == c, _fold_rows(q, kcodes, sc, zc, BITS, dt, DOT_PREC, UPCAST), qk)
+                    c = tl.min(tl.where(n_mask & (cid > c) & (cid < c1), cid, BIG), 0)
+
+            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vcodes = tl.reshape(_unpack(vb, BITS, PACK, BLOCK_N, BLOCK_DV), [BLOCK_N, NG, GV]).to(tl.float32)
+            v = (vcodes * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]).to(dt)
+            acc = acc * alpha[:, None] + _mm(p.to(dt), tl.reshape(v, [BLOCK_N, BLOCK_DV]), DOT_PREC, UPCAST)
+            m_i = m_new
+
+            # -- rotate the pipeline.
+            n_mask = x_mask
+            cid = cid_n
+            cid_n = cid_xx
+            kb = kb_x
+
         offs_dv = tl.arange(0, BLOCK_DV)
         _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, pid_s,
                        stride_ob, stride_oh, stride_os, stride_lb, stride_lh)
-
-
-@triton.jit
-def _stacked_logits(q, kcodes, cid, n_mask, ks_base, kz_base, stride_tc, offs_d,
-                    BITS: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                    G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Logits (before the softmax scale) [G_PAD, CB * CHUNK] of a block of ``CB`` slots of
-    ``CHUNK`` entries. Slot j takes the chunk row of its first entry; the query folded with each
-    slot's scale row is stacked into one [CB * G_PAD, D] operand, so a single tensor-core dot
-    scores the whole block against every slot's row (CB x G rows, 16 for 4 slots and a group of
-    4: the M of an mma, which the fold kernel fills to a quarter) and each entry keeps its own
-    slot's.
-    Entries whose chunk is not their slot's (after eviction, chunks hold fewer than CHUNK entries)
-    are redone by chunk id, one `_fold_rows` dot per such chunk: never when chunks align."""
-    BIG: tl.constexpr = 2147483647
-    ids = tl.where(n_mask, cid, BIG)
-    crow = tl.min(tl.reshape(ids, [CB, CHUNK]), 1)
-    crow = tl.where(crow == BIG, 0, crow)  # an empty slot: any real row (its entries are masked)
-    rows = crow.to(tl.int64)[:, None] * stride_tc + offs_d[None, :]
-    s = tl.load(ks_base + rows).to(tl.float32)  # [CB, D]
-    z = tl.load(kz_base + rows).to(tl.float32)
-    qs = tl.reshape(q[None, :, :] * s[:, None, :], [CB * G_PAD, BLOCK_D]).to(DT)
-    zt = tl.sum(q[None, :, :] * (z + s * (1 << (BITS - 1)))[:, None, :], 2)  # [CB, G_PAD]
-    every = tl.reshape(_mm(qs, tl.trans(kcodes), DOT_PREC, UPCAST), [CB, G_PAD, BLOCK_N]) + zt[:, :, None]
-    slot_of = tl.arange(0, BLOCK_N) // CHUNK
-    mine = tl.arange(0, CB)[:, None, None] == slot_of[None, None, :]
-    qk = tl.sum(tl.where(mine, every, 0.0), 0)
-    slot_row = tl.reshape(tl.broadcast_to(crow[:, None], [CB, CHUNK]), [BLOCK_N])
-    misfit = n_mask & (cid != slot_row)
-    c = tl.min(tl.where(misfit, cid, BIG), 0)
-    while c < BIG:
-        sc = tl.load(ks_base + c.to(tl.int64) * stride_tc + offs_d)
-        zc = tl.load(kz_base + c.to(tl.int64) * stride_tc + offs_d)
-        qk = tl.where((cid == c)[None, :], _fold_rows(q, kcodes, sc, zc, BITS, DT, DOT_PREC, UPCAST), qk)
-        c = tl.min(tl.where(misfit & (cid > c), cid, BIG), 0)
-    return qk
-
-
-@triton.jit
-def _fold_body(q, dt: tl.constexpr, lo, hi, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base,
-               stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc, qk_scale, offs_d, offs_j, offs_jv, offs_grp, offs_bn,
-               BITS: tl.constexpr, PACK: tl.constexpr, GV: tl.constexpr, NG: tl.constexpr, CB: tl.constexpr,
-               CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               G_PAD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The fold kernel's body loop over entries ``lo .. hi`` of one (batch, KV head): returns
-    (acc [G_PAD, Dv], m_i, l_i) of the online softmax. Blocks of BLOCK_N entries, each chunk's
-    scale row folded into the query (`_fold_rows`); see `_kivi_fold_kernel`."""
-    BIG: tl.constexpr = 2147483647
-
-    # Prologue: block 0's chunk ids and key codes, block 1's chunk ids.
-    n_mask = lo + offs_bn < hi
-    rows = (lo + offs_bn).to(tl.int64)
-    cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
-    kb = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :], mask=n_mask[:, None], other=0)
-    nn_mask = lo + BLOCK_N + offs_bn < hi
-    cid_n = tl.load(cid_base + (lo + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=nn_mask, other=0).to(tl.int32)
-
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        # -- loads for the next block (n0 + BLOCK_N) and the chunk ids of the one after it.
-        nx = n0 + BLOCK_N
-        x_mask = nx + offs_bn < hi
-        x_rows = (nx + offs_bn).to(tl.int64)
-        kb_x = tl.load(kc_base + x_rows[:, None] * stride_kcn + offs_j[None, :], mask=x_mask[:, None], other=0)
-        # The current block's values (issued before the key math; prefetching them a block
-        # ahead as well would cost the registers of a third resident program).
-        cur_rows = (n0 + offs_bn).to(tl.int64)
-        vb = tl.load(vc_base + cur_rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
-        vsz = cur_rows[:, None] * stride_vsn + offs_grp[None, :]
-        vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0)
-        vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0)
-        xx_mask = nx + BLOCK_N + offs_bn < hi
-        cid_xx = tl.load(cid_base + (nx + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=xx_mask, other=0).to(tl.int32)
-
-        # -- this block: its lowest and highest chunk ids (from ids loaded one block ahead).
-        c0 = tl.min(tl.where(n_mask, cid, BIG), 0)
-        c1 = tl.max(tl.where(n_mask, cid, 0), 0)
-        s0 = tl.load(ks_base + c0.to(tl.int64) * stride_tc + offs_d)
-        z0 = tl.load(kz_base + c0.to(tl.int64) * stride_tc + offs_d)
-        s1 = tl.load(ks_base + c1.to(tl.int64) * stride_tc + offs_d)
-        z1 = tl.load(kz_base + c1.to(tl.int64) * stride_tc + offs_d)
-        kcodes = _unpack_centred(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
-        qk = _fold_rows(q, kcodes, s0, z0, BITS, dt, DOT_PREC, UPCAST)
-        if c1 != c0:  # the block spans several chunks (never when chunks of 32 align with blocks)
-            qk = tl.where(cid[None, :] == c1, _fold_rows(q, kcodes, s1, z1, BITS, dt, DOT_PREC, UPCAST), qk)
-            # Chunks strictly between c0 and c1 (sparse chunks after eviction, ids out of order).
-            c = tl.min(tl.where(n_mask & (cid > c0) & (cid < c1), cid, BIG), 0)
-            while c < c1:
-                sc = tl.load(ks_base + c.to(tl.int64) * stride_tc + offs_d)
-                zc = tl.load(kz_base + c.to(tl.int64) * stride_tc + offs_d)
-                qk = tl.where(cid[None, :] == c, _fold_rows(q, kcodes, sc, zc, BITS, dt, DOT_PREC, UPCAST), qk)
-                c = tl.min(tl.where(n_mask & (cid > c) & (cid < c1), cid, BIG), 0)
-
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vcodes = tl.reshape(_unpack(vb, BITS, PACK, BLOCK_N, BLOCK_DV), [BLOCK_N, NG, GV]).to(tl.float32)
-        v = (vcodes * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]).to(dt)
-        acc = acc * alpha[:, None] + _mm(p.to(dt), tl.reshape(v, [BLOCK_N, BLOCK_DV]), DOT_PREC, UPCAST)
-        m_i = m_new
-
-        # -- rotate the pipeline.
-        n_mask = x_mask
-        cid = cid_n
-        cid_n = cid_xx
-        kb = kb_x
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _stack_body(q, dt: tl.constexpr, lo, hi, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base,
-                stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc, qk_scale, offs_d, offs_j, offs_jv, offs_grp, offs_bn,
-                BITS: tl.constexpr, PACK: tl.constexpr, GV: tl.constexpr, NG: tl.constexpr, CB: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                G_PAD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The stack kernel's body loop (`_kivi_fold_kernel` with STACK) over entries ``lo .. hi`` of
-    one (batch, KV head), in blocks of ``CB`` whole chunks, every scale applied inside a
-    tensor-core dot; returns (out [G_PAD, Dv], m_i, l_i) of the online softmax.
-
-    Keys (`_stacked_logits`): one dot of the block's centred codes against the query folded with
-    each slot's chunk row. Values, quantized per (entry, group of ``GV`` channels): the
-    probabilities folded with each group's scales, ``p[g, t] * vs[t, grp]``, stacked into one
-    [NG * G_PAD, BLOCK_N] operand and multiplied with the block's centred codes into a stacked
-    accumulator [NG * G_PAD, Dv] whose row (grp, g) is only read at channels of group grp, at the
-    end; the zero points (``p @ (vz + mid * vs)``, [G_PAD, NG]) accumulate beside it. So a block
-    costs two dots, an unpack and no per-element scale."""
-    mid = ((1 << BITS) - 1) * 0.5
-
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([NG * G_PAD, BLOCK_DV], tl.float32)
-    zacc = tl.zeros([G_PAD, NG], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        n_mask = n0 + offs_bn < hi
-        rows = (n0 + offs_bn).to(tl.int64)
-        cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
-        kb = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :], mask=n_mask[:, None], other=0)
-        vb = tl.load(vc_base + rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
-        vsz = rows[:, None] * stride_vsn + offs_grp[None, :]
-        vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0).to(tl.float32)
-        vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0).to(tl.float32)
-
-        kcodes = _unpack_centred(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
-        qk = _stacked_logits(q, kcodes, cid, n_mask, ks_base, kz_base, stride_tc, offs_d,
-                             BITS, CB, CHUNK, BLOCK_N, G_PAD, BLOCK_D, dt, DOT_PREC, UPCAST)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        # Codes centred on the middle of their range, ``code - (2**BITS - 1) / 2`` (halves, exact):
-        # the rounded ``p * vs`` then multiplies terms of mean zero, which keeps its rounding
-        # error from adding up against the zero-point term (2-bit: 2.4x less than centring on
-        # 2**(BITS-1)).
-        vcodes = (_unpack_centred(vb, BITS, PACK, BLOCK_N, BLOCK_DV).to(tl.float32) + 0.5).to(dt)
-        pw = tl.reshape(p[None, :, :] * tl.trans(vs)[:, None, :], [NG * G_PAD, BLOCK_N]).to(dt)
-        alpha_rows = tl.reshape(tl.broadcast_to(alpha[None, :], [NG, G_PAD]), [NG * G_PAD])
-        acc = acc * alpha_rows[:, None] + _mm(pw, vcodes, DOT_PREC, UPCAST)
-        zacc = zacc * alpha[:, None] + tl.sum(p[:, None, :] * tl.trans(vz + vs * mid)[None, :, :], 2)
-        m_i = m_new
-
-    # Row (grp, g) of the stacked accumulator holds head g's channels of group grp.
-    grp_of = tl.arange(0, BLOCK_DV) // GV
-    stacked = tl.reshape(acc, [NG, G_PAD, BLOCK_DV])
-    out = tl.sum(tl.where(offs_grp[:, None, None] == grp_of[None, None, :], stacked, 0.0), 0)
-    out += tl.reshape(tl.broadcast_to(zacc[:, :, None], [G_PAD, NG, GV]), [G_PAD, BLOCK_DV])
-    return out, m_i, l_i
 
 
 @functools.lru_cache(maxsize=1024)
@@ -655,14 +527,8 @@ def kivi_decode_attention(
     bits = store.bits
     pack = 8 // bits
     gv = value_group(dv, store.group)
-    kind = KERNEL if fold_supported(q, body, d, dv, gv) else "gather"
-    if kind == "stack" and store.chunk != _pow2(store.chunk):
-        kind = "fold"  # the stack kernel's slots are whole chunks, a power of two of entries
-    fold = kind != "gather"  # both one-launch kernels (body and tail)
-    if kind == "stack":
-        cb, warps, stages, waves, maxnreg = STACK_CONFIG_FP32 if q.dtype == torch.float32 else STACK_CONFIG
-        block_n = cb * store.chunk
-    elif fold:
+    fold = KERNEL == "fold" and fold_supported(q, body, d, dv, gv)
+    if fold:
         block_n, warps, stages, waves, maxnreg = FOLD_CONFIG_FP32 if q.dtype == torch.float32 else FOLD_CONFIG
     else:
         block_n, warps, stages, waves, maxnreg = GATHER_CONFIG
@@ -700,15 +566,13 @@ def kivi_decode_attention(
         # One launch for the body and the tail (its splits take the slots after the body's).
         tk_, tv_ = (tail_k, tail_v) if t > 0 else (q, q)
         tlens = tail_lens.reshape(-1) if tail_lens is not None else cid  # dummy pointer when absent
-        # The stack kernel: the same launch with another body loop (`_stack_body`).
-        stack = dict(STACK=True, CB=block_n // store.chunk, CHUNK=store.chunk) if kind == "stack" else {}
         _kivi_fold_kernel[(b * hkv, s_body + s_tail)](
             *args, body_split, scale * LOG2E, tk_, tv_, tlens,
             *(tail_k.stride() if t > 0 else (0,) * 4), *(tail_v.stride() if t > 0 else (0,) * 4),
             t, max(tail_split, 1), s_body,
             BITS=bits, PACK=pack, GV=gv, NG=dv // gv, BLOCK_N=block_n,
             BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, _pow2(group)), HAS_LENS=body_lens is not None,
-            TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block, **stack,
+            TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block,
             DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), num_warps=warps, num_stages=stages, **regs,
         )
     else:
