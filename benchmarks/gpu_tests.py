@@ -416,6 +416,19 @@ def check_lazy_scan() -> int:
             failures += report(ok, line)
         else:
             print(f"info {line}", flush=True)
+    # A query's verdict on a key does not depend on the tiles: (last, gap) must be the same bits
+    # through the scan (tiles of 64 queries) and the run-length step (16, 32), on either axis.
+    from kvbudget.kernels.attn_scores import attention_lazy
+
+    kpos = scoring.key_positions(x["pos"], None)
+    want = scan("triton", lse=lse)
+    for tiles in ({"block_m": 64, "block_n": 64, "query_axis": 0}, {"block_m": 32, "block_n": 64, "query_axis": 0},
+                  {"block_m": 32, "block_n": 128, "query_axis": 1, "num_stages": 3},
+                  {"block_m": 16, "block_n": 128, "query_axis": 1}):
+        got = attention_lazy(x["q"], x["k"], kpos, x["qpos"], x["scale"], x["last"], x["gap"], lse=lse, **tiles)
+        ok = torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        ok = ok and torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-6 * float(want[0].abs().max()))
+        failures += report(ok, f"lazy scan tiles {tiles}: (last, gap) equal to the default tiles'")
     return failures
 
 

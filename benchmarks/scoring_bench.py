@@ -59,7 +59,7 @@ def inputs(args: argparse.Namespace) -> dict:
     """Queries, keys, positions and validity of the benchmark shape (seeded)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev, dt = "cuda", getattr(torch, args.dtype)
-    b, hq, h, m, n, d = 1, args.heads, args.kv_heads, args.m, args.n, args.head_dim
+    b, hq, h, m, n, d = args.batch, args.heads, args.kv_heads, args.m, args.n, args.head_dim
     q = torch.randn(b, hq, m, d, device=dev, generator=gen).to(dt)
     k = torch.randn(b, h, n, d, device=dev, generator=gen).to(dt)
     kept = n - m  # survivors of earlier blocks: sorted positions below the block's first
@@ -123,28 +123,41 @@ def layer_reference(args: argparse.Namespace, x: dict, repeats: int) -> list[dic
 
 
 def sweep_reduce(args: argparse.Namespace, x: dict, emit) -> None:
-    """Pass 2 alone, given the rows' natural-log LSE, over kernel configurations."""
+    """Pass 2 alone, given the rows' natural-log LSE, over kernel configurations: the unweighted
+    sum (H2O) and LazyEviction's scan, each with the queries along either axis of the tiles."""
     import itertools
 
-    from kvbudget.kernels.attn_scores import attention_reduce
+    from kvbudget.kernels.attn_scores import attention_lazy, attention_reduce
 
     kpos = scoring.key_positions(x["pos"], x["valid"])
     g = args.heads // args.kv_heads
-    q = x["q"].float().view(1, args.kv_heads, g, args.m, -1)
+    q = x["q"].float().view(args.batch, args.kv_heads, g, args.m, -1)
     logits = torch.einsum("bhgmd,bhnd->bhgmn", q, x["k"].float()) * x["scaling"]
     logits = logits.masked_fill(kpos[:, :, None, None, :] > x["qpos"][None, None, None, :, None], float("-inf"))
-    lse = logits.logsumexp(-1).view(1, args.heads, args.m)
+    lse = logits.logsumexp(-1).view(args.batch, args.heads, args.m)
     del logits, q
     torch.cuda.empty_cache()
-    ref = None
-    for bm, bn, warps, stages in itertools.product((32, 64, 128), (64, 128), (4, 8), (None, 3)):
-        row = {"row": "reduce_sweep", "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+    last, gap = x["pos"].float(), torch.zeros_like(x["pos"], dtype=torch.float32)
+    grid = itertools.product(args.sweep_modes.split(","), (0, 1), (int(b) for b in args.sweep_block_m.split(",")),
+                             (64, 128), (4, 8), (None, 3), (True, False))
+    refs: dict[str, object] = {}
+    for mode, axis, bm, bn, warps, stages, runs in grid:
+        if not runs and (mode != "lazy" or bm > 32):
+            continue  # the run-length step only exists there
+        row = {"row": "reduce_sweep", "mode": mode, "query_axis": axis, "block_m": bm, "block_n": bn,
+               "num_warps": warps, "num_stages": stages, "runs": runs and mode == "lazy" and bm <= 32}
+        kw = {"block_m": bm, "block_n": bn, "num_warps": warps, "lse": lse, "num_stages": stages, "query_axis": axis,
+              "runs": runs}
+        if mode == "lazy":
+            fn = lambda: attention_lazy(x["q"], x["k"], kpos, x["qpos"], x["scaling"], last, gap, **kw)  # noqa: E731
+        else:
+            fn = lambda: (attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], mode, **kw),)  # noqa: E731
         try:
-            fn = lambda: attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], "sum", block_m=bm,  # noqa: E731
-                                          block_n=bn, num_warps=warps, lse=lse, num_stages=stages)
             ms, _, res = timed(fn, args.repeats)
-            ref = res if ref is None else ref
-            row |= {"ms": ms, "rel_err_vs_first": float((res - ref).abs().max() / ref.abs().max())}
+            ref = refs.setdefault(mode, res)
+            row |= {"ms": ms, "rel_err_vs_first": float((res[0] - ref[0]).abs().max() / ref[0].abs().max())}
+            if mode == "lazy":  # the scan's state must match exactly
+                row["state_equal_to_first"] = bool(torch.equal(res[1], ref[1]) and torch.equal(res[2], ref[2]))
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is a row, not a stop
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         emit(row)
@@ -153,6 +166,7 @@ def sweep_reduce(args: argparse.Namespace, x: dict, emit) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--m", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="rows of the batch: 8 = a group of stacked layers")
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -162,6 +176,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--sweep-reduce", action="store_true", help="time pass 2 alone over kernel configs")
+    p.add_argument("--sweep-modes", default="sum,lazy", help="modes --sweep-reduce times (sum, max, lazy)")
+    p.add_argument("--sweep-block-m", default="16,32,64,128", help="query tiles --sweep-reduce tries")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("scoring_bench needs CUDA")

@@ -27,6 +27,7 @@ Only this module imports triton; `kvbudget.scoring` imports it lazily on CUDA.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -43,6 +44,30 @@ MODES = {"sum": 0, "max": 1, "lazy": 2}
 KPOS_NONE = tl.constexpr(2**31 - 1)
 QOFF_ALIGN = tl.constexpr(16)  # query parts start a multiple of this many elements apart
 QPOS_NONE = tl.constexpr(-(2**31))
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch settings of pass 2 (pass 1 shares ``block_m`` / ``block_n``). ``query_axis``:
+    which axis of pass 2's tiles holds the queries (0: [queries, keys], 1: [keys, queries])."""
+
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int | None = None  # None: triton's default pipelining
+    query_axis: int = 0
+    runs: bool = True  # lazy: the run-length step on tiles of consecutive positions (block_m <= 32)
+
+
+# Per reduction, measured by benchmarks/scoring_bench.py --sweep-reduce on H100 (docs/scoring.md).
+# "weighted" (a sum with per-query weights) and "lazy" keep the tile's own sum beside the
+# accumulator: twice the registers.
+TILES = {
+    "sum": Tiles(),
+    "max": Tiles(),
+    "weighted": Tiles(block_n=64),
+    "lazy": Tiles(block_n=64),
+}
 
 
 @triton.jit
@@ -122,22 +147,99 @@ def _max_and_max_before(a_all, a_before, b_all, b_before):
 
 
 @triton.jit
-def _lazy_step(attn, thr, qpos, last, gap):
+def _lazy_step(attn, thr, qpos, last, gap, QAXIS: tl.constexpr):
     """LazyEviction's scan (`kvbudget.scoring.lazy_scan`) over one query tile, rows in order.
-    ``attn`` [BLOCK_M, BLOCK_N] (mean over the group), ``thr`` [BLOCK_M] (the rows' thresholds,
-    `_importance_thresholds`), ``qpos`` [BLOCK_M]; ``last`` / ``gap`` [BLOCK_N] carried from the
-    earlier rows.
+    ``attn`` (mean over the group) holds the tile's queries along axis ``QAXIS`` and its keys
+    along the other: [BLOCK_M, BLOCK_N] for 0, [BLOCK_N, BLOCK_M] for 1. ``thr`` [BLOCK_M] (the
+    queries' thresholds, `_importance_thresholds`), ``qpos`` [BLOCK_M]; ``last`` / ``gap``
+    [BLOCK_N] carried from the earlier queries.
     Query i finds key j important when attn > thr; then gap = max(gap, qpos_i - last) and last
     = max(last, qpos_i) (a running max, as the reference's cummax, so unsorted positions give
-    the same result). The rows of the tile all at once: the `last` each important row meets is
-    the carried one or the latest important row above it in the tile (an exclusive prefix max)."""
-    qf = qpos.to(tl.float32)[:, None]
-    important = attn > thr[:, None]
+    the same result). The queries of the tile all at once: the `last` each important query
+    meets is the carried one or the latest important query before it in the tile (an exclusive
+    prefix max)."""
+    qf = tl.expand_dims(qpos.to(tl.float32), 1 - QAXIS)
+    important = attn > tl.expand_dims(thr, 1 - QAXIS)
     at = tl.where(important, qf, float("-inf"))
-    _, before = tl.associative_scan((at, tl.zeros_like(at) - float("inf")), 0, _max_and_max_before)
-    # Rows that are not important count 0, as the reference's: `gap` only grows from 0.
-    since = tl.where(important, qf - tl.maximum(last[None, :], before), 0.0)
-    return tl.maximum(last, tl.max(at, 0)), tl.maximum(gap, tl.max(since, 0))
+    _, before = tl.associative_scan((at, tl.zeros_like(at) - float("inf")), QAXIS, _max_and_max_before)
+    # Queries that are not important count 0, as the reference's: `gap` only grows from 0.
+    since = tl.where(important, qf - tl.maximum(tl.expand_dims(last, QAXIS), before), 0.0)
+    return tl.maximum(last, tl.max(at, QAXIS)), tl.maximum(gap, tl.max(since, QAXIS))
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _bit_index(x):
+    # Index of the single set bit of x (int64 powers of two below 2^33): exact through float32,
+    # and rounded, as log2 may be approximate by a few ulps.
+    return tl.floor(tl.log2(x.to(tl.float32)) + 0.5).to(tl.int64)
+
+
+@triton.jit
+def _highest_bit(x):
+    # Index of the highest set bit of x (int64 in [1, 2^32)): smear it down, then x + 1 = 2^(h+1).
+    x = x | (x >> 1)
+    x = x | (x >> 2)
+    x = x | (x >> 4)
+    x = x | (x >> 8)
+    x = x | (x >> 16)
+    return _bit_index(x + 1) - 1
+
+
+@triton.jit
+def _longest_run(z):
+    # Length of the longest run of set bits of z (int64 below 2^32), by doubling: bit i of z_k is
+    # set where bits i .. i+k-1 all are; then a binary search on the length, 16 + 8 + ... + 1.
+    z2 = z & (z >> 1)
+    z4 = z2 & (z2 >> 2)
+    z8 = z4 & (z4 >> 4)
+    z16 = z8 & (z8 >> 8)
+    length = tl.zeros_like(z)
+    cur = tl.zeros_like(z) - 1  # runs of length 0 start everywhere
+    cur, length = _extend_run(cur, length, z16, 16)
+    cur, length = _extend_run(cur, length, z8, 8)
+    cur, length = _extend_run(cur, length, z4, 4)
+    cur, length = _extend_run(cur, length, z2, 2)
+    cur, length = _extend_run(cur, length, z, 1)
+    return length
+
+
+@triton.jit
+def _extend_run(cur, length, zk, k):
+    # cur: where runs of `length` set bits start; extended by k more where zk allows it.
+    t = cur & (zk >> length)
+    return tl.where(t != 0, t, cur), tl.where(t != 0, length + k, length)
+
+
+@triton.jit
+def _lazy_step_contiguous(attn, thr, first, last, gap, QAXIS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_lazy_step` for a tile whose query i sits at position ``first`` + i (a prefill block, a
+    decode window; BLOCK_M <= 32), without a scan over the tile: each key's important queries
+    become one 32-bit mask (a single OR-reduction over the queries), and the rest is a few
+    integer operations per key.
+    With carried ``last`` = L, an important query at position p meets max(L, the latest
+    important one before it): those at p <= L add nothing (p - L <= 0 and `gap` >= 0), the first
+    at p > L adds p - L, and each later one its distance to the previous, whose maximum is one
+    plus the longest run of unimportant queries between the first and the last of them."""
+    offsets = tl.arange(0, BLOCK_M).to(tl.int64)
+    important = attn > tl.expand_dims(thr, 1 - QAXIS)
+    bits = tl.where(important, tl.expand_dims(tl.full([BLOCK_M], 1, tl.int64) << offsets, 1 - QAXIS), 0)
+    mask = tl.reduce(bits, QAXIS, _bit_or)  # [BLOCK_N]
+    top = _highest_bit(tl.maximum(mask, 1))
+    new_last = tl.where(mask != 0, tl.maximum(last, (first + top).to(tl.float32)), last)
+    # Queries at or before L: cleared. (L - first + 1 low bits, clamped to the tile.)
+    low = tl.minimum(tl.maximum(last - first.to(tl.float32) + 1.0, 0.0), 33.0).to(tl.int64)
+    after = mask & ~(((tl.zeros_like(low) + 1) << low) - 1)
+    j0 = _bit_index(tl.maximum(after & -after, 1))
+    since_l = (first + j0).to(tl.float32) - last
+    between = ~after & (((tl.zeros_like(top) + 1) << top) - 1) & ~(((tl.zeros_like(j0) + 2) << j0) - 1)
+    run = tl.where(top > j0, _longest_run(between) + 1, 0).to(tl.float32)
+    new_gap = tl.where(after != 0, tl.maximum(gap, tl.maximum(since_l, run)), gap)
+    return new_last, new_gap
 
 
 @triton.jit
@@ -149,7 +251,10 @@ def _reduce_kernel(
     s_pb, s_ph, s_pn,
     H: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    QAXIS: tl.constexpr, RUNS: tl.constexpr,
 ):
+    # QAXIS: the axis of the [.., ..] tiles that holds the queries; the keys hold the other.
+    # 0: logits = q @ k^T [BLOCK_M, BLOCK_N]; 1: logits = k @ q^T [BLOCK_N, BLOCK_M].
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -170,7 +275,10 @@ def _reduce_kernel(
     # Accumulated per (query row, key) over the query tiles and reduced over the rows once at
     # the end: a reduction per tile crosses the warps through shared memory every time.
     # Probabilities are >= 0: 0 is also max's identity here.
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if QAXIS == 0:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     if MODE == 2:
         # out is [3, B*H, n]: the sums, then the scan's `last` and `gap`, which come in holding
         # the state carried from earlier queries and are rewritten at the end.
@@ -184,8 +292,8 @@ def _reduce_kernel(
         rows = start + rows0
         row_ok = rows < m
         qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=QPOS_NONE)
-        visible = kpos[None, :] <= qpos[:, None]
-        tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # the tile's own sum, where it is needed
+        visible = tl.expand_dims(kpos, QAXIS) <= tl.expand_dims(qpos, 1 - QAXIS)
+        tile = tl.zeros_like(acc)  # the tile's own sum, where it is needed
         for gi in range(G):
             hq = h * G + gi
             q = tl.load(
@@ -194,12 +302,16 @@ def _reduce_kernel(
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
             )
             lse = tl.load(lse_ptr + (b.to(tl.int64) * H * G + hq) * m + rows, mask=row_ok, other=0.0)
-            if IEEE:
-                logits = tl.dot(q, kt, input_precision="ieee")
+            if QAXIS == 0:
+                a, bt = q, kt
             else:
-                logits = tl.dot(q, kt)
+                a, bt = k, tl.trans(q)
+            if IEEE:
+                logits = tl.dot(a, bt, input_precision="ieee")
+            else:
+                logits = tl.dot(a, bt)
             # A visible pair always has a finite lse (its row saw at least this key).
-            p = tl.where(visible, tl.exp2(logits * qk_scale - lse[:, None]), 0.0)
+            p = tl.where(visible, tl.exp2(logits * qk_scale - tl.expand_dims(lse, 1 - QAXIS)), 0.0)
             if MODE == 1:
                 acc = tl.maximum(acc, p)
             elif MODE == 2 or WEIGHTED:
@@ -209,12 +321,22 @@ def _reduce_kernel(
         if MODE == 2:
             # w holds each row's importance threshold here, [B*H, m].
             thr = tl.load(w_ptr + pid_bh.to(tl.int64) * m + rows, mask=row_ok, other=float("inf"))
-            last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap)
+            attn = tile * out_scale
+            if RUNS and BLOCK_M <= 32:
+                # Consecutive positions (checked per tile, over its rows within m): no scan.
+                offset = qpos - rows0
+                first = tl.min(tl.where(row_ok, offset, 2**31 - 1))
+                if first == tl.max(tl.where(row_ok, offset, -(2**31))):
+                    last, gap = _lazy_step_contiguous(attn, thr, first, last, gap, QAXIS, BLOCK_M)
+                else:
+                    last, gap = _lazy_step(attn, thr, qpos, last, gap, QAXIS)
+            else:
+                last, gap = _lazy_step(attn, thr, qpos, last, gap, QAXIS)
             acc += tile
         if WEIGHTED:
             w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
-            acc += tile * w[:, None]
-    total = tl.max(acc, 0) if MODE == 1 else tl.sum(acc, 0)
+            acc += tile * tl.expand_dims(w, 1 - QAXIS)
+    total = tl.max(acc, QAXIS) if MODE == 1 else tl.sum(acc, QAXIS)
     tl.store(out_ptr + pid_bh.to(tl.int64) * n + idx, total * out_scale, mask=col_ok)
     if MODE == 2:
         tl.store(state, last, mask=col_ok)
@@ -269,11 +391,8 @@ def attention_reduce(
     scaling: float,
     mode: str = "sum",
     weights: Tensor | None = None,
-    block_m: int = 64,
-    block_n: int | None = None,
-    num_warps: int = 4,
     lse: Tensor | None = None,
-    num_stages: int | None = None,
+    **tiles: int | None,
 ) -> Tensor:
     """Attention received per cached entry, reduced over queries: [B, H, n] float32.
 
@@ -281,12 +400,11 @@ def attention_reduce(
     layers' queries, read where they lie: `_query_parts`), ``keys`` [B, H, n, d] (same dtype), ``key_positions`` [B, H, n]
     with masked entries at `KPOS_NONE`, ``query_positions`` [m]. ``mode`` "sum": sum over
     queries (times ``weights`` [m] if given) of the mean over the g query heads of each KV head;
-    "max": max over queries and over the g query heads. ``block_m``, ``block_n`` (powers of
-    two, >= 16; ``block_n`` None: 128 unweighted, 64 weighted) and ``num_warps`` tune the tiles
-    (benchmarks/scoring_bench.py compares them).
+    "max": max over queries and over the g query heads.
     ``lse`` [B, Hq, m] (natural log): each row's log-sum-exp over exactly its visible keys,
     already known: pass 1 is skipped. A row whose lse is -inf contributes nothing.
-    ``num_stages``: software pipelining (None: triton's default).
+    ``tiles``: `Tiles` fields overriding the mode's defaults in `TILES` (block sizes are powers
+    of two, >= 16; benchmarks/scoring_bench.py compares them).
     """
     if mode not in ("sum", "max"):
         raise ValueError(f"mode must be one of ['max', 'sum'], got '{mode}'")
@@ -298,16 +416,9 @@ def attention_reduce(
     out = torch.empty(b, h, n, dtype=torch.float32, device=key_positions.device)
     if _n_queries(queries) == 0 or n == 0:
         return out.zero_()
-    _launch(queries, keys, key_positions, query_positions, scaling, mode, weights, out,
-            block_m, block_n or _default_block_n(weights), num_warps, lse, num_stages)
+    config = replace(TILES["weighted" if weights is not None else mode], **tiles)
+    _launch(queries, keys, key_positions, query_positions, scaling, mode, weights, out, config, lse)
     return out
-
-
-def _default_block_n(weights: Tensor | None) -> int:
-    # Key tiles of 128 where pass 2 keeps only the running [BLOCK_M, BLOCK_N] accumulator:
-    # 0.69 vs 1.01 ms for 2048 queries over 4096 keys on H100 (scoring_bench.py --sweep-reduce,
-    # docs/scoring.md). A weighted sum also keeps the tile's own sum, twice the registers: 64.
-    return 128 if weights is None else 64
 
 
 def attention_lazy(
@@ -318,11 +429,8 @@ def attention_lazy(
     scaling: float,
     last: Tensor,
     gap: Tensor,
-    block_m: int = 64,
-    block_n: int = 64,
-    num_warps: int = 4,
     lse: Tensor | None = None,
-    num_stages: int | None = None,
+    **tiles: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LazyEviction's scan over the queries in order, without the [m, n] attention:
     (received, last, gap), each [B, H, n] float32 (`kvbudget.scoring.lazy_scan` is the torch
@@ -336,7 +444,7 @@ def attention_lazy(
     kpos = key_positions.to(torch.int32)
     qpos = query_positions.to(device=key_positions.device, dtype=torch.int32).contiguous()
     thr = _importance_thresholds(kpos, qpos)
-    _launch(queries, keys, kpos, qpos, scaling, "lazy", thr, out, block_m, block_n, num_warps, lse, num_stages)
+    _launch(queries, keys, kpos, qpos, scaling, "lazy", thr, out, replace(TILES["lazy"], **tiles), lse)
     return out.unbind(0)
 
 
@@ -385,8 +493,7 @@ def _query_parts(queries: Queries) -> tuple[Tensor, Tensor, int]:
 
 def _launch(
     queries: Tensor, keys: Tensor, key_positions: Tensor, query_positions: Tensor, scaling: float,
-    mode: str, rows: Tensor | None, out: Tensor, block_m: int, block_n: int, num_warps: int,
-    lse: Tensor | None, num_stages: int | None,
+    mode: str, rows: Tensor | None, out: Tensor, tiles: Tiles, lse: Tensor | None,
 ) -> None:
     """Pass 1 unless ``lse`` is given, then pass 2 into ``out`` (``mode``'s layout). ``rows``:
     the per-query weights of "sum" (None: unweighted), the [B*H, m] thresholds of "lazy"."""
@@ -408,22 +515,23 @@ def _launch(
     k_strides = keys.stride()
     p_strides = kpos.stride()
     # fp32 tiles take twice the registers/shared memory: halve the query tile.
-    bm = block_m if not ieee else max(16, block_m // 2)
-    kend, qstart = _tile_bounds(kpos, qpos, bm, block_n)
+    bm = tiles.block_m if not ieee else max(16, tiles.block_m // 2)
+    bn = tiles.block_n
+    kend, qstart = _tile_bounds(kpos, qpos, bm, bn)
     if lse is not None:
         lse = _base2_lse(lse, (b, hq, m), queries.device)
     else:
         lse = torch.empty(b, hq, m, dtype=torch.float32, device=queries.device)
         _lse_kernel[(triton.cdiv(m, bm), b * hq)](
             queries, qoff, keys, kpos, qpos, lse, kend, m, n, d, qk_scale, qb, *q_strides, *k_strides, *p_strides,
-            HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps,
+            HQ=hq, G=g, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, num_warps=tiles.num_warps,
         )
     weighted = mode == "sum" and rows is not None
-    extra = {} if num_stages is None else {"num_stages": num_stages}
-    _reduce_kernel[(triton.cdiv(n, block_n), b * h)](
+    extra = {} if tiles.num_stages is None else {"num_stages": tiles.num_stages}
+    _reduce_kernel[(triton.cdiv(n, bn), b * h)](
         queries, qoff, keys, kpos, qpos, lse, lse if rows is None else rows, out, qstart, m, n, d, qk_scale,
         1.0 if mode == "max" else 1.0 / g, qb,
         *q_strides, *k_strides, *p_strides,
         H=h, G=g, MODE=MODES[mode], WEIGHTED=weighted,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, num_warps=num_warps, **extra,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, QAXIS=tiles.query_axis, RUNS=tiles.runs, num_warps=tiles.num_warps, **extra,
     )
