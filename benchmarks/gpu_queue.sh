@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_queue.sh check   # CUDA correctness: gpu_tests groups + every KIVI variant
 #   bash benchmarks/gpu_queue.sh kivi    # the fused KIVI kernels (fold, gather) vs bf16 SDPA
 #   bash benchmarks/gpu_queue.sh adakv   # Ada-KV by a stable sort, one sync: A/B vs commit 8ab01f0
+#   bash benchmarks/gpu_queue.sh lazy    # pass-2 tiles of the scoring kernels: sweep, then whole prefills
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -35,5 +36,14 @@ case "${1:-}" in
         PYTHONPATH=src python3 benchmarks/compress_profile.py adakv > "$OUT/compress_profile-adakv-sort.log" 2>&1
         tail -n 5 "$OUT"/adakv-sort-*.txt
         ;;
-    *) echo "usage: $0 check|kivi|adakv" >&2; exit 2 ;;
+    lazy)
+        # Fifth session: pass 2 alone over 8 stacked layers, then the old and new lazy tiles in
+        # whole 32k prefills (block_m,block_n,warps,stages,query_axis), then the CUDA checks.
+        PYTHONPATH=src python3 benchmarks/scoring_bench.py --sweep-reduce --batch 8 --sweep-block-m 32,64 \
+            --repeats 5 --out "$OUT/sweep-b8.jsonl" > "$OUT/sweep-b8.log" 2>&1
+        PYTHONPATH=src python3 benchmarks/score_tiles_ab.py --policy lazy --mode lazy \
+            --tiles "64,64,4,-,0;32,128,4,3,1;32,64,4,3,1" --rounds 2 --out "$OUT/tiles-lazy-final.jsonl"
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py lazy stacked 2>&1 | tee "$OUT/gpu_tests-session5.log"
+        ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy" >&2; exit 2 ;;
 esac

@@ -11,11 +11,12 @@ tokens) and its SDPA attention on the same shape, plus a FLOP estimate. One JSON
 (stdout and --out). A few seconds on an H100.
 
     python benchmarks/scoring_bench.py --out scoring-h100.jsonl
-    python benchmarks/scoring_bench.py --sweep-reduce --out reduce-sweep.jsonl
+    python benchmarks/scoring_bench.py --sweep-reduce --batch 8 --out reduce-sweep.jsonl
 
 ``--sweep-reduce`` times pass 2 alone (the reduction given each row's log-sum-exp, which is all
-H2O/A2SF run when the attention call supplies it: docs/scoring.md) over tile sizes, warps,
-and pipelining stages. (A variant that stacked the group's query heads into one dot was swept too
+H2O/A2SF/LazyEviction run when the attention call supplies it: docs/scoring.md) over tile sizes,
+warps, pipelining stages and the tiles' query axis, for ``--sweep-modes``; ``--batch 8`` stacks 8
+layers as a prefill's compression does (one layer leaves the GPU latency-bound). (A variant that stacked the group's query heads into one dot was swept too
 and removed, no faster: commit 7ec168c has it.)
 """
 
@@ -139,15 +140,12 @@ def sweep_reduce(args: argparse.Namespace, x: dict, emit) -> None:
     torch.cuda.empty_cache()
     last, gap = x["pos"].float(), torch.zeros_like(x["pos"], dtype=torch.float32)
     grid = itertools.product(args.sweep_modes.split(","), (0, 1), (int(b) for b in args.sweep_block_m.split(",")),
-                             (64, 128), (4, 8), (None, 3), (True, False))
+                             (64, 128), (4, 8), (None, 3))
     refs: dict[str, object] = {}
-    for mode, axis, bm, bn, warps, stages, runs in grid:
-        if not runs and (mode != "lazy" or bm > 32):
-            continue  # the run-length step only exists there
+    for mode, axis, bm, bn, warps, stages in grid:
         row = {"row": "reduce_sweep", "mode": mode, "query_axis": axis, "block_m": bm, "block_n": bn,
-               "num_warps": warps, "num_stages": stages, "runs": runs and mode == "lazy" and bm <= 32}
-        kw = {"block_m": bm, "block_n": bn, "num_warps": warps, "lse": lse, "num_stages": stages, "query_axis": axis,
-              "runs": runs}
+               "num_warps": warps, "num_stages": stages}
+        kw = {"block_m": bm, "block_n": bn, "num_warps": warps, "lse": lse, "num_stages": stages, "query_axis": axis}
         if mode == "lazy":
             fn = lambda: attention_lazy(x["q"], x["k"], kpos, x["qpos"], x["scaling"], last, gap, **kw)  # noqa: E731
         else:

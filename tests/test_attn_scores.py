@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
 from triton import language as tl
 
 from kvbudget.kernels import attn_scores  # noqa: F401 - the kernels import
-from kvbudget.kernels.attn_scores import TILES, _lazy_step, _lazy_step_contiguous
+from kvbudget.kernels.attn_scores import TILES, _lazy_step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -336,7 +336,7 @@ for dt, bm in (("bf16", 64), ("fp32", 32)):
     assert "cubin" in c.asm
     for mode, weighted, qaxis in ((0, False, 0), (0, True, 0), (1, False, 0), (2, False, 0), (2, False, 1)):
         c = build(K._reduce_kernel, {"H": 8, "G": 4, "MODE": mode, "WEIGHTED": weighted, "BLOCK_M": bm,
-                                     "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee, "QAXIS": qaxis, "RUNS": True},
+                                     "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": ieee, "QAXIS": qaxis},
                   [f"*{dt}", "*i64", f"*{dt}", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32",
                    "fp32", "fp32", "i32"] + ["i64"] * 11, 4)
         assert "cubin" in c.asm
@@ -398,10 +398,8 @@ def test_triton_skips_hidden_tiles_exactly(shuffled):
 
 
 @triton.jit
-def _scan_tiles(attn_ptr, thr_ptr, qpos_ptr, last_ptr, gap_ptr, m, N: tl.constexpr, BLOCK_M: tl.constexpr,
-                CONTIGUOUS: tl.constexpr = False):
-    """`_lazy_step` alone over attention given as is, [rows, m, N], one program per row
-    (`_lazy_step_contiguous`, given each tile's first position, with ``CONTIGUOUS``)."""
+def _scan_tiles(attn_ptr, thr_ptr, qpos_ptr, last_ptr, gap_ptr, m, N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_lazy_step` alone over attention given as is, [rows, m, N], one program per row."""
     r = tl.program_id(0)
     cols = tl.arange(0, N)
     last = tl.load(last_ptr + r * N + cols)
@@ -412,10 +410,7 @@ def _scan_tiles(attn_ptr, thr_ptr, qpos_ptr, last_ptr, gap_ptr, m, N: tl.constex
         attn = tl.load(attn_ptr + (r * m + rows[:, None]) * N + cols[None, :], mask=ok[:, None], other=0.0)
         thr = tl.load(thr_ptr + r * m + rows, mask=ok, other=float("inf"))
         qpos = tl.load(qpos_ptr + rows, mask=ok, other=-(2**31))
-        if CONTIGUOUS:
-            last, gap = _lazy_step_contiguous(attn, thr, tl.load(qpos_ptr + start), last, gap, 0, BLOCK_M)
-        else:
-            last, gap = _lazy_step(attn, thr, qpos, last, gap, 0)
+        last, gap = _lazy_step(attn, thr, qpos, last, gap, 0)
     tl.store(last_ptr + r * N + cols, last)
     tl.store(gap_ptr + r * N + cols, gap)
 
@@ -479,41 +474,6 @@ def test_lazy_tile_scan_equals_the_torch_scan(shuffled):
     assert bool((attn[0] == thr[:, :, None]).any())  # ties at the threshold
 
 
-@pytest.mark.parametrize("block_m", [8, 32])
-def test_lazy_run_length_step_equals_the_torch_scan(block_m):
-    """The scan-free step of consecutive query positions (`_lazy_step_contiguous`) on importance
-    patterns of every density, including none, all, a single query, the first and last query of
-    a tile and long runs, against the torch scan; the carried `last` before the queries, inside
-    a tile (queries at or before it add nothing), exactly at a query and after them all."""
-    from kvbudget.kernels.attn_scores import _importance_thresholds
-
-    gen = torch.Generator().manual_seed(11)
-    h, n, m, start = 3, 64, 96, 500
-    qpos = torch.arange(start, start + m)
-    pos = torch.sort(torch.randperm(start, generator=gen)[:n]).values.expand(1, h, n).clone()
-    density = torch.tensor([0.0, 0.02, 0.1, 0.3, 0.7, 0.97, 1.0])[torch.randint(0, 7, (h, 1, n), generator=gen)]
-    important = torch.rand(h, m, n, generator=gen) < density
-    important[0, :, 0] = False
-    important[0, :, 1] = True
-    important[0, :, 2] = torch.arange(m) == 40
-    important[0, :, 3] = (torch.arange(m) % block_m == 0) | (torch.arange(m) % block_m == block_m - 1)
-    important[0, :, 4] = (torch.arange(m) == 0) | (torch.arange(m) == m - 1)  # one run of m - 2
-    kpos = scoring.key_positions(pos, None).to(torch.int32)
-    thr = _importance_thresholds(kpos, qpos.to(torch.int32))  # [H, m]
-    attn = torch.where(important, thr[:, :, None] * 1.5, thr[:, :, None] * 0.5)[None]
-    attn[0, 1, :, 5] = thr[1]  # exactly at the threshold: not important
-    last = (start + torch.randint(-20, m + 20, (1, h, n), generator=gen)).float()
-    last[0, 0, :8] = torch.tensor([0.0, start, start + 7, start + block_m - 1, start + m, start + 40, 0.0, start - 1])
-    gap = torch.randint(0, 30, (1, h, n), generator=gen).float()
-    want = scoring.lazy_scan([(0, attn)], pos, None, qpos, last, gap)
-    on = (lambda t: t.to(DEVICE).contiguous())
-    got_last, got_gap = on(last.clone()), on(gap.clone())
-    _scan_tiles[(h,)](on(attn), on(thr), on(qpos.to(torch.int32)), got_last, got_gap, m, N=n, BLOCK_M=block_m,
-                      CONTIGUOUS=True)
-    assert torch.equal(got_last.cpu(), want[1]) and torch.equal(got_gap.cpu(), want[2])
-    assert bool((want[2] > gap).any()) and bool((want[1] > last).any())  # the scan moved both
-
-
 def lazy_margin(q, k, pos, valid, qpos, scaling) -> float:
     """How far from its importance threshold the nearest visible attention is (float64, relative):
     float32 paths agree on importance when this is well above their rounding (~1e-6). Queries
@@ -534,22 +494,21 @@ def lazy_state(pos, seed: int = 0):
     return last, torch.randint(1, 40, pos.shape, generator=gen).float()
 
 
-# Query positions of the lazy kernel tests: "holes" (sorted, repeats and gaps: the scan), "runs"
-# (consecutive but for one jump: tiles of 16 take the run-length path, [16, 32) the scan),
-# "consecutive" (every tile the run-length path), "shuffled" (keys and queries out of order).
-LAZY_QPOS = {"runs": torch.cat([torch.arange(5, 25), torch.arange(100, 117)]), "consecutive": torch.arange(60, 97)}
+# Query positions of the lazy kernel tests: "holes" (sorted, repeats and gaps), "consecutive" (a
+# prefill block), "shuffled" (keys and queries out of order).
+LAZY_QPOS = {"consecutive": torch.arange(60, 97)}
 
 
 @pytest.mark.parametrize("g", [1, 4])
 @pytest.mark.parametrize("lse_given", [False, True])
-@pytest.mark.parametrize("positions", ["holes", "runs", "consecutive", "shuffled"])
+@pytest.mark.parametrize("positions", ["holes", "consecutive", "shuffled"])
 @pytest.mark.parametrize("axis", [0, 1])
 def test_triton_lazy_equals_the_torch_scan(g, lse_given, positions, axis):
     """The kernel's lazy mode equals the chunked torch scan: batch 2, ragged padding, the first
     queries seeing nothing, key tiles partly in the causal future, query tiles skipped before
     `qstart`, state carried in, several query tiles (carry across them), the row LSE given or
-    computed, the queries along either axis of the tiles; query positions as `LAZY_QPOS` says,
-    through both the scan and the run-length step (tiles of 16 and 32 rows)."""
+    computed, the queries along either axis of the tiles, tiles of 16 and 32 queries; query
+    positions as `LAZY_QPOS` says."""
     from kvbudget.kernels.attn_scores import _tile_bounds
     from kvbudget.kernels.attn_scores import attention_lazy as kernel_lazy
 
@@ -568,7 +527,7 @@ def test_triton_lazy_equals_the_torch_scan(g, lse_given, positions, axis):
     assert bool(qstart.max() > 0) != shuffled
     lse = row_lse(q, k, pos, valid, qpos, 0.125) if lse_given else None
     on = (lambda t: None if t is None else t.to(DEVICE))
-    for block_m in (16,) if positions in ("holes", "shuffled") else (16, 32):
+    for block_m in (16, 32) if positions == "holes" else (16,):
         got = kernel_lazy(on(q), on(k), on(kpos), on(qpos), 0.125, on(last), on(gap), block_m=block_m, block_n=16,
                           lse=on(lse), query_axis=axis)
         received, got_last, got_gap = (t.cpu() for t in got)

@@ -56,17 +56,19 @@ class Tiles:
     num_warps: int = 4
     num_stages: int | None = None  # None: triton's default pipelining
     query_axis: int = 0
-    runs: bool = True  # lazy: the run-length step on tiles of consecutive positions (block_m <= 32)
 
 
-# Per reduction, measured by benchmarks/scoring_bench.py --sweep-reduce on H100 (docs/scoring.md).
+# Per reduction, measured on H100 by benchmarks/scoring_bench.py --sweep-reduce --batch 8 (a group
+# of stacked layers) and checked in whole prefills by benchmarks/score_tiles_ab.py (docs/scoring.md).
 # "weighted" (a sum with per-query weights) and "lazy" keep the tile's own sum beside the
-# accumulator: twice the registers.
+# accumulator: twice the registers. Lazy's scan over the queries of a tile runs along the axis
+# that stays inside a warp (query_axis 1): 3.7 vs 4.6 ms for 8 layers, 14.4% vs 15.7% of a 32k
+# prefill.
 TILES = {
     "sum": Tiles(),
     "max": Tiles(),
     "weighted": Tiles(block_n=64),
-    "lazy": Tiles(block_n=64),
+    "lazy": Tiles(block_m=32, block_n=128, num_stages=3, query_axis=1),
 }
 
 
@@ -168,81 +170,6 @@ def _lazy_step(attn, thr, qpos, last, gap, QAXIS: tl.constexpr):
 
 
 @triton.jit
-def _bit_or(a, b):
-    return a | b
-
-
-@triton.jit
-def _bit_index(x):
-    # Index of the single set bit of x (int64 powers of two below 2^33): exact through float32,
-    # and rounded, as log2 may be approximate by a few ulps.
-    return tl.floor(tl.log2(x.to(tl.float32)) + 0.5).to(tl.int64)
-
-
-@triton.jit
-def _highest_bit(x):
-    # Index of the highest set bit of x (int64 in [1, 2^32)): smear it down, then x + 1 = 2^(h+1).
-    x = x | (x >> 1)
-    x = x | (x >> 2)
-    x = x | (x >> 4)
-    x = x | (x >> 8)
-    x = x | (x >> 16)
-    return _bit_index(x + 1) - 1
-
-
-@triton.jit
-def _longest_run(z):
-    # Length of the longest run of set bits of z (int64 below 2^32), by doubling: bit i of z_k is
-    # set where bits i .. i+k-1 all are; then a binary search on the length, 16 + 8 + ... + 1.
-    z2 = z & (z >> 1)
-    z4 = z2 & (z2 >> 2)
-    z8 = z4 & (z4 >> 4)
-    z16 = z8 & (z8 >> 8)
-    length = tl.zeros_like(z)
-    cur = tl.zeros_like(z) - 1  # runs of length 0 start everywhere
-    cur, length = _extend_run(cur, length, z16, 16)
-    cur, length = _extend_run(cur, length, z8, 8)
-    cur, length = _extend_run(cur, length, z4, 4)
-    cur, length = _extend_run(cur, length, z2, 2)
-    cur, length = _extend_run(cur, length, z, 1)
-    return length
-
-
-@triton.jit
-def _extend_run(cur, length, zk, k):
-    # cur: where runs of `length` set bits start; extended by k more where zk allows it.
-    t = cur & (zk >> length)
-    return tl.where(t != 0, t, cur), tl.where(t != 0, length + k, length)
-
-
-@triton.jit
-def _lazy_step_contiguous(attn, thr, first, last, gap, QAXIS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """`_lazy_step` for a tile whose query i sits at position ``first`` + i (a prefill block, a
-    decode window; BLOCK_M <= 32), without a scan over the tile: each key's important queries
-    become one 32-bit mask (a single OR-reduction over the queries), and the rest is a few
-    integer operations per key.
-    With carried ``last`` = L, an important query at position p meets max(L, the latest
-    important one before it): those at p <= L add nothing (p - L <= 0 and `gap` >= 0), the first
-    at p > L adds p - L, and each later one its distance to the previous, whose maximum is one
-    plus the longest run of unimportant queries between the first and the last of them."""
-    offsets = tl.arange(0, BLOCK_M).to(tl.int64)
-    important = attn > tl.expand_dims(thr, 1 - QAXIS)
-    bits = tl.where(important, tl.expand_dims(tl.full([BLOCK_M], 1, tl.int64) << offsets, 1 - QAXIS), 0)
-    mask = tl.reduce(bits, QAXIS, _bit_or)  # [BLOCK_N]
-    top = _highest_bit(tl.maximum(mask, 1))
-    new_last = tl.where(mask != 0, tl.maximum(last, (first + top).to(tl.float32)), last)
-    # Queries at or before L: cleared. (L - first + 1 low bits, clamped to the tile.)
-    low = tl.minimum(tl.maximum(last - first.to(tl.float32) + 1.0, 0.0), 33.0).to(tl.int64)
-    after = mask & ~(((tl.zeros_like(low) + 1) << low) - 1)
-    j0 = _bit_index(tl.maximum(after & -after, 1))
-    since_l = (first + j0).to(tl.float32) - last
-    between = ~after & (((tl.zeros_like(top) + 1) << top) - 1) & ~(((tl.zeros_like(j0) + 2) << j0) - 1)
-    run = tl.where(top > j0, _longest_run(between) + 1, 0).to(tl.float32)
-    new_gap = tl.where(after != 0, tl.maximum(gap, tl.maximum(since_l, run)), gap)
-    return new_last, new_gap
-
-
-@triton.jit
 def _reduce_kernel(
     q_ptr, qoff_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr, qstart_ptr,
     m, n, D, qk_scale, out_scale, QB,
@@ -251,7 +178,7 @@ def _reduce_kernel(
     s_pb, s_ph, s_pn,
     H: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    QAXIS: tl.constexpr, RUNS: tl.constexpr,
+    QAXIS: tl.constexpr,
 ):
     # QAXIS: the axis of the [.., ..] tiles that holds the queries; the keys hold the other.
     # 0: logits = q @ k^T [BLOCK_M, BLOCK_N]; 1: logits = k @ q^T [BLOCK_N, BLOCK_M].
@@ -321,17 +248,7 @@ def _reduce_kernel(
         if MODE == 2:
             # w holds each row's importance threshold here, [B*H, m].
             thr = tl.load(w_ptr + pid_bh.to(tl.int64) * m + rows, mask=row_ok, other=float("inf"))
-            attn = tile * out_scale
-            if RUNS and BLOCK_M <= 32:
-                # Consecutive positions (checked per tile, over its rows within m): no scan.
-                offset = qpos - rows0
-                first = tl.min(tl.where(row_ok, offset, 2**31 - 1))
-                if first == tl.max(tl.where(row_ok, offset, -(2**31))):
-                    last, gap = _lazy_step_contiguous(attn, thr, first, last, gap, QAXIS, BLOCK_M)
-                else:
-                    last, gap = _lazy_step(attn, thr, qpos, last, gap, QAXIS)
-            else:
-                last, gap = _lazy_step(attn, thr, qpos, last, gap, QAXIS)
+            last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap, QAXIS)
             acc += tile
         if WEIGHTED:
             w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
@@ -533,5 +450,5 @@ def _launch(
         1.0 if mode == "max" else 1.0 / g, qb,
         *q_strides, *k_strides, *p_strides,
         H=h, G=g, MODE=MODES[mode], WEIGHTED=weighted,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, QAXIS=tiles.query_axis, RUNS=tiles.runs, num_warps=tiles.num_warps, **extra,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, QAXIS=tiles.query_axis, num_warps=tiles.num_warps, **extra,
     )
