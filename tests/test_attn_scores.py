@@ -173,14 +173,13 @@ def row_lse(q, k, pos, valid, qpos, scaling):
     return logits.masked_fill(~visible, float("-inf")).logsumexp(-1).float()
 
 
-@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize(("g", "axis"), [(1, 0), (4, 0), (4, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["sum", "max", "weighted"])
-@pytest.mark.parametrize("axis", [0, 1])
 def test_triton_with_given_lse_equals_two_passes(g, dtype, mode, axis):
     """Pass 1 skipped: the reduction from a supplied LSE equals the two-pass kernel and the
     reference, with GQA, ragged padding, causal positions and rows that see nothing (-inf);
-    pass 2's tiles hold the queries along either axis."""
+    pass 2's tiles hold the queries along either axis (axis 1 with GQA only: CI time)."""
     from kvbudget.kernels.attn_scores import attention_reduce as kernel_reduce
 
     q, k, pos, valid, qpos = case(g)
@@ -499,10 +498,9 @@ def lazy_state(pos, seed: int = 0):
 LAZY_QPOS = {"consecutive": torch.arange(60, 97)}
 
 
-@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize(("g", "axis"), [(1, 1), (4, 1), (4, 0)])  # axis 0 with GQA only: CI time
 @pytest.mark.parametrize("lse_given", [False, True])
 @pytest.mark.parametrize("positions", ["holes", "consecutive", "shuffled"])
-@pytest.mark.parametrize("axis", [0, 1])
 def test_triton_lazy_equals_the_torch_scan(g, lse_given, positions, axis):
     """The kernel's lazy mode equals the chunked torch scan: batch 2, ragged padding, the first
     queries seeing nothing, key tiles partly in the causal future, query tiles skipped before
