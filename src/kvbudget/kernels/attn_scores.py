@@ -62,8 +62,8 @@ class Tiles:
 # of stacked layers) and checked in whole prefills by benchmarks/score_tiles_ab.py (docs/scoring.md).
 # "weighted" (a sum with per-query weights) and "lazy" keep the tile's own sum beside the
 # accumulator: twice the registers. Lazy's scan over the queries of a tile runs along the axis
-# that stays inside a warp (query_axis 1): 3.7 vs 4.6 ms for 8 layers, 14.4% vs 15.7% of a 32k
-# prefill.
+# that stays inside a warp (query_axis 1): 3.7 vs 4.6 ms for 8 layers, 14.4% vs 15.9% of a 32k
+# prefill (medians of 6).
 TILES = {
     "sum": Tiles(),
     "max": Tiles(),
