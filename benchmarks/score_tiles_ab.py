@@ -31,8 +31,11 @@ from kvbudget.kernels import attn_scores  # noqa: E402
 
 
 def parse(spec: str) -> attn_scores.Tiles:
-    bm, bn, warps, stages, axis = spec.split(",")
-    return attn_scores.Tiles(int(bm), int(bn), int(warps), None if stages == "-" else int(stages), int(axis))
+    try:
+        bm, bn, warps, stages, axis = spec.split(",")
+        return attn_scores.Tiles(int(bm), int(bn), int(warps), None if stages == "-" else int(stages), int(axis))
+    except ValueError:
+        sys.exit(f"--tiles: '{spec}' is not block_m,block_n,num_warps,num_stages,query_axis ('-': default stages)")
 
 
 def main() -> None:
@@ -49,11 +52,11 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("score_tiles_ab needs CUDA")
+    settings = [parse(s) for s in args.tiles.split(";")]  # checked before the model is built
     model = load("llama8b", "cuda")
     env = environment("cuda", "llama8b")
     ids = torch.randint(model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
     ids = ids.to("cuda")
-    settings = [parse(s) for s in args.tiles.split(";")]
     with open(args.out, "w") as out:
         for r in range(args.rounds):
             for tiles in settings:

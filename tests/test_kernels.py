@@ -226,6 +226,18 @@ def test_kivi_fold_handles_any_chunk_ids(poisoned, order):
         assert _rel(out, ref) < TOL[dtype], splits
 
 
+def test_kivi_unknown_kernel_is_a_clear_error(monkeypatch):
+    """A kernel name that does not exist (the removed "stack", a typo) is refused by name, not
+    silently run as another kernel."""
+    gen = torch.Generator().manual_seed(3)
+    store = KIVI(bits=4)
+    k = torch.randn(1, 1, 64, 64, generator=gen)
+    body, tk, tv = rebuild_body(store, None, k, k.clone(), torch.arange(64).expand(1, 1, 64), 0, None)
+    monkeypatch.setattr(KD, "KERNEL", "stack")
+    with pytest.raises(ValueError, match="KVBUDGET_KIVI_KERNEL must be one of fold, gather, got 'stack'"):
+        KD.kivi_decode_attention(torch.randn(1, 2, 64, generator=gen), body, store, tk, tv, 0.125)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kivi_gather_kernel_and_odd_head_dims(poisoned, monkeypatch, dtype):
     """The per-element gather kernel: forced, and chosen for a head dim that is not a power of two."""

@@ -56,6 +56,7 @@ BLOCK_N = 32
 # "fold" (default): `_kivi_fold_kernel`, scales folded per chunk / per value group (no per-element
 # gathers); "gather": the first kernel, `_kivi_stage_kernel` (kept for comparison).
 KERNEL = os.environ.get("KVBUDGET_KIVI_KERNEL", "fold")
+KERNELS = ("fold", "gather")
 # Launch settings: (entries per block, warps, pipeline stages, programs resident per SM, register
 # cap per thread or 0 for none). The fold kernel fits 168 registers a thread without spills (ptxas,
 # sm_90, bf16, 2 and 4 bits), so three 4-warp programs are resident per SM.
@@ -527,6 +528,8 @@ def kivi_decode_attention(
     bits = store.bits
     pack = 8 // bits
     gv = value_group(dv, store.group)
+    if KERNEL not in KERNELS:  # read per call: kernel_bench switches it between runs
+        raise ValueError(f"KVBUDGET_KIVI_KERNEL must be one of {', '.join(KERNELS)}, got '{KERNEL}'")
     fold = KERNEL == "fold" and fold_supported(q, body, d, dv, gv)
     if fold:
         block_n, warps, stages, waves, maxnreg = FOLD_CONFIG_FP32 if q.dtype == torch.float32 else FOLD_CONFIG
