@@ -99,15 +99,29 @@ def free() -> None:
 @contextlib.contextmanager
 def kivi_variant(variant: str):
     """Run the fused KIVI calls inside with ``variant``: '' (the library's choice) or a kernel name
-    (`kivi_decode.KERNEL`: fold, gather)."""
+    (`kivi_decode.KERNELS`: parts, fold, gather), optionally with its launch settings after an '@':
+    ``parts@BLOCK_N,WARPS,STAGES,RESIDENT,MAXNREG`` (`kivi_decode.CONFIGS`; parts and fold)."""
     from kvbudget.kernels import kivi_decode as KD
 
-    saved = KD.KERNEL
-    KD.KERNEL = variant or saved
+    name, _, config = variant.partition("@")
+    name, *options = name.split("+")  # parts+qt+prefetch: `kivi_decode.PARTS_OPTIONS` switched on
+    saved = KD.KERNEL, dict(KD.CONFIGS), dict(KD.PARTS_OPTIONS)
+    KD.KERNEL = name or saved[0]
+    for option in options:
+        if option not in KD.PARTS_OPTIONS:
+            raise ValueError(f"unknown option '{option}' in '{variant}'")
+        KD.PARTS_OPTIONS[option] = True
+    if config:
+        KD.CONFIGS[KD.KERNEL] = tuple(int(x) for x in config.split(","))
+        if len(KD.CONFIGS[KD.KERNEL]) != 5:
+            raise ValueError(f"launch settings of '{variant}' must be 5 integers")
     try:
         yield
     finally:
-        KD.KERNEL = saved
+        KD.KERNEL = saved[0]
+        KD.CONFIGS.clear()
+        KD.CONFIGS.update(saved[1])
+        KD.PARTS_OPTIONS.update(saved[2])
 
 
 # --- KIVI bodies -----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kivi_parts import kivi_parts_body, kivi_parts_body_t
 from .varlen_decode import (
     LOG2E,
     MAX_SPLITS,
@@ -53,14 +54,22 @@ from .varlen_decode import (
 # 32 entries x 8 warps: the dequantisation tiles fit in registers (ptxas, sm_90: 206-215 registers,
 # no spills; 64 x 4 warps spills ~0.5 KB per thread).
 BLOCK_N = 32
-# "fold" (default): `_kivi_fold_kernel`, scales folded per chunk / per value group (no per-element
-# gathers); "gather": the first kernel, `_kivi_stage_kernel` (kept for comparison).
-KERNEL = os.environ.get("KVBUDGET_KIVI_KERNEL", "fold")
-KERNELS = ("fold", "gather")
+# "parts" (default): `_kivi_fold_kernel` with `kivi_parts.kivi_parts_body` (codes by sub-position,
+# value scales in the probabilities); "fold": the same kernel's own body (the second session's);
+# "gather": the first kernel, `_kivi_stage_kernel`. The last two are kept for comparison.
+KERNEL = os.environ.get("KVBUDGET_KIVI_KERNEL", "parts")
+KERNELS = ("parts", "fold", "gather")
 # Launch settings: (entries per block, warps, pipeline stages, programs resident per SM, register
-# cap per thread or 0 for none). The fold kernel fits 168 registers a thread without spills (ptxas,
-# sm_90, bf16, 2 and 4 bits), so three 4-warp programs are resident per SM.
-FOLD_CONFIG = (32, 4, 1, 3, 168)
+# cap per thread or 0 for none), per kernel, for bf16/fp16 (float32 tiles take FOLD_CONFIG_FP32).
+# parts: one warp per program, 16 entries (ptxas sm_90: 253-255 registers, no spills; 8 programs
+# resident per SM), the fastest of the settings swept on H100 (docs/kernels.md, sixth session):
+# with one warp nothing crosses warps (no barriers, no shared-memory reductions) and the query rows
+# padded to the mma's 16 are computed once per program, not once per warp.
+# fold: 32 entries x 4 warps at 168 registers (no spills), three programs per SM.
+CONFIGS = {"parts": (16, 1, 1, 8, 0), "fold": (32, 4, 1, 3, 168)}
+# Options of the parts body: "qt" (tiles transposed, `kivi_parts_body_t`), "prefetch" (the next
+# block's loads issued before this block's math).
+PARTS_OPTIONS = {"qt": False, "prefetch": False}
 FOLD_CONFIG_FP32 = (32, 8, 1, 1, 0)  # float32 tiles: 4 warps would spill
 # Query rows of the fold kernel's tiles (the group padded to a power of two, at least this): 4, not
 # 16, since tl.dot pads M itself on sm_90, and 4 x D float32 tiles cost far fewer registers.
@@ -328,7 +337,8 @@ def _kivi_fold_kernel(
     BITS: tl.constexpr, PACK: tl.constexpr, GV: tl.constexpr, NG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, G_PAD: tl.constexpr,
     HAS_LENS: tl.constexpr, TAIL_LENS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PARTS: tl.constexpr = False, ASM: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, QT: tl.constexpr = False,
 ):
     """`_kivi_stage_kernel` without per-element scale gathers; the tail in extra programs.
 
@@ -382,76 +392,89 @@ def _kivi_fold_kernel(
         offs_bn = tl.arange(0, BLOCK_N)
         mask_g = offs_g < GROUP
         qhead = (h * GROUP + offs_g).to(tl.int64)
-        q = tl.load(q_ptr + b * stride_qb + qhead[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-        dt = q.dtype
-        q = q.to(tl.float32)
-        BIG: tl.constexpr = 2147483647
+        if PARTS and QT:
+            kivi_parts_body_t(q_ptr, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base, po_ptr, plse_ptr,
+                              b, qhead, mask_g, lo, hi, pid_s,
+                              stride_qb, stride_qh, stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc,
+                              stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale,
+                              BITS, PACK, GV, NG, BLOCK_N, BLOCK_D, G_PAD, DOT_PREC, UPCAST, ASM, PREFETCH)
+        elif PARTS:
+            kivi_parts_body(q_ptr, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base, po_ptr, plse_ptr,
+                            b, qhead, mask_g, lo, hi, pid_s,
+                            stride_qb, stride_qh, stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc,
+                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale,
+                            BITS, PACK, GV, NG, BLOCK_N, BLOCK_D, G_PAD, DOT_PREC, UPCAST, ASM, PREFETCH)
+        else:
+            q = tl.load(q_ptr + b * stride_qb + qhead[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+            dt = q.dtype
+            q = q.to(tl.float32)
+            BIG: tl.constexpr = 2147483647
 
-        # Prologue: block 0's chunk ids and key codes, block 1's chunk ids.
-        n_mask = lo + offs_bn < hi
-        rows = (lo + offs_bn).to(tl.int64)
-        cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
-        kb = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :], mask=n_mask[:, None], other=0)
-        nn_mask = lo + BLOCK_N + offs_bn < hi
-        cid_n = tl.load(cid_base + (lo + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=nn_mask, other=0).to(tl.int32)
+            # Prologue: block 0's chunk ids and key codes, block 1's chunk ids.
+            n_mask = lo + offs_bn < hi
+            rows = (lo + offs_bn).to(tl.int64)
+            cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
+            kb = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :], mask=n_mask[:, None], other=0)
+            nn_mask = lo + BLOCK_N + offs_bn < hi
+            cid_n = tl.load(cid_base + (lo + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=nn_mask, other=0).to(tl.int32)
 
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            # -- loads for the next block (n0 + BLOCK_N) and the chunk ids of the one after it.
-            nx = n0 + BLOCK_N
-            x_mask = nx + offs_bn < hi
-            x_rows = (nx + offs_bn).to(tl.int64)
-            kb_x = tl.load(kc_base + x_rows[:, None] * stride_kcn + offs_j[None, :], mask=x_mask[:, None], other=0)
-            # The current block's values (issued before the key math; prefetching them a block
-            # ahead as well would cost the registers of a third resident program).
-            cur_rows = (n0 + offs_bn).to(tl.int64)
-            vb = tl.load(vc_base + cur_rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
-            vsz = cur_rows[:, None] * stride_vsn + offs_grp[None, :]
-            vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0)
-            vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0)
-            xx_mask = nx + BLOCK_N + offs_bn < hi
-            cid_xx = tl.load(cid_base + (nx + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=xx_mask, other=0).to(tl.int32)
+            m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([G_PAD], tl.float32)
+            acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                # -- loads for the next block (n0 + BLOCK_N) and the chunk ids of the one after it.
+                nx = n0 + BLOCK_N
+                x_mask = nx + offs_bn < hi
+                x_rows = (nx + offs_bn).to(tl.int64)
+                kb_x = tl.load(kc_base + x_rows[:, None] * stride_kcn + offs_j[None, :], mask=x_mask[:, None], other=0)
+                # The current block's values (issued before the key math; prefetching them a block
+                # ahead as well would cost the registers of a third resident program).
+                cur_rows = (n0 + offs_bn).to(tl.int64)
+                vb = tl.load(vc_base + cur_rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
+                vsz = cur_rows[:, None] * stride_vsn + offs_grp[None, :]
+                vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0)
+                vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0)
+                xx_mask = nx + BLOCK_N + offs_bn < hi
+                cid_xx = tl.load(cid_base + (nx + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=xx_mask, other=0).to(tl.int32)
 
-            # -- this block: its lowest and highest chunk ids (from ids loaded one block ahead).
-            c0 = tl.min(tl.where(n_mask, cid, BIG), 0)
-            c1 = tl.max(tl.where(n_mask, cid, 0), 0)
-            s0 = tl.load(ks_base + c0.to(tl.int64) * stride_tc + offs_d)
-            z0 = tl.load(kz_base + c0.to(tl.int64) * stride_tc + offs_d)
-            s1 = tl.load(ks_base + c1.to(tl.int64) * stride_tc + offs_d)
-            z1 = tl.load(kz_base + c1.to(tl.int64) * stride_tc + offs_d)
-            kcodes = _unpack_centred(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
-            qk = _fold_rows(q, kcodes, s0, z0, BITS, dt, DOT_PREC, UPCAST)
-            if c1 != c0:  # the block spans several chunks (never when chunks of 32 align with blocks)
-                qk = tl.where(cid[None, :] == c1, _fold_rows(q, kcodes, s1, z1, BITS, dt, DOT_PREC, UPCAST), qk)
-                # Chunks strictly between c0 and c1 (sparse chunks after eviction, ids out of order).
-                c = tl.min(tl.where(n_mask & (cid > c0) & (cid < c1), cid, BIG), 0)
-                while c < c1:
-                    sc = tl.load(ks_base + c.to(tl.int64) * stride_tc + offs_d)
-                    zc = tl.load(kz_base + c.to(tl.int64) * stride_tc + offs_d)
-                    qk = tl.where(cid[None, :] == c, _fold_rows(q, kcodes, sc, zc, BITS, dt, DOT_PREC, UPCAST), qk)
-                    c = tl.min(tl.where(n_mask & (cid > c) & (cid < c1), cid, BIG), 0)
+                # -- this block: its lowest and highest chunk ids (from ids loaded one block ahead).
+                c0 = tl.min(tl.where(n_mask, cid, BIG), 0)
+                c1 = tl.max(tl.where(n_mask, cid, 0), 0)
+                s0 = tl.load(ks_base + c0.to(tl.int64) * stride_tc + offs_d)
+                z0 = tl.load(kz_base + c0.to(tl.int64) * stride_tc + offs_d)
+                s1 = tl.load(ks_base + c1.to(tl.int64) * stride_tc + offs_d)
+                z1 = tl.load(kz_base + c1.to(tl.int64) * stride_tc + offs_d)
+                kcodes = _unpack_centred(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
+                qk = _fold_rows(q, kcodes, s0, z0, BITS, dt, DOT_PREC, UPCAST)
+                if c1 != c0:  # the block spans several chunks (never when chunks of 32 align with blocks)
+                    qk = tl.where(cid[None, :] == c1, _fold_rows(q, kcodes, s1, z1, BITS, dt, DOT_PREC, UPCAST), qk)
+                    # Chunks strictly between c0 and c1 (sparse chunks after eviction, ids out of order).
+                    c = tl.min(tl.where(n_mask & (cid > c0) & (cid < c1), cid, BIG), 0)
+                    while c < c1:
+                        sc = tl.load(ks_base + c.to(tl.int64) * stride_tc + offs_d)
+                        zc = tl.load(kz_base + c.to(tl.int64) * stride_tc + offs_d)
+                        qk = tl.where(cid[None, :] == c, _fold_rows(q, kcodes, sc, zc, BITS, dt, DOT_PREC, UPCAST), qk)
+                        c = tl.min(tl.where(n_mask & (cid > c) & (cid < c1), cid, BIG), 0)
 
-            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vcodes = tl.reshape(_unpack(vb, BITS, PACK, BLOCK_N, BLOCK_DV), [BLOCK_N, NG, GV]).to(tl.float32)
-            v = (vcodes * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]).to(dt)
-            acc = acc * alpha[:, None] + _mm(p.to(dt), tl.reshape(v, [BLOCK_N, BLOCK_DV]), DOT_PREC, UPCAST)
-            m_i = m_new
+                qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vcodes = tl.reshape(_unpack(vb, BITS, PACK, BLOCK_N, BLOCK_DV), [BLOCK_N, NG, GV]).to(tl.float32)
+                v = (vcodes * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]).to(dt)
+                acc = acc * alpha[:, None] + _mm(p.to(dt), tl.reshape(v, [BLOCK_N, BLOCK_DV]), DOT_PREC, UPCAST)
+                m_i = m_new
 
-            # -- rotate the pipeline.
-            n_mask = x_mask
-            cid = cid_n
-            cid_n = cid_xx
-            kb = kb_x
+                # -- rotate the pipeline.
+                n_mask = x_mask
+                cid = cid_n
+                cid_n = cid_xx
+                kb = kb_x
 
-        offs_dv = tl.arange(0, BLOCK_DV)
-        _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, pid_s,
-                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh)
+            offs_dv = tl.arange(0, BLOCK_DV)
+            _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, pid_s,
+                           stride_ob, stride_oh, stride_os, stride_lb, stride_lh)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -530,9 +553,10 @@ def kivi_decode_attention(
     gv = value_group(dv, store.group)
     if KERNEL not in KERNELS:  # read per call: kernel_bench switches it between runs
         raise ValueError(f"KVBUDGET_KIVI_KERNEL must be one of {', '.join(KERNELS)}, got '{KERNEL}'")
-    fold = KERNEL == "fold" and fold_supported(q, body, d, dv, gv)
+    fold = KERNEL in ("fold", "parts") and fold_supported(q, body, d, dv, gv)
+    parts = fold and KERNEL == "parts"
     if fold:
-        block_n, warps, stages, waves, maxnreg = FOLD_CONFIG_FP32 if q.dtype == torch.float32 else FOLD_CONFIG
+        block_n, warps, stages, waves, maxnreg = FOLD_CONFIG_FP32 if q.dtype == torch.float32 else CONFIGS[KERNEL]
     else:
         block_n, warps, stages, waves, maxnreg = GATHER_CONFIG
     regs = {"maxnreg": maxnreg} if maxnreg else {}
@@ -576,7 +600,10 @@ def kivi_decode_attention(
             BITS=bits, PACK=pack, GV=gv, NG=dv // gv, BLOCK_N=block_n,
             BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, _pow2(group)), HAS_LENS=body_lens is not None,
             TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block,
-            DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), num_warps=warps, num_stages=stages, **regs,
+            DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), PARTS=parts,
+            QT=PARTS_OPTIONS["qt"], PREFETCH=PARTS_OPTIONS["prefetch"],
+            ASM=parts and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16),
+            num_warps=warps, num_stages=stages, **regs,
         )
     else:
         _kivi_stage_kernel[(b * hkv, s_body)](
