@@ -8,7 +8,6 @@
 #   bash benchmarks/gpu_queue.sh lazy    # pass-2 tiles of the scoring kernels: sweep, then whole prefills
 #   bash benchmarks/gpu_queue.sh parts   # the parts KIVI kernel: checks, then launch settings vs fold
 #   bash benchmarks/gpu_queue.sh parts-final  # the parts default: model-level checks, bench at 8k-128k
-#   bash benchmarks/gpu_queue.sh parts-options  # the parts body's options (transposed tiles, prefetch)
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -19,9 +18,6 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 VARIANTS="fold;gather"  # the session's stack kernel was measured here and removed (docs/kernels.md)
 # kernel@BLOCK_N,WARPS,STAGES,RESIDENT,MAXNREG (kernel_bench.kivi_variant); resident from ptxas's registers
-OPTION_VARIANTS="fold;parts@16,1,1,8,0;parts+prefetch@16,1,1,8,0;parts+qt@16,1,1,8,0;parts+qt+prefetch@16,1,1,8,0"
-OPTION_VARIANTS+=";parts+qt@16,2,1,4,0;parts+qt+prefetch@16,2,1,4,0;parts+prefetch@16,2,1,4,0;parts+qt@32,4,1,2,0"
-OPTION_VARIANTS+=";parts+qt+prefetch@32,4,1,2,0;parts+qt@32,2,1,4,0"
 PARTS_VARIANTS="fold;parts@32,4,1,3,168;parts@32,2,1,4,0;parts@16,2,1,4,0;parts@64,4,1,2,0;parts@16,1,1,8,0;parts@32,4,2,3,168"
 case "${1:-}" in
     check)
@@ -63,21 +59,14 @@ case "${1:-}" in
         grep -E "correctness|FAILED" "$OUT/kivi-parts-check.log"; sed -n '/=== copy/,$p' "$OUT/kivi-parts-sweep.log"
         ;;
     parts-final)
-        # The committed default (parts, 16 entries x 1 warp): the model-level KIVI checks, then the
-        # bench's correctness check and timings at 8k / 32k / 128k.
-        PYTHONPATH=src python3 benchmarks/gpu_tests.py fused 2>&1 | tee "$OUT/gpu_tests-session6.log"
+        # The committed default (parts: transposed tiles, prefetch, 16 entries x 1 warp): the
+        # model-level KIVI checks, then the bench's correctness check and timings at 8k / 32k / 128k.
+        # (Its first version, commit c4299b8, wrote gpu_tests-session6.log / kernel_bench-parts-final.log;
+        # that commit's `parts-options` step compared the transposed tiles and the prefetch.)
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py fused 2>&1 | tee "$OUT/gpu_tests-session6-final.log"
         PYTHONPATH=src python3 benchmarks/kernel_bench.py --only-kivi --contexts 8192,32768,131072 \
-            --out "$OUT/kernels-kivi-parts-final.jsonl" > "$OUT/kernel_bench-parts-final.log" 2>&1
-        grep -E "correctness|FAILED" "$OUT/kernel_bench-parts-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-parts-final.log"
+            --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
+        grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    parts-options)
-        # The parts body's options (transposed tiles, prefetch): checks of both, then timings.
-        PYTHONPATH=src python3 benchmarks/kernel_bench.py --only-kivi --contexts 32768 \
-            --kivi-variants "parts+qt+prefetch;parts+prefetch" \
-            --out "$OUT/kivi-options-check.jsonl" > "$OUT/kivi-options-check.log" 2>&1
-        PYTHONPATH=src python3 benchmarks/kernel_bench.py --skip-check --only-kivi --contexts 32768,131072 \
-            --kivi-variants "$OPTION_VARIANTS" --out "$OUT/kivi-options-sweep.jsonl" > "$OUT/kivi-options-sweep.log" 2>&1
-        grep -E "correctness|FAILED" "$OUT/kivi-options-check.log"; grep -E "graph|sdpa_bf16 " "$OUT/kivi-options-sweep.log"
-        ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|parts-options" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final" >&2; exit 2 ;;
 esac

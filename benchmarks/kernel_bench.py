@@ -104,13 +104,8 @@ def kivi_variant(variant: str):
     from kvbudget.kernels import kivi_decode as KD
 
     name, _, config = variant.partition("@")
-    name, *options = name.split("+")  # parts+qt+prefetch: `kivi_decode.PARTS_OPTIONS` switched on
-    saved = KD.KERNEL, dict(KD.CONFIGS), dict(KD.PARTS_OPTIONS)
+    saved = KD.KERNEL, dict(KD.CONFIGS)
     KD.KERNEL = name or saved[0]
-    for option in options:
-        if option not in KD.PARTS_OPTIONS:
-            raise ValueError(f"unknown option '{option}' in '{variant}'")
-        KD.PARTS_OPTIONS[option] = True
     if config:
         KD.CONFIGS[KD.KERNEL] = tuple(int(x) for x in config.split(","))
         if len(KD.CONFIGS[KD.KERNEL]) != 5:
@@ -121,7 +116,6 @@ def kivi_variant(variant: str):
         KD.KERNEL = saved[0]
         KD.CONFIGS.clear()
         KD.CONFIGS.update(saved[1])
-        KD.PARTS_OPTIONS.update(saved[2])
 
 
 # --- KIVI bodies -----------------------------------------------------------------------------------

@@ -365,16 +365,20 @@ for kernel, dt in (("parts", "bf16"), ("fold", "bf16"), ("parts", "fp32")):
         os.unlink(f.name)
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
         print(kernel, dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
+        # The parts body's prefetched block costs a few spilled registers at one warp (ptxas 12.x:
+        # 104 B at 4 bits, 8 B at 2; measured on H100 as fast as without the prefetch at 4 bits and
+        # 1.24x faster at 2): a bound, so that a change which spills in earnest fails here.
         if dt == "bf16":
-            assert spills == 0, log
+            assert spills <= (128 if kernel == "parts" else 0), log
 print("compiled")
 '''
 
 
 def test_kivi_fold_kernel_compiles_for_hopper_without_spills():
     """The real compiler takes the fold kernel with either body (parts, fold) and the tail path down
-    to sm_90 with their launch settings; ptxas must report no register spills for bfloat16 (float32
-    only has to compile), and only the parts body's bf16 build carries the PTX unpack."""
+    to sm_90 with their launch settings; ptxas must report no (fold) or few (parts) register spills
+    for bfloat16 (float32 only has to compile), and only the parts body's bf16 build carries the
+    PTX unpack."""
     import subprocess
     import sys
     from pathlib import Path

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .kivi_parts import kivi_parts_body, kivi_parts_body_t
+from .kivi_parts import kivi_parts_body
 from .varlen_decode import (
     LOG2E,
     MAX_SPLITS,
@@ -67,9 +67,6 @@ KERNELS = ("parts", "fold", "gather")
 # padded to the mma's 16 are computed once per program, not once per warp.
 # fold: 32 entries x 4 warps at 168 registers (no spills), three programs per SM.
 CONFIGS = {"parts": (16, 1, 1, 8, 0), "fold": (32, 4, 1, 3, 168)}
-# Options of the parts body: "qt" (tiles transposed, `kivi_parts_body_t`), "prefetch" (the next
-# block's loads issued before this block's math).
-PARTS_OPTIONS = {"qt": False, "prefetch": False}
 FOLD_CONFIG_FP32 = (32, 8, 1, 1, 0)  # float32 tiles: 4 warps would spill
 # Query rows of the fold kernel's tiles (the group padded to a power of two, at least this): 4, not
 # 16, since tl.dot pads M itself on sm_90, and 4 x D float32 tiles cost far fewer registers.
@@ -338,7 +335,6 @@ def _kivi_fold_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, G_PAD: tl.constexpr,
     HAS_LENS: tl.constexpr, TAIL_LENS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PARTS: tl.constexpr = False, ASM: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, QT: tl.constexpr = False,
 ):
     """`_kivi_stage_kernel` without per-element scale gathers; the tail in extra programs.
 
@@ -392,18 +388,12 @@ def _kivi_fold_kernel(
         offs_bn = tl.arange(0, BLOCK_N)
         mask_g = offs_g < GROUP
         qhead = (h * GROUP + offs_g).to(tl.int64)
-        if PARTS and QT:
-            kivi_parts_body_t(q_ptr, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base, po_ptr, plse_ptr,
-                              b, qhead, mask_g, lo, hi, pid_s,
-                              stride_qb, stride_qh, stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc,
-                              stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale,
-                              BITS, PACK, GV, NG, BLOCK_N, BLOCK_D, G_PAD, DOT_PREC, UPCAST, ASM, PREFETCH)
-        elif PARTS:
+        if PARTS:
             kivi_parts_body(q_ptr, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base, po_ptr, plse_ptr,
                             b, qhead, mask_g, lo, hi, pid_s,
                             stride_qb, stride_qh, stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc,
                             stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale,
-                            BITS, PACK, GV, NG, BLOCK_N, BLOCK_D, G_PAD, DOT_PREC, UPCAST, ASM, PREFETCH)
+                            BITS, PACK, GV, NG, BLOCK_N, BLOCK_D, G_PAD, DOT_PREC, UPCAST, ASM)
         else:
             q = tl.load(q_ptr + b * stride_qb + qhead[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
             dt = q.dtype
@@ -601,7 +591,6 @@ def kivi_decode_attention(
             BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, _pow2(group)), HAS_LENS=body_lens is not None,
             TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block,
             DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), PARTS=parts,
-            QT=PARTS_OPTIONS["qt"], PREFETCH=PARTS_OPTIONS["prefetch"],
             ASM=parts and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16),
             num_warps=warps, num_stages=stages, **regs,
         )
