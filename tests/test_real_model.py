@@ -146,3 +146,18 @@ def test_decode_time_compression_rolls_back_exactly(default_model, needle_task):
     for a, b in zip(*(c.budgeted_layers() for c in caches)):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.keys, b.keys)
+
+
+def test_gguf_conversion_draws_no_progress_bar(capsys):
+    """transformers' GGUF loader draws a tqdm bar that `disable_progress_bar` does not reach; while
+    kvbudget converts the embedded model it is off, so a first command's stderr holds only
+    kvbudget's own lines (its one-line errors: test_cli.test_bad_input_is_one_clear_line)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from kvbudget.models import _no_gguf_progress
+
+    real = gguf_utils.tqdm
+    with _no_gguf_progress():
+        assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    assert gguf_utils.tqdm is real  # restored

@@ -141,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not path.exists():
         raise KVBudgetError(f"context file not found: {path}")
     text = path.read_text()
+    if not text.strip():  # before the model loads (a first load converts its GGUF: seconds)
+        raise KVBudgetError(f"context is empty: {path}")
     policy = make_policy(args.policy, budget=args.budget, block_size=args.block_size)
     model, tok = load_model(args.model, device=args.device)
     session = Session(model, tok, policy, decode=args.decode)

