@@ -84,8 +84,8 @@ def _query_part(q_rows, offs_j, s: tl.constexpr, PACK: tl.constexpr, BITS: tl.co
 
 @triton.jit
 def _chunk_logits(q0, q1, q2, q3, k0, k1, k2, k3, ks_row, kz_row, offs_j,
-                    BITS: tl.constexpr, PACK: tl.constexpr, DT: tl.constexpr,
-                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  BITS: tl.constexpr, PACK: tl.constexpr, DT: tl.constexpr,
+                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``q . k`` (before the softmax scale) of a block's entries [N, G] if all belonged to the
     chunk whose scale / zero rows start at ``ks_row`` / ``kz_row``: per sub-position s, the centred
     codes ``k_s`` [N, D/PACK] against the query part times that part's scales, rounded to DT, on
@@ -115,7 +115,7 @@ def _chunk_logits(q0, q1, q2, q3, k0, k1, k2, k3, ks_row, kz_row, offs_j,
 
 @triton.jit
 def _value_dot(acc, alpha3, pg, vb3, s: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr, DT: tl.constexpr,
-                 ASM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+               ASM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One sub-position's value accumulator [NG, GV/P, G] after one more block: codes [NG, GV/P, N]
     times ``pg`` [NG, N, G], the probabilities times each group's value scales."""
     return acc * alpha3 + _mm(_part(vb3, s, BITS, CENTRE, DT, ASM), pg, DOT_PREC, UPCAST)
@@ -173,7 +173,7 @@ def kivi_parts_body(
     zacc = tl.zeros([NG, G_PAD], tl.float32)
     n_mask = lo + offs_bn < hi
     cid, kb, vb3, vs, vz = _load_block(kc_base, vc_base, vs_base, vz_base, cid_base, lo, hi, offs_bn, offs_j,
-                                         offs_grp, vcol, stride_kcn, stride_vcn, stride_vsn, stride_cn)
+                                       offs_grp, vcol, stride_kcn, stride_vcn, stride_vsn, stride_cn)
     for n0 in range(lo, hi, BLOCK_N):
         # The next block's loads go out before this block's math (measured: KIVI-2 1.24x faster at
         # 32k, KIVI-4 unchanged; a program has only one warp to hide their latency).
@@ -196,11 +196,12 @@ def kivi_parts_body(
         c0 = tl.min(tl.where(n_mask, cid, BIG), 0)
         c1 = tl.max(tl.where(n_mask, cid, 0), 0)
         qk = _chunk_logits(q0, q1, q2, q3, k0, k1, k2, k3, ks_base + c0.to(tl.int64) * stride_tc,
-                             kz_base + c0.to(tl.int64) * stride_tc, offs_j, BITS, PACK, dt, DOT_PREC, UPCAST)
+                           kz_base + c0.to(tl.int64) * stride_tc, offs_j, BITS, PACK, dt, DOT_PREC, UPCAST)
+        # Other chunks of the block, highest first (ids in any order, with gaps, all work).
         c = c1
         while c > c0:
             rows_c = _chunk_logits(q0, q1, q2, q3, k0, k1, k2, k3, ks_base + c.to(tl.int64) * stride_tc,
-                                     kz_base + c.to(tl.int64) * stride_tc, offs_j, BITS, PACK, dt, DOT_PREC, UPCAST)
+                                   kz_base + c.to(tl.int64) * stride_tc, offs_j, BITS, PACK, dt, DOT_PREC, UPCAST)
             qk = tl.where(cid[:, None] == c, rows_c, qk)
             c = tl.max(tl.where(n_mask & (cid < c), cid, 0), 0)
 
@@ -237,7 +238,7 @@ def kivi_parts_body(
 
 @triton.jit
 def _load_block(kc_base, vc_base, vs_base, vz_base, cid_base, n0, hi, offs_bn, offs_j, offs_grp, vcol,
-                  stride_kcn, stride_vcn, stride_vsn, stride_cn):
+                stride_kcn, stride_vcn, stride_vsn, stride_cn):
     """A block's chunk ids [N], key bytes [N, D/P], value bytes [NG, GV/P, N] and value scales and
     zero points [NG, N] (in their stored dtype)."""
     n_mask = n0 + offs_bn < hi
