@@ -402,7 +402,8 @@ def main() -> int:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only-kivi", action="store_true", help="time the KIVI kernels only (no varlen, no torch path)")
     ap.add_argument("--kivi-variants", default="",
-                    help="';'-separated fused kernels to compare, e.g. 'fold;gather' (default: the library's)")
+                    help="';'-separated fused kernels to compare, each a name with optional launch settings, "
+                         "e.g. 'fold;parts;parts@16,1,1,8,0' (kivi_variant; default: the library's)")
     ap.add_argument("--contexts", default="8192,32768,131072")
     args = ap.parse_args()
     if not torch.cuda.is_available():
