@@ -229,6 +229,61 @@ def test_kivi_fold_handles_any_chunk_ids(poisoned, order, kernel, monkeypatch):
         assert _rel(out, ref) < TOL[dtype], splits
 
 
+def _run_unpack_ptx(asm: str, word: int, fp16: bool) -> list[float]:
+    """The few PTX instructions `kivi_parts._unpack_asm` emits, executed in Python on one 32-bit
+    input register ``$2``: the four 16-bit results of ``$0``, ``$1`` as floats."""
+    to_float = (lambda h: float(torch.tensor([h], dtype=torch.int32).to(torch.int16).view(torch.float16))) if fp16 \
+        else (lambda h: float(torch.tensor([h << 16], dtype=torch.int64).to(torch.int32).view(torch.float32)))
+    regs: dict[str, object] = {"$2": word}
+
+    def val(x: str) -> int:
+        return regs[x] if x in regs else int(x, 0)  # type: ignore[return-value]
+
+    for ins in (i.strip() for i in asm.strip("{} ").split(";")):
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, *args = ins.replace(",", " ").split()
+        if op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "prmt.b32":  # bytes of {b, a}, one selector nibble per result byte
+            pool = [(val(args[1]) >> 8 * i) & 255 for i in range(4)] + [(val(args[2]) >> 8 * i) & 255 for i in range(4)]
+            regs[args[0]] = sum(pool[(val(args[3]) >> 4 * i) & 7] << 8 * i for i in range(4))
+        elif op == "shl.b32":
+            regs[args[0]] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
+        elif op == "shr.b32":
+            regs[args[0]] = val(args[1]) >> val(args[2])
+        elif op == "lop3.b32":
+            assert args[4] == "0xEA"  # (a & b) | c
+            regs[args[0]] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op in ("sub.rn.bf16x2", "sub.rn.f16x2"):
+            a, b = val(args[1]), val(args[2])
+            regs[args[0]] = [to_float((a >> 16 * i) & 0xFFFF) - to_float((b >> 16 * i) & 0xFFFF) for i in range(2)]
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    return regs["$0"] + regs["$1"]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_parts_ptx_unpack_gives_the_centred_codes(bits, fp16):
+    """The GPU path of the parts body unpacks codes with inline PTX, which CI cannot run: executed
+    instruction by instruction here, it must give ``(field_s - centre) / 2**bits`` for every byte
+    value, sub-position, both centres (keys 2^(b-1), values (2^b - 1)/2) and both dtypes, in byte
+    order (element i of the four from byte i), exactly as the interpreter path does. The
+    subtraction's operands and result are exact in 16 bits, so float arithmetic here is exact."""
+    from kvbudget.kernels.kivi_parts import _unpack_asm
+
+    gen = torch.Generator().manual_seed(bits)
+    words = torch.randint(0, 2**32, (64,), generator=gen, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF, 0x0F1E2D3C]
+    for centre in (1 << (bits - 1), ((1 << bits) - 1) / 2):
+        for s in range(8 // bits):
+            asm = _unpack_asm.fn(bits, s, centre, fp16)
+            for w in words:
+                got = _run_unpack_ptx(asm, w, fp16)
+                want = [(((w >> 8 * i >> bits * s) & ((1 << bits) - 1)) - centre) / (1 << bits) for i in range(4)]
+                assert got == want, (bits, s, centre, hex(w))
+
+
 def test_kivi_unknown_kernel_is_a_clear_error(monkeypatch):
     """A kernel name that does not exist (the removed "stack", a typo) is refused by name, not
     silently run as another kernel."""

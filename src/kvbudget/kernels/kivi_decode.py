@@ -596,7 +596,8 @@ def kivi_decode_attention(
             BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, _pow2(group)), HAS_LENS=body_lens is not None,
             TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block,
             DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), PARTS=parts,
-            ASM=parts and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16),
+            # The PTX unpack: NVIDIA GPUs only (a ROCm build also reports is_cuda).
+            ASM=parts and q.is_cuda and torch.version.hip is None and q.dtype in (torch.bfloat16, torch.float16),
             num_warps=warps, num_stages=stages, **regs,
         )
     else:

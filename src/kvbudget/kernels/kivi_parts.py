@@ -9,7 +9,7 @@ block of entries is decoded, which is where the fold body spends its time (docs/
   byte extraction and a layout change per code), each sub-position ``s`` stays its own
   ``[N, D/P]`` tile and meets the matching strided part of the query, ``q[:, P*j + s]``: the
   logits are a sum of ``P`` tensor-core dots with ``K = D/P``.
-* **Three instructions per pair of codes.** On the GPU, four bytes at a time, each byte's field is
+* **Four instructions per pair of codes.** On the GPU, four bytes at a time, each byte's field is
   moved into the mantissa of 1.0 and ``1 + centre / 2**bits`` subtracted in packed bf16/fp16
   arithmetic (`_unpack_asm`: prmt, shift, lop3, sub per two codes): ``(code - centre) / 2**bits``
   exactly, with no integer-to-float conversion. The ``2**bits`` goes into the query (keys) and
