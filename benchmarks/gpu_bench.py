@@ -142,8 +142,11 @@ def kv_entry_bytes(model) -> int:
     return cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * 2 * 2  # K and V, bf16
 
 
-def roofline(model, entries_read: int, batch: int, bw: float, measured_ms: float) -> dict:
-    bytes_read = weight_bytes(model) + entries_read * kv_entry_bytes(model) + batch * model.config.hidden_size * 2
+def roofline(model, entries_read: int, batch: int, bw: float, measured_ms: float, kv_bytes: int | None = None) -> dict:
+    """``kv_bytes``: the KV bytes a step reads when they are not ``entries_read`` bf16 entries per
+    head (an encoded KIVI body)."""
+    kv = entries_read * kv_entry_bytes(model) if kv_bytes is None else kv_bytes
+    bytes_read = weight_bytes(model) + kv + batch * model.config.hidden_size * 2
     ms = bytes_read / bw * 1e3
     return {"bytes_read_gb": round(bytes_read / GB, 3), "roofline_ms": round(ms, 3),
             "fraction": round(ms / measured_ms, 3)}
@@ -213,7 +216,10 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
     graph_ms = cuda_ms(lambda: [dec.step(first) for _ in range(steps)], reps=2, warmup=0) / steps
     row["graph_decode_ms"] = round(graph_ms, 3)
     row["graph_speedup_vs_eager"] = round(row["eager_decode_ms"] / graph_ms, 2)
-    emit(row | roofline(model, kv_entries, 1, bw, graph_ms))
+    # A store's step reads the encoded body + the tail: the bytes held, less positions and scores.
+    kv_read = None if policy.store is None else cache.nbytes() - sum(
+        layer.positions.nbytes + sum(s.nbytes for s in layer.state.values()) for layer in cache.budgeted_layers())
+    emit(row | roofline(model, kv_entries, 1, bw, graph_ms, kv_read))
     del dec, cache
     free_memory()
 

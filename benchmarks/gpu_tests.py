@@ -5,6 +5,7 @@
    reload while the graph stays captured). float32 random 4-layer model of the 8B attention
    shape, so that there is no bf16 rounding difference between the two paths' reductions.
 2. The graph replays with new inputs (different tokens, positions) and matches a fresh eager run.
+   KIVI layers (seventh session) decode in the graph too: same tokens and cache as eagerly.
 3. The fused element-wise kernels (kvbudget.kernels.fused) on bf16 CUDA tensors against the
    transformers code they replace (RoPE and SiLU*mul bit for bit, RMSNorm within one bf16 ulp,
    the static append exactly), and greedy decoding of a bf16 model: unfused eager vs fused graph.
@@ -25,7 +26,8 @@
    the overlap, for information).
 
 Run: ``PYTHONPATH=src python3 benchmarks/gpu_tests.py`` (exit status 1 on any failure);
-``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, lse: 5,
+``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, kivigraph: the
+KIVI part of 2, lse: 5,
 lazy: 6, stacked: 7, ragged: 8).
 """
 
@@ -549,7 +551,7 @@ def check_ragged_flash() -> int:
     return failures
 
 
-GROUPS = ("fused", "graph", "lse", "lazy", "stacked", "ragged")
+GROUPS = ("fused", "graph", "kivigraph", "lse", "lazy", "stacked", "ragged")
 
 
 def main() -> int:
@@ -563,6 +565,8 @@ def main() -> int:
         failures += check_fused_kivi()
     if "graph" in groups:
         failures += check_graph_decode()
+    elif "kivigraph" in groups:  # only the KIVI part of "graph"
+        failures += check_graph_kivi(build(layers=4, dtype=torch.float32))
     if "lse" in groups:
         failures += check_attention_lse()
     if "lazy" in groups:
@@ -624,9 +628,37 @@ def check_graph_decode() -> int:
             print(f"{'ok  ' if ok else 'FAIL'} graph decode == eager  backend={backend:<9} policy={name:<9} "
                   f"tokens equal={eager == graph} ({len(graph)} tokens) max |cache diff|={diff:.2e}", flush=True)
     kstatic.ATTENTION = "auto"
+    failures += check_graph_kivi(model)
     failures += check_async_copies(model)
     del model
     torch.cuda.empty_cache()
+    return failures
+
+
+def check_graph_kivi(model) -> int:
+    """KIVI layers in the graph (kvbudget.static_store): the body in static buffers read by the
+    fused kernel, the tail appended in place, write-back / flush or eviction / reload between
+    replays. float32, so both paths' tokens can be compared exactly."""
+    from kvbudget import static_store
+
+    failures = 0
+    for name, kw in (("kivi4", {}), ("kivi2", {}), ("snapkv+kivi4", {"budget": 512}), ("h2o+kivi2", {"budget": 512})):
+        eager, ce = decode(model, name, "eager", n_new=96, **kw)
+        built = []
+        real = static_store.StaticStoreLayer.build.__func__
+        static_store.StaticStoreLayer.build = classmethod(lambda cls, layer, cap: built.append(1) or real(cls, layer, cap))
+        try:
+            graph, cg = decode(model, name, "graph", n_new=96, **kw)
+        finally:
+            static_store.StaticStoreLayer.build = classmethod(real)
+        diff = compare_caches(ce, cg)
+        bodies = [len(layer.body) for layer in cg.budgeted_layers()]
+        same_body = all(len(a.body) == len(b.body) for a, b in zip(ce.budgeted_layers(), cg.budgeted_layers()))
+        ok = eager == graph and diff < 1e-3 and len(built) == 4 and same_body
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} graph decode == eager  store layers in the graph ({len(built)} of 4) "
+              f"policy={name:<13} tokens equal={eager == graph} ({len(graph)} tokens) body entries {bodies[0]} "
+              f"(same as eager: {same_body}) max |cache diff|={diff:.2e}", flush=True)
     return failures
 
 

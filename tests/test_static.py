@@ -63,6 +63,71 @@ def test_static_decode_equals_eager(tiny_llama, name, kw):
         assert static_cache.budgeted_layers()[0].max_entries <= 40 + 8 + 32
 
 
+@pytest.mark.parametrize(
+    "name,kw,context",
+    [
+        ("kivi4", {}, 150),  # no body at first: the first flush during decoding creates it
+        ("kivi2", {}, 300),  # a body from the prefill, grown by the flushes
+        ("snapkv+kivi4", {"budget": 64}, 300),  # eviction rebuilds the body at each compression
+        ("h2o+kivi2", {"budget": 64}, 200),  # + every decoded query and accumulated state
+    ],
+)
+def test_static_store_decode_equals_eager(tiny_llama, name, kw, context):
+    """KIVI layers: the encoded body in static buffers, the tail appended in place; the tokens,
+    the cache (body decoded, positions, state) and the peak bytes are those of eager decoding."""
+    from kvbudget import static_store
+
+    built = []
+    real = static_store.StaticStoreLayer.build.__func__
+
+    def spy(cls, layer, capacity):
+        built.append(real(cls, layer, capacity))
+        return built[-1]
+
+    eager_ids, eager_cache, _ = _decode(tiny_llama, name, "eager", n_new=40, context=context, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(static_store.StaticStoreLayer, "build", classmethod(spy))
+        static_ids, static_cache, _ = _decode(tiny_llama, name, "static", n_new=40, context=context, **kw)
+    assert len(built) == 3  # every layer decoded from static buffers
+    assert static_ids == eager_ids and len(static_ids) == 40
+    _same_cache(eager_cache, static_cache)
+    for a, b in zip(eager_cache.budgeted_layers(), static_cache.budgeted_layers()):
+        assert len(a.body) == len(b.body) > 0 and a.keys.shape == b.keys.shape
+        assert a.body.nbytes() == b.body.nbytes()
+    assert static_cache.peak_bytes == eager_cache.peak_bytes
+
+
+def test_static_store_copies_a_body_only_when_it_changed(tiny_llama):
+    """A compression that encodes nothing leaves the body object as it was: reload copies only
+    the tail. One that encodes a chunk brings a new body, which is copied."""
+    policy = kb.policy("kivi4", decode_interval=4)
+    cache = policy.new_cache(tiny_llama)
+    logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=64)
+    dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=64, graph=False)
+    layer, static = cache.budgeted_layers()[0], dec.layers[0]
+    assert int(static.body_lens[0, 0]) == len(layer.body) == 64 and int(static.tail_lens[0, 0]) == 136
+    copies, changes = [], []
+    real_copy = torch.Tensor.copy_
+    tok = logits.argmax(-1)
+    for step in range(40):
+        tok = dec.step(tok).argmax(-1)
+        if (step + 1) % 4 == 0:
+            dec.write_back(cache)
+            before = layer.body
+            policy.compress(cache)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(torch.Tensor, "copy_", lambda t, src, *a, **k: copies.append(t.data_ptr()) or real_copy(t, src, *a, **k))
+                dec.reload(cache)
+            body_copied = static.body.tokens["k"].data_ptr() in copies
+            copies.clear()
+            assert (layer.body is not before) == body_copied
+            changes.append(body_copied)
+            assert int(static.body_lens[0, 0]) == len(layer.body)
+            assert int(static.tail_lens[0, 0]) == layer.keys.shape[2]
+    assert len(layer.body) == 64 + 32  # one chunk encoded after 32 decoded tokens
+    assert changes.count(True) == 1 and changes.count(False) == 9
+
+
 @pytest.mark.parametrize("name", ["full", "h2o", "streaming"])
 def test_padded_sdpa_backend_equals_eager(tiny_llama, monkeypatch, name):
     """The padded-SDPA backend (dense layers) reads every slot up to the capacity, masked: the
@@ -119,10 +184,10 @@ def test_unsupported_caches_say_why(tiny_gemma, tiny_llama):
     assert "sliding" in supports(cache)
     with pytest.raises(UnsupportedStatic, match="sliding"):
         StaticDecoder.from_cache(tiny_gemma, cache, capacity=4)
-    policy = kb.policy("kivi4")
+    policy = kb.policy("mikv", budget=64)
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(300), block_size=64)
-    assert "store" in supports(cache)
+    assert "plain KIVI" in supports(cache)
 
 
 def test_unknown_attention_backend_is_a_clear_error(tiny_llama, monkeypatch):
@@ -166,3 +231,18 @@ def test_session_decode_modes(default_model):
     s.add_context(doc)
     with pytest.raises(kb.KVBudgetError, match="CUDA"):
         s.ask("What is the code?", max_new_tokens=4)
+
+
+def test_session_static_kivi_on_the_real_model(default_model):
+    """The real model with a KIVI-4 body (context longer than the 128-token residual): static
+    decoding gives the eager answer and peak bytes."""
+    model, tok = default_model
+    doc = " ".join(f"Room {i} has a {c} door." for i, c in enumerate(["red", "blue", "green", "white"] * 12))
+    answers = []
+    for mode in ("eager", "static"):
+        s = kb.Session(model, tok, kb.policy("kivi4", decode_interval=8), decode=mode)
+        s.add_context(doc)
+        assert s.cache.budgeted_layers()[0].body is not None
+        answers.append(s.ask_detailed("What color is the door of room 5?", max_new_tokens=16))
+    assert answers[0].token_ids == answers[1].token_ids
+    assert answers[0].peak_bytes == answers[1].peak_bytes

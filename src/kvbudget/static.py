@@ -16,8 +16,10 @@ the segments can be laid out again after a compression without re-capturing the 
 Between compressions the decoded entries live only here; `StaticDecoder.write_back` appends
 them to the `BudgetedCache` (with positions, zeroed per-entry state and the observed queries),
 the policy compresses the cache as usual, and `StaticDecoder.reload` copies what was kept back
-into the buffers. Stores (encoded bodies) and sliding-window layers are not supported here:
-`supports` says why and the session decodes eagerly instead.
+into the buffers. Layers with a KIVI store keep their encoded body in static buffers too
+(`kvbudget.static_store`): the body only changes at a compression, decoded tokens go to the
+full-precision tail. Other stores and sliding-window layers are not supported here: `supports`
+says why and the session decodes eagerly instead.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import fusion
 from .attention import set_plan
-from .cache import BudgetedCache, padded_to_ragged
+from .cache import BudgetedCache, BudgetedLayer, padded_to_ragged
 
 _local = threading.local()
 
@@ -84,11 +86,32 @@ class StaticPlan:
 
     def attend(self, query: Tensor, scaling: float) -> Tensor:
         """``query [B, Hq, 1, d]`` -> ``[B, 1, Hq, dv]`` (the layout transformers expects back)."""
-        layer = self.layer
-        if layer.qbuf is not None:
-            layer.qbuf.index_copy_(2, layer.qslot, query)
-        out = varlen_decode(query[:, :, 0], layer, scaling)
-        return out[:, None]
+        record_query(self.layer, query)
+        return varlen_decode(query[:, :, 0], self.layer, scaling)[:, None]
+
+
+def record_query(layer, query: Tensor) -> None:
+    """Keep a decoded token's query in the layer's query buffer (scorers read them at write-back)."""
+    if layer.qbuf is not None:
+        layer.qbuf.index_copy_(2, layer.qslot, query)
+
+
+def append_token(key_states: Tensor, value_states: Tensor, keys: Tensor, values: Tensor, starts: Tensor,
+                 lens: Tensor) -> None:
+    """Write the new token of every (batch, head) at ``starts + lens`` of the flat buffers
+    ``keys [S, d]`` / ``values [S, dv]``, then ``lens += 1`` (on the device: no host value)."""
+    if key_states.shape[2] != 1:
+        raise ValueError("static decoding feeds one token per step")
+    key = key_states.reshape(-1, key_states.shape[-1]).to(keys.dtype)
+    value = value_states.reshape(-1, value_states.shape[-1]).to(values.dtype)
+    fused = fusion.kernels_for(key)
+    if fused is not None and key.stride(-1) == 1 and value.stride(-1) == 1:
+        fused.static_append(key, value, keys, values, starts, lens)
+    else:
+        slot = starts + lens.long()
+        keys.index_copy_(0, slot, key)
+        values.index_copy_(0, slot, value)
+        lens.add_(1)
 
 
 class StaticLayer(CacheLayerMixin):
@@ -115,18 +138,7 @@ class StaticLayer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Write the new token of every (batch, head) at the end of its segment (one token per step)."""
-        if key_states.shape[2] != 1:
-            raise ValueError("static decoding feeds one token per step")
-        key = key_states.reshape(-1, key_states.shape[-1]).to(self.keys.dtype)
-        value = value_states.reshape(-1, value_states.shape[-1]).to(self.values.dtype)
-        fused = fusion.kernels_for(key)
-        if fused is not None and key.stride(-1) == 1 and value.stride(-1) == 1:
-            fused.static_append(key, value, self.keys, self.values, self.starts, self.lens)
-        else:
-            slot = self.starts + self.lens.long()
-            self.keys.index_copy_(0, slot, key)
-            self.values.index_copy_(0, slot, value)
-            self.lens.add_(1)
+        append_token(key_states, value_states, self.keys, self.values, self.starts, self.lens)
         set_plan(StaticPlan(self.keys, self))
         return self.keys, self.values
 
@@ -139,6 +151,65 @@ class StaticLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.width
 
+    # --- what the decoder asks of every static layer ----------------------------------------
+    @property
+    def counters(self) -> list[Tensor]:
+        """Device tensors a decode step advances (restored after the warm-up before a capture)."""
+        return [self.lens]
+
+    @classmethod
+    def build(cls, layer: BudgetedLayer, capacity: int) -> "StaticLayer":
+        """Buffers for ``layer``'s entries with room for ``capacity`` decoded tokens per head."""
+        view = layer.view()
+        lens = view.lengths.reshape(-1)  # [B*H]
+        size = int(lens.sum()) + lens.numel() * capacity
+        # Zeroed, not empty: padded SDPA multiplies the unused slots by a mask, and stale
+        # memory there can hold NaN/inf bit patterns (NaN * 0 is NaN).
+        keys = view.keys.new_zeros(size, view.keys.shape[-1])
+        values = view.values.new_zeros(size, view.values.shape[-1])
+        # Dense layers: every head holds the same count, so the longest segment is bounded
+        # by it; ragged ones may be laid out again differently, bounded only by the total.
+        bound = int(lens.max()) + capacity if layer.head_lens is None else size
+        static = cls(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound, dense=layer.head_lens is None)
+        _fill(static, view.keys, view.values, lens, capacity)
+        return static
+
+    def load(self, layer: BudgetedLayer, room: int) -> None:
+        """Copy what ``layer`` holds after a compression into the same buffers, with room for
+        ``room`` more tokens per head (`UnsupportedStatic` when that no longer fits)."""
+        view = layer.view()
+        lens = view.lengths.reshape(-1)
+        if (self.dense and layer.head_lens is not None) or int(lens.max()) + room > self.width or (
+            int(lens.sum()) + lens.numel() * room > self.keys.shape[0]
+        ):
+            raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
+        _fill(self, view.keys, view.values, lens, room)
+
+    def write_back(self, layer: BudgetedLayer, n: int, new_pos: Tensor) -> None:
+        """Hand ``layer`` its entries with the ``n`` tokens decoded since the last load."""
+        lens = self.lens.long()
+        offs = torch.arange(int(lens.max()), device=lens.device)
+        idx = torch.where(offs[None] < lens[:, None], self.starts[:, None] + offs[None], 0)
+        b, h = layer.positions.shape[:2] if layer.head_lens is None else (1, layer.head_lens.shape[0])
+        keys = self.keys[idx].view(b, h, -1, self.keys.shape[-1])
+        values = self.values[idx].view(b, h, -1, self.values.shape[-1])
+        if layer.head_lens is None:
+            layer.keys, layer.values = keys, values
+            append_metadata(layer, n, new_pos)
+        else:
+            layer.keys = padded_to_ragged(keys[0], lens)
+            layer.values = padded_to_ragged(values[0], lens)
+            layer.positions = layer._append_ragged(layer.positions, new_pos.expand(h, n))
+            layer.state = {k: layer._append_ragged(s, s.new_zeros(h, n)) for k, s in layer.state.items()}
+            layer.head_lens = lens.clone()
+
+
+def append_metadata(layer: BudgetedLayer, n: int, new_pos: Tensor) -> None:
+    """Dense ``layer``: the positions and zeroed per-entry state of ``n`` appended tokens."""
+    b, h = layer.positions.shape[:2]
+    layer.positions = torch.cat([layer.positions, new_pos.expand(b, h, n)], dim=-1)
+    layer.state = {k: torch.cat([s, s.new_zeros(b, h, n)], dim=-1) for k, s in layer.state.items()}
+
 
 class UnsupportedStatic(Exception):
     """The cache or model cannot be decoded with static buffers (the caller decodes eagerly)."""
@@ -146,13 +217,14 @@ class UnsupportedStatic(Exception):
 
 def supports(cache: BudgetedCache) -> str | None:
     """None if ``cache`` can be decoded statically, else the reason it cannot."""
+    from . import static_store  # it builds on this module
     if len(cache.budgeted) != len(cache.layers):
         return "sliding-window layers are not supported by static decoding"
     for layer in cache.budgeted_layers():
         if not layer.is_initialized:
             return "the cache is empty"
-        if layer.body is not None or layer.store is not None:
-            return "stores (encoded bodies) decode eagerly"
+        if layer.store is not None and (reason := static_store.unsupported(layer)):
+            return reason
         if layer.phantom or layer.transient:
             return "a scoring pass is in progress"
     return None
@@ -213,27 +285,17 @@ class StaticDecoder:
                    query_slots: int = 0) -> "StaticDecoder":
         """Copy ``cache``'s entries into static buffers with room for ``capacity`` decoded tokens
         per head; ``query_slots``: queries kept per layer between write-backs (for scorers)."""
+        from . import static_store  # it builds on this module
+
         reason = supports(cache)
         if reason:
             raise UnsupportedStatic(reason)
-        layers = []
-        batch = 1
-        for layer in cache.budgeted_layers():
-            view = layer.view()
-            lens = view.lengths.reshape(-1)  # [B*H]
-            batch = view.keys.shape[0]
-            size = int(lens.sum()) + lens.numel() * capacity
-            # Zeroed, not empty: padded SDPA multiplies the unused slots by a mask, and stale
-            # memory there can hold NaN/inf bit patterns (NaN * 0 is NaN).
-            keys = view.keys.new_zeros(size, view.keys.shape[-1])
-            values = view.values.new_zeros(size, view.values.shape[-1])
-            # Dense layers: every head holds the same count, so the longest segment is bounded
-            # by it; ragged ones may be laid out again differently, bounded only by the total.
-            bound = int(lens.max()) + capacity if layer.head_lens is None else size
-            static = StaticLayer(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound,
-                                 dense=layer.head_lens is None)
-            _fill(static, view.keys, view.values, lens, capacity)
-            layers.append(static)
+        layers = [
+            (static_store.StaticStoreLayer if layer.store is not None else StaticLayer).build(layer, capacity)
+            for layer in cache.budgeted_layers()
+        ]
+        first = cache.budgeted_layers()[0]
+        batch = first.positions.shape[0] if first.head_lens is None else 1  # ragged layers: batch 1
         positions = torch.full((batch,), cache.get_seq_length(), dtype=torch.long)
         return cls(model, layers, positions, capacity, graph, query_slots)
 
@@ -242,13 +304,7 @@ class StaticDecoder:
         which reads buffers, starts and lengths from device memory, stays valid)."""
         room = self.capacity - self.decoded
         for static, layer in zip(self.layers, cache.budgeted_layers()):
-            view = layer.view()
-            lens = view.lengths.reshape(-1)
-            if (static.dense and layer.head_lens is not None) or int(lens.max()) + room > static.width or (
-                int(lens.sum()) + lens.numel() * room > static.keys.shape[0]
-            ):
-                raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
-            _fill(static, view.keys, view.values, lens, room)
+            static.load(layer, room)
         self._seen = cache.get_seq_length()
         self.pos.fill_(self._seen)
         self.qslot.zero_()
@@ -267,15 +323,16 @@ class StaticDecoder:
     def _capture(self) -> None:
         """Warm up (kernel compilation, library handles) on a side stream, undo the warm-up's
         writes, then capture one step."""
-        lens = [layer.lens.clone() for layer in self.layers]
+        counters = [[c.clone() for c in layer.counters] for layer in self.layers]
         pos, qslot = self.pos.clone(), self.qslot.clone()
         stream = _warmup_stream(self.ids.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._forward()
-                for layer, saved in zip(self.layers, lens):
-                    layer.lens.copy_(saved)
+                for layer, saved in zip(self.layers, counters):
+                    for c, value in zip(layer.counters, saved):
+                        c.copy_(value)
                 self.pos.copy_(pos)
                 self.qslot.copy_(qslot)
         torch.cuda.current_stream().wait_stream(stream)
@@ -310,23 +367,7 @@ class StaticDecoder:
             return
         new_pos = torch.arange(self._seen, self._seen + n, dtype=torch.int32)
         for static, layer in zip(self.layers, cache.budgeted_layers()):
-            lens = static.lens.long()
-            offs = torch.arange(int(lens.max()), device=lens.device)
-            idx = torch.where(offs[None] < lens[:, None], static.starts[:, None] + offs[None], 0)
-            b, h = layer.positions.shape[:2] if layer.head_lens is None else (1, layer.head_lens.shape[0])
-            keys = static.keys[idx].view(b, h, -1, static.keys.shape[-1])
-            values = static.values[idx].view(b, h, -1, static.values.shape[-1])
-            pos = new_pos.to(layer.positions.device)
-            if layer.head_lens is None:
-                layer.keys, layer.values = keys, values
-                layer.positions = torch.cat([layer.positions, pos.expand(b, h, n)], dim=-1)
-                layer.state = {k: torch.cat([s, s.new_zeros(b, h, n)], dim=-1) for k, s in layer.state.items()}
-            else:
-                layer.keys = padded_to_ragged(keys[0], lens)
-                layer.values = padded_to_ragged(values[0], lens)
-                layer.positions = layer._append_ragged(layer.positions, pos.expand(h, n))
-                layer.state = {k: layer._append_ragged(s, s.new_zeros(h, n)) for k, s in layer.state.items()}
-                layer.head_lens = lens.clone()
+            static.write_back(layer, n, new_pos.to(layer.positions.device))
             layer.seen += n
             layer.peak_entries = max(layer.peak_entries, layer.max_entries)
             if static.qbuf is not None:  # copied: the buffer is overwritten after the next reload
