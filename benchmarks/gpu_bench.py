@@ -14,8 +14,9 @@ Sections (``--sections``, comma-separated; one JSON object per row to ``--out``)
   (BudgetedCache) and with static buffers + one CUDA graph per step (kvbudget.static).
 * ``profile``: the kernels of one graph decode step, grouped (matmuls, attention, other) with
   the most frequent "other" kernels named.
-* ``batch``: the largest batch of 32k-token conversations that fits, full cache vs budget 2k,
-  each with its decode ms/step and tokens/s. The KV contents are random (filled, not prefilled:
+* ``batch``: the largest batch of 32k-token conversations that fits, full cache vs budget 2k vs
+  every token held by KIVI-4 / KIVI-2 (the encoded body in `static_store` buffers), each with
+  its decode ms/step and tokens/s. The KV contents are random (filled, not prefilled:
   speed does not depend on values; prefilling 200 x 32k tokens would take the whole lease).
 
 Roofline per decode step: bytes that must be read (weights except the embedding table, of which
@@ -241,13 +242,54 @@ def synthetic_decoder(model, batch: int, entries: int, room: int) -> kstatic.Sta
     return kstatic.StaticDecoder(model, layers, positions, capacity=room)
 
 
+def synthetic_kivi_decoder(model, batch: int, entries: int, room: int, bits: int = 4) -> kstatic.StaticDecoder:
+    """A StaticDecoder over ``batch`` sequences of ``entries`` per head held by KIVI: all but the
+    128-entry residual encoded (random codes and scales) in `StaticStoreLayer` buffers."""
+    from kvbudget.policies.kivi import KIVI
+    from kvbudget.static_store import StaticStoreLayer
+    from kvbudget.store import Body
+
+    cfg = model.config
+    store = KIVI(bits=bits)
+    h, d, tail = cfg.num_key_value_heads, cfg.head_dim, store.residual
+    n = entries - tail
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        def rand(*shape):
+            return torch.empty(batch, h, *shape, dtype=torch.bfloat16, device="cuda").uniform_(0.01, 0.1)
+
+        codes = lambda: torch.randint(0, 256, (batch, h, n, d * bits // 8), dtype=torch.uint8, device="cuda")  # noqa: E731
+        body = Body(
+            tokens={"k": codes(), "v": codes(), "v_scale": rand(n, d // store.group), "v_zero": rand(n, d // store.group)},
+            chunk_id=(torch.arange(n, device="cuda", dtype=torch.int32) // store.group).expand(batch, h, n).contiguous(),
+            chunks={"k_scale": rand(-(-n // store.group), d), "k_zero": rand(-(-n // store.group), d)},
+        )
+        layer = StaticStoreLayer(store, body, rand(tail + room, d), rand(tail + room, d))
+        layer.body_lens.fill_(n)
+        layer.tail_lens.fill_(tail)
+        layer._tail = tail
+        layers.append(layer)
+    positions = torch.full((batch,), entries, dtype=torch.long)
+    return kstatic.StaticDecoder(model, layers, positions, capacity=room)
+
+
+def kivi_seq_bytes(model, entries: int, bits: int) -> int:
+    """KV bytes one sequence holds under KIVI (body encoded, 128-entry tail in bf16)."""
+    from kvbudget.policies.kivi import KIVI
+
+    cfg = model.config
+    store = KIVI(bits=bits)
+    per_head = (entries - store.residual) * store.entry_bytes(cfg.head_dim, torch.bfloat16) + store.residual * 4 * cfg.head_dim
+    return int(per_head * cfg.num_key_value_heads * cfg.num_hidden_layers)
+
+
 @torch.inference_mode()
-def try_batch(model, batch: int, entries: int, steps: int = 8) -> float | None:
+def try_batch(model, batch: int, entries: int, steps: int = 8, make=synthetic_decoder) -> float | None:
     """Decode ms/step at ``batch`` with ``entries`` per head, or None if it does not fit."""
     dec = None
     try:
         free_memory()
-        dec = synthetic_decoder(model, batch, entries, room=steps + 2)
+        dec = make(model, batch, entries, room=steps + 2)
         tok = torch.randint(0, VOCAB, (batch,), device="cuda")
         dec.step(tok)
         ms = cuda_ms(lambda: [dec.step(tok) for _ in range(steps // 2)], reps=2, warmup=0) / (steps // 2)
@@ -298,14 +340,20 @@ def largest(fn, guess: int) -> tuple[int, float]:
     return lo, lo_ms
 
 
-def batch_section(model, bw: float, context: int = 32768, budget: int = 2048) -> None:
+def batch_section(model, bw: float, context: int = 32768, budget: int = 2048, engines: str = "all") -> None:
     free = torch.cuda.mem_get_info()[0]
-    for engine, entries, fn in (
-        ("transformers DynamicCache (full)", context, lambda b: try_dynamic_batch(model, b, context)),
-        ("kvbudget static+graph (full)", context, lambda b: try_batch(model, b, context)),
-        (f"kvbudget static+graph (budget {budget})", budget, lambda b: try_batch(model, b, budget)),
-    ):
-        per_seq = entries * kv_entry_bytes(model)
+    kivi = {bits: lambda m, b, e, room, bits=bits: synthetic_kivi_decoder(m, b, e, room, bits) for bits in (4, 2)}
+    rows = [
+        ("transformers DynamicCache (full)", context, None, lambda b: try_dynamic_batch(model, b, context)),
+        ("kvbudget static+graph (full)", context, None, lambda b: try_batch(model, b, context)),
+        (f"kvbudget static+graph (budget {budget})", budget, None, lambda b: try_batch(model, b, budget)),
+        ("kvbudget static+graph (kivi4, every token)", context, 4, lambda b: try_batch(model, b, context, make=kivi[4])),
+        ("kvbudget static+graph (kivi2, every token)", context, 2, lambda b: try_batch(model, b, context, make=kivi[2])),
+    ]
+    for engine, entries, bits, fn in rows:
+        if engines != "all" and not any(key in engine for key in engines.split(",")):
+            continue
+        per_seq = entries * kv_entry_bytes(model) if bits is None else kivi_seq_bytes(model, entries, bits)
         guess = max(1, int(free * 0.6 // per_seq))
         try:
             batch, ms = largest(fn, guess)
@@ -319,7 +367,7 @@ def batch_section(model, bw: float, context: int = 32768, budget: int = 2048) ->
         emit({"section": "batch", "engine": engine, "context": context, "entries_per_head": entries,
               "kv_gb_per_seq": round(per_seq / GB, 3), "max_batch": batch, "step_ms": round(ms, 2),
               "tokens_per_s": round(batch / ms * 1e3, 1), "batch1_ms": round(one, 2) if one else None}
-             | roofline(model, entries * batch, batch, bw, ms))
+             | roofline(model, entries * batch, batch, bw, ms, None if bits is None else per_seq * batch))
 
 
 # --- offload: episode caches host <-> device ------------------------------------------------------
@@ -431,6 +479,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="8192,32768,131072")
     parser.add_argument("--budgets", default="1024,2048,4096")
     parser.add_argument("--policies", default="snapkv")
+    parser.add_argument("--batch-engines", default="all",
+                        help="batch section rows whose name contains one of these (comma-separated), e.g. kivi,full)")
     parser.add_argument("--fused", default="auto", help="KVBUDGET_FUSED_OPS values for budget/profile, e.g. off,auto")
     parser.add_argument("--model", choices=("llama8b", "default"), default="llama8b",
                         help="llama8b: the random-weight 8B shape; default: the real embedded model (sanity row)")
@@ -464,7 +514,7 @@ def main() -> None:
     if "offload" in sections:
         jobs.append((offload_section, (model,)))
     if "batch" in sections:
-        jobs.append((batch_section, (model, bw)))
+        jobs.append((batch_section, (model, bw, 32768, 2048, args.batch_engines)))
     for fn, fargs in jobs:
         try:
             fn(*fargs)

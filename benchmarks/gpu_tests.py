@@ -651,14 +651,22 @@ def check_graph_kivi(model) -> int:
             graph, cg = decode(model, name, "graph", n_new=96, **kw)
         finally:
             static_store.StaticStoreLayer.build = classmethod(real)
-        diff = compare_caches(ce, cg)
+        diff = compare_caches(ce, cg)  # also asserts equal positions (the same entries kept)
+        pairs = list(zip(ce.budgeted_layers(), cg.budgeted_layers()))
         bodies = [len(layer.body) for layer in cg.budgeted_layers()]
-        same_body = all(len(a.body) == len(b.body) for a, b in zip(ce.budgeted_layers(), cg.budgeted_layers()))
-        ok = eager == graph and diff < 1e-3 and len(built) == 4 and same_body
+        same_body = all(len(a.body) == len(b.body) for a, b in pairs)
+        # float32 paths agree to ~1e-5, but a value that close to a rounding boundary of the
+        # quantizer can take the neighbouring code (a difference of one step, the group's scale):
+        # the full-precision tails must agree, the codes nearly all.
+        tail = max(float((a.keys - b.keys).abs().max()) for a, b in pairs)
+        codes = sum(int((a.body.tokens[k] != b.body.tokens[k]).sum()) for a, b in pairs for k in ("k", "v"))
+        total = sum(a.body.tokens[k].numel() for a, _ in pairs for k in ("k", "v"))
+        ok = eager == graph and tail < 1e-3 and codes <= total * 1e-4 and len(built) == 4 and same_body
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} graph decode == eager  store layers in the graph ({len(built)} of 4) "
               f"policy={name:<13} tokens equal={eager == graph} ({len(graph)} tokens) body entries {bodies[0]} "
-              f"(same as eager: {same_body}) max |cache diff|={diff:.2e}", flush=True)
+              f"(same as eager: {same_body}) tail max |diff|={tail:.2e}, code bytes differing {codes} of {total}, "
+              f"decoded max |diff|={diff:.2e}", flush=True)
     return failures
 
 

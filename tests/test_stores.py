@@ -225,3 +225,32 @@ def test_chunk_tables_are_compacted_per_head(tiny_llama):
         live = [len(set(ids[h].tolist())) for h in range(ids.shape[0])]
         assert layer.body.chunks["k_scale"].shape[2] == max(live)
         assert int(ids.max()) < max(live)
+
+
+@pytest.mark.parametrize("name", ["kivi4", "kivi2", "rotate4", "think"])
+def test_flush_appends_what_a_rebuild_would_hold(llama64, name):
+    """A flush encodes the tail's oldest entries and appends them to the body (no gather of the old
+    body): the same body, chunk ids, chunk table and tail as rebuilding with every entry kept."""
+    from kvbudget.store import rebuild_body
+
+    _, cache, _ = _prefill(llama64, name, random_ids(300), block=64)
+    with torch.inference_mode():  # 80 more tokens in the tail, not yet flushed
+        llama64(input_ids=random_ids(80, seed=1), past_key_values=cache, use_cache=True)
+    for layer in cache.budgeted_layers():
+        store, body, keys, values = layer.store, layer.body, layer.keys, layer.values
+        n, tail = len(body), keys.shape[2]
+        older = tail - layer.residual - (tail - layer.residual) % (store.chunk or 1)
+        index = torch.arange(n + tail).expand(*keys.shape[:2], n + tail)
+        want, want_k, want_v = rebuild_body(store, body, keys, values, index, tail - older, layer.queries)
+        layer.flush()
+        got = layer.body
+        assert len(got) == n + older > n
+        assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
+        for k in want.tokens:
+            assert torch.equal(got.tokens[k], want.tokens[k])
+        for k in want.chunks:
+            assert torch.equal(got.chunks[k], want.chunks[k])
+        if want.chunk_id is None:
+            assert got.chunk_id is None
+        else:
+            assert got.chunk_id.dtype == want.chunk_id.dtype and torch.equal(got.chunk_id, want.chunk_id)

@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .attention import AttentionPlan, set_plan
-from .store import Body, Store, rebuild_body
+from .store import Body, Store, append_body, rebuild_body
 
 POSITION_DTYPE = torch.int32
 
@@ -476,15 +476,18 @@ class BudgetedLayer(CacheLayerMixin):
         quantized once it is full; the most recent ``residual`` entries stay in full precision)."""
         if self.store is None or not self.is_initialized:
             return
-        n = self.max_entries
         tail = self.keys.shape[-2]
         older = int((self.positions[..., -tail:] < self.seen - self.residual).sum(-1).min()) if tail else 0
         if self.store.chunk:
             older -= older % self.store.chunk
         if older <= 0:
             return
-        index = torch.arange(n, device=self.device).expand(*self.positions.shape[:2], n)
-        self.rebuild(index, tail - older)
+        # Every entry stays and keeps its place: encode the oldest tail entries and append them
+        # to the body (a rebuild would gather the whole body again at every flush).
+        self._drop_lse()
+        self.body = append_body(self.store, self.body, self.keys[..., :older, :], self.values[..., :older, :],
+                                self.queries)
+        self.keys, self.values = self.keys[..., older:, :], self.values[..., older:, :]
 
     def _store_ragged(self, view: LayerView, lens: Tensor, sizes: tuple[int, ...] | None = None) -> None:
         """Keep the first ``lens[h]`` entries of each head of a padded view, ragged. ``sizes``:
