@@ -254,3 +254,29 @@ def test_flush_appends_what_a_rebuild_would_hold(llama64, name):
             assert got.chunk_id is None
         else:
             assert got.chunk_id.dtype == want.chunk_id.dtype and torch.equal(got.chunk_id, want.chunk_id)
+
+
+def test_stacked_flush_equals_layer_by_layer(llama64):
+    """`flush_layers` encodes all layers of one shape in one call: the bodies are those of
+    flushing each layer on its own, and each layer owns its tensors (no shared batch buffer)."""
+    from kvbudget.cache import flush_layers
+
+    caches = []
+    for _ in range(2):
+        _, cache, _ = _prefill(llama64, "kivi2", random_ids(300), block=64)
+        with torch.inference_mode():
+            llama64(input_ids=random_ids(80, seed=1), past_key_values=cache, use_cache=True)
+        caches.append(cache)
+    for layer in caches[0].budgeted_layers():
+        layer.flush()
+    flush_layers(caches[1].budgeted_layers())
+    ptrs = set()
+    for a, b in zip(caches[0].budgeted_layers(), caches[1].budgeted_layers()):
+        assert len(b.body) == len(a.body) and torch.equal(a.keys, b.keys)
+        for k in a.body.tokens:
+            assert torch.equal(a.body.tokens[k], b.body.tokens[k])
+            ptrs.add(b.body.tokens[k].untyped_storage().data_ptr())
+        for k in a.body.chunks:
+            assert torch.equal(a.body.chunks[k], b.body.chunks[k])
+        assert torch.equal(a.body.chunk_id, b.body.chunk_id)
+    assert len(ptrs) == 4 * 2  # 4 token fields x 2 layers, each its own storage

@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .attention import AttentionPlan, set_plan
-from .store import Body, Store, append_body, rebuild_body
+from .store import Body, Encoded, Store, append_encoded, rebuild_body
 
 POSITION_DTYPE = torch.int32
 
@@ -474,19 +474,29 @@ class BudgetedLayer(CacheLayerMixin):
     def flush(self) -> None:
         """Encode tail entries older than the residual window, in whole chunks (KIVI: a group is
         quantized once it is full; the most recent ``residual`` entries stay in full precision)."""
+        older = self.flushable()
+        if older > 0:
+            b, h = self.keys.shape[:2]
+            valid = torch.ones(b, h, older, dtype=torch.bool, device=self.keys.device)
+            self.append_flushed(self.store.encode(self.keys[..., :older, :], self.values[..., :older, :], valid,
+                                                  self.queries), older)
+
+    def flushable(self) -> int:
+        """How many of the tail's oldest entries a flush encodes now (0: none)."""
         if self.store is None or not self.is_initialized:
-            return
+            return 0
         tail = self.keys.shape[-2]
         older = int((self.positions[..., -tail:] < self.seen - self.residual).sum(-1).min()) if tail else 0
         if self.store.chunk:
             older -= older % self.store.chunk
-        if older <= 0:
-            return
-        # Every entry stays and keeps its place: encode the oldest tail entries and append them
-        # to the body (a rebuild would gather the whole body again at every flush).
+        return max(older, 0)
+
+    def append_flushed(self, enc: Encoded, older: int) -> None:
+        """Move the tail's ``older`` oldest entries, encoded as ``enc``, to the end of the body.
+        Every entry keeps its place, so positions and state do not move (a rebuild would gather
+        the whole body again at every flush)."""
         self._drop_lse()
-        self.body = append_body(self.store, self.body, self.keys[..., :older, :], self.values[..., :older, :],
-                                self.queries)
+        self.body = append_encoded(self.store, self.body, enc, older)
         self.keys, self.values = self.keys[..., older:, :], self.values[..., older:, :]
 
     def _store_ragged(self, view: LayerView, lens: Tensor, sizes: tuple[int, ...] | None = None) -> None:
@@ -568,6 +578,35 @@ class BudgetedLayer(CacheLayerMixin):
 
     def restore_observed(self, observed: tuple[Tensor | None, Tensor | None, Tensor | None]) -> None:
         self.queries, self.query_positions, self.lse = observed
+
+
+def flush_layers(layers: list[BudgetedLayer]) -> None:
+    """`BudgetedLayer.flush` for every layer, with one encode call for the layers of one shape
+    (stacked along the batch) instead of one per layer: per layer, the ~50 small kernels of an
+    encode made a 32k KIVI prefill spend a fifth of its time flushing on an H100, bound by the
+    host launching them (docs/benchmarks.md, "Seventh session"). Encoding is per (sequence, head),
+    so stacking changes nothing in the result. Stores that read each layer's queries (ThinK)
+    flush layer by layer."""
+    groups: dict[tuple, list[BudgetedLayer]] = {}
+    for layer in layers:
+        older = layer.flushable()
+        if older <= 0:
+            continue
+        if layer.store.queries or layer.head_lens is not None:
+            layer.flush()
+            continue
+        key = (id(layer.store), older, tuple(layer.keys.shape), tuple(layer.values.shape), layer.keys.dtype)
+        groups.setdefault(key, []).append(layer)
+    for (_, older, shape, _, _), group in groups.items():
+        b, h = shape[:2]
+        keys = torch.cat([layer.keys[..., :older, :] for layer in group])
+        values = torch.cat([layer.values[..., :older, :] for layer in group])
+        valid = torch.ones(len(group) * b, h, older, dtype=torch.bool, device=keys.device)
+        enc = group[0].store.encode(keys, values, valid, None)
+        for i, layer in enumerate(group):
+            part = Encoded({k: t[i * b : (i + 1) * b] for k, t in enc.tokens.items()},
+                           {k: c[i * b : (i + 1) * b] for k, c in enc.chunks.items()})
+            layer.append_flushed(part, older)
 
 
 def _move_tensors(obj, device: torch.device, move=None) -> None:

@@ -185,20 +185,24 @@ def rebuild_body(
     return Body(tokens, chunk_id, chunks), new_keys, new_values
 
 
-def append_body(store: Store, body: Body | None, keys: Tensor, values: Tensor, queries: Tensor | None) -> Body:
-    """``body`` with the entries ``keys``/``values`` [B, H, m, d] encoded after its own: what
-    `rebuild_body` gives when every entry is kept and the tail's oldest ``m`` move into the body
-    (a flush), without gathering the old body again. Its chunk table is compact (`_drop_unused`
-    ran when it was built) and no entry leaves, so the new chunks just follow the old ones."""
-    b, h, m = keys.shape[:3]
-    enc = store.encode(keys, values, torch.ones(b, h, m, dtype=torch.bool, device=keys.device), queries)
-    tokens = enc.tokens if body is None else {k: torch.cat([body.tokens[k], t], dim=2) for k, t in enc.tokens.items()}
+def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int) -> Body:
+    """``body`` followed by ``m`` entries encoded together (``enc``): what `rebuild_body` gives
+    when every entry is kept and the tail's oldest ``m`` move into the body (a flush), without
+    gathering the old body again. The old chunk table is
+    compact (`_drop_unused` ran when it was built) and no entry leaves, so the new chunks just
+    follow the old ones. The result owns its memory (``enc`` may be a slice of a larger batch)."""
+    def join(old: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: t.clone() if old is None else torch.cat([old[k], t], dim=2) for k, t in new.items()}
+
+    tokens = join(body.tokens if body is not None else None, enc.tokens)
     if not enc.chunks:
         return Body(tokens, None, {})
     first = 0 if body is None else next(iter(body.chunks.values())).shape[2]
-    chunks = enc.chunks if body is None else {k: torch.cat([body.chunks[k], c], dim=2) for k, c in enc.chunks.items()}
+    chunks = join(body.chunks if body is not None else None, enc.chunks)
     total = next(iter(chunks.values())).shape[2]
-    new_id = (first + torch.arange(m, device=keys.device) // (store.chunk or m)).expand(b, h, m)
+    b, h = next(iter(tokens.values())).shape[:2]
+    device = next(iter(tokens.values())).device
+    new_id = (first + torch.arange(m, device=device) // (store.chunk or m)).expand(b, h, m)
     chunk_id = new_id if body is None else torch.cat([body.chunk_id.to(torch.long), new_id], dim=2)
     return Body(tokens, chunk_id.to(_chunk_dtype(total)), chunks)
 

@@ -22,8 +22,8 @@ from torch import Tensor
 from .. import scoring
 from ..allocation import HEAD_ADAPTIVE, get_allocator
 from ..budget import Budget, parse_budget
-from ..cache import (POSITION_DTYPE, BudgetedCache, BudgetedLayer, _padded_index, _take_padded, gather_entries,
-                     padded_to_ragged, true_indices)
+from ..cache import (POSITION_DTYPE, BudgetedCache, BudgetedLayer, _padded_index, _take_padded, flush_layers,
+                     gather_entries, padded_to_ragged, true_indices)
 from ..errors import BudgetError, UnknownPolicyError
 from ..sensitivity import budgets as sensitivity_budgets
 from ..sensitivity import load_scores
@@ -395,7 +395,7 @@ class Policy:
                 return
             for layer in cache.budgeted_layers():
                 layer.residual = self.residual(None)
-                layer.flush()
+            flush_layers(cache.budgeted_layers())
             return
         if self.tokens is None:
             self.resolve(cache)
