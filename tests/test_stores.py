@@ -256,11 +256,15 @@ def test_flush_appends_what_a_rebuild_would_hold(llama64, name):
             assert got.chunk_id.dtype == want.chunk_id.dtype and torch.equal(got.chunk_id, want.chunk_id)
 
 
-def test_stacked_flush_equals_layer_by_layer(llama64):
-    """`flush_layers` encodes all layers of one shape in one call: the bodies are those of
+@pytest.mark.parametrize("stack_bytes", [None, 1])  # all layers in one call / one call per layer
+def test_stacked_flush_equals_layer_by_layer(llama64, monkeypatch, stack_bytes):
+    """`flush_layers` encodes the layers of one shape in one call: the bodies are those of
     flushing each layer on its own, and each layer owns its tensors (no shared batch buffer)."""
+    from kvbudget import cache as kcache
     from kvbudget.cache import flush_layers
 
+    if stack_bytes:
+        monkeypatch.setattr(kcache, "FLUSH_STACK_BYTES", stack_bytes)
     caches = []
     for _ in range(2):
         _, cache, _ = _prefill(llama64, "kivi2", random_ids(300), block=64)
