@@ -115,17 +115,58 @@ def test_static_store_copies_a_body_only_when_it_changed(tiny_llama):
             dec.write_back(cache)
             before = layer.body
             policy.compress(cache)
+            changed = layer.body is not before
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(torch.Tensor, "copy_", lambda t, src, *a, **k: copies.append(t.data_ptr()) or real_copy(t, src, *a, **k))
                 dec.reload(cache)
             body_copied = static.body.tokens["k"].data_ptr() in copies
             copies.clear()
-            assert (layer.body is not before) == body_copied
+            assert changed == body_copied
             changes.append(body_copied)
+            # The layer holds views of the decoder's buffers, not a second copy.
+            assert layer.body.tokens["k"].data_ptr() == static.body.tokens["k"].data_ptr()
+            assert layer.keys.data_ptr() == static.keys.data_ptr()
             assert int(static.body_lens[0, 0]) == len(layer.body)
             assert int(static.tail_lens[0, 0]) == layer.keys.shape[2]
     assert len(layer.body) == 64 + 32  # one chunk encoded after 32 decoded tokens
     assert changes.count(True) == 1 and changes.count(False) == 9
+
+
+@pytest.mark.parametrize("name,kw", [("snapkv", {"budget": 40}), ("kivi4", {})])
+def test_static_decoder_lends_its_buffers_then_gives_copies_back(tiny_llama, name, kw):
+    """While decoding, the cache's layers hold views of the decoder's buffers (the entries are
+    not held twice); `release` hands them copies that own their memory and retires the decoder."""
+    policy = kb.policy(name, decode_interval=4, **kw)
+    cache = policy.new_cache(tiny_llama)
+    logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=64)
+    before = [layer.view() for layer in cache.budgeted_layers()]
+    dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=8, graph=False)
+
+    def lent(layer, static) -> bool:
+        shared = layer.keys.untyped_storage().data_ptr() == static.keys.untyped_storage().data_ptr()
+        if layer.body is not None:
+            shared = shared and layer.body.tokens["k"].untyped_storage().data_ptr() == (
+                static.body.tokens["k"].untyped_storage().data_ptr())
+        return shared and layer.borrowed
+
+    for layer, static, view in zip(cache.budgeted_layers(), dec.layers, before):
+        assert lent(layer, static)
+        torch.testing.assert_close(layer.view().keys, view.keys, rtol=0, atol=0)
+    tok = logits.argmax(-1)
+    for _ in range(3):
+        tok = dec.step(tok).argmax(-1)
+    dec.write_back(cache)
+    assert all(lent(layer, static) for layer, static in zip(cache.budgeted_layers(), dec.layers))
+    held = [layer.view() for layer in cache.budgeted_layers()]
+    dec.release(cache)
+    for layer, view in zip(cache.budgeted_layers(), held):
+        assert not layer.borrowed
+        tensors = [layer.keys, layer.values] + (list(layer.body.tokens.values()) if layer.body is not None else [])
+        assert all(t.untyped_storage().nbytes() == t.nbytes for t in tensors)  # owns exactly itself
+        torch.testing.assert_close(layer.view().keys, view.keys, rtol=0, atol=0)
+        assert layer.seen == 203
+    with pytest.raises(RuntimeError, match="released"):
+        dec.step(tok)
 
 
 @pytest.mark.parametrize("name", ["full", "h2o", "streaming"])
@@ -218,13 +259,18 @@ def test_session_decode_modes(default_model):
     a bad mode or the graph on CPU is a clear error."""
     model, tok = default_model
     doc = "The secret code of the blue door is 4711. " * 3 + "The weather is mild."
-    answers = []
+    answers, sessions = [], []
     for mode in ("eager", "static"):
         s = kb.Session(model, tok, kb.policy("h2o", budget=48, block_size=32, decode_interval=8), decode=mode)
         s.add_context(doc)
+        # Decode-time compression inside the answer's scratch block: the cache is snapshotted at
+        # the first one and restored after the answer (while the static decoder lent it views).
         answers.append(s.ask_detailed("What is the secret code of the blue door?", max_new_tokens=20))
-    assert answers[0].token_ids == answers[1].token_ids
-    assert answers[0].peak_bytes == answers[1].peak_bytes
+        answers.append(s.ask_detailed("And the weather?", max_new_tokens=12))
+        sessions.append(s)
+    assert answers[0].token_ids == answers[2].token_ids and answers[1].token_ids == answers[3].token_ids
+    assert answers[0].peak_bytes == answers[2].peak_bytes
+    _same_cache(sessions[0].cache, sessions[1].cache)
     with pytest.raises(kb.KVBudgetError, match="unknown decode mode"):
         kb.Session(model, tok, kb.policy("full"), decode="fast")
     s = kb.Session(model, tok, kb.policy("full"), decode="graph")

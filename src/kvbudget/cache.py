@@ -206,6 +206,9 @@ class BudgetedLayer(CacheLayerMixin):
         self.store: Store | None = None
         self.residual = 0
         self.body: Body | None = None
+        # Set while a static decoder (`kvbudget.static`) has lent this layer views of its buffers
+        # as keys / values / body: whatever keeps them past the next reload must copy them.
+        self.borrowed = False
         # Transient mode (`BudgetedCache.transient`): tokens are attended but not stored;
         # ``phantom`` counts them so that `drop_last` forgets them first.
         self.transient = False
@@ -538,6 +541,17 @@ class BudgetedLayer(CacheLayerMixin):
             return
         self._store_ragged(self.view(), self.head_lens - n, tuple(k - n for k in self.host_lens()))
 
+    def snapshot(self) -> dict:
+        """The layer's attributes, to restore later. Tensors borrowed from a static decoder are
+        copied: the decoder overwrites its buffers at its next reload."""
+        attrs = dict(self.__dict__)
+        if self.borrowed:
+            attrs["keys"], attrs["values"] = self.keys.clone(), self.values.clone()
+            if self.body is not None:
+                attrs["body"] = self.body.clone()
+            attrs["borrowed"] = False
+        return attrs
+
     def observe(self, query: Tensor, scaling: float | None, lse: Tensor | None = None) -> None:
         """Receive the queries of the tokens just processed (from the attention hook), and with
         ``lse`` ([B, Hq, q] float32, natural log) each one's log-sum-exp over the keys it
@@ -790,7 +804,7 @@ class BudgetedCache(Cache):
         answer that will be rolled back), the layers are first snapshotted, because evicted
         entries cannot be dropped-last back; the snapshot's bytes count toward the peak."""
         if self._scratch and self._scratch[-1] is None:
-            layers = [(layer, dict(layer.__dict__)) for layer in self.budgeted_layers()]
+            layers = [(layer, layer.snapshot()) for layer in self.budgeted_layers()]
             self._scratch[-1] = (self.get_seq_length(), layers)
             self._snapshot_bytes += self.nbytes()
 

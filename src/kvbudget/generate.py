@@ -272,9 +272,11 @@ class Session:
                     try:
                         static.reload(self.cache)
                     except UnsupportedStatic:  # e.g. a dense layer turned ragged: go on eagerly
+                        static.release(self.cache)
                         static = None
         if static is not None:
             static.write_back(self.cache)
+            static.release(self.cache)  # the layers get their own copies back, buffers freed
         return ids
 
     def _static_decoder(self, max_new_tokens: int) -> StaticDecoder | None:

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import fusion
 from .attention import set_plan
 from .cache import BudgetedCache, BudgetedLayer, padded_to_ragged
+from .store import Body
 
 _local = threading.local()
 
@@ -131,6 +132,8 @@ class StaticLayer(CacheLayerMixin):
         self.width = width  # host-side bound on any segment's length
         self.qbuf: Tensor | None = None  # [B, Hq, slots, d] queries of the decoded tokens
         self.qslot: Tensor | None = None  # [1] long, shared by all layers
+        self._held = 0  # entries per head at the last load / write-back (host; dense layers)
+        self._lent: tuple[Tensor, Tensor] | None = None  # the views handed to the cache's layer
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # pragma: no cover
@@ -172,36 +175,84 @@ class StaticLayer(CacheLayerMixin):
         bound = int(lens.max()) + capacity if layer.head_lens is None else size
         static = cls(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound, dense=layer.head_lens is None)
         _fill(static, view.keys, view.values, lens, capacity)
+        static.lend(layer, int(lens.max()))
         return static
 
     def load(self, layer: BudgetedLayer, room: int) -> None:
         """Copy what ``layer`` holds after a compression into the same buffers, with room for
         ``room`` more tokens per head (`UnsupportedStatic` when that no longer fits)."""
+        if self._lent is not None and layer.keys is self._lent[0] and layer.values is self._lent[1]:
+            if self._held + room > self.width:  # nothing evicted: the entries are in place already
+                raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
+            return
         view = layer.view()
         lens = view.lengths.reshape(-1)
         if (self.dense and layer.head_lens is not None) or int(lens.max()) + room > self.width or (
             int(lens.sum()) + lens.numel() * room > self.keys.shape[0]
         ):
             raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
-        _fill(self, view.keys, view.values, lens, room)
+        keys, values = (t.clone() if shares(t, self.keys) or shares(t, self.values) else t for t in (view.keys, view.values))
+        _fill(self, keys, values, lens, room)
+        self.lend(layer, int(lens.max()))
+
+    def lend(self, layer: BudgetedLayer, held: int) -> None:
+        """Dense layers: ``layer``'s keys / values become views of the buffers' first ``held``
+        entries per head, so that decoding does not hold the entries twice (ragged layers keep
+        their own flat copy: their buffer has gaps between heads)."""
+        self._held = held
+        if not self.dense:
+            return
+        b, h = layer.keys.shape[:2]
+        self._lent = (self.keys.view(b, h, self.width, -1)[:, :, :held], self.values.view(b, h, self.width, -1)[:, :, :held])
+        layer.keys, layer.values = self._lent
+        layer.borrowed = True
+
+    def release(self, layer: BudgetedLayer) -> None:
+        """Give ``layer`` copies of what it borrowed and drop the buffers (the decoder is done)."""
+        release_tensors(layer, self.keys, self.values)
+        self._lent = None
+        self.keys = self.values = self.keys.new_empty(0, self.keys.shape[-1])
 
     def write_back(self, layer: BudgetedLayer, n: int, new_pos: Tensor) -> None:
         """Hand ``layer`` its entries with the ``n`` tokens decoded since the last load."""
+        if self.dense:
+            self.lend(layer, self._held + n)
+            append_metadata(layer, n, new_pos)
+            return
         lens = self.lens.long()
         offs = torch.arange(int(lens.max()), device=lens.device)
         idx = torch.where(offs[None] < lens[:, None], self.starts[:, None] + offs[None], 0)
         b, h = layer.positions.shape[:2] if layer.head_lens is None else (1, layer.head_lens.shape[0])
         keys = self.keys[idx].view(b, h, -1, self.keys.shape[-1])
         values = self.values[idx].view(b, h, -1, self.values.shape[-1])
-        if layer.head_lens is None:
+        if layer.head_lens is None:  # a ragged layout holding a layer whose heads came out even
             layer.keys, layer.values = keys, values
             append_metadata(layer, n, new_pos)
-        else:
-            layer.keys = padded_to_ragged(keys[0], lens)
-            layer.values = padded_to_ragged(values[0], lens)
-            layer.positions = layer._append_ragged(layer.positions, new_pos.expand(h, n))
-            layer.state = {k: layer._append_ragged(s, s.new_zeros(h, n)) for k, s in layer.state.items()}
-            layer.head_lens = lens.clone()
+            return
+        layer.keys = padded_to_ragged(keys[0], lens)
+        layer.values = padded_to_ragged(values[0], lens)
+        layer.positions = layer._append_ragged(layer.positions, new_pos.expand(h, n))
+        layer.state = {k: layer._append_ragged(s, s.new_zeros(h, n)) for k, s in layer.state.items()}
+        layer.head_lens = lens.clone()
+
+
+def shares(t: Tensor | None, buf: Tensor) -> bool:
+    """Whether ``t`` lies in ``buf``'s memory (a view of a static buffer)."""
+    return t is not None and t.numel() > 0 and buf.numel() > 0 and (
+        t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr())
+
+
+def release_tensors(layer: BudgetedLayer, *buffers: Tensor) -> None:
+    """Replace ``layer``'s keys / values / body tensors that are views of ``buffers`` by copies."""
+    def own(t: Tensor | None) -> Tensor | None:
+        return t.clone() if any(shares(t, buf) for buf in buffers) else t
+
+    layer.keys, layer.values = own(layer.keys), own(layer.values)
+    if layer.body is not None:
+        body = layer.body
+        layer.body = Body({k: own(t) for k, t in body.tokens.items()}, own(body.chunk_id),
+                          {k: own(c) for k, c in body.chunks.items()})
+    layer.borrowed = False
 
 
 def append_metadata(layer: BudgetedLayer, n: int, new_pos: Tensor) -> None:
@@ -278,6 +329,7 @@ class StaticDecoder:
         # One kernel per norm, RoPE, SiLU*mul and append instead of ~37 per layer (kvbudget.fusion).
         self.fused = fusion.maybe_fuse(model, device)
         self.graph: "torch.cuda.CUDAGraph | None" = None
+        self.released = False
 
     # --- building --------------------------------------------------------------------------
     @classmethod
@@ -344,6 +396,8 @@ class StaticDecoder:
     def step(self, token_ids: Tensor) -> Tensor:
         """Feed one token per sequence (``[B]``); returns the next-token logits ``[B, vocab]``
         (a buffer overwritten by the next step)."""
+        if self.released:
+            raise RuntimeError("this decoder was released: build a new one")
         if self.decoded >= self.capacity:
             raise RuntimeError(f"static buffers are full ({self.capacity} decoded tokens)")
         if self.query_slots and self.steps >= self.query_slots:
@@ -376,6 +430,15 @@ class StaticDecoder:
         self._seen += n
         self.steps = 0
         self.qslot.zero_()
+
+    def release(self, cache: BudgetedCache) -> None:
+        """End of the answer (after the last `write_back`): the cache's layers get copies of what
+        they borrowed, layer by layer, each layer's buffers dropped as soon as it is done, so the
+        peak stays at one layer's worth above the cache. The decoder cannot step afterwards."""
+        for static, layer in zip(self.layers, cache.budgeted_layers()):
+            static.release(layer)
+        self.graph = None
+        self.released = True
 
 
 _WARMUP_STREAMS: dict = {}

@@ -36,8 +36,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .attention import set_plan
 from .cache import FUSED_KIVI, BudgetedLayer
-from .static import UnsupportedStatic, append_metadata, append_token, record_query
-from .store import Body
+from .static import UnsupportedStatic, append_metadata, append_token, record_query, release_tensors, shares
+from .store import Body, _chunk_dtype
 
 
 def unsupported(layer: BudgetedLayer) -> str | None:
@@ -91,7 +91,8 @@ class StaticStoreLayer(CacheLayerMixin):
         self.starts = torch.arange(b * h, device=device, dtype=torch.long) * keys.shape[2]
         self.qbuf: Tensor | None = None  # set by the decoder, as for dense layers
         self.qslot: Tensor | None = None
-        self._source: object = None  # the `Body` last copied in (None: no body yet)
+        self._source: object = None  # the `Body` last copied in / lent (None: no body yet)
+        self._held: tuple = (0, 0, None)  # body entries, chunks and chunk-id dtype last copied in
         self._tail = 0  # tail entries held (host mirror of tail_lens)
         self.is_initialized = True
 
@@ -134,7 +135,9 @@ class StaticStoreLayer(CacheLayerMixin):
                              torch.ones(b, h, 1, dtype=torch.bool, device=layer.keys.device), None)
         body = Body(
             tokens={k: v.new_zeros(b, h, body_cap, *v.shape[3:]) for k, v in probe.tokens.items()},
-            chunk_id=torch.zeros(b, h, body_cap, dtype=torch.int32, device=layer.keys.device),
+            # The dtype the cache's own chunk ids have at this table size (so that lending views
+            # keeps its byte count); the kernel reads either.
+            chunk_id=torch.zeros(b, h, body_cap, dtype=_chunk_dtype(chunk_cap), device=layer.keys.device),
             chunks={k: v.new_zeros(b, h, chunk_cap, *v.shape[3:]) for k, v in probe.chunks.items()},
         )
         static = cls(store, body, layer.keys.new_zeros(b, h, t + capacity, d),
@@ -144,33 +147,70 @@ class StaticStoreLayer(CacheLayerMixin):
 
     def load(self, layer: BudgetedLayer, room: int) -> None:
         """Copy ``layer``'s body (when it changed) and tail into the buffers, leaving room for
-        ``room`` more tokens (`UnsupportedStatic` when that no longer fits)."""
+        ``room`` more tokens (`UnsupportedStatic` when that no longer fits), then lend ``layer``
+        views of them."""
         t = layer.keys.shape[2]
         if t + room > self.keys.shape[2]:
             raise UnsupportedStatic("the store's full-precision tail no longer fits the static buffers")
         body = layer.body
         if body is not self._source:
             n = len(body) if body is not None else 0
+            chunks = next(iter(body.chunks.values())).shape[2] if n else 0
+            if n > self.body.chunk_id.shape[2] or chunks > next(iter(self.body.chunks.values())).shape[2]:
+                raise UnsupportedStatic("the store's encoded body no longer fits the static buffers")
             if n:
-                chunks = next(iter(body.chunks.values())).shape[2]
-                if n > self.body.chunk_id.shape[2] or chunks > next(iter(self.body.chunks.values())).shape[2]:
-                    raise UnsupportedStatic("the store's encoded body no longer fits the static buffers")
                 for name, buf in self.body.tokens.items():
-                    buf[:, :, :n].copy_(body.tokens[name])
-                self.body.chunk_id[:, :, :n].copy_(body.chunk_id)
+                    _copy_into(buf[:, :, :n], body.tokens[name])
+                _copy_into(self.body.chunk_id[:, :, :n], body.chunk_id)
                 for name, buf in self.body.chunks.items():
-                    buf[:, :, :chunks].copy_(body.chunks[name])
+                    _copy_into(buf[:, :, :chunks], body.chunks[name])
             self.body_lens.fill_(n)
-            self._source = body
-        self.keys[:, :, :t].copy_(layer.keys)
-        self.values[:, :, :t].copy_(layer.values)
+            self._held = (n, chunks, body.chunk_id.dtype if n else None)
+        _copy_into(self.keys[:, :, :t], layer.keys)
+        _copy_into(self.values[:, :, :t], layer.values)
         self.tail_lens.fill_(t)
         self._tail = t
+        self.lend(layer)
+
+    def lend(self, layer: BudgetedLayer) -> None:
+        """``layer``'s body and tail become views of the buffers (nothing held twice while
+        decoding); chunk ids stay the layer's own when their dtype differs from the buffer's."""
+        n, chunks, id_dtype = self._held
+        if n:
+            body = self.body
+            self._source = layer.body = Body(
+                {k: t[:, :, :n] for k, t in body.tokens.items()},
+                body.chunk_id[:, :, :n] if id_dtype == body.chunk_id.dtype else layer.body.chunk_id,
+                {k: c[:, :, :chunks] for k, c in body.chunks.items()},
+            )
+        else:
+            self._source = layer.body
+        layer.keys, layer.values = self.keys[:, :, : self._tail], self.values[:, :, : self._tail]
+        layer.borrowed = True
 
     def write_back(self, layer: BudgetedLayer, n: int, new_pos: Tensor) -> None:
         """Hand ``layer`` its tail with the ``n`` tokens decoded since the last load (the body
         did not change)."""
         self._tail += n
-        layer.keys = self.keys[:, :, : self._tail].clone()
-        layer.values = self.values[:, :, : self._tail].clone()
+        layer.keys, layer.values = self.keys[:, :, : self._tail], self.values[:, :, : self._tail]
         append_metadata(layer, n, new_pos)
+
+    def release(self, layer: BudgetedLayer) -> None:
+        """Give ``layer`` copies of what it borrowed and drop the buffers (the decoder is done)."""
+        buffers = [self.keys, self.values, self.body.chunk_id, *self.body.tokens.values(), *self.body.chunks.values()]
+        release_tensors(layer, *buffers)
+        empty = self.keys.new_empty(0)
+        self.keys = self.values = empty
+        self.body = Body({k: empty for k in self.body.tokens}, empty, {k: empty for k in self.body.chunks})
+        self._source = None
+
+
+def _copy_into(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)`` where ``src`` may be a view of the same buffer (what was lent): the
+    very same view needs no copy; an overlapping other one (a flushed tail starts further on)
+    is copied out first."""
+    if shares(src, dst):
+        if src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride() and src.shape == dst.shape:
+            return
+        src = src.clone()
+    dst.copy_(src)

@@ -117,6 +117,12 @@ class Body:
         total = sum(t.nbytes for t in self.tokens.values()) + sum(t.nbytes for t in self.chunks.values())
         return total + (self.chunk_id.nbytes if self.chunk_id is not None else 0)
 
+    def clone(self) -> "Body":
+        """A copy owning its memory."""
+        return Body({k: t.clone() for k, t in self.tokens.items()},
+                    None if self.chunk_id is None else self.chunk_id.clone(),
+                    {k: c.clone() for k, c in self.chunks.items()})
+
     def decode(self, store: Store, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         per_token = {k: _gather(c, self.chunk_id.long()) for k, c in self.chunks.items()} if self.chunks else {}
         return store.decode(self.tokens, per_token, dtype)

@@ -1,0 +1,86 @@
+"""GPU memory while an answer is decoded from static buffers (CUDA graph), per policy.
+
+Prefills a context block-wise on the random-weight Llama-3.1-8B shape (bf16), then decodes an
+answer the way `Session` does (`Session._decode`: static buffers + one CUDA graph per token,
+decode-time compression every ``--interval`` tokens, inside the answer's scratch block) and
+reports, above the memory held before the answer (weights + the compressed cache):
+
+* ``answer_peak_gb``: the peak during the answer (``torch.cuda.max_memory_allocated``);
+* ``after_gb``: what is still allocated after it (the decoder dropped);
+* ``kv_gb``: the cache's own bytes (`BudgetedCache.nbytes`) before the answer.
+
+One JSON line per (policy, context). Run on the H100 through the `device` tool:
+    PYTHONPATH=src python3 benchmarks/decode_memory.py --out $OUT/decode_memory.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import kvbudget as kb  # noqa: E402
+from kvbudget.generate import Session  # noqa: E402
+from gpu_smoke import build  # noqa: E402
+
+GB = 1e9
+
+
+@torch.inference_mode()
+def measure(model, name: str, budget: int | None, context: int, new: int, interval: int) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    kw = {"budget": budget} if budget else {}
+    policy = kb.policy(name, block_size=2048, decode_interval=interval, **kw)
+    cache = policy.new_cache(model)
+    ids = torch.randint(0, 128000, (1, context), device="cuda")
+    logits, _ = kb.prefill(model, cache, policy, ids, block_size=2048)
+    del ids
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    kv = cache.nbytes()
+    torch.cuda.reset_peak_memory_stats()
+    fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode="graph")
+    fake._static_decoder = lambda n: Session._static_decoder(fake, n)
+    with cache.scratch():
+        out = Session._decode(fake, logits, new)
+    gc.collect()
+    torch.cuda.synchronize()
+    row = {"policy": name, "budget": budget, "context": context, "new_tokens": len(out), "interval": interval,
+           "kv_gb": round(kv / GB, 3), "answer_peak_gb": round((torch.cuda.max_memory_allocated() - before) / GB, 3),
+           "after_gb": round((torch.cuda.memory_allocated() - before) / GB, 3)}
+    del cache, logits
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", default="full:0,snapkv:2048,kivi4:0,snapkv+kivi4:2048",
+                        help="policy:budget pairs (0: no budget), comma-separated")
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--interval", type=int, default=64)
+    args = parser.parse_args()
+    model = build()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "src": kb.__file__}
+    with open(args.out, "w") as f:
+        for run in args.runs.split(","):
+            name, budget = run.split(":")
+            row = meta | measure(model, name, int(budget) or None, args.context, args.new, args.interval)
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
