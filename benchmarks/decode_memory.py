@@ -26,9 +26,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
-
-import kvbudget as kb  # noqa: E402
+try:  # PYTHONPATH may name another checkout's src/ (an A/B against older code)
+    import kvbudget as kb
+except ImportError:
+    sys.path.insert(1, str(HERE.parent / "src"))
+    import kvbudget as kb
 from kvbudget.generate import Session  # noqa: E402
 from gpu_smoke import build  # noqa: E402
 
@@ -70,7 +72,7 @@ def main() -> None:
                         help="policy:budget pairs (0: no budget), comma-separated")
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--interval", type=int, default=64)
+    parser.add_argument("--interval", type=int, default=64, help="decode-time compression every N tokens (0: none)")
     args = parser.parse_args()
     model = build()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "src": kb.__file__}

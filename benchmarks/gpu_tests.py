@@ -656,12 +656,14 @@ def check_graph_kivi(model) -> int:
         bodies = [len(layer.body) for layer in cg.budgeted_layers()]
         same_body = all(len(a.body) == len(b.body) for a, b in pairs)
         # float32 paths agree to ~1e-5, but a value that close to a rounding boundary of the
-        # quantizer can take the neighbouring code (a difference of one step, the group's scale):
-        # the full-precision tails must agree, the codes nearly all.
+        # quantizer can take the neighbouring code (a difference of one step, the group's scale),
+        # and the tokens decoded after it then see a slightly different key: the codes must
+        # nearly all agree, the full-precision tails to 1e-5 without a differing code, 1e-2 with.
         tail = max(float((a.keys - b.keys).abs().max()) for a, b in pairs)
         codes = sum(int((a.body.tokens[k] != b.body.tokens[k]).sum()) for a, b in pairs for k in ("k", "v"))
         total = sum(a.body.tokens[k].numel() for a, _ in pairs for k in ("k", "v"))
-        ok = eager == graph and tail < 1e-3 and codes <= total * 1e-4 and len(built) == 4 and same_body
+        tail_ok = tail < (1e-2 if codes else 1e-4)
+        ok = eager == graph and tail_ok and codes <= total * 1e-4 and len(built) == 4 and same_body
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} graph decode == eager  store layers in the graph ({len(built)} of 4) "
               f"policy={name:<13} tokens equal={eager == graph} ({len(graph)} tokens) body entries {bodies[0]} "

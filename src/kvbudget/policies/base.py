@@ -389,6 +389,8 @@ class Policy:
 
     def compress(self, cache: BudgetedCache) -> None:
         """Cut every budgeted layer back to its budget (no-op for layers under budget)."""
+        if not self.evicts and self.store is None:
+            return  # nothing to do, and no reason for `before_compress` to snapshot the cache
         cache.before_compress()
         if not self.evicts:
             if self.store is not None and self.store.flush_cache(cache):
