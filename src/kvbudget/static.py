@@ -16,7 +16,9 @@ the segments can be laid out again after a compression without re-capturing the 
 Between compressions the decoded entries live only here; `StaticDecoder.write_back` appends
 them to the `BudgetedCache` (with positions, zeroed per-entry state and the observed queries),
 the policy compresses the cache as usual, and `StaticDecoder.reload` copies what was kept back
-into the buffers. Layers with a KIVI store keep their encoded body in static buffers too
+into the buffers. The entries are not held twice: the cache's dense layers hold views of the
+buffers (`StaticLayer.lend`, flagged ``borrowed``), and `StaticDecoder.release` gives them their
+own copies when the answer ends, layer by layer (ragged layers keep a flat copy of their own). Layers with a KIVI store keep their encoded body in static buffers too
 (`kvbudget.static_store`): the body only changes at a compression, decoded tokens go to the
 full-precision tail. Other stores and sliding-window layers are not supported here: `supports`
 says why and the session decodes eagerly instead.
