@@ -20,7 +20,7 @@
    with and without the flash call's LSE; both paths timed; then block-wise prefill of a 4-layer
    model with each path (times and kept overlap, for information).
 7. Stacked compression (layers scored and selected together) keeps exactly what the per-layer
-   loop keeps on CUDA: Ada-KV, PyramidKV, H2O.
+   loop keeps on CUDA: Ada-KV, PyramidKV, H2O, and store layers (SnapKV + KIVI-4, H2O + KIVI-2).
 8. A prefill block over a ragged layer through varlen flash attention equals the masked SDPA
    path; Ada-KV prefill keeps the same entries in layer 0 with it as without (deeper layers:
    the overlap, for information).
@@ -474,12 +474,13 @@ def check_stacked_equals_loop() -> int:
     """Stacked compression keeps exactly what the per-layer loop keeps on CUDA too (where a sort
     or top-k over more rows may take another algorithm than over one layer's): Ada-KV (ragged
     layers, picks by a stable sort, one sync per compression), PyramidKV (layers of different
-    budgets), H2O; all layers in one group and one layer per group (`Policy.STACK_BYTES`); a
+    budgets), H2O, SnapKV + KIVI-4 and H2O + KIVI-2 (store layers, `kvbudget.stacked_store`:
+    also the codes and bytes); all layers in one group and one layer per group (`Policy.STACK_BYTES`); a
     4-layer bf16 model of the 8B attention shape, 6k tokens in blocks of 1024, budget 1024."""
     model = build(layers=4, dtype=torch.bfloat16)
     ids = torch.randint(0, 128000, (1, 6144), device="cuda")
     failures = 0
-    for name in ("adakv", "pyramidkv", "h2o"):
+    for name in ("adakv", "pyramidkv", "h2o", "snapkv+kivi4", "h2o+kivi2"):
         caches = {}
         for mode in ("loop", "stacked", "one layer per group"):
             policy = kb.policy(name, budget=1024, block_size=1024)
@@ -491,6 +492,8 @@ def check_stacked_equals_loop() -> int:
             caches[mode] = cache
         for mode in ("stacked", "one layer per group"):
             same = all(torch.equal(a.view().positions, b.view().positions) and torch.equal(a.view().keys, b.view().keys)
+                       and a.nbytes() == b.nbytes()
+                       and (a.body is None or all(torch.equal(a.body.tokens[k], b.body.tokens[k]) for k in a.body.tokens))
                        for a, b in zip(caches[mode].budgeted_layers(), caches["loop"].budgeted_layers()))
             failures += report(same, f"{name}: stacked compression ({mode}) keeps what the per-layer loop keeps "
                                      "(positions, keys)")

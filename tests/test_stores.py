@@ -284,3 +284,63 @@ def test_stacked_flush_equals_layer_by_layer(llama64, monkeypatch, stack_bytes):
             assert torch.equal(a.body.chunks[k], b.body.chunks[k])
         assert torch.equal(a.body.chunk_id, b.body.chunk_id)
     assert len(ptrs) == 4 * 2  # 4 token fields x 2 layers, each its own storage
+
+
+def _evicting_store_run(model, name: str, stack: bool, group_bytes: int | None = None, **kw):
+    """Prefill 300 tokens in blocks of 32 with eviction to 64, then decode 12 tokens with a
+    compression every 5 (decode-time compression); returns the cache and the policy."""
+    policy = kb.policy(name, budget=64, block_size=32, decode_interval=5, **kw)
+    policy.stack_layers = stack
+    if group_bytes:
+        policy.STACK_BYTES = group_bytes
+    cache = policy.new_cache(model)
+    logits, _ = kb.prefill(model, cache, policy, random_ids(300), block_size=32)
+    with torch.inference_mode():
+        for step in range(12):
+            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+            if (step + 1) % 5 == 0:
+                policy.compress(cache)
+    return cache
+
+
+@pytest.mark.parametrize("name", ["snapkv+kivi4", "h2o+kivi2", "tova+rotate4", "streaming+kivi2"])
+def test_stacked_store_compression_equals_layer_by_layer(tiny_llama, name):
+    """Store layers compressed together (`kvbudget.stacked_store`) keep what the per-layer loop
+    keeps: the same positions and state, codes, scales, chunk ids and tables, decoded keys and
+    values and bytes, through prefill and decode-time compressions."""
+    loop = _evicting_store_run(tiny_llama, name, stack=False)
+    for group_bytes in (None, 1):  # all layers in one group / one layer per group
+        stacked = _evicting_store_run(tiny_llama, name, stack=True, group_bytes=group_bytes)
+        for a, b in zip(loop.budgeted_layers(), stacked.budgeted_layers()):
+            assert torch.equal(a.positions, b.positions)
+            for k in a.state:
+                torch.testing.assert_close(a.state[k], b.state[k])
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            assert len(a.body) == len(b.body) > 0
+            for k in a.body.tokens:
+                assert torch.equal(a.body.tokens[k], b.body.tokens[k])
+            for k in a.body.chunks:
+                assert torch.equal(a.body.chunks[k], b.body.chunks[k])
+            if a.body.chunk_id is None:  # rotated KIVI: no per-chunk data
+                assert b.body.chunk_id is None
+            else:
+                assert a.body.chunk_id.dtype == b.body.chunk_id.dtype and torch.equal(a.body.chunk_id, b.body.chunk_id)
+            va, vb = a.view(), b.view()
+            assert torch.equal(va.keys, vb.keys) and torch.equal(va.values, vb.values)
+            assert a.nbytes() == b.nbytes()
+
+
+def test_stacked_store_compression_is_used_and_falls_back(tiny_llama, monkeypatch):
+    """SnapKV + KIVI compresses its layers together (no per-layer compression once over budget);
+    per-layer budgets (PyramidKV) and MiKV's demotion go through the loop."""
+    from kvbudget import stacked_store
+
+    looped, stacked = [], []
+    compress_layer, compress = kb.Policy._compress_layer, stacked_store.compress
+    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: looped.append(1) or compress_layer(self, *a, **k))
+    monkeypatch.setattr(stacked_store, "compress", lambda policy, layers, budget: stacked.append(len(layers)) or compress(policy, layers, budget))
+    _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=True)
+    assert looped == [] and len(stacked) > 5 and set(stacked) == {len(tiny_llama.model.layers)}
+    stacked.clear()
+    _evicting_store_run(tiny_llama, "snapkv+pyramid+kivi4", stack=True)
+    assert looped and stacked == []

@@ -221,8 +221,11 @@ def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor]) -> tuple[Tensor, d
     n = next(iter(chunks.values())).shape[2]
     used = torch.zeros(*ids.shape[:2], n, dtype=torch.bool, device=ids.device)
     used.scatter_(2, ids, True)
-    width = int(used.sum(-1).max())
-    if width < n:
+    counts = used.sum(-1)
+    # One sync for both: the widest head, and whether any head has a gap to close (a head is
+    # packed even when another one keeps the table full, so tables do not depend on batching).
+    width, gaps = torch.stack([counts.max(), (counts < n).any().long()]).tolist()
+    if width < n or gaps:
         remap = used.long().cumsum(-1) - 1  # [B, H, C]: new slot of each live chunk
         ids = remap.gather(2, ids)
         live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # live ones first, in order

@@ -436,8 +436,16 @@ class Policy:
         dense and unencoded with the same heads, tokens seen, state and observed queries; returns
         False (nothing done) otherwise."""
         layers = cache.budgeted_layers()
-        if not (self.stack_layers and self.scorer.stackable and self.store is None and len(layers) > 1):
+        if not (self.stack_layers and self.scorer.stackable and len(layers) > 1):
             return False
+        if self.store is not None:  # layers with encoded bodies: `kvbudget.stacked_store`
+            from .. import stacked_store
+
+            if not stacked_store.stackable(self, layers, budgets):
+                return False
+            for group in self._groups(layers):
+                stacked_store.compress(self, layers[group], budgets[0])
+            return True
         if self.head_adaptive:
             return self._stack_adaptive(layers, budgets)
         if not _alike(layers):
