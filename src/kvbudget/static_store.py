@@ -13,6 +13,8 @@ kernel's launch alone (docs/benchmarks.md, "Sixth session").
 At a compression the decoder writes the tail back to the `BudgetedLayer`, the policy flushes or
 evicts as usual (encoding entries into a new body), and `StaticStoreLayer.load` copies the new
 body and tail into the same buffers. A body the compression left untouched is not copied again.
+In between, the cache's layer holds views of the buffers (`lend`), not a copy of its own, and
+`release` gives it one back when the answer ends (`kvbudget.static`).
 
 Capacities, fixed when the decoder is built for an answer of ``capacity`` tokens:
 
