@@ -80,6 +80,10 @@ class Store:
         """Keys and values [B, H, n, d] from per-token data and the chunk data of each token."""
         raise NotImplementedError
 
+    def decode_keys(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        """Only the keys of `decode` (what a scorer that does not read values needs)."""
+        return self.decode(tokens, chunks, dtype)[0]
+
     def flush_cache(self, cache) -> bool:
         """Encode across layers (MiniCache); True when done here instead of layer by layer."""
         return False
@@ -124,8 +128,14 @@ class Body:
                     {k: c.clone() for k, c in self.chunks.items()})
 
     def decode(self, store: Store, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        per_token = {k: _gather(c, self.chunk_id.long()) for k, c in self.chunks.items()} if self.chunks else {}
-        return store.decode(self.tokens, per_token, dtype)
+        return store.decode(self.tokens, self._per_token(), dtype)
+
+    def decode_keys(self, store: Store, dtype: torch.dtype) -> Tensor:
+        return store.decode_keys(self.tokens, self._per_token(), dtype)
+
+    def _per_token(self) -> dict[str, Tensor]:
+        """Each entry's row of the chunk data."""
+        return {k: _gather(c, self.chunk_id.long()) for k, c in self.chunks.items()} if self.chunks else {}
 
 
 def rebuild_body(

@@ -52,9 +52,11 @@ class KIVI(Store):
         )
 
     def decode(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        keys = dequantize(unpack(tokens["k"], self.bits), chunks["k_scale"], chunks["k_zero"], dtype)
         values = dequantize_groups(tokens["v"], tokens["v_scale"], tokens["v_zero"], self.bits, dtype)
-        return keys, values
+        return self.decode_keys(tokens, chunks, dtype), values
+
+    def decode_keys(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return dequantize(unpack(tokens["k"], self.bits), chunks["k_scale"], chunks["k_zero"], dtype)
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
         elem = dtype.itemsize
