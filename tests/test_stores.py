@@ -344,3 +344,49 @@ def test_stacked_store_compression_is_used_and_falls_back(tiny_llama, monkeypatc
     stacked.clear()
     _evicting_store_run(tiny_llama, "snapkv+pyramid+kivi4", stack=True)
     assert looped and stacked == []
+
+
+@pytest.mark.parametrize("name,kw,mode", [
+    (name, kw, mode) for name, kw in (("kivi4", {}), ("kivi2", {}), ("think", {}), ("snapkv+kivi4", {"budget": 96}))
+    for mode in ("eager", "static") if not (name == "think" and mode == "static")  # ThinK decodes eagerly only
+])
+def test_scratch_restores_a_store_cache_exactly(tiny_llama, name, kw, mode, monkeypatch):
+    """Decoding inside `scratch` with decode-time compression (flushes that encode tail entries,
+    evictions) and leaving it gives back exactly the cache from before: body, tail, positions,
+    state, bytes. A store that only appends to its body (no eviction) is snapshotted without its
+    body, which is taken back as the prefix of the body at the end."""
+    from types import SimpleNamespace
+
+    from kvbudget.cache import BodyPrefix
+    from kvbudget.generate import Session
+
+    taken = []
+    real = BodyPrefix.taken_from
+    monkeypatch.setattr(BodyPrefix, "taken_from", lambda self, body: taken.append(1) or real(self, body))
+    policy = kb.policy(name, decode_interval=4, **kw)
+    cache = policy.new_cache(tiny_llama)
+    logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=64)
+    before = [(dict(layer.__dict__), layer.view(), layer.nbytes()) for layer in cache.budgeted_layers()]
+    encoded = [(len(layer.body), layer.positions) for layer in cache.budgeted_layers()]
+    fake = SimpleNamespace(model=tiny_llama, cache=cache, policy=policy, eos=set(), decode=mode)
+    fake._static_decoder = lambda n: Session._static_decoder(fake, n)
+    with torch.inference_mode(), cache.scratch():
+        Session._decode(fake, logits, 60)
+        # The answer's compressions did encode (a longer body) or evict (other positions kept).
+        assert any(len(layer.body) != n or not torch.equal(layer.positions[..., : pos.shape[-1]], pos)
+                   for layer, (n, pos) in zip(cache.budgeted_layers(), encoded))
+    for layer, (attrs, view, nbytes) in zip(cache.budgeted_layers(), before):
+        assert layer.seen == attrs["seen"] and layer.nbytes() == nbytes
+        assert torch.equal(layer.positions, attrs["positions"])
+        now = layer.view()
+        assert torch.equal(now.keys, view.keys) and torch.equal(now.values, view.values)
+        assert torch.equal(layer.keys, attrs["keys"]) and torch.equal(layer.values, attrs["values"])
+        for k, t in attrs["body"].tokens.items():
+            assert torch.equal(layer.body.tokens[k], t)
+        if attrs["body"].chunk_id is not None:
+            assert torch.equal(layer.body.chunk_id, attrs["body"].chunk_id)
+            assert layer.body.chunk_id.dtype == attrs["body"].chunk_id.dtype
+        for k, c in attrs["body"].chunks.items():
+            assert torch.equal(layer.body.chunks[k], c)
+    # Without eviction the snapshot kept only each body's length; with it, the body itself.
+    assert len(taken) == (0 if policy.evicts else len(cache.budgeted_layers()))

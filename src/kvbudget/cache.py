@@ -541,16 +541,28 @@ class BudgetedLayer(CacheLayerMixin):
             return
         self._store_ragged(self.view(), self.head_lens - n, tuple(k - n for k in self.host_lens()))
 
-    def snapshot(self) -> dict:
+    def snapshot(self, appends_only: bool = False) -> dict:
         """The layer's attributes, to restore later. Tensors borrowed from a static decoder are
-        copied: the decoder overwrites its buffers at its next reload."""
+        copied: the decoder overwrites its buffers at its next reload. ``appends_only``: the body
+        is kept as its length (`BodyPrefix`), taken back from the body there is at the end."""
         attrs = dict(self.__dict__)
+        if appends_only and self.body is not None:
+            attrs["body"] = BodyPrefix.of(self.body)
         if self.borrowed:
             attrs["keys"], attrs["values"] = self.keys.clone(), self.values.clone()
-            if self.body is not None:
+            if isinstance(attrs["body"], Body):
                 attrs["body"] = self.body.clone()
             attrs["borrowed"] = False
         return attrs
+
+    def restore(self, attrs: dict) -> None:
+        """Back to a `snapshot` (the queries observed since stay)."""
+        observed, body = self.observed(), self.body
+        self.__dict__.clear()
+        self.__dict__.update(attrs)
+        if isinstance(self.body, BodyPrefix):
+            self.body = self.body.taken_from(body)
+        self.restore_observed(observed)
 
     def observe(self, query: Tensor, scaling: float | None, lse: Tensor | None = None) -> None:
         """Receive the queries of the tokens just processed (from the attention hook), and with
@@ -592,6 +604,29 @@ class BudgetedLayer(CacheLayerMixin):
 
     def restore_observed(self, observed: tuple[Tensor | None, Tensor | None, Tensor | None]) -> None:
         self.queries, self.query_positions, self.lse = observed
+
+
+@dataclass(frozen=True)
+class BodyPrefix:
+    """A body in a snapshot, by its size: appends (flushes) leave its first ``entries`` entries,
+    ``chunks`` chunk-table rows and chunk ids as they were, so those are the body it stands for."""
+
+    entries: int
+    chunks: int
+    id_dtype: torch.dtype | None
+
+    @classmethod
+    def of(cls, body: Body) -> "BodyPrefix":
+        chunks = next(iter(body.chunks.values())).shape[2] if body.chunks else 0
+        return cls(len(body), chunks, None if body.chunk_id is None else body.chunk_id.dtype)
+
+    def taken_from(self, body: Body) -> Body:
+        """The prefix of ``body`` (the same body, grown by appends since)."""
+        n, c = self.entries, self.chunks
+        tokens = {k: t[:, :, :n] for k, t in body.tokens.items()}
+        if body.chunk_id is None:
+            return Body(tokens, None, {})
+        return Body(tokens, body.chunk_id[:, :, :n].to(self.id_dtype), {k: t[:, :, :c] for k, t in body.chunks.items()})
 
 
 def flush_layers(layers: list[BudgetedLayer]) -> None:
@@ -799,14 +834,19 @@ class BudgetedCache(Cache):
         """Entries held per KV head, one [H] tensor per budgeted layer."""
         return [layer.lengths() for layer in self.budgeted_layers()]
 
-    def before_compress(self) -> None:
-        """Called by a policy before it evicts. Inside `scratch` (decode-time compression of an
-        answer that will be rolled back), the layers are first snapshotted, because evicted
-        entries cannot be dropped-last back; the snapshot's bytes count toward the peak."""
+    def before_compress(self, appends_only: bool = False) -> None:
+        """Called by a policy before it evicts or encodes. Inside `scratch` (decode-time
+        compression of an answer that will be rolled back), the layers are first snapshotted,
+        because evicted or encoded entries cannot be dropped-last back; the snapshot's bytes
+        count toward the peak. ``appends_only``: the compressions of this block only append to
+        store bodies (flushes, no eviction), so the snapshot keeps each body's length instead of
+        the body (`BodyPrefix`), and only the rest counts."""
         if self._scratch and self._scratch[-1] is None:
-            layers = [(layer, layer.snapshot()) for layer in self.budgeted_layers()]
+            layers = [(layer, layer.snapshot(appends_only)) for layer in self.budgeted_layers()]
             self._scratch[-1] = (self.get_seq_length(), layers)
-            self._snapshot_bytes += self.nbytes()
+            held = sum(layer.nbytes() - (layer.body.nbytes() if appends_only and layer.body is not None else 0)
+                       for layer in self.budgeted_layers())
+            self._snapshot_bytes += held
 
     def track_peak(self) -> int:
         """Record the bytes held now in ``peak_bytes`` (call after each forward, before eviction)."""
@@ -845,10 +885,7 @@ class BudgetedCache(Cache):
                 # tokens fed between the start of the block and that eviction.
                 end, layers = snapshot
                 for layer, attrs in layers:
-                    observed = layer.observed()
-                    layer.__dict__.clear()
-                    layer.__dict__.update(attrs)
-                    layer.restore_observed(observed)
+                    layer.restore(attrs)
                 self._snapshot_bytes = 0
             n = end - seen
             for layer, observed in zip(self.budgeted_layers(), saved):

@@ -391,7 +391,9 @@ class Policy:
         """Cut every budgeted layer back to its budget (no-op for layers under budget)."""
         if not self.evicts and self.store is None:
             return  # nothing to do, and no reason for `before_compress` to snapshot the cache
-        cache.before_compress()
+        # Without eviction a store's body only grows at its end (flush by append), so a snapshot
+        # need not hold it (MiniCache's cross-layer merge rewrites it: not that case).
+        cache.before_compress(appends_only=not self.evicts and not self.store.cross_layer)
         if not self.evicts:
             if self.store is not None and self.store.flush_cache(cache):
                 return
