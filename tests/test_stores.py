@@ -390,3 +390,19 @@ def test_scratch_restores_a_store_cache_exactly(tiny_llama, name, kw, mode, monk
             assert torch.equal(layer.body.chunks[k], c)
     # Without eviction the snapshot kept only each body's length; with it, the body itself.
     assert len(taken) == (0 if policy.evicts else len(cache.budgeted_layers()))
+
+
+def test_stacked_store_compression_with_a_scorer_that_reads_values(tiny_llama, monkeypatch):
+    """A scorer that reads values gets the bodies' decoded values too; the result is the loop's."""
+    from kvbudget.policies.snapkv import SnapKV
+
+    seen = []
+    real = SnapKV.score
+    monkeypatch.setattr(SnapKV, "reads_values", True)
+    monkeypatch.setattr(SnapKV, "score", lambda self, obs: seen.append(obs.values is not None) or real(self, obs))
+    loop = _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=False)
+    stacked = _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=True)
+    assert seen and all(seen)
+    for a, b in zip(loop.budgeted_layers(), stacked.budgeted_layers()):
+        assert torch.equal(a.positions, b.positions) and a.nbytes() == b.nbytes()
+        assert torch.equal(a.view().keys, b.view().keys)

@@ -479,10 +479,7 @@ class BudgetedLayer(CacheLayerMixin):
         quantized once it is full; the most recent ``residual`` entries stay in full precision)."""
         older = self.flushable()
         if older > 0:
-            b, h = self.keys.shape[:2]
-            valid = torch.ones(b, h, older, dtype=torch.bool, device=self.keys.device)
-            self.append_flushed(self.store.encode(self.keys[..., :older, :], self.values[..., :older, :], valid,
-                                                  self.queries), older)
+            _flush_group([self], older, self.queries)
 
     def flushable(self) -> int:
         """How many of the tail's oldest entries a flush encodes now (0: none)."""
@@ -647,13 +644,12 @@ def flush_layers(layers: list[BudgetedLayer]) -> None:
         key = (id(layer.store), older, tuple(layer.keys.shape), tuple(layer.values.shape), layer.keys.dtype)
         groups.setdefault(key, []).append(layer)
     for (_, older, shape, vshape, dtype), layers_of_shape in groups.items():
-        b, h = shape[:2]
         # At most `FLUSH_STACK_BYTES` of keys + values per encode: its float32 temporaries are a
         # few times that, and they add to the prefill's peak memory.
-        per_layer = b * h * older * (shape[-1] + vshape[-1]) * dtype.itemsize
+        per_layer = shape[0] * shape[1] * older * (shape[-1] + vshape[-1]) * dtype.itemsize
         step = max(1, FLUSH_STACK_BYTES // per_layer)
         for start in range(0, len(layers_of_shape), step):
-            _flush_group(layers_of_shape[start : start + step], older, b, h)
+            _flush_group(layers_of_shape[start : start + step], older)
 
 
 # Keys + values encoded in one call by `flush_layers`: 64 MiB is a 2048-token block of 8 layers of
@@ -661,12 +657,14 @@ def flush_layers(layers: list[BudgetedLayer]) -> None:
 FLUSH_STACK_BYTES = 64 * 2**20
 
 
-def _flush_group(group: list[BudgetedLayer], older: int, b: int, h: int) -> None:
-    """Encode the ``older`` oldest tail entries of every layer of ``group`` in one call."""
+def _flush_group(group: list[BudgetedLayer], older: int, queries: Tensor | None = None) -> None:
+    """Encode the ``older`` oldest tail entries of every layer of ``group`` in one call
+    (``queries``: a single layer's, for a store that reads them)."""
+    b, h = group[0].keys.shape[:2]
     keys = torch.cat([layer.keys[..., :older, :] for layer in group])
     values = torch.cat([layer.values[..., :older, :] for layer in group])
     valid = torch.ones(len(group) * b, h, older, dtype=torch.bool, device=keys.device)
-    enc = group[0].store.encode(keys, values, valid, None)
+    enc = group[0].store.encode(keys, values, valid, queries)
     for i, layer in enumerate(group):
         part = Encoded({k: t[i * b : (i + 1) * b] for k, t in enc.tokens.items()},
                        {k: c[i * b : (i + 1) * b] for k, c in enc.chunks.items()})

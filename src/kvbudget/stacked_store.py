@@ -93,10 +93,11 @@ def compress(policy, layers: list[BudgetedLayer], budget: int) -> None:
     tail_values = torch.cat([layer.values for layer in layers])
     body = stack_bodies([layer.body for layer in layers]) if first.body is not None else None
     keys, values = tail_keys, tail_values if policy.scorer.reads_values else None
-    if body is not None:  # the values are decoded only for a scorer that reads them
+    if body is not None and values is not None:
+        body_keys, body_values = body.decode(store, tail_keys.dtype)
+        keys, values = torch.cat([body_keys, tail_keys], 2), torch.cat([body_values, values], 2)
+    elif body is not None:  # the values are decoded only for a scorer that reads them
         keys = torch.cat([body.decode_keys(store, tail_keys.dtype), tail_keys], 2)
-        if values is not None:
-            values = torch.cat([body.decode(store, tail_keys.dtype)[1], tail_values], 2)
     positions = torch.cat([layer.positions for layer in layers])
     entries = _Stacked(keys=keys, values=values, positions=positions, valid=None,
                        state={k: torch.cat([layer.state[k] for layer in layers]) for k in first.state})

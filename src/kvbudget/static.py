@@ -18,9 +18,9 @@ them to the `BudgetedCache` (with positions, zeroed per-entry state and the obse
 the policy compresses the cache as usual, and `StaticDecoder.reload` copies what was kept back
 into the buffers. The entries are not held twice: the cache's dense layers hold views of the
 buffers (`StaticLayer.lend`, flagged ``borrowed``), and `StaticDecoder.release` gives them their
-own copies when the answer ends, layer by layer (ragged layers keep a flat copy of their own). Layers with a KIVI store keep their encoded body in static buffers too
-(`kvbudget.static_store`): the body only changes at a compression, decoded tokens go to the
-full-precision tail. Other stores and sliding-window layers are not supported here: `supports`
+own copies when the answer ends, layer by layer (ragged layers keep a flat copy of their own).
+Layers with a KIVI store keep their encoded body in static buffers too (`kvbudget.static_store`):
+the body only changes at a compression, decoded tokens go to the full-precision tail. Other stores and sliding-window layers are not supported here: `supports`
 says why and the session decodes eagerly instead.
 """
 
@@ -271,6 +271,7 @@ class UnsupportedStatic(Exception):
 def supports(cache: BudgetedCache) -> str | None:
     """None if ``cache`` can be decoded statically, else the reason it cannot."""
     from . import static_store  # it builds on this module
+
     if len(cache.budgeted) != len(cache.layers):
         return "sliding-window layers are not supported by static decoding"
     for layer in cache.budgeted_layers():

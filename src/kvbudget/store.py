@@ -204,9 +204,9 @@ def rebuild_body(
 def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int) -> Body:
     """``body`` followed by ``m`` entries encoded together (``enc``): what `rebuild_body` gives
     when every entry is kept and the tail's oldest ``m`` move into the body (a flush), without
-    gathering the old body again. The old chunk table is
-    compact (`_drop_unused` ran when it was built) and no entry leaves, so the new chunks just
-    follow the old ones. The result owns its memory (``enc`` may be a slice of a larger batch)."""
+    gathering the old body again. The old chunk table is compact (`_drop_unused` ran when it was
+    built) and no entry leaves, so the new chunks just follow the old ones. The result owns its
+    memory (``enc`` may be a slice of a larger batch)."""
     def join(old: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: t.clone() if old is None else torch.cat([old[k], t], dim=2) for k, t in new.items()}
 
@@ -232,8 +232,9 @@ def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor]) -> tuple[Tensor, d
     used = torch.zeros(*ids.shape[:2], n, dtype=torch.bool, device=ids.device)
     used.scatter_(2, ids, True)
     counts = used.sum(-1)
-    # One sync for both: the widest head, and whether any head has a gap to close (a head is
-    # packed even when another one keeps the table full, so tables do not depend on batching).
+    # One sync for both: the widest head, and whether any head uses fewer chunks than the table
+    # holds. Every such head is packed (live chunks first, in order) even when another head keeps
+    # the table full, so a layer's table does not depend on which layers it was batched with.
     width, gaps = torch.stack([counts.max(), (counts < n).any().long()]).tolist()
     if width < n or gaps:
         remap = used.long().cumsum(-1) - 1  # [B, H, C]: new slot of each live chunk
