@@ -97,39 +97,78 @@ def test_static_store_decode_equals_eager(tiny_llama, name, kw, context):
     assert static_cache.peak_bytes == eager_cache.peak_bytes
 
 
-def test_static_store_copies_a_body_only_when_it_changed(tiny_llama):
-    """A compression that encodes nothing leaves the body object as it was: reload copies only
-    the tail. One that encodes a chunk brings a new body, which is copied."""
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_static_store_flushes_in_place_and_copies_a_body_only_when_it_changed(tiny_llama):
+    """While the decoder lends its buffers, a flush writes the newly encoded chunk into them after
+    the body (no second body is built: with every layer flushed before the reload, those copies
+    were a whole second cache at once), and reload copies no body. A compression that encodes
+    nothing copies nothing either."""
     policy = kb.policy("kivi4", decode_interval=4)
     cache = policy.new_cache(tiny_llama)
     logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=64)
     dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=64, graph=False)
     layer, static = cache.budgeted_layers()[0], dec.layers[0]
     assert int(static.body_lens[0, 0]) == len(layer.body) == 64 and int(static.tail_lens[0, 0]) == 136
-    copies, changes = [], []
+    buffers = {_storage(t) for t in (*static.body.tokens.values(), static.body.chunk_id, *static.body.chunks.values())}
+    written: list[int] = []  # bytes copied into the body buffers
     real_copy = torch.Tensor.copy_
+
+    def spy(t, src, *a, **k):
+        if _storage(t) in buffers:
+            written.append(t.nbytes)
+        return real_copy(t, src, *a, **k)
+
     tok = logits.argmax(-1)
+    grown = []
     for step in range(40):
         tok = dec.step(tok).argmax(-1)
         if (step + 1) % 4 == 0:
             dec.write_back(cache)
-            before = layer.body
-            policy.compress(cache)
-            changed = layer.body is not before
+            before = len(layer.body)
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(torch.Tensor, "copy_", lambda t, src, *a, **k: copies.append(t.data_ptr()) or real_copy(t, src, *a, **k))
+                mp.setattr(torch.Tensor, "copy_", spy)
+                policy.compress(cache)
+                flushed = sum(written)
+                written.clear()
                 dec.reload(cache)
-            body_copied = static.body.tokens["k"].data_ptr() in copies
-            copies.clear()
-            assert changed == body_copied
-            changes.append(body_copied)
+            assert not written  # reload: the body is already in place
+            grew = len(layer.body) - before
+            grown.append(grew)
+            if grew:  # exactly the new chunk's codes, scales and chunk ids went into the buffers
+                assert 0 < flushed <= layer.body.nbytes() * grew / len(layer.body) + 64 * layer.body.chunk_id.numel()
+            else:
+                assert flushed == 0
             # The layer holds views of the decoder's buffers, not a second copy.
-            assert layer.body.tokens["k"].data_ptr() == static.body.tokens["k"].data_ptr()
+            for name, t in layer.body.tokens.items():
+                assert t.data_ptr() == static.body.tokens[name].data_ptr()
+            assert layer.body.chunk_id.data_ptr() == static.body.chunk_id.data_ptr()
             assert layer.keys.data_ptr() == static.keys.data_ptr()
             assert int(static.body_lens[0, 0]) == len(layer.body)
             assert int(static.tail_lens[0, 0]) == layer.keys.shape[2]
     assert len(layer.body) == 64 + 32  # one chunk encoded after 32 decoded tokens
-    assert changes.count(True) == 1 and changes.count(False) == 9
+    assert grown.count(32) == 1 and grown.count(0) == 9
+
+
+def test_static_store_copies_an_evicted_body(tiny_llama):
+    """Eviction builds a new body (entries leave it): reload copies it into the buffers, and the
+    layer holds views of them again."""
+    policy = kb.policy("snapkv+kivi4", budget=64, decode_interval=8)
+    cache = policy.new_cache(tiny_llama)
+    logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(300), block_size=64)
+    dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=16, graph=False)
+    layer, static = cache.budgeted_layers()[0], dec.layers[0]
+    tok = logits.argmax(-1)
+    for _ in range(8):
+        tok = dec.step(tok).argmax(-1)
+    dec.write_back(cache)
+    policy.compress(cache)
+    assert _storage(layer.body.tokens["k"]) != _storage(static.body.tokens["k"])  # rebuilt, owned
+    dec.reload(cache)
+    assert layer.body.tokens["k"].data_ptr() == static.body.tokens["k"].data_ptr()
+    assert int(static.body_lens[0, 0]) == len(layer.body)
 
 
 @pytest.mark.parametrize("name,kw", [("snapkv", {"budget": 40}), ("kivi4", {})])

@@ -209,6 +209,9 @@ class BudgetedLayer(CacheLayerMixin):
         # Set while a static decoder (`kvbudget.static`) has lent this layer views of its buffers
         # as keys / values / body: whatever keeps them past the next reload must copy them.
         self.borrowed = False
+        # While borrowed from a static store decoder: its capacity buffers, which ``body`` is the
+        # start of, so that a flush appends in place (`store.append_encoded`).
+        self.room: Body | None = None
         # Transient mode (`BudgetedCache.transient`): tokens are attended but not stored;
         # ``phantom`` counts them so that `drop_last` forgets them first.
         self.transient = False
@@ -320,8 +323,14 @@ class BudgetedLayer(CacheLayerMixin):
         """Full-precision tail keys/values preceded by the decoded body (if any)."""
         if self.body is None:
             return keys, values
-        body_keys, body_values = self.body.decode(self.store, keys.dtype)
-        return torch.cat([body_keys, keys], dim=-2), torch.cat([body_values, values], dim=-2)
+        # Decoded straight into the front of the concatenation (no body-sized temporary).
+        n = len(self.body)
+        all_keys = keys.new_empty(*keys.shape[:2], n + keys.shape[2], keys.shape[3])
+        all_values = values.new_empty(*values.shape[:2], n + values.shape[2], values.shape[3])
+        self.body.decode(self.store, keys.dtype, out=(all_keys[:, :, :n], all_values[:, :, :n]))
+        all_keys[:, :, n:] = keys
+        all_values[:, :, n:] = values
+        return all_keys, all_values
 
     def _append_ragged(self, flat: Tensor, new: Tensor) -> Tensor:
         """Insert ``new[h]`` ([H, q, ...]) after head h's segment of ``flat``."""
@@ -496,7 +505,7 @@ class BudgetedLayer(CacheLayerMixin):
         Every entry keeps its place, so positions and state do not move (a rebuild would gather
         the whole body again at every flush)."""
         self._drop_lse()
-        self.body = append_encoded(self.store, self.body, enc, older)
+        self.body = append_encoded(self.store, self.body, enc, older, self.room)
         self.keys, self.values = self.keys[..., older:, :], self.values[..., older:, :]
 
     def _store_ragged(self, view: LayerView, lens: Tensor, sizes: tuple[int, ...] | None = None) -> None:
@@ -549,7 +558,7 @@ class BudgetedLayer(CacheLayerMixin):
             attrs["keys"], attrs["values"] = self.keys.clone(), self.values.clone()
             if isinstance(attrs["body"], Body):
                 attrs["body"] = self.body.clone()
-            attrs["borrowed"] = False
+            attrs["borrowed"], attrs["room"] = False, None
         return attrs
 
     def restore(self, attrs: dict) -> None:

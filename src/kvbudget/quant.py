@@ -30,7 +30,9 @@ def quantize(x: Tensor, bits: int, dim: int | tuple[int, ...], valid: Tensor | N
         # A slice with no valid entry (all padding) gets a harmless range.
         empty = torch.isinf(lo)
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    scale = ((hi - lo) / levels).clamp(min=1e-8)
+    # Times the float32 reciprocal, not a division: what torch does on CUDA for a division by a
+    # Python scalar, written out so that CPU and the Triton codec (kernels/kivi_codec.py) agree.
+    scale = ((hi - lo) * (1.0 / levels)).clamp(min=1e-8)
     codes = ((xf - lo) / scale).round_().clamp_(0, levels).to(torch.uint8)
     return codes, scale.to(x.dtype), lo.to(x.dtype)
 

@@ -254,7 +254,7 @@ def release_tensors(layer: BudgetedLayer, *buffers: Tensor) -> None:
         body = layer.body
         layer.body = Body({k: own(t) for k, t in body.tokens.items()}, own(body.chunk_id),
                           {k: own(c) for k, c in body.chunks.items()})
-    layer.borrowed = False
+    layer.borrowed, layer.room = False, None
 
 
 def append_metadata(layer: BudgetedLayer, n: int, new_pos: Tensor) -> None:

@@ -188,7 +188,7 @@ class StaticStoreLayer(CacheLayerMixin):
         else:
             self._source = layer.body
         layer.keys, layer.values = self.keys[:, :, : self._tail], self.values[:, :, : self._tail]
-        layer.borrowed = True
+        layer.borrowed, layer.room = True, self.body
 
     def write_back(self, layer: BudgetedLayer, n: int, new_pos: Tensor) -> None:
         """Hand ``layer`` its tail with the ``n`` tokens decoded since the last load (the body

@@ -84,6 +84,15 @@ class Store:
         """Only the keys of `decode` (what a scorer that does not read values needs)."""
         return self.decode(tokens, chunks, dtype)[0]
 
+    def decode_body(self, body: "Body", dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """`decode` of a whole body (``out``: tensors to write the keys and values into). A store
+        with a fused decoder reads the chunk table through the chunk ids itself."""
+        return written(self.decode(body.tokens, body._per_token(), dtype), out)
+
+    def decode_body_keys(self, body: "Body", dtype: torch.dtype) -> Tensor:
+        """Only the keys of `decode_body`."""
+        return self.decode_keys(body.tokens, body._per_token(), dtype)
+
     def flush_cache(self, cache) -> bool:
         """Encode across layers (MiniCache); True when done here instead of layer by layer."""
         return False
@@ -94,6 +103,16 @@ class Store:
 
     def describe(self) -> str:
         return self.name
+
+
+def written(decoded: tuple[Tensor, Tensor], out: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Decoded keys and values, copied into ``out`` when given (the `decode(..., out=)` contract
+    of bodies: the caller's buffers receive them)."""
+    if out is None:
+        return decoded
+    out[0].copy_(decoded[0])
+    out[1].copy_(decoded[1])
+    return out
 
 
 def _chunk_dtype(n: int) -> torch.dtype:
@@ -127,11 +146,11 @@ class Body:
                     None if self.chunk_id is None else self.chunk_id.clone(),
                     {k: c.clone() for k, c in self.chunks.items()})
 
-    def decode(self, store: Store, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return store.decode(self.tokens, self._per_token(), dtype)
+    def decode(self, store: Store, dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return store.decode_body(self, dtype, out)
 
     def decode_keys(self, store: Store, dtype: torch.dtype) -> Tensor:
-        return store.decode_keys(self.tokens, self._per_token(), dtype)
+        return store.decode_body_keys(self, dtype)
 
     def _per_token(self) -> dict[str, Tensor]:
         """Each entry's row of the chunk data."""
@@ -201,12 +220,18 @@ def rebuild_body(
     return Body(tokens, chunk_id, chunks), new_keys, new_values
 
 
-def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int) -> Body:
+def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int, room: Body | None = None) -> Body:
     """``body`` followed by ``m`` entries encoded together (``enc``): what `rebuild_body` gives
     when every entry is kept and the tail's oldest ``m`` move into the body (a flush), without
     gathering the old body again. The old chunk table is compact (`_drop_unused` ran when it was
     built) and no entry leaves, so the new chunks just follow the old ones. The result owns its
-    memory (``enc`` may be a slice of a larger batch)."""
+    memory (``enc`` may be a slice of a larger batch), or, with ``room`` (buffers of a larger
+    capacity that ``body`` is the start of: a static decoder's, `kvbudget.static_store`), is a
+    longer view of ``room`` with the new entries written in place."""
+    grown = _append_in_place(store, body, enc, m, room) if room is not None and body is not None else None
+    if grown is not None:
+        return grown
+
     def join(old: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: t.clone() if old is None else torch.cat([old[k], t], dim=2) for k, t in new.items()}
 
@@ -221,6 +246,36 @@ def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int) -> Bod
     new_id = (first + torch.arange(m, device=device) // (store.chunk or m)).expand(b, h, m)
     chunk_id = new_id if body is None else torch.cat([body.chunk_id.to(torch.long), new_id], dim=2)
     return Body(tokens, chunk_id.to(_chunk_dtype(total)), chunks)
+
+
+def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body) -> Body | None:
+    """`append_encoded` into ``room``, or None when ``body`` does not lie at its start or the
+    grown body would not fit. A flush while a static decoder holds the body then needs no copy of
+    the whole body (with every layer flushed before the decoder reloads, those copies were a
+    second cache at once: docs/benchmarks.md, "Eighth session")."""
+    n, first = len(body), next(iter(body.chunks.values())).shape[2] if body.chunks else 0
+    c = next(iter(enc.chunks.values())).shape[2] if enc.chunks else 0
+    pairs = [(body.tokens[k], room.tokens.get(k)) for k in enc.tokens]
+    pairs += [(body.chunks.get(k), room.chunks.get(k)) for k in enc.chunks]
+    if enc.chunks:
+        if body.chunk_id is None or room.chunk_id is None or room.chunk_id.dtype != _chunk_dtype(first + c):
+            return None
+        pairs.append((body.chunk_id, room.chunk_id))
+    for part, buf in pairs:
+        if part is None or buf is None or part.data_ptr() != buf.data_ptr() or part.stride() != buf.stride():
+            return None
+    if n + m > len(room) or (enc.chunks and first + c > next(iter(room.chunks.values())).shape[2]):
+        return None
+    for k, t in enc.tokens.items():
+        room.tokens[k][:, :, n : n + m].copy_(t)
+    if not enc.chunks:
+        return Body({k: t[:, :, : n + m] for k, t in room.tokens.items()}, None, {})
+    for k, t in enc.chunks.items():
+        room.chunks[k][:, :, first : first + c].copy_(t)
+    ids = first + torch.arange(m, device=room.chunk_id.device) // (store.chunk or m)
+    room.chunk_id[:, :, n : n + m].copy_(ids.to(room.chunk_id.dtype).expand_as(room.chunk_id[:, :, n : n + m]))
+    return Body({k: t[:, :, : n + m] for k, t in room.tokens.items()}, room.chunk_id[:, :, : n + m],
+                {k: t[:, :, : first + c] for k, t in room.chunks.items()})
 
 
 def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -6,6 +6,8 @@ into bytes; scales and zero points are kept in the model's dtype and counted. Th
 ``residual`` tokens stay in full precision until a whole group of older tokens can be quantized.
 """
 
+import os
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -26,6 +28,16 @@ def value_group(head_dim: int, group: int) -> int:
     return group if head_dim % group == 0 else head_dim
 
 
+# Which encoder / decoder runs: "auto" the Triton codec (kernels/kivi_codec.py) for CUDA tensors
+# and torch elsewhere, "triton" the codec everywhere (CPU through triton's interpreter: tests),
+# "torch" never the codec. Read at every call.
+def _codec_mode() -> str:
+    mode = os.environ.get("KVBUDGET_KIVI_CODEC", "auto").strip().lower()
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"KVBUDGET_KIVI_CODEC must be auto, triton or torch, got '{mode}'")
+    return mode
+
+
 @register_store("kivi", kivi2={"bits": 2}, kivi4={"bits": 4})
 class KIVI(Store):
     paper = "KIVI (Liu et al. 2024)"
@@ -38,7 +50,24 @@ class KIVI(Store):
             raise ValueError(f"kivi supports 2, 4 or 8 bits, got {bits}")
         self.bits, self.group, self.chunk = bits, group, group
 
+    def codec(self, x: Tensor, head_dim: int, value_dim: int):
+        """The Triton codec module when it encodes / decodes this layer's tensors, else None."""
+        mode = _codec_mode()
+        if mode == "torch" or (mode == "auto" and not x.is_cuda):
+            return None
+        try:
+            from ..kernels import kivi_codec
+        except (ImportError, RuntimeError, OSError, AttributeError):  # no usable triton
+            return None
+        if kivi_codec.supported(head_dim, value_dim, self.bits, self.group, value_group(value_dim, self.group)):
+            return None
+        return kivi_codec
+
     def encode(self, keys: Tensor, values: Tensor, valid: Tensor, queries: Tensor | None) -> Encoded:
+        codec = self.codec(keys, keys.shape[-1], values.shape[-1])
+        if codec is not None:
+            vgroup = value_group(values.shape[-1], self.group)
+            return Encoded(*codec.encode(keys, values, valid, self.bits, self.group, vgroup))
         b, h, m, d = keys.shape
         pad = -m % self.group
         grouped = F.pad(keys, (0, 0, 0, pad)).view(b, h, -1, self.group, d)
@@ -57,6 +86,24 @@ class KIVI(Store):
 
     def decode_keys(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         return dequantize(unpack(tokens["k"], self.bits), chunks["k_scale"], chunks["k_zero"], dtype)
+
+    def decode_body(self, body, dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        codec = self._body_codec(body)
+        if codec is None:
+            return super().decode_body(body, dtype, out)
+        vgroup = value_group(body.tokens["v"].shape[-1] * 8 // self.bits, self.group)
+        return codec.decode(body.tokens, body.chunk_id, body.chunks, self.bits, vgroup, dtype, out=out or (None, None))
+
+    def decode_body_keys(self, body, dtype: torch.dtype) -> Tensor:
+        codec = self._body_codec(body)
+        if codec is None:
+            return super().decode_body_keys(body, dtype)
+        vgroup = value_group(body.tokens["v"].shape[-1] * 8 // self.bits, self.group)
+        return codec.decode(body.tokens, body.chunk_id, body.chunks, self.bits, vgroup, dtype, values=False)[0]
+
+    def _body_codec(self, body):
+        per = 8 // self.bits
+        return self.codec(body.tokens["k"], body.tokens["k"].shape[-1] * per, body.tokens["v"].shape[-1] * per)
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
         elem = dtype.itemsize

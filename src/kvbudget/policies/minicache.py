@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..store import Store, register_store
+from ..store import Store, register_store, written
 
 
 @dataclass
@@ -50,14 +50,14 @@ class PairSide:
             total += sum(t.nbytes for t in self.pair.directions) + self.pair.retained.nbytes
         return total
 
-    def decode(self, store: Store, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        out = []
+    def decode(self, store: Store, dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        parts = []
         index = self.pair.retained.long()
         for direction, norm, exact in zip(self.pair.directions, self.norms, self.exact):
             x = (norm.float() * direction.float()).to(dtype)
             idx = index[..., None].expand(*index.shape, x.shape[-1])
-            out.append(x.scatter(2, idx, exact.to(dtype)))
-        return out[0], out[1]
+            parts.append(x.scatter(2, idx, exact.to(dtype)))
+        return written((parts[0], parts[1]), out)
 
 
 def _split(x: Tensor) -> tuple[Tensor, Tensor]:
