@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_queue.sh lazy    # pass-2 tiles of the scoring kernels: sweep, then whole prefills
 #   bash benchmarks/gpu_queue.sh parts   # the parts KIVI kernel: checks, then launch settings vs fold
 #   bash benchmarks/gpu_queue.sh parts-final  # the parts default: model-level checks, bench at 8k-128k
+#   bash benchmarks/gpu_queue.sh codec   # eighth session: Triton KIVI codec + in-place flush, A/B vs ab_old/
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -48,6 +49,28 @@ case "${1:-}" in
         PYTHONPATH=src python3 benchmarks/score_tiles_ab.py --policy lazy --mode lazy \
             --tiles "64,64,4,-,0;32,128,4,3,1;32,64,4,3,1" --rounds 2 --out "$OUT/tiles-lazy-final.jsonl"
         PYTHONPATH=src python3 benchmarks/gpu_tests.py lazy stacked 2>&1 | tee "$OUT/gpu_tests-session5.log"
+        ;;
+    codec)
+        # Eighth session: the Triton KIVI codec (bit-equal to torch, timed), the KIVI graph checks
+        # with flushes in place, then prefill (policy_overhead) and answer memory (decode_memory),
+        # old / new / old / new. Old code: mkdir ab_old && git archive 899693e src | tar -x -C ab_old
+        [[ -d ab_old/src ]] || { echo "ab_old/ missing (see above)" >&2; exit 2; }
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py codec kivigraph 2>&1 | tee "$OUT/gpu_tests-codec.log"
+        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 \
+           --policies full,kivi4,kivi2,snapkv+kivi4,h2o+kivi4"
+        for i in 1 2; do
+            for v in old new; do
+                src=src; [[ $v == old ]] && src=ab_old/src
+                echo "# round $i: $v"
+                PYTHONPATH=$src python3 benchmarks/policy_overhead.py $A --out "$OUT/ovh-codec-$v-$i.jsonl" 2>&1 \
+                    | tee "$OUT/ovh-codec-$v-$i.log" | grep -E "kivi|full"
+            done
+        done
+        for v in old new; do
+            src=src; [[ $v == old ]] && src=ab_old/src
+            PYTHONPATH=$src python3 benchmarks/decode_memory.py --runs kivi4:0,kivi2:0 --interval 64 \
+                --out "$OUT/decode_memory-$v-i64.jsonl" 2>&1 | tail -n 3
+        done
         ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:

@@ -24,11 +24,12 @@
 8. A prefill block over a ragged layer through varlen flash attention equals the masked SDPA
    path; Ada-KV prefill keeps the same entries in layer 0 with it as without (deeper layers:
    the overlap, for information).
+9. The Triton KIVI codec (encode, decode) equals the torch path bit for bit; both timed.
 
 Run: ``PYTHONPATH=src python3 benchmarks/gpu_tests.py`` (exit status 1 on any failure);
 ``... gpu_tests.py fused lse`` runs only the named groups (fused: 3-4, graph: 1-2, kivigraph: the
 KIVI part of 2, lse: 5,
-lazy: 6, stacked: 7, ragged: 8).
+lazy: 6, stacked: 7, ragged: 8, codec: 9).
 """
 
 from __future__ import annotations
@@ -554,7 +555,7 @@ def check_ragged_flash() -> int:
     return failures
 
 
-GROUPS = ("fused", "graph", "kivigraph", "lse", "lazy", "stacked", "ragged")
+GROUPS = ("fused", "graph", "kivigraph", "lse", "lazy", "stacked", "ragged", "codec")
 
 
 def main() -> int:
@@ -579,6 +580,8 @@ def main() -> int:
         failures += check_stacked_equals_loop()
     if "ragged" in groups:
         failures += check_ragged_flash()
+    if "codec" in groups:
+        failures += check_kivi_codec()
     print("FAILURES:", failures)
     return 1 if failures else 0
 
@@ -672,6 +675,86 @@ def check_graph_kivi(model) -> int:
               f"policy={name:<13} tokens equal={eager == graph} ({len(graph)} tokens) body entries {bodies[0]} "
               f"(same as eager: {same_body}) tail max |diff|={tail:.2e}, code bytes differing {codes} of {total}, "
               f"decoded max |diff|={diff:.2e}", flush=True)
+    return failures
+
+
+def _timed(fn, reps: int = 20) -> float:
+    """Median ms of ``fn()`` on the GPU's stream (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def check_kivi_codec() -> int:
+    """The Triton KIVI codec (kernels/kivi_codec.py) against the torch path on CUDA, bit for bit:
+    codes, scales, decoded keys and values, for bf16 / fp16 / fp32 and 2 / 4 / 8 bits, with
+    padding, a chunk with no valid token, an outlier channel, irregular chunk ids and a body in
+    views of larger buffers (a static decoder's). Then both timed at the 8B shape: encoding a
+    2048-token block of 8 layers stacked (what `flush_layers` encodes in one call) and decoding
+    a 16k-entry body of 8 layers (what a prefill block's attention decodes)."""
+    from kvbudget.policies.kivi import KIVI
+    from kvbudget.store import Body
+
+    def run(mode, fn, *args):
+        os.environ["KVBUDGET_KIVI_CODEC"] = mode
+        try:
+            return fn(*args)
+        finally:
+            os.environ.pop("KVBUDGET_KIVI_CODEC", None)
+
+    failures = 0
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for bits in (2, 4, 8):
+            store = KIVI(bits=bits)
+            b, h, m, d = 2, 8, 1000, 128
+            keys = torch.randn(b, h, m, d, device="cuda", generator=gen) * 2
+            keys[..., 5] += 30
+            keys, values = keys.to(dtype), torch.randn(b, h, m, d, device="cuda", generator=gen).to(dtype)
+            valid = torch.rand(b, h, m, device="cuda", generator=gen) > 0.2
+            valid[1, 3, 64:96] = False
+            ref = run("torch", store.encode, keys, values, valid, None)
+            got = run("triton", store.encode, keys, values, valid, None)
+            enc_bad = sum(int((ref.tokens[k] != got.tokens[k]).sum()) for k in ref.tokens)
+            enc_bad += sum(int((ref.chunks[k] != got.chunks[k]).sum()) for k in ref.chunks)
+            n_chunks = ref.chunks["k_scale"].shape[2]
+            ids = torch.randint(0, n_chunks, (b, h, m), device="cuda", generator=gen).to(torch.int16)
+
+            def room(t, cap):
+                buf = t.new_zeros(*t.shape[:2], cap, *t.shape[3:])
+                buf[:, :, : t.shape[2]] = t
+                return buf[:, :, : t.shape[2]]
+
+            body = Body({k: room(t, m + 77) for k, t in ref.tokens.items()}, room(ids, m + 77),
+                        {k: room(c, n_chunks + 9) for k, c in ref.chunks.items()})
+            rk, rv = run("torch", body.decode, store, dtype)
+            gk, gv = run("triton", body.decode, store, dtype)
+            gk2 = run("triton", body.decode_keys, store, dtype)
+            dec_bad = int((rk != gk).sum()) + int((rv != gv).sum()) + int((rk != gk2).sum())
+            ok = enc_bad == 0 and dec_bad == 0
+            failures += not ok
+            report(ok, f"kivi codec == torch  {str(dtype):<15} {bits}-bit: encode differing {enc_bad}, "
+                       f"decode differing {dec_bad} (of {rk.numel() * 3})")
+    keys = torch.randn(16, 8, 2048, 128, device="cuda", dtype=torch.bfloat16)
+    valid = torch.ones(8, 8, 2048, dtype=torch.bool, device="cuda")
+    for bits in (4, 2):
+        store = KIVI(bits=bits)
+        enc = {mode: _timed(lambda: run(mode, store.encode, keys[:8], keys[8:], valid, None))
+               for mode in ("torch", "triton")}
+        k16 = keys.reshape(8, 8, 4096, 128)
+        body_enc = run("triton", store.encode, k16, k16, torch.ones(8, 8, 4096, dtype=torch.bool, device="cuda"), None)
+        ids = (torch.arange(4096, device="cuda") // 32).to(torch.int16).expand(8, 8, 4096).contiguous()
+        body = Body(body_enc.tokens, ids, body_enc.chunks)
+        dec = {mode: _timed(lambda: run(mode, body.decode, store, torch.bfloat16)) for mode in ("torch", "triton")}
+        print(f"time kivi{bits} encode 8 layers x 2048 tokens: torch {enc['torch']:.3f} ms, triton {enc['triton']:.3f} ms; "
+              f"decode 8 layers x 4096 entries: torch {dec['torch']:.3f} ms, triton {dec['triton']:.3f} ms", flush=True)
     return failures
 
 

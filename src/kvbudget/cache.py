@@ -492,11 +492,20 @@ class BudgetedLayer(CacheLayerMixin):
 
     def flushable(self) -> int:
         """How many of the tail's oldest entries a flush encodes now (0: none)."""
-        if self.store is None or not self.is_initialized:
+        return self.whole_chunks(self.older_in_tail())
+
+    def older_in_tail(self) -> Tensor | int:
+        """The fewest tail entries older than the residual window over the heads: a 0-d device
+        tensor (read it with others in one sync: `flush_layers`), or 0 when there is no tail."""
+        if self.store is None or not self.is_initialized or not self.keys.shape[-2]:
             return 0
         tail = self.keys.shape[-2]
-        older = int((self.positions[..., -tail:] < self.seen - self.residual).sum(-1).min()) if tail else 0
-        if self.store.chunk:
+        return (self.positions[..., -tail:] < self.seen - self.residual).sum(-1).min()
+
+    def whole_chunks(self, older: Tensor | int) -> int:
+        """``older`` (`older_in_tail`) cut to whole chunks of the store: what a flush encodes."""
+        older = int(older)
+        if self.store is not None and self.store.chunk:
             older -= older % self.store.chunk
         return max(older, 0)
 
@@ -643,8 +652,14 @@ def flush_layers(layers: list[BudgetedLayer]) -> None:
     so stacking changes nothing in the result. Stores that read each layer's queries (ThinK)
     flush layer by layer."""
     groups: dict[tuple, list[BudgetedLayer]] = {}
-    for layer in layers:
-        older = layer.flushable()
+    # One host sync for every layer's count (one per layer left the GPU idle between them).
+    counts = [layer.older_in_tail() for layer in layers]
+    pending = [i for i, c in enumerate(counts) if isinstance(c, Tensor)]
+    if pending:
+        for i, c in zip(pending, torch.stack([counts[i] for i in pending]).tolist()):
+            counts[i] = c
+    for layer, count in zip(layers, counts):
+        older = layer.whole_chunks(count)
         if older <= 0:
             continue
         if layer.store.queries or layer.head_lens is not None:

@@ -243,9 +243,10 @@ def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int, room: 
     total = next(iter(chunks.values())).shape[2]
     b, h = next(iter(tokens.values())).shape[:2]
     device = next(iter(tokens.values())).device
-    new_id = (first + torch.arange(m, device=device) // (store.chunk or m)).expand(b, h, m)
-    chunk_id = new_id if body is None else torch.cat([body.chunk_id.to(torch.long), new_id], dim=2)
-    return Body(tokens, chunk_id.to(_chunk_dtype(total)), chunks)
+    dtype = _chunk_dtype(total)
+    new_id = (first + torch.arange(m, device=device) // (store.chunk or m)).to(dtype).expand(b, h, m)
+    chunk_id = new_id.contiguous() if body is None else torch.cat([body.chunk_id.to(dtype), new_id], dim=2)
+    return Body(tokens, chunk_id, chunks)
 
 
 def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body) -> Body | None:

@@ -140,37 +140,32 @@ def _decode_kernel(kc_ptr, id_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, ko_pt
                    D: tl.constexpr, DV: tl.constexpr, VGROUP: tl.constexpr, BITS: tl.constexpr,
                    P: tl.constexpr, BLOCK: tl.constexpr, KEYS: tl.constexpr, VALUES: tl.constexpr):
     """Strides ``*_r`` per (batch x head) row and ``*_t`` per entry; every tensor's last dim is
-    contiguous, and a chunk-table row is ``D`` wide."""
+    contiguous, and a chunk-table row is ``D`` wide. Tiles are [entries, channels] in channel
+    order, so the outputs are written in long contiguous runs: each code's byte is read once per
+    channel it holds (from L1), and the scale rows are gathered through the chunk ids."""
     bh = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = t < n
+    ok = t[:, None] < n
     mask = (1 << BITS) - 1
-    shift = tl.arange(0, P) * BITS
     if KEYS:
-        jb = tl.arange(0, D // P)
-        ch = jb[None, :, None] * P + tl.arange(0, P)[None, None, :]
-        ok3 = ok[:, None, None]
-        raw = tl.load(kc_ptr + bh * kc_r + t[:, None] * kc_t + jb[None, :], mask=ok[:, None], other=0).to(tl.int32)
-        codes = ((raw[:, :, None] >> shift[None, None, :]) & mask).to(tl.float32)
-        cid = tl.load(id_ptr + bh * id_r + t * id_t, mask=ok, other=0).to(tl.int64)
-        row = cid[:, None, None] * D + ch
-        scale = tl.load(ks_ptr + bh * ks_r + row, mask=ok3, other=0.0).to(tl.float32)
-        zero = tl.load(kz_ptr + bh * kz_r + row, mask=ok3, other=0.0).to(tl.float32)
+        c = tl.arange(0, D)[None, :]
+        raw = tl.load(kc_ptr + bh * kc_r + t[:, None] * kc_t + c // P, mask=ok, other=0).to(tl.int32)
+        codes = ((raw >> ((c % P) * BITS)) & mask).to(tl.float32)
+        cid = tl.load(id_ptr + bh * id_r + t * id_t, mask=t < n, other=0).to(tl.int64)
+        row = cid[:, None] * D + c
+        scale = tl.load(ks_ptr + bh * ks_r + row, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(kz_ptr + bh * kz_r + row, mask=ok, other=0.0).to(tl.float32)
         out = codes * scale + zero
-        tl.store(ko_ptr + bh * ko_r + t[:, None, None] * ko_t + ch, out.to(ko_ptr.dtype.element_ty), mask=ok3)
+        tl.store(ko_ptr + bh * ko_r + t[:, None] * ko_t + c, out.to(ko_ptr.dtype.element_ty), mask=ok)
     if VALUES:
-        NG: tl.constexpr = DV // VGROUP
-        GP: tl.constexpr = VGROUP // P
-        byte = tl.arange(0, NG)[None, :, None] * GP + tl.arange(0, GP)[None, None, :]
-        raw = tl.load(vc_ptr + bh * vc_r + t[:, None, None] * vc_t + byte, mask=ok[:, None, None], other=0).to(tl.int32)
-        codes = ((raw[:, :, :, None] >> shift[None, None, None, :]) & mask).to(tl.float32)
-        grp = tl.arange(0, NG)[None, :]
-        scale = tl.load(vs_ptr + bh * vs_r + t[:, None] * vs_t + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(vz_ptr + bh * vz_r + t[:, None] * vz_t + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-        out = codes * scale[:, :, None, None] + zero[:, :, None, None]
-        ch = byte[:, :, :, None] * P + tl.arange(0, P)[None, None, None, :]
-        tl.store(vo_ptr + bh * vo_r + t[:, None, None, None] * vo_t + ch, out.to(vo_ptr.dtype.element_ty),
-                 mask=ok[:, None, None, None])
+        c = tl.arange(0, DV)[None, :]
+        raw = tl.load(vc_ptr + bh * vc_r + t[:, None] * vc_t + c // P, mask=ok, other=0).to(tl.int32)
+        codes = ((raw >> ((c % P) * BITS)) & mask).to(tl.float32)
+        g = c // VGROUP
+        scale = tl.load(vs_ptr + bh * vs_r + t[:, None] * vs_t + g, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(vz_ptr + bh * vz_r + t[:, None] * vz_t + g, mask=ok, other=0.0).to(tl.float32)
+        out = codes * scale + zero
+        tl.store(vo_ptr + bh * vo_r + t[:, None] * vo_t + c, out.to(vo_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(t: Tensor) -> tuple[Tensor, int, int]:
