@@ -678,20 +678,6 @@ def check_graph_kivi(model) -> int:
     return failures
 
 
-def _timed(fn, reps: int = 20) -> float:
-    """Median ms of ``fn()`` on the GPU's stream (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def check_kivi_codec() -> int:
     """The Triton KIVI codec (kernels/kivi_codec.py) against the torch path on CUDA, bit for bit:
     codes, scales, decoded keys and values, for bf16 / fp16 / fp32 and 2 / 4 / 8 bits, with
@@ -699,6 +685,7 @@ def check_kivi_codec() -> int:
     views of larger buffers (a static decoder's). Then both timed at the 8B shape: encoding a
     2048-token block of 8 layers stacked (what `flush_layers` encodes in one call) and decoding
     a 16k-entry body of 8 layers (what a prefill block's attention decodes)."""
+    from gpu_bench import cuda_ms
     from kvbudget.policies.kivi import KIVI
     from kvbudget.store import Body
 
@@ -746,14 +733,14 @@ def check_kivi_codec() -> int:
     valid = torch.ones(8, 8, 2048, dtype=torch.bool, device="cuda")
     for bits in (4, 2):
         store = KIVI(bits=bits)
-        enc = {mode: _timed(lambda: run(mode, store.encode, keys[:8], keys[8:], valid, None))
+        enc = {mode: cuda_ms(lambda: run(mode, store.encode, keys[:8], keys[8:], valid, None))
                for mode in ("torch", "triton")}
         k16 = keys.reshape(8, 8, 4096, 128)
         body_enc = run("triton", store.encode, k16, k16, torch.ones(8, 8, 4096, dtype=torch.bool, device="cuda"), None)
         ids = (torch.arange(4096, device="cuda") // 32).to(torch.int16).expand(8, 8, 4096).contiguous()
         body = Body(body_enc.tokens, ids, body_enc.chunks)
-        dec = {mode: _timed(lambda: run(mode, body.decode, store, torch.bfloat16)) for mode in ("torch", "triton")}
-        print(f"time kivi{bits} encode 8 layers x 2048 tokens: torch {enc['torch']:.3f} ms, triton {enc['triton']:.3f} ms; "
+        dec = {mode: cuda_ms(lambda: run(mode, body.decode, store, torch.bfloat16)) for mode in ("torch", "triton")}
+        print(f"time kivi{bits} encode 8 layers x 2048 tokens (median of 10): torch {enc['torch']:.3f} ms, triton {enc['triton']:.3f} ms; "
               f"decode 8 layers x 4096 entries: torch {dec['torch']:.3f} ms, triton {dec['triton']:.3f} ms", flush=True)
     return failures
 
