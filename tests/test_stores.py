@@ -406,3 +406,28 @@ def test_stacked_store_compression_with_a_scorer_that_reads_values(tiny_llama, m
     for a, b in zip(loop.budgeted_layers(), stacked.budgeted_layers()):
         assert torch.equal(a.positions, b.positions) and a.nbytes() == b.nbytes()
         assert torch.equal(a.view().keys, b.view().keys)
+
+
+def test_flush_counts_are_known_on_the_host_while_nothing_was_evicted(tiny_llama):
+    """A store layer that holds every token it has seen has positions 0 .. seen-1 in order, so
+    how many tail entries a flush may encode is known without reading positions from the device
+    (no host sync in a KIVI prefill's flushes); after eviction, or with transient tokens counted
+    in ``seen`` but not held, it is read from the device. Both give what the positions say."""
+    def from_positions(layer) -> int:
+        tail = layer.keys.shape[-2]
+        return int((layer.positions[..., -tail:] < layer.seen - layer.residual).sum(-1).min())
+
+    for name, kw, on_host in (("kivi4", {}, True), ("snapkv+kivi4", {"budget": 64}, False)):
+        policy = kb.policy(name, **kw)
+        cache = policy.new_cache(tiny_llama)
+        kb.prefill(tiny_llama, cache, policy, random_ids(300), block_size=64, compress_last=False)
+        for layer in cache.budgeted_layers():
+            count = layer.older_in_tail()
+            assert isinstance(count, int) == on_host, name
+            assert int(count) == from_positions(layer) > 0, name
+        if name == "kivi4":  # tokens attended but not stored count in `seen`: read from the device
+            with torch.inference_mode(), cache.scratch(), cache.transient():
+                tiny_llama(input_ids=random_ids(5, seed=1), past_key_values=cache, use_cache=True)
+                layer = cache.budgeted_layers()[0]
+                assert not isinstance(layer.older_in_tail(), int)
+                assert int(layer.older_in_tail()) == from_positions(layer)
