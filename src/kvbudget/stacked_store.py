@@ -12,7 +12,8 @@ stacked path), so each of those steps runs once for all of them.
 The result equals the loop's bit for bit: the same kept entries (scores and picks are the dense
 stacked path's), codes, scales, chunk ids and chunk tables. Chunk tables are padded to the
 widest layer's before stacking; `_drop_unused` packs every head's live chunks to the front of
-its table, so each layer's table is then cut back to its own widest head.
+its table, so each layer's table is then cut back to its own widest head (`store.rebuild_stacked`;
+the widths come with the compaction's host sync).
 
 Used when every layer is over one shared budget, holds a body of the same length (or none) and a
 tail of the same length, and the store encodes entry by entry (not MiKV's demotion, not ThinK's
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .cache import BudgetedLayer
-from .store import Body, _chunk_dtype, rebuild_body
+from .store import Body, rebuild_body, rebuild_stacked
 
 
 def stackable(policy, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
@@ -68,21 +69,6 @@ def stack_bodies(bodies: list[Body]) -> Body:
     )
 
 
-def split_body(body: Body, n_layers: int, batch: int) -> list[Body]:
-    """A stacked body back to one per layer, each chunk table cut to the layer's own widest head
-    (one host sync for all layers)."""
-    rows = [slice(i * batch, (i + 1) * batch) for i in range(n_layers)]
-    if body.chunk_id is None:
-        return [Body({k: t[r] for k, t in body.tokens.items()}, None, {}) for r in rows]
-    # Live chunks are packed to the front of each head's table: the largest id + 1 is the width.
-    widths = (body.chunk_id.reshape(n_layers, -1).amax(-1).long() + 1).tolist()
-    return [
-        Body({k: t[r] for k, t in body.tokens.items()}, body.chunk_id[r].to(_chunk_dtype(w)),
-             {k: c[r, :, :w].contiguous() for k, c in body.chunks.items()})
-        for r, w in zip(rows, widths)
-    ]
-
-
 def compress(policy, layers: list[BudgetedLayer], budget: int) -> None:
     """Score, select and rebuild ``layers`` together (`stackable` must hold)."""
     from .policies.base import _Stacked, select
@@ -113,8 +99,7 @@ def compress(policy, layers: list[BudgetedLayer], budget: int) -> None:
     n_tails = recent.tolist()
     kept_state = {k: s.gather(2, index) for k, s in state.items()}
     if len(set(n_tails)) == 1:
-        new_body, new_keys, new_values = rebuild_body(store, body, tail_keys, tail_values, index, n_tails[0], None)
-        bodies = split_body(new_body, n_layers, b) if new_body is not None else [None] * n_layers
+        bodies, new_keys, new_values = rebuild_stacked(store, body, tail_keys, tail_values, index, n_tails[0], n_layers)
         parts = [(bodies[i], new_keys[i * b : (i + 1) * b], new_values[i * b : (i + 1) * b]) for i in range(n_layers)]
     else:  # tails of different lengths: one rebuild per layer, from the stacked picks
         parts = [rebuild_body(store, layer.body, layer.keys, layer.values, index[i * b : (i + 1) * b], n_tails[i], None)

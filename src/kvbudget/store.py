@@ -171,20 +171,51 @@ def rebuild_body(
     full-precision tail, the others form the new body. Chosen tail entries that fall into the
     body part are encoded (heads may encode different numbers of them), chosen body entries are
     gathered as they are. Returns (body, tail keys, tail values)."""
+    new_body, new_keys, new_values, _ = _rebuild(store, body, tail_keys, tail_values, index, n_tail, queries, 1)
+    return new_body, new_keys, new_values
+
+
+def rebuild_stacked(
+    store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int, groups: int,
+) -> tuple[list[Body | None], Tensor, Tensor]:
+    """`rebuild_body` for ``groups`` layers stacked along the batch (equal rows each), the body
+    split back per layer with each chunk table cut to the layer's own widest head. The widths
+    come with the host sync the compaction makes anyway (`_drop_unused`)."""
+    new_body, new_keys, new_values, widths = _rebuild(store, body, tail_keys, tail_values, index, n_tail, None, groups)
+    if new_body is None:
+        return [None] * groups, new_keys, new_values
+    batch = tail_keys.shape[0] // groups
+    rows = [slice(i * batch, (i + 1) * batch) for i in range(groups)]
+    if new_body.chunk_id is None:
+        return [Body({k: t[r] for k, t in new_body.tokens.items()}, None, {}) for r in rows], new_keys, new_values
+    bodies = [Body({k: t[r] for k, t in new_body.tokens.items()}, new_body.chunk_id[r].to(_chunk_dtype(w)),
+                   {k: c[r, :, :w].contiguous() for k, c in new_body.chunks.items()})
+              for r, w in zip(rows, widths)]
+    return bodies, new_keys, new_values
+
+
+def _rebuild(
+    store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int,
+    queries: Tensor | None, groups: int,
+) -> tuple[Body | None, Tensor, Tensor, list[int]]:
+    """`rebuild_body`, plus the widest head's live chunks in each of ``groups`` equal row ranges."""
     b = len(body) if body is not None else 0
     k = index.shape[-1]
     n_body = k - n_tail
     tail_index = index[..., n_body:] - b
-    if bool((tail_index < 0).any()):
-        raise ValueError("an encoded entry cannot return to the full-precision tail")
-    new_keys, new_values = _gather(tail_keys, tail_index), _gather(tail_values, tail_index)
+    returns = (tail_index < 0).any()
     if n_body == 0:
-        return None, new_keys, new_values
+        if bool(returns):
+            raise ValueError("an encoded entry cannot return to the full-precision tail")
+        return None, _gather(tail_keys, tail_index), _gather(tail_values, tail_index), []
     chosen = index[..., :n_body]
     is_old = chosen < b
     n_old = is_old.sum(-1, keepdim=True)  # [B, H, 1]
     n_new = n_body - n_old
-    width = int(n_new.max())
+    width, returns = torch.stack([n_new.max(), returns.long()]).tolist()  # one host sync for both
+    if returns:
+        raise ValueError("an encoded entry cannot return to the full-precision tail")
+    new_keys, new_values = _gather(tail_keys, tail_index), _gather(tail_values, tail_index)
     tokens: dict[str, Tensor] = {}
     chunk_id: Tensor | None = None
     chunks: dict[str, Tensor] = {}
@@ -215,9 +246,10 @@ def rebuild_body(
             new_id = first + slot_rank // per_chunk
             chunk_id = new_id if chunk_id is None else torch.where(fresh, new_id, chunk_id)
             chunks = {name: torch.cat([chunks[name], c], dim=2) if name in chunks else c for name, c in enc.chunks.items()}
+    widths: list[int] = []
     if chunk_id is not None:
-        chunk_id, chunks = _drop_unused(chunk_id, chunks)
-    return Body(tokens, chunk_id, chunks), new_keys, new_values
+        chunk_id, chunks, widths = _drop_unused(chunk_id, chunks, groups)
+    return Body(tokens, chunk_id, chunks), new_keys, new_values, widths
 
 
 def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int, room: Body | None = None) -> Body:
@@ -279,22 +311,24 @@ def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body)
                 {k: t[:, :, : first + c] for k, t in room.chunks.items()})
 
 
-def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor], groups: int = 1) -> tuple[Tensor, dict[str, Tensor], list[int]]:
     """Free the chunks no entry refers to any more, head by head: each head's live chunks are
     packed to the front of its table (heads evict independently, so a chunk often lives on in
-    one head only); the table is as wide as the head with the most live chunks."""
+    one head only); the table is as wide as the head with the most live chunks. Also returns the
+    widest head of each of ``groups`` equal batch row ranges (stacked layers)."""
     ids = chunk_id.long()
     n = next(iter(chunks.values())).shape[2]
     used = torch.zeros(*ids.shape[:2], n, dtype=torch.bool, device=ids.device)
     used.scatter_(2, ids, True)
     counts = used.sum(-1)
-    # One sync for both: the widest head, and whether any head uses fewer chunks than the table
-    # holds. Every such head is packed (live chunks first, in order) even when another head keeps
-    # the table full, so a layer's table does not depend on which layers it was batched with.
-    width, gaps = torch.stack([counts.max(), (counts < n).any().long()]).tolist()
+    # One sync for all: each group's widest head, and whether any head uses fewer chunks than the
+    # table holds. Every such head is packed (live chunks first, in order) even when another head
+    # keeps the table full, so a layer's table does not depend on which layers it was batched with.
+    *widths, gaps = torch.cat([counts.reshape(groups, -1).amax(-1), (counts < n).any().long()[None]]).tolist()
+    width = max(widths)
     if width < n or gaps:
         remap = used.long().cumsum(-1) - 1  # [B, H, C]: new slot of each live chunk
         ids = remap.gather(2, ids)
         live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # live ones first, in order
         chunks = {name: _gather(c, live) for name, c in chunks.items()}
-    return ids.to(_chunk_dtype(width)), chunks
+    return ids.to(_chunk_dtype(width)), chunks, widths
