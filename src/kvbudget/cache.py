@@ -495,8 +495,9 @@ class BudgetedLayer(CacheLayerMixin):
         return self.whole_chunks(self.older_in_tail())
 
     def older_in_tail(self) -> Tensor | int:
-        """The fewest tail entries older than the residual window over the heads: a 0-d device
-        tensor (read it with others in one sync: `flush_layers`), or 0 when there is no tail."""
+        """The fewest tail entries older than the residual window over the heads: a Python int
+        when known on the host (no tail, or every token seen still held), else a 0-d device
+        tensor (read it with the other layers' in one sync: `flush_layers`)."""
         if self.store is None or not self.is_initialized or not self.keys.shape[-2]:
             return 0
         tail = self.keys.shape[-2]
