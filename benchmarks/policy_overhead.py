@@ -203,7 +203,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--scoring", choices=("auto", "materialise", "chunked", "triton"), default=None,
                    help="attention-reduction path (sets KVBUDGET_SCORING)")
+    p.add_argument("--store-stack-mb", type=int, default=None,
+                   help="Policy.STORE_STACK_BYTES in MiB: layers with a store compressed together per group")
     args = p.parse_args()
+    if args.store_stack_mb is not None:
+        kb.Policy.STORE_STACK_BYTES = args.store_stack_mb * 2**20
     if args.scoring:
         os.environ["KVBUDGET_SCORING"] = args.scoring
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -213,6 +217,7 @@ def main() -> None:
     env = environment(args.device, args.model) | {"seed": args.seed}
     env["scoring"] = os.environ.get("KVBUDGET_SCORING", "auto")
     env["attention_lse"] = os.environ.get("KVBUDGET_ATTENTION_LSE", "auto")  # H2O/A2SF reuse the attention's LSE
+    env["store_stack_mib"] = kb.Policy.STORE_STACK_BYTES // 2**20
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(model.config.vocab_size, (1, max(contexts)), generator=gen)
     print(json.dumps(env))

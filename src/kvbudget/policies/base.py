@@ -445,7 +445,7 @@ class Policy:
 
             if not stacked_store.stackable(self, layers, budgets):
                 return False
-            for group in self._groups(layers):
+            for group in self._groups(layers, self.STORE_STACK_BYTES):
                 stacked_store.compress(self, layers[group], budgets[0])
             return True
         if self.head_adaptive:
@@ -465,11 +465,19 @@ class Policy:
     # transient memory on top of the cache, and peak prefill memory must stay near
     # weights + budget + block (measured on H100: all 32 layers at once added 1.3 GB).
     STACK_BYTES = 128 * 2**20
+    # The same for layers with a store (`kvbudget.stacked_store`), whose compression also stacks
+    # the decoded bodies and re-encodes. Larger groups trade peak memory for time there: each
+    # group costs the host ~150 launches and three syncs while the GPU waits. On an H100 (8B
+    # shape, 32k, budget 2048; docs/benchmarks.md, "Eighth session"), SnapKV+KIVI-4's share of
+    # the prefill and its peak: 128 MiB 19-20% / 16.41 GB, 256 MiB 13-14% / 16.95 GB, 512 MiB
+    # 11% / 17.57 GB (the full cache's: 19.31 GB). Set it on a policy (or the class) to choose.
+    STORE_STACK_BYTES = 256 * 2**20
 
-    def _groups(self, layers: list[BudgetedLayer]) -> Iterator[slice]:
-        """Consecutive layers whose stacked K/V, padded to the group's longest, fit in
-        STACK_BYTES (at least one layer per group). Consecutive: PyramidKV's budgets fall with
-        depth, so neighbours hold similar numbers of entries and little padding is stacked."""
+    def _groups(self, layers: list[BudgetedLayer], limit: int | None = None) -> Iterator[slice]:
+        """Consecutive layers whose stacked K/V, padded to the group's longest, fit in ``limit``
+        bytes (default STACK_BYTES; at least one layer per group). Consecutive: PyramidKV's budgets
+        fall with depth, so neighbours hold similar numbers of entries and little padding is stacked."""
+        limit = self.STACK_BYTES if limit is None else limit
         b, h, d, dv = _shape(layers[0])
         entry = b * h * (d * layers[0].keys.element_size() + dv * layers[0].values.element_size())  # bytes
         # Entries of the fullest head: what a ragged layer's padded view holds per head.
@@ -479,7 +487,7 @@ class Policy:
             end, longest = start + 1, widths[start]
             while end < len(layers):
                 longer = max(longest, widths[end])
-                if (end + 1 - start) * longer * entry > self.STACK_BYTES:
+                if (end + 1 - start) * longer * entry > limit:
                     break
                 end, longest = end + 1, longer
             yield slice(start, end)
