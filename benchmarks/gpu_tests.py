@@ -476,7 +476,7 @@ def check_stacked_equals_loop() -> int:
     or top-k over more rows may take another algorithm than over one layer's): Ada-KV (ragged
     layers, picks by a stable sort, one sync per compression), PyramidKV (layers of different
     budgets), H2O, SnapKV + KIVI-4 and H2O + KIVI-2 (store layers, `kvbudget.stacked_store`:
-    also the codes and bytes); all layers in one group and one layer per group (`Policy.STACK_BYTES`); a
+    also the codes and bytes); all layers in one group and one layer per group (`Policy.STACK_BYTES`, `STORE_STACK_BYTES`); a
     4-layer bf16 model of the 8B attention shape, 6k tokens in blocks of 1024, budget 1024."""
     model = build(layers=4, dtype=torch.bfloat16)
     ids = torch.randint(0, 128000, (1, 6144), device="cuda")
@@ -487,7 +487,7 @@ def check_stacked_equals_loop() -> int:
             policy = kb.policy(name, budget=1024, block_size=1024)
             policy.stack_layers = mode != "loop"
             if mode == "one layer per group":
-                policy.STACK_BYTES = 1
+                policy.STACK_BYTES = policy.STORE_STACK_BYTES = 1
             cache = policy.new_cache(model)
             kb.prefill(model, cache, policy, ids)
             caches[mode] = cache

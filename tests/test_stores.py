@@ -292,7 +292,7 @@ def _evicting_store_run(model, name: str, stack: bool, group_bytes: int | None =
     policy = kb.policy(name, budget=64, block_size=32, decode_interval=5, **kw)
     policy.stack_layers = stack
     if group_bytes:
-        policy.STACK_BYTES = group_bytes
+        policy.STACK_BYTES = policy.STORE_STACK_BYTES = group_bytes
     cache = policy.new_cache(model)
     logits, _ = kb.prefill(model, cache, policy, random_ids(300), block_size=32)
     with torch.inference_mode():
