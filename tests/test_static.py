@@ -171,6 +171,33 @@ def test_static_store_copies_an_evicted_body(tiny_llama):
     assert int(static.body_lens[0, 0]) == len(layer.body)
 
 
+@pytest.mark.parametrize("name", ["snapkv", "streaming"])
+def test_static_eviction_keeps_entries_in_the_lent_buffers(tiny_llama, name):
+    """A decode-time eviction while the decoder lends its dense buffers writes the kept entries
+    into them (no second copy of the kept cache until the reload), and the reload copies
+    nothing; the tokens equal eager decoding (`test_static_decode_equals_eager`)."""
+    policy = kb.policy(name, budget=40, decode_interval=4)
+    cache = policy.new_cache(tiny_llama)
+    logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=64)
+    dec = StaticDecoder.from_cache(tiny_llama, cache, capacity=16, graph=False)
+    tok = logits.argmax(-1)
+    for _ in range(3):
+        for _ in range(4):
+            tok = dec.step(tok).argmax(-1)
+        dec.write_back(cache)
+        policy.compress(cache)
+        for layer, static in zip(cache.budgeted_layers(), dec.layers):
+            assert layer.keys.shape[2] == 40
+            assert layer.keys.data_ptr() == static.keys.data_ptr() and layer.values.data_ptr() == static.values.data_ptr()
+        copies = []
+        real = torch.Tensor.index_copy_
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "index_copy_", lambda t, *a, **k: copies.append(1) or real(t, *a, **k))
+            dec.reload(cache)
+        assert not copies
+        assert all(int(static.lens.min()) == int(static.lens.max()) == 40 for static in dec.layers)
+
+
 @pytest.mark.parametrize("name,kw", [("snapkv", {"budget": 40}), ("kivi4", {})])
 def test_static_decoder_lends_its_buffers_then_gives_copies_back(tiny_llama, name, kw):
     """While decoding, the cache's layers hold views of the decoder's buffers (the entries are

@@ -209,9 +209,11 @@ class BudgetedLayer(CacheLayerMixin):
         # Set while a static decoder (`kvbudget.static`) has lent this layer views of its buffers
         # as keys / values / body: whatever keeps them past the next reload must copy them.
         self.borrowed = False
-        # While borrowed from a static store decoder: its capacity buffers, which ``body`` is the
-        # start of, so that a flush appends in place (`store.append_encoded`).
-        self.room: Body | None = None
+        # While borrowed from a static decoder: its capacity buffers, so that a compression writes
+        # in place instead of building a second copy until the reload. A store layer's: a `Body`
+        # that ``body`` is the start of (a flush appends there: `store.append_encoded`); a dense
+        # layer's: keys and values [B, H, width, d] (eviction keeps its entries there: `hold`).
+        self.room: Body | tuple[Tensor, Tensor] | None = None
         # Transient mode (`BudgetedCache.transient`): tokens are attended but not stored;
         # ``phantom`` counts them so that `drop_last` forgets them first.
         self.transient = False
@@ -438,11 +440,26 @@ class BudgetedLayer(CacheLayerMixin):
         state = {k: gather_entries(s, index) for k, s in view.state.items()}
         sizes = None if lens is None else tuple(lens.tolist())  # read once; sizes all that follows
         if sizes is None or all(n == index.shape[-1] for n in sizes):
-            self.keys, self.values, self.positions, self.state, self.head_lens = keys, values, positions, state, None
+            self.hold(keys, values)
+            self.positions, self.state, self.head_lens = positions, state, None
             return
         if index.shape[0] != 1:
             raise ValueError("per-head variable lengths need batch size 1")
         self._store_ragged(LayerView(keys, values, positions, state, None), lens.to(index.device, torch.long), sizes)
+
+    def hold(self, keys: Tensor, values: Tensor) -> None:
+        """Hold these dense ``keys`` / ``values`` (entries kept by an eviction, gathered into new
+        tensors). While a dense static decoder lends this layer its buffers, they are written
+        into them, so the kept entries are not held a second time until the decoder reloads (with
+        every layer compressed before any reloads, those copies were a second cache)."""
+        room = self.room
+        if (isinstance(room, tuple) and self.borrowed and keys.shape[:2] == room[0].shape[:2]
+                and keys.shape[2] <= room[0].shape[2]):
+            n = keys.shape[2]
+            room[0][:, :, :n].copy_(keys)
+            room[1][:, :, :n].copy_(values)
+            keys, values = room[0][:, :, :n], room[1][:, :, :n]
+        self.keys, self.values = keys, values
 
     def keep_chosen(self, chosen: Tensor, lens: Tensor, sizes: tuple[int, ...], view: LayerView) -> None:
         """Keep the entries of a batch-1 ``view`` where ``chosen`` ([H, n] bool) is True, in their
@@ -521,7 +538,7 @@ class BudgetedLayer(CacheLayerMixin):
         Every entry keeps its place, so positions and state do not move (a rebuild would gather
         the whole body again at every flush)."""
         self._drop_lse()
-        self.body = append_encoded(self.store, self.body, enc, older, self.room)
+        self.body = append_encoded(self.store, self.body, enc, older, self.room if isinstance(self.room, Body) else None)
         self.keys, self.values = self.keys[..., older:, :], self.values[..., older:, :]
 
     def _store_ragged(self, view: LayerView, lens: Tensor, sizes: tuple[int, ...] | None = None) -> None:

@@ -187,6 +187,13 @@ class StaticLayer(CacheLayerMixin):
             if self._held + room > self.width:  # nothing evicted: the entries are in place already
                 raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
             return
+        if self._kept_in_place(layer):  # evicted into the buffers already (`BudgetedLayer.hold`)
+            held = layer.keys.shape[2]
+            if held + room > self.width:
+                raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
+            self.lens.fill_(held)  # dense segments keep their starts
+            self.lend(layer, held)
+            return
         view = layer.view()
         lens = view.lengths.reshape(-1)
         if (self.dense and layer.head_lens is not None) or int(lens.max()) + room > self.width or (
@@ -205,9 +212,18 @@ class StaticLayer(CacheLayerMixin):
         if not self.dense:
             return
         b, h = layer.keys.shape[:2]
-        self._lent = (self.keys.view(b, h, self.width, -1)[:, :, :held], self.values.view(b, h, self.width, -1)[:, :, :held])
+        room = (self.keys.view(b, h, self.width, -1), self.values.view(b, h, self.width, -1))
+        self._lent = (room[0][:, :, :held], room[1][:, :, :held])
         layer.keys, layer.values = self._lent
-        layer.borrowed = True
+        layer.borrowed, layer.room = True, room
+
+    def _kept_in_place(self, layer: BudgetedLayer) -> bool:
+        """Whether ``layer``'s keys and values are the first entries of the dense buffers (a
+        compression wrote what it kept there)."""
+        if not self.dense or layer.head_lens is not None or self._lent is None:
+            return False
+        return all(t.data_ptr() == lent.data_ptr() and t.stride() == lent.stride() and t.shape[:2] == lent.shape[:2]
+                   for t, lent in zip((layer.keys, layer.values), self._lent))
 
     def release(self, layer: BudgetedLayer) -> None:
         """Give ``layer`` copies of what it borrowed and drop the buffers (the decoder is done)."""

@@ -660,7 +660,8 @@ class Policy:
 
     def _keep_stacked(self, layer: BudgetedLayer, keys: Tensor, values: Tensor, positions: Tensor,
                       state: dict[str, Tensor], budget: int) -> None:
-        layer.keys, layer.values, layer.positions, layer.state = keys, values, positions, state
+        layer.hold(keys, values)
+        layer.positions, layer.state = positions, state
         layer.residual = self.residual(budget)
         if self.scorer.queries < 0:
             layer.clear_queries()
