@@ -470,8 +470,10 @@ class Policy:
     # group costs the host ~150 launches and three syncs while the GPU waits. On an H100 (8B
     # shape, 32k, budget 2048; docs/benchmarks.md, "Eighth session"), SnapKV+KIVI-4's share of
     # the prefill and its peak: 128 MiB 19-20% / 16.41 GB, 256 MiB 13-14% / 16.95 GB, 512 MiB
-    # 11% / 17.57 GB (the full cache's: 19.31 GB). Set it on a policy (or the class) to choose.
-    STORE_STACK_BYTES = 256 * 2**20
+    # 11% / 17.57 GB (the full cache's: 19.31 GB); and above a 0.1 GB cache during an answer with
+    # decode-time compression, +0.82 GB at 128 MiB, +1.33 GB at 256. Memory first by default;
+    # set it on a policy (or the class) to trade.
+    STORE_STACK_BYTES = 128 * 2**20
 
     def _groups(self, layers: list[BudgetedLayer], limit: int | None = None) -> Iterator[slice]:
         """Consecutive layers whose stacked K/V, padded to the group's longest, fit in ``limit``
