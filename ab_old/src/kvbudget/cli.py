@@ -1,0 +1,327 @@
+"""Command line: kvbudget policies | tasks make | eval | bench | report | run | serve.
+
+Bad input ends the command with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .errors import KVBudgetError
+
+BENCH_POLICIES = ["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"]
+
+
+def _split(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise KVBudgetError(f"empty list: {value!r}")
+    return items
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from .policies import describe
+
+    rows = describe()
+    print(f"{'name':<13} {'kind':<7} {'attention':<9}  {'paper':<44} {'saves':<42} what it does")
+    for r in rows:
+        attention = "yes" if r["needs_attention"] else "no"
+        print(f"{r['name']:<13} {r['kind']:<7} {attention:<9}  {r['paper']:<44} {r['saves']:<42} {r['summary']}")
+    print("\nCompose with '+': a scorer, an allocator (uniform, pyramid, head-adaptive) and a store,")
+    print("e.g. snapkv+pyramid, snapkv+kivi4, h2o+mikv. A store alone (kivi4) keeps every token.")
+    return 0
+
+
+def cmd_tasks_make(args: argparse.Namespace) -> int:
+    from .eval.generators import make_tasks
+    from .eval.taskfile import write_tasks
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    tasks = make_tasks(args.name, tok, n=args.n, length=args.length, seed=args.seed)
+    write_tasks(args.out, tasks)
+    print(f"wrote {len(tasks)} {args.name} tasks ({sum(len(t.questions) for t in tasks)} questions) to {args.out}")
+    return 0
+
+
+def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name: str, command: str,
+              resume: bool = True) -> dict:
+    import json
+
+    from .eval.report import environment, write_report
+    from .eval.runner import EvalConfig, format_table, run_eval
+    from .fileio import atomic_write_text
+
+    cfg = EvalConfig(
+        policies=policies,
+        budgets=budgets,
+        block_size=args.block_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        mode=args.mode,
+        decode_interval=args.decode_interval,
+        model=model_name,
+    )
+    summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=resume)
+    print(format_table(summary))
+    env = {**environment(model_name, summary["seconds"], seed=args.seed), "command": command}
+    atomic_write_text(out / "env.json", json.dumps(env, indent=2))
+    write_report(out, env)
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.runner import EvalConfig, check_names
+    from .eval.taskfile import read_tasks
+    from .models import load_model
+
+    tasks = read_tasks(args.tasks)
+    policies, budgets = _split(args.policy), _split(args.budget)
+    check_names(EvalConfig(policies, budgets, mode=args.mode))  # before the model loads
+    model, tok = load_model(args.model, device=args.device)
+    out = Path(args.out)
+    _run_grid(args, tasks, model, tok, policies, budgets, out, args.model or "smollm2-135m", _command())
+    print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}, {out / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .eval.report import write_report
+
+    md, page = write_report(args.dir)
+    print(f"report: {md}, {page}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .eval.generators import make_tasks
+    from .eval.taskfile import write_tasks
+    from .models import load_model
+
+    start = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device)
+    tasks = make_tasks("needle", tok, n=args.tasks, length=args.length, seed=args.seed)
+    tasks += make_tasks("kv", tok, n=args.tasks, length=args.length, seed=args.seed + 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tasks(out / "tasks.jsonl", tasks)
+    policies = _split(args.policy) if args.policy else BENCH_POLICIES
+    print(
+        f"bench: {len(tasks)} tasks x {sum(len(t.questions) for t in tasks) // len(tasks)} questions, "
+        f"~{args.length} tokens, policies {', '.join(['full', *policies])}, budgets {args.budget}"
+    )
+    # The bench measures this code: it starts afresh instead of resuming an older run.
+    _run_grid(args, tasks, model, tok, policies, _split(args.budget), out, args.model or "smollm2-135m", _command(),
+              resume=False)
+    print(f"report: {out / 'report.md'} (plot {out / 'plot.png'})")
+    print(f"bench time: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .generate import Session
+    from .models import load_model
+    from .policies.base import make_policy
+
+    path = Path(args.context)
+    if not path.exists():
+        raise KVBudgetError(f"context file not found: {path}")
+    text = path.read_text()
+    if not text.strip():  # before the model loads (a first load converts its GGUF: seconds)
+        raise KVBudgetError(f"context is empty: {path}")
+    policy = make_policy(args.policy, budget=args.budget, block_size=args.block_size)
+    model, tok = load_model(args.model, device=args.device)
+    session = Session(model, tok, policy, decode=args.decode)
+    stats = session.add_context(text, question=args.question[0] if args.mode == "query-aware" else None)
+    for q in args.question:
+        print(f"Q: {q}\nA: {session.ask(q, args.max_new_tokens)}")
+    print(
+        f"[{policy.name} budget={policy.budget}: {stats.tokens} context tokens, "
+        f"{session.kv_bytes / 1e6:.2f} MB KV held, peak {session.cache.peak_bytes / 1e6:.2f} MB, "
+        f"prefill {stats.seconds:.2f} s]"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, cache_dir
+    from .policies.base import make_policy
+    from .serve import ServeConfig, parse_memory, serve
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise KVBudgetError("kvbudget serve needs FastAPI and uvicorn: pip install 'kvbudget[serve]'") from None
+    config = ServeConfig(
+        model_name=args.model or DEFAULT_MODEL,
+        store=Path(args.store) if args.store else cache_dir() / "sessions",
+        policies=_split(args.policy),
+        budget=args.budget,
+        memory=parse_memory(args.memory),
+        block_size=args.block_size,
+        max_tokens=args.max_tokens,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+    )
+    for name in config.policies:  # bad names and budgets fail before the model loads
+        make_policy(name, budget=config.budget, block_size=config.block_size)
+    serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """EpiCache's layer sensitivity of a model on a seeded conversation sample."""
+    from .eval.generators import make_tasks
+    from .models import load_model
+    from .sensitivity import profile, save_profile
+
+    model, tok = load_model(args.model, device=args.device)
+    task = make_tasks("conversation", tok, n=1, length=args.length, seed=args.seed)[0]
+    text = tok.apply_chat_template(task.context, tokenize=False) if tok.chat_template else str(task.context)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    data = profile(model, ids, block=args.block_size, sinks=args.sinks)
+    data.update(model=getattr(model, "kvbudget_name", args.model), seed=args.seed, seconds=time.perf_counter() - start)
+    save_profile(data, args.out)
+    print(" ".join(f"{s:.4f}" for s in data["sensitivity"]))
+    print(f"wrote {args.out} ({len(data['sensitivity'])} layers, {data['tokens']} tokens, {data['seconds']:.1f} s)")
+    return 0
+
+
+def _command() -> str:
+    return "kvbudget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _common(p: argparse.ArgumentParser, budget_default: str | None, mode_default: str = "single") -> None:
+    p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
+    p.add_argument("--max-new-tokens", type=_positive, default=24, help="answer length cap (default 24)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-interval", type=int, default=None,
+                   help="compress during generation every N new tokens (default: 64, or the policy's own; 0 = never)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if mode_default == "single":
+        p.add_argument("--mode", default="multi-turn", choices=["multi-turn", "query-aware"],
+                       help="multi-turn (default): questions unknown at compression; query-aware: optimistic reference")
+    else:
+        p.add_argument("--mode", default=mode_default,
+                       help="comma list of multi-turn, multi-request, query-aware (optimistic reference), or all "
+                       f"(default {mode_default})")
+    if budget_default is None:
+        p.add_argument("--budget", required=True, help="comma list: tokens (512), bytes (24MiB) or ratios (4x)")
+    else:
+        p.add_argument("--budget", default=budget_default, help=f"comma list of budgets (default {budget_default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvbudget", description="LLM inference with the KV cache under a hard memory budget")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("policies", help="list the policies")
+    p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("tasks", help="synthetic task sets")
+    tsub = p.add_subparsers(dest="tasks_command", required=True)
+    m = tsub.add_parser("make", help="generate a seeded task set")
+    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find")
+    m.add_argument("--n", type=_positive, default=10, help="number of contexts")
+    m.add_argument("--length", type=_positive, default=1000, help="context length in model tokens")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True, help="output JSONL file")
+    m.add_argument("--model", default=None, help="tokenizer to measure lengths with (default: the embedded model)")
+    m.set_defaults(func=cmd_tasks_make)
+
+    p = sub.add_parser("eval", help="run policies x budgets on a task file in three modes (resumable sweep)")
+    p.add_argument("--tasks", required=True, help="task file (JSONL)")
+    p.add_argument("--policy", required=True, help="comma list of policies (see `kvbudget policies`), or all")
+    p.add_argument("--out", default="kvbudget-eval",
+                   help="output directory; a rerun into it skips the cells already in its results.jsonl")
+    _common(p, None, mode_default="all")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="the main job: a quick, complete comparison on the default model")
+    p.add_argument("--out", default="kvbudget-results", help="output directory (default ./kvbudget-results)")
+    p.add_argument("--tasks", type=_positive, default=2, help="contexts per task family (default 2)")
+    p.add_argument("--length", type=_positive, default=800, help="context length in tokens (default 800)")
+    p.add_argument("--policy", default=None, help="comma list (default: all first policies)")
+    _common(p, "2x,4x,8x", mode_default="multi-turn")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html for an eval directory")
+    p.add_argument("dir", help="directory written by `kvbudget eval` or `kvbudget bench`")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("run", help="answer questions about one document under a policy")
+    p.add_argument("--context", required=True, help="text file with the document")
+    p.add_argument("--question", "-q", action="append", required=True, help="question (repeatable: multi-turn)")
+    p.add_argument("--policy", default="snapkv")
+    p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
+                   help="decoding: static buffers + one CUDA graph per token on CUDA ('auto'), or forced")
+    _common(p, "4x")
+    p.set_defaults(func=cmd_run)
+
+    _add_profile(sub)
+    _add_serve(sub)
+    return parser
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="EpiCache layer sensitivity of a model (for the sensitivity allocator)")
+    p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--length", type=_positive, default=2048, help="sample length in tokens (default 2048)")
+    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size profiled (default 128)")
+    p.add_argument("--sinks", type=int, default=8, help="sink tokens always visible (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_profile)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over persistent sessions in bounded memory")
+    p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--policy", default="snapkv", help="policy, or a comma list (the first is the default; default snapkv)")
+    p.add_argument("--budget", default="512", help="budget of every session: tokens, bytes (24MiB) or a ratio (default 512)")
+    p.add_argument("--memory", default="2GiB", help="KV bytes all sessions in memory may hold together (default 2GiB)")
+    p.add_argument("--store", default=None, help="session store directory (default $KVBUDGET_CACHE/sessions)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive, default=8000)
+    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
+    p.add_argument("--max-tokens", type=_positive, default=512, help="the most tokens a request may generate (default 512)")
+    p.add_argument("--default-max-tokens", type=_positive, default=128,
+                   help="tokens generated when a request names no max_tokens (default 128)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KVBudgetError as exc:
+        print(f"kvbudget: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvbudget: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: task files, generators, metrics, runner, reports."""

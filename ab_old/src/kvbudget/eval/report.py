@@ -1,0 +1,238 @@
+"""The report of an eval directory: plots, a markdown file and a self-contained HTML page.
+
+``write_report(DIR)`` reads ``results.jsonl`` (and ``env.json``, written when the sweep ran) and
+writes ``report.md`` with ``plot*.png`` beside it, and ``report.html`` with the same plots
+embedded as base64 PNG. Both are rendered from one list of blocks, so they say the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import KVBudgetError
+from ..fileio import atomic_write_text
+from .runner import read_results
+from .summary import MODE_ORDER, summarize
+
+MODE_TEXT = {
+    "multi-turn": "multi-turn: the context compressed without the questions; each question and its gold "
+    "answer appended to the same session before the next.",
+    "multi-request": "multi-request: the context compressed without the questions, then copied for each "
+    "question, which is asked alone.",
+    "query-aware": "query-aware — OPTIMISTIC reference: each question known while its context is "
+    "compressed (one session per question); not comparable with the other modes.",
+}
+
+COLUMNS = ("acc = task metric; retain = answer retention (1 = full cache, 0 = no context); agree / KL = top-1 "
+           "agreement and mean KL (nats) of next-token distributions vs the full cache over its answer span, "
+           "teacher-forced; KV MB = bytes held after the context; compr = full KV bytes / kept KV bytes; peak MB = "
+           "most cache bytes held; overhead = scoring + eviction share of prefill; tok/s = greedy decode speed.")
+
+
+def environment(model_name: str, seconds: float | None = None, seed: int | None = None) -> dict:
+    """Model, device, versions, seed and git commit, for the report's provenance section."""
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    from .. import __version__
+
+    return {
+        "model": model_name,
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "machine": f"{platform.system()} {platform.machine()}, python {platform.python_version()}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvbudget": __version__,
+        "seed": seed,
+        "commit": commit or "unknown",
+        "seconds": round(seconds, 1) if seconds is not None else None,
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Accuracy and retention (rows of the figure) vs compression, one column per mode; a line
+    per policy over its budgets, a single marker for a policy without a budget (a store), the
+    full cache as a dashed reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)] or ["multi-turn"]
+    fig, axes = plt.subplots(2, len(modes), figsize=(5.2 * len(modes) + 2.2, 7.5), squeeze=False)
+    policies = sorted({r["policy"] for r in rows if r["policy"] != "full"})
+    cmap = plt.get_cmap("tab20")
+    style = {p: (cmap(i % 20), "os^vDPX*"[i // 20 % 8]) for i, p in enumerate(policies)}
+    for col, mode in enumerate(modes):
+        in_mode = [r for r in rows if r["mode"] == mode]
+        full = next((r for r in in_mode if r["policy"] == "full"), None)
+        for row, (key, label) in enumerate((("accuracy", "accuracy"), ("retention", "answer retention"))):
+            ax = axes[row][col]
+            for p in policies:
+                pts = sorted((r["compression"], r[key]) for r in in_mode
+                             if r["policy"] == p and r["compression"] and r[key] is not None)
+                if pts:
+                    color, marker = style[p]
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=color, label=p,
+                            linewidth=1.2, markersize=4)
+            if full is not None and full[key] is not None:
+                ax.axhline(full[key], color="black", linestyle="--", linewidth=1, label="full")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(mode + (" (optimistic)" if mode == "query-aware" else ""))
+            else:
+                ax.set_xlabel("compression (full KV bytes / kept KV bytes)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:  # every policy once, whichever panel drew it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- blocks -> md / html
+
+_HEAD = ["mode", "policy", "budget", "acc", "retain", "agree", "KL", "KV MB", "compr", "peak MB", "prefill s",
+         "overhead", "tok/s"]
+
+
+def _f(v, fmt: str) -> str:
+    return format(v, fmt) if v is not None else "-"
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    body = []
+    for r in rows:
+        share = r["compress_share"] * 100 if r["compress_share"] is not None else None
+        body.append([
+            r["mode"], r["policy"], r["budget"], _f(r["accuracy"], ".2f"), _f(r["retention"], ".2f"),
+            _f(r.get("agreement"), ".2f"), _f(r.get("kl"), ".3f"),
+            _f(r["kv_bytes"] / 1e6 if r["kv_bytes"] else None, ".2f"), _f(r["compression"], ".1f"),
+            _f(r["peak_bytes"] / 1e6, ".1f"), _f(r["prefill_s"], ".2f"), _f(share, ".0f") + "%",
+            _f(r["decode_tok_s"], ".1f"),
+        ])
+    return _HEAD, body
+
+
+def _blocks(summary: dict, env: dict, plots: dict[str, Path]) -> list[tuple[str, object]]:
+    """The report as ("h1"/"h2"/"p"/"table"/"img", content) blocks."""
+    out: list[tuple[str, object]] = [("h1", "kvbudget report")]
+    if env.get("command"):
+        out.append(("code", env["command"]))
+    shown = {k: v for k, v in env.items() if k != "command"}
+    out.append(("table", (list(shown), [[str(v) for v in shown.values()]])))
+    out.append(("p", "Modes: " + " ".join(MODE_TEXT[m] for m in summary["modes"] if m in MODE_TEXT)))
+    out.append(("p", COLUMNS))
+    out.append(("h2", "All tasks"))
+    if "all" in plots:
+        out.append(("img", plots["all"]))
+    out.append(("table", _table(summary["rows"])))
+    families = sorted({r["task_family"] for r in summary["by_task"]})
+    if len(families) > 1 or (families and families != ["all"]):
+        for fam in families:
+            rows = [r for r in summary["by_task"] if r["task_family"] == fam]
+            full = {r["mode"]: r["accuracy"] for r in rows if r["policy"] == "full"}
+            out.append(("h2", f"Task: {fam}"))
+            out.append(("p", "Full-cache accuracy: " + ", ".join(f"{m} {_f(a, '.2f')}" for m, a in full.items()) + "."))
+            if fam in plots:
+                out.append(("img", plots[fam]))
+            out.append(("table", _table(rows)))
+    return out
+
+
+def _md(blocks: list[tuple[str, object]]) -> str:
+    lines: list[str] = []
+    for kind, c in blocks:
+        if kind == "h1":
+            lines += [f"# {c}", ""]
+        elif kind == "h2":
+            lines += [f"## {c}", ""]
+        elif kind == "p":
+            lines += [str(c), ""]
+        elif kind == "code":
+            lines += [f"Command: `{c}`", ""]
+        elif kind == "img":
+            lines += [f"![{Path(c).stem}]({Path(c).name})", ""]
+        elif kind == "table":
+            head, body = c
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(row) + " |" for row in body] + [""]
+    return "\n".join(lines)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+        "font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "td:nth-child(-n+3),th{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:2px 4px}")
+
+
+def _html(blocks: list[tuple[str, object]]) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>kvbudget report</title>",
+             f"<style>{_CSS}</style></head><body>"]
+    for kind, c in blocks:
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{e(str(c))}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{e(str(c))}</p>")
+        elif kind == "code":
+            parts.append(f"<p>Command: <code>{e(str(c))}</code></p>")
+        elif kind == "img":
+            data = base64.b64encode(Path(c).read_bytes()).decode()
+            parts.append(f"<img alt='{e(Path(c).stem)}' src='data:image/png;base64,{data}'>")
+        elif kind == "table":
+            head, body = c
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in body]
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(directory: str | Path, env: dict | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` (+ ``plot*.png``) and a self-contained ``report.html`` for an eval
+    directory; return their paths. ``env`` defaults to the directory's ``env.json``."""
+    d = Path(directory)
+    if not (d / "results.jsonl").exists():
+        raise KVBudgetError(f"{d}: no results.jsonl here (run `kvbudget eval --out {d}` first)")
+    rows = read_results(d / "results.jsonl")
+    if not rows:
+        raise KVBudgetError(f"{d / 'results.jsonl'} holds no rows")
+    if env is None:
+        env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
+    summary = summarize(rows)
+    plots = {"all": plot(summary["rows"], d / "plot.png", "kvbudget: quality vs KV compression, all tasks")}
+    fams: dict[str, list[dict]] = defaultdict(list)
+    for r in summary["by_task"]:
+        fams[r["task_family"]].append(r)
+    if len(fams) > 1:
+        for fam, fam_rows in fams.items():
+            plots[fam] = plot(fam_rows, d / f"plot-{fam}.png", f"kvbudget: quality vs KV compression, task {fam}")
+    blocks = _blocks(summary, env, plots)
+    md, page = d / "report.md", d / "report.html"
+    atomic_write_text(md, _md(blocks))
+    atomic_write_text(page, _html(blocks))
+    return md, page

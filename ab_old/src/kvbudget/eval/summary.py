@@ -1,0 +1,108 @@
+"""Aggregate result rows into tables: per (mode, policy, budget), overall and per task family."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+# Report order of the modes; query-aware last: it is the optimistic reference, not a peer.
+MODE_ORDER = ("multi-turn", "multi-request", "query-aware")
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _mode_rank(mode: str) -> int:
+    return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
+
+
+def _budget_key(budget: str) -> tuple[int, float, str]:
+    """Sort budgets: none ("-") first, then numbers ascending, then anything else by text."""
+    if budget == "-":
+        return (0, 0.0, "")
+    try:
+        return (1, float(budget), "")
+    except ValueError:
+        return (2, 0.0, budget)
+
+
+def _cell(rs: list[dict]) -> dict:
+    # Per-session numbers (bytes, prefill) repeat on each question row of a shared context.
+    runs = {(r["task"], r["question_index"] if r.get("mode") == "query-aware" else 0): r for r in rs}
+    decode_s = sum(r["decode_s"] for r in rs)
+    return {
+        "questions": len(rs),
+        "accuracy": _mean(r["score"] for r in rs),
+        "retention": _mean(r.get("retention") for r in rs),
+        "retention_n": sum(r.get("retention") is not None for r in rs),
+        "agreement": _mean(r.get("agreement") for r in rs),
+        "kl": _mean(r.get("kl") for r in rs),
+        "kv_bytes": _mean(r["kv_bytes"] for r in runs.values()),
+        "peak_bytes": max(r["peak_bytes"] for r in rs),
+        "compression": _mean(r.get("compression") for r in runs.values()),
+        "prefill_s": _mean(r["prefill_s"] for r in runs.values()),
+        "compress_share": _mean(r["compress_s"] / r["prefill_s"] for r in runs.values() if r["prefill_s"]),
+        "decode_tok_s": sum(r["new_tokens"] for r in rs) / decode_s if decode_s else None,
+    }
+
+
+def _grouped(rows: list[dict], key) -> list[tuple[tuple, list[dict]]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[key(r)].append(r)
+    return list(groups.items())
+
+
+def _order(row: dict) -> tuple:
+    full = row["policy"] != "full"  # the reference row first in each mode
+    return (_mode_rank(row["mode"]), row.get("task_family", ""), full, row["policy"], _budget_key(row["budget"]))
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Tables of the rows: ``rows`` per (mode, policy, budget) over all tasks, ``by_task`` per
+    (task family, mode, policy, budget); family = the question's category, or "all"."""
+    table = []
+    for (mode, policy, budget), rs in _grouped(rows, lambda r: (r.get("mode", "multi-turn"), r["policy"], str(r["budget"]))):
+        cats = {r.get("category") for r in rs if r.get("category")}
+        by_category = {c: _mean(r["score"] for r in rs if r.get("category") == c) for c in sorted(cats)}
+        table.append({"mode": mode, "policy": policy, "budget": budget, **_cell(rs), "by_category": by_category})
+    by_task = []
+    def key(r: dict) -> tuple:
+        return (r.get("category") or "all", r.get("mode", "multi-turn"), r["policy"], str(r["budget"]))
+
+    for (family, mode, policy, budget), rs in _grouped(rows, key):
+        by_task.append({"task_family": family, "mode": mode, "policy": policy, "budget": budget, **_cell(rs)})
+    categories = sorted({r.get("category") for r in rows if r.get("category")})
+    modes = sorted({r["mode"] for r in table}, key=_mode_rank)
+    return {"rows": sorted(table, key=_order), "by_task": sorted(by_task, key=_order),
+            "categories": categories, "modes": modes}
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return format(v, fmt) if v is not None else "-"
+
+
+def format_table(summary: dict, mode: str | None = None, rows: list[dict] | None = None) -> str:
+    """The policy x budget table as fixed-width text, one block per mode (or only ``mode``)."""
+    rows = summary["rows"] if rows is None else rows
+    modes = [mode] if mode else (summary.get("modes") or sorted({r.get("mode", "multi-turn") for r in rows}, key=_mode_rank))
+    head = (f"{'policy':<16}{'budget':>8}{'acc':>7}{'retain':>8}{'agree':>7}{'KL':>7}{'KV MB':>8}{'compr':>7}"
+            f"{'peak MB':>8}{'prefill s':>10}{'overhead':>9}{'tok/s':>7}")
+    blocks = []
+    for m in modes:
+        lines = [f"[{m}{' — OPTIMISTIC reference' if m == 'query-aware' else ''}]", head, "-" * len(head)]
+        for r in rows:
+            if r.get("mode", "multi-turn") != m:
+                continue
+            share = r["compress_share"] * 100 if r["compress_share"] is not None else None
+            lines.append(
+                f"{r['policy']:<16}{r['budget']:>8}{_f(r['accuracy'], '.2f'):>7}{_f(r['retention'], '.2f'):>8}"
+                f"{_f(r.get('agreement'), '.2f'):>7}{_f(r.get('kl'), '.2f'):>7}"
+                f"{_f(r['kv_bytes'] / 1e6 if r['kv_bytes'] else None, '.2f'):>8}{_f(r['compression'], '.1f'):>7}"
+                f"{_f(r['peak_bytes'] / 1e6, '.1f'):>8}{_f(r['prefill_s'], '.2f'):>10}{_f(share, '.0f'):>8}%"
+                f"{_f(r['decode_tok_s'], '.1f'):>7}"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,358 @@
+"""Session files: one conversation's compressed cache, saved and loaded back exactly.
+
+A session file is one safetensors file. Its tensors are the cache, layer by layer (keys, values,
+positions, the ragged length table, per-entry scorer state, observed queries, and a store's
+encoded body); its header metadata (key ``kvbudget``) is JSON with everything else: the model's
+identity, the policy as `make_policy` was called, the conversation (messages, rendered text,
+token ids) and per-layer scalars. A SHA-256 over all tensor bytes catches corruption that the
+safetensors header alone would not.
+
+Loading checks the file before building anything: a truncated file, a corrupt one, or one saved
+with another model (a hash of its config and of a few embedding rows) raise `SessionFileError`.
+Saving writes a temp file and renames it over the target (`fileio.atomic_open`), so a failure or
+a kill mid-write leaves the previous file as it was. Tensors are copied to the CPU when saved
+and moved to the model's device when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from .cache import BudgetedCache, BudgetedLayer
+from .errors import KVBudgetError, SessionFileError
+from .fileio import atomic_open
+from .prefill import PrefillStats
+from .store import Body
+
+if TYPE_CHECKING:
+    from .generate import Session
+
+FORMAT = "kvbudget-session"
+VERSION = 1
+META_KEY = "kvbudget"
+
+# Config keys that say how a model is run, not what it computes: left out of the config hash so
+# that the same weights loaded with another attention implementation still match.
+_RUNTIME_KEYS = {"transformers_version", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+                 "dtype", "torch_dtype", "name_or_path"}
+
+
+# --- model identity ---------------------------------------------------------------------------
+def _config_dict(value):
+    if isinstance(value, dict):
+        return {str(k): _config_dict(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                if not str(k).startswith("_") and k not in _RUNTIME_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_config_dict(v) for v in value]
+    return value
+
+
+def model_identity(model) -> dict:
+    """Name, config hash and weights fingerprint of ``model``: a session file only loads into
+    the model it was saved with. The fingerprint hashes a few embedding rows (cheap) so that two
+    models with the same config but different weights (random tiny models, fine-tunes) differ."""
+    config = json.dumps(_config_dict(model.config.to_dict()), sort_keys=True, default=str)
+    rows = model.get_input_embeddings().weight[:8].detach().float().cpu().contiguous()
+    return {
+        "model": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "weights_sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def _check_model(meta: dict, model, path: Path) -> None:
+    saved, here = meta["model"], model_identity(model)
+    if saved["config_sha256"] != here["config_sha256"] or saved["weights_sha256"] != here["weights_sha256"]:
+        raise SessionFileError(
+            f"{path}: session was saved with model {saved['model']!r} (config {saved['config_sha256'][:12]}, "
+            f"weights {saved['weights_sha256'][:12]}), not with this model {here['model']!r} "
+            f"(config {here['config_sha256'][:12]}, weights {here['weights_sha256'][:12]})"
+        )
+    if saved["dtype"] != here["dtype"]:
+        raise SessionFileError(f"{path}: session cache is {saved['dtype']}, the model runs in {here['dtype']}")
+
+
+# --- tensors <-> layers -----------------------------------------------------------------------
+def _cpu(t: Tensor) -> Tensor:
+    # A copy of its own: safetensors refuses tensors that share memory (views of one buffer).
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _budgeted_to_file(prefix: str, layer: BudgetedLayer, tensors: dict[str, Tensor]) -> dict:
+    meta = {"kind": "budgeted", "initialized": bool(layer.is_initialized), "seen": layer.seen,
+            "peak_entries": layer.peak_entries, "scaling": layer.scaling, "residual": layer.residual}
+    if not layer.is_initialized:
+        return meta
+    named = {"keys": layer.keys, "values": layer.values, "positions": layer.positions, "head_lens": layer.head_lens,
+             "queries": layer.queries, "query_positions": layer.query_positions, "lse": layer.lse}
+    named.update({f"state.{k}": v for k, v in layer.state.items()})
+    meta["state"] = sorted(layer.state)
+    body = layer.body
+    if body is not None:
+        if not isinstance(body, Body):
+            raise KVBudgetError(
+                f"saving a session whose store is '{layer.store.name}' is not supported yet "
+                "(its layers share merged data across layer pairs)"
+            )
+        named.update({f"body.tokens.{k}": v for k, v in body.tokens.items()})
+        named.update({f"body.chunks.{k}": v for k, v in body.chunks.items()})
+        named["body.chunk_id"] = body.chunk_id
+        meta["body"] = {"tokens": sorted(body.tokens), "chunks": sorted(body.chunks)}
+    for name, t in named.items():
+        if t is not None:
+            tensors[f"{prefix}.{name}"] = _cpu(t)
+    return meta
+
+
+def _budgeted_from_file(prefix: str, layer: BudgetedLayer, meta: dict, tensors: dict[str, Tensor]) -> None:
+    layer.seen, layer.peak_entries = meta["seen"], meta["peak_entries"]
+    layer.scaling, layer.residual = meta["scaling"], meta["residual"]
+    if not meta["initialized"]:
+        return
+
+    def get(name: str) -> Tensor | None:
+        return tensors.get(f"{prefix}.{name}")
+
+    layer.keys, layer.values, layer.positions = get("keys"), get("values"), get("positions")
+    layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
+    layer.head_lens = get("head_lens")
+    # Older files have no "lse": None, and the scoring computes it.
+    layer.queries, layer.query_positions, layer.lse = get("queries"), get("query_positions"), get("lse")
+    layer.state = {k: get(f"state.{k}") for k in meta["state"]}
+    if "body" in meta:
+        layer.body = Body(
+            tokens={k: get(f"body.tokens.{k}") for k in meta["body"]["tokens"]},
+            chunk_id=get("body.chunk_id"),
+            chunks={k: get(f"body.chunks.{k}") for k in meta["body"]["chunks"]},
+        )
+    layer.is_initialized = True
+
+
+def _sliding_to_file(prefix: str, layer: DynamicSlidingWindowLayer, tensors: dict[str, Tensor]) -> dict:
+    meta = {"kind": "sliding", "initialized": bool(layer.is_initialized), "cumulative_length": layer.cumulative_length}
+    if layer.is_initialized:
+        tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"] = _cpu(layer.keys), _cpu(layer.values)
+    return meta
+
+
+def _sliding_from_file(prefix: str, layer: DynamicSlidingWindowLayer, meta: dict, tensors: dict[str, Tensor]) -> None:
+    layer.cumulative_length = meta["cumulative_length"]
+    if meta["initialized"]:
+        keys, values = tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype!s}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_to_file(prefix: str, cache: BudgetedCache, tensors: dict[str, Tensor]) -> dict:
+    """Add ``cache``'s tensors (named ``prefix + "layers.<i>..."``) and return its metadata."""
+    if cache._scratch:
+        raise KVBudgetError("cannot save a session in the middle of a turn")
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        name = f"{prefix}layers.{i}"
+        if isinstance(layer, BudgetedLayer):
+            layers.append(_budgeted_to_file(name, layer, tensors))
+        elif isinstance(layer, DynamicSlidingWindowLayer):
+            layers.append(_sliding_to_file(name, layer, tensors))
+        else:
+            raise KVBudgetError(f"cannot save cache layer {i} of type {type(layer).__name__}")
+    if cache.unscored:
+        tensors[f"{prefix}unscored"] = _cpu(torch.cat(cache.unscored, dim=1))
+    return {"peak_bytes": cache.peak_bytes, "kv_bytes": cache.nbytes(), "layers": layers}
+
+
+def _cache_from_file(prefix: str, cache: BudgetedCache, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    """Fill the empty ``cache`` (built by the same policy on the same model) from the file."""
+    layers = meta["layers"]
+    if len(layers) != len(cache.layers):
+        raise SessionFileError(f"{path}: {len(layers)} cache layers saved, the model has {len(cache.layers)}")
+    for i, (layer, layer_meta) in enumerate(zip(cache.layers, layers)):
+        name = f"{prefix}layers.{i}"
+        if layer_meta["kind"] == "budgeted" and isinstance(layer, BudgetedLayer):
+            _budgeted_from_file(name, layer, layer_meta, tensors)
+        elif layer_meta["kind"] == "sliding" and isinstance(layer, DynamicSlidingWindowLayer):
+            _sliding_from_file(name, layer, layer_meta, tensors)
+        else:
+            raise SessionFileError(f"{path}: layer {i} was saved as {layer_meta['kind']}, the model's is {type(layer).__name__}")
+    cache.peak_bytes = meta["peak_bytes"]
+    cache.unscored = [tensors[f"{prefix}unscored"]] if f"{prefix}unscored" in tensors else []
+
+
+def _episodes_to_file(session: Session, tensors: dict[str, Tensor]) -> dict:
+    """EpiCache: each episode's centroid, windows, patched prompt and cache; which one is active."""
+    episodes = []
+    for e, ep in enumerate(session.episodes):
+        tensors[f"episodes.{e}.centroid"] = _cpu(ep.centroid)
+        tensors[f"episodes.{e}.prompt_ids"] = _cpu(ep.prompt_ids)
+        episodes.append({"windows": ep.windows, "prompt": ep.prompt, "stats": asdict(ep.stats),
+                         "cache": _cache_to_file(f"episodes.{e}.", ep.cache, tensors)})
+    active = next((e for e, ep in enumerate(session.episodes) if ep.cache is session.cache), 0)
+    return {"episodes": episodes, "active": active, "routed": session.routed, "build_seconds": session.build_seconds}
+
+
+def _episodes_from_file(session: Session, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    from .episodic import Episode
+
+    if not hasattr(session, "episodes"):
+        raise SessionFileError(f"{path}: episodic session file, but its policy did not build an episodic session")
+    for e, em in enumerate(meta["episodes"]):
+        cache = session.policy.new_cache(session.model)
+        _cache_from_file(f"episodes.{e}.", cache, em["cache"], tensors, path)
+        session.episodes.append(Episode(
+            centroid=tensors[f"episodes.{e}.centroid"].cpu(), windows=em["windows"], prompt=em["prompt"],
+            prompt_ids=tensors[f"episodes.{e}.prompt_ids"].cpu(), cache=cache.to("cpu"),  # idle episodes wait on CPU
+            stats=PrefillStats(**em["stats"]),
+        ))
+    session.routed, session.build_seconds = meta["routed"], meta["build_seconds"]
+    session.cache = session.episodes[meta["active"]].cache
+
+
+# --- save ---------------------------------------------------------------------------------------
+def session_bytes(session: Session) -> int:
+    """KV bytes a session holds: every episode's cache for EpiCache, else its one cache."""
+    return getattr(session, "all_kv_bytes", None) or session.kv_bytes
+
+
+def session_payload(session: Session) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and the JSON metadata that describe ``session`` completely."""
+    policy = session.policy
+    if policy.spec is None:
+        raise KVBudgetError("cannot save a session whose policy was not built by kb.policy() (its settings are unknown)")
+    tensors: dict[str, Tensor] = {}
+    episodic = _episodes_to_file(session, tensors) if getattr(session, "episodes", None) else None
+    # An episodic session's current cache is one of its episodes' (saved with them).
+    cache = None if episodic else _cache_to_file("", session.cache, tensors)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_identity(session.model),
+        "policy": {**policy.spec, "resolved_name": policy.name, "tokens": policy.tokens},
+        "block_size": session.block_size,
+        "messages": session.messages,
+        "rendered": session.rendered,
+        "input_ids": session.input_ids,
+        "stats": asdict(session.stats),
+        "kv_bytes": session_bytes(session),
+        "cache": cache,
+        "episodic": episodic,
+        "checksum": _checksum(tensors),
+    }
+    return tensors, meta
+
+
+def save_session(session: Session, path: str | os.PathLike) -> int:
+    """Write ``session`` to ``path`` atomically (temp file + rename); returns the bytes written.
+    The previous file at ``path``, if any, stays intact until the new one is complete."""
+    tensors, meta = session_payload(session)
+    data = st_save(tensors, metadata={META_KEY: json.dumps(meta)})
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+# --- load ---------------------------------------------------------------------------------------
+def _parse_header(head: bytes, size: int, path: Path) -> tuple[int, dict, dict]:
+    """(header length, safetensors header, kvbudget metadata) from the first bytes of a file of
+    ``size`` bytes; every way the file can be short or malformed is a `SessionFileError`."""
+    if size < 8:
+        raise SessionFileError(f"{path}: not a session file (only {size} bytes)")
+    n = int.from_bytes(head[:8], "little")
+    if n <= 0 or 8 + n > size:
+        raise SessionFileError(f"{path}: truncated or not a session file (header of {n} bytes, file of {size})")
+    try:
+        header = json.loads(head[8 : 8 + n])
+        meta = json.loads(header["__metadata__"][META_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise SessionFileError(f"{path}: not a kvbudget session file (no readable kvbudget metadata)") from None
+    if meta.get("format") != FORMAT:
+        raise SessionFileError(f"{path}: not a kvbudget session file (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise SessionFileError(f"{path}: session file version {meta.get('version')} (this kvbudget reads {VERSION})")
+    data_size = size - 8 - n
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise SessionFileError(f"{path}: corrupt session file (malformed tensor table)") from None
+    if end > data_size:
+        raise SessionFileError(f"{path}: truncated session file ({data_size} bytes of tensor data, {end} expected)")
+    return n, header, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a session file, read from its header only (no tensors)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            first = f.read(8)
+            n = int.from_bytes(first, "little") if len(first) == 8 else 0
+            head = first + f.read(min(n, max(size - 8, 0)))
+    except FileNotFoundError:
+        raise SessionFileError(f"{path}: no such session file") from None
+    return _parse_header(head, size, path)[2]
+
+
+def read_session_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict]:
+    """The tensors (on ``device``) and metadata of a session file, checked whole."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SessionFileError(f"{path}: no such session file") from None
+    _, _, meta = _parse_header(data, len(data), path)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SessionFileError(f"{path}: corrupt session file ({exc})") from None
+    if _checksum(tensors) != meta.get("checksum"):
+        raise SessionFileError(f"{path}: corrupt session file (tensor data does not match its checksum)")
+    return {k: v.to(device) for k, v in tensors.items()}, meta
+
+
+def load_session(path: str | os.PathLike, model, tok) -> Session:
+    """Rebuild the session saved at ``path`` on ``model`` (which must be the model it was saved
+    with): same policy, same conversation, the same cache entry for entry."""
+    from .generate import Session
+    from .policies.base import make_policy
+
+    path = Path(path)
+    tensors, meta = read_session_file(path, model.device)
+    _check_model(meta, model, path)
+    spec = meta["policy"]
+    try:
+        policy = make_policy(spec["name"], budget=spec["budget"], **spec["kwargs"])
+    except KVBudgetError as exc:
+        raise SessionFileError(f"{path}: cannot rebuild its policy: {exc}") from None
+    session = Session(model, tok, policy, block_size=meta["block_size"])  # episodic policies: an EpisodicSession
+    session.policy.tokens = spec["tokens"]  # a ratio budget was resolved against that context
+    if meta["episodic"] is not None:
+        _episodes_from_file(session, meta["episodic"], tensors, path)
+    else:
+        _cache_from_file("", session.cache, meta["cache"], tensors, path)
+    session.messages = meta["messages"]
+    session.rendered = meta["rendered"]
+    session.input_ids = meta["input_ids"]
+    session.stats = PrefillStats(**meta["stats"])
+    return session

@@ -1,0 +1,116 @@
+"""Eviction over store layers (KIVI, rotated KIVI) for all layers at once, stacked along the batch.
+
+A layer with a store holds an encoded body and a full-precision tail. Compressing it layer by
+layer (`Policy._compress_layer`) decodes the body for the scorer, scores, selects, then rebuilds
+the body (`store.rebuild_body`: gathers, encodes the tail entries that move in, compacts the
+chunk table), about 155 kernel launches and five host syncs per layer. On an H100 that made a
+SnapKV + KIVI-4 compression of the 8B shape take ~100 ms of host time for 22.5 ms of GPU work,
+58-63% of a 32k prefill (docs/benchmarks.md, "Seventh session"). Here the layers' bodies and
+tails are concatenated along the batch (layer i is rows ``i*B .. (i+1)*B``, as in the dense
+stacked path), so each of those steps runs once for all of them.
+
+The result equals the loop's bit for bit: the same kept entries (scores and picks are the dense
+stacked path's), codes, scales, chunk ids and chunk tables. Chunk tables are padded to the
+widest layer's before stacking; `_drop_unused` packs every head's live chunks to the front of
+its table, so each layer's table is then cut back to its own widest head (`store.rebuild_stacked`;
+the widths come with the compaction's host sync).
+
+Used when every layer is over one shared budget, holds a body of the same length (or none) and a
+tail of the same length, and the store encodes entry by entry (not MiKV's demotion, not ThinK's
+query-dependent channels, not MiniCache's cross-layer merge).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cache import BudgetedLayer
+from .store import Body, rebuild_body, rebuild_stacked
+
+
+def stackable(policy, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
+    """Whether `compress` can run for ``layers`` (see the module docstring)."""
+    from .policies.base import _shape
+
+    store = policy.store
+    if store is None or store.demotes or store.queries or store.cross_layer or policy.head_adaptive:
+        return False
+    if len(set(budgets)) > 1 or not all(layer.is_initialized and layer.head_lens is None for layer in layers):
+        return False
+    first = layers[0]
+    n_body = len(first.body) if first.body is not None else None
+    q_shape = None if first.queries is None else first.queries.shape
+    for layer in layers:
+        if (_shape(layer) != _shape(first) or layer.keys.shape[2] != first.keys.shape[2]
+                or (len(layer.body) if layer.body is not None else None) != n_body
+                or (layer.body is not None and (layer.body.chunk_id is None) != (first.body.chunk_id is None))
+                or layer.seen != first.seen or set(layer.state) != set(first.state)
+                or (None if layer.queries is None else layer.queries.shape) != q_shape
+                or layer.scaling != first.scaling or layer.max_entries <= budgets[0]):
+            return False
+    return True
+
+
+def stack_bodies(bodies: list[Body]) -> Body:
+    """Bodies of one length stacked along the batch; chunk tables padded to the widest."""
+    tokens = {k: torch.cat([b.tokens[k] for b in bodies]) for k in bodies[0].tokens}
+    if bodies[0].chunk_id is None:  # a store without per-chunk data (rotated KIVI)
+        return Body(tokens, None, {})
+    width = max(next(iter(b.chunks.values())).shape[2] for b in bodies)
+
+    def padded(c: Tensor) -> Tensor:
+        return c if c.shape[2] == width else torch.cat([c, c.new_zeros(*c.shape[:2], width - c.shape[2], *c.shape[3:])], 2)
+
+    return Body(
+        tokens,
+        torch.cat([b.chunk_id.long() for b in bodies]),
+        {k: torch.cat([padded(b.chunks[k]) for b in bodies]) for k in bodies[0].chunks},
+    )
+
+
+def compress(policy, layers: list[BudgetedLayer], budget: int) -> None:
+    """Score, select and rebuild ``layers`` together (`stackable` must hold)."""
+    from .policies.base import _Stacked, select
+
+    store, first = policy.store, layers[0]
+    b, n_layers = first.keys.shape[0], len(layers)
+    tail_keys = torch.cat([layer.keys for layer in layers])
+    tail_values = torch.cat([layer.values for layer in layers])
+    body = stack_bodies([layer.body for layer in layers]) if first.body is not None else None
+    keys, values = tail_keys, tail_values if policy.scorer.reads_values else None
+    if body is not None and values is not None:
+        body_keys, body_values = body.decode(store, tail_keys.dtype)
+        keys, values = torch.cat([body_keys, tail_keys], 2), torch.cat([body_values, values], 2)
+    elif body is not None:  # the values are decoded only for a scorer that reads them
+        keys = torch.cat([body.decode_keys(store, tail_keys.dtype), tail_keys], 2)
+    positions = torch.cat([layer.positions for layer in layers])
+    entries = _Stacked(keys=keys, values=values, positions=positions, valid=None,
+                       state={k: torch.cat([layer.state[k] for layer in layers]) for k in first.state})
+    obs = policy._stacked_observation(layers, budget, entries)
+    scores = policy.scorer.score(obs)
+    index, _ = select(scores, obs, policy.protected(budget))
+    state = obs.state
+    del obs, entries, keys, values, scores
+    residual = policy.residual(budget)
+    kept_positions = positions.gather(2, index)
+    # Each layer's tail: its kept entries inside the residual window (the loop's `keep`).
+    recent = (kept_positions >= first.seen - residual).sum(-1).reshape(n_layers, -1).amin(-1)
+    n_tails = recent.tolist()
+    kept_state = {k: s.gather(2, index) for k, s in state.items()}
+    if len(set(n_tails)) == 1:
+        bodies, new_keys, new_values = rebuild_stacked(store, body, tail_keys, tail_values, index, n_tails[0], n_layers)
+        parts = [(bodies[i], new_keys[i * b : (i + 1) * b], new_values[i * b : (i + 1) * b]) for i in range(n_layers)]
+    else:  # tails of different lengths: one rebuild per layer, from the stacked picks
+        parts = [rebuild_body(store, layer.body, layer.keys, layer.values, index[i * b : (i + 1) * b], n_tails[i], None)
+                 for i, layer in enumerate(layers)]
+    for i, (layer, (new, k, v)) in enumerate(zip(layers, parts)):
+        rows = slice(i * b, (i + 1) * b)
+        layer._drop_lse()
+        layer.residual = residual
+        layer.body, layer.keys, layer.values = new, k, v
+        layer.positions = kept_positions[rows]
+        layer.state = {name: s[rows] for name, s in kept_state.items()}
+        layer.head_lens = None
+        if policy.scorer.queries < 0:
+            layer.clear_queries()

@@ -1,0 +1,334 @@
+"""Stores: how a layer's older entries are held once they leave the full-precision tail.
+
+A `BudgetedLayer` with a store keeps its entries in two parts, in this order:
+
+* the **body**: older entries, encoded by the store (packed low-bit codes, pruned channels...)
+  and decoded on the fly for each attention call and each scoring pass;
+* the **tail**: the most recent entries in full precision (``keys``/``values`` of the layer),
+  where new tokens are appended.
+
+Encoded data comes in two kinds, both counted byte for byte: per-token payload (codes, per-token
+scales) and per-*chunk* metadata shared by the tokens encoded together (KIVI's per-channel key
+scales over a group of 32 tokens, ThinK's kept channel indices). Each body entry records its
+chunk, so eviction from the body is a plain gather: nothing is re-quantized, and chunks no entry
+uses any more are freed. A store class says how to encode and decode; the bookkeeping is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+STORES: dict[str, type[Store]] = {}
+# Named settings of one store class: "kivi2" -> {"bits": 2}.
+STORE_VARIANTS: dict[str, dict] = {}
+
+
+def register_store(name: str, **variants: dict):
+    """Class decorator: make a store available by name (``snapkv+kivi4``), plus named variants."""
+
+    def deco(cls: type[Store]) -> type[Store]:
+        cls.name = name
+        STORES[name] = cls
+        for variant, settings in variants.items():
+            STORES[variant] = cls
+            STORE_VARIANTS[variant] = settings
+        return cls
+
+    return deco
+
+
+@dataclass
+class Encoded:
+    """A batch of encoded entries: per-token tensors [B, H, m, ...] and per-chunk [B, H, c, ...]."""
+
+    tokens: dict[str, Tensor]
+    chunks: dict[str, Tensor]
+
+
+class Store:
+    """How body entries are encoded. Subclasses set the class fields and override encode/decode."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    saves: ClassVar[str] = ""
+    # Tokens sharing one chunk of metadata (consecutive per head); None: one chunk per encode call.
+    chunk: ClassVar[int | None] = None
+    # MiKV: entries the scorer would evict are encoded (kept at low precision) instead of dropped.
+    demotes: ClassVar[bool] = False
+    # Observed queries the store needs (ThinK scores channels with the window queries).
+    queries: ClassVar[int] = 0
+    # The scorer used when the store is named on its own ("kivi4" keeps every token, quantized).
+    default_scorer: ClassVar[str] = "full"
+    # Encodes across layers, so every layer must keep the same tokens (no eviction scorer).
+    cross_layer: ClassVar[bool] = False
+
+    def __init__(self, residual: int = 128) -> None:
+        if residual < 0:
+            raise ValueError(f"residual must be >= 0, got {residual}")
+        self.residual = residual
+
+    def encode(self, keys: Tensor, values: Tensor, valid: Tensor, queries: Tensor | None) -> Encoded:
+        """Encode ``keys``/``values`` [B, H, m, d] (``valid`` [B, H, m]: False on padding)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, H, n, d] from per-token data and the chunk data of each token."""
+        raise NotImplementedError
+
+    def decode_keys(self, tokens: dict[str, Tensor], chunks: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        """Only the keys of `decode` (what a scorer that does not read values needs)."""
+        return self.decode(tokens, chunks, dtype)[0]
+
+    def decode_body(self, body: "Body", dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """`decode` of a whole body (``out``: tensors to write the keys and values into). A store
+        with a fused decoder reads the chunk table through the chunk ids itself."""
+        return written(self.decode(body.tokens, body._per_token(), dtype), out)
+
+    def decode_body_keys(self, body: "Body", dtype: torch.dtype) -> Tensor:
+        """Only the keys of `decode_body`."""
+        return self.decode_keys(body.tokens, body._per_token(), dtype)
+
+    def flush_cache(self, cache) -> bool:
+        """Encode across layers (MiniCache); True when done here instead of layer by layer."""
+        return False
+
+    def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
+        """Bytes one encoded entry of one head costs on average (for byte budgets)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+def written(decoded: tuple[Tensor, Tensor], out: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Decoded keys and values, copied into ``out`` when given (the `decode(..., out=)` contract
+    of bodies: the caller's buffers receive them)."""
+    if out is None:
+        return decoded
+    out[0].copy_(decoded[0])
+    out[1].copy_(decoded[1])
+    return out
+
+
+def _chunk_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n < 2**15 else torch.int32
+
+
+def _gather(t: Tensor, index: Tensor) -> Tensor:
+    """``t`` [B, H, n, ...] gathered along dim 2 with ``index`` [B, H, k]."""
+    idx = index.view(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
+    return t.gather(2, idx)
+
+
+@dataclass
+class Body:
+    """The encoded entries of one layer, [B, H, n] in the layer's entry order."""
+
+    tokens: dict[str, Tensor]
+    chunk_id: Tensor | None  # [B, H, n] which chunk each entry belongs to (None: no chunk data)
+    chunks: dict[str, Tensor]  # [B, H, C, ...]
+
+    def __len__(self) -> int:
+        return next(iter(self.tokens.values())).shape[2]
+
+    def nbytes(self) -> int:
+        total = sum(t.nbytes for t in self.tokens.values()) + sum(t.nbytes for t in self.chunks.values())
+        return total + (self.chunk_id.nbytes if self.chunk_id is not None else 0)
+
+    def clone(self) -> "Body":
+        """A copy owning its memory."""
+        return Body({k: t.clone() for k, t in self.tokens.items()},
+                    None if self.chunk_id is None else self.chunk_id.clone(),
+                    {k: c.clone() for k, c in self.chunks.items()})
+
+    def decode(self, store: Store, dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return store.decode_body(self, dtype, out)
+
+    def decode_keys(self, store: Store, dtype: torch.dtype) -> Tensor:
+        return store.decode_body_keys(self, dtype)
+
+    def _per_token(self) -> dict[str, Tensor]:
+        """Each entry's row of the chunk data."""
+        return {k: _gather(c, self.chunk_id.long()) for k, c in self.chunks.items()} if self.chunks else {}
+
+
+def rebuild_body(
+    store: Store,
+    body: Body | None,
+    tail_keys: Tensor,
+    tail_values: Tensor,
+    index: Tensor,
+    n_tail: int,
+    queries: Tensor | None,
+) -> tuple[Body | None, Tensor, Tensor]:
+    """Rebuild a layer from the entries at ``index`` ([B, H, k], in entry order: body entries
+    first, then tail entries): the last ``n_tail`` chosen entries of every head stay in the
+    full-precision tail, the others form the new body. Chosen tail entries that fall into the
+    body part are encoded (heads may encode different numbers of them), chosen body entries are
+    gathered as they are. Returns (body, tail keys, tail values)."""
+    new_body, new_keys, new_values, _ = _rebuild(store, body, tail_keys, tail_values, index, n_tail, queries, 1)
+    return new_body, new_keys, new_values
+
+
+def rebuild_stacked(
+    store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int, groups: int,
+) -> tuple[list[Body | None], Tensor, Tensor]:
+    """`rebuild_body` for ``groups`` layers stacked along the batch (equal rows each), the body
+    split back per layer with each chunk table cut to the layer's own widest head. The widths
+    come with the host sync the compaction makes anyway (`_drop_unused`)."""
+    new_body, new_keys, new_values, widths = _rebuild(store, body, tail_keys, tail_values, index, n_tail, None, groups)
+    if new_body is None:
+        return [None] * groups, new_keys, new_values
+    batch = tail_keys.shape[0] // groups
+    rows = [slice(i * batch, (i + 1) * batch) for i in range(groups)]
+    if new_body.chunk_id is None:
+        return [Body({k: t[r] for k, t in new_body.tokens.items()}, None, {}) for r in rows], new_keys, new_values
+    bodies = [Body({k: t[r] for k, t in new_body.tokens.items()}, new_body.chunk_id[r].to(_chunk_dtype(w)),
+                   {k: c[r, :, :w].contiguous() for k, c in new_body.chunks.items()})
+              for r, w in zip(rows, widths)]
+    return bodies, new_keys, new_values
+
+
+def _rebuild(
+    store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int,
+    queries: Tensor | None, groups: int,
+) -> tuple[Body | None, Tensor, Tensor, list[int]]:
+    """`rebuild_body`, plus the widest head's live chunks in each of ``groups`` equal row ranges."""
+    b = len(body) if body is not None else 0
+    k = index.shape[-1]
+    n_body = k - n_tail
+    tail_index = index[..., n_body:] - b
+    returns = (tail_index < 0).any()
+    if n_body == 0:
+        if bool(returns):
+            raise ValueError("an encoded entry cannot return to the full-precision tail")
+        return None, _gather(tail_keys, tail_index), _gather(tail_values, tail_index), []
+    chosen = index[..., :n_body]
+    is_old = chosen < b
+    n_old = is_old.sum(-1, keepdim=True)  # [B, H, 1]
+    n_new = n_body - n_old
+    width, returns = torch.stack([n_new.max(), returns.long()]).tolist()  # one host sync for both
+    if returns:
+        raise ValueError("an encoded entry cannot return to the full-precision tail")
+    new_keys, new_values = _gather(tail_keys, tail_index), _gather(tail_values, tail_index)
+    tokens: dict[str, Tensor] = {}
+    chunk_id: Tensor | None = None
+    chunks: dict[str, Tensor] = {}
+    if body is not None:
+        old_index = chosen.clamp(max=max(b - 1, 0))
+        tokens = {name: _gather(t, old_index) for name, t in body.tokens.items()}
+        chunk_id = _gather(body.chunk_id, old_index).long() if body.chunk_id is not None else None
+        chunks = dict(body.chunks)
+    if width > 0:
+        # The new entries of each head, moved to the front: [B, H, width], padding beyond n_new.
+        rank = torch.arange(width, device=index.device)
+        src = chosen.gather(-1, (n_old + rank).clamp(max=n_body - 1)) - b
+        valid = rank < n_new
+        src = src.clamp(min=0)
+        enc = store.encode(_gather(tail_keys, src), _gather(tail_values, src), valid, queries)
+        # Back to slot order: slot s of a head holds its new entry number s - n_old.
+        slot_rank = (torch.arange(n_body, device=index.device) - n_old).clamp(0, width - 1)
+        fresh = ~is_old
+        for name, t in enc.tokens.items():
+            t = _gather(t, slot_rank)
+            if name in tokens:
+                mask = fresh.view(*fresh.shape, *([1] * (t.dim() - 3)))
+                t = torch.where(mask, t, tokens[name])
+            tokens[name] = t
+        if enc.chunks:
+            first = next(iter(chunks.values())).shape[2] if chunks else 0
+            per_chunk = store.chunk or width
+            new_id = first + slot_rank // per_chunk
+            chunk_id = new_id if chunk_id is None else torch.where(fresh, new_id, chunk_id)
+            chunks = {name: torch.cat([chunks[name], c], dim=2) if name in chunks else c for name, c in enc.chunks.items()}
+    widths: list[int] = []
+    if chunk_id is not None:
+        chunk_id, chunks, widths = _drop_unused(chunk_id, chunks, groups)
+    return Body(tokens, chunk_id, chunks), new_keys, new_values, widths
+
+
+def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int, room: Body | None = None) -> Body:
+    """``body`` followed by ``m`` entries encoded together (``enc``): what `rebuild_body` gives
+    when every entry is kept and the tail's oldest ``m`` move into the body (a flush), without
+    gathering the old body again. The old chunk table is compact (`_drop_unused` ran when it was
+    built) and no entry leaves, so the new chunks just follow the old ones. The result owns its
+    memory (``enc`` may be a slice of a larger batch), or, with ``room`` (buffers of a larger
+    capacity that ``body`` is the start of: a static decoder's, `kvbudget.static_store`), is a
+    longer view of ``room`` with the new entries written in place."""
+    grown = _append_in_place(store, body, enc, m, room) if room is not None and body is not None else None
+    if grown is not None:
+        return grown
+
+    def join(old: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: t.clone() if old is None else torch.cat([old[k], t], dim=2) for k, t in new.items()}
+
+    tokens = join(body.tokens if body is not None else None, enc.tokens)
+    if not enc.chunks:
+        return Body(tokens, None, {})
+    first = 0 if body is None else next(iter(body.chunks.values())).shape[2]
+    chunks = join(body.chunks if body is not None else None, enc.chunks)
+    total = next(iter(chunks.values())).shape[2]
+    b, h = next(iter(tokens.values())).shape[:2]
+    device = next(iter(tokens.values())).device
+    dtype = _chunk_dtype(total)
+    new_id = (first + torch.arange(m, device=device) // (store.chunk or m)).to(dtype).expand(b, h, m)
+    chunk_id = new_id.contiguous() if body is None else torch.cat([body.chunk_id.to(dtype), new_id], dim=2)
+    return Body(tokens, chunk_id, chunks)
+
+
+def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body) -> Body | None:
+    """`append_encoded` into ``room``, or None when ``body`` does not lie at its start or the
+    grown body would not fit. A flush while a static decoder holds the body then needs no copy of
+    the whole body (with every layer flushed before the decoder reloads, those copies were a
+    second cache at once: docs/benchmarks.md, "Eighth session")."""
+    n, first = len(body), next(iter(body.chunks.values())).shape[2] if body.chunks else 0
+    c = next(iter(enc.chunks.values())).shape[2] if enc.chunks else 0
+    pairs = [(body.tokens[k], room.tokens.get(k)) for k in enc.tokens]
+    pairs += [(body.chunks.get(k), room.chunks.get(k)) for k in enc.chunks]
+    if enc.chunks:
+        if body.chunk_id is None or room.chunk_id is None or room.chunk_id.dtype != _chunk_dtype(first + c):
+            return None
+        pairs.append((body.chunk_id, room.chunk_id))
+    for part, buf in pairs:
+        if part is None or buf is None or part.data_ptr() != buf.data_ptr() or part.stride() != buf.stride():
+            return None
+    if n + m > len(room) or (enc.chunks and first + c > next(iter(room.chunks.values())).shape[2]):
+        return None
+    for k, t in enc.tokens.items():
+        room.tokens[k][:, :, n : n + m].copy_(t)
+    if not enc.chunks:
+        return Body({k: t[:, :, : n + m] for k, t in room.tokens.items()}, None, {})
+    for k, t in enc.chunks.items():
+        room.chunks[k][:, :, first : first + c].copy_(t)
+    ids = first + torch.arange(m, device=room.chunk_id.device) // (store.chunk or m)
+    room.chunk_id[:, :, n : n + m].copy_(ids.to(room.chunk_id.dtype).expand_as(room.chunk_id[:, :, n : n + m]))
+    return Body({k: t[:, :, : n + m] for k, t in room.tokens.items()}, room.chunk_id[:, :, : n + m],
+                {k: t[:, :, : first + c] for k, t in room.chunks.items()})
+
+
+def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor], groups: int = 1) -> tuple[Tensor, dict[str, Tensor], list[int]]:
+    """Free the chunks no entry refers to any more, head by head: each head's live chunks are
+    packed to the front of its table (heads evict independently, so a chunk often lives on in
+    one head only); the table is as wide as the head with the most live chunks. Also returns the
+    widest head of each of ``groups`` equal batch row ranges (stacked layers)."""
+    ids = chunk_id.long()
+    n = next(iter(chunks.values())).shape[2]
+    used = torch.zeros(*ids.shape[:2], n, dtype=torch.bool, device=ids.device)
+    used.scatter_(2, ids, True)
+    counts = used.sum(-1)
+    # One sync for all: each group's widest head, and whether any head uses fewer chunks than the
+    # table holds. Every such head is packed (live chunks first, in order) even when another head
+    # keeps the table full, so a layer's table does not depend on which layers it was batched with.
+    *widths, gaps = torch.cat([counts.reshape(groups, -1).amax(-1), (counts < n).any().long()[None]]).tolist()
+    width = max(widths)
+    if width < n or gaps:
+        remap = used.long().cumsum(-1) - 1  # [B, H, C]: new slot of each live chunk
+        ids = remap.gather(2, ids)
+        live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # live ones first, in order
+        chunks = {name: _gather(c, live) for name, c in chunks.items()}
+    return ids.to(_chunk_dtype(width)), chunks, widths
