@@ -1,1 +1,0 @@
-"""Evaluation: task files, generators, metrics, runner, reports."""
