@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import fusion
 from .attention import set_plan
 from .cache import BudgetedCache, BudgetedLayer, padded_to_ragged
-from .store import Body
+from .store import Body, at_start
 
 _local = threading.local()
 
@@ -183,11 +183,7 @@ class StaticLayer(CacheLayerMixin):
     def load(self, layer: BudgetedLayer, room: int) -> None:
         """Copy what ``layer`` holds after a compression into the same buffers, with room for
         ``room`` more tokens per head (`UnsupportedStatic` when that no longer fits)."""
-        if self._lent is not None and layer.keys is self._lent[0] and layer.values is self._lent[1]:
-            if self._held + room > self.width:  # nothing evicted: the entries are in place already
-                raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
-            return
-        if self._kept_in_place(layer):  # evicted into the buffers already (`BudgetedLayer.hold`)
+        if self._kept_in_place(layer):  # nothing evicted, or kept in the buffers (`BudgetedLayer.hold`)
             held = layer.keys.shape[2]
             if held + room > self.width:
                 raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
@@ -222,8 +218,7 @@ class StaticLayer(CacheLayerMixin):
         compression wrote what it kept there)."""
         if not self.dense or layer.head_lens is not None or self._lent is None:
             return False
-        return all(t.data_ptr() == lent.data_ptr() and t.stride() == lent.stride() and t.shape[:2] == lent.shape[:2]
-                   for t, lent in zip((layer.keys, layer.values), self._lent))
+        return all(at_start(t, lent) and t.shape[:2] == lent.shape[:2] for t, lent in zip((layer.keys, layer.values), self._lent))
 
     def release(self, layer: BudgetedLayer) -> None:
         """Give ``layer`` copies of what it borrowed and drop the buffers (the decoder is done)."""

@@ -39,7 +39,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .attention import set_plan
 from .cache import FUSED_KIVI, BudgetedLayer
 from .static import UnsupportedStatic, append_metadata, append_token, record_query, release_tensors, shares
-from .store import Body, _chunk_dtype
+from .store import Body, _chunk_dtype, at_start
 
 
 def unsupported(layer: BudgetedLayer) -> str | None:
@@ -212,7 +212,7 @@ def _copy_into(dst: Tensor, src: Tensor) -> None:
     very same view needs no copy; an overlapping other one (a flushed tail starts further on)
     is copied out first."""
     if shares(src, dst):
-        if src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride() and src.shape == dst.shape:
+        if at_start(src, dst) and src.shape == dst.shape:
             return
         src = src.clone()
     dst.copy_(src)

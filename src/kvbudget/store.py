@@ -115,6 +115,17 @@ def written(decoded: tuple[Tensor, Tensor], out: tuple[Tensor, Tensor] | None) -
     return out
 
 
+def at_start(t: Tensor | None, buf: Tensor | None) -> bool:
+    """Whether ``t`` is a view of ``buf`` that starts where it does, with its strides (a prefix
+    of a larger buffer along some dims, such as a static decoder's lent views)."""
+    return t is not None and buf is not None and t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride()
+
+
+def _new_chunk_ids(store: Store, first: int, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[m] chunk ids of ``m`` entries encoded together after ``first`` chunks: one per store chunk."""
+    return (first + torch.arange(m, device=device) // (store.chunk or m)).to(dtype)
+
+
 def _chunk_dtype(n: int) -> torch.dtype:
     return torch.int16 if n < 2**15 else torch.int32
 
@@ -276,7 +287,7 @@ def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int, room: 
     b, h = next(iter(tokens.values())).shape[:2]
     device = next(iter(tokens.values())).device
     dtype = _chunk_dtype(total)
-    new_id = (first + torch.arange(m, device=device) // (store.chunk or m)).to(dtype).expand(b, h, m)
+    new_id = _new_chunk_ids(store, first, m, device, dtype).expand(b, h, m)
     chunk_id = new_id.contiguous() if body is None else torch.cat([body.chunk_id.to(dtype), new_id], dim=2)
     return Body(tokens, chunk_id, chunks)
 
@@ -294,9 +305,8 @@ def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body)
         if body.chunk_id is None or room.chunk_id is None or room.chunk_id.dtype != _chunk_dtype(first + c):
             return None
         pairs.append((body.chunk_id, room.chunk_id))
-    for part, buf in pairs:
-        if part is None or buf is None or part.data_ptr() != buf.data_ptr() or part.stride() != buf.stride():
-            return None
+    if not all(at_start(part, buf) for part, buf in pairs):
+        return None
     if n + m > len(room) or (enc.chunks and first + c > next(iter(room.chunks.values())).shape[2]):
         return None
     for k, t in enc.tokens.items():
@@ -305,8 +315,8 @@ def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body)
         return Body({k: t[:, :, : n + m] for k, t in room.tokens.items()}, None, {})
     for k, t in enc.chunks.items():
         room.chunks[k][:, :, first : first + c].copy_(t)
-    ids = first + torch.arange(m, device=room.chunk_id.device) // (store.chunk or m)
-    room.chunk_id[:, :, n : n + m].copy_(ids.to(room.chunk_id.dtype).expand_as(room.chunk_id[:, :, n : n + m]))
+    ids = _new_chunk_ids(store, first, m, room.chunk_id.device, room.chunk_id.dtype)
+    room.chunk_id[:, :, n : n + m].copy_(ids.expand_as(room.chunk_id[:, :, n : n + m]))
     return Body({k: t[:, :, : n + m] for k, t in room.tokens.items()}, room.chunk_id[:, :, : n + m],
                 {k: t[:, :, : first + c] for k, t in room.chunks.items()})
 

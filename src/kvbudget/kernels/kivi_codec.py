@@ -200,9 +200,6 @@ def decode(tokens: dict[str, Tensor], chunk_id: Tensor, chunks: dict[str, Tensor
                for o, w, s in zip(out, want, shapes)]
     if n == 0 or not (keys or values):
         return tuple(r if w else None for r, w in zip(results, want))
-    # Outputs in a layout the kernel cannot address directly are written through a copy.
-    targets = [r if r is None or r is _rows(r)[0] else torch.empty(r.shape, dtype=r.dtype, device=r.device)
-               for r in results]
     kc, kc_r, kc_t = _rows(kc)
     vc, vc_r, vc_t = _rows(vc)
     cid, id_r, id_t = _rows(chunk_id)
@@ -210,15 +207,16 @@ def decode(tokens: dict[str, Tensor], chunk_id: Tensor, chunks: dict[str, Tensor
     kz, kz_r, _ = _rows(chunks["k_zero"])
     vs, vs_r, vs_t = _rows(tokens["v_scale"])
     vz, vz_r, vz_t = _rows(tokens["v_zero"])
-    ko, ko_r, ko_t = _rows(targets[0]) if keys else (kc, 0, 0)
-    vo, vo_r, vo_t = _rows(targets[1]) if values else (vc, 0, 0)
+    # An output the kernel cannot address directly (`_rows` gives a copy) is written back after.
+    ko, ko_r, ko_t = _rows(results[0]) if keys else (kc, 0, 0)
+    vo, vo_r, vo_t = _rows(results[1]) if values else (vc, 0, 0)
     block = 32
     _decode_kernel[(b * h, triton.cdiv(n, block))](
         kc, cid, ks, kz, vc, vs, vz, ko, vo, n,
         kc_r, kc_t, id_r, id_t, ks_r, kz_r, vc_r, vc_t, vs_r, vs_t, vz_r, vz_t, ko_r, ko_t, vo_r, vo_t,
         D=d, DV=dv, VGROUP=vgroup, BITS=bits, P=per, BLOCK=block, KEYS=keys, VALUES=values,
         num_warps=4, enable_fp_fusion=False)
-    for r, tgt in zip(results, targets):
-        if r is not None and tgt is not r:
-            r.copy_(tgt)
+    for r, written_to, w in zip(results, (ko, vo), want):
+        if w and written_to is not r:
+            r.copy_(written_to)
     return tuple(r if w else None for r, w in zip(results, want))

@@ -7,6 +7,7 @@ into bytes; scales and zero points are kept in the model's dtype and counted. Th
 """
 
 import os
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -91,19 +92,22 @@ class KIVI(Store):
         codec = self._body_codec(body)
         if codec is None:
             return super().decode_body(body, dtype, out)
-        vgroup = value_group(body.tokens["v"].shape[-1] * 8 // self.bits, self.group)
-        return codec.decode(body.tokens, body.chunk_id, body.chunks, self.bits, vgroup, dtype, out=out or (None, None))
+        return codec(dtype, out=out or (None, None))
 
     def decode_body_keys(self, body, dtype: torch.dtype) -> Tensor:
         codec = self._body_codec(body)
         if codec is None:
             return super().decode_body_keys(body, dtype)
-        vgroup = value_group(body.tokens["v"].shape[-1] * 8 // self.bits, self.group)
-        return codec.decode(body.tokens, body.chunk_id, body.chunks, self.bits, vgroup, dtype, values=False)[0]
+        return codec(dtype, values=False)[0]
 
     def _body_codec(self, body):
+        """The Triton decode of ``body`` (its arguments bound) when the codec covers it, else None."""
         per = 8 // self.bits
-        return self.codec(body.tokens["k"], body.tokens["k"].shape[-1] * per, body.tokens["v"].shape[-1] * per)
+        head_dim, value_dim = body.tokens["k"].shape[-1] * per, body.tokens["v"].shape[-1] * per
+        codec = self.codec(body.tokens["k"], head_dim, value_dim)
+        if codec is None:
+            return None
+        return partial(codec.decode, body.tokens, body.chunk_id, body.chunks, self.bits, value_group(value_dim, self.group))
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
         elem = dtype.itemsize
