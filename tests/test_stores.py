@@ -303,6 +303,107 @@ def _evicting_store_run(model, name: str, stack: bool, group_bytes: int | None =
     return cache
 
 
+@pytest.mark.parametrize("name", ["kivi4", "kivi2", "rotate4", "think"])
+def test_rebuild_of_many_heads_equals_each_head_alone(name):
+    """A rebuild encodes each head's new body entries in as many slots as the most that can move
+    in (known on the host, no sync): heads that move fewer, or none, are padded, and chunks that
+    only padding fills are dropped. Every head then holds what rebuilding it alone gives, which
+    pads nothing: the same codes, chunk ids and live chunk rows (the table as wide as its widest
+    head), the same decoded keys and values."""
+    from kvbudget.store import STORE_VARIANTS, STORES, rebuild_body
+
+    store = STORES[name](**STORE_VARIANTS.get(name, {}))
+    gen = torch.Generator().manual_seed(0)
+    b, h, m, d, tail = 1, 4, 160, 64, 16
+    k = torch.randn(b, h, m, d, generator=gen)
+    v = torch.randn(b, h, m, d, generator=gen)
+    body, tk, tv = rebuild_body(store, None, k, v, torch.arange(m).expand(b, h, m), 96, None)
+    nb, nt = len(body), tk.shape[2]
+    # 48 body entries per head, 0 .. 44 of them from the tail: the slots (48) exceed every head's.
+    moved = [0, 5, 40, 44]
+    rows = []
+    for head, n_new in enumerate(moved):
+        old = torch.randperm(nb, generator=gen)[: 48 - n_new]
+        new = nb + torch.randperm(nt - tail, generator=gen)[:n_new]
+        rows.append(torch.cat([old, new]).sort().values)
+    index = torch.cat([torch.stack(rows), nb + nt - tail + torch.arange(tail).expand(h, tail)], -1)[None]
+    got, got_k, got_v = rebuild_body(store, body, tk, tv, index, tail, None)
+    keys, values = got.decode(store, torch.float32)
+    for head in range(h):
+        one = slice(head, head + 1)
+        alone = rebuild_body(store, _body_rows(body, one), tk[:, one], tv[:, one], index[:, one], tail, None)[0]
+        want_k, want_v = alone.decode(store, torch.float32)
+        assert torch.equal(keys[:, one], want_k) and torch.equal(values[:, one], want_v)
+        for key, t in alone.tokens.items():
+            assert torch.equal(got.tokens[key][:, one], t), key
+        if alone.chunk_id is not None:
+            assert torch.equal(got.chunk_id[:, one].long(), alone.chunk_id.long())
+            for key, t in alone.chunks.items():
+                width = t.shape[2]
+                assert torch.equal(got.chunks[key][:, one, :width], t), key
+    if got.chunk_id is not None:  # the table is as wide as its widest head: no padding chunk kept
+        live = [len(set(got.chunk_id[0, head].tolist())) for head in range(h)]
+        assert next(iter(got.chunks.values())).shape[2] == max(live)
+    assert torch.equal(got_k, tk[:, :, -tail:]) and torch.equal(got_v, tv[:, :, -tail:])
+
+
+def _body_rows(body, heads: slice):
+    from kvbudget.store import Body
+
+    return Body({k: t[:, heads] for k, t in body.tokens.items()},
+                None if body.chunk_id is None else body.chunk_id[:, heads],
+                {k: c[:, heads] for k, c in body.chunks.items()})
+
+
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "loop"])
+def test_store_eviction_reads_the_device_once_per_compression(tiny_llama, stack):
+    """Store eviction reads nothing back while it queues its work: the tail length is known on
+    the host and the new entries are encoded in a width known on the host, and the chunk
+    tables' widths (with the checks) are read in one sync for all groups of stacked layers
+    together, or once per layer in the loop. It was three per group."""
+    from test_ragged_ops import _HostReads
+
+    for group_bytes in ((None, 1) if stack else (None,)):  # all layers in one group / one per group
+        policy = kb.policy("snapkv+kivi4", budget=64, block_size=32)
+        policy.stack_layers = stack
+        if group_bytes:
+            policy.STORE_STACK_BYTES = group_bytes
+        cache = policy.new_cache(tiny_llama)
+        kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=32)
+        with torch.inference_mode():
+            tiny_llama(input_ids=random_ids(32, seed=2), past_key_values=cache, use_cache=True)
+            with _HostReads() as reads:
+                policy.compress(cache)
+        assert reads.count == (1 if stack else len(cache.budgeted)), group_bytes
+
+
+def test_tail_length_is_known_on_the_host_and_checked(tiny_llama):
+    """After an eviction the kept entries of the residual window stay in the tail. Their count is
+    ``min(residual, tail)`` on the host (the window's positions are all held: every eviction
+    keeps its protected window); it equals what the positions say, through prefill and
+    decode-time compressions. With transient tokens counted in ``seen`` it is read from the
+    device; and a count the positions contradict makes the rebuild raise, not keep a wrong tail."""
+    from kvbudget.store import rebuild_body
+
+    cache = _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=True)
+    for layer in cache.budgeted_layers():
+        n, check = layer.tail_kept(layer.positions)
+        assert n == int((layer.positions >= layer.seen - layer.residual).sum(-1).min()) == layer.residual
+        assert layer.keys.shape[2] > n  # tokens decoded since the last compression
+        assert bool(check)
+        # Without the newest entry, the window is not all there: the host count is wrong.
+        index = torch.arange(layer.max_entries - 1).expand(*layer.positions.shape[:2], -1)
+        n, check = layer.tail_kept(layer.positions[..., :-1])
+        assert not bool(check)
+        with pytest.raises(RuntimeError, match="cannot return to the full-precision tail"):
+            rebuild_body(layer.store, layer.body, layer.keys, layer.values, index, n, None, check)
+    layer = cache.budgeted_layers()[0]
+    with torch.inference_mode(), cache.scratch(), cache.transient():
+        tiny_llama(input_ids=random_ids(3, seed=1), past_key_values=cache, use_cache=True)
+        n, check = layer.tail_kept(layer.positions)
+        assert check is None and n == int((layer.positions >= layer.seen - layer.residual).sum(-1).min())
+
+
 @pytest.mark.parametrize("name", ["snapkv+kivi4", "h2o+kivi2", "tova+rotate4", "streaming+kivi2"])
 def test_stacked_store_compression_equals_layer_by_layer(tiny_llama, name):
     """Store layers compressed together (`kvbudget.stacked_store`) keep what the per-layer loop

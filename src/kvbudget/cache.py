@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .attention import AttentionPlan, set_plan
-from .store import Body, Encoded, Store, append_encoded, rebuild_body
+from .store import Body, Encoded, Store, append_encoded, prepend_body, rebuild_body
 
 POSITION_DTYPE = torch.int32
 
@@ -323,16 +323,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def _with_body(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Full-precision tail keys/values preceded by the decoded body (if any)."""
-        if self.body is None:
-            return keys, values
-        # Decoded straight into the front of the concatenation (no body-sized temporary).
-        n = len(self.body)
-        all_keys = keys.new_empty(*keys.shape[:2], n + keys.shape[2], keys.shape[3])
-        all_values = values.new_empty(*values.shape[:2], n + values.shape[2], values.shape[3])
-        self.body.decode(self.store, keys.dtype, out=(all_keys[:, :, :n], all_values[:, :, :n]))
-        all_keys[:, :, n:] = keys
-        all_values[:, :, n:] = values
-        return all_keys, all_values
+        return prepend_body(self.body, self.store, keys, values)
 
     def _append_ragged(self, flat: Tensor, new: Tensor) -> Tensor:
         """Insert ``new[h]`` ([H, q, ...]) after head h's segment of ``flat``."""
@@ -431,9 +422,8 @@ class BudgetedLayer(CacheLayerMixin):
                     f"store '{self.store.name}' needs every head to keep the same number of entries "
                     "(combine it with a uniform or pyramid allocator, not head-adaptive)"
                 )
-            kept_positions = view.positions.gather(2, index)
-            recent = (kept_positions >= self.seen - self.residual).sum(-1)
-            self.rebuild(index, int(recent.min()), view.state)
+            n_tail, check = self.tail_kept(view.positions.gather(2, index))
+            self.rebuild(index, n_tail, view.state, check)
             return
 
         keys, values, positions = (gather_entries(t, index) for t in (view.keys, view.values, view.positions))
@@ -487,18 +477,41 @@ class BudgetedLayer(CacheLayerMixin):
             self.state = {k: s.view(shape) for k, s in self.state.items()}
             self.head_lens = None
 
-    def rebuild(self, index: Tensor, n_tail: int, state: dict[str, Tensor] | None = None) -> None:
+    def rebuild(self, index: Tensor, n_tail: int, state: dict[str, Tensor] | None = None,
+                check: Tensor | None = None) -> None:
         """Keep the entries at ``index`` ([B, H, k], body entries first): the last ``n_tail`` of
         each head stay in full precision, the rest are held encoded by the store. ``state``:
-        per-entry state updated by the scorer (default: the layer's own)."""
+        per-entry state updated by the scorer (default: the layer's own); ``check``: `tail_kept`'s."""
         state = self.state if state is None else state
         self._drop_lse()
         self.positions = self.positions.gather(2, index)
         self.state = {k: s.gather(2, index) for k, s in state.items()}
         self.body, self.keys, self.values = rebuild_body(
-            self.store, self.body, self.keys, self.values, index, n_tail, self.queries
+            self.store, self.body, self.keys, self.values, index, n_tail, self.queries, check
         )
         self.head_lens = None
+
+    def tail_kept(self, kept_positions: Tensor, groups: int = 1) -> tuple[int, Tensor | None]:
+        """How many of the entries an eviction keeps (``kept_positions`` [B, H, k]) stay in the
+        full-precision tail: those of the residual window (positions >= seen - residual), the
+        fewest over the heads. Returns it as a Python int, and a 0-d bool on the device that says
+        it was right (None when it was read from the device, which is then exact). ``groups``:
+        layers alike to this one stacked along the batch (`kvbudget.stacked_store`), each checked.
+
+        Without phantom tokens the count is known on the host: positions ascend along the
+        entries, the newest is ``seen - 1``, and every eviction keeps the positions of its
+        protected window, which holds the residual window (`Policy.residual`), so the residual
+        window's positions are all held and are the last entries: ``min(residual, tail)`` of them.
+        The device check catches a history that broke this (read with the rebuild's other values
+        in one host sync, `store.finish_rebuild`); reading the count here instead was a host sync
+        per compression in which the GPU waited for the host (docs/benchmarks.md, "Ninth session")."""
+        recent = (kept_positions >= self.seen - self.residual).sum(-1).reshape(groups, -1).amin(-1)
+        if self.phantom == 0 and self.head_lens is None:
+            n = min(self.residual, self.keys.shape[-2])
+            return n, (recent == n).all()
+        if groups != 1:
+            raise ValueError("stacked layers need their tail length known on the host (no phantom tokens)")
+        return int(recent), None
 
     def flush(self) -> None:
         """Encode tail entries older than the residual window, in whole chunks (KIVI: a group is

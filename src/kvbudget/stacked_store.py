@@ -12,8 +12,14 @@ stacked path), so each of those steps runs once for all of them.
 The result equals the loop's bit for bit: the same kept entries (scores and picks are the dense
 stacked path's), codes, scales, chunk ids and chunk tables. Chunk tables are padded to the
 widest layer's before stacking; `_drop_unused` packs every head's live chunks to the front of
-its table, so each layer's table is then cut back to its own widest head (`store.rebuild_stacked`;
-the widths come with the compaction's host sync).
+its table, so each layer's table is then cut back to its own widest head (`finish`).
+
+Nothing is read back on the host while the groups of a compression are queued: the tail length
+comes from the host (`BudgetedLayer.tail_kept`), the new entries are encoded in as many slots as
+can move into the body, and the tables' widths and the checks of every group are read in one
+sync at the end (`finish`). So the host queues the whole compression while the GPU still runs
+the block before it (three syncs per group made the GPU wait for the host: docs/benchmarks.md,
+"Ninth session").
 
 Used when every layer is over one shared budget, holds a body of the same length (or none) and a
 tail of the same length, and the store encodes entry by entry (not MiKV's demotion, not ThinK's
@@ -26,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .cache import BudgetedLayer
-from .store import Body, rebuild_body, rebuild_stacked
+from .store import Body, Pending, finish_rebuild, prepend_body, rebuild_stacked
 
 
 def stackable(policy, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
@@ -47,7 +53,7 @@ def stackable(policy, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
                 or (layer.body is not None and (layer.body.chunk_id is None) != (first.body.chunk_id is None))
                 or layer.seen != first.seen or set(layer.state) != set(first.state)
                 or (None if layer.queries is None else layer.queries.shape) != q_shape
-                or layer.scaling != first.scaling or layer.max_entries <= budgets[0]):
+                or layer.scaling != first.scaling or layer.max_entries <= budgets[0] or layer.phantom):
             return False
     return True
 
@@ -69,8 +75,9 @@ def stack_bodies(bodies: list[Body]) -> Body:
     )
 
 
-def compress(policy, layers: list[BudgetedLayer], budget: int) -> None:
-    """Score, select and rebuild ``layers`` together (`stackable` must hold)."""
+def compress(policy, layers: list[BudgetedLayer], budget: int) -> Pending:
+    """Score, select and rebuild ``layers`` together (`stackable` must hold). The layers' chunk
+    tables are cut to size by `finish`, with every group's values read in one host sync."""
     from .policies.base import _Stacked, select
 
     store, first = policy.store, layers[0]
@@ -78,12 +85,8 @@ def compress(policy, layers: list[BudgetedLayer], budget: int) -> None:
     tail_keys = torch.cat([layer.keys for layer in layers])
     tail_values = torch.cat([layer.values for layer in layers])
     body = stack_bodies([layer.body for layer in layers]) if first.body is not None else None
-    keys, values = tail_keys, tail_values if policy.scorer.reads_values else None
-    if body is not None and values is not None:
-        body_keys, body_values = body.decode(store, tail_keys.dtype)
-        keys, values = torch.cat([body_keys, tail_keys], 2), torch.cat([body_values, values], 2)
-    elif body is not None:  # the values are decoded only for a scorer that reads them
-        keys = torch.cat([body.decode_keys(store, tail_keys.dtype), tail_keys], 2)
+    # The values are decoded only for a scorer that reads them.
+    keys, values = prepend_body(body, store, tail_keys, tail_values if policy.scorer.reads_values else None)
     positions = torch.cat([layer.positions for layer in layers])
     entries = _Stacked(keys=keys, values=values, positions=positions, valid=None,
                        state={k: torch.cat([layer.state[k] for layer in layers]) for k in first.state})
@@ -93,24 +96,31 @@ def compress(policy, layers: list[BudgetedLayer], budget: int) -> None:
     state = obs.state
     del obs, entries, keys, values, scores
     residual = policy.residual(budget)
+    for layer in layers:
+        layer.residual = residual
     kept_positions = positions.gather(2, index)
-    # Each layer's tail: its kept entries inside the residual window (the loop's `keep`).
-    recent = (kept_positions >= first.seen - residual).sum(-1).reshape(n_layers, -1).amin(-1)
-    n_tails = recent.tolist()
+    # Each layer's tail: its kept entries inside the residual window (the loop's `keep`). The
+    # layers are alike (`stackable`), so the first one's rule holds for all, checked on all rows.
+    n_tail, check = first.tail_kept(kept_positions, n_layers)
     kept_state = {k: s.gather(2, index) for k, s in state.items()}
-    if len(set(n_tails)) == 1:
-        bodies, new_keys, new_values = rebuild_stacked(store, body, tail_keys, tail_values, index, n_tails[0], n_layers)
-        parts = [(bodies[i], new_keys[i * b : (i + 1) * b], new_values[i * b : (i + 1) * b]) for i in range(n_layers)]
-    else:  # tails of different lengths: one rebuild per layer, from the stacked picks
-        parts = [rebuild_body(store, layer.body, layer.keys, layer.values, index[i * b : (i + 1) * b], n_tails[i], None)
-                 for i, layer in enumerate(layers)]
-    for i, (layer, (new, k, v)) in enumerate(zip(layers, parts)):
+    bodies, new_keys, new_values, pending = rebuild_stacked(store, body, tail_keys, tail_values, index, n_tail,
+                                                            n_layers, check)
+    for i, (layer, new) in enumerate(zip(layers, bodies)):
         rows = slice(i * b, (i + 1) * b)
         layer._drop_lse()
-        layer.residual = residual
-        layer.body, layer.keys, layer.values = new, k, v
+        layer.body, layer.keys, layer.values = new, new_keys[rows], new_values[rows]
         layer.positions = kept_positions[rows]
         layer.state = {name: s[rows] for name, s in kept_state.items()}
         layer.head_lens = None
         if policy.scorer.queries < 0:
             layer.clear_queries()
+    return pending
+
+
+def finish(groups: list[tuple[list[BudgetedLayer], Pending]]) -> None:
+    """Cut the chunk tables of every group's layers to size (`store.finish_rebuild`): one host
+    sync for the whole compression, after the host has queued all of it."""
+    layers = [layer for group, _ in groups for layer in group]
+    bodies = finish_rebuild([layer.body for layer in layers], [pending for _, pending in groups])
+    for layer, body in zip(layers, bodies):
+        layer.body = body

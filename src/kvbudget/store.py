@@ -89,9 +89,10 @@ class Store:
         with a fused decoder reads the chunk table through the chunk ids itself."""
         return written(self.decode(body.tokens, body._per_token(), dtype), out)
 
-    def decode_body_keys(self, body: "Body", dtype: torch.dtype) -> Tensor:
+    def decode_body_keys(self, body: "Body", dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         """Only the keys of `decode_body`."""
-        return self.decode_keys(body.tokens, body._per_token(), dtype)
+        keys = self.decode_keys(body.tokens, body._per_token(), dtype)
+        return keys if out is None else out.copy_(keys)
 
     def flush_cache(self, cache) -> bool:
         """Encode across layers (MiniCache); True when done here instead of layer by layer."""
@@ -160,12 +161,34 @@ class Body:
     def decode(self, store: Store, dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         return store.decode_body(self, dtype, out)
 
-    def decode_keys(self, store: Store, dtype: torch.dtype) -> Tensor:
-        return store.decode_body_keys(self, dtype)
+    def decode_keys(self, store: Store, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+        return store.decode_body_keys(self, dtype, out)
 
     def _per_token(self) -> dict[str, Tensor]:
         """Each entry's row of the chunk data."""
         return {k: _gather(c, self.chunk_id.long()) for k, c in self.chunks.items()} if self.chunks else {}
+
+
+def prepend_body(body, store: Store, keys: Tensor, values: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``keys`` / ``values`` ([B, H, t, d], a full-precision tail) preceded by ``body`` decoded,
+    each built in one buffer: the body is decoded straight into its front, so no body-sized
+    temporary is made. ``values`` None: the keys only (a scorer that does not read values)."""
+    if body is None:
+        return keys, values
+    n = len(body)
+
+    def buffer(t: Tensor) -> Tensor:
+        whole = t.new_empty(*t.shape[:2], n + t.shape[2], t.shape[3])
+        whole[:, :, n:] = t
+        return whole
+
+    all_keys = buffer(keys)
+    if values is None:
+        body.decode_keys(store, keys.dtype, out=all_keys[:, :, :n])
+        return all_keys, None
+    all_values = buffer(values)
+    body.decode(store, keys.dtype, out=(all_keys[:, :, :n], all_values[:, :, :n]))
+    return all_keys, all_values
 
 
 def rebuild_body(
@@ -176,57 +199,110 @@ def rebuild_body(
     index: Tensor,
     n_tail: int,
     queries: Tensor | None,
+    check: Tensor | None = None,
 ) -> tuple[Body | None, Tensor, Tensor]:
     """Rebuild a layer from the entries at ``index`` ([B, H, k], in entry order: body entries
     first, then tail entries): the last ``n_tail`` chosen entries of every head stay in the
     full-precision tail, the others form the new body. Chosen tail entries that fall into the
     body part are encoded (heads may encode different numbers of them), chosen body entries are
-    gathered as they are. Returns (body, tail keys, tail values)."""
-    new_body, new_keys, new_values, _ = _rebuild(store, body, tail_keys, tail_values, index, n_tail, queries, 1)
-    return new_body, new_keys, new_values
+    gathered as they are. ``check``: a 0-d bool the caller's assumptions hold (read in the same
+    host sync as the chunk table's width). Returns (body, tail keys, tail values)."""
+    rebuilt = _rebuild(store, body, tail_keys, tail_values, index, n_tail, queries, 1)
+    (new_body,) = finish_rebuild([rebuilt.body], [rebuilt.pending(check)])
+    return new_body, rebuilt.keys, rebuilt.values
+
+
+@dataclass
+class Rebuilt:
+    """What `_rebuild` gives before its one host read: the body with every head's live chunks
+    packed to the front of a table as wide as before the compaction, and on the device the
+    widest head's live chunks in each row range (``widths``) and whether every entry of the new
+    tail came from the old tail (``ok``)."""
+
+    body: Body | None
+    keys: Tensor
+    values: Tensor
+    widths: Tensor | None
+    ok: Tensor
+
+    def pending(self, check: Tensor | None = None) -> "Pending":
+        ok = self.ok if check is None else self.ok & check
+        return Pending(self.widths, ok)
+
+
+@dataclass
+class Pending:
+    """Device values a rebuild reads on the host once, for any number of them together."""
+
+    widths: Tensor | None  # [groups] long
+    ok: Tensor  # 0-d bool
 
 
 def rebuild_stacked(
     store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int, groups: int,
-) -> tuple[list[Body | None], Tensor, Tensor]:
+    check: Tensor | None = None,
+) -> tuple[list[Body | None], Tensor, Tensor, Pending]:
     """`rebuild_body` for ``groups`` layers stacked along the batch (equal rows each), the body
-    split back per layer with each chunk table cut to the layer's own widest head. The widths
-    come with the host sync the compaction makes anyway (`_drop_unused`)."""
-    new_body, new_keys, new_values, widths = _rebuild(store, body, tail_keys, tail_values, index, n_tail, None, groups)
-    if new_body is None:
-        return [None] * groups, new_keys, new_values
+    split back per layer. Nothing is read on the host here: each layer's chunk table is cut to
+    its own widest head by `finish_rebuild`, which reads the widths of any number of these calls
+    in one sync (so the host launches a whole compression while the GPU still runs the block
+    before it)."""
+    rebuilt = _rebuild(store, body, tail_keys, tail_values, index, n_tail, None, groups)
+    pending = rebuilt.pending(check)
+    if rebuilt.body is None:
+        return [None] * groups, rebuilt.keys, rebuilt.values, pending
+    new_body = rebuilt.body
     batch = tail_keys.shape[0] // groups
     rows = [slice(i * batch, (i + 1) * batch) for i in range(groups)]
-    if new_body.chunk_id is None:
-        return [Body({k: t[r] for k, t in new_body.tokens.items()}, None, {}) for r in rows], new_keys, new_values
-    bodies = [Body({k: t[r] for k, t in new_body.tokens.items()}, new_body.chunk_id[r].to(_chunk_dtype(w)),
-                   {k: c[r, :, :w].contiguous() for k, c in new_body.chunks.items()})
-              for r, w in zip(rows, widths)]
-    return bodies, new_keys, new_values
+    bodies = [Body({k: t[r] for k, t in new_body.tokens.items()},
+                   None if new_body.chunk_id is None else new_body.chunk_id[r],
+                   {k: c[r] for k, c in new_body.chunks.items()})
+              for r in rows]
+    return bodies, rebuilt.keys, rebuilt.values, pending
+
+
+def finish_rebuild(bodies: list[Body | None], pending: list[Pending]) -> list[Body | None]:
+    """Read the pending values of rebuilds (one host sync for all), check them, and cut each body's
+    chunk table to its widest head (``bodies`` in order, ``len(pending[i].widths)`` of them per
+    rebuild). Raises when a rebuild's new tail took an encoded entry (the caller's rule for the
+    tail length did not hold: a bug, not bad input)."""
+    widths = [p.widths for p in pending if p.widths is not None]
+    values = torch.cat([torch.stack([p.ok for p in pending]).long(), *widths]).tolist()
+    if not all(values[: len(pending)]):
+        raise RuntimeError("an encoded entry cannot return to the full-precision tail")
+    widths_host = iter(values[len(pending):])
+    out = []
+    for body in bodies:
+        if body is None or body.chunk_id is None:
+            out.append(body)
+            continue
+        w = next(widths_host)
+        out.append(Body(body.tokens, body.chunk_id.to(_chunk_dtype(w)),
+                        {k: c[:, :, :w].contiguous() for k, c in body.chunks.items()}))
+    return out
 
 
 def _rebuild(
     store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int,
     queries: Tensor | None, groups: int,
-) -> tuple[Body | None, Tensor, Tensor, list[int]]:
-    """`rebuild_body`, plus the widest head's live chunks in each of ``groups`` equal row ranges."""
+) -> Rebuilt:
+    """`rebuild_body` without its host read (`Rebuilt`), ``groups`` equal row ranges."""
     b = len(body) if body is not None else 0
     k = index.shape[-1]
     n_body = k - n_tail
     tail_index = index[..., n_body:] - b
-    returns = (tail_index < 0).any()
+    ok = (tail_index >= 0).all()
+    new_keys, new_values = _gather(tail_keys, tail_index.clamp(min=0)), _gather(tail_values, tail_index.clamp(min=0))
     if n_body == 0:
-        if bool(returns):
-            raise ValueError("an encoded entry cannot return to the full-precision tail")
-        return None, _gather(tail_keys, tail_index), _gather(tail_values, tail_index), []
+        return Rebuilt(None, new_keys, new_values, None, ok)
     chosen = index[..., :n_body]
     is_old = chosen < b
     n_old = is_old.sum(-1, keepdim=True)  # [B, H, 1]
     n_new = n_body - n_old
-    width, returns = torch.stack([n_new.max(), returns.long()]).tolist()  # one host sync for both
-    if returns:
-        raise ValueError("an encoded entry cannot return to the full-precision tail")
-    new_keys, new_values = _gather(tail_keys, tail_index), _gather(tail_values, tail_index)
+    # The most tail entries a head can move into the body, known on the host: the new entries are
+    # encoded in that many slots per head, padding past each head's own count (the exact count
+    # would need a host sync; chunks that only padding fills are dropped with the unused ones).
+    width = min(n_body, tail_keys.shape[2] - n_tail)
     tokens: dict[str, Tensor] = {}
     chunk_id: Tensor | None = None
     chunks: dict[str, Tensor] = {}
@@ -257,10 +333,10 @@ def _rebuild(
             new_id = first + slot_rank // per_chunk
             chunk_id = new_id if chunk_id is None else torch.where(fresh, new_id, chunk_id)
             chunks = {name: torch.cat([chunks[name], c], dim=2) if name in chunks else c for name, c in enc.chunks.items()}
-    widths: list[int] = []
+    widths = None
     if chunk_id is not None:
         chunk_id, chunks, widths = _drop_unused(chunk_id, chunks, groups)
-    return Body(tokens, chunk_id, chunks), new_keys, new_values, widths
+    return Rebuilt(Body(tokens, chunk_id, chunks), new_keys, new_values, widths, ok)
 
 
 def append_encoded(store: Store, body: Body | None, enc: Encoded, m: int, room: Body | None = None) -> Body:
@@ -321,24 +397,19 @@ def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body)
                 {k: t[:, :, : first + c] for k, t in room.chunks.items()})
 
 
-def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor], groups: int = 1) -> tuple[Tensor, dict[str, Tensor], list[int]]:
+def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor], groups: int = 1) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Free the chunks no entry refers to any more, head by head: each head's live chunks are
-    packed to the front of its table (heads evict independently, so a chunk often lives on in
-    one head only); the table is as wide as the head with the most live chunks. Also returns the
-    widest head of each of ``groups`` equal batch row ranges (stacked layers)."""
+    packed to the front of its table, in order (heads evict independently, so a chunk often
+    lives on in one head only). The table keeps its width here; `finish_rebuild` cuts it to the
+    widest head of each of ``groups`` equal batch row ranges (stacked layers), returned [groups]
+    on the device, so that a layer's table does not depend on which layers it was batched with."""
     ids = chunk_id.long()
     n = next(iter(chunks.values())).shape[2]
     used = torch.zeros(*ids.shape[:2], n, dtype=torch.bool, device=ids.device)
     used.scatter_(2, ids, True)
-    counts = used.sum(-1)
-    # One sync for all: each group's widest head, and whether any head uses fewer chunks than the
-    # table holds. Every such head is packed (live chunks first, in order) even when another head
-    # keeps the table full, so a layer's table does not depend on which layers it was batched with.
-    *widths, gaps = torch.cat([counts.reshape(groups, -1).amax(-1), (counts < n).any().long()[None]]).tolist()
-    width = max(widths)
-    if width < n or gaps:
-        remap = used.long().cumsum(-1) - 1  # [B, H, C]: new slot of each live chunk
-        ids = remap.gather(2, ids)
-        live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # live ones first, in order
-        chunks = {name: _gather(c, live) for name, c in chunks.items()}
-    return ids.to(_chunk_dtype(width)), chunks, widths
+    widths = used.sum(-1).reshape(groups, -1).amax(-1)
+    remap = used.long().cumsum(-1) - 1  # [B, H, C]: new slot of each live chunk
+    ids = remap.gather(2, ids)
+    live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)  # live ones first, in order
+    chunks = {name: _gather(c, live) for name, c in chunks.items()}
+    return ids, chunks, widths

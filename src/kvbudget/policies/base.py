@@ -445,8 +445,8 @@ class Policy:
 
             if not stacked_store.stackable(self, layers, budgets):
                 return False
-            for group in self._groups(layers, self.STORE_STACK_BYTES):
-                stacked_store.compress(self, layers[group], budgets[0])
+            stacked_store.finish([(layers[group], stacked_store.compress(self, layers[group], budgets[0]))
+                                  for group in self._groups(layers, self.STORE_STACK_BYTES)])
             return True
         if self.head_adaptive:
             return self._stack_adaptive(layers, budgets)

@@ -94,11 +94,11 @@ class KIVI(Store):
             return super().decode_body(body, dtype, out)
         return codec(dtype, out=out or (None, None))
 
-    def decode_body_keys(self, body, dtype: torch.dtype) -> Tensor:
+    def decode_body_keys(self, body, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         codec = self._body_codec(body)
         if codec is None:
-            return super().decode_body_keys(body, dtype)
-        return codec(dtype, values=False)[0]
+            return super().decode_body_keys(body, dtype, out)
+        return codec(dtype, values=False, out=(out, None))[0]
 
     def _body_codec(self, body):
         """The Triton decode of ``body`` (its arguments bound) when the codec covers it, else None."""
