@@ -9,7 +9,10 @@ reports, above the memory held before the answer (weights + the compressed cache
 * ``after_gb``: what is still allocated after it (the decoder dropped);
 * ``kv_gb``: the cache's own bytes (`BudgetedCache.nbytes`) before the answer.
 
-One JSON line per (policy, context). Run on the H100 through the `device` tool:
+One JSON line per (policy, context). ``--breakdown`` adds ``stages``: for each call of the
+steps of an answer (building the static decoder, the snapshot, each compression, each reload),
+the memory allocated above the start of the answer when it returns, and the peak reached
+inside it, in GB. Run on the H100 through the `device` tool:
     PYTHONPATH=src python3 benchmarks/decode_memory.py --out $OUT/decode_memory.jsonl
 """
 
@@ -37,8 +40,33 @@ from gpu_smoke import build  # noqa: E402
 GB = 1e9
 
 
+def _staged(stages: list, base: list[int], label: str, fn):
+    """``fn`` wrapped to append (label, allocated after, peak inside) above ``base[0]``, in GB."""
+    def wrapper(*args, **kwargs):
+        before_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            stages.append([label, round((torch.cuda.memory_allocated() - base[0]) / GB, 3),
+                           round((peak - base[0]) / GB, 3)])
+            # The answer's overall peak stays measured: the stage's peak is folded back in.
+            torch.cuda.reset_peak_memory_stats()
+            torch.empty(max(before_peak, peak) - torch.cuda.memory_allocated(), dtype=torch.uint8, device="cuda")
+    return wrapper
+
+
+STAGES = (("kvbudget.static", "StaticDecoder", "from_cache", "decoder"),
+          ("kvbudget.cache", "BudgetedCache", "before_compress", "snapshot"),
+          ("kvbudget.policies.base", "Policy", "compress", "compress"),
+          ("kvbudget.static", "StaticDecoder", "reload", "reload"))
+
+
 @torch.inference_mode()
-def measure(model, name: str, budget: int | None, context: int, new: int, interval: int) -> dict:
+def measure(model, name: str, budget: int | None, context: int, new: int, interval: int,
+            breakdown: bool = False) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     kw = {"budget": budget} if budget else {}
@@ -54,13 +82,31 @@ def measure(model, name: str, budget: int | None, context: int, new: int, interv
     torch.cuda.reset_peak_memory_stats()
     fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode="graph")
     fake._static_decoder = lambda n: Session._static_decoder(fake, n)
-    with cache.scratch():
-        out = Session._decode(fake, logits, new)
+    stages: list = []
+    patched = []
+    if breakdown:
+        import importlib
+
+        for module, cls_name, attr, label in STAGES:
+            cls = getattr(importlib.import_module(module), cls_name)
+            original = cls.__dict__[attr]
+            fn = original.__func__ if isinstance(original, classmethod) else original
+            wrapped = _staged(stages, [before], label, fn)
+            setattr(cls, attr, classmethod(wrapped) if isinstance(original, classmethod) else wrapped)
+            patched.append((cls, attr, original))
+    try:
+        with cache.scratch():
+            out = Session._decode(fake, logits, new)
+    finally:
+        for cls, attr, original in patched:
+            setattr(cls, attr, original)
     gc.collect()
     torch.cuda.synchronize()
     row = {"policy": name, "budget": budget, "context": context, "new_tokens": len(out), "interval": interval,
            "kv_gb": round(kv / GB, 3), "answer_peak_gb": round((torch.cuda.max_memory_allocated() - before) / GB, 3),
            "after_gb": round((torch.cuda.memory_allocated() - before) / GB, 3)}
+    if breakdown:
+        row["stages"] = stages
     del cache, logits
     return row
 
@@ -73,13 +119,15 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--interval", type=int, default=64, help="decode-time compression every N tokens (0: none)")
+    parser.add_argument("--breakdown", action="store_true", help="memory after / peak inside each step of the answer")
     args = parser.parse_args()
     model = build()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "src": kb.__file__}
     with open(args.out, "w") as f:
         for run in args.runs.split(","):
             name, budget = run.split(":")
-            row = meta | measure(model, name, int(budget) or None, args.context, args.new, args.interval)
+            row = meta | measure(model, name, int(budget) or None, args.context, args.new, args.interval,
+                                 args.breakdown)
             print(json.dumps(row), flush=True)
             f.write(json.dumps(row) + "\n")
 

@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_queue.sh parts-final  # the parts default: model-level checks, bench at 8k-128k
 #   bash benchmarks/gpu_queue.sh codec   # eighth session: Triton KIVI codec + in-place flush, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh nosync  # ninth session: store eviction without host syncs, A/B vs ab_old/
+#   bash benchmarks/gpu_queue.sh settle  # ninth session: its one read deferred past the next block, A/B vs ab_old/
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -98,6 +99,25 @@ case "${1:-}" in
         PYTHONPATH=src python3 benchmarks/compress_profile.py snapkv+kivi4 > "$OUT/compress_profile-nosync.log" 2>&1
         grep -iE "wall|gpu|launch" "$OUT/compress_profile-nosync.log" | head -n 12
         ;;
+    settle)
+        # Ninth session, second step: the eviction's one read (the chunk tables' widths) waits
+        # until the next block's forward is queued. Old code: the first step (commit 248a5c9):
+        # rm -rf ab_old && mkdir ab_old && git archive 248a5c9 src | tar -x -C ab_old
+        [[ -d ab_old/src ]] || { echo "ab_old/ missing (see above)" >&2; exit 2; }
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py stacked graph 2>&1 | tee "$OUT/gpu_tests-settle-session9.log" | tail -n 2
+        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 \
+           --policies full,snapkv,snapkv+kivi4,snapkv+kivi2,h2o+kivi4"
+        for i in 1 2; do
+            for v in old new; do
+                src=src; [[ $v == old ]] && src=ab_old/src
+                echo "# round $i: $v"
+                PYTHONPATH=$src python3 benchmarks/policy_overhead.py $A --out "$OUT/ovh-settle-$v-$i.jsonl" 2>&1 \
+                    | grep -E "^ +[0-9]"
+            done
+        done
+        PYTHONPATH=src python3 benchmarks/decode_memory.py --runs snapkv:2048,snapkv+kivi4:2048 --interval 64 \
+            --breakdown --out "$OUT/decode_memory-breakdown.jsonl" 2>&1 | tail -n 2
+        ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:
         # correctness of both (the bench's check), then launch settings at 32k / 128k.
@@ -117,5 +137,5 @@ case "${1:-}" in
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle" >&2; exit 2 ;;
 esac

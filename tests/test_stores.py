@@ -377,6 +377,40 @@ def test_store_eviction_reads_the_device_once_per_compression(tiny_llama, stack)
         assert reads.count == (1 if stack else len(cache.budgeted)), group_bytes
 
 
+def test_prefill_reads_a_store_eviction_back_after_queueing_the_next_block(tiny_llama, monkeypatch):
+    """In a block-wise prefill a store eviction's one host read (the chunk tables' widths) waits
+    until the next block's forward is queued (`BudgetedCache.defer`): the compression itself
+    reads nothing, the layers are correct meanwhile (wider tables), and every table is cut to its
+    widest head by the end. The result is the loop's (which reads at once)."""
+    from test_ragged_ops import _HostReads
+
+    counts, compress = [], kb.Policy.compress
+
+    def counted(self, cache):
+        with _HostReads() as reads:
+            compress(self, cache)
+        counts.append((reads.count, cache.unsettled))
+
+    monkeypatch.setattr(kb.Policy, "compress", counted)
+    policy = kb.policy("snapkv+kivi4", budget=64, block_size=32)
+    cache = policy.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=32)
+    evicting = [c for c in counts if c[1]]
+    assert len(evicting) >= 4 and all(n == 0 for n, _ in evicting)
+    assert not cache.unsettled
+    loop = kb.policy("snapkv+kivi4", budget=64, block_size=32)
+    loop.stack_layers = False
+    want = loop.new_cache(tiny_llama)
+    kb.prefill(tiny_llama, want, loop, random_ids(200), block_size=32)
+    for a, b in zip(cache.budgeted_layers(), want.budgeted_layers()):
+        live = max(len(set(a.body.chunk_id[0, h].tolist())) for h in range(a.body.chunk_id.shape[1]))
+        assert a.body.chunks["k_scale"].shape[2] == live
+        assert a.body.chunk_id.dtype == b.body.chunk_id.dtype and torch.equal(a.body.chunk_id, b.body.chunk_id)
+        for k in b.body.chunks:
+            assert torch.equal(a.body.chunks[k], b.body.chunks[k])
+        assert a.nbytes() == b.nbytes()
+
+
 def test_tail_length_is_known_on_the_host_and_checked(tiny_llama):
     """After an eviction the kept entries of the residual window stay in the tail. Their count is
     ``min(residual, tail)`` on the host (the window's positions are all held: every eviction

@@ -801,6 +801,29 @@ class BudgetedCache(Cache):
         self._scratch: list = []  # one entry per open `scratch` block: None or a snapshot
         self._snapshot_bytes = 0
         self._pending = None  # (event, device) of a non-blocking `to` in flight
+        # Work a compression left to finish once values it copied to the host arrive (`defer`).
+        self._unsettled: list = []
+        self.defer_settle = False
+
+    def defer(self, finish) -> None:
+        """Run ``finish`` (a store eviction's last step: cutting chunk tables to the widths it
+        copied to the host) now, or, while ``defer_settle`` is set, at the next `settle`. Until
+        then the layers are complete and correct, with tables wider than needed. `prefill` defers
+        during its loop and settles after queueing the next block's forward: reading the widths
+        at the end of the compression left the GPU idle while the host queued that forward."""
+        self._unsettled.append(finish)
+        if not self.defer_settle:
+            self.settle()
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether a compression's last step waits for `settle`."""
+        return bool(self._unsettled)
+
+    def settle(self) -> None:
+        """Run what compressions deferred (`defer`), oldest first."""
+        while self._unsettled:
+            self._unsettled.pop(0)()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[self.budgeted[0]].seen if self.budgeted else super().get_seq_length(layer_idx)
@@ -883,6 +906,7 @@ class BudgetedCache(Cache):
 
     def nbytes(self) -> int:
         """Exact bytes held by the whole cache."""
+        self.settle()
         return sum(self.layer_bytes())
 
     def peak_entries(self) -> int:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .cache import BudgetedLayer
-from .store import Body, Pending, finish_rebuild, prepend_body, rebuild_stacked
+from .store import Body, HostValues, Pending, prepend_body, rebuild_stacked
 
 
 def stackable(policy, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
@@ -117,10 +117,16 @@ def compress(policy, layers: list[BudgetedLayer], budget: int) -> Pending:
     return pending
 
 
-def finish(groups: list[tuple[list[BudgetedLayer], Pending]]) -> None:
-    """Cut the chunk tables of every group's layers to size (`store.finish_rebuild`): one host
-    sync for the whole compression, after the host has queued all of it."""
+def finish(cache, groups: list[tuple[list[BudgetedLayer], Pending]]) -> None:
+    """Cut the chunk tables of every group's layers to size (`store.finish_rebuild`), with one
+    host read for the whole compression, after the host has queued all of it; deferred to
+    `BudgetedCache.settle` while the cache defers (block-wise prefill: the next block's forward
+    is queued first, so the GPU never waits for the host between them)."""
     layers = [layer for group, _ in groups for layer in group]
-    bodies = finish_rebuild([layer.body for layer in layers], [pending for _, pending in groups])
-    for layer, body in zip(layers, bodies):
-        layer.body = body
+    values = HostValues([pending for _, pending in groups])
+
+    def apply() -> None:
+        for layer, body in zip(layers, values.cut([layer.body for layer in layers])):
+            layer.body = body
+
+    cache.defer(apply)

@@ -266,20 +266,45 @@ def finish_rebuild(bodies: list[Body | None], pending: list[Pending]) -> list[Bo
     chunk table to its widest head (``bodies`` in order, ``len(pending[i].widths)`` of them per
     rebuild). Raises when a rebuild's new tail took an encoded entry (the caller's rule for the
     tail length did not hold: a bug, not bad input)."""
-    widths = [p.widths for p in pending if p.widths is not None]
-    values = torch.cat([torch.stack([p.ok for p in pending]).long(), *widths]).tolist()
-    if not all(values[: len(pending)]):
-        raise RuntimeError("an encoded entry cannot return to the full-precision tail")
-    widths_host = iter(values[len(pending):])
-    out = []
-    for body in bodies:
-        if body is None or body.chunk_id is None:
-            out.append(body)
-            continue
-        w = next(widths_host)
-        out.append(Body(body.tokens, body.chunk_id.to(_chunk_dtype(w)),
-                        {k: c[:, :, :w].contiguous() for k, c in body.chunks.items()}))
-    return out
+    return HostValues(pending).cut(bodies)
+
+
+class HostValues:
+    """The pending values of rebuilds copied to the host without waiting for them: on CUDA into
+    pinned memory behind an event, so the host can queue more work (the next block's forward)
+    before `cut` reads them; the event is then usually long passed, and waiting on it never
+    leaves the GPU without queued work, as a stream sync right after the rebuild would."""
+
+    def __init__(self, pending: list[Pending]) -> None:
+        self.n = len(pending)
+        values = torch.cat([torch.stack([p.ok for p in pending]).long(),
+                            *[p.widths for p in pending if p.widths is not None]])
+        self.event = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            values = host
+        self.values = values
+
+    def cut(self, bodies: list[Body | None]) -> list[Body | None]:
+        """`finish_rebuild`'s result, once the values have arrived."""
+        if self.event is not None:
+            self.event.synchronize()
+        values = self.values.tolist()
+        if not all(values[: self.n]):
+            raise RuntimeError("an encoded entry cannot return to the full-precision tail")
+        widths_host = iter(values[self.n:])
+        out = []
+        for body in bodies:
+            if body is None or body.chunk_id is None:
+                out.append(body)
+                continue
+            w = next(widths_host)
+            out.append(Body(body.tokens, body.chunk_id.to(_chunk_dtype(w)),
+                            {k: c[:, :, :w].contiguous() for k, c in body.chunks.items()}))
+        return out
 
 
 def _rebuild(

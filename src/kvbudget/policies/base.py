@@ -391,6 +391,7 @@ class Policy:
         """Cut every budgeted layer back to its budget (no-op for layers under budget)."""
         if not self.evicts and self.store is None:
             return  # nothing to do, and no reason for `before_compress` to snapshot the cache
+        cache.settle()
         # Without eviction a store's body only grows at its end (flush by append), so a snapshot
         # need not hold it (MiniCache's cross-layer merge rewrites it: not that case).
         cache.before_compress(appends_only=not self.evicts and not self.store.cross_layer)
@@ -445,8 +446,8 @@ class Policy:
 
             if not stacked_store.stackable(self, layers, budgets):
                 return False
-            stacked_store.finish([(layers[group], stacked_store.compress(self, layers[group], budgets[0]))
-                                  for group in self._groups(layers, self.STORE_STACK_BYTES)])
+            stacked_store.finish(cache, [(layers[group], stacked_store.compress(self, layers[group], budgets[0]))
+                                         for group in self._groups(layers, self.STORE_STACK_BYTES)])
             return True
         if self.head_adaptive:
             return self._stack_adaptive(layers, budgets)
