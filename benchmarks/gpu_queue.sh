@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_queue.sh codec   # eighth session: Triton KIVI codec + in-place flush, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh nosync  # ninth session: store eviction without host syncs, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh settle  # ninth session: its one read deferred past the next block, A/B vs ab_old/
+#   bash benchmarks/gpu_queue.sh lean    # ninth session: smaller scoring chunks, fewer store kernels, A/B vs ab_old/
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -118,6 +119,29 @@ case "${1:-}" in
         PYTHONPATH=src python3 benchmarks/decode_memory.py --runs snapkv:2048,snapkv+kivi4:2048 --interval 64 \
             --breakdown --out "$OUT/decode_memory-breakdown.jsonl" 2>&1 | tail -n 2
         ;;
+    lean)
+        # Ninth session, third step: scoring chunks of 64 MiB (was 256) computed in place, and
+        # fewer kernels stacking / cutting the store layers' tables. Old code: the second step:
+        # rm -rf ab_old && mkdir ab_old && git archive eaed2b3 src | tar -x -C ab_old
+        [[ -d ab_old/src ]] || { echo "ab_old/ missing (see above)" >&2; exit 2; }
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py stacked graph 2>&1 | tee "$OUT/gpu_tests-lean-session9.log" | tail -n 1
+        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 \
+           --policies full,snapkv,h2o,snapkv+kivi4,snapkv+kivi2,h2o+kivi4"
+        for i in 1 2; do
+            for v in old new; do
+                src=src; [[ $v == old ]] && src=ab_old/src
+                echo "# round $i: $v"
+                PYTHONPATH=$src python3 benchmarks/policy_overhead.py $A --out "$OUT/ovh-lean-$v-$i.jsonl" 2>&1 \
+                    | grep -E "^ +[0-9]"
+            done
+        done
+        for v in old new; do
+            src=src; [[ $v == old ]] && src=ab_old/src
+            echo "# answer memory: $v"
+            PYTHONPATH=$src python3 benchmarks/decode_memory.py --runs snapkv:2048,snapkv+kivi4:2048 --interval 64 \
+                --breakdown --out "$OUT/decode_memory-lean-$v.jsonl" 2>&1 | tail -n 2 | cut -c 150-
+        done
+        ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:
         # correctness of both (the bench's check), then launch settings at 32k / 128k.
@@ -137,5 +161,5 @@ case "${1:-}" in
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean" >&2; exit 2 ;;
 esac

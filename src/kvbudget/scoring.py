@@ -33,7 +33,11 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 256 * 2**20  # float32 logits of one query chunk (the softmax makes ~3 of these)
+# float32 logits of one query chunk (the softmax makes a second one). Decode-time compressions
+# run here (SnapKV's 32 window queries over many stacked layers), so it bounds what an answer
+# needs above the cache: 256 MiB chunks made +0.5 GB at 32k on the 8B shape (docs/benchmarks.md,
+# "Ninth session").
+CHUNK_BYTES = 64 * 2**20
 BACKENDS = ("auto", "materialise", "chunked", "triton")
 KPOS_NONE = 2**31 - 1  # position of a masked key: beyond every query
 
@@ -55,10 +59,11 @@ def group_probs(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, scali
     b, hq, m, d = queries.shape
     h = keys.shape[1]
     q = queries.to(dtype).view(b, h, hq // h, m, d)
-    logits = torch.einsum("bhgmd,bhnd->bhgmn", q, keys.to(dtype)).float() * scaling
+    logits = torch.einsum("bhgmd,bhnd->bhgmn", q, keys.to(dtype)).float().mul_(scaling)
     future = kpos[:, :, None, None, :] > qpos.to(device=kpos.device, dtype=kpos.dtype)[None, None, None, :, None]
+    # In place where it can be: at most two chunk-sized float32 tensors at once (logits, probs).
     # A query whose visible keys were all evicted earlier contributes nothing (not NaN).
-    return logits.masked_fill(future, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return logits.masked_fill_(future, float("-inf")).softmax(-1).nan_to_num_(0.0)
 
 
 # Below this many queries (SnapKV's window of 32, TOVA's 1) one small materialised chunk is

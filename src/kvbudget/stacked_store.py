@@ -65,14 +65,17 @@ def stack_bodies(bodies: list[Body]) -> Body:
         return Body(tokens, None, {})
     width = max(next(iter(b.chunks.values())).shape[2] for b in bodies)
 
-    def padded(c: Tensor) -> Tensor:
-        return c if c.shape[2] == width else torch.cat([c, c.new_zeros(*c.shape[:2], width - c.shape[2], *c.shape[3:])], 2)
+    def padded(name: str) -> Tensor:
+        # One buffer, each layer's table copied into its rows: a kernel per layer, not three.
+        first = bodies[0].chunks[name]
+        rows = first.shape[0]
+        out = first.new_zeros(len(bodies) * rows, first.shape[1], width, *first.shape[3:])
+        for i, body in enumerate(bodies):
+            c = body.chunks[name]
+            out[i * rows : (i + 1) * rows, :, : c.shape[2]] = c
+        return out
 
-    return Body(
-        tokens,
-        torch.cat([b.chunk_id.long() for b in bodies]),
-        {k: torch.cat([padded(b.chunks[k]) for b in bodies]) for k in bodies[0].chunks},
-    )
+    return Body(tokens, torch.cat([b.chunk_id for b in bodies]).long(), {k: padded(k) for k in bodies[0].chunks})
 
 
 def compress(policy, layers: list[BudgetedLayer], budget: int) -> Pending:

@@ -302,8 +302,8 @@ class HostValues:
                 out.append(body)
                 continue
             w = next(widths_host)
-            out.append(Body(body.tokens, body.chunk_id.to(_chunk_dtype(w)),
-                            {k: c[:, :, :w].contiguous() for k, c in body.chunks.items()}))
+            ids = body.chunk_id if body.chunk_id.dtype == _chunk_dtype(w) else body.chunk_id.to(_chunk_dtype(w))
+            out.append(Body(body.tokens, ids, {k: c[:, :, :w].contiguous() for k, c in body.chunks.items()}))
         return out
 
 
@@ -437,4 +437,6 @@ def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor], groups: int = 1) -
     ids = remap.gather(2, ids)
     live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)  # live ones first, in order
     chunks = {name: _gather(c, live) for name, c in chunks.items()}
-    return ids, chunks, widths
+    # The ids' dtype follows the width, which is at most n: int16 is known here when n is small
+    # (one conversion for all stacked layers, none per layer in `finish_rebuild`).
+    return (ids.to(torch.int16) if n < 2**15 else ids), chunks, widths
