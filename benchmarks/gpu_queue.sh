@@ -20,6 +20,36 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+
+# The A/B steps run the old code (an untracked copy in ab_old/src, made as each step says) and
+# the new code alternately. ab_rounds TAG POLICIES: two rounds of 32k prefills of the 8B shape
+# (policy_overhead.py), printing the table rows. answer_memory FILE RUNS [options]: the memory of
+# an answer with decode-time compression every 64 tokens (decode_memory.py), old then new; FILE
+# names the output with {v} for old / new.
+need_old() { [[ -d ab_old/src ]] || { echo "ab_old/ missing (see the step)" >&2; exit 2; }; }
+src_of() { if [[ $1 == old ]]; then echo ab_old/src; else echo src; fi; }
+ab_rounds() {
+    local tag=$1 policies=$2 i v
+    need_old
+    for i in 1 2; do
+        for v in old new; do
+            echo "# round $i: $v"
+            PYTHONPATH=$(src_of $v) python3 benchmarks/policy_overhead.py --model llama8b --device cuda \
+                --context 32768 --budget 2048 --block-size 2048 --repeats 2 --policies "$policies" \
+                --out "$OUT/ovh-$tag-$v-$i.jsonl" 2>&1 | grep -E "^ +[0-9]"
+        done
+    done
+}
+answer_memory() {
+    local file=$1 runs=$2 v
+    shift 2
+    need_old
+    for v in old new; do
+        echo "# answer memory: $v"
+        PYTHONPATH=$(src_of $v) python3 benchmarks/decode_memory.py --runs "$runs" --interval 64 "$@" \
+            --out "$OUT/${file//\{v\}/$v}" 2>&1 | tail -n 2
+    done
+}
 VARIANTS="fold;gather"  # the session's stack kernel was measured here and removed (docs/kernels.md)
 # kernel@BLOCK_N,WARPS,STAGES,RESIDENT,MAXNREG (kernel_bench.kivi_variant); resident from ptxas's registers
 PARTS_VARIANTS="fold;parts@32,4,1,3,168;parts@32,2,1,4,0;parts@16,2,1,4,0;parts@64,4,1,2,0;parts@16,1,1,8,0;parts@32,4,2,3,168"
@@ -57,46 +87,19 @@ case "${1:-}" in
         # Eighth session: the Triton KIVI codec (bit-equal to torch, timed), the KIVI graph checks
         # with flushes in place, then prefill (policy_overhead) and answer memory (decode_memory),
         # old / new / old / new. Old code: mkdir ab_old && git archive 899693e src | tar -x -C ab_old
-        [[ -d ab_old/src ]] || { echo "ab_old/ missing (see above)" >&2; exit 2; }
+        need_old
         PYTHONPATH=src python3 benchmarks/gpu_tests.py codec kivigraph 2>&1 | tee "$OUT/gpu_tests-codec.log"
-        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 \
-           --policies full,kivi4,kivi2,snapkv+kivi4,h2o+kivi4"
-        for i in 1 2; do
-            for v in old new; do
-                src=src; [[ $v == old ]] && src=ab_old/src
-                echo "# round $i: $v"
-                PYTHONPATH=$src python3 benchmarks/policy_overhead.py $A --out "$OUT/ovh-codec-$v-$i.jsonl" 2>&1 \
-                    | tee "$OUT/ovh-codec-$v-$i.log" | grep -E "kivi|full"
-            done
-        done
-        for v in old new; do
-            src=src; [[ $v == old ]] && src=ab_old/src
-            PYTHONPATH=$src python3 benchmarks/decode_memory.py --runs kivi4:0,kivi2:0 --interval 64 \
-                --out "$OUT/decode_memory-$v-i64.jsonl" 2>&1 | tail -n 3
-        done
+        ab_rounds codec full,kivi4,kivi2,snapkv+kivi4,h2o+kivi4
+        answer_memory "decode_memory-{v}-i64.jsonl" kivi4:0,kivi2:0
         ;;
     nosync)
         # Ninth session: store eviction that reads nothing back while it is queued (one sync per
         # compression): the CUDA stacked-vs-loop checks, then prefill shares and answer memory,
         # old / new / old / new. Old code: mkdir ab_old && git archive 247d961 src | tar -x -C ab_old
-        [[ -d ab_old/src ]] || { echo "ab_old/ missing (see above)" >&2; exit 2; }
+        need_old
         PYTHONPATH=src python3 benchmarks/gpu_tests.py stacked 2>&1 | tee "$OUT/gpu_tests-stacked-session9.log" | tail -n 4
-        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 \
-           --policies full,snapkv,snapkv+kivi4,snapkv+kivi2,h2o+kivi4"
-        for i in 1 2; do
-            for v in old new; do
-                src=src; [[ $v == old ]] && src=ab_old/src
-                echo "# round $i: $v"
-                PYTHONPATH=$src python3 benchmarks/policy_overhead.py $A --out "$OUT/ovh-nosync-$v-$i.jsonl" 2>&1 \
-                    | tee "$OUT/ovh-nosync-$v-$i.log" | grep -E "^ +[0-9]"
-            done
-        done
-        for v in old new; do
-            src=src; [[ $v == old ]] && src=ab_old/src
-            echo "# answer memory: $v"
-            PYTHONPATH=$src python3 benchmarks/decode_memory.py --runs snapkv:2048,snapkv+kivi4:2048 --interval 64 \
-                --out "$OUT/decode_memory-nosync-$v-i64.jsonl" 2>&1 | tail -n 2
-        done
+        ab_rounds nosync full,snapkv,snapkv+kivi4,snapkv+kivi2,h2o+kivi4
+        answer_memory "decode_memory-nosync-{v}-i64.jsonl" snapkv:2048,snapkv+kivi4:2048
         PYTHONPATH=src python3 benchmarks/compress_profile.py snapkv+kivi4 > "$OUT/compress_profile-nosync.log" 2>&1
         grep -iE "wall|gpu|launch" "$OUT/compress_profile-nosync.log" | head -n 12
         ;;
@@ -104,18 +107,9 @@ case "${1:-}" in
         # Ninth session, second step: the eviction's one read (the chunk tables' widths) waits
         # until the next block's forward is queued. Old code: the first step (commit 248a5c9):
         # rm -rf ab_old && mkdir ab_old && git archive 248a5c9 src | tar -x -C ab_old
-        [[ -d ab_old/src ]] || { echo "ab_old/ missing (see above)" >&2; exit 2; }
+        need_old
         PYTHONPATH=src python3 benchmarks/gpu_tests.py stacked graph 2>&1 | tee "$OUT/gpu_tests-settle-session9.log" | tail -n 2
-        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 \
-           --policies full,snapkv,snapkv+kivi4,snapkv+kivi2,h2o+kivi4"
-        for i in 1 2; do
-            for v in old new; do
-                src=src; [[ $v == old ]] && src=ab_old/src
-                echo "# round $i: $v"
-                PYTHONPATH=$src python3 benchmarks/policy_overhead.py $A --out "$OUT/ovh-settle-$v-$i.jsonl" 2>&1 \
-                    | grep -E "^ +[0-9]"
-            done
-        done
+        ab_rounds settle full,snapkv,snapkv+kivi4,snapkv+kivi2,h2o+kivi4
         PYTHONPATH=src python3 benchmarks/decode_memory.py --runs snapkv:2048,snapkv+kivi4:2048 --interval 64 \
             --breakdown --out "$OUT/decode_memory-breakdown.jsonl" 2>&1 | tail -n 2
         ;;
@@ -123,24 +117,10 @@ case "${1:-}" in
         # Ninth session, third step: scoring chunks of 64 MiB (was 256) computed in place, and
         # fewer kernels stacking / cutting the store layers' tables. Old code: the second step:
         # rm -rf ab_old && mkdir ab_old && git archive eaed2b3 src | tar -x -C ab_old
-        [[ -d ab_old/src ]] || { echo "ab_old/ missing (see above)" >&2; exit 2; }
+        need_old
         PYTHONPATH=src python3 benchmarks/gpu_tests.py stacked graph 2>&1 | tee "$OUT/gpu_tests-lean-session9.log" | tail -n 1
-        A="--model llama8b --device cuda --context 32768 --budget 2048 --block-size 2048 --repeats 2 \
-           --policies full,snapkv,h2o,snapkv+kivi4,snapkv+kivi2,h2o+kivi4"
-        for i in 1 2; do
-            for v in old new; do
-                src=src; [[ $v == old ]] && src=ab_old/src
-                echo "# round $i: $v"
-                PYTHONPATH=$src python3 benchmarks/policy_overhead.py $A --out "$OUT/ovh-lean-$v-$i.jsonl" 2>&1 \
-                    | grep -E "^ +[0-9]"
-            done
-        done
-        for v in old new; do
-            src=src; [[ $v == old ]] && src=ab_old/src
-            echo "# answer memory: $v"
-            PYTHONPATH=$src python3 benchmarks/decode_memory.py --runs snapkv:2048,snapkv+kivi4:2048 --interval 64 \
-                --breakdown --out "$OUT/decode_memory-lean-$v.jsonl" 2>&1 | tail -n 2 | cut -c 150-
-        done
+        ab_rounds lean full,snapkv,h2o,snapkv+kivi4,snapkv+kivi2,h2o+kivi4
+        answer_memory "decode_memory-lean-{v}.jsonl" snapkv:2048,snapkv+kivi4:2048 --breakdown
         ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:

@@ -35,7 +35,8 @@ from torch import Tensor
 
 # float32 logits of one query chunk (the softmax makes a second one). Decode-time compressions
 # run here (SnapKV's 32 window queries over many stacked layers), so it bounds what an answer
-# needs above the cache: 256 MiB chunks made +0.5 GB at 32k on the 8B shape (docs/benchmarks.md,
+# needs above the cache: on the 8B shape at 32k a SnapKV 2048 compression during an answer rose
+# 0.53 GB above what the answer held with 256 MiB chunks, 0.35 GB with 64 (docs/benchmarks.md,
 # "Ninth session").
 CHUNK_BYTES = 64 * 2**20
 BACKENDS = ("auto", "materialise", "chunked", "triton")

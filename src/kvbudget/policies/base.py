@@ -467,13 +467,13 @@ class Policy:
     # weights + budget + block (measured on H100: all 32 layers at once added 1.3 GB).
     STACK_BYTES = 128 * 2**20
     # The same for layers with a store (`kvbudget.stacked_store`), whose compression also stacks
-    # the decoded bodies and re-encodes. Larger groups trade peak memory for time there: each
-    # group costs the host ~150 launches and three syncs while the GPU waits. On an H100 (8B
-    # shape, 32k, budget 2048; docs/benchmarks.md, "Eighth session"), SnapKV+KIVI-4's share of
-    # the prefill and its peak: 128 MiB 19-20% / 16.41 GB, 256 MiB 13-14% / 16.95 GB, 512 MiB
-    # 11% / 17.57 GB (the full cache's: 19.31 GB); and above a 0.1 GB cache during an answer with
-    # decode-time compression, +0.82 GB at 128 MiB, +1.33 GB at 256. Memory first by default;
-    # set it on a policy (or the class) to trade.
+    # the decoded bodies and re-encodes. Larger groups trade peak memory for time. While each
+    # group cost three host syncs (eighth session, H100, 8B shape, 32k, budget 2048), SnapKV+KIVI-4's
+    # share of the prefill and its peak were: 128 MiB 19-20% / 16.41 GB, 256 MiB 13-14% / 16.95 GB,
+    # 512 MiB 11% / 17.57 GB (the full cache's: 19.31 GB); during an answer with decode-time
+    # compression, +0.82 GB above a 0.1 GB cache at 128 MiB, +1.33 GB at 256. With the groups
+    # queued without a sync (ninth session) the default's share is 9.6-12.4% (docs/benchmarks.md,
+    # "Ninth session"). Memory first by default; set it on a policy (or the class) to trade.
     STORE_STACK_BYTES = 128 * 2**20
 
     def _groups(self, layers: list[BudgetedLayer], limit: int | None = None) -> Iterator[slice]:
