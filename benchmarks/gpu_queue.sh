@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_queue.sh nosync  # ninth session: store eviction without host syncs, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh settle  # ninth session: its one read deferred past the next block, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh lean    # ninth session: smaller scoring chunks, fewer store kernels, A/B vs ab_old/
+#   bash benchmarks/gpu_queue.sh hostsnap  # ninth session: answer snapshots in pinned host memory, A/B vs ab_old/
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -122,6 +123,15 @@ case "${1:-}" in
         ab_rounds lean full,snapkv,h2o,snapkv+kivi4,snapkv+kivi2,h2o+kivi4
         answer_memory "decode_memory-lean-{v}.jsonl" snapkv:2048,snapkv+kivi4:2048 --breakdown
         ;;
+    hostsnap)
+        # Ninth session, fourth step: the snapshot an answer rolls back to waits in pinned host
+        # memory. The graph checks (with the rollback check), then the answer's memory by step.
+        # Old code: rm -rf ab_old && mkdir ab_old && git archive 5bc96a0 src | tar -x -C ab_old
+        need_old
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py graph 2>&1 | tee "$OUT/gpu_tests-hostsnap-session9.log" \
+            | grep -E "FAIL|snapshot|answer peak|FAILURES"
+        answer_memory "decode_memory-hostsnap-{v}.jsonl" snapkv:2048,snapkv+kivi4:2048,h2o:2048 --breakdown
+        ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:
         # correctness of both (the bench's check), then launch settings at 32k / 128k.
@@ -141,5 +151,5 @@ case "${1:-}" in
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap" >&2; exit 2 ;;
 esac

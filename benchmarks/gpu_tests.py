@@ -636,8 +636,50 @@ def check_graph_decode() -> int:
     kstatic.ATTENTION = "auto"
     failures += check_graph_kivi(model)
     failures += check_async_copies(model)
+    failures += check_host_snapshot(model)
     del model
     torch.cuda.empty_cache()
+    return failures
+
+
+def check_host_snapshot(model) -> int:
+    """An answer with decode-time compression inside `scratch` (as `Session` answers), graph
+    decoding: the snapshot it rolls back to waits in pinned host memory (`host_snapshots`) and the
+    rollback gives back exactly the cache from before the answer; the same with the snapshot on
+    the GPU. Also the answer's peak GPU memory either way."""
+    from kvbudget.cache import BudgetedCache
+
+    failures = 0
+    for name, kw in (("snapkv", {"budget": 512}), ("snapkv+kivi4", {"budget": 512})):
+        peaks = []
+        for host in (True, False):
+            BudgetedCache.host_snapshots = host
+            try:
+                torch.manual_seed(0)
+                policy = kb.policy(name, decode_interval=16, block_size=512, **kw)
+                cache = policy.new_cache(model)
+                logits, _ = kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, 3000), device="cuda"))
+                before = [(layer.view(), {k: t.clone() for k, t in layer.body.tokens.items()} if layer.body else {})
+                          for layer in cache.budgeted_layers()]
+                fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode="graph")
+                fake._static_decoder = lambda n, fake=fake: Session._static_decoder(fake, n)
+                torch.cuda.synchronize()
+                start = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                with torch.inference_mode(), cache.scratch():
+                    Session._decode(fake, logits, 48)
+                torch.cuda.synchronize()
+                peaks.append((torch.cuda.max_memory_allocated() - start) / 2**20)
+                same = all(torch.equal(layer.view().keys, view.keys) and torch.equal(layer.view().values, view.values)
+                           and torch.equal(layer.view().positions, view.positions)
+                           and all(torch.equal(layer.body.tokens[k], t) for k, t in body.items())
+                           for layer, (view, body) in zip(cache.budgeted_layers(), before))
+            finally:
+                BudgetedCache.host_snapshots = True
+            failures += report(same, f"{name}: answer rolled back to a snapshot held "
+                                     f"{'on the host' if host else 'on the GPU'}: cache as before the answer")
+        print(f"     {name}: answer peak above the cache {peaks[0]:.1f} MiB (snapshot on the host) / "
+              f"{peaks[1]:.1f} MiB (on the GPU)", flush=True)
     return failures
 
 

@@ -149,3 +149,48 @@ def test_hybrid_model_budget_applies_to_full_attention_layers_only(tiny_gemma):
     for i, layer in enumerate(cache.layers):
         n = layer.keys.shape[-2]
         assert n == (20 if i in cache.budgeted else 15)
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv+kivi4"])
+def test_snapshot_held_on_the_host_restores_the_cache(tiny_llama, monkeypatch, name):
+    """An answer with decode-time compression is rolled back to a snapshot. On a GPU the snapshot's
+    keys, values and body wait in host memory (`BudgetedCache.host_snapshots`): the snapshot owns
+    copies (no view of the layer's tensors) and the rollback gives back exactly the cache from
+    before the answer (here on the CPU, with the host copy forced)."""
+    from kvbudget.cache import BudgetedCache
+
+    def run(host: bool):
+        monkeypatch.setattr(BudgetedCache, "_snapshot_on_host", lambda self: host)
+        policy = kb.policy(name, budget=48, block_size=32, decode_interval=5)
+        cache = policy.new_cache(tiny_llama)
+        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(160), block_size=32)
+        before = [(layer.view(), layer.body) for layer in cache.budgeted_layers()]
+        snaps = []
+        original = BudgetedCache.before_compress
+
+        def spy(self, appends_only=False):
+            original(self, appends_only)
+            if self._scratch and self._scratch[-1] is not None and not snaps:
+                snaps.append([attrs["keys"].untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
+                              for layer, attrs in self._scratch[-1][1]])
+
+        monkeypatch.setattr(BudgetedCache, "before_compress", spy)
+        with torch.inference_mode(), cache.scratch():
+            for step in range(12):
+                logits = tiny_llama(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache,
+                                    use_cache=True).logits[:, -1]
+                if (step + 1) % 5 == 0:
+                    policy.compress(cache)
+        monkeypatch.setattr(BudgetedCache, "before_compress", original)
+        assert snaps and all(shares != host for shares in snaps[0])  # copies exactly when held on the host
+        return cache, before
+
+    for host in (False, True):
+        cache, before = run(host)
+        for layer, (view, body) in zip(cache.budgeted_layers(), before):
+            now = layer.view()
+            assert torch.equal(now.keys, view.keys) and torch.equal(now.values, view.values)
+            assert torch.equal(now.positions, view.positions)
+            if body is not None:
+                for k in body.tokens:
+                    assert torch.equal(layer.body.tokens[k], body.tokens[k])

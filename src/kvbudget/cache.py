@@ -593,17 +593,20 @@ class BudgetedLayer(CacheLayerMixin):
             return
         self._store_ragged(self.view(), self.head_lens - n, tuple(k - n for k in self.host_lens()))
 
-    def snapshot(self, appends_only: bool = False) -> dict:
+    def snapshot(self, appends_only: bool = False, host: bool = False) -> dict:
         """The layer's attributes, to restore later. Tensors borrowed from a static decoder are
         copied: the decoder overwrites its buffers at its next reload. ``appends_only``: the body
-        is kept as its length (`BodyPrefix`), taken back from the body there is at the end."""
+        is kept as its length (`BodyPrefix`), taken back from the body there is at the end.
+        ``host``: the keys, values and body are copied to host memory (`host_copy`), so the
+        snapshot takes no GPU memory while the block runs; `restore` moves them back."""
         attrs = dict(self.__dict__)
         if appends_only and self.body is not None:
             attrs["body"] = BodyPrefix.of(self.body)
-        if self.borrowed:
-            attrs["keys"], attrs["values"] = self.keys.clone(), self.values.clone()
+        if self.borrowed or host:
+            copy = host_copy if host else Tensor.clone
+            attrs["keys"], attrs["values"] = copy(self.keys), copy(self.values)
             if isinstance(attrs["body"], Body):
-                attrs["body"] = self.body.clone()
+                attrs["body"] = self.body.apply(copy)
             attrs["borrowed"], attrs["room"] = False, None
         return attrs
 
@@ -612,6 +615,14 @@ class BudgetedLayer(CacheLayerMixin):
         observed, body = self.observed(), self.body
         self.__dict__.clear()
         self.__dict__.update(attrs)
+        if self.keys is not None and self.keys.device != self.device:  # a snapshot held on the host
+
+            def back(t: Tensor) -> Tensor:
+                return t.to(self.device, non_blocking=True)
+
+            self.keys, self.values = back(self.keys), back(self.values)
+            if isinstance(self.body, Body):
+                self.body = self.body.apply(back)
         if isinstance(self.body, BodyPrefix):
             self.body = self.body.taken_from(body)
         self.restore_observed(observed)
@@ -679,6 +690,15 @@ class BodyPrefix:
         if body.chunk_id is None:
             return Body(tokens, None, {})
         return Body(tokens, body.chunk_id[:, :, :n].to(self.id_dtype), {k: t[:, :, :c] for k, t in body.chunks.items()})
+
+
+def host_copy(t: Tensor) -> Tensor:
+    """``t`` copied to host memory: pinned from a GPU, without waiting (the copy is queued on the
+    current stream, so it reads ``t`` as the work queued before it leaves it)."""
+    if not t.is_cuda:
+        return t.clone()
+    dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return dst.copy_(t, non_blocking=True)
 
 
 def flush_layers(layers: list[BudgetedLayer]) -> None:
@@ -805,6 +825,12 @@ class BudgetedCache(Cache):
         self._unsettled: list = []
         self.defer_settle = False
 
+    # Snapshots of a scratch block (an answer with decode-time compression, rolled back at its
+    # end) wait in pinned host memory on a GPU: on the 8B shape at 32k a SnapKV 2048 answer held
+    # its 0.27 GB cache a second time on the GPU for the whole answer (docs/benchmarks.md, "Ninth
+    # session"). The copies are queued behind the work before them and cost one transfer each way.
+    host_snapshots: bool = True
+
     def defer(self, finish) -> None:
         """Run ``finish`` (a store eviction's last step: cutting chunk tables to the widths it
         copied to the host) now, or, while ``defer_settle`` is set, at the next `settle`. Until
@@ -925,11 +951,17 @@ class BudgetedCache(Cache):
         store bodies (flushes, no eviction), so the snapshot keeps each body's length instead of
         the body (`BodyPrefix`), and only the rest counts."""
         if self._scratch and self._scratch[-1] is None:
-            layers = [(layer, layer.snapshot(appends_only)) for layer in self.budgeted_layers()]
+            host = self._snapshot_on_host()
+            layers = [(layer, layer.snapshot(appends_only, host and layer.is_initialized)) for layer in self.budgeted_layers()]
             self._scratch[-1] = (self.get_seq_length(), layers)
             held = sum(layer.nbytes() - (layer.body.nbytes() if appends_only and layer.body is not None else 0)
                        for layer in self.budgeted_layers())
             self._snapshot_bytes += held
+
+    def _snapshot_on_host(self) -> bool:
+        """Whether `before_compress` copies the snapshot to host memory (`host_snapshots`, on a GPU)."""
+        return self.host_snapshots and any(layer.is_initialized and layer.device.type == "cuda"
+                                           for layer in self.budgeted_layers())
 
     def track_peak(self) -> int:
         """Record the bytes held now in ``peak_bytes`` (call after each forward, before eviction)."""

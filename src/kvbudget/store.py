@@ -154,9 +154,13 @@ class Body:
 
     def clone(self) -> "Body":
         """A copy owning its memory."""
-        return Body({k: t.clone() for k, t in self.tokens.items()},
-                    None if self.chunk_id is None else self.chunk_id.clone(),
-                    {k: c.clone() for k, c in self.chunks.items()})
+        return self.apply(Tensor.clone)
+
+    def apply(self, fn) -> "Body":
+        """This body with ``fn`` applied to each of its tensors (a copy, a move to a device)."""
+        return Body({k: fn(t) for k, t in self.tokens.items()},
+                    None if self.chunk_id is None else fn(self.chunk_id),
+                    {k: fn(c) for k, c in self.chunks.items()})
 
     def decode(self, store: Store, dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         return store.decode_body(self, dtype, out)
