@@ -646,13 +646,14 @@ def check_host_snapshot(model) -> int:
     """An answer with decode-time compression inside `scratch` (as `Session` answers), graph
     decoding: the snapshot it rolls back to waits in pinned host memory (`host_snapshots`) and the
     rollback gives back exactly the cache from before the answer; the same with the snapshot on
-    the GPU. Also the answer's peak GPU memory either way."""
+    the GPU. Also the answer's peak GPU memory either way, after a first answer that pays the
+    one-time allocations (a first capture's cuBLAS workspace: 32 MiB)."""
     from kvbudget.cache import BudgetedCache
 
     failures = 0
     for name, kw in (("snapkv", {"budget": 512}), ("snapkv+kivi4", {"budget": 512})):
         peaks = []
-        for host in (True, False):
+        for host in (True, True, False):
             BudgetedCache.host_snapshots = host
             try:
                 torch.manual_seed(0)
@@ -678,8 +679,8 @@ def check_host_snapshot(model) -> int:
                 BudgetedCache.host_snapshots = True
             failures += report(same, f"{name}: answer rolled back to a snapshot held "
                                      f"{'on the host' if host else 'on the GPU'}: cache as before the answer")
-        print(f"     {name}: answer peak above the cache {peaks[0]:.1f} MiB (snapshot on the host) / "
-              f"{peaks[1]:.1f} MiB (on the GPU)", flush=True)
+        print(f"     {name}: answer peak above the cache {peaks[1]:.1f} MiB (snapshot on the host) / "
+              f"{peaks[2]:.1f} MiB (on the GPU); the first answer {peaks[0]:.1f} MiB", flush=True)
     return failures
 
 
