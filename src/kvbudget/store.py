@@ -288,7 +288,7 @@ class HostValues:
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(values.device))  # the copy's stream, on any GPU
             values = host
         self.values = values
 
