@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from .attention import AttentionPlan, set_plan
 from .store import Body, Encoded, Store, append_encoded, prepend_body, rebuild_body
+from .transfer import host_copy
 
 POSITION_DTYPE = torch.int32
 
@@ -503,7 +504,7 @@ class BudgetedLayer(CacheLayerMixin):
         protected window, which holds the residual window (`Policy.residual`), so the residual
         window's positions are all held and are the last entries: ``min(residual, tail)`` of them.
         The device check catches a history that broke this (read with the rebuild's other values
-        in one host sync, `store.finish_rebuild`); reading the count here instead was a host sync
+        in one host sync, `store.HostValues`); reading the count here instead was a host sync
         per compression in which the GPU waited for the host (docs/benchmarks.md, "Ninth session")."""
         recent = (kept_positions >= self.seen - self.residual).sum(-1).reshape(groups, -1).amin(-1)
         if self.phantom == 0 and self.head_lens is None:
@@ -690,15 +691,6 @@ class BodyPrefix:
         if body.chunk_id is None:
             return Body(tokens, None, {})
         return Body(tokens, body.chunk_id[:, :, :n].to(self.id_dtype), {k: t[:, :, :c] for k, t in body.chunks.items()})
-
-
-def host_copy(t: Tensor) -> Tensor:
-    """``t`` copied to host memory: pinned from a GPU, without waiting (the copy is queued on the
-    current stream, so it reads ``t`` as the work queued before it leaves it)."""
-    if not t.is_cuda:
-        return t.clone()
-    dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return dst.copy_(t, non_blocking=True)
 
 
 def flush_layers(layers: list[BudgetedLayer]) -> None:

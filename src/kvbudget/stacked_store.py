@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .cache import BudgetedLayer
-from .store import Body, HostValues, Pending, prepend_body, rebuild_stacked
+from .store import Body, HostValues, Rebuilt, prepend_body, rebuild_stacked
 
 
 def stackable(policy, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
@@ -78,7 +78,7 @@ def stack_bodies(bodies: list[Body]) -> Body:
     return Body(tokens, torch.cat([b.chunk_id for b in bodies]).long(), {k: padded(k) for k in bodies[0].chunks})
 
 
-def compress(policy, layers: list[BudgetedLayer], budget: int) -> Pending:
+def compress(policy, layers: list[BudgetedLayer], budget: int) -> Rebuilt:
     """Score, select and rebuild ``layers`` together (`stackable` must hold). The layers' chunk
     tables are cut to size by `finish`, with every group's values read in one host sync."""
     from .policies.base import _Stacked, select
@@ -106,7 +106,7 @@ def compress(policy, layers: list[BudgetedLayer], budget: int) -> Pending:
     # layers are alike (`stackable`), so the first one's rule holds for all, checked on all rows.
     n_tail, check = first.tail_kept(kept_positions, n_layers)
     kept_state = {k: s.gather(2, index) for k, s in state.items()}
-    bodies, new_keys, new_values, pending = rebuild_stacked(store, body, tail_keys, tail_values, index, n_tail,
+    bodies, new_keys, new_values, rebuilt = rebuild_stacked(store, body, tail_keys, tail_values, index, n_tail,
                                                             n_layers, check)
     for i, (layer, new) in enumerate(zip(layers, bodies)):
         rows = slice(i * b, (i + 1) * b)
@@ -117,16 +117,16 @@ def compress(policy, layers: list[BudgetedLayer], budget: int) -> Pending:
         layer.head_lens = None
         if policy.scorer.queries < 0:
             layer.clear_queries()
-    return pending
+    return rebuilt
 
 
-def finish(cache, groups: list[tuple[list[BudgetedLayer], Pending]]) -> None:
-    """Cut the chunk tables of every group's layers to size (`store.finish_rebuild`), with one
+def finish(cache, groups: list[tuple[list[BudgetedLayer], Rebuilt]]) -> None:
+    """Cut the chunk tables of every group's layers to size (`store.HostValues`), with one
     host read for the whole compression, after the host has queued all of it; deferred to
     `BudgetedCache.settle` while the cache defers (block-wise prefill: the next block's forward
     is queued first, so the GPU never waits for the host between them)."""
     layers = [layer for group, _ in groups for layer in group]
-    values = HostValues([pending for _, pending in groups])
+    values = HostValues([rebuilt for _, rebuilt in groups])
 
     def apply() -> None:
         for layer, body in zip(layers, values.cut([layer.body for layer in layers])):

@@ -22,6 +22,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .transfer import host_copy
+
 STORES: dict[str, type[Store]] = {}
 # Named settings of one store class: "kivi2" -> {"bits": 2}.
 STORE_VARIANTS: dict[str, dict] = {}
@@ -211,17 +213,18 @@ def rebuild_body(
     body part are encoded (heads may encode different numbers of them), chosen body entries are
     gathered as they are. ``check``: a 0-d bool the caller's assumptions hold (read in the same
     host sync as the chunk table's width). Returns (body, tail keys, tail values)."""
-    rebuilt = _rebuild(store, body, tail_keys, tail_values, index, n_tail, queries, 1)
-    (new_body,) = finish_rebuild([rebuilt.body], [rebuilt.pending(check)])
+    rebuilt = _rebuild(store, body, tail_keys, tail_values, index, n_tail, queries, 1, check)
+    (new_body,) = HostValues([rebuilt]).cut([rebuilt.body])
     return new_body, rebuilt.keys, rebuilt.values
 
 
 @dataclass
 class Rebuilt:
     """What `_rebuild` gives before its one host read: the body with every head's live chunks
-    packed to the front of a table as wide as before the compaction, and on the device the
-    widest head's live chunks in each row range (``widths``) and whether every entry of the new
-    tail came from the old tail (``ok``)."""
+    packed to the front of a table as wide as before the compaction, and on the device what
+    `HostValues` reads: the widest head's live chunks in each row range (``widths`` [groups],
+    None without chunk data) and whether the new tail took only tail entries and the caller's
+    check held (``ok``, 0-d bool)."""
 
     body: Body | None
     keys: Tensor
@@ -229,32 +232,19 @@ class Rebuilt:
     widths: Tensor | None
     ok: Tensor
 
-    def pending(self, check: Tensor | None = None) -> "Pending":
-        ok = self.ok if check is None else self.ok & check
-        return Pending(self.widths, ok)
-
-
-@dataclass
-class Pending:
-    """Device values a rebuild reads on the host once, for any number of them together."""
-
-    widths: Tensor | None  # [groups] long
-    ok: Tensor  # 0-d bool
-
 
 def rebuild_stacked(
     store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int, groups: int,
     check: Tensor | None = None,
-) -> tuple[list[Body | None], Tensor, Tensor, Pending]:
+) -> tuple[list[Body | None], Tensor, Tensor, Rebuilt]:
     """`rebuild_body` for ``groups`` layers stacked along the batch (equal rows each), the body
     split back per layer. Nothing is read on the host here: each layer's chunk table is cut to
-    its own widest head by `finish_rebuild`, which reads the widths of any number of these calls
-    in one sync (so the host launches a whole compression while the GPU still runs the block
-    before it)."""
-    rebuilt = _rebuild(store, body, tail_keys, tail_values, index, n_tail, None, groups)
-    pending = rebuilt.pending(check)
+    its own widest head by `HostValues`, which reads the widths of any number of these calls in
+    one sync (so the host launches a whole compression while the GPU still runs the block before
+    it). Returns the bodies, tail keys and values, and the `Rebuilt` for `HostValues`."""
+    rebuilt = _rebuild(store, body, tail_keys, tail_values, index, n_tail, None, groups, check)
     if rebuilt.body is None:
-        return [None] * groups, rebuilt.keys, rebuilt.values, pending
+        return [None] * groups, rebuilt.keys, rebuilt.values, rebuilt
     new_body = rebuilt.body
     batch = tail_keys.shape[0] // groups
     rows = [slice(i * batch, (i + 1) * batch) for i in range(groups)]
@@ -262,38 +252,32 @@ def rebuild_stacked(
                    None if new_body.chunk_id is None else new_body.chunk_id[r],
                    {k: c[r] for k, c in new_body.chunks.items()})
               for r in rows]
-    return bodies, rebuilt.keys, rebuilt.values, pending
-
-
-def finish_rebuild(bodies: list[Body | None], pending: list[Pending]) -> list[Body | None]:
-    """Read the pending values of rebuilds (one host sync for all), check them, and cut each body's
-    chunk table to its widest head (``bodies`` in order, ``len(pending[i].widths)`` of them per
-    rebuild). Raises when a rebuild's new tail took an encoded entry (the caller's rule for the
-    tail length did not hold: a bug, not bad input)."""
-    return HostValues(pending).cut(bodies)
+    return bodies, rebuilt.keys, rebuilt.values, rebuilt
 
 
 class HostValues:
-    """The pending values of rebuilds copied to the host without waiting for them: on CUDA into
-    pinned memory behind an event, so the host can queue more work (the next block's forward)
-    before `cut` reads them; the event is then usually long passed, and waiting on it never
-    leaves the GPU without queued work, as a stream sync right after the rebuild would."""
+    """What rebuilds left on the device (`Rebuilt`: widths, checks), copied to the host without
+    waiting for them: on CUDA into pinned memory behind an event, so the host can queue more work
+    (the next block's forward) before `cut` reads them; the event is then usually long passed,
+    and waiting on it never leaves the GPU without queued work, as a stream sync right after the
+    rebuild would."""
 
-    def __init__(self, pending: list[Pending]) -> None:
-        self.n = len(pending)
-        values = torch.cat([torch.stack([p.ok for p in pending]).long(),
-                            *[p.widths for p in pending if p.widths is not None]])
+    def __init__(self, rebuilt: list[Rebuilt]) -> None:
+        self.n = len(rebuilt)
+        values = torch.cat([torch.stack([r.ok for r in rebuilt]).long(),
+                            *[r.widths for r in rebuilt if r.widths is not None]])
         self.event = None
         if values.is_cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
+            device = values.device
+            values = host_copy(values)
             self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(values.device))  # the copy's stream, on any GPU
-            values = host
+            self.event.record(torch.cuda.current_stream(device))  # the copy's stream, on any GPU
         self.values = values
 
     def cut(self, bodies: list[Body | None]) -> list[Body | None]:
-        """`finish_rebuild`'s result, once the values have arrived."""
+        """Check the rebuilds (raises when a new tail took an encoded entry: the caller's rule for
+        the tail length did not hold, a bug, not bad input) and cut each body's chunk table to its
+        widest head (``bodies`` in order, ``len(widths)`` of them per rebuild with chunk data)."""
         if self.event is not None:
             self.event.synchronize()
         values = self.values.tolist()
@@ -313,7 +297,7 @@ class HostValues:
 
 def _rebuild(
     store: Store, body: Body | None, tail_keys: Tensor, tail_values: Tensor, index: Tensor, n_tail: int,
-    queries: Tensor | None, groups: int,
+    queries: Tensor | None, groups: int, check: Tensor | None = None,
 ) -> Rebuilt:
     """`rebuild_body` without its host read (`Rebuilt`), ``groups`` equal row ranges."""
     b = len(body) if body is not None else 0
@@ -321,7 +305,9 @@ def _rebuild(
     n_body = k - n_tail
     tail_index = index[..., n_body:] - b
     ok = (tail_index >= 0).all()
-    new_keys, new_values = _gather(tail_keys, tail_index.clamp(min=0)), _gather(tail_values, tail_index.clamp(min=0))
+    ok = ok if check is None else ok & check
+    tail_index = tail_index.clamp(min=0)  # gathered before `ok` is read: never out of range
+    new_keys, new_values = _gather(tail_keys, tail_index), _gather(tail_values, tail_index)
     if n_body == 0:
         return Rebuilt(None, new_keys, new_values, None, ok)
     chosen = index[..., :n_body]
@@ -429,7 +415,7 @@ def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body)
 def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor], groups: int = 1) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Free the chunks no entry refers to any more, head by head: each head's live chunks are
     packed to the front of its table, in order (heads evict independently, so a chunk often
-    lives on in one head only). The table keeps its width here; `finish_rebuild` cuts it to the
+    lives on in one head only). The table keeps its width here; `HostValues.cut` cuts it to the
     widest head of each of ``groups`` equal batch row ranges (stacked layers), returned [groups]
     on the device, so that a layer's table does not depend on which layers it was batched with."""
     ids = chunk_id.long()
@@ -442,5 +428,5 @@ def _drop_unused(chunk_id: Tensor, chunks: dict[str, Tensor], groups: int = 1) -
     live = (~used).to(torch.uint8).argsort(dim=-1, stable=True)  # live ones first, in order
     chunks = {name: _gather(c, live) for name, c in chunks.items()}
     # The ids' dtype follows the width, which is at most n: int16 is known here when n is small
-    # (one conversion for all stacked layers, none per layer in `finish_rebuild`).
+    # (one conversion for all stacked layers, none per layer in `HostValues.cut`).
     return (ids.to(torch.int16) if n < 2**15 else ids), chunks, widths
