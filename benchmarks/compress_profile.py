@@ -44,7 +44,7 @@ def main() -> None:
         print(f"\n=== {name}: compress wall ms (last is profiled) {[round(t * 1e3, 2) for t in times]}")
         avg = prof.key_averages()
         print(avg.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=50))
-        print(avg.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+        print(avg.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=50))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu_queue.sh settle  # ninth session: its one read deferred past the next block, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh lean    # ninth session: smaller scoring chunks, fewer store kernels, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh hostsnap  # ninth session: answer snapshots in pinned host memory, A/B vs ab_old/
+#   bash benchmarks/gpu_queue.sh window-checks  # tenth session: SnapKV's window through the kernels: sweep, checks
+#   bash benchmarks/gpu_queue.sh window  # tenth session: the same, 32k prefills A/B vs ab_old/
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -132,6 +134,22 @@ case "${1:-}" in
             | grep -E "FAIL|snapshot|answer peak|FAILURES"
         answer_memory "decode_memory-hostsnap-{v}.jsonl" snapkv:2048,snapkv+kivi4:2048,h2o:2048 --breakdown
         ;;
+    window-checks)
+        # Tenth session: SnapKV's window scored by the kernels (stacked rows, the flash call's
+        # LSE of the window). The few-query sweep that sets scoring.TRITON_MIN_ROWS, the CUDA
+        # checks (window LSE == the kernel's own first pass; stacked == loop), one profile.
+        PYTHONPATH=src python3 benchmarks/scoring_bench.py --sweep-window --out "$OUT/window-sweep.jsonl" \
+            | python3 -c "import json,sys; [print(r['batch'], r['queries'], r['path'], round(r['ms'], 3), r['rel_err_vs_chunked']) for r in map(json.loads, sys.stdin)]"
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py lse stacked 2>&1 | tee "$OUT/gpu_tests-window-session10.log" \
+            | grep -E "FAIL|rows|FAILURES"
+        PYTHONPATH=src python3 benchmarks/compress_profile.py snapkv snapkv+kivi4 > "$OUT/compress_profile-window.log" 2>&1
+        grep -E "===|Self CUDA time total" "$OUT/compress_profile-window.log"
+        ;;
+    window)
+        # Tenth session: 32k prefills, old (main before the change) and new alternately.
+        # Old code: rm -rf ab_old && mkdir ab_old && git archive <old> src | tar -x -C ab_old
+        ab_rounds window full,snapkv,pyramidkv,adakv,snapkv+kivi4,snapkv+kivi2
+        ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:
         # correctness of both (the bench's check), then launch settings at 32k / 128k.
@@ -151,5 +169,5 @@ case "${1:-}" in
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window" >&2; exit 2 ;;
 esac

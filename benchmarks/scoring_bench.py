@@ -12,6 +12,7 @@ tokens) and its SDPA attention on the same shape, plus a FLOP estimate. One JSON
 
     python benchmarks/scoring_bench.py --out scoring-h100.jsonl
     python benchmarks/scoring_bench.py --sweep-reduce --batch 8 --out reduce-sweep.jsonl
+    python benchmarks/scoring_bench.py --sweep-window --out window-sweep.jsonl
 
 ``--sweep-reduce`` times pass 2 alone (the reduction given each row's log-sum-exp, which is all
 H2O/A2SF/LazyEviction run when the attention call supplies it: docs/scoring.md) over tile sizes,
@@ -161,6 +162,37 @@ def sweep_reduce(args: argparse.Namespace, x: dict, emit) -> None:
         emit(row)
 
 
+def sweep_window(args: argparse.Namespace, emit) -> None:
+    """Few queries (a window, decode-time compressions) over ``--n`` keys, as one layer or as a
+    group of stacked layers (``--window-batches``): the chunked path against the kernels, with
+    and without the rows' log-sum-exp. What `scoring.TRITON_MIN_ROWS` is chosen from."""
+    from kvbudget.kernels.attn_scores import attention_reduce
+
+    for batch in (int(b) for b in args.window_batches.split(",")):
+        for m in (int(q) for q in args.window_queries.split(",")):
+            x = inputs(argparse.Namespace(**{**vars(args), "batch": batch, "m": m}))
+            kpos = scoring.key_positions(x["pos"], x["valid"])
+            g = args.heads // args.kv_heads
+            q = x["q"].float().view(batch, args.kv_heads, g, m, -1)
+            logits = torch.einsum("bhgmd,bhnd->bhgmn", q, x["k"].float()) * x["scaling"]
+            logits = logits.masked_fill(kpos[:, :, None, None, :] > x["qpos"][None, None, None, :, None], float("-inf"))
+            lse = logits.logsumexp(-1).view(batch, args.heads, m)
+            del logits, q
+            ref = None
+            for path, fn in (
+                ("chunked", lambda: scoring.attention_reduce(x["q"], x["k"], x["pos"], x["valid"], x["qpos"],
+                                                             x["scaling"], path="chunked")),
+                ("triton", lambda: attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"])),
+                ("triton+lse", lambda: attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], lse=lse)),
+            ):
+                ms, mem, res = timed(fn, args.repeats)
+                ref = res if ref is None else ref
+                emit({"row": "window", "batch": batch, "queries": m, "path": path, "ms": ms,
+                      "peak_extra_mib": mem / 2**20,
+                      "rel_err_vs_chunked": float((res - ref).abs().max() / ref.abs().max())})
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--m", type=int, default=2048)
@@ -176,6 +208,9 @@ def main() -> None:
     p.add_argument("--sweep-reduce", action="store_true", help="time pass 2 alone over kernel configs")
     p.add_argument("--sweep-modes", default="sum,lazy", help="modes --sweep-reduce times (sum, max, lazy)")
     p.add_argument("--sweep-block-m", default="16,32,64,128", help="query tiles --sweep-reduce tries")
+    p.add_argument("--sweep-window", action="store_true", help="few queries: chunked vs the kernels")
+    p.add_argument("--window-batches", default="1,8,32", help="stacked layers --sweep-window tries")
+    p.add_argument("--window-queries", default="1,32,64", help="queries --sweep-window tries")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("scoring_bench needs CUDA")
@@ -195,6 +230,9 @@ def run(args: argparse.Namespace, out) -> None:
             out.write(line + "\n")
             out.flush()
 
+    if args.sweep_window:
+        sweep_window(args, emit)
+        return
     x = inputs(args)
     if args.sweep_reduce:
         sweep_reduce(args, x, emit)

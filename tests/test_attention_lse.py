@@ -126,11 +126,33 @@ def test_layer_keeps_lse_aligned_and_drops_it_for_the_interval(tiny_llama):
 def test_lse_truncated_like_the_queries(tiny_llama):
     cache = BudgetedCache(tiny_llama.config)
     layer = _layer(cache, 6)
-    layer.query_keep = 3
+    layer.query_keep = 3  # a window scorer (SnapKV) wants the LSE of its window too
+    assert layer.wants_lse()
     _, l1 = _chunk(layer, 2)
     q2, l2 = _chunk(layer, 2)
     assert layer.queries.shape[2] == 3 and torch.equal(layer.queries[:, :, 1:], q2)
     assert torch.equal(layer.lse, torch.cat([l1, l2], 2)[:, :, -3:])
+
+
+def test_window_lse_comes_back_once_the_window_is_refilled(tiny_llama):
+    """A window kept across an eviction loses its LSE; the rows observed since with one fill it
+    again, and the LSE covers the whole window. Accumulating scorers (every query kept) never
+    get it back within the interval."""
+    cache = BudgetedCache(tiny_llama.config)
+    layer = _layer(cache, 6)
+    layer.query_keep = 3
+    _chunk(layer, 3)
+    layer.keep(torch.arange(4).expand(1, 2, 4))  # an eviction: the window stays, its LSE goes
+    assert layer.lse is None and layer.queries.shape[2] == 3 and layer.wants_lse()
+    _, l1 = _chunk(layer, 2)
+    assert layer.lse is None and torch.equal(layer.lse_tail, l1)
+    _, l2 = _chunk(layer, 2)
+    assert torch.equal(layer.lse, torch.cat([l1, l2], 2)[:, :, -3:]) and layer.lse_tail is None
+    _chunk(layer, 1, with_lse=False)
+    assert layer.lse is None and layer.lse_tail is None and layer.wants_lse()
+    layer.query_keep = -1
+    _chunk(layer, 4)
+    assert layer.lse is None and not layer.wants_lse()
 
 
 def test_scratch_restores_or_drops_the_lse(tiny_llama):
@@ -168,11 +190,12 @@ def _kept(model, name: str, stack: bool = True, context: int = 96):
     return [(layer.positions.clone(), dict(layer.state)) for layer in cache.budgeted_layers()]
 
 
-@pytest.mark.parametrize("name", ["h2o", "a2sf"])
+@pytest.mark.parametrize("name", ["h2o", "a2sf", "snapkv"])
 def test_prefill_with_the_attention_lse_keeps_the_same_entries(tiny_llama, monkeypatch, name):
     """End to end on CPU: the hook computes the attention with its LSE (reference op), the layer
-    keeps it, the stacked compression hands it to the kernel, which skips pass 1; the kept
-    entries and the accumulated scores equal those of the path without LSE."""
+    keeps it (every query's for H2O and A2SF, the window's for SnapKV), the stacked compression
+    hands it to the kernel, which skips pass 1; the kept entries and the accumulated scores equal
+    those of the path without LSE."""
     monkeypatch.setenv("KVBUDGET_SCORING", "triton")
     seen = _spy(monkeypatch)
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "off")
@@ -185,7 +208,35 @@ def test_prefill_with_the_attention_lse_keeps_the_same_entries(tiny_llama, monke
     assert seen and all(seen)
     for (pa, sa), (pb, sb) in zip(off, ref):
         assert torch.equal(pa, pb)
-        torch.testing.assert_close(sa[name], sb[name], atol=1e-5, rtol=1e-4)
+        if name in sa:
+            torch.testing.assert_close(sa[name], sb[name], atol=1e-5, rtol=1e-4)
+
+
+def test_window_lse_is_over_exactly_the_scored_keys(tiny_llama, monkeypatch):
+    """The LSE a window scorer is handed (the last rows of the block's attention call) is each
+    window query's log-sum-exp over exactly the keys it scores: the kept entries and the block,
+    causal inside it. A window that still holds queries from before the last compression (a
+    last block shorter than the window) comes without one: they attended to entries since
+    evicted."""
+    from kvbudget.policies.snapkv import SnapKV
+
+    monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
+    seen = []
+    real = SnapKV.score
+
+    def score(self, obs):
+        seen.append((obs.lse, row_lse(obs._queries(), obs.keys, obs.positions, obs.valid,
+                                      obs.query_positions, obs.scaling)))
+        return real(self, obs)
+
+    monkeypatch.setattr(SnapKV, "score", score)
+    policy = kb.policy("snapkv", budget=24, block_size=32)
+    kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(100, seed=5), 32)
+    assert len(seen) == 4  # four compressions of stacked layers, the last after a block of 4
+    for got, want in seen[:3]:
+        assert got is not None and got.shape == want.shape == (3, 4, 32)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert seen[3][0] is None
 
 
 def test_stacked_compression_with_lse_equals_the_layer_loop(tiny_llama, monkeypatch):
@@ -266,7 +317,7 @@ def test_session_file_keeps_the_lse(tiny_llama):
     assert older.lse is None and older.queries is not None
 
 
-@pytest.mark.parametrize("name", ["snapkv", "streaming", "full"])
+@pytest.mark.parametrize("name", ["streaming", "full"])
 def test_blocks_of_other_policies_take_the_lse_op_and_keep_no_lse(tiny_llama, monkeypatch, name):
     """Prefill blocks of dense layers go through the op that returns the LSE (flash on CUDA) even
     when the scorer does not want it: same kept entries as the masked path, no LSE kept, and

@@ -243,6 +243,22 @@ def test_backend_choice(monkeypatch):
         scoring.backend(k)
 
 
+def test_backend_on_cuda_by_query_rows(monkeypatch):
+    """On CUDA (keys faked here): few query rows (one layer's SnapKV window) take the chunked
+    path unless their LSE is known; a group of stacked layers' windows takes the kernels."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("KVBUDGET_SCORING", raising=False)
+    monkeypatch.setattr(scoring, "triton_available", lambda: True)
+    k = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    window = 32 * 32  # query heads x window, one layer
+    assert scoring.backend(k, window) == "chunked"
+    assert scoring.backend(k, window, lse=True) == "triton"
+    assert scoring.backend(k, 8 * window) == "triton"  # 8 stacked layers
+    assert scoring.backend(k) == "triton"
+    assert scoring.query_rows([torch.zeros(2, 4, 3, 8)] * 3) == 72 == scoring.query_rows(torch.zeros(6, 4, 3, 8))
+
+
 def _observation(g: int = 4, seed: int = 0, state=None, device: str = "cpu") -> Observation:
     q, k, pos, valid, qpos = (None if t is None else t.to(device) for t in case(g, seed=seed))
     state = {name: s.to(device) for name, s in (state or {}).items()}

@@ -200,8 +200,12 @@ class BudgetedLayer(CacheLayerMixin):
         # instead of recomputing it. Only valid while those keys are exactly the layer's entries
         # (keys are only appended, visibility is causal by position): anything that removes or
         # re-encodes entries drops it (`_drop_lse`), and so does any observed chunk without one,
-        # until `clear_queries` starts a new interval.
+        # until `clear_queries` starts a new interval, or (a window of the latest queries, kept
+        # across compressions) until the rows observed since with one fill the window again.
         self.lse: Tensor | None = None
+        # The LSE of the latest observed rows that came with one while ``lse`` is None: fewer
+        # rows than ``queries`` ([B, Hq, r]); it becomes ``lse`` when it covers them all.
+        self.lse_tail: Tensor | None = None
         # With a store, older entries live encoded in ``body`` and ``keys``/``values`` hold only
         # the full-precision tail (the most recent ``residual`` entries and new tokens).
         self.store: Store | None = None
@@ -442,7 +446,9 @@ class BudgetedLayer(CacheLayerMixin):
         """Hold these dense ``keys`` / ``values`` (entries kept by an eviction, gathered into new
         tensors). While a dense static decoder lends this layer its buffers, they are written
         into them, so the kept entries are not held a second time until the decoder reloads (with
-        every layer compressed before any reloads, those copies were a second cache)."""
+        every layer compressed before any reloads, those copies were a second cache). Queries
+        kept across it (a window) lose their LSE: it was taken over the entries before."""
+        self._drop_lse()
         room = self.room
         if (isinstance(room, tuple) and self.borrowed and keys.shape[:2] == room[0].shape[:2]
                 and keys.shape[2] <= room[0].shape[2]):
@@ -644,30 +650,39 @@ class BudgetedLayer(CacheLayerMixin):
         if self.queries is not None:
             query = torch.cat([self.queries, query], dim=2)
             pos = torch.cat([self.query_positions, pos])
-            # Never a mix of rows with and without LSE: one chunk without drops it for all.
-            lse = None if lse is None or self.lse is None else torch.cat([self.lse, lse], dim=2)
+            # The rows with an LSE are the latest ones since the last chunk without: a chunk
+            # without one drops it for every row before it.
+            before = self.lse if self.lse is not None else self.lse_tail
+            lse = lse if lse is None or before is None else torch.cat([before, lse], dim=2)
         if self.query_keep > 0:
             query, pos = query[:, :, -self.query_keep :], pos[-self.query_keep :]
             lse = None if lse is None else lse[:, :, -self.query_keep :]
-        self.queries, self.query_positions, self.lse = query, pos, lse
+        # Never a mix of rows with and without LSE for the scoring: ``lse`` covers every row.
+        whole = lse is not None and lse.shape[2] == query.shape[2]
+        self.queries, self.query_positions = query, pos
+        self.lse, self.lse_tail = (lse, None) if whole else (None, lse)
 
     def wants_lse(self) -> bool:
-        """Whether the attention call should compute the LSE for `observe`: every query is kept
-        (accumulating scorers), the tokens are stored, and no chunk of this interval lacked it."""
-        return self.query_keep < 0 and not self.transient and (self.queries is None or self.lse is not None)
+        """Whether the attention call should compute the LSE for `observe`: queries are kept,
+        the tokens are stored, and the rows kept can all come with one: a window of the latest
+        queries (SnapKV and its kin) always can, every query of the interval (accumulating
+        scorers) only while no chunk of it lacked one."""
+        if self.query_keep == 0 or self.transient:
+            return False
+        return self.query_keep > 0 or self.queries is None or self.lse is not None
 
     def clear_queries(self) -> None:
-        self.queries = self.query_positions = self.lse = None
+        self.queries = self.query_positions = self.lse = self.lse_tail = None
 
     def _drop_lse(self) -> None:
-        self.lse = None
+        self.lse = self.lse_tail = None
 
-    def observed(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def observed(self) -> tuple[Tensor | None, ...]:
         """The observed queries, their positions and their LSE (for `restore_observed`)."""
-        return self.queries, self.query_positions, self.lse
+        return self.queries, self.query_positions, self.lse, self.lse_tail
 
-    def restore_observed(self, observed: tuple[Tensor | None, Tensor | None, Tensor | None]) -> None:
-        self.queries, self.query_positions, self.lse = observed
+    def restore_observed(self, observed: tuple[Tensor | None, ...]) -> None:
+        self.queries, self.query_positions, self.lse, self.lse_tail = observed
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,14 @@ float32 matrix is 1 GiB per layer, and building, masking and softmaxing it domin
 They only need a reduction over the query axis (a sum, a max, a per-query weighted sum), so:
 
 - ``materialise``: the reference, the whole [B, H, g, m, n] matrix at once (float32).
-- ``chunked`` (CPU, and CUDA without triton): the queries in chunks whose logits stay under
+- ``chunked`` (CPU, CUDA without triton, and few query rows without their log-sum-exp): the queries in chunks whose logits stay under
   `CHUNK_BYTES`; each chunk's softmax is exact (it spans every key), the reduction accumulates.
 - ``triton`` (CUDA): `kvbudget.kernels.attn_scores`, two passes (row log-sum-exp, then the
   reduction), nothing of size m x n ever in memory; one pass when the caller already has the
   log-sum-exp (``lse``: the model's attention call returned it).
 
-``auto`` (the default) picks triton on CUDA when it imports, chunked otherwise. The environment
+``auto`` (the default) picks triton on CUDA when it imports, unless there are few query rows
+(`TRITON_MIN_ROWS`) and their log-sum-exp is not known; chunked otherwise. The environment
 variable ``KVBUDGET_SCORING=materialise|chunked|triton|auto`` forces one (benchmarks compare
 them); it is read at every call.
 
@@ -67,20 +68,25 @@ def group_probs(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, scali
     return logits.masked_fill_(future, float("-inf")).softmax(-1).nan_to_num_(0.0)
 
 
-# Below this many queries (SnapKV's window of 32, TOVA's 1) one small materialised chunk is
-# faster than the two-pass kernel, whose grid is then too small to fill the GPU (measured on H100:
-# 32 window queries took 91 us per layer through the kernel; docs/benchmarks.md, "GPU").
-TRITON_MIN_QUERIES = 256
+# Below this many query rows (batch x query heads x queries) the two-pass kernel's grid is too
+# small to fill the GPU and one small materialised chunk is as fast: one layer of the 8B shape
+# with SnapKV's window of 32 took 91 us either way on the H100 (docs/benchmarks.md, "GPU"). A
+# group of stacked layers is far above it: SnapKV's window over 8 stacked layers, 8192 rows,
+# took 0.13 ms in the kernels against 0.7 ms chunked (docs/benchmarks.md, "Tenth session").
+# With the rows' log-sum-exp known only pass 2 runs, one program per key tile and KV head,
+# whatever the number of queries: the kernel then always.
+TRITON_MIN_ROWS = 8192
 
 
-def backend(keys: Tensor, n_queries: int | None = None) -> str:
-    """The path a reduction takes for these keys and this many queries (module docstring)."""
+def backend(keys: Tensor, rows: int | None = None, lse: bool = False) -> str:
+    """The path a reduction takes for these keys and this many query ``rows`` (batch x query
+    heads x queries; None: many), ``lse``: the rows' log-sum-exp is known (module docstring)."""
     forced = os.environ.get("KVBUDGET_SCORING", "auto").strip().lower() or "auto"
     if forced not in BACKENDS:
         raise ValueError(f"KVBUDGET_SCORING must be one of {', '.join(BACKENDS)}, got '{forced}'")
     if forced != "auto":
         return forced
-    few = n_queries is not None and n_queries < TRITON_MIN_QUERIES
+    few = rows is not None and rows < TRITON_MIN_ROWS and not lse
     if keys.is_cuda and not few and keys.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
         return "triton"
     return "chunked"
@@ -129,12 +135,19 @@ def joined(queries: Queries) -> Tensor:
     return queries if isinstance(queries, Tensor) else torch.cat(list(queries))
 
 
+def query_rows(queries: Queries) -> int:
+    """Batch x query heads x queries of ``queries`` (one tensor or parts along the batch)."""
+    if isinstance(queries, Tensor):
+        return queries.shape[0] * queries.shape[1] * queries.shape[2]
+    return sum(q.shape[0] * q.shape[1] * q.shape[2] for q in queries)
+
+
 def _prepare(queries: Queries, keys: Tensor, positions: Tensor, valid: Tensor | None,
-             query_positions: Tensor, path: str | None) -> tuple[Tensor, Tensor, str]:
+             query_positions: Tensor, path: str | None, lse: Tensor | None) -> tuple[Tensor, Tensor, str]:
     """What every reduction starts from: key positions (padding beyond every query), query
     positions on the keys' device, and the path (``path``, else `backend`'s choice)."""
-    m = (queries if isinstance(queries, Tensor) else queries[0]).shape[2]
-    return key_positions(positions, valid), query_positions.to(keys.device), path or backend(keys, m)
+    path = path or backend(keys, query_rows(queries), lse is not None)
+    return key_positions(positions, valid), query_positions.to(keys.device), path
 
 
 def attention_reduce(queries: Queries, keys: Tensor, positions: Tensor, valid: Tensor | None,
@@ -156,7 +169,7 @@ def attention_reduce(queries: Queries, keys: Tensor, positions: Tensor, valid: T
         raise ValueError(f"mode must be 'sum' or 'max', got '{mode}'")
     if weights is not None and mode != "sum":
         raise ValueError("weights only apply to mode 'sum'")
-    kpos, qpos, path = _prepare(queries, keys, positions, valid, query_positions, path)
+    kpos, qpos, path = _prepare(queries, keys, positions, valid, query_positions, path, lse)
     if path == "triton":
         from .kernels.attn_scores import attention_reduce as triton_reduce
 
@@ -216,7 +229,7 @@ def attention_lazy(queries: Queries, keys: Tensor, positions: Tensor, valid: Ten
     """`lazy_scan` over the attention of ``queries``, without the [m, n] matrix: (received, last,
     gap), [B, H, n] float32. Triton on CUDA (`kvbudget.kernels.attn_scores.attention_lazy`),
     query chunks elsewhere; ``path``, ``chunk`` and ``lse`` as in `attention_reduce`."""
-    kpos, qpos, path = _prepare(queries, keys, positions, valid, query_positions, path)
+    kpos, qpos, path = _prepare(queries, keys, positions, valid, query_positions, path, lse)
     if path == "triton":
         from .kernels.attn_scores import attention_lazy as triton_lazy
 

@@ -433,6 +433,8 @@ def _launch(
     p_strides = kpos.stride()
     # fp32 tiles take twice the registers/shared memory: halve the query tile.
     bm = tiles.block_m if not ieee else max(16, tiles.block_m // 2)
+    # A window of few queries (SnapKV's 32) fills no wider query tile: rows past m are masked work.
+    bm = min(bm, max(16, triton.next_power_of_2(m)))
     bn = tiles.block_n
     kend, qstart = _tile_bounds(kpos, qpos, bm, bn)
     if lse is not None:
