@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_queue.sh hostsnap  # ninth session: answer snapshots in pinned host memory, A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh window-checks  # tenth session: SnapKV's window through the kernels: sweep, checks
 #   bash benchmarks/gpu_queue.sh window  # tenth session: the same, 32k prefills A/B vs ab_old/
+#   bash benchmarks/gpu_queue.sh fits    # tenth session: stateful scorers' updates stacked while the context fits
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -150,6 +151,18 @@ case "${1:-}" in
         # Old code: rm -rf ab_old && mkdir ab_old && git archive <old> src | tar -x -C ab_old
         ab_rounds window full,snapkv,pyramidkv,adakv,snapkv+kivi4,snapkv+kivi2
         ;;
+    fits)
+        # Tenth session: a stateful scorer's compressions while the context fits, stacked (they
+        # were a per-layer loop, host-bound). CUDA checks (stacked == loop), how far the host
+        # leads at each compression, then 32k prefills old / new alternately.
+        # Old code: rm -rf ab_old && mkdir ab_old && git archive a0f8977 src | tar -x -C ab_old
+        need_old
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py stacked 2>&1 | tee "$OUT/gpu_tests-fits-session10.log" \
+            | grep -E "FAIL|FAILURES"
+        PYTHONPATH=src python3 benchmarks/host_lead.py h2o+kivi4 h2o --out "$OUT/host_lead-fits.json" 2>&1 \
+            | tee "$OUT/host_lead-fits.txt" | grep -E "===" -A3
+        ab_rounds fits full,h2o,a2sf,lazy,h2o+kivi4
+        ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:
         # correctness of both (the bench's check), then launch settings at 32k / 128k.
@@ -169,5 +182,5 @@ case "${1:-}" in
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window|fits" >&2; exit 2 ;;
 esac

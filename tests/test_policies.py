@@ -249,6 +249,31 @@ def test_stacked_compression_equals_layer_by_layer(tiny_llama, name):
         _assert_same_entries(other, results[2])
 
 
+@pytest.mark.parametrize("name", ["h2o", "a2sf", "lazy", "h2o+kivi4", "a2sf+pyramid"])
+def test_state_updates_while_the_context_fits_are_stacked(tiny_llama, monkeypatch, name):
+    """While the context fits the budget, a scorer with state still scores every block: stacked
+    too (no per-layer scoring), with the same state, entries and store bodies as the loop."""
+    calls = []
+    original = kb.Policy._compress_layer
+    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    results = []
+    for stacked in (True, False):
+        policy = kb.policy(name, budget=80)
+        policy.stack_layers = stacked
+        cache = policy.new_cache(tiny_llama)
+        kb.prefill(tiny_llama, cache, policy, random_ids(64), block_size=32, compress_last=True)
+        assert all(layer.state for layer in cache.budgeted_layers())  # the scorer's state was kept
+        if stacked:
+            assert calls == []  # the first block (32 <= 80) and the second (64 <= 80) fit
+        kb.prefill(tiny_llama, cache, policy, random_ids(86, seed=1), block_size=32)
+        results.append(cache)
+    _assert_same_entries(*results)
+    for la, lb in zip(*(r.budgeted_layers() for r in results)):
+        assert (la.body is None) == (lb.body is None) and la.nbytes() == lb.nbytes()
+        if la.body is not None:
+            assert all(torch.equal(la.body.tokens[k], lb.body.tokens[k]) for k in la.body.tokens)
+
+
 def _assert_same_entries(a, b) -> None:
     """Two caches keep the same entries (positions, keys, values bit for bit) and scorer state."""
     for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):

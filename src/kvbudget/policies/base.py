@@ -412,6 +412,8 @@ class Policy:
         demotes = self.store is not None and self.store.demotes
         if not fits and self._stack(cache, budgets):
             return
+        if fits and self._stack_state(cache, budgets):
+            return
         for i, layer in enumerate(cache.budgeted_layers()):
             layer.residual = self.residual(budgets[i])
             if demotes:
@@ -460,6 +462,34 @@ class Policy:
             return False
         for group in self._groups(layers):
             self._compress_stacked(layers[group], budgets[group])
+        return True
+
+    def _stack_state(self, cache: BudgetedCache, budgets: list[int]) -> bool:
+        """While the context fits its budget nothing is evicted, but a scorer with state (H2O,
+        A2SF, LazyEviction) still scores every layer to update it: stacked as well when the
+        layers are alike (dense, unencoded), then flushed together (`flush_layers`). Layer by
+        layer, the first compression of a 32k H2O + KIVI-4 prefill on the H100 took 38 ms of
+        stream time, bound by the host launching it, against 9 ms for each later, stacked one
+        (`benchmarks/host_lead.py`, docs/benchmarks.md "Tenth session"). Returns False (nothing
+        done) where the loop must run."""
+        layers = cache.budgeted_layers()
+        if not (self.stack_layers and self.scorer.stackable and self.scorer.state_names and len(layers) > 1):
+            return False
+        demotes = self.store is not None and self.store.demotes
+        if self.head_adaptive or demotes or not _alike(layers) or len({layer.keys.shape[2] for layer in layers}) > 1:
+            return False  # (unequal lengths would stack padded, and the state with them)
+        for group in self._groups(layers):
+            obs = self._stacked_observation(layers[group], max(budgets[group]))
+            self.scorer.score(obs)  # only its state is kept: nothing is evicted
+            b = layers[0].keys.shape[0]
+            for i, layer in enumerate(layers[group]):
+                layer.state = {k: v[i * b : (i + 1) * b] for k, v in obs.state.items()}
+        for layer, budget in zip(layers, budgets):
+            layer.residual = self.residual(budget)
+        flush_layers(layers)
+        if self.scorer.queries < 0:
+            for layer in layers:
+                layer.clear_queries()
         return True
 
     # Layers go in groups whose stacked K/V stay under STACK_BYTES: the stacked copies are
