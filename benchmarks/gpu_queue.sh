@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_queue.sh window-checks  # tenth session: SnapKV's window through the kernels: sweep, checks
 #   bash benchmarks/gpu_queue.sh window  # tenth session: the same, 32k prefills A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh fits    # tenth session: stateful scorers' updates stacked while the context fits
+#   bash benchmarks/gpu_queue.sh lazybits  # tenth session: LazyEviction's scan as bits (consecutive queries)
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -163,6 +164,23 @@ case "${1:-}" in
             | tee "$OUT/host_lead-fits.txt" | grep -E "===" -A3
         ab_rounds fits full,h2o,a2sf,lazy,h2o+kivi4
         ;;
+    lazybits)
+        # Tenth session: LazyEviction's scan as bits for consecutive query positions. CUDA checks,
+        # pass 2's tiles again (8 stacked layers), then 32k prefills old / new alternately.
+        # Old code: rm -rf ab_old && mkdir ab_old && git archive 24bcce7 src | tar -x -C ab_old
+        need_old
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py lazy 2>&1 | tee "$OUT/gpu_tests-lazybits-session10.log" \
+            | grep -E "FAIL|lazy|FAILURES"
+        PYTHONPATH=src python3 benchmarks/scoring_bench.py --sweep-reduce --batch 8 --sweep-modes lazy,sum \
+            --sweep-block-m 32,64 --out "$OUT/reduce-sweep-lazybits.jsonl" > /dev/null 2>&1
+        python3 -c "
+import json
+rows = [r for r in map(json.loads, open('$OUT/reduce-sweep-lazybits.jsonl')) if 'ms' in r]
+for mode in ('sum', 'lazy'):
+    for r in sorted((r for r in rows if r['mode'] == mode), key=lambda r: r['ms'])[:5]:
+        print(mode, r['query_axis'], r['block_m'], r['block_n'], r['num_warps'], r['num_stages'], round(r['ms'], 3), r.get('state_equal_to_first'))"
+        ab_rounds lazybits full,lazy,h2o
+        ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:
         # correctness of both (the bench's check), then launch settings at 32k / 128k.
@@ -182,5 +200,5 @@ case "${1:-}" in
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window|fits" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window|fits|lazybits" >&2; exit 2 ;;
 esac

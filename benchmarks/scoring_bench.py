@@ -149,6 +149,9 @@ def sweep_reduce(args: argparse.Namespace, x: dict, emit) -> None:
         kw = {"block_m": bm, "block_n": bn, "num_warps": warps, "lse": lse, "num_stages": stages, "query_axis": axis}
         if mode == "lazy":
             fn = lambda: attention_lazy(x["q"], x["k"], kpos, x["qpos"], x["scaling"], last, gap, **kw)  # noqa: E731
+        elif mode == "weighted":  # a sum with per-query weights: lazy's registers (tile + accumulator), no scan
+            w = torch.ones(args.m, device="cuda")
+            fn = lambda: (attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], "sum", weights=w, **kw),)  # noqa: E731
         else:
             fn = lambda: (attention_reduce(x["q"], x["k"], kpos, x["qpos"], x["scaling"], mode, **kw),)  # noqa: E731
         try:
@@ -206,7 +209,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--sweep-reduce", action="store_true", help="time pass 2 alone over kernel configs")
-    p.add_argument("--sweep-modes", default="sum,lazy", help="modes --sweep-reduce times (sum, max, lazy)")
+    p.add_argument("--sweep-modes", default="sum,lazy", help="modes --sweep-reduce times (sum, max, weighted, lazy)")
     p.add_argument("--sweep-block-m", default="16,32,64,128", help="query tiles --sweep-reduce tries")
     p.add_argument("--sweep-window", action="store_true", help="few queries: chunked vs the kernels")
     p.add_argument("--window-batches", default="1,8,32", help="stacked layers --sweep-window tries")

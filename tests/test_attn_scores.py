@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
 from triton import language as tl
 
 from kvbudget.kernels import attn_scores  # noqa: F401 - the kernels import
-from kvbudget.kernels.attn_scores import TILES, _lazy_step
+from kvbudget.kernels.attn_scores import TILES, _lazy_bits, _lazy_step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -487,6 +487,55 @@ def test_lazy_tile_scan_equals_the_torch_scan(shuffled):
     per_tile = important.view(h, m // 4, 4, n).sum(2)  # tiles of 4 rows as well as 8
     assert {0, 1} <= set(per_tile.unique().tolist()) and int(per_tile.max()) >= 2
     assert bool((attn[0] == thr[:, :, None]).any())  # ties at the threshold
+
+
+@triton.jit
+def _bits_tiles(attn_ptr, thr_ptr, q0, last_ptr, gap_ptr, m, N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_lazy_bits` alone over attention given as is, [rows, m, N], queries at q0, q0 + 1, ..."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, N)
+    last = tl.load(last_ptr + r * N + cols)
+    gap = tl.load(gap_ptr + r * N + cols)
+    for start in range(0, m, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        ok = rows < m
+        attn = tl.load(attn_ptr + (r * m + rows[:, None]) * N + cols[None, :], mask=ok[:, None], other=0.0)
+        thr = tl.load(thr_ptr + r * m + rows, mask=ok, other=float("inf"))
+        last, gap = _lazy_bits(attn, thr, (q0 + start).to(tl.float32), last, gap, 0, BLOCK_M)
+    tl.store(last_ptr + r * N + cols, last)
+    tl.store(gap_ptr + r * N + cols, gap)
+
+
+@pytest.mark.parametrize("block_m", [4, 16, 32])
+def test_lazy_bits_equal_the_torch_scan_on_consecutive_queries(block_m):
+    """The scan without a scan (`_lazy_bits`: each key's important queries of a tile as bits,
+    intervals from runs of unset bits) against the torch scan, with consecutive query positions
+    (a prefill block): random importance (runs of every length), columns important never, at
+    every row, at the first and last row of a tile only (bit 31 with tiles of 32), once, and
+    the carried state ahead of the queries or behind them."""
+    gen = torch.Generator().manual_seed(11)
+    h, n, m = 2, 16, 70
+    pos = torch.sort(torch.randperm(60, generator=gen)[:n]).values.expand(1, h, n).clone()
+    qpos = torch.arange(60, 60 + m)
+    thr = torch.full((h, m), 0.1)
+    factor = torch.where(torch.rand(h, m, n, generator=gen) < 0.3, 2.0, 0.5)
+    factor[:, :, 0] = 0.5
+    factor[:, :, 1] = 2.0
+    factor[:, :, 2] = 0.5
+    factor[:, [0, 31, 32, 63, 64, 69], 2] = 2.0  # first and last rows of tiles of 32
+    factor[:, :, 3] = 0.5
+    factor[:, 40, 3] = 2.0
+    factor[:, :, 4] = torch.where(torch.rand(h, m, generator=gen) < 0.05, 2.0, 0.5)  # long runs unset
+    attn = (thr[:, :, None] * factor)[None]  # [1, H, m, n]
+    last = torch.maximum(torch.randint(0, 90, (1, h, n), generator=gen).float(), pos.float())
+    last[0, 0, 5] = 200.0  # ahead of every query
+    gap = torch.randint(0, 5, (1, h, n), generator=gen).float()
+    want = scoring.lazy_scan([(0, attn)], pos, None, qpos, last, gap)
+    on = (lambda t: t.to(DEVICE).contiguous())
+    got_last, got_gap = on(last), on(gap)
+    _bits_tiles[(h,)](on(attn), on(thr), 60, got_last, got_gap, m, N=n, BLOCK_M=block_m)
+    assert torch.equal(got_last.cpu(), want[1]) and torch.equal(got_gap.cpu(), want[2])
+    assert float(want[2].max()) > 20  # a long interval was found
 
 
 def lazy_margin(q, k, pos, valid, qpos, scaling) -> float:

@@ -72,7 +72,8 @@ def group_probs(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, scali
 # small to fill the GPU and one small materialised chunk is as fast: one layer of the 8B shape
 # with SnapKV's window of 32 took 91 us either way on the H100 (docs/benchmarks.md, "GPU"). A
 # group of stacked layers is far above it: SnapKV's window over 8 stacked layers, 8192 rows,
-# took 0.13 ms in the kernels against 0.7 ms chunked (docs/benchmarks.md, "Tenth session").
+# took 0.13 ms of GPU time in the two passes (0.07 ms in pass 2 alone, given the LSE) against
+# about 0.8 ms chunked (docs/benchmarks.md, "Tenth session").
 # With the rows' log-sum-exp known only pass 2 runs, one program per key tile and KV head,
 # whatever the number of queries: the kernel then always.
 TRITON_MIN_ROWS = 8192

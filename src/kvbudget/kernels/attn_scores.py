@@ -170,6 +170,73 @@ def _lazy_step(attn, thr, qpos, last, gap, QAXIS: tl.constexpr):
 
 
 @triton.jit
+def _bit_index(x):
+    """Index of the highest set bit of each ``x`` > 0 (int64 < 2**53): the exponent of its exact
+    float64 value (no clz in triton's interpreter, which the CPU tests run)."""
+    return (x.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1023
+
+
+@triton.jit
+def _longest_run(z):
+    """Length of the longest run of set bits in each ``z`` (int64, bits 0..31): binary lifting
+    over runs of 16, 8, 4, 2 and 1 bits (``a_k`` marks where k set bits start)."""
+    a1 = z
+    a2 = a1 & (a1 >> 1)
+    a4 = a2 & (a2 >> 2)
+    a8 = a4 & (a4 >> 4)
+    a16 = a8 & (a8 >> 8)
+    starts = tl.zeros_like(z) + 0xFFFFFFFF  # where a run of the length found so far starts
+    length = tl.zeros_like(z)
+    starts, length = _lengthen(starts, length, a16, 16)
+    starts, length = _lengthen(starts, length, a8, 8)
+    starts, length = _lengthen(starts, length, a4, 4)
+    starts, length = _lengthen(starts, length, a2, 2)
+    starts, length = _lengthen(starts, length, a1, 1)
+    return length
+
+
+@triton.jit
+def _lengthen(starts, length, a, k: tl.constexpr):
+    """One step of `_longest_run`: where a run of ``length`` set bits starting at a set bit of
+    ``starts`` goes on for ``k`` more (``a`` marks where k set bits start), take it."""
+    longer = starts & (a >> length)
+    found = longer != 0
+    return tl.where(found, longer, starts), tl.where(found, length + k, length)
+
+
+@triton.jit
+def _lazy_bits(attn, thr, q0, last, gap, QAXIS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_lazy_step` for a tile whose query positions are consecutive, q0, q0 + 1, ... (a prefill
+    block; decode steps), without the scan: each key's important queries of the tile as the bits
+    of one integer (BLOCK_M <= 32). An important query closes the interval from the latest
+    important moment before it, the carried ``last`` or an important query of the tile: so the
+    first important query after ``last`` closes one from ``last``, each later one from the
+    important query before it, and the longest of those is 1 + the longest run of unset bits
+    between them. (Important queries at or before ``last`` close nothing: their bits are
+    cleared first.) The new ``last`` is the latest important query. Same values as
+    `_lazy_step` (integer positions, exact in float32), a few integer operations per key
+    instead of a scan over the tile (which made LazyEviction's pass 2 twice H2O's)."""
+    r = tl.arange(0, BLOCK_M)
+    important = attn > tl.expand_dims(thr, 1 - QAXIS)
+    bit = tl.expand_dims(1 << r, 1 - QAXIS)  # int32; bit 31 wraps to the sign bit, as wanted
+    bits = tl.sum(tl.where(important, bit, 0), QAXIS).to(tl.int64) & 0xFFFFFFFF
+    seen = bits != 0
+    latest = _bit_index(tl.where(seen, bits, 1))
+    cut = tl.minimum(tl.maximum(tl.floor(last - q0).to(tl.int64) + 1, 0), 32)  # rows at or before `last`
+    later = bits & ~((tl.full(cut.shape, 1, tl.int64) << cut) - 1)
+    closes = later != 0
+    safe = tl.where(closes, later, 1)
+    hi = _bit_index(safe)
+    lo = _bit_index(safe & -safe)
+    between = ((tl.full(hi.shape, 1, tl.int64) << hi) - 1) & ~((tl.full(lo.shape, 2, tl.int64) << lo) - 1)
+    inside = tl.where(hi > lo, _longest_run(~later & between) + 1, 0).to(tl.float32)
+    first = q0 + lo.to(tl.float32)
+    gap = tl.where(closes, tl.maximum(gap, tl.maximum(first - last, inside)), gap)
+    last = tl.where(seen, tl.maximum(last, q0 + latest.to(tl.float32)), last)
+    return last, gap
+
+
+@triton.jit
 def _reduce_kernel(
     q_ptr, qoff_ptr, k_ptr, kpos_ptr, qpos_ptr, lse_ptr, w_ptr, out_ptr, qstart_ptr,
     m, n, D, qk_scale, out_scale, QB,
@@ -248,7 +315,17 @@ def _reduce_kernel(
         if MODE == 2:
             # w holds each row's importance threshold here, [B*H, m].
             thr = tl.load(w_ptr + pid_bh.to(tl.int64) * m + rows, mask=row_ok, other=float("inf"))
-            last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap, QAXIS)
+            if BLOCK_M <= 32:
+                # Consecutive positions (every prefill block) take the bits; others the scan.
+                shift = qpos - rows
+                low = tl.min(tl.where(row_ok, shift, 2**31 - 1))
+                if low == tl.max(tl.where(row_ok, shift, -(2**31))):
+                    last, gap = _lazy_bits(tile * out_scale, thr, (low + start).to(tl.float32), last, gap,
+                                           QAXIS, BLOCK_M)
+                else:
+                    last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap, QAXIS)
+            else:
+                last, gap = _lazy_step(tile * out_scale, thr, qpos, last, gap, QAXIS)
             acc += tile
         if WEIGHTED:
             w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
