@@ -147,9 +147,21 @@ def fuse(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> dict[str, int]:
     return counts
 
 
+def _wrapped_function(fn):
+    """The function a `kernels` hub wrapper holds (transformers >= 5.2x turns functions such as
+    ``apply_rotary_pos_emb`` into a `Func` module whose forward closes over the function), so
+    that its source can be checked; ``fn`` itself otherwise."""
+    if isinstance(fn, nn.Module):
+        try:
+            return inspect.getclosurevars(type(fn).forward).nonlocals.get("func", fn)
+        except TypeError:
+            return fn
+    return fn
+
+
 def _patch_rope(modeling) -> int:
     fn = getattr(modeling, "apply_rotary_pos_emb", None)
-    if fn is None or hasattr(fn, "kvbudget_original") or not _computes(fn, _ROPE_SIGNATURE):
+    if fn is None or hasattr(fn, "kvbudget_original") or not _computes(_wrapped_function(fn), _ROPE_SIGNATURE):
         return 0
     modeling.apply_rotary_pos_emb = _rope_function(fn)
     return 1
