@@ -17,6 +17,8 @@
 #   bash benchmarks/gpu_queue.sh window  # tenth session: the same, 32k prefills A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh fits    # tenth session: stateful scorers' updates stacked while the context fits
 #   bash benchmarks/gpu_queue.sh lazybits  # tenth session: LazyEviction's scan as bits (consecutive queries)
+#   bash benchmarks/gpu_queue.sh lazytiles  # tenth session: its pass 2 tiles, then the final table 4 rows
+#   bash benchmarks/gpu_queue.sh bits32  # eleventh session: LazyEviction's bits in 32-bit integers, A/B vs ab_old/
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
 #   mkdir oldref && git archive 8ab01f0 src benchmarks | tar -x -C oldref && rm -rf oldref/benchmarks/results
@@ -181,6 +183,35 @@ for mode in ('sum', 'lazy'):
         print(mode, r['query_axis'], r['block_m'], r['block_n'], r['num_warps'], r['num_stages'], round(r['ms'], 3), r.get('state_equal_to_first'))"
         ab_rounds lazybits full,lazy,h2o
         ;;
+    lazytiles)
+        # Tenth session: LazyEviction's pass 2 without the 3 pipelining stages (old 0017ce5),
+        # 32k prefills old / new alternately; then every changed policy with the final code.
+        # Old code: rm -rf ab_old && mkdir ab_old && git archive 0017ce5 src | tar -x -C ab_old
+        ab_rounds lazytiles full,lazy
+        PYTHONPATH=src python3 benchmarks/policy_overhead.py --model llama8b --device cuda --context 32768 \
+            --budget 2048 --block-size 2048 --repeats 2 \
+            --policies full,streaming,snapkv,pyramidkv,adakv,h2o,a2sf,lazy,snapkv+kivi4,snapkv+kivi2,h2o+kivi4 \
+            --out "$OUT/policy_overhead-session10-final.jsonl" 2>&1 | grep -E "^ +[0-9]"
+        ;;
+    bits32)
+        # Eleventh session: LazyEviction's bits in 32-bit integers (no int64, no float64), with
+        # the tenth session's last change (triton's default pipelining for its pass 2). CUDA
+        # checks, pass 2's tiles for old and new (8 stacked layers), 32k prefills old / new.
+        # Old code: rm -rf ab_old && mkdir ab_old && git archive 0017ce5 src | tar -x -C ab_old
+        need_old
+        PYTHONPATH=src python3 benchmarks/gpu_tests.py lazy 2>&1 | tee "$OUT/gpu_tests-bits32-session11.log" \
+            | grep -E "FAIL|lazy|FAILURES"
+        for v in old new; do
+            PYTHONPATH=$(src_of $v) python3 benchmarks/scoring_bench.py --sweep-reduce --batch 8 --sweep-modes lazy \
+                --sweep-block-m 32 --out "$OUT/reduce-sweep-bits32-$v.jsonl" > /dev/null 2>&1
+            python3 -c "
+import json
+rows = [r for r in map(json.loads, open('$OUT/reduce-sweep-bits32-$v.jsonl')) if 'ms' in r]
+for r in sorted(rows, key=lambda r: r['ms'])[:4]:
+    print('$v', r['query_axis'], r['block_m'], r['block_n'], r['num_warps'], r['num_stages'], round(r['ms'], 3), r.get('state_equal_to_first'))"
+        done
+        ab_rounds bits32 lazy,h2o
+        ;;
     parts)
         # Sixth session: the "parts" KIVI kernel (kernels/kivi_parts.py) against the fold kernel:
         # correctness of both (the bench's check), then launch settings at 32k / 128k.
@@ -200,5 +231,5 @@ for mode in ('sum', 'lazy'):
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window|fits|lazybits" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window|fits|lazybits|lazytiles|bits32" >&2; exit 2 ;;
 esac

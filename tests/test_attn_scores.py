@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
 from triton import language as tl
 
 from kvbudget.kernels import attn_scores  # noqa: F401 - the kernels import
-from kvbudget.kernels.attn_scores import TILES, _lazy_bits, _lazy_step
+from kvbudget.kernels.attn_scores import TILES, _high_bit, _lazy_bits, _lazy_step, _longest_run
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -413,8 +413,10 @@ def test_triton_skips_hidden_tiles_exactly(shuffled):
 
 
 @triton.jit
-def _scan_tiles(attn_ptr, thr_ptr, qpos_ptr, last_ptr, gap_ptr, m, N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """`_lazy_step` alone over attention given as is, [rows, m, N], one program per row."""
+def _scan_tiles(attn_ptr, thr_ptr, qpos_ptr, last_ptr, gap_ptr, m, N: tl.constexpr, BLOCK_M: tl.constexpr,
+                BITS: tl.constexpr = False):
+    """`_lazy_step` alone over attention given as is, [rows, m, N], one program per row; with
+    ``BITS``, `_lazy_bits` instead, the queries consecutive from the first of ``qpos``."""
     r = tl.program_id(0)
     cols = tl.arange(0, N)
     last = tl.load(last_ptr + r * N + cols)
@@ -424,8 +426,12 @@ def _scan_tiles(attn_ptr, thr_ptr, qpos_ptr, last_ptr, gap_ptr, m, N: tl.constex
         ok = rows < m
         attn = tl.load(attn_ptr + (r * m + rows[:, None]) * N + cols[None, :], mask=ok[:, None], other=0.0)
         thr = tl.load(thr_ptr + r * m + rows, mask=ok, other=float("inf"))
-        qpos = tl.load(qpos_ptr + rows, mask=ok, other=-(2**31))
-        last, gap = _lazy_step(attn, thr, qpos, last, gap, 0)
+        if BITS:
+            q0 = tl.load(qpos_ptr) + start
+            last, gap = _lazy_bits(attn, thr, q0.to(tl.float32), last, gap, 0, BLOCK_M)
+        else:
+            qpos = tl.load(qpos_ptr + rows, mask=ok, other=-(2**31))
+            last, gap = _lazy_step(attn, thr, qpos, last, gap, 0)
     tl.store(last_ptr + r * N + cols, last)
     tl.store(gap_ptr + r * N + cols, gap)
 
@@ -490,20 +496,34 @@ def test_lazy_tile_scan_equals_the_torch_scan(shuffled):
 
 
 @triton.jit
-def _bits_tiles(attn_ptr, thr_ptr, q0, last_ptr, gap_ptr, m, N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """`_lazy_bits` alone over attention given as is, [rows, m, N], queries at q0, q0 + 1, ..."""
-    r = tl.program_id(0)
-    cols = tl.arange(0, N)
-    last = tl.load(last_ptr + r * N + cols)
-    gap = tl.load(gap_ptr + r * N + cols)
-    for start in range(0, m, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        ok = rows < m
-        attn = tl.load(attn_ptr + (r * m + rows[:, None]) * N + cols[None, :], mask=ok[:, None], other=0.0)
-        thr = tl.load(thr_ptr + r * m + rows, mask=ok, other=float("inf"))
-        last, gap = _lazy_bits(attn, thr, (q0 + start).to(tl.float32), last, gap, 0, BLOCK_M)
-    tl.store(last_ptr + r * N + cols, last)
-    tl.store(gap_ptr + r * N + cols, gap)
+def _bit_ops(x_ptr, hi_ptr, run_ptr, N: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N)).to(tl.uint32, bitcast=True)
+    tl.store(hi_ptr + tl.arange(0, N), _high_bit(x))
+    tl.store(run_ptr + tl.arange(0, N), _longest_run(x).to(tl.int32))
+
+
+def test_bit_helpers_on_32_bit_edges():
+    """`_high_bit` (a float32 conversion that may round up to the next power of two, corrected)
+    and `_longest_run` against Python's integers, over the values where rounding or the sign
+    bit matter: 2**k - 1, 2**k, 2**k + 1, all bits set, bit 31 alone, random words."""
+    gen = torch.Generator().manual_seed(5)
+    values = {1, 2**32 - 1, 2**31, 2**31 + 1, 0x7FFFFFFF, 0xFFFFFF80, 0xFFFFFF7F, 0x80000001, 0xAAAAAAAA}
+    values |= {v for k in range(1, 32) for v in (2**k - 1, 2**k, 2**k + 1)}
+    values |= set(torch.randint(1, 2**32, (64,), generator=gen, dtype=torch.int64).tolist())
+    words = sorted(values)
+    words += [1] * (triton.next_power_of_2(len(words)) - len(words))
+    x = torch.tensor(words, dtype=torch.int64)
+    signed = torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)  # the same 32 bits
+    hi = torch.empty(len(words), dtype=torch.int32, device=DEVICE)
+    run = torch.empty_like(hi)
+    _bit_ops[(1,)](signed.to(DEVICE), hi, run, N=len(words))
+
+    def longest(v: int) -> int:
+        return max(len(r) for r in bin(v)[2:].split("0"))
+
+    assert hi.cpu().tolist() == [v.bit_length() - 1 for v in words]
+    # Runs up to 31 bits (`_lazy_bits` asks only of bits strictly between two set ones).
+    assert run.cpu().tolist() == [min(longest(v), 31) for v in words]
 
 
 @pytest.mark.parametrize("block_m", [4, 16, 32])
@@ -533,7 +553,7 @@ def test_lazy_bits_equal_the_torch_scan_on_consecutive_queries(block_m):
     want = scoring.lazy_scan([(0, attn)], pos, None, qpos, last, gap)
     on = (lambda t: t.to(DEVICE).contiguous())
     got_last, got_gap = on(last), on(gap)
-    _bits_tiles[(h,)](on(attn), on(thr), 60, got_last, got_gap, m, N=n, BLOCK_M=block_m)
+    _scan_tiles[(h,)](on(attn), on(thr), on(qpos.to(torch.int32)), got_last, got_gap, m, N=n, BLOCK_M=block_m, BITS=True)
     assert torch.equal(got_last.cpu(), want[1]) and torch.equal(got_gap.cpu(), want[2])
     assert float(want[2].max()) > 20  # a long interval was found
 

@@ -63,12 +63,14 @@ class Tiles:
 # "weighted" (a sum with per-query weights) and "lazy" keep the tile's own sum beside the
 # accumulator: twice the registers. Lazy's scan over the queries of a tile runs along the axis
 # that stays inside a warp (query_axis 1): 3.7 vs 4.6 ms for 8 layers, 14.4% vs 15.9% of a 32k
-# prefill (medians of 6).
+# prefill (medians of 6). Since its tiles of consecutive queries take bits instead of the scan
+# (`_lazy_bits`), 3 pipelining stages no longer pay: triton's default measured 3.49 vs 3.78 ms in
+# one sweep and 3.148 vs 3.147 ms in another (docs/benchmarks.md, "Eleventh session").
 TILES = {
     "sum": Tiles(),
     "max": Tiles(),
     "weighted": Tiles(block_n=64),
-    "lazy": Tiles(block_m=32, block_n=128, num_stages=3, query_axis=1),
+    "lazy": Tiles(block_m=32, block_n=128, query_axis=1),
 }
 
 
@@ -170,23 +172,33 @@ def _lazy_step(attn, thr, qpos, last, gap, QAXIS: tl.constexpr):
 
 
 @triton.jit
-def _bit_index(x):
-    """Index of the highest set bit of each ``x`` > 0 (int64 < 2**53): the exponent of its exact
-    float64 value (no clz in triton's interpreter, which the CPU tests run)."""
-    return (x.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1023
+def _high_bit(x):
+    """Index of the highest set bit of each ``x`` > 0 (uint32). uint32 -> float32 rounds to
+    nearest, so the float's exponent is that index or one more (rounded up to the next power
+    of two): compared back once. (No clz in triton's interpreter, which the CPU tests run.)"""
+    e = tl.minimum((x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127, 31)
+    return tl.where(x < (tl.full(x.shape, 1, tl.uint32) << e.to(tl.uint32)), e - 1, e)
+
+
+@triton.jit
+def _all_ones(x):
+    """uint32 with every bit set, shaped as ``x``: from int32 -1, as triton's interpreter cannot
+    make it in uint32 (its `~` on uint32 fails the same way: ``x ^ _all_ones(x)`` instead)."""
+    return tl.full(x.shape, -1, tl.int32).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
 def _longest_run(z):
-    """Length of the longest run of set bits in each ``z`` (int64, bits 0..31): binary lifting
-    over runs of 16, 8, 4, 2 and 1 bits (``a_k`` marks where k set bits start)."""
+    """Length of the longest run of set bits in each ``z`` (uint32), up to 31 (every bit set
+    gives 31; `_lazy_bits` asks only of bits strictly between two set ones): binary lifting over
+    runs of 16, 8, 4, 2 and 1 bits (``a_k`` marks where k set bits start)."""
     a1 = z
     a2 = a1 & (a1 >> 1)
     a4 = a2 & (a2 >> 2)
     a8 = a4 & (a4 >> 4)
     a16 = a8 & (a8 >> 8)
-    starts = tl.zeros_like(z) + 0xFFFFFFFF  # where a run of the length found so far starts
-    length = tl.zeros_like(z)
+    starts = _all_ones(z)  # where a run of the length found so far starts
+    length = tl.zeros(z.shape, tl.uint32)  # at most 31 here: every shift stays below 32
     starts, length = _lengthen(starts, length, a16, 16)
     starts, length = _lengthen(starts, length, a8, 8)
     starts, length = _lengthen(starts, length, a4, 4)
@@ -208,28 +220,34 @@ def _lengthen(starts, length, a, k: tl.constexpr):
 def _lazy_bits(attn, thr, q0, last, gap, QAXIS: tl.constexpr, BLOCK_M: tl.constexpr):
     """`_lazy_step` for a tile whose query positions are consecutive, q0, q0 + 1, ... (a prefill
     block; decode steps), without the scan: each key's important queries of the tile as the bits
-    of one integer (BLOCK_M <= 32). An important query closes the interval from the latest
+    of one 32-bit integer (BLOCK_M <= 32). An important query closes the interval from the latest
     important moment before it, the carried ``last`` or an important query of the tile: so the
     first important query after ``last`` closes one from ``last``, each later one from the
     important query before it, and the longest of those is 1 + the longest run of unset bits
     between them. (Important queries at or before ``last`` close nothing: their bits are
     cleared first.) The new ``last`` is the latest important query. Same values as
     `_lazy_step` (integer positions, exact in float32), a few integer operations per key
-    instead of a scan over the tile (which made LazyEviction's pass 2 twice H2O's)."""
+    instead of a scan over the tile (which made LazyEviction's pass 2 twice H2O's). All of it
+    in 32 bits: shifts stay below 32 (a shift by the width is undefined), and 64-bit integers
+    and float64 conversions, as the first version had, cost several instructions each."""
     r = tl.arange(0, BLOCK_M)
     important = attn > tl.expand_dims(thr, 1 - QAXIS)
     bit = tl.expand_dims(1 << r, 1 - QAXIS)  # int32; bit 31 wraps to the sign bit, as wanted
-    bits = tl.sum(tl.where(important, bit, 0), QAXIS).to(tl.int64) & 0xFFFFFFFF
+    # Distinct bits: their sum is their OR, also through the sign bit (wrapping int32 adds).
+    bits = tl.sum(tl.where(important, bit, 0), QAXIS).to(tl.uint32, bitcast=True)
     seen = bits != 0
-    latest = _bit_index(tl.where(seen, bits, 1))
-    cut = tl.minimum(tl.maximum(tl.floor(last - q0).to(tl.int64) + 1, 0), 32)  # rows at or before `last`
-    later = bits & ~((tl.full(cut.shape, 1, tl.int64) << cut) - 1)
+    latest = _high_bit(tl.where(seen, bits, 1))
+    ones = _all_ones(bits)
+    cut = tl.maximum(tl.floor(last - q0).to(tl.int32) + 1, 0)  # rows at or before `last`
+    later = tl.where(cut > 31, 0, bits & (ones << tl.minimum(cut, 31).to(tl.uint32)))
     closes = later != 0
     safe = tl.where(closes, later, 1)
-    hi = _bit_index(safe)
-    lo = _bit_index(safe & -safe)
-    between = ((tl.full(hi.shape, 1, tl.int64) << hi) - 1) & ~((tl.full(lo.shape, 2, tl.int64) << lo) - 1)
-    inside = tl.where(hi > lo, _longest_run(~later & between) + 1, 0).to(tl.float32)
+    hi = _high_bit(safe)
+    lo = _high_bit(safe & ((safe ^ ones) + 1))  # the lowest set bit, alone
+    one = tl.full(bits.shape, 1, tl.uint32)
+    # Bits strictly between lo and hi: below hi, above lo.
+    between = ((one << hi.to(tl.uint32)) - 1) & (ones << lo.to(tl.uint32)) & ((one << lo.to(tl.uint32)) ^ ones)
+    inside = tl.where(hi > lo, _longest_run((later ^ ones) & between) + 1, 0).to(tl.float32)
     first = q0 + lo.to(tl.float32)
     gap = tl.where(closes, tl.maximum(gap, tl.maximum(first - last, inside)), gap)
     last = tl.where(seen, tl.maximum(last, q0 + latest.to(tl.float32)), last)
