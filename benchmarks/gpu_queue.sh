@@ -17,7 +17,6 @@
 #   bash benchmarks/gpu_queue.sh window  # tenth session: the same, 32k prefills A/B vs ab_old/
 #   bash benchmarks/gpu_queue.sh fits    # tenth session: stateful scorers' updates stacked while the context fits
 #   bash benchmarks/gpu_queue.sh lazybits  # tenth session: LazyEviction's scan as bits (consecutive queries)
-#   bash benchmarks/gpu_queue.sh lazytiles  # tenth session: its pass 2 tiles, then the final table 4 rows
 #   bash benchmarks/gpu_queue.sh bits32  # eleventh session: LazyEviction's bits in 32-bit integers, A/B vs ab_old/
 #
 # `adakv` needs the old code beside the new, as an untracked folder that travels with the tree:
@@ -183,16 +182,6 @@ for mode in ('sum', 'lazy'):
         print(mode, r['query_axis'], r['block_m'], r['block_n'], r['num_warps'], r['num_stages'], round(r['ms'], 3), r.get('state_equal_to_first'))"
         ab_rounds lazybits full,lazy,h2o
         ;;
-    lazytiles)
-        # Tenth session: LazyEviction's pass 2 without the 3 pipelining stages (old 0017ce5),
-        # 32k prefills old / new alternately; then every changed policy with the final code.
-        # Old code: rm -rf ab_old && mkdir ab_old && git archive 0017ce5 src | tar -x -C ab_old
-        ab_rounds lazytiles full,lazy
-        PYTHONPATH=src python3 benchmarks/policy_overhead.py --model llama8b --device cuda --context 32768 \
-            --budget 2048 --block-size 2048 --repeats 2 \
-            --policies full,streaming,snapkv,pyramidkv,adakv,h2o,a2sf,lazy,snapkv+kivi4,snapkv+kivi2,h2o+kivi4 \
-            --out "$OUT/policy_overhead-session10-final.jsonl" 2>&1 | grep -E "^ +[0-9]"
-        ;;
     bits32)
         # Eleventh session: LazyEviction's bits in 32-bit integers (no int64, no float64), with
         # the tenth session's last change (triton's default pipelining for its pass 2). CUDA
@@ -231,5 +220,5 @@ for r in sorted(rows, key=lambda r: r['ms'])[:4]:
             --out "$OUT/kernels-kivi-session6-final.jsonl" > "$OUT/kernel_bench-session6-final.log" 2>&1
         grep -E "correctness|FAILED" "$OUT/kernel_bench-session6-final.log"; sed -n '/=== copy/,$p' "$OUT/kernel_bench-session6-final.log"
         ;;
-    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window|fits|lazybits|lazytiles|bits32" >&2; exit 2 ;;
+    *) echo "usage: $0 check|kivi|adakv|lazy|parts|parts-final|codec|nosync|settle|lean|hostsnap|window-checks|window|fits|lazybits|bits32" >&2; exit 2 ;;
 esac

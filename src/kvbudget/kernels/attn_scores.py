@@ -243,10 +243,10 @@ def _lazy_bits(attn, thr, q0, last, gap, QAXIS: tl.constexpr, BLOCK_M: tl.conste
     closes = later != 0
     safe = tl.where(closes, later, 1)
     hi = _high_bit(safe)
-    lo = _high_bit(safe & ((safe ^ ones) + 1))  # the lowest set bit, alone
-    one = tl.full(bits.shape, 1, tl.uint32)
-    # Bits strictly between lo and hi: below hi, above lo.
-    between = ((one << hi.to(tl.uint32)) - 1) & (ones << lo.to(tl.uint32)) & ((one << lo.to(tl.uint32)) ^ ones)
+    low_bit = safe & ((safe ^ ones) + 1)  # the lowest set bit, alone
+    lo = _high_bit(low_bit)
+    # Bits strictly between lo and hi: below hi, and at or above lo but lo itself.
+    between = ((tl.full(bits.shape, 1, tl.uint32) << hi.to(tl.uint32)) - 1) & ((ones << lo.to(tl.uint32)) ^ low_bit)
     inside = tl.where(hi > lo, _longest_run((later ^ ones) & between) + 1, 0).to(tl.float32)
     first = q0 + lo.to(tl.float32)
     gap = tl.where(closes, tl.maximum(gap, tl.maximum(first - last, inside)), gap)
