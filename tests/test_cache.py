@@ -23,25 +23,25 @@ def _reference_logits(model, ids, new_ids, kept, hq):
     """Full prefill in a DynamicCache, then the new tokens under a 4-D mask hiding evicted entries."""
     total, q = ids.shape[1], new_ids.shape[1]
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, cache=cache, use_cache=True)
     g = hq // len(kept)
     mask = torch.zeros(1, hq, q, total + q, dtype=torch.bool)
     for j in range(hq):
         mask[0, j, :, kept[j // g]] = True
     mask[0, :, :, total:] = torch.ones(q, q, dtype=torch.bool).tril()
     pos = torch.arange(total, total + q)[None]
-    return model(input_ids=new_ids, past_key_values=cache, attention_mask=mask, position_ids=pos).logits
+    return model(input_ids=new_ids, cache=cache, attention_mask=mask, position_ids=pos).logits
 
 
 def _budgeted_logits(model, ids, new_ids, kept, ragged):
     cache = BudgetedCache(model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, cache=cache, use_cache=True)
     width = max(len(k) for k in kept)
     index = torch.stack([torch.cat([k, k.new_zeros(width - len(k))]) for k in kept])[None]
     lens = torch.tensor([len(k) for k in kept]) if ragged else None
     for layer in cache.budgeted_layers():
         layer.keep(index, lens)
-    out = model(input_ids=new_ids, past_key_values=cache, use_cache=True).logits
+    out = model(input_ids=new_ids, cache=cache, use_cache=True).logits
     return out, cache
 
 
@@ -73,7 +73,7 @@ def test_ragged_storage_allocates_fewer_bytes(tiny_llama):
     ids = random_ids(80)
     cache = BudgetedCache(tiny_llama.config)
     with torch.inference_mode():
-        tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=ids, cache=cache, use_cache=True)
     layer = cache.budgeted_layers()[0]
     d = layer.keys.shape[-1]
     lens = torch.tensor([60, 20])
@@ -100,7 +100,7 @@ def test_full_cache_matches_dynamic_cache_in_generate(tiny_llama):
     ids = random_ids(40)
     ref = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     got = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                              past_key_values=BudgetedCache(tiny_llama.config))
+                              cache=BudgetedCache(tiny_llama.config))
     assert torch.equal(got, ref)
 
 
@@ -111,14 +111,14 @@ def test_generate_after_eviction_uses_true_positions(tiny_llama):
     kept = _kept_sets(2, 50, seed=3, ragged=False)
     with torch.inference_mode():
         cache = BudgetedCache(tiny_llama.config)
-        logits = tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = tiny_llama(input_ids=ids, cache=cache, use_cache=True).logits
         first = logits[:, -1].argmax(-1, keepdim=True)
         index = torch.stack(kept)[None]
         for layer in cache.budgeted_layers():
             layer.keep(index)
         assert cache.get_seq_length() == 50
         ref = _reference_logits(tiny_llama, ids, first, kept, 4)
-        out = tiny_llama(input_ids=first, past_key_values=cache, use_cache=True).logits
+        out = tiny_llama(input_ids=first, cache=cache, use_cache=True).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -128,27 +128,29 @@ def test_scratch_rolls_back_exactly(tiny_llama):
     kb.prefill(tiny_llama, cache, policy, random_ids(70), 16)
     before = [(l.keys.clone(), l.positions.clone(), l.seen) for l in cache.budgeted_layers()]
     with cache.scratch(), torch.inference_mode():
-        tiny_llama(input_ids=random_ids(9, seed=5), past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=random_ids(9, seed=5), cache=cache, use_cache=True)
         assert cache.get_seq_length() == 79
     for layer, (k, p, seen) in zip(cache.budgeted_layers(), before):
         assert torch.equal(layer.keys, k) and torch.equal(layer.positions, p) and layer.seen == seen
 
 
-def test_hybrid_model_budget_applies_to_full_attention_layers_only(tiny_gemma):
-    """Gemma 3: sliding-window layers bound themselves (window - 1 entries); the budget cuts the
-    full-attention layers; `full` equals the model's own generate."""
+def test_hybrid_model_budget_binds_every_layer(tiny_gemma):
+    """Gemma 3: `full` equals the model's own generate (the sliding layers masked by position,
+    entries beyond the window dropped); under a budget every layer holds at most its share, a
+    sliding layer at most min(share, window - 1)."""
     ids = random_ids(90)
     ref = tiny_gemma.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = tiny_gemma.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                              past_key_values=BudgetedCache(tiny_gemma.config))
+                              cache=BudgetedCache(tiny_gemma))
     assert torch.equal(got, ref)
-    policy = kb.policy("snapkv", budget=20, block_size=16)
-    cache = policy.new_cache(tiny_gemma)
-    kb.prefill(tiny_gemma, cache, policy, ids, 16)
-    assert cache.budgeted == [1, 3]
-    for i, layer in enumerate(cache.layers):
-        n = layer.keys.shape[-2]
-        assert n == (20 if i in cache.budgeted else 15)
+    for budget, sliding in ((20, 15), (12, 12)):  # window 16: at most 15 entries per head
+        policy = kb.policy("snapkv", budget=budget, block_size=16)
+        cache = policy.new_cache(tiny_gemma)
+        kb.prefill(tiny_gemma, cache, policy, ids, 16)
+        assert cache.budgeted == [0, 1, 2, 3]
+        assert [layer.window for layer in cache.layers] == [16, None, 16, None]
+        for layer in cache.layers:
+            assert layer.keys.shape[-2] == (budget if layer.window is None else sliding)
 
 
 @pytest.mark.parametrize("name", ["h2o", "snapkv+kivi4"])
@@ -177,7 +179,7 @@ def test_snapshot_held_on_the_host_restores_the_cache(tiny_llama, monkeypatch, n
         monkeypatch.setattr(BudgetedCache, "before_compress", spy)
         with torch.inference_mode(), cache.scratch():
             for step in range(12):
-                logits = tiny_llama(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache,
+                logits = tiny_llama(input_ids=logits.argmax(-1, keepdim=True), cache=cache,
                                     use_cache=True).logits[:, -1]
                 if (step + 1) % 5 == 0:
                     policy.compress(cache)

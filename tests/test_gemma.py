@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import kvbudget as kb
-from kvbudget.cache import BudgetedLayer
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,9 @@ def test_gemma_layout(gemma):
     cfg = model.config
     assert cfg.num_hidden_layers == 18 and cfg.num_key_value_heads == 1 and cfg.sliding_window == 512
     cache = kb.policy("snapkv", budget=64).new_cache(model)
-    assert cache.budgeted == [5, 11, 17]  # the global layers: the budget applies to them only
+    windows = [layer.window for layer in cache.layers]
+    assert [i for i, w in enumerate(windows) if w is None] == [5, 11, 17]  # the global layers
+    assert {w for w in windows if w is not None} == {512}
 
 
 def test_gemma_full_equals_generate_past_the_sliding_window(gemma):
@@ -40,12 +41,11 @@ def test_gemma_full_equals_generate_past_the_sliding_window(gemma):
     assert len(turn.token_ids) == 10 or ref[len(turn.token_ids)] in session.eos
 
 
-def test_gemma_budget_cuts_global_layers_only(gemma):
+def test_gemma_budget_binds_every_layer(gemma):
+    """The budget binds the sliding layers too (96 < the 511 their window would hold)."""
     model, tok = gemma
     session = kb.Session(model, tok, kb.policy("snapkv", budget=96), block_size=128)
     session.add_context(_context())
-    for i, layer in enumerate(session.cache.layers):
-        held = layer.max_entries if isinstance(layer, BudgetedLayer) else layer.keys.shape[-2]
-        assert held == (96 if i in session.cache.budgeted else 511)
+    assert all(layer.max_entries == 96 for layer in session.cache.layers)
     assert session.cache.peak_entries() <= 96 + 128
     assert session.ask("What is the code for the blue door?", max_new_tokens=8)

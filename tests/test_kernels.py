@@ -141,6 +141,65 @@ def test_ragged_decode_matches_float64(poisoned, dtype, hq, hkv):
     assert _rel(out, ref) < TOL[dtype]
 
 
+def _naive_extras(q, heads_k, heads_v, heads_pos, qpos, scale, softcap, sinks, window):
+    """Float64 ground truth with softcapping, sinks and a sliding window, one head at a time."""
+    b, hq, _ = q.shape
+    hkv = len(heads_k[0])
+    g = hq // hkv
+    out = torch.zeros(b, hq, heads_v[0][0].shape[-1], dtype=torch.float64)
+    for i in range(b):
+        for j in range(hq):
+            k, v, pos = heads_k[i][j // g].double(), heads_v[i][j // g].double(), heads_pos[i][j // g]
+            logits = k @ q[i, j].double() * scale
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            if window:
+                logits = logits.masked_fill(pos <= qpos[i] - window, float("-inf"))
+            if sinks is not None:
+                logits = torch.cat([logits, sinks[j : j + 1].double()])
+            p = torch.softmax(logits, dim=0) if logits.numel() else logits
+            p = torch.nan_to_num(p[: k.shape[0]])
+            out[i, j] = p @ v
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", ["softcap", "sinks", "window", "all"])
+def test_ragged_decode_with_softcap_sinks_and_window(poisoned, dtype, extra):
+    """What Gemma 2 (softcapping), GPT-OSS (sinks) and sliding-window layers add: the Triton
+    kernel and the torch reference both match float64, heads of 0 entries and heads whose every
+    entry lies outside the window included."""
+    gen = torch.Generator().manual_seed(5)
+    b, hq, hkv, d = 2, 4, 2, 64
+    lens = torch.tensor([0, 70, 130, 9], dtype=torch.int32)
+    starts = torch.cumsum(lens.long() + 2, 0) - lens.long() - 2
+    n = int(starts[-1] + lens[-1])
+    k = torch.randn(n, d, generator=gen).to(dtype) * 2
+    v = torch.randn(n, d, generator=gen).to(dtype)
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    # Positions ascend within a head with gaps (entries evicted); the last head ends far back.
+    kpos = torch.zeros(n, dtype=torch.int32)
+    for i in range(b * hkv):
+        s, m = int(starts[i]), int(lens[i])
+        kpos[s : s + m] = torch.sort(torch.randperm(300, generator=gen)[:m]).values.to(torch.int32)
+    qpos = torch.tensor([300, 400])
+    kw = {"softcap": 5.0 if extra in ("softcap", "all") else None,
+          "sinks": torch.randn(hq, generator=gen) if extra in ("sinks", "all") else None,
+          "window": 96 if extra in ("window", "all") else None}
+    if kw["window"]:
+        kw.update(kpos=kpos, qpos=qpos)
+    heads = [[slice(int(starts[i * hkv + h]), int(starts[i * hkv + h] + lens[i * hkv + h])) for h in range(hkv)]
+             for i in range(b)]
+    ref = _naive_extras(q, [[k[s] for s in row] for row in heads], [[v[s] for s in row] for row in heads],
+                        [[kpos[s] for s in row] for row in heads], qpos, 0.1, kw["softcap"], kw["sinks"], kw["window"])
+    for fn in (VD.varlen_decode_attention, K.reference_varlen_decode_attention):
+        out = fn(q, k, v, starts, lens, 0.1, num_splits=3, **kw)
+        assert out.shape == (b, hq, d) and _rel(out, ref) < TOL[dtype], fn.__name__
+    if kw["window"]:  # the second batch's second head: every entry lies before the window
+        assert int(kpos[int(starts[3]) : int(starts[3] + lens[3])].max()) <= 400 - 96
+        assert (out[1, 2:] == 0).all()
+
+
 def test_split_choice_fills_the_machine():
     splits, per = VD.choose_splits(programs=8, max_len=32768, block_n=64, sms=132)
     assert 8 * splits >= 132 and per % 64 == 0 and splits * per >= 32768
@@ -473,13 +532,13 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
             for _ in range(12):
                 tok = logits.argmax(-1, keepdim=True)
                 ids.append(int(tok))
-                logits = tiny_llama(input_ids=tok, past_key_values=c, use_cache=True).logits[:, -1]
+                logits = tiny_llama(input_ids=tok, cache=c, use_cache=True).logits[:, -1]
         answers.append((ids, logits))
     assert len(calls) == 12 * len(c.budgeted_layers())  # the fused run only, every layer, every step
     calls.clear()
     monkeypatch.setattr(kcache, "FUSED_KIVI", "auto")  # the default: CUDA only
     with torch.inference_mode():
-        tiny_llama(input_ids=logits.argmax(-1, keepdim=True), past_key_values=c, use_cache=True)
+        tiny_llama(input_ids=logits.argmax(-1, keepdim=True), cache=c, use_cache=True)
     assert not calls
     assert answers[0][0] == answers[1][0]
     torch.testing.assert_close(answers[0][1], answers[1][1], rtol=1e-4, atol=1e-4)

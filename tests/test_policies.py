@@ -29,7 +29,7 @@ def _greedy(model, cache, logits, steps=6):
         for _ in range(steps):
             tok = logits.argmax(-1, keepdim=True)
             out.append(int(tok))
-            logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1]
     return out
 
 
@@ -312,7 +312,7 @@ def _prefill_and_decode(model, name: str, budget: int, block: int, stack: bool, 
     with torch.inference_mode():
         for step in range(12):
             token = logits.argmax(-1, keepdim=True)
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
             if (step + 1) % policy.decode_interval == 0:
                 policy.compress(cache)
     return cache

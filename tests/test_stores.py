@@ -172,7 +172,7 @@ def test_store_state_survives_decode_and_scratch(llama64):
     with cache.scratch(), torch.inference_mode():
         for _ in range(5):
             tok = logits.argmax(-1, keepdim=True)
-            logits = llama64(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = llama64(input_ids=tok, cache=cache, use_cache=True).logits[:, -1]
     for layer, (n_body, tail) in zip(cache.budgeted_layers(), before):
         assert len(layer.body) == n_body and torch.equal(layer.keys, tail)
 
@@ -235,7 +235,7 @@ def test_flush_appends_what_a_rebuild_would_hold(llama64, name):
 
     _, cache, _ = _prefill(llama64, name, random_ids(300), block=64)
     with torch.inference_mode():  # 80 more tokens in the tail, not yet flushed
-        llama64(input_ids=random_ids(80, seed=1), past_key_values=cache, use_cache=True)
+        llama64(input_ids=random_ids(80, seed=1), cache=cache, use_cache=True)
     for layer in cache.budgeted_layers():
         store, body, keys, values = layer.store, layer.body, layer.keys, layer.values
         n, tail = len(body), keys.shape[2]
@@ -269,7 +269,7 @@ def test_stacked_flush_equals_layer_by_layer(llama64, monkeypatch, stack_bytes):
     for _ in range(2):
         _, cache, _ = _prefill(llama64, "kivi2", random_ids(300), block=64)
         with torch.inference_mode():
-            llama64(input_ids=random_ids(80, seed=1), past_key_values=cache, use_cache=True)
+            llama64(input_ids=random_ids(80, seed=1), cache=cache, use_cache=True)
         caches.append(cache)
     for layer in caches[0].budgeted_layers():
         layer.flush()
@@ -297,7 +297,7 @@ def _evicting_store_run(model, name: str, stack: bool, group_bytes: int | None =
     logits, _ = kb.prefill(model, cache, policy, random_ids(300), block_size=32)
     with torch.inference_mode():
         for step in range(12):
-            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=logits.argmax(-1, keepdim=True), cache=cache, use_cache=True).logits[:, -1]
             if (step + 1) % 5 == 0:
                 policy.compress(cache)
     return cache
@@ -371,7 +371,7 @@ def test_store_eviction_reads_the_device_once_per_compression(tiny_llama, stack)
         cache = policy.new_cache(tiny_llama)
         kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=32)
         with torch.inference_mode():
-            tiny_llama(input_ids=random_ids(32, seed=2), past_key_values=cache, use_cache=True)
+            tiny_llama(input_ids=random_ids(32, seed=2), cache=cache, use_cache=True)
             with _HostReads() as reads:
                 policy.compress(cache)
         assert reads.count == (1 if stack else len(cache.budgeted)), group_bytes
@@ -433,7 +433,7 @@ def test_tail_length_is_known_on_the_host_and_checked(tiny_llama):
             rebuild_body(layer.store, layer.body, layer.keys, layer.values, index, n, None, check)
     layer = cache.budgeted_layers()[0]
     with torch.inference_mode(), cache.scratch(), cache.transient():
-        tiny_llama(input_ids=random_ids(3, seed=1), past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=random_ids(3, seed=1), cache=cache, use_cache=True)
         n, check = layer.tail_kept(layer.positions)
         assert check is None and n == int((layer.positions >= layer.seen - layer.residual).sum(-1).min())
 
@@ -562,7 +562,7 @@ def test_flush_counts_are_known_on_the_host_while_nothing_was_evicted(tiny_llama
             assert int(count) == from_positions(layer) > 0, name
         if name == "kivi4":  # tokens attended but not stored count in `seen`: read from the device
             with torch.inference_mode(), cache.scratch(), cache.transient():
-                tiny_llama(input_ids=random_ids(5, seed=1), past_key_values=cache, use_cache=True)
+                tiny_llama(input_ids=random_ids(5, seed=1), cache=cache, use_cache=True)
                 layer = cache.budgeted_layers()[0]
                 assert not isinstance(layer.older_in_tail(), int)
                 assert int(layer.older_in_tail()) == from_positions(layer)

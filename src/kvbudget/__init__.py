@@ -7,6 +7,7 @@
     print(session.ask("What is the code for the blue door?"))
 """
 
+from .attention import attach
 from .budget import Budget, parse_budget
 from .cache import BudgetedCache, BudgetedLayer
 from .errors import (
@@ -16,6 +17,7 @@ from .errors import (
     SessionFileError,
     TaskFileError,
     UnknownPolicyError,
+    UnsupportedModelError,
 )
 from .generate import Session, Turn
 from .models import load_model
@@ -38,6 +40,8 @@ __all__ = [
     "TaskFileError",
     "Turn",
     "UnknownPolicyError",
+    "UnsupportedModelError",
+    "attach",
     "list_policies",
     "load_model",
     "parse_budget",

@@ -19,8 +19,18 @@ first pass over the same queries and keys (docs/scoring.md, "Reusing the model's
 ``auto`` every multi-token block over a dense layer takes the flash call, LSE wanted or not: it
 is also faster than SDPA with the plan's materialised mask.
 
-Without a plan (ordinary `DynamicCache`, sliding-window layers of hybrid models) it is a plain
-call of transformers' own sdpa/eager attention with the model's mask: outputs are unchanged.
+A sliding-window layer's plan also carries the positions of its entries: its mask lets a query
+at position p see the entries at positions p - window < pos <= p (transformers' sliding window,
+by position, so it stays right after eviction), and such a block always takes the masked path.
+
+Every plan must be taken by the attention call that follows its update: a plan left untaken
+means the model's attention bypassed the hook (another attention implementation, or a model
+that does not call attention through transformers' interface), and the next plan raises
+`UnsupportedModelError` naming the layer, instead of attending with the model's own mask, which
+is wrong once entries are evicted.
+
+Without a plan (an ordinary `DynamicCache`) it is a plain call of transformers' own sdpa/eager
+attention with the model's mask: outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -37,9 +47,13 @@ import torch
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa
 
+from .errors import UnsupportedModelError
 from .transfer import to_device
 
 _local = threading.local()
+
+# Padding slots of a sliding-window layer's mask get this position: outside every window.
+NO_POSITION = -(2**30)
 
 IMPLEMENTATIONS = {"sdpa": "kvbudget_sdpa", "eager": "kvbudget_eager"}
 
@@ -59,9 +73,16 @@ class AttentionPlan:
     # [sum(lens), d] with head h's entries (its old ones, then the new tokens) contiguous, and
     # the per-head lengths on the host: the layout of varlen flash attention (`ragged_flash`).
     segments: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
+    # A sliding-window layer: its window, the positions of the old slots ([B, H, n_old], padding
+    # at `NO_POSITION`) and the position of the first new token.
+    window: int | None = None
+    key_positions: Tensor | None = None
+    start: int = 0
 
     def mask(self, q_len: int, n_query_heads: int) -> Tensor | None:
-        """Boolean mask [1, 1 or Hq, q, n_old + q]: True = may attend. None = everything visible."""
+        """Boolean mask [1 or B, 1 or Hq, q, n_old + q]: True = may attend. None = everything visible."""
+        if self.window is not None:
+            return self._window_mask(q_len, n_query_heads)
         if self.head_lens is None and q_len == 1:
             return None
         if self.visible is not None:
@@ -79,6 +100,17 @@ class AttentionPlan:
         # Query heads of one group share their KV head (repeat_kv order: kv head j -> q heads j*g..).
         return full.repeat_interleave(n_query_heads // n_heads, dim=0).unsqueeze(0)
 
+    def _window_mask(self, q_len: int, n_query_heads: int) -> Tensor:
+        """`mask` of a sliding-window layer, by position: the query at position p sees the keys at
+        p - window < pos <= p (padding lies at `NO_POSITION`, outside every window)."""
+        old = self.key_positions.long()
+        b, h = old.shape[:2]
+        q_pos = self.start + torch.arange(q_len, device=old.device)
+        k_pos = torch.cat([old, q_pos.expand(b, h, q_len)], dim=-1)[:, :, None, :]  # [B, H, 1, kv]
+        allowed = (k_pos <= q_pos[:, None]) & (k_pos > q_pos[:, None] - self.window)  # [B, H, q, kv]
+        g = n_query_heads // h
+        return allowed[:, :, None].expand(b, h, g, *allowed.shape[2:]).reshape(b, h * g, *allowed.shape[2:])
+
     def _ragged_mask(self, q_len: int, n_query_heads: int) -> Tensor:
         """`mask` from ``visible``: slot c is seen by query i when it holds an entry and is not a
         later new token (c - n_old <= i; every old slot passes). Fewer ops than from head_lens:
@@ -94,8 +126,31 @@ class AttentionPlan:
 
 
 def set_plan(plan: AttentionPlan | None) -> None:
-    """Called by `BudgetedLayer.update` right before transformers calls the attention function."""
+    """Called by a cache layer's ``update`` right before transformers calls the attention
+    function. Raises `UnsupportedModelError` when the plan before it was never taken."""
+    check_taken()
     _local.plan = plan
+
+
+def check_taken() -> None:
+    """Raise `UnsupportedModelError` when a plan is still waiting for the attention call that
+    should have taken it (the model's attention does not go through kvbudget's hook)."""
+    plan = getattr(_local, "plan", None)
+    if plan is None:
+        return
+    _local.plan = None
+    raise UnsupportedModelError(
+        "the model's attention did not go through kvbudget's attention hook: evicted entries would "
+        "be attended with the model's own mask. Attach the hook "
+        "with kvbudget.attach(model) (kb.Session, kb.BudgetedCache(model) and policy.new_cache(model) "
+        "do), and use a model whose attention goes through transformers' attention interface "
+        "(sdpa or eager)"
+    )
+
+
+def discard_plan() -> None:
+    """Forget a plan left by a forward pass that raised before its attention call."""
+    _local.plan = None
 
 
 def _take_plan(key: Tensor) -> AttentionPlan | None:
@@ -241,6 +296,21 @@ def _unsupported(kwargs: dict) -> bool:
         kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks", "position_bias", "sliding_window"))
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a model's attention adds to plain softmax attention, as the attention call passes it:
+    logit softcapping (Gemma 2), one sink logit per query head (GPT-OSS). The static decode
+    kernels apply them; eager paths leave them to the model's own attention function."""
+
+    softcap: float | None = None
+    sinks: Tensor | None = None  # [Hq]
+
+    @classmethod
+    def of(cls, kwargs: dict) -> "Extras":
+        sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+        return cls(kwargs.get("softcap") or None, sinks)
+
+
 def _eager(module, query, key, value, attention_mask, **kwargs):
     # Each model file has its own eager function (softcapping, sinks...): use the model's.
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -263,8 +333,8 @@ def _make(base: Callable, with_lse: bool = False) -> Callable:
         plan = _take_plan(key)
         scaling = kwargs.get("scaling", getattr(module, "scaling", None))
         if hasattr(plan, "attend"):  # static decoding (kvbudget.static): the kernel masks by length
-            return plan.attend(query, scaling), None
-        if plan is not None:
+            return plan.attend(query, scaling, Extras.of(kwargs)), None
+        if plan is not None and plan.window is None:
             wants = plan.layer.wants_lse()
             # A block of new tokens over a dense layer goes through flash attention even when its
             # scorer does not want the LSE: measured on the H100 it is 1.4-2x faster than SDPA with
@@ -280,6 +350,7 @@ def _make(base: Callable, with_lse: bool = False) -> Callable:
                 if got is not None:
                     plan.layer.observe(query, scaling, lse=got[1] if wants else None)
                     return got[0], None
+        if plan is not None:
             attention_mask = plan.mask(query.shape[2], query.shape[1])
             plan.layer.observe(query, scaling)
         return base(module, query, key, value, attention_mask, **kwargs)
@@ -306,15 +377,24 @@ def register() -> None:
     _registered = True
 
 
+# Implementations whose attention is plain softmax attention: the hooked sdpa stands in for them
+# (on CUDA its blocks run through flash attention anyway).
+_AS_SDPA = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 def attach(model) -> None:
-    """Switch ``model`` to the hooked version of its attention (sdpa or eager). Idempotent."""
+    """Switch ``model`` to the hooked version of its attention (sdpa or eager; a flash or flex
+    implementation becomes the hooked sdpa). Idempotent; outputs are unchanged for any cache but
+    kvbudget's."""
     register()
     current = model.config._attn_implementation
     if current in IMPLEMENTATIONS.values():
         return
+    if current in _AS_SDPA:
+        current = "sdpa"
     if current not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"kvbudget supports sdpa or eager attention, the model uses '{current}': "
+        raise UnsupportedModelError(
+            f"kvbudget hooks sdpa or eager attention, the model uses '{current}': "
             "load it with attn_implementation='sdpa'"
         )
     model.set_attn_implementation(IMPLEMENTATIONS[current])

@@ -15,6 +15,11 @@ call needs to mask padding and causality is handed over through `attention.set_p
 
 Per-entry float state that a scorer keeps between compressions (H2O's accumulated attention)
 lives in ``state`` in the same layout and is gathered with the entries.
+
+Sliding-window layers (Mistral, Gemma 2/3, GPT-OSS, Cohere 2, OLMo 3...) are budgeted layers
+too, with a ``window``: their attention is masked by position (a query at p sees p - window <
+pos <= p), their entries beyond every later window are dropped at each compression, and the
+policy gives them at most ``window - 1`` entries per head, so the budget binds every layer.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import AttentionPlan, set_plan
+from .attention import NO_POSITION, AttentionPlan, Extras, attach, set_plan
+from .errors import UnsupportedModelError
+from .support import check_supported
 from .store import Body, Encoded, Store, append_encoded, prepend_body, rebuild_body
 from .transfer import host_copy
 
@@ -52,13 +59,14 @@ class BodyPlan:
     keys: Tensor  # the tail keys update() returned (identity check in the attention hook)
     layer: "BudgetedLayer"
 
-    def attend(self, query: Tensor, scaling: float) -> Tensor:
+    def attend(self, query: Tensor, scaling: float, extras: Extras) -> Tensor:
         """``query [B, Hq, 1, d]`` -> ``[B, 1, Hq, dv]``."""
         from .kernels import kivi_decode_attention
 
         layer = self.layer
         layer.observe(query, scaling)
-        out = kivi_decode_attention(query[:, :, 0], layer.body, layer.store, layer.keys, layer.values, scaling)
+        out = kivi_decode_attention(query[:, :, 0], layer.body, layer.store, layer.keys, layer.values, scaling,
+                                    softcap=extras.softcap, sinks=extras.sinks)
         return out[:, None]
 
 
@@ -182,8 +190,10 @@ class BudgetedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, window: int | None = None) -> None:
         super().__init__()
+        # A sliding-window layer's window (a query at p sees the keys at p - window < pos <= p).
+        self.window = window
         self.positions: Tensor | None = None
         self.head_lens = None  # ragged layout when set (a property: also kept on the host)
         self.state: dict[str, Tensor] = {}
@@ -265,14 +275,17 @@ class BudgetedLayer(CacheLayerMixin):
         if self.transient:
             return self._attend_without_storing(key_states, value_states)
         plan = visible = None
+        start = self.seen - q
         if self.head_lens is None:
             n_old = self.max_entries
+            old_positions = self.positions
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
             for name, s in self.state.items():
                 self.state[name] = torch.cat([s, s.new_zeros(b, h, q)], dim=-1)
-            if q == 1 and self.body is not None and (FUSED_KIVI == "1" or (FUSED_KIVI == "auto" and key_states.is_cuda)):
+            if (q == 1 and self.body is not None and self.window is None
+                    and (FUSED_KIVI == "1" or (FUSED_KIVI == "auto" and key_states.is_cuda))):
                 plan = BodyPlan(self.keys, self)  # attends to the body as stored: nothing decoded
                 keys, values, old_lens = self.keys, self.values, None
             else:
@@ -280,6 +293,7 @@ class BudgetedLayer(CacheLayerMixin):
         else:
             old_lens, sizes = self.head_lens, self.host_lens()
             n_old = max(sizes)
+            old_positions = self._padded_positions()
             # The attention call sees [old entries | padding | new tokens] per head ...
             keys, values, rows, visible = self._ragged_block(key_states, value_states)
             # ... while storage stays ragged: each head's segment grows by q. In the padded order
@@ -292,25 +306,44 @@ class BudgetedLayer(CacheLayerMixin):
                 self.state[name] = _grown(s, s.new_zeros(h, q), rows, kept)
             self._set_head_lens(old_lens + q, tuple(n + q for n in sizes))
             plan = AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self, visible=visible,
-                                 segments=(self.keys, self.values, self.host_lens()))
+                                 segments=(self.keys, self.values, self.host_lens()), **self._window_plan(old_positions, start))
         self.peak_entries = max(self.peak_entries, self.max_entries)
-        set_plan(plan or AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self, visible=visible))
+        set_plan(plan or AttentionPlan(keys=keys, head_lens=old_lens, n_old=n_old, layer=self, visible=visible,
+                                       **self._window_plan(old_positions, start)))
         return keys, values
+
+    def _window_plan(self, old_positions: Tensor | None, start: int) -> dict:
+        """A sliding-window layer's part of its plan: window, positions of the old slots
+        ([B, H, n_old], padding at `NO_POSITION`), position of the first new token."""
+        if self.window is None:
+            return {}
+        return {"window": self.window, "key_positions": old_positions, "start": start}
+
+    def _padded_positions(self) -> Tensor | None:
+        """A ragged sliding-window layer's positions as [1, H, widest], padding at `NO_POSITION`."""
+        if self.window is None:
+            return None
+        sizes = self.host_lens()
+        rows, valid = _padded_index(self.head_lens, max(sizes), sum(sizes))
+        return _take_padded(self.positions, rows, valid, fill=NO_POSITION)[None]
 
     def _attend_without_storing(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         """Scoring passes (query-aware question, KVzip's repetition, EpiCache's patched prompt):
         the tokens attend to the cache and to each other, their queries are observed, but their
         KV is never stored, so they add nothing to the entries held."""
-        self.phantom += key_states.shape[2]
+        q = key_states.shape[2]
+        self.phantom += q
         if self.head_lens is None:
             old_keys, old_values = self._with_body(self.keys, self.values)
             keys = torch.cat([old_keys, key_states], dim=2)
             values = torch.cat([old_values, value_states], dim=2)
-            set_plan(AttentionPlan(keys=keys, head_lens=None, n_old=old_keys.shape[2], layer=self))
+            set_plan(AttentionPlan(keys=keys, head_lens=None, n_old=old_keys.shape[2], layer=self,
+                                   **self._window_plan(self.positions, self.seen - q)))
             return keys, values
+        old_positions = self._padded_positions()
         keys, values, _, visible = self._ragged_block(key_states, value_states)
         set_plan(AttentionPlan(keys=keys, head_lens=self.head_lens, n_old=max(self.host_lens()), layer=self,
-                               visible=visible))
+                               visible=visible, **self._window_plan(old_positions, self.seen - q)))
         return keys, values
 
     def _ragged_block(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -349,7 +382,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         store, residual, query_keep = self.store, self.residual, self.query_keep
-        self.__init__()
+        self.__init__(self.window)
         self.store, self.residual, self.query_keep = store, residual, query_keep
 
     # --- what kvbudget adds -----------------------------------------------------------------
@@ -580,6 +613,28 @@ class BudgetedLayer(CacheLayerMixin):
         self.keys, self.values, self.positions, self.state = keys, values, positions, state
         self._set_head_lens(lens, sizes)
 
+    def trim_window(self) -> None:
+        """A sliding-window layer keeps at most its newest ``window - 1`` entries per head: any
+        older entry of a head has ``window - 1`` newer ones, at distinct positions below the next
+        token's, so it lies outside every later query's window. Dropping them changes no output."""
+        if self.window is None or not self.is_initialized:
+            return
+        keep = self.window - 1
+        if self.head_lens is None:
+            n = self.max_entries
+            if n > keep:
+                b, h = self.positions.shape[:2]
+                self.keep(torch.arange(n - keep, n, device=self.device).expand(b, h, keep))
+            return
+        sizes = self.host_lens()
+        if max(sizes) <= keep:
+            return
+        view = self.view()
+        lens = self.head_lens.clamp(max=keep)
+        slot = torch.arange(view.keys.shape[2], device=self.device)
+        chosen = (slot >= self.head_lens[:, None] - lens[:, None]) & (slot < self.head_lens[:, None])
+        self.keep_chosen(chosen, lens, tuple(min(n, keep) for n in sizes), view)
+
     def drop_last(self, n: int) -> None:
         """Forget the ``n`` most recently appended tokens (they are last in every head)."""
         if n <= 0:
@@ -802,25 +857,34 @@ def _layer_types(config) -> list[str]:
     return list(types[: len(types) - shared])
 
 
-def _layer_for(layer_type: str, config) -> CacheLayerMixin:
+def _layer_for(layer_type: str, config) -> BudgetedLayer:
     if layer_type == "full_attention":
         return BudgetedLayer()
-    if layer_type == "sliding_attention":  # bounds itself to its window; the budget does not apply
-        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
-    raise ValueError(f"kvbudget does not support '{layer_type}' layers yet (full and sliding-window attention only)")
+    if layer_type == "sliding_attention":
+        return BudgetedLayer(window=config.sliding_window)
+    raise UnsupportedModelError(
+        f"{config.model_type}: kvbudget holds full and sliding-window attention layers, this model "
+        f"has '{layer_type}' layers"
+    )
 
 
 class BudgetedCache(Cache):
-    """A transformers `Cache` for budgeted KV: full-attention layers are `BudgetedLayer`s;
-    sliding-window layers of hybrid models (Gemma 3) keep transformers' own sliding layer, which
-    already bounds itself to its window — the budget applies to the full-attention layers only.
+    """A transformers `Cache` for budgeted KV: every attention layer is a `BudgetedLayer`
+    (sliding-window layers with their window). Built from a model (``BudgetedCache(model)``:
+    the attention hook is attached, the dtype is the model's) or from its config.
     """
 
-    def __init__(self, config, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model_or_config, dtype: torch.dtype | None = None) -> None:
+        config = getattr(model_or_config, "config", model_or_config)
+        check_supported(config)
+        if isinstance(model_or_config, torch.nn.Module):
+            attach(model_or_config)
+            dtype = dtype or model_or_config.dtype
         text = config.get_text_config(decoder=True)
         layers = [_layer_for(t, text) for t in _layer_types(text)]
         super().__init__(layers=layers)
         self.config = text
+        dtype = dtype or torch.float32
         self.dtype = dtype
         self.budgeted = [i for i, layer in enumerate(layers) if isinstance(layer, BudgetedLayer)]
         self.peak_bytes = 0
@@ -926,16 +990,8 @@ class BudgetedCache(Cache):
         return [self.layers[i] for i in self.budgeted]
 
     def layer_bytes(self) -> list[int]:
-        """Exact bytes held per layer (sliding layers: their window of K/V)."""
-        out = []
-        for layer in self.layers:
-            if isinstance(layer, BudgetedLayer):
-                out.append(layer.nbytes())
-            elif layer.is_initialized and layer.keys is not None:
-                out.append(layer.keys.nbytes + layer.values.nbytes)
-            else:
-                out.append(0)
-        return out
+        """Exact bytes held per layer."""
+        return [layer.nbytes() for layer in self.layers]
 
     def nbytes(self) -> int:
         """Exact bytes held by the whole cache."""
@@ -992,16 +1048,13 @@ class BudgetedCache(Cache):
         """Tokens fed inside the block are forgotten at its end (teacher-forced scoring, decoding
         that is replaced, scoring queries). ``keep_queries`` keeps the queries observed inside."""
         seen = self.get_seq_length()
-        sliding = [layer for layer in self.layers if not isinstance(layer, BudgetedLayer)]
-        for layer in sliding:
-            layer.record_past = True
         saved = [layer.observed() for layer in self.budgeted_layers()]
         self._scratch.append(None)
         try:
             yield
         finally:
             snapshot = self._scratch.pop()
-            end = fed = self.get_seq_length()
+            end = self.get_seq_length()
             if snapshot is not None:
                 # Back to the state before the first eviction inside the block, then drop the
                 # tokens fed between the start of the block and that eviction.
@@ -1014,10 +1067,3 @@ class BudgetedCache(Cache):
                 layer.drop_last(n)
                 if not keep_queries:  # back to the same entries as then: their LSE holds again
                     layer.restore_observed(observed)
-            n = fed - seen
-            for layer in sliding:
-                if n > 0 and layer.is_initialized:
-                    layer.crop(-n)
-                elif layer.is_initialized:
-                    layer.crop(0)
-                layer.record_past = False

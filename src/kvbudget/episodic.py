@@ -171,6 +171,8 @@ class EpisodicSession(Session):
         vectors = embed(windows, scorer.embedder, self.model, self.tok)
         labels, centroids = cluster(vectors, scorer.episodes, self.policy.seed)
         for c, chosen in enumerate(medoids(vectors, labels, centroids, scorer.medoids)):
+            if not chosen:  # k-means found fewer distinct clusters (repeated windows): no episode
+                continue
             prompt = "\n".join(windows[i] for i in chosen)
             ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
             cache = self.policy.new_cache(self.model)

@@ -23,3 +23,7 @@ class ModelNotFoundError(KVBudgetError):
 
 class SessionFileError(KVBudgetError):
     """A session file that cannot be loaded: truncated, corrupt, or saved with another model."""
+
+
+class UnsupportedModelError(KVBudgetError):
+    """A model whose cache or attention kvbudget cannot hold: the message names the family and why."""

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from .errors import KVBudgetError
+from .modelcall import run
 from .policies.base import Policy, make_policy
 from .prefill import PrefillStats, prefill
+from .sensitivity import ensure_profile
 from .static import StaticDecoder, UnsupportedStatic, supports
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
@@ -78,6 +80,8 @@ class Session:
             # A ratio or byte budget is resolved per session (it depends on this context).
             self.policy = copy.copy(self.policy)
         self.block_size = self.block_size or self.policy.block_size
+        if self.policy.allocator == "sensitivity":
+            ensure_profile(self.model, self.tok, self.policy.profile)
         self.cache = self.policy.new_cache(self.model)
         self.policy.scorer.bind(self.tok)
         self.rendered = ""  # text of everything fed to the cache so far
@@ -262,7 +266,7 @@ class Session:
             if static is not None:
                 logits = static.step(inp[0])
             else:
-                logits = self.model(input_ids=inp, past_key_values=self.cache, use_cache=True).logits[:, -1]
+                logits = run(self.model, self.cache, inp).logits[:, -1]
                 self.cache.track_peak()
             if interval and (step + 1) % interval == 0:
                 if static is not None:
@@ -317,7 +321,7 @@ class Session:
         with self.cache.scratch():
             all_logits = logits[:, None]
             if ids.shape[1] > 1:
-                out = self.model(input_ids=ids[:, :-1], past_key_values=self.cache, use_cache=True)
+                out = run(self.model, self.cache, ids[:, :-1])
                 all_logits = torch.cat([all_logits, out.logits], dim=1)
         return all_logits.float().log_softmax(-1)
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .cache import BudgetedCache
+from .modelcall import run
 from .policies.base import Policy
 
 
@@ -76,7 +77,7 @@ def _blocks(model, cache: BudgetedCache, policy: Policy, input_ids: Tensor, bloc
     n = input_ids.shape[1]
     for s in range(0, n, block_size):
         block = input_ids[:, s : s + block_size].to(model.device)
-        out = model(input_ids=block, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = run(model, cache, block, logits_to_keep=1)
         logits = out.logits[:, -1]
         _settle(cache, timer)
         cache.track_peak()
@@ -150,4 +151,4 @@ def observe_scoring_queries(model, cache: BudgetedCache, scoring_ids: Tensor) ->
     for layer in cache.budgeted_layers():
         layer.clear_queries()
     with cache.scratch(keep_queries=True), cache.transient():
-        model(input_ids=scoring_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        run(model, cache, scoring_ids.to(model.device), logits_to_keep=1)

@@ -28,7 +28,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
-from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from .cache import BudgetedCache, BudgetedLayer
 from .errors import KVBudgetError, SessionFileError
@@ -141,21 +140,6 @@ def _budgeted_from_file(prefix: str, layer: BudgetedLayer, meta: dict, tensors: 
     layer.is_initialized = True
 
 
-def _sliding_to_file(prefix: str, layer: DynamicSlidingWindowLayer, tensors: dict[str, Tensor]) -> dict:
-    meta = {"kind": "sliding", "initialized": bool(layer.is_initialized), "cumulative_length": layer.cumulative_length}
-    if layer.is_initialized:
-        tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"] = _cpu(layer.keys), _cpu(layer.values)
-    return meta
-
-
-def _sliding_from_file(prefix: str, layer: DynamicSlidingWindowLayer, meta: dict, tensors: dict[str, Tensor]) -> None:
-    layer.cumulative_length = meta["cumulative_length"]
-    if meta["initialized"]:
-        keys, values = tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"]
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-
-
 def _checksum(tensors: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -174,8 +158,6 @@ def _cache_to_file(prefix: str, cache: BudgetedCache, tensors: dict[str, Tensor]
         name = f"{prefix}layers.{i}"
         if isinstance(layer, BudgetedLayer):
             layers.append(_budgeted_to_file(name, layer, tensors))
-        elif isinstance(layer, DynamicSlidingWindowLayer):
-            layers.append(_sliding_to_file(name, layer, tensors))
         else:
             raise KVBudgetError(f"cannot save cache layer {i} of type {type(layer).__name__}")
     if cache.unscored:
@@ -192,8 +174,6 @@ def _cache_from_file(prefix: str, cache: BudgetedCache, meta: dict, tensors: dic
         name = f"{prefix}layers.{i}"
         if layer_meta["kind"] == "budgeted" and isinstance(layer, BudgetedLayer):
             _budgeted_from_file(name, layer, layer_meta, tensors)
-        elif layer_meta["kind"] == "sliding" and isinstance(layer, DynamicSlidingWindowLayer):
-            _sliding_from_file(name, layer, layer_meta, tensors)
         else:
             raise SessionFileError(f"{path}: layer {i} was saved as {layer_meta['kind']}, the model's is {type(layer).__name__}")
     cache.peak_bytes = meta["peak_bytes"]

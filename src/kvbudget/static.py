@@ -20,8 +20,10 @@ into the buffers. The entries are not held twice: the cache's dense layers hold 
 buffers (`StaticLayer.lend`, flagged ``borrowed``), and `StaticDecoder.release` gives them their
 own copies when the answer ends, layer by layer (ragged layers keep a flat copy of their own).
 Layers with a KIVI store keep their encoded body in static buffers too (`kvbudget.static_store`):
-the body only changes at a compression, decoded tokens go to the full-precision tail. Other stores and sliding-window layers are not supported here: `supports`
-says why and the session decodes eagerly instead.
+the body only changes at a compression, decoded tokens go to the full-precision tail. Other
+stores, and store layers with a sliding window, are not supported here: `supports` says why and
+the session decodes eagerly instead. A sliding-window layer keeps its entries' positions in a
+buffer beside its keys, and the kernel masks those outside the window of the token fed.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import fusion
-from .attention import set_plan
+from .attention import Extras, set_plan
 from .cache import BudgetedCache, BudgetedLayer, padded_to_ragged
+from .modelcall import run
 from .store import Body, at_start
 
 _local = threading.local()
@@ -62,22 +65,27 @@ def padded_sdpa_decode(q: Tensor, keys: Tensor, values: Tensor, lens: Tensor, sc
     return out.reshape(b, hq, -1)
 
 
-def varlen_decode(q: Tensor, layer: "StaticLayer", scale: float) -> Tensor:
+def varlen_decode(q: Tensor, layer: "StaticLayer", scale: float, extras: Extras = Extras()) -> Tensor:
     """Decode attention of ``q [B, Hq, d]`` over ``layer``'s segments, with the backend chosen by
-    `ATTENTION`."""
+    `ATTENTION`; ``extras`` (softcapping, sinks) and the layer's sliding window applied."""
     from . import kernels  # imports triton: only once a static step runs, not with kvbudget
 
+    added = {}
+    if extras.softcap or extras.sinks is not None:
+        added.update(softcap=extras.softcap, sinks=extras.sinks)
+    if layer.window is not None:
+        added.update(window=layer.window, kpos=layer.kpos, qpos=layer.qpos.view(-1))
     choice = ATTENTION
     if choice in ("auto", "triton") and q.is_cuda:
         if kernels.HAVE_TRITON:
             return kernels.varlen_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lens, scale,
-                                                   max_len=layer.width)
+                                                   max_len=layer.width, **added)
         if choice == "triton":
             raise RuntimeError("KVBUDGET_DECODE_ATTENTION=triton but triton is unavailable")
-    if layer.dense and (choice == "sdpa" or (choice == "auto" and q.is_cuda)):
+    if layer.dense and not added and (choice == "sdpa" or (choice == "auto" and q.is_cuda)):
         return padded_sdpa_decode(q, layer.keys, layer.values, layer.lens, scale, layer.width)
     return kernels.reference_varlen_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lens, scale,
-                                                     max_len=layer.width)
+                                                     max_len=layer.width, **added)
 
 
 @dataclass
@@ -87,10 +95,10 @@ class StaticPlan:
     keys: Tensor  # identity check against the attention call's key argument
     layer: "StaticLayer"
 
-    def attend(self, query: Tensor, scaling: float) -> Tensor:
+    def attend(self, query: Tensor, scaling: float, extras: Extras) -> Tensor:
         """``query [B, Hq, 1, d]`` -> ``[B, 1, Hq, dv]`` (the layout transformers expects back)."""
         record_query(self.layer, query)
-        return varlen_decode(query[:, :, 0], self.layer, scaling)[:, None]
+        return varlen_decode(query[:, :, 0], self.layer, scaling, extras)[:, None]
 
 
 def record_query(layer, query: Tensor) -> None:
@@ -124,7 +132,8 @@ class StaticLayer(CacheLayerMixin):
     is_compileable = True
     is_croppable = False
 
-    def __init__(self, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, width: int, dense: bool) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, starts: Tensor, lens: Tensor, width: int, dense: bool,
+                 window: int | None = None) -> None:
         super().__init__()
         # Dense: every head holds the same count, segments are all ``width`` long (a padded
         # [B, H, width, d] view exists); ragged: segments sized per head, ``width`` bounds them.
@@ -136,6 +145,12 @@ class StaticLayer(CacheLayerMixin):
         self.qslot: Tensor | None = None  # [1] long, shared by all layers
         self._held = 0  # entries per head at the last load / write-back (host; dense layers)
         self._lent: tuple[Tensor, Tensor] | None = None  # the views handed to the cache's layer
+        # A sliding-window layer: each entry's position, laid out as the keys ([S] int32), and the
+        # decoder's position tensor of the token fed ([B, 1], shared by all layers).
+        self.window = window
+        self.kpos: Tensor | None = None if window is None else torch.zeros(keys.shape[0], dtype=torch.int32,
+                                                                           device=keys.device)
+        self.qpos: Tensor | None = None
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # pragma: no cover
@@ -143,6 +158,10 @@ class StaticLayer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Write the new token of every (batch, head) at the end of its segment (one token per step)."""
+        if self.kpos is not None:  # its position first: append_token advances the lengths
+            b, h = key_states.shape[:2]
+            pos = self.qpos.view(b, 1).expand(b, h).reshape(-1).to(torch.int32)
+            self.kpos.index_copy_(0, self.starts + self.lens.long(), pos)
         append_token(key_states, value_states, self.keys, self.values, self.starts, self.lens)
         set_plan(StaticPlan(self.keys, self))
         return self.keys, self.values
@@ -175,8 +194,9 @@ class StaticLayer(CacheLayerMixin):
         # Dense layers: every head holds the same count, so the longest segment is bounded
         # by it; ragged ones may be laid out again differently, bounded only by the total.
         bound = int(lens.max()) + capacity if layer.head_lens is None else size
-        static = cls(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound, dense=layer.head_lens is None)
-        _fill(static, view.keys, view.values, lens, capacity)
+        static = cls(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound, dense=layer.head_lens is None,
+                     window=layer.window)
+        _fill(static, view.keys, view.values, lens, capacity, view.positions)
         static.lend(layer, int(lens.max()))
         return static
 
@@ -197,7 +217,7 @@ class StaticLayer(CacheLayerMixin):
         ):
             raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
         keys, values = (t.clone() if shares(t, self.keys) or shares(t, self.values) else t for t in (view.keys, view.values))
-        _fill(self, keys, values, lens, room)
+        _fill(self, keys, values, lens, room, view.positions)
         self.lend(layer, int(lens.max()))
 
     def lend(self, layer: BudgetedLayer, held: int) -> None:
@@ -283,8 +303,6 @@ def supports(cache: BudgetedCache) -> str | None:
     """None if ``cache`` can be decoded statically, else the reason it cannot."""
     from . import static_store  # it builds on this module
 
-    if len(cache.budgeted) != len(cache.layers):
-        return "sliding-window layers are not supported by static decoding"
     for layer in cache.budgeted_layers():
         if not layer.is_initialized:
             return "the cache is empty"
@@ -338,6 +356,7 @@ class StaticDecoder:
                                          dtype=layer.keys.dtype, device=device)
         for layer in layers:
             layer.qslot = self.qslot
+            layer.qpos = self.pos
         self.logits: Tensor | None = None
         self.use_graph = device.type == "cuda" if graph is None else graph
         # One kernel per norm, RoPE, SiLU*mul and append instead of ~37 per layer (kvbudget.fusion).
@@ -378,8 +397,7 @@ class StaticDecoder:
 
     # --- decoding --------------------------------------------------------------------------
     def _forward(self) -> None:
-        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = run(self.model, self.cache, self.ids, position_ids=self.pos, attention_mask=self.mask, logits_to_keep=1)
         if self.logits is None:
             self.logits = torch.empty_like(out.logits[:, -1])
         self.logits.copy_(out.logits[:, -1])
@@ -468,9 +486,10 @@ def _warmup_stream(device: torch.device) -> "torch.cuda.Stream":
     return _WARMUP_STREAMS[key]
 
 
-def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots: int) -> None:
+def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots: int, positions: Tensor) -> None:
     """Lay segments out head after head (each with room for ``slots`` more entries) and copy the
-    padded ``keys``/``values`` ``[B, H, n, d]``' first ``lens`` entries of each head into them."""
+    padded ``keys``/``values`` ``[B, H, n, d]``' first ``lens`` entries of each head into them
+    (and their ``positions`` [B, H, n], for a sliding-window layer)."""
     lens = lens.to(static.keys.device, torch.long)
     sizes = torch.full_like(lens, static.width) if static.dense else lens + slots
     starts = torch.cumsum(sizes, 0) - sizes
@@ -480,5 +499,7 @@ def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots
     dest = (starts[:, None] + offs[None])[valid]
     static.keys.index_copy_(0, dest, keys.reshape(-1, n, keys.shape[-1])[valid].to(static.keys.dtype))
     static.values.index_copy_(0, dest, values.reshape(-1, n, values.shape[-1])[valid].to(static.values.dtype))
+    if static.kpos is not None:
+        static.kpos.index_copy_(0, dest, positions.reshape(-1, n)[valid].to(torch.int32))
     static.starts.copy_(starts)
     static.lens.copy_(lens.to(torch.int32))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from .attention import set_plan
+from .attention import Extras, set_plan
 from .cache import FUSED_KIVI, BudgetedLayer
 from .static import UnsupportedStatic, append_metadata, append_token, record_query, release_tensors, shares
 from .store import Body, _chunk_dtype, at_start
@@ -50,6 +50,8 @@ def unsupported(layer: BudgetedLayer) -> str | None:
         return f"store '{layer.store.describe()}' decodes eagerly (static buffers hold plain KIVI bodies)"
     if layer.head_lens is not None:
         return "a store layer with per-head lengths"
+    if layer.window is not None:
+        return "a sliding-window layer with a store decodes eagerly"
     return None
 
 
@@ -61,7 +63,7 @@ class StoreStaticPlan:
     keys: Tensor  # identity check against the attention call's key argument
     layer: "StaticStoreLayer"
 
-    def attend(self, query: Tensor, scaling: float) -> Tensor:
+    def attend(self, query: Tensor, scaling: float, extras: Extras) -> Tensor:
         """``query [B, Hq, 1, d]`` -> ``[B, 1, Hq, dv]``."""
         from . import kernels  # imports triton: only once a static step runs
 
@@ -69,7 +71,7 @@ class StoreStaticPlan:
         record_query(layer, query)
         attend = kernels.reference_kivi_decode_attention if FUSED_KIVI == "0" else kernels.kivi_decode_attention
         out = attend(query[:, :, 0], layer.body, layer.store, layer.keys, layer.values, scaling,
-                     tail_lens=layer.tail_lens, body_lens=layer.body_lens)
+                     tail_lens=layer.tail_lens, body_lens=layer.body_lens, softcap=extras.softcap, sinks=extras.sinks)
         return out[:, None]
 
 

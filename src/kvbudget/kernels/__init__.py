@@ -49,25 +49,34 @@ def decode_attention(
 def varlen_decode_attention(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, lens: Tensor, scale: float,
     max_len: int | None = None, num_splits: int | None = None, out: Tensor | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None, window: int | None = None,
+    kpos: Tensor | None = None, qpos: Tensor | None = None,
 ) -> Tensor:
     """q [B, Hq, D] over flat k [N, D] / v [N, Dv]; head i = b*Hkv + h holds rows
-    starts[i] .. starts[i] + lens[i] - 1 -> [B, Hq, Dv] in q's dtype."""
+    starts[i] .. starts[i] + lens[i] - 1 -> [B, Hq, Dv] in q's dtype. ``softcap`` (Gemma 2),
+    ``sinks`` [Hq] (GPT-OSS), a sliding ``window`` over the entries' positions ``kpos`` [N]
+    for queries at ``qpos`` [B]: each off by default."""
+    extras = {"softcap": softcap, "sinks": sinks, "window": window, "kpos": kpos, "qpos": qpos}
     if _on_triton(q):
-        return _varlen.varlen_decode_attention(q, k, v, starts, lens, scale, max_len, num_splits, out)
-    return reference_varlen_decode_attention(q, k, v, starts, lens, scale, max_len, num_splits, out)
+        return _varlen.varlen_decode_attention(q, k, v, starts, lens, scale, max_len, num_splits, out, **extras)
+    return reference_varlen_decode_attention(q, k, v, starts, lens, scale, max_len, num_splits, out, **extras)
 
 
 def kivi_decode_attention(
     q: Tensor, body, store, tail_k: Tensor, tail_v: Tensor, scale: float,
     tail_lens: Tensor | None = None, body_lens: Tensor | None = None,
     num_splits: int | None = None, out: Tensor | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
     """q [B, Hq, D] over a KIVI layer: encoded ``body`` (`kvbudget.store.Body`) then the
     full-precision tail [B, Hkv, t, D] -> [B, Hq, Dv]. Fused Triton kernel on CUDA when the layout
-    allows it (`kivi_decode.kivi_supported`), else decode-then-attend in torch."""
-    if _on_triton(q) and _kivi.kivi_supported(q, body, store, tail_k) is None:
+    allows it (`kivi_decode.kivi_supported`) and nothing is added to softmax attention, else
+    decode-then-attend in torch (which applies ``softcap`` and ``sinks``)."""
+    plain = not softcap and sinks is None
+    if plain and _on_triton(q) and _kivi.kivi_supported(q, body, store, tail_k) is None:
         return _kivi.kivi_decode_attention(q, body, store, tail_k, tail_v, scale, tail_lens, body_lens, num_splits, out)
-    return reference_kivi_decode_attention(q, body, store, tail_k, tail_v, scale, tail_lens, body_lens, num_splits, out)
+    return reference_kivi_decode_attention(q, body, store, tail_k, tail_v, scale, tail_lens, body_lens, num_splits, out,
+                                           softcap, sinks)
 
 
 __all__ = [

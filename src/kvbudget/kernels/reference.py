@@ -11,17 +11,26 @@ import torch
 from torch import Tensor
 
 
-def _attend(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> Tensor:
+def _attend(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float,
+            softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """q [B, Hq, D] over keys/values [B, Hkv, n, D] where ``valid`` [B, Hkv, n]; GQA in
-    repeat_kv order. A head without valid entries gives zeros."""
+    repeat_kv order. A head without valid entries gives zeros. ``softcap``: logits become
+    ``softcap * tanh(logit / softcap)``; ``sinks`` [Hq]: one more logit per query head in the
+    softmax, with a zero value."""
     ct = torch.promote_types(q.dtype, torch.float32)
     b, hq, d = q.shape
     hkv, dv = keys.shape[1], values.shape[-1]
     qf = q.to(ct).view(b, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,bhnd->bhgn", qf, keys.to(ct)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(valid.any(-1)[:, :, None, None], probs, torch.zeros_like(probs))  # 0 entries: no NaN
+    if sinks is not None:
+        sink = sinks.to(ct).view(1, hkv, hq // hkv, 1).expand(b, hkv, hq // hkv, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.where(valid.any(-1)[:, :, None, None], probs, torch.zeros_like(probs))  # 0 entries: no NaN
     out = torch.einsum("bhgn,bhnd->bhgd", probs, values.to(ct))
     return out.reshape(b, hq, dv).to(q.dtype)
 
@@ -46,6 +55,8 @@ def reference_decode_attention(
 def reference_varlen_decode_attention(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, lens: Tensor, scale: float,
     max_len: int | None = None, num_splits: int | None = None, out: Tensor | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None, window: int | None = None,
+    kpos: Tensor | None = None, qpos: Tensor | None = None,
 ) -> Tensor:
     """Torch version of `varlen_decode_attention`: pads the ragged heads (to ``max_len`` when
     given), then masks."""
@@ -63,8 +74,12 @@ def reference_varlen_decode_attention(
     else:
         keys, values = k[rows], v[rows]
     hkv = lens.numel() // b
+    if window:  # entries at positions <= qpos - window are outside the query's window
+        oldest = qpos.reshape(b, 1).to(k.device).repeat_interleave(hkv, dim=0) - window  # [B*Hkv, 1]
+        valid = valid & (kpos[rows].long() > oldest)
     res = _attend(
-        q, keys.view(b, hkv, width, -1), values.view(b, hkv, width, -1), valid.view(b, hkv, width), scale
+        q, keys.view(b, hkv, width, -1), values.view(b, hkv, width, -1), valid.view(b, hkv, width), scale,
+        softcap, sinks,
     )
     return _into(out, res)
 
@@ -73,6 +88,7 @@ def reference_kivi_decode_attention(
     q: Tensor, body, store, tail_k: Tensor, tail_v: Tensor, scale: float,
     tail_lens: Tensor | None = None, body_lens: Tensor | None = None,
     num_splits: int | None = None, out: Tensor | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
     """Torch version of `kivi_decode_attention`: decode the body with the store (what
     `BudgetedLayer._with_body` does), put it before the tail, attend with a mask."""
@@ -82,7 +98,7 @@ def reference_kivi_decode_attention(
         torch.full((b, hkv), t, device=device) if tail_lens is None else tail_lens.to(device).view(b, hkv)
     )[..., None]
     if body is None or len(body) == 0:
-        return _into(out, _attend(q, tail_k, tail_v, tail_valid, scale))
+        return _into(out, _attend(q, tail_k, tail_v, tail_valid, scale, softcap, sinks))
     body_k, body_v = body.decode(store, tail_k.dtype)
     n = body_k.shape[2]
     body_valid = torch.arange(n, device=device) < (
@@ -90,4 +106,4 @@ def reference_kivi_decode_attention(
     )[..., None]
     keys = torch.cat([body_k, tail_k], dim=2)
     values = torch.cat([body_v, tail_v], dim=2)
-    return _into(out, _attend(q, keys, values, torch.cat([body_valid, tail_valid], dim=2), scale))
+    return _into(out, _attend(q, keys, values, torch.cat([body_valid, tail_valid], dim=2), scale, softcap, sinks))

@@ -15,6 +15,11 @@ Layouts
 Queries ``q [B, Hq, D]`` with grouped-query attention: query heads ``h*g .. h*g+g-1`` share KV
 head ``h`` (``g = Hq / Hkv``, transformers' ``repeat_kv`` order).
 
+What some models add to softmax attention (ragged layout): logit softcapping (Gemma 2:
+``cap * tanh(s / cap)``), one sink logit per query head in the softmax's denominator (GPT-OSS),
+and a sliding window by position (``kpos [N]`` per entry, ``qpos [B]`` per query: entries at
+``pos <= qpos - window`` are masked).
+
 Algorithm (flash-decoding)
 --------------------------
 Stage 1, grid ``(B * Hkv, splits)``: a program takes one KV head and one slice of its entries and
@@ -96,15 +101,16 @@ def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _varlen_stage_kernel(
-    q_ptr, k_ptr, v_ptr, starts_ptr, lens_ptr, po_ptr, plse_ptr,
+    q_ptr, k_ptr, v_ptr, starts_ptr, lens_ptr, po_ptr, plse_ptr, kpos_ptr, qpos_ptr, sink_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    H_KV, GROUP, D, DV, split_len, split_offset, qk_scale,
+    H_KV, GROUP, D, DV, split_len, split_offset, qk_scale, softcap, window,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     G_PAD: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -134,6 +140,13 @@ def _varlen_stage_kernel(
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
+    if HAS_SINKS:  # the sink: one more logit in the first split's softmax, with a zero value
+        sink = tl.load(sink_ptr + qhead, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
+        first_split = mask_g & (pid_s == 0)
+        m_i = tl.where(first_split, sink, m_i)
+        l_i = tl.where(first_split, 1.0, l_i)
+    if HAS_WINDOW:  # entries at positions <= oldest are outside the query's window
+        oldest = tl.load(qpos_ptr + b).to(tl.int64) - window
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -144,11 +157,19 @@ def _varlen_stage_kernel(
             mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0,
         )
         qk = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [G_PAD, BLOCK_N], log2 units
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        # Every block holds at least one valid entry (n0 < hi), so m_new is finite.
+        if HAS_SOFTCAP:  # cap * tanh(s / cap) on the natural-log logits s, tanh(x) = 2 sigmoid(2x) - 1
+            x = qk * (0.6931471805599453 / softcap)
+            qk = (softcap * 1.4426950408889634) * (2.0 * tl.sigmoid(2.0 * x) - 1.0)
+        valid = mask_n
+        if HAS_WINDOW:
+            kpos = tl.load(kpos_ptr + start + rows, mask=mask_n, other=0).to(tl.int64)
+            valid = valid & (kpos > oldest)
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        # A block may be wholly masked (a window): keep the exponents finite then.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -214,11 +235,16 @@ def new_partials(q: Tensor, splits: int, dv: int) -> tuple[Tensor, Tensor]:
 def launch_stage(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, lens: Tensor, scale: float,
     part_o: Tensor, part_lse: Tensor, split_offset: int, splits: int, split_len: int,
-    block_n: int,
+    block_n: int, softcap: float | None = None, sinks: Tensor | None = None, window: int | None = None,
+    kpos: Tensor | None = None, qpos: Tensor | None = None,
 ) -> None:
     """Stage 1 into slots ``split_offset .. split_offset + splits - 1`` of the partial buffers.
 
-    ``k``/``v``: [B, Hkv, cap, D] (``starts`` None) or flat [N, D] (``starts`` [B*Hkv])."""
+    ``k``/``v``: [B, Hkv, cap, D] (``starts`` None) or flat [N, D] (``starts`` [B*Hkv]).
+    ``softcap``, ``sinks`` [Hq], ``window`` with ``kpos`` [N] and ``qpos`` [B]: see the module
+    docstring (the window needs the flat layout)."""
+    if window and (starts is None or kpos is None or qpos is None):
+        raise ValueError("a sliding window needs the flat (starts) layout, kpos and qpos")
     b, hq, d = q.shape
     if starts is None:
         hkv, dv = k.shape[1], v.shape[-1]
@@ -231,14 +257,16 @@ def launch_stage(
     grid = (b * hkv, splits)
     _varlen_stage_kernel[grid](
         q, k, v, starts if starts is not None else lens, lens, part_o, part_lse,
+        kpos if window else lens, qpos if window else lens, sinks if sinks is not None else q,
         q.stride(0), q.stride(1), q.stride(2),
         *sk, *sv,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        hkv, group, d, dv, split_len, split_offset, scale * LOG2E,
+        hkv, group, d, dv, split_len, split_offset, scale * LOG2E, float(softcap or 1.0), int(window or 0),
         BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)), BLOCK_DV=max(16, _pow2(dv)),
         G_PAD=max(MIN_ROWS, _pow2(group)), VARLEN=starts is not None, DOT_PREC=dot_precision(q.dtype),
-        UPCAST=upcast_dot(q.device),
+        UPCAST=upcast_dot(q.device), HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
+        HAS_WINDOW=bool(window),
         # 8 warps: with 4, ptxas (sm_90, D 128, bf16) needs 255 registers and spills.
         num_warps=8, num_stages=3,
     )
@@ -288,7 +316,7 @@ def decode_attention(
 
 
 def _split_k(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, lens: Tensor, scale: float,
-             max_len: int, num_splits: int | None, out: Tensor | None) -> Tensor:
+             max_len: int, num_splits: int | None, out: Tensor | None, **extras) -> Tensor:
     """Choose the splits, run the stage kernel into partials, combine them into ``out``."""
     b, hkv = q.shape[0], lens.numel() // q.shape[0]
     block_n = _block_n(k.shape[-1])
@@ -297,7 +325,7 @@ def _split_k(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, lens: Tenso
     else:
         splits, split_len = num_splits, max(block_n, -(-max_len // num_splits // block_n) * block_n)
     part_o, part_lse = new_partials(q, splits, v.shape[-1])
-    launch_stage(q, k, v, starts, lens, scale, part_o, part_lse, 0, splits, split_len, block_n)
+    launch_stage(q, k, v, starts, lens, scale, part_o, part_lse, 0, splits, split_len, block_n, **extras)
     out = q.new_empty(b, q.shape[1], v.shape[-1]) if out is None else out
     return combine(part_o, part_lse, out)
 
@@ -305,13 +333,16 @@ def _split_k(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, lens: Tenso
 def varlen_decode_attention(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, lens: Tensor, scale: float,
     max_len: int | None = None, num_splits: int | None = None, out: Tensor | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None, window: int | None = None,
+    kpos: Tensor | None = None, qpos: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over ragged KV: q [B, Hq, D]; k [N, D], v [N, Dv]; starts [B*Hkv] (int64
     row of each head's first entry), lens [B*Hkv] (entries per head; b-major: i = b*Hkv + h).
 
     ``max_len`` (the longest head, or an upper bound) sizes the split-K grid; when None it is read
     from ``lens`` (one host sync: pass it inside a CUDA graph). Returns [B, Hq, Dv] in q's dtype
-    (written into ``out`` when given).
+    (written into ``out`` when given). ``softcap``, ``sinks``, ``window`` / ``kpos`` / ``qpos``:
+    see the module docstring.
     """
     b = q.shape[0]
     starts, lens = starts.reshape(-1), lens.reshape(-1)
@@ -321,7 +352,8 @@ def varlen_decode_attention(
     _check(q, hkv, d)
     if max_len is None:
         max_len = int(lens.max()) if lens.numel() else 0
-    return _split_k(q, k, v, starts, lens, scale, max_len, num_splits, out)
+    return _split_k(q, k, v, starts, lens, scale, max_len, num_splits, out,
+                    softcap=softcap, sinks=sinks, window=window, kpos=kpos, qpos=qpos)
 
 
 __all__ = ["choose_splits", "decode_attention", "num_sms", "varlen_decode_attention"]

@@ -55,6 +55,9 @@ class Observation:
     # Stacked layers: their queries, one [B, Hq, m, d] part per layer, left unconcatenated (the
     # Triton reductions read each where it lies); `queries` is None until a torch path asks.
     query_parts: list[Tensor] | None = None
+    # A sliding-window layer's window: entries at positions <= seen - window are visible to no
+    # later token, and are never kept over visible ones.
+    window: int | None = None
 
     @cached_property
     def attention(self) -> Tensor:
@@ -194,6 +197,8 @@ def _ranked(scores: Tensor, obs: Observation, window: int | Tensor) -> Tensor:
     one per batch row ([B, 1, 1], stacked layers of different budgets)."""
     scores = scores.float().nan_to_num(nan=float("-inf"))
     scores = scores.masked_fill(obs.positions >= obs.seen - window, float("inf"))
+    if obs.window is not None:
+        scores = scores.masked_fill(obs.positions <= obs.seen - obs.window, float("-inf"))
     if obs.valid is not None:
         scores = torch.where(obs.valid, scores, float("-inf"))
     return scores
@@ -369,7 +374,7 @@ class Policy:
     # --- the cache ------------------------------------------------------------------------------
     def new_cache(self, model) -> BudgetedCache:
         """An empty cache set up to record the queries this policy's scorer needs."""
-        cache = BudgetedCache(model.config, dtype=model.dtype)
+        cache = BudgetedCache(model)  # attaches the attention hook to the model
         if self.allocator == "sensitivity" and self.sensitivity is None:
             self.sensitivity = load_scores(model, self.profile)
         wanted = [self.scorer.queries, self.store.queries if self.store else 0]
@@ -388,41 +393,58 @@ class Policy:
         return self.store.residual
 
     def compress(self, cache: BudgetedCache) -> None:
-        """Cut every budgeted layer back to its budget (no-op for layers under budget)."""
-        if not self.evicts and self.store is None:
+        """Cut every budgeted layer back to its budget (no-op for layers under budget). Sliding-
+        window layers first drop the entries no later token can see (`BudgetedLayer.trim_window`),
+        whatever the policy, and keep at most ``window - 1`` entries per head."""
+        layers = cache.budgeted_layers()
+        windowed = [layer for layer in layers if layer.window is not None and layer.max_entries >= layer.window]
+        if not self.evicts and self.store is None and not windowed:
             return  # nothing to do, and no reason for `before_compress` to snapshot the cache
         cache.settle()
         # Without eviction a store's body only grows at its end (flush by append), so a snapshot
         # need not hold it (MiniCache's cross-layer merge rewrites it: not that case).
-        cache.before_compress(appends_only=not self.evicts and not self.store.cross_layer)
+        appends = not self.evicts and not windowed and self.store is not None and not self.store.cross_layer
+        cache.before_compress(appends_only=appends)
+        budgets = self.layer_budgets(len(layers)) if self.evicts else [None] * len(layers)
+        budgets = [b if layer.window is None or b is None else min(b, layer.window - 1) for b, layer in zip(budgets, layers)]
+        for layer, budget in zip(layers, budgets):
+            # A sliding-window layer's tail is at most its window: it never holds more.
+            residual = self.residual(budget)
+            layer.residual = residual if layer.window is None else min(residual, layer.window - 1)
+        for layer in windowed:
+            layer.trim_window()
         if not self.evicts:
-            if self.store is not None and self.store.flush_cache(cache):
+            if self.store is None or self.store.flush_cache(cache):
                 return
-            for layer in cache.budgeted_layers():
-                layer.residual = self.residual(None)
-            flush_layers(cache.budgeted_layers())
+            flush_layers(layers)
             return
-        if self.tokens is None:
-            self.resolve(cache)
-        budgets = self.layer_budgets(len(cache.budgeted))
         # While the whole context fits in the average budget nothing is evicted, whatever the
         # allocator says for single layers (as PyramidKV: contexts under the budget stay whole).
         fits = cache.get_seq_length() <= self.tokens
+        # Layers of one window (full attention, or one sliding window) are compressed together.
+        for window in dict.fromkeys(layer.window for layer in layers):
+            index = [i for i, layer in enumerate(layers) if layer.window == window]
+            self._compress_group(cache, [layers[i] for i in index], [budgets[i] for i in index], index, fits)
+
+    def _compress_group(self, cache: BudgetedCache, layers: list[BudgetedLayer], budgets: list[int],
+                        index: list[int], fits: bool) -> None:
+        """`compress` for ``layers`` of one window (``index``: their places among the budgeted
+        layers): stacked where they allow it, else layer by layer."""
+        if not fits and self._stack(cache, layers, budgets):
+            return
+        if fits and self._stack_state(layers, budgets):
+            return
         shared = self.head_adaptive
         demotes = self.store is not None and self.store.demotes
-        if not fits and self._stack(cache, budgets):
-            return
-        if fits and self._stack_state(cache, budgets):
-            return
-        for i, layer in enumerate(cache.budgeted_layers()):
-            layer.residual = self.residual(budgets[i])
+        n_layers = len(cache.budgeted)
+        for i, layer, budget in zip(index, layers, budgets):
             if demotes:
                 held = layer.keys.shape[-2]  # entries still at full precision
             else:
                 held = layer.total_entries() if shared else layer.max_entries
-            over = not fits and held > budgets[i] * (layer.n_heads if shared else 1)
+            over = not fits and held > budget * (layer.n_heads if shared else 1)
             if over or self.scorer.state_names:
-                self._compress_layer(layer, i, len(budgets), budgets[i], evict=over)
+                self._compress_layer(layer, i, n_layers, budget, evict=over)
             if not over and not demotes:
                 layer.flush()
             if self.scorer.queries < 0:
@@ -431,7 +453,7 @@ class Policy:
     # Score every layer in one pass when they allow it (set False to compare with the loop).
     stack_layers: bool = True
 
-    def _stack(self, cache: BudgetedCache, budgets: list[int]) -> bool:
+    def _stack(self, cache: BudgetedCache, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
         """Compress the budgeted layers together, stacked along the batch dimension: the same
         scores and picks as layer by layer, in a few large operations instead of ~24 kernel
         launches per layer (on a GPU the per-layer loop is bound by the host launching them:
@@ -440,7 +462,6 @@ class Policy:
         longest when the scorer allows it (`Scorer.stackable_padded`). Only when every layer is
         dense and unencoded with the same heads, tokens seen, state and observed queries; returns
         False (nothing done) otherwise."""
-        layers = cache.budgeted_layers()
         if not (self.stack_layers and self.scorer.stackable and len(layers) > 1):
             return False
         if self.store is not None:  # layers with encoded bodies: `kvbudget.stacked_store`
@@ -464,7 +485,7 @@ class Policy:
             self._compress_stacked(layers[group], budgets[group])
         return True
 
-    def _stack_state(self, cache: BudgetedCache, budgets: list[int]) -> bool:
+    def _stack_state(self, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
         """While the context fits its budget nothing is evicted, but a scorer with state (H2O,
         A2SF, LazyEviction) still scores every layer to update it: stacked as well when the
         layers are alike (dense, unencoded), then flushed together (`flush_layers`). Layer by
@@ -472,7 +493,6 @@ class Policy:
         stream time, bound by the host launching it, against 9 ms for each later, stacked one
         (`benchmarks/host_lead.py`, docs/benchmarks.md "Tenth session"). Returns False (nothing
         done) where the loop must run."""
-        layers = cache.budgeted_layers()
         if not (self.stack_layers and self.scorer.stackable and self.scorer.state_names and len(layers) > 1):
             return False
         demotes = self.store is not None and self.store.demotes
@@ -608,6 +628,7 @@ class Policy:
             seed=zlib.crc32(f"{self.seed}:stacked:{first.seen}".encode()),
             state=entries.state,
             lse=lse,
+            window=first.window,
         )
 
     def _stack_adaptive(self, layers: list[BudgetedLayer], budgets: list[int]) -> bool:
@@ -721,6 +742,7 @@ class Policy:
             state=view.state,
             # Scored over the tail only, the softmax spans fewer keys than the queries attended to.
             lse=None if demotes else layer.lse,
+            window=layer.window,
         )
         scores = self.scorer.score(obs)
         state = _with_body_state(obs.state, layer, start) if start else obs.state
