@@ -4,6 +4,10 @@ by ``make test-gpu`` (``python -m pytest -m gpu tests/gpu``). Each model is buil
 import pytest
 import torch
 
+from kvbudget import fusion
+
+from .gpu_kit import build
+
 CUDA = torch.cuda.is_available()
 REASON = "needs a CUDA GPU (torch.cuda.is_available() is False): run `make test-gpu` on a GPU machine"
 
@@ -20,10 +24,6 @@ def _models() -> dict:
 
 
 def _model(models: dict, dtype: torch.dtype):
-    from gpu_kit import build
-
-    from kvbudget import fusion
-
     if dtype not in models:
         models[dtype] = build(layers=4, dtype=dtype)
     fusion.unfuse(models[dtype])  # each test starts from the model as transformers built it

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvbudget as kb
 from kvbudget.attention import attach
@@ -23,23 +23,18 @@ from kvbudget.generate import Session
 VOCAB = 128000  # token ids are drawn below this (the 8B vocabulary has 128256)
 
 
-def build(layers: int = 4, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A random-weight model of the Llama-3.1-8B shape (32 query / 8 KV heads, head_dim 128,
-    hidden 4096) with ``layers`` layers on CUDA, built with plain transformers, hook attached.
-    float32 removes bf16 rounding differences between two paths' reductions where a check
-    compares tokens."""
-    cfg = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rope_theta=500000.0, attn_implementation="sdpa", dtype=dtype,
-    )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(previous)
+# The Llama-3.1-8B attention and MLP shape; the tests build 4 layers of it.
+LLAMA_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 500000.0}
+
+
+def build(layers: int = 4, dtype: torch.dtype = torch.float32):
+    """A random-weight model of the Llama-3.1-8B shape with ``layers`` layers on CUDA, built from
+    its config with plain transformers, kvbudget's hook attached. float32 removes bf16 rounding
+    differences between two paths' reductions where a check compares tokens."""
+    cfg = LlamaConfig(**LLAMA_8B, num_hidden_layers=layers, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     attach(model)
     return model
 

@@ -5,10 +5,11 @@ views of larger buffers (a static decoder's)."""
 
 import pytest
 import torch
-from gpu_kit import env
 
 from kvbudget.policies.kivi import KIVI
 from kvbudget.store import Body
+
+from .gpu_kit import env
 
 pytestmark = pytest.mark.gpu
 

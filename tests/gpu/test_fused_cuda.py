@@ -8,13 +8,14 @@ dequantise-and-attend kernel: the same greedy tokens as decoding the body first.
 
 import pytest
 import torch
-from gpu_kit import compare_caches, decode, random_ids
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama as llama
 
 from kvbudget import cache as kcache
 from kvbudget import fusion
 from kvbudget.kernels import fused
+
+from .gpu_kit import compare_caches, decode, random_ids
 
 pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16

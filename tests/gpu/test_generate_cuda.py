@@ -4,9 +4,10 @@ and one-shot prefill differ)."""
 
 import pytest
 import torch
-from gpu_kit import random_ids
 
 import kvbudget as kb
+
+from .gpu_kit import random_ids
 
 pytestmark = pytest.mark.gpu
 

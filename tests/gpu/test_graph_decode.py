@@ -11,12 +11,13 @@ import gc
 
 import pytest
 import torch
-from gpu_kit import answer, compare_caches, decode, random_ids
 
 import kvbudget as kb
 from kvbudget import fusion
 from kvbudget import static as kstatic
 from kvbudget.cache import BudgetedCache
+
+from .gpu_kit import answer, compare_caches, decode, random_ids
 
 pytestmark = pytest.mark.gpu
 

@@ -10,11 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from gpu_kit import answer, lse_env, overlap, random_ids
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvbudget as kb
 from kvbudget import scoring
-from kvbudget.attention import AttentionPlan, _sdpa, attention_with_lse, flash_attention_with_lse
+from kvbudget.attention import AttentionPlan, attention_with_lse, flash_attention_with_lse
+
+from .gpu_kit import answer, lse_env, overlap, random_ids
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +32,7 @@ def test_flash_attention_with_lse_equals_reference(n_old, m):
     out, lse = flash_attention_with_lse(q, k, v, n_old, scale)
     ref_out, ref_lse = attention_with_lse(q, k, v, n_old, scale)
     mask = AttentionPlan(keys=k, head_lens=None, n_old=n_old, layer=None).mask(m, 32)
-    old_out = _sdpa(module, q, k, v, mask, scaling=scale)[0].transpose(1, 2)
+    old_out = sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0].transpose(1, 2)
     assert out.shape == ref_out.shape == old_out.shape and lse.shape == ref_lse.shape == (1, 32, m)
     assert lse.dtype == torch.float32
     top = float(ref_out.float().abs().max())

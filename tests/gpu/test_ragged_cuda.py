@@ -4,11 +4,12 @@ entries in layer 0 with it as without it."""
 
 import pytest
 import torch
-from gpu_kit import env, lse_env, overlap, random_ids
 from ragged_layout import padded_segments
 
 import kvbudget as kb
 from kvbudget.attention import AttentionPlan, ragged_flash
+
+from .gpu_kit import env, lse_env, overlap, random_ids
 
 pytestmark = pytest.mark.gpu
 

@@ -7,9 +7,10 @@ budget 1024."""
 
 import pytest
 import torch
-from gpu_kit import random_ids
 
 import kvbudget as kb
+
+from .gpu_kit import random_ids
 
 pytestmark = pytest.mark.gpu
 
