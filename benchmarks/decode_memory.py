@@ -12,8 +12,8 @@ reports, above the memory held before the answer (weights + the compressed cache
 One JSON line per (policy, context). ``--breakdown`` adds ``stages``: for each call of the
 steps of an answer (building the static decoder, the snapshot, each compression, each reload),
 the memory allocated above the start of the answer when it returns, and the peak reached
-inside it, in GB. Run on the H100 through the `device` tool:
-    PYTHONPATH=src python3 benchmarks/decode_memory.py --out $OUT/decode_memory.jsonl
+inside it, in GB. Run on a GPU (from the repository root):
+    PYTHONPATH=src python3 benchmarks/decode_memory.py --out decode_memory.jsonl
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ except ImportError:
     sys.path.insert(1, str(HERE.parent / "src"))
     import kvbudget as kb
 from kvbudget.generate import Session  # noqa: E402
-from gpu_smoke import build  # noqa: E402
+from gpu_bench import build  # noqa: E402
 
 GB = 1e9
 

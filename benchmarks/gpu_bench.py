@@ -1,14 +1,14 @@
-"""GPU benchmark of issue 6: peak prefill memory, prefill/compression time, decode speed, roofline.
+"""GPU benchmark: peak prefill memory, prefill/compression time, decode speed, roofline.
 
 Random-weight model of the Llama-3.1-8B shape (32 layers, 32 query / 8 KV heads, head_dim 128,
-bf16; speed does not depend on weight values), built from a config (benchmarks/gpu_smoke.build).
+bf16; speed does not depend on weight values), built from a config (`build`).
 
 Sections (``--sections``, comma-separated; one JSON object per row to ``--out``):
 
-* ``bw``: device copy bandwidth (bytes read + written per second, as METHOD.md counts it) and
+* ``bw``: device copy bandwidth (bytes read + written per second) and
   a read-only reduction's bandwidth: the ceilings the roofline uses.
 * ``baseline``: plain transformers (DynamicCache, sdpa): one-shot prefill of each context, peak
-  memory, then eager decode ms/token: the issue's baseline table, re-measured in the same run.
+  memory, then eager decode ms/token: the baseline, measured in the same run.
 * ``budget``: kvbudget block-wise prefill (block 2048) per policy x budget x context: peak GPU
   memory (flat in context), prefill seconds, compression share; then decode ms/token eagerly
   (BudgetedCache) and with static buffers + one CUDA graph per step (kvbudget.static).
@@ -23,21 +23,17 @@ Roofline per decode step: bytes that must be read (weights except the embedding 
 only the fed rows are read, + every kept K/V entry) / the measured copy bandwidth. ``fraction`` =
 roofline time / measured time.
 
-``--fused off,auto`` runs the budget and profile sections without and with kvbudget's fused
-element-wise kernels (kvbudget.fusion; "auto", the default, is what users get on CUDA). The plain
-transformers rows always run on the unfused model.
+The plain transformers rows always run on the unfused model.
 
-Run on the H100 through the `device` tool (from the repository root):
-    PYTHONPATH=src python3 benchmarks/gpu_bench.py --out $OUT/gpu_bench.jsonl
+Run on a GPU (from the repository root):
+    PYTHONPATH=src python3 benchmarks/gpu_bench.py --out gpu_bench.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -45,7 +41,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -54,7 +50,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import kvbudget as kb  # noqa: E402
 from kvbudget import fusion  # noqa: E402
 from kvbudget import static as kstatic  # noqa: E402
-from gpu_smoke import build  # noqa: E402
+from kvbudget.attention import attach  # noqa: E402
 
 GB = 1e9
 VOCAB = 128000  # token ids drawn below this; the real default model's vocabulary under --model default
@@ -86,21 +82,22 @@ def cuda_ms(fn, reps: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def fused_ops(model, value: str):
-    """Run with ``KVBUDGET_FUSED_OPS=value`` and the model unfused at the start (a StaticDecoder
-    fuses it again under "auto")."""
-    before = os.environ.get("KVBUDGET_FUSED_OPS")
-    os.environ["KVBUDGET_FUSED_OPS"] = value
-    fusion.unfuse(model)
+def build(layers: int = 32, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
+    """The random-weight Llama-3.1-8B shape on CUDA, built with plain transformers, hook attached."""
+    cfg = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, attn_implementation="sdpa", dtype=dtype,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
-        yield
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).eval()
     finally:
-        fusion.unfuse(model)
-        if before is None:
-            os.environ.pop("KVBUDGET_FUSED_OPS")
-        else:
-            os.environ["KVBUDGET_FUSED_OPS"] = before
+        torch.set_default_dtype(previous)
+    attach(model)
+    return model
 
 
 def free_memory() -> None:
@@ -481,7 +478,6 @@ def main() -> None:
     parser.add_argument("--policies", default="snapkv")
     parser.add_argument("--batch-engines", default="all",
                         help="batch section rows whose name contains one of these (comma-separated), e.g. kivi,full)")
-    parser.add_argument("--fused", default="auto", help="KVBUDGET_FUSED_OPS values for budget/profile, e.g. off,auto")
     parser.add_argument("--model", choices=("llama8b", "default"), default="llama8b",
                         help="llama8b: the random-weight 8B shape; default: the real embedded model (sanity row)")
     args = parser.parse_args()
@@ -497,20 +493,12 @@ def main() -> None:
     jobs = []
     if "baseline" in sections:
         jobs += [(baseline, (model, c, bw)) for c in contexts]
-    for fused in args.fused.split(","):
-        def with_fused(fn, fused=fused):
-            def run(*a):
-                with fused_ops(model, fused):
-                    fn(*a)
-            run.__name__ = fn.__name__
-            return run
-
-        if "budget" in sections:
-            for policy in args.policies.split(","):
-                for budget in (int(b) for b in args.budgets.split(",")):
-                    jobs += [(with_fused(budgeted), (model, policy, budget, c, bw)) for c in contexts]
-        if "profile" in sections:
-            jobs.append((with_fused(profile_section), (model, bw)))
+    if "budget" in sections:
+        for policy in args.policies.split(","):
+            for budget in (int(b) for b in args.budgets.split(",")):
+                jobs += [(budgeted, (model, policy, budget, c, bw)) for c in contexts]
+    if "profile" in sections:
+        jobs.append((profile_section, (model, bw)))
     if "offload" in sections:
         jobs.append((offload_section, (model,)))
     if "batch" in sections:

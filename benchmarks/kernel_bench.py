@@ -12,7 +12,7 @@
        static-capacity buffer and flat ragged storage) vs SDPA on padded tensors with a boolean
        mask (GQA, and queries folded into the KV head) and without a mask;
    (b) full context 8k / 32k / 128k, batch 1 and 8: SDPA over bf16 KV vs the fused KIVI-4 /
-       KIVI-2 kernels vs dequantise-in-torch-then-SDPA (kvbudget's path before these kernels).
+       KIVI-2 kernels vs dequantise-in-torch-then-SDPA (the path without the fused kernel).
    Each row reports the bytes the kernel must read, achieved bandwidth and its fraction of the
    copy bandwidth. One JSON object per row in --out; a table at the end.
 
@@ -22,7 +22,6 @@ Budget: < 4 minutes and < 40 GB on an H100. Every row is wrapped in try/except.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import json
@@ -96,28 +95,6 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
-def kivi_variant(variant: str):
-    """Run the fused KIVI calls inside with ``variant``: '' (the library's choice) or a kernel name
-    (`kivi_decode.KERNELS`: parts, fold, gather), optionally with its launch settings after an '@':
-    ``parts@BLOCK_N,WARPS,STAGES,RESIDENT,MAXNREG`` (`kivi_decode.CONFIGS`; parts and fold)."""
-    from kvbudget.kernels import kivi_decode as KD
-
-    name, _, config = variant.partition("@")
-    saved = KD.KERNEL, dict(KD.CONFIGS)
-    KD.KERNEL = name or saved[0]
-    if config:
-        KD.CONFIGS[KD.KERNEL] = tuple(int(x) for x in config.split(","))
-        if len(KD.CONFIGS[KD.KERNEL]) != 5:
-            raise ValueError(f"launch settings of '{variant}' must be 5 integers")
-    try:
-        yield
-    finally:
-        KD.KERNEL = saved[0]
-        KD.CONFIGS.clear()
-        KD.CONFIGS.update(saved[1])
-
-
 # --- KIVI bodies -----------------------------------------------------------------------------------
 def real_kivi_layer(bits: int, b: int, hkv: int, m: int, d: int, dtype, device, evict: bool = True):
     """A KIVI body through the store machinery (encode, evict a random subset, encode more)."""
@@ -164,7 +141,7 @@ def synthetic_kivi_body(bits: int, b: int, hkv: int, n: int, d: int, dtype, devi
 
 
 # --- 1. correctness -------------------------------------------------------------------------------
-def check_correctness(out, variants: list[str]) -> None:
+def check_correctness(out) -> None:
     from kvbudget.kernels import kivi_decode as KD
     from kvbudget.kernels import reference as R
     from kvbudget.kernels import varlen_decode as VD
@@ -210,13 +187,12 @@ def check_correctness(out, variants: list[str]) -> None:
                 keys, values = torch.cat([bk, tk], 2).double(), torch.cat([bv, tv], 2).double()
                 full = torch.full((2, hkv), keys.shape[2], device=dev)
                 ref = R.reference_decode_attention(qk.double(), keys, values, full, SCALE)
-                for variant, splits in itertools.product(variants, (None, 3)):
-                    with kivi_variant(variant):
-                        e = rel(KD.kivi_decode_attention(qk, body, store, tk, tv, SCALE, num_splits=splits), ref)
+                for splits in (None, 3):
+                    e = rel(KD.kivi_decode_attention(qk, body, store, tk, tv, SCALE, num_splits=splits), ref)
                     emit(out, {"kind": "check", "kernel": f"kivi{bits}_decode_attention", "case": name,
-                               "variant": variant, "evicted": evict, "splits": splits, "rel_err": e})
+                               "evicted": evict, "splits": splits, "rel_err": e})
                     if not e < tol[dtype]:
-                        failures.append(f"kivi{bits} {variant or 'default'} {name} evicted={evict} splits={splits}: {e:.3g}")
+                        failures.append(f"kivi{bits} {name} evicted={evict} splits={splits}: {e:.3g}")
         except Exception as exc:  # noqa: BLE001 - report and go on
             traceback.print_exc()
             failures.append(f"{name}: {exc!r}")
@@ -310,9 +286,9 @@ def bench_varlen(out, copy_gbps: float, budget: int = 2048) -> None:
 
 
 # --- 3b. KIVI over the full context ----------------------------------------------------------------
-def bench_kivi(out, copy_gbps: float, variants: list[str], residual: int = 128,
+def bench_kivi(out, copy_gbps: float, residual: int = 128,
                contexts: tuple[int, ...] = (8192, 32768, 131072), torch_path: bool = True) -> None:
-    """``variants``: the fused kernels to time (`kivi_variant`)."""
+    """SDPA over bf16 vs the fused KIVI-4 / KIVI-2 kernels vs dequantising the body in torch."""
     from kvbudget.kernels import kivi_decode as KD
 
     dev = torch.device("cuda")
@@ -348,12 +324,9 @@ def bench_kivi(out, copy_gbps: float, variants: list[str], residual: int = 128,
                     must = body.nbytes() + tk.nbytes + tv.nbytes
                     fused = [lambda s=s, st=store: KD.kivi_decode_attention(s[0], s[1], st, s[2], s[3], SCALE)
                              for s in sets]
-                    for variant in variants:
-                        tag = f"_{variant}" if variant else ""
-                        with kivi_variant(variant):
-                            timing_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused{tag}", **meta)
-                            graph_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused_graph{tag}", **meta)
-                    # kvbudget's path before the kernel: dequantise the body in torch, concat, SDPA.
+                    timing_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused", **meta)
+                    graph_row(out, copy_gbps, fused, must, impl=f"kivi{bits}_fused_graph", **meta)
+                    # Without the fused kernel: dequantise the body in torch, concat, SDPA.
                     # Its float32 temporaries are ~6x the bf16 KV: skip where that would not fit.
                     if torch_path and kv_bytes * 6 < 24 * 2**30:
                         def torch_path(s, store=store):
@@ -401,22 +374,18 @@ def main() -> int:
     ap.add_argument("--out", default="kernels.jsonl")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only-kivi", action="store_true", help="time the KIVI kernels only (no varlen, no torch path)")
-    ap.add_argument("--kivi-variants", default="",
-                    help="';'-separated fused kernels to compare, each a name with optional launch settings, "
-                         "e.g. 'fold;parts;parts@16,1,1,8,0' (kivi_variant; default: the library's)")
     ap.add_argument("--contexts", default="8192,32768,131072")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    variants = args.kivi_variants.split(";") if args.kivi_variants else [""]
     t0 = time.time()
     with open(args.out, "w") as out:
         emit(out, {"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "triton": __import__("triton").__version__})
         if not args.skip_check:
-            check_correctness(out, variants)
+            check_correctness(out)
             print(f"correctness: {'FAILED: ' + '; '.join(failures) if failures else 'all kernels within tolerance'}"
                   f" ({time.time() - t0:.0f} s)", flush=True)
         try:
@@ -427,7 +396,7 @@ def main() -> int:
         free()
         if not args.only_kivi:
             bench_varlen(out, copy_gbps)
-        bench_kivi(out, copy_gbps, variants=variants,
+        bench_kivi(out, copy_gbps,
                    contexts=tuple(int(c) for c in args.contexts.split(",")), torch_path=not args.only_kivi)
         emit(out, {"kind": "done", "seconds": time.time() - t0, "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
                    "failures": failures})

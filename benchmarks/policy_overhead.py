@@ -14,18 +14,12 @@ Run (quick CPU check, then the GPU shape):
     python benchmarks/policy_overhead.py --model llama8b --device cuda --context 8192,32768 \\
         --budget 2048 --block-size 2048 --policies all --repeats 3 --out ovh-h100.jsonl
 One JSON object per line goes to --out; a table goes to stdout.
-
-``--scoring materialise|chunked|triton|auto`` (default: the environment's KVBUDGET_SCORING,
-else auto) picks how attention reductions over many queries are computed (H2O, A2SF, KVzip,
-LazyEviction, SnapKV's sum; `kvbudget.scoring`): ``materialise`` is the old full-matrix path,
-for before/after comparisons in one checkout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -37,7 +31,7 @@ import torch
 import transformers
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # for gpu_smoke.build
+sys.path.insert(0, str(HERE))  # for gpu_bench.build
 try:
     import kvbudget as kb
 except ImportError:  # not installed: use this checkout's source
@@ -50,7 +44,7 @@ def load(name: str, device: str) -> torch.nn.Module:
     if name == "llama8b":
         if device != "cuda":
             sys.exit("--model llama8b needs --device cuda")
-        from gpu_smoke import build
+        from gpu_bench import build
 
         return build()
     if name == "tiny":
@@ -201,23 +195,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    p.add_argument("--scoring", choices=("auto", "materialise", "chunked", "triton"), default=None,
-                   help="attention-reduction path (sets KVBUDGET_SCORING)")
-    p.add_argument("--store-stack-mb", type=int, default=None,
-                   help="Policy.STORE_STACK_BYTES in MiB: layers with a store compressed together per group")
     args = p.parse_args()
-    if args.store_stack_mb is not None:
-        kb.Policy.STORE_STACK_BYTES = args.store_stack_mb * 2**20
-    if args.scoring:
-        os.environ["KVBUDGET_SCORING"] = args.scoring
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
     contexts = [int(c) for c in args.context.split(",")]
     model = load(args.model, args.device)
     env = environment(args.device, args.model) | {"seed": args.seed}
-    env["scoring"] = os.environ.get("KVBUDGET_SCORING", "auto")
-    env["attention_lse"] = os.environ.get("KVBUDGET_ATTENTION_LSE", "auto")  # H2O/A2SF reuse the attention's LSE
-    env["store_stack_mib"] = kb.Policy.STORE_STACK_BYTES // 2**20
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(model.config.vocab_size, (1, max(contexts)), generator=gen)
     print(json.dumps(env))

@@ -17,8 +17,7 @@ tokens) and its SDPA attention on the same shape, plus a FLOP estimate. One JSON
 ``--sweep-reduce`` times pass 2 alone (the reduction given each row's log-sum-exp, which is all
 H2O/A2SF/LazyEviction run when the attention call supplies it: docs/scoring.md) over tile sizes,
 warps, pipelining stages and the tiles' query axis, for ``--sweep-modes``; ``--batch 8`` stacks 8
-layers as a prefill's compression does (one layer leaves the GPU latency-bound). (A variant that stacked the group's query heads into one dot was swept too
-and removed, no faster: commit 7ec168c has it.)
+layers as a prefill's compression does (one layer leaves the GPU latency-bound).
 """
 
 from __future__ import annotations

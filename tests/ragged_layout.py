@@ -1,5 +1,5 @@
 """The padded layout a ragged layer gives the masked attention path, built from its storage: a
-test helper shared with benchmarks/gpu_tests.py (the varlen flash path reads the storage)."""
+test helper shared with tests/gpu/test_ragged_cuda.py (the varlen flash path reads the storage)."""
 
 from torch import Tensor
 

@@ -3,8 +3,8 @@
 On CPU the fast op (flash attention, CUDA only) is replaced by its torch reference,
 `attention_with_lse` (``KVBUDGET_ATTENTION_LSE=reference``): these tests check the reference's
 semantics, the plumbing hook -> `BudgetedLayer` -> `Observation` -> Triton kernel (under the
-interpreter), and that eviction is unchanged. benchmarks/gpu_tests.py compares the CUDA op with
-the reference on a GPU."""
+interpreter), and that eviction is unchanged. tests/gpu/test_lse_cuda.py compares the CUDA op
+with the reference on a GPU."""
 
 import os
 

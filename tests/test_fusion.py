@@ -5,7 +5,7 @@ the eager model's logits and tokens.
 CI has no GPU: the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py), forced onto CPU tensors with ``fusion.FORCE_KERNELS``. The interpreter's float32 ->
 bfloat16 casts truncate where the GPU rounds, so exactness is checked in float32 and bfloat16 only
-within a tolerance; benchmarks/gpu_tests.py checks bfloat16 on the GPU (log in benchmarks/results/).
+within a tolerance; tests/gpu/test_fused_cuda.py checks bfloat16 on the GPU.
 """
 
 import pytest

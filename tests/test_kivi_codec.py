@@ -4,8 +4,8 @@ The kernels run under triton's interpreter on CPU (conftest.py sets TRITON_INTER
 with ``KVBUDGET_KIVI_CODEC=triton``. They compute what torch computes, operation for operation,
 so float32 and float16 must match bit for bit. The interpreter's float32 -> bfloat16 casts
 truncate where the GPU rounds to nearest, so in bfloat16 the codes (computed in float32) must
-match and the stored scales and decoded values be within one bfloat16 step; benchmarks/gpu_tests.py
-(group ``codec``) checks bfloat16 bit for bit on the GPU (log in benchmarks/results/)."""
+match and the stored scales and decoded values be within one bfloat16 step;
+tests/gpu/test_codec_cuda.py checks bfloat16 bit for bit on the GPU."""
 
 import pytest
 import torch

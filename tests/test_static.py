@@ -3,7 +3,7 @@
 CI has no GPU, so these run the static path without the CUDA graph (``decode="static"``): the
 buffers, the in-place writes at ``starts + lens``, the length-masked attention, write-back and
 reload are the code the graph captures. The graph itself is checked on the GPU by
-benchmarks/gpu_tests.py (log in benchmarks/results/)."""
+tests/gpu/test_graph_decode.py."""
 
 from types import SimpleNamespace
 

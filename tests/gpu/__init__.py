@@ -1,0 +1,1 @@
+"""CUDA checks (marker ``gpu``): run by ``make test-gpu``; see conftest.py."""
