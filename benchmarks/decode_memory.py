@@ -34,7 +34,7 @@ try:  # PYTHONPATH may name another checkout's src/ (an A/B against older code)
 except ImportError:
     sys.path.insert(1, str(HERE.parent / "src"))
     import kvbudget as kb
-from kvbudget.generate import Session  # noqa: E402
+from kvbudget.runtime.session import Session  # noqa: E402
 from gpu_bench import build  # noqa: E402
 
 GB = 1e9

@@ -38,8 +38,8 @@ from transformers import (
 )
 
 import kvbudget as kb
-from kvbudget.modelcall import run
-from kvbudget.static import StaticDecoder
+from kvbudget.runtime.modelcall import run
+from kvbudget.runtime.decoder import StaticDecoder
 
 GB = 1e9
 

@@ -48,9 +48,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import kvbudget as kb  # noqa: E402
-from kvbudget import fusion  # noqa: E402
-from kvbudget import static as kstatic  # noqa: E402
-from kvbudget.attention import attach  # noqa: E402
+from kvbudget.runtime import fusion  # noqa: E402
+from kvbudget.runtime import static as kstatic  # noqa: E402
+from kvbudget.kv.hook import attach  # noqa: E402
 
 GB = 1e9
 VOCAB = 128000  # token ids drawn below this; the real default model's vocabulary under --model default
@@ -191,7 +191,7 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
     ids = torch.randint(0, VOCAB, (1, context), device="cuda")
     logits, stats = kb.prefill(model, cache, policy, ids, block_size=block)
     peak = torch.cuda.max_memory_allocated()
-    entries = int(sum(layer.lengths().sum() for layer in cache.budgeted_layers()) // len(cache.budgeted))
+    entries = int(sum(layer.lengths().sum() for layer in cache.layers) // len(cache.layers))
     kv_entries = entries // model.config.num_key_value_heads  # per head, mean over layers
     row = {"section": "budget", "fused_ops": fusion.mode(), "policy": name, "budget": budget, "context": context,
            "block": block,
@@ -216,7 +216,7 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
     row["graph_speedup_vs_eager"] = round(row["eager_decode_ms"] / graph_ms, 2)
     # A store's step reads the encoded body + the tail: the bytes held, less positions and scores.
     kv_read = None if policy.store is None else cache.nbytes() - sum(
-        layer.positions.nbytes + sum(s.nbytes for s in layer.state.values()) for layer in cache.budgeted_layers())
+        layer.positions.nbytes + sum(s.nbytes for s in layer.state.values()) for layer in cache.layers)
     emit(row | roofline(model, kv_entries, 1, bw, graph_ms, kv_read))
     del dec, cache
     free_memory()
@@ -242,9 +242,9 @@ def synthetic_decoder(model, batch: int, entries: int, room: int) -> kstatic.Sta
 def synthetic_kivi_decoder(model, batch: int, entries: int, room: int, bits: int = 4) -> kstatic.StaticDecoder:
     """A StaticDecoder over ``batch`` sequences of ``entries`` per head held by KIVI: all but the
     128-entry residual encoded (random codes and scales) in `StaticStoreLayer` buffers."""
-    from kvbudget.policies.kivi import KIVI
-    from kvbudget.static_store import StaticStoreLayer
-    from kvbudget.store import Body
+    from kvbudget.methods.stores.kivi import KIVI
+    from kvbudget.runtime.static_store import StaticStoreLayer
+    from kvbudget.kv.body import Body
 
     cfg = model.config
     store = KIVI(bits=bits)
@@ -272,7 +272,7 @@ def synthetic_kivi_decoder(model, batch: int, entries: int, room: int, bits: int
 
 def kivi_seq_bytes(model, entries: int, bits: int) -> int:
     """KV bytes one sequence holds under KIVI (body encoded, 128-entry tail in bf16)."""
-    from kvbudget.policies.kivi import KIVI
+    from kvbudget.methods.stores.kivi import KIVI
 
     cfg = model.config
     store = KIVI(bits=bits)
@@ -375,8 +375,8 @@ def offload_section(model, episodes: int = 4, budget: int = 2048, context: int =
     memory that overlap the other episodes' prefill (`BudgetedCache.to(non_blocking=True)`)."""
     from types import SimpleNamespace
 
-    from kvbudget.episodic import EpisodicSession
-    from kvbudget.prefill import PrefillStats
+    from kvbudget.runtime.episodic import EpisodicSession
+    from kvbudget.runtime.prefill import PrefillStats
 
     free_memory()
     policy = kb.policy("snapkv", budget=budget, block_size=2048)

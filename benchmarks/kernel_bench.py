@@ -98,8 +98,8 @@ def free() -> None:
 # --- KIVI bodies -----------------------------------------------------------------------------------
 def real_kivi_layer(bits: int, b: int, hkv: int, m: int, d: int, dtype, device, evict: bool = True):
     """A KIVI body through the store machinery (encode, evict a random subset, encode more)."""
-    from kvbudget.policies.kivi import KIVI
-    from kvbudget.store import rebuild_body
+    from kvbudget.methods.stores.kivi import KIVI
+    from kvbudget.kv.body import rebuild_body
 
     store = KIVI(bits=bits)
     k = torch.randn(b, hkv, m, d, device=device, dtype=dtype)
@@ -119,8 +119,8 @@ def real_kivi_layer(bits: int, b: int, hkv: int, m: int, d: int, dtype, device, 
 def synthetic_kivi_body(bits: int, b: int, hkv: int, n: int, d: int, dtype, device):
     """A KIVI body of ``n`` entries with KIVI's exact layout and random contents (encoding a 128k
     context through the store would need far more memory than the kernel reads)."""
-    from kvbudget.policies.kivi import KIVI
-    from kvbudget.store import Body
+    from kvbudget.methods.stores.kivi import KIVI
+    from kvbudget.kv.body import Body
 
     store = KIVI(bits=bits)
     pack = 8 // bits

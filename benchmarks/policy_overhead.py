@@ -50,7 +50,7 @@ def load(name: str, device: str) -> torch.nn.Module:
     if name == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from kvbudget.attention import attach
+        from kvbudget.kv.hook import attach
 
         cfg = LlamaConfig(
             vocab_size=4096,

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from kvbudget import scoring
+    from kvbudget.compress import scoring
 except ImportError:  # not installed: use this checkout's source
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    from kvbudget import scoring
+    from kvbudget.compress import scoring
 
 
 def timed(fn, repeats: int) -> tuple[float, int, object]:

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kvbudget as kb
-from kvbudget.attention import attach
+from kvbudget.compress import batched, engine
+from kvbudget.kv.hook import attach
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +82,24 @@ def half_then_fail(real_atomic_open):
             yield HalfWriter()
 
     return opener
+
+
+_ENGINE = (engine.BATCHED, batched.GROUP_BYTES, batched.STORE_GROUP_BYTES)
+
+
+def use_batched(on: bool) -> None:
+    """Compress layers together where they allow it (the default), or each through the
+    per-layer reference path: the tests compare the two. Reset after every test."""
+    engine.BATCHED = on
+
+
+def limit_groups(limit: int) -> None:
+    """The most bytes of stacked keys and values per group of the batched engine (dense and
+    store layers). Reset after every test."""
+    batched.GROUP_BYTES = batched.STORE_GROUP_BYTES = limit
+
+
+@pytest.fixture(autouse=True)
+def _engine_defaults():
+    yield
+    engine.BATCHED, batched.GROUP_BYTES, batched.STORE_GROUP_BYTES = _ENGINE

@@ -19,10 +19,14 @@ import pytest
 from conftest import random_ids
 
 import kvbudget as kb
-from kvbudget import attention, scoring
-from kvbudget.attention import AttentionPlan, attention_with_lse, lse_mode
-from kvbudget.attention import _sdpa as transformers_sdpa
-from kvbudget.cache import BudgetedCache
+from kvbudget.kv.ragged import RaggedEntries
+from kvbudget.kv import hook as attention, plan as plans
+from kvbudget.compress import engine, scoring
+from kvbudget.kv.plan import AttentionPlan
+from kvbudget.kernels.flash import attention_with_lse
+from kvbudget.kv.hook import lse_mode
+from transformers.integrations.sdpa_attention import sdpa_attention_forward as transformers_sdpa
+from kvbudget.kv.cache import BudgetedCache
 
 triton = pytest.importorskip("triton")
 from test_attn_scores import DEVICE, on_device, rel_err, row_lse  # also patches the interpreter
@@ -75,16 +79,16 @@ def test_reference_lse_drives_the_kernel_like_its_own_first_pass():
 
 
 def _append(cache: BudgetedCache, m: int) -> None:
-    for layer in cache.budgeted_layers():
+    for layer in cache.layers:
         layer.update(torch.randn(1, 2, m, 16), torch.randn(1, 2, m, 16))
-        attention.discard_plan()  # no attention call here to take it
+        plans.discard_plan()  # no attention call here to take it
 
 
 def _layer(cache: BudgetedCache, n: int):
     """The first budgeted layer of ``cache`` (every layer holding ``n`` tokens)."""
     _append(cache, n)
-    layer = cache.budgeted_layers()[0]
-    layer.query_keep = -1
+    layer = cache.layers[0]
+    layer.observed.keep = -1
     layer.cache = cache  # for _chunk
     return layer
 
@@ -103,36 +107,36 @@ def test_layer_keeps_lse_aligned_and_drops_it_for_the_interval(tiny_llama):
     layer = _layer(cache, 10)
     assert layer.wants_lse()
     (q1, l1), (q2, l2) = _chunk(layer, 3), _chunk(layer, 2)
-    assert torch.equal(layer.queries, torch.cat([q1, q2], 2)) and torch.equal(layer.lse, torch.cat([l1, l2], 2))
-    assert layer.query_positions.tolist() == [10, 11, 12, 13, 14]
+    assert torch.equal(layer.observed.queries, torch.cat([q1, q2], 2)) and torch.equal(layer.observed.lse, torch.cat([l1, l2], 2))
+    assert layer.observed.positions.tolist() == [10, 11, 12, 13, 14]
     _chunk(layer, 1, with_lse=False)  # e.g. a decode step through a path without LSE
-    assert layer.lse is None and not layer.wants_lse()
+    assert layer.observed.lse is None and not layer.wants_lse()
     _chunk(layer, 2)  # a later chunk with LSE does not bring it back: the rows would mix
-    assert layer.lse is None and layer.queries.shape[2] == 8
+    assert layer.observed.lse is None and layer.observed.queries.shape[2] == 8
     layer.clear_queries()
     assert layer.wants_lse()
     _, l3 = _chunk(layer, 4)
-    assert torch.equal(layer.lse, l3)
+    assert torch.equal(layer.observed.lse, l3)
     # Evicting (anything but appending) changes the keys those LSEs were taken over.
     layer.keep(torch.arange(5).expand(1, 2, 5))
-    assert layer.lse is None and layer.queries is not None
+    assert layer.observed.lse is None and layer.observed.queries is not None
     # Transient tokens attend to their own keys, never stored.
     layer.clear_queries()
     with cache.transient():
         assert not layer.wants_lse()
         _chunk(layer, 2)
-    assert layer.lse is None
+    assert layer.observed.lse is None
 
 
 def test_lse_truncated_like_the_queries(tiny_llama):
     cache = BudgetedCache(tiny_llama.config)
     layer = _layer(cache, 6)
-    layer.query_keep = 3  # a window scorer (SnapKV) wants the LSE of its window too
+    layer.observed.keep = 3  # a window scorer (SnapKV) wants the LSE of its window too
     assert layer.wants_lse()
     _, l1 = _chunk(layer, 2)
     q2, l2 = _chunk(layer, 2)
-    assert layer.queries.shape[2] == 3 and torch.equal(layer.queries[:, :, 1:], q2)
-    assert torch.equal(layer.lse, torch.cat([l1, l2], 2)[:, :, -3:])
+    assert layer.observed.queries.shape[2] == 3 and torch.equal(layer.observed.queries[:, :, 1:], q2)
+    assert torch.equal(layer.observed.lse, torch.cat([l1, l2], 2)[:, :, -3:])
 
 
 def test_window_lse_comes_back_once_the_window_is_refilled(tiny_llama):
@@ -141,19 +145,19 @@ def test_window_lse_comes_back_once_the_window_is_refilled(tiny_llama):
     get it back within the interval."""
     cache = BudgetedCache(tiny_llama.config)
     layer = _layer(cache, 6)
-    layer.query_keep = 3
+    layer.observed.keep = 3
     _chunk(layer, 3)
     layer.keep(torch.arange(4).expand(1, 2, 4))  # an eviction: the window stays, its LSE goes
-    assert layer.lse is None and layer.queries.shape[2] == 3 and layer.wants_lse()
+    assert layer.observed.lse is None and layer.observed.queries.shape[2] == 3 and layer.wants_lse()
     _, l1 = _chunk(layer, 2)
-    assert layer.lse is None and torch.equal(layer.lse_tail, l1)
+    assert layer.observed.lse is None and torch.equal(layer.observed.lse_tail, l1)
     _, l2 = _chunk(layer, 2)
-    assert torch.equal(layer.lse, torch.cat([l1, l2], 2)[:, :, -3:]) and layer.lse_tail is None
+    assert torch.equal(layer.observed.lse, torch.cat([l1, l2], 2)[:, :, -3:]) and layer.observed.lse_tail is None
     _chunk(layer, 1, with_lse=False)
-    assert layer.lse is None and layer.lse_tail is None and layer.wants_lse()
-    layer.query_keep = -1
+    assert layer.observed.lse is None and layer.observed.lse_tail is None and layer.wants_lse()
+    layer.observed.keep = -1
     _chunk(layer, 4)
-    assert layer.lse is None and not layer.wants_lse()
+    assert layer.observed.lse is None and not layer.wants_lse()
 
 
 def test_scratch_restores_or_drops_the_lse(tiny_llama):
@@ -162,10 +166,10 @@ def test_scratch_restores_or_drops_the_lse(tiny_llama):
     _, l1 = _chunk(layer, 2)
     with cache.scratch():  # forgotten afterwards: back to the same entries, the same LSE
         _chunk(layer, 3)
-    assert torch.equal(layer.lse, l1) and layer.queries.shape[2] == 2
+    assert torch.equal(layer.observed.lse, l1) and layer.observed.queries.shape[2] == 2
     with cache.scratch(keep_queries=True):  # kept queries attended to entries now dropped
         _chunk(layer, 3)
-    assert layer.lse is None and layer.queries.shape[2] == 5
+    assert layer.observed.lse is None and layer.observed.queries.shape[2] == 5
 
 
 def _spy(monkeypatch) -> list:
@@ -184,11 +188,12 @@ def _spy(monkeypatch) -> list:
 
 
 def _kept(model, name: str, stack: bool = True, context: int = 96):
-    policy = kb.policy(name, budget=24, block_size=32)
-    policy.stack_layers = stack
-    cache = policy.new_cache(model)
-    kb.prefill(model, cache, policy, random_ids(context, seed=4), 32)
-    return [(layer.positions.clone(), dict(layer.state)) for layer in cache.budgeted_layers()]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "BATCHED", stack)
+        policy = kb.policy(name, budget=24)
+        cache = policy.new_cache(model)
+        kb.prefill(model, cache, policy, random_ids(context, seed=4), 32)
+    return [(layer.entries.positions.clone(), dict(layer.entries.state)) for layer in cache.layers]
 
 
 @pytest.mark.parametrize("name", ["h2o", "a2sf", "snapkv"])
@@ -219,7 +224,7 @@ def test_window_lse_is_over_exactly_the_scored_keys(tiny_llama, monkeypatch):
     causal inside it. A window that still holds queries from before the last compression (a
     last block shorter than the window) comes without one: they attended to entries since
     evicted."""
-    from kvbudget.policies.snapkv import SnapKV
+    from kvbudget.methods.scorers.snapkv import SnapKV
 
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
     seen = []
@@ -231,7 +236,7 @@ def test_window_lse_is_over_exactly_the_scored_keys(tiny_llama, monkeypatch):
         return real(self, obs)
 
     monkeypatch.setattr(SnapKV, "score", score)
-    policy = kb.policy("snapkv", budget=24, block_size=32)
+    policy = kb.policy("snapkv", budget=24)
     kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(100, seed=5), 32)
     assert len(seen) == 4  # four compressions of stacked layers, the last after a block of 4
     for got, want in seen[:3]:
@@ -258,35 +263,35 @@ def test_stacking_drops_the_lse_if_one_layer_lacks_it(tiny_llama, monkeypatch):
     monkeypatch.setenv("KVBUDGET_SCORING", "triton")
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
     seen = _spy(monkeypatch)
-    policy = kb.policy("h2o", budget=24, block_size=32)
+    policy = kb.policy("h2o", budget=24)
     tiny_llama = on_device(tiny_llama)
     cache = policy.new_cache(tiny_llama)
-    kb.prefill(tiny_llama, cache, policy, random_ids(64, seed=4), 32, compress_last=False)
-    assert all(layer.lse is not None for layer in cache.budgeted_layers())
+    kb.prefill(tiny_llama, cache, policy, random_ids(64, seed=4), 32, compress_last=False, 32)
+    assert all(layer.observed.lse is not None for layer in cache.layers)
     seen.clear()
-    cache.budgeted_layers()[1].lse = None
-    policy.compress(cache)
+    cache.layers[1].observed.lse = None
+    kb.compress(cache, policy)
     assert seen == [False]
 
 
 def test_no_lse_for_the_eager_hook_or_when_off(tiny_llama_eager, tiny_llama, monkeypatch):
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "reference")
     for model, expect in ((tiny_llama_eager, False), (tiny_llama, True)):
-        policy = kb.policy("h2o", budget=24, block_size=32)
+        policy = kb.policy("h2o", budget=24)
         cache = policy.new_cache(model)
         kb.prefill(model, cache, policy, random_ids(40), 32, compress_last=False)
-        assert all((layer.lse is not None) == expect for layer in cache.budgeted_layers())
+        assert all((layer.observed.lse is not None) == expect for layer in cache.layers)
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "bogus")
     with pytest.raises(ValueError):
         lse_mode()
     monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", "auto")
     assert lse_mode() == "auto"
     # auto on CPU / float32: no fast op, the ordinary path, no LSE.
-    policy = kb.policy("h2o", budget=24, block_size=32)
+    policy = kb.policy("h2o", budget=24)
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(40), 32, compress_last=False)
     if not torch.cuda.is_available():
-        assert all(layer.lse is None for layer in cache.budgeted_layers())
+        assert all(layer.observed.lse is None for layer in cache.layers)
 
 
 def test_scoring_ignores_lse_on_torch_paths():
@@ -302,20 +307,20 @@ def test_scoring_ignores_lse_on_torch_paths():
 
 def test_session_file_keeps_the_lse(tiny_llama):
     """The same entries come back from a session file, so their queries' LSE comes back too."""
-    from kvbudget import sessionfile
+    from kvbudget.runtime import sessionfile
 
     cache = BudgetedCache(tiny_llama.config)
     layer = _layer(cache, 6)
     _, lse = _chunk(layer, 3)
     tensors: dict = {}
     meta = sessionfile._budgeted_to_file("l0", layer, tensors)
-    fresh = BudgetedCache(tiny_llama.config).budgeted_layers()[0]
+    fresh = BudgetedCache(tiny_llama.config).layers[0]
     sessionfile._budgeted_from_file("l0", fresh, meta, tensors)
-    assert torch.equal(fresh.lse, lse) and torch.equal(fresh.queries, layer.queries)
+    assert torch.equal(fresh.observed.lse, lse) and torch.equal(fresh.observed.queries, layer.observed.queries)
     del tensors["l0.lse"]  # a file written before the LSE was kept
-    older = BudgetedCache(tiny_llama.config).budgeted_layers()[0]
+    older = BudgetedCache(tiny_llama.config).layers[0]
     sessionfile._budgeted_from_file("l0", older, meta, tensors)
-    assert older.lse is None and older.queries is not None
+    assert older.observed.lse is None and older.observed.queries is not None
 
 
 @pytest.mark.parametrize("name", ["streaming", "full"])
@@ -323,7 +328,7 @@ def test_blocks_of_other_policies_take_the_lse_op_and_keep_no_lse(tiny_llama, mo
     """Prefill blocks of dense layers go through the op that returns the LSE (flash on CUDA) even
     when the scorer does not want it: same kept entries as the masked path, no LSE kept, and
     one-token steps keep the ordinary path."""
-    import kvbudget.attention as katt
+    import kvbudget.kv.hook as katt
 
     calls = []
     real = katt.attention_with_lse
@@ -331,13 +336,13 @@ def test_blocks_of_other_policies_take_the_lse_op_and_keep_no_lse(tiny_llama, mo
     kept = {}
     for mode in ("off", "reference"):
         monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", mode)
-        policy = kb.policy(name, budget=24, block_size=32) if name != "full" else kb.policy(name, block_size=32)
+        policy = kb.policy(name, budget=24) if name != "full" else kb.policy(name)
         cache = policy.new_cache(tiny_llama)
-        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(96, seed=4), 32)
+        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(96, seed=4), 32, 32)
         with torch.inference_mode():
             tiny_llama(input_ids=logits.argmax(-1, keepdim=True), cache=cache, use_cache=True)
-        kept[mode] = [layer.positions.clone() for layer in cache.budgeted_layers()]
-        assert all(layer.lse is None for layer in cache.budgeted_layers())
+        kept[mode] = [layer.entries.positions.clone() for layer in cache.layers]
+        assert all(layer.observed.lse is None for layer in cache.layers)
     assert calls and min(calls) == 32  # blocks only: the one-token step took the ordinary path
     for a, b in zip(kept["off"], kept["reference"]):
         assert torch.equal(a, b)
@@ -366,7 +371,7 @@ def test_ragged_flash_layout_equals_the_masked_padded_path(m):
     head, then padding, then the block causally), GQA included."""
     from ragged_layout import padded_segments
 
-    from kvbudget.attention import ragged_flash
+    from kvbudget.kernels.flash import ragged_flash
 
     gen = torch.Generator().manual_seed(2)
     h, g, d = 3, 2, 8
@@ -387,19 +392,19 @@ def test_ragged_flash_layout_equals_the_masked_padded_path(m):
 def test_ragged_plan_carries_the_layers_storage(tiny_llama):
     """A block over a ragged layer (Ada-KV after its first compression) leaves the attention call
     the layer's storage with each head's segment holding the block, and the host lengths."""
-    from kvbudget import attention
+    from kvbudget.kv import hook as attention, plan as plans
 
-    policy = kb.policy("adakv", budget=24, block_size=16)
+    policy = kb.policy("adakv", budget=24)
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(64), block_size=16)
-    layer = cache.budgeted_layers()[0]
-    assert layer.head_lens is not None
-    before = layer.host_lens()
+    layer = cache.layers[0]
+    assert isinstance(layer.entries, RaggedEntries)
+    before = layer.entries.sizes
     keys = torch.randn(1, layer.n_heads, 3, layer.keys.shape[-1])
     layer.update(keys, keys.clone())
-    plan = attention._take_plan(attention._local.plan.keys)
+    plan = plans.take_plan(plans._local.plan.keys)
     flat_k, _, lens = plan.segments
-    assert lens == tuple(n + 3 for n in before) == layer.host_lens() and flat_k is layer.keys
+    assert lens == tuple(n + 3 for n in before) == layer.entries.sizes and flat_k is layer.keys
     ends = torch.tensor(lens).cumsum(0)
     for i in range(layer.n_heads):  # each segment ends with the block's tokens of that head
         assert torch.equal(flat_k[ends[i] - 3 : ends[i]], keys[0, i])

@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 import pytest
 from torch import Tensor
 
-from kvbudget import scoring
-from kvbudget.policies import SCORERS, load_all
-from kvbudget.policies.base import Observation
+from kvbudget.compress import scoring
+from kvbudget.compress import SCORERS
+from kvbudget.compress import Observation
 
 triton = pytest.importorskip("triton")
 from triton import language as tl
@@ -304,7 +304,6 @@ def _old_lazy(obs: Observation) -> Tensor:
 
 
 def test_lazy_in_chunks_equals_the_materialised_scan(monkeypatch):
-    load_all()
     monkeypatch.setattr(scoring, "CHUNK_BYTES", 2 * 4 * 70 * 4 * 6)  # 6 queries per chunk
     state = {"lazy_last": torch.full((1, 2, 70), 30.0), "lazy_gap": torch.full((1, 2, 70), 5.0)}
     old, new = _observation(state=state), _observation(state=state)
@@ -318,7 +317,6 @@ def test_lazy_in_chunks_equals_the_materialised_scan(monkeypatch):
 @pytest.mark.parametrize("name", ["h2o", "a2sf", "kvzip", "snapkv"])
 @pytest.mark.parametrize("path", ["chunked", "triton"])
 def test_ported_scorers_equal_their_materialised_form(monkeypatch, name, path):
-    load_all()
     device = DEVICE if path == "triton" else "cpu"
     monkeypatch.setenv("KVBUDGET_SCORING", "materialise")
     want = SCORERS[name]().score(_observation(device=device))
@@ -658,7 +656,6 @@ def test_triton_lazy_without_queries_keeps_the_state():
 def test_lazy_policy_same_through_both_backends(monkeypatch, lse_given):
     """LazyEviction's scores and state, chunked torch vs Triton (`KVBUDGET_SCORING`), through the
     Observation; with the attention call's LSE for the Triton run (the chunked path ignores it)."""
-    load_all()
     q, k, pos, valid, qpos = case(4, seed=0)
     assert lazy_margin(q, k, pos, valid, qpos, 0.125) > 1e-5
     last, gap = lazy_state(pos, seed=3)
@@ -713,7 +710,7 @@ def test_stacked_triton_scoring_equals_the_loop(tiny_llama, monkeypatch, name):
     """Through the Triton reductions (the interpreter here), the stacked compression, which hands
     the kernels the layers' queries as parts, keeps exactly what the per-layer loop keeps."""
     import kvbudget as kb
-    from conftest import random_ids
+    from conftest import use_batched, random_ids
     from test_policies import _assert_same_entries
 
     monkeypatch.setenv("KVBUDGET_SCORING", "triton")
@@ -721,7 +718,7 @@ def test_stacked_triton_scoring_equals_the_loop(tiny_llama, monkeypatch, name):
     caches = []
     for stacked in (True, False):
         policy = kb.policy(name, budget=40)
-        policy.stack_layers = stacked
+        use_batched(stacked)
         cache = policy.new_cache(model)
         kb.prefill(model, cache, policy, random_ids(120), block_size=32)
         caches.append(cache)

@@ -5,7 +5,9 @@ import torch
 from transformers import DynamicCache
 
 import kvbudget as kb
-from kvbudget.cache import BudgetedCache, padded_to_ragged, ragged_to_padded
+from kvbudget.kv.ragged import RaggedEntries
+from kvbudget.kv.cache import BudgetedCache
+from kvbudget.kv.ragged import padded_to_ragged, ragged_to_padded
 
 from conftest import random_ids
 
@@ -39,7 +41,7 @@ def _budgeted_logits(model, ids, new_ids, kept, ragged):
     width = max(len(k) for k in kept)
     index = torch.stack([torch.cat([k, k.new_zeros(width - len(k))]) for k in kept])[None]
     lens = torch.tensor([len(k) for k in kept]) if ragged else None
-    for layer in cache.budgeted_layers():
+    for layer in cache.layers:
         layer.keep(index, lens)
     out = model(input_ids=new_ids, cache=cache, use_cache=True).logits
     return out, cache
@@ -58,8 +60,8 @@ def test_attention_over_kept_entries_matches_masked_reference(request, fixture, 
         ref = _reference_logits(model, ids, new_ids, kept, model.config.num_attention_heads)
         got, cache = _budgeted_logits(model, ids, new_ids, kept, ragged)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    layer = cache.budgeted_layers()[0]
-    assert (layer.head_lens is not None) == ragged
+    layer = cache.layers[0]
+    assert isinstance(layer.entries, RaggedEntries) == ragged
     assert layer.lengths().tolist() == [len(k) + q for k in kept]
     # Original positions are kept: the kept ones, then the new tokens.
     view = layer.view()
@@ -74,7 +76,7 @@ def test_ragged_storage_allocates_fewer_bytes(tiny_llama):
     cache = BudgetedCache(tiny_llama.config)
     with torch.inference_mode():
         tiny_llama(input_ids=ids, cache=cache, use_cache=True)
-    layer = cache.budgeted_layers()[0]
+    layer = cache.layers[0]
     d = layer.keys.shape[-1]
     lens = torch.tensor([60, 20])
     index = torch.arange(60).expand(1, 2, 60).contiguous()
@@ -114,7 +116,7 @@ def test_generate_after_eviction_uses_true_positions(tiny_llama):
         logits = tiny_llama(input_ids=ids, cache=cache, use_cache=True).logits
         first = logits[:, -1].argmax(-1, keepdim=True)
         index = torch.stack(kept)[None]
-        for layer in cache.budgeted_layers():
+        for layer in cache.layers:
             layer.keep(index)
         assert cache.get_seq_length() == 50
         ref = _reference_logits(tiny_llama, ids, first, kept, 4)
@@ -123,15 +125,15 @@ def test_generate_after_eviction_uses_true_positions(tiny_llama):
 
 
 def test_scratch_rolls_back_exactly(tiny_llama):
-    policy = kb.policy("snapkv", budget=24, block_size=16)
+    policy = kb.policy("snapkv", budget=24)
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(70), 16)
-    before = [(l.keys.clone(), l.positions.clone(), l.seen) for l in cache.budgeted_layers()]
+    before = [(l.keys.clone(), l.entries.positions.clone(), l.seen) for l in cache.layers]
     with cache.scratch(), torch.inference_mode():
         tiny_llama(input_ids=random_ids(9, seed=5), cache=cache, use_cache=True)
         assert cache.get_seq_length() == 79
-    for layer, (k, p, seen) in zip(cache.budgeted_layers(), before):
-        assert torch.equal(layer.keys, k) and torch.equal(layer.positions, p) and layer.seen == seen
+    for layer, (k, p, seen) in zip(cache.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.entries.positions, p) and layer.seen == seen
 
 
 def test_hybrid_model_budget_binds_every_layer(tiny_gemma):
@@ -144,10 +146,9 @@ def test_hybrid_model_budget_binds_every_layer(tiny_gemma):
                               cache=BudgetedCache(tiny_gemma))
     assert torch.equal(got, ref)
     for budget, sliding in ((20, 15), (12, 12)):  # window 16: at most 15 entries per head
-        policy = kb.policy("snapkv", budget=budget, block_size=16)
+        policy = kb.policy("snapkv", budget=budget)
         cache = policy.new_cache(tiny_gemma)
         kb.prefill(tiny_gemma, cache, policy, ids, 16)
-        assert cache.budgeted == [0, 1, 2, 3]
         assert [layer.window for layer in cache.layers] == [16, None, 16, None]
         for layer in cache.layers:
             assert layer.keys.shape[-2] == (budget if layer.window is None else sliding)
@@ -159,21 +160,21 @@ def test_snapshot_held_on_the_host_restores_the_cache(tiny_llama, monkeypatch, n
     keys, values and body wait in host memory (`BudgetedCache.host_snapshots`): the snapshot owns
     copies (no view of the layer's tensors) and the rollback gives back exactly the cache from
     before the answer (here on the CPU, with the host copy forced)."""
-    from kvbudget.cache import BudgetedCache
+    from kvbudget.kv.cache import BudgetedCache
 
     def run(host: bool):
         monkeypatch.setattr(BudgetedCache, "_snapshot_on_host", lambda self: host)
-        policy = kb.policy(name, budget=48, block_size=32, decode_interval=5)
+        policy = kb.policy(name, budget=48, decode_interval=5)
         cache = policy.new_cache(tiny_llama)
         logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(160), block_size=32)
-        before = [(layer.view(), layer.body) for layer in cache.budgeted_layers()]
+        before = [(layer.view(), getattr(layer.entries, "body", None)) for layer in cache.layers]
         snaps = []
         original = BudgetedCache.before_compress
 
         def spy(self, appends_only=False):
             original(self, appends_only)
             if self._scratch and self._scratch[-1] is not None and not snaps:
-                snaps.append([attrs["keys"].untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
+                snaps.append([attrs["entries"].keys.untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
                               for layer, attrs in self._scratch[-1][1]])
 
         monkeypatch.setattr(BudgetedCache, "before_compress", spy)
@@ -182,17 +183,17 @@ def test_snapshot_held_on_the_host_restores_the_cache(tiny_llama, monkeypatch, n
                 logits = tiny_llama(input_ids=logits.argmax(-1, keepdim=True), cache=cache,
                                     use_cache=True).logits[:, -1]
                 if (step + 1) % 5 == 0:
-                    policy.compress(cache)
+                    kb.compress(cache, policy)
         monkeypatch.setattr(BudgetedCache, "before_compress", original)
         assert snaps and all(shares != host for shares in snaps[0])  # copies exactly when held on the host
         return cache, before
 
     for host in (False, True):
         cache, before = run(host)
-        for layer, (view, body) in zip(cache.budgeted_layers(), before):
+        for layer, (view, body) in zip(cache.layers, before):
             now = layer.view()
             assert torch.equal(now.keys, view.keys) and torch.equal(now.values, view.values)
             assert torch.equal(now.positions, view.positions)
             if body is not None:
                 for k in body.tokens:
-                    assert torch.equal(layer.body.tokens[k], body.tokens[k])
+                    assert torch.equal(layer.entries.body.tokens[k], body.tokens[k])

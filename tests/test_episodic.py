@@ -6,16 +6,10 @@ import torch
 from conftest import random_ids
 
 import kvbudget as kb
-from kvbudget.episodic import (
-    EpisodicSession,
-    cluster,
-    conversation_windows,
-    embed,
-    medoids,
-    route,
-)
+from kvbudget.runtime.episodic import EpisodicSession, cluster, conversation_windows, embed, medoids, route
 from kvbudget.eval.generators import make_tasks
-from kvbudget.sensitivity import block_mask, budgets, load_scores, profile
+from kvbudget.runtime.profile import block_mask, load_scores, profile
+from kvbudget.compress.allocation import sensitivity_budgets as budgets
 
 TOPICS = {
     "pets": ["My dog Biscuit chewed the sofa again.", "The vet said the puppy needs shots.",
@@ -93,17 +87,17 @@ def test_episodic_session_caches_stay_within_budget(default_model):
     question answered from the routed episode's cache only."""
     model, tok = default_model
     task = make_tasks("conversation", tok, n=1, length=500, seed=1)[0]
-    policy = kb.policy("epicache", budget=96, block_size=64, episodes=2, medoids=2)
-    session = kb.Session(model, tok, policy)
+    policy = kb.policy("epicache", budget=96, episodes=2, medoids=2)
+    session = kb.Session(model, tok, policy, block_size=64)
     assert isinstance(session, EpisodicSession) and policy.name == "epicache"
     stats = session.add_context(task.context)
     assert len(session.episodes) == 2 and stats.blocks == 2 * -(-stats.tokens // 64)
-    layer_budgets = session.policy.layer_budgets(30)
+    layer_budgets = session.policy.layer_budgets(session.tokens, 30, session.sensitivity)
     for ep in session.episodes:
-        for layer, b in zip(ep.cache.budgeted_layers(), layer_budgets):
+        for layer, b in zip(ep.cache.layers, layer_budgets):
             assert int(layer.lengths().sum()) <= b * layer.n_heads  # heads share the layer's budget
         assert ep.cache.peak_entries() <= max(layer_budgets) * 3 + 64  # 3 KV heads share it
-    assert session.all_kv_bytes == sum(ep.cache.nbytes() for ep in session.episodes)
+    assert session.stored_bytes == sum(ep.cache.nbytes() for ep in session.episodes)
     q = task.questions[0]
     turn = session.ask_detailed(q.question, max_new_tokens=8, gold=q.answers[0], history_answer=q.answers[0])
     assert session.routed and turn.answer_logprob is not None

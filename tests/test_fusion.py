@@ -16,7 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e .[
 import transformers.models.llama.modeling_llama as llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from kvbudget import fusion
+from kvbudget.runtime import fusion
 from kvbudget.kernels import fused
 
 from conftest import _tiny_llama, random_ids

@@ -20,8 +20,8 @@ import triton.runtime.interpreter as _interp
 import kvbudget.kernels as K
 from kvbudget.kernels import kivi_decode as KD
 from kvbudget.kernels import varlen_decode as VD
-from kvbudget.policies.kivi import KIVI
-from kvbudget.store import rebuild_body
+from kvbudget.methods.stores.kivi import KIVI
+from kvbudget.kv.body import rebuild_body
 
 INTERPRETED = isinstance(triton.language.zeros, _interp.InterpretedFunction)
 if not INTERPRETED:
@@ -378,7 +378,7 @@ def test_kivi_fused_on_a_prefilled_layer(poisoned):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import kvbudget as kb
-    from kvbudget.attention import attach
+    from kvbudget.kv.hook import attach
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -388,15 +388,15 @@ def test_kivi_fused_on_a_prefilled_layer(poisoned):
     )
     model = LlamaForCausalLM(cfg).eval()
     attach(model)
-    policy = kb.policy("snapkv+kivi4", budget=160, block_size=64, residual=32)
+    policy = kb.policy("snapkv+kivi4", budget=160, residual=32)
     cache = policy.new_cache(model)
     kb.prefill(model, cache, policy, torch.randint(0, 96, (1, 300)), 64)
-    layer = cache.budgeted_layers()[0]
-    assert layer.body is not None and isinstance(layer.store, KIVI)
+    layer = cache.layers[0]
+    assert layer.entries.body is not None and isinstance(layer.store, KIVI)
     keys, values = layer._with_body(layer.keys, layer.values)
     q = torch.randn(1, 4, 64)
     ref = _naive(q, [[keys[0, h] for h in range(2)]], [[values[0, h] for h in range(2)]], 0.125)
-    out = KD.kivi_decode_attention(q, layer.body, layer.store, layer.keys, layer.values, 0.125)
+    out = KD.kivi_decode_attention(q, layer.entries.body, layer.store, layer.keys, layer.values, 0.125)
     assert _rel(out, ref) < TOL[torch.float32]
 
 
@@ -420,7 +420,7 @@ def test_dispatch_uses_the_torch_path_on_cpu(monkeypatch):
 
 
 def test_kivi_dispatch_falls_back_where_the_kernel_does_not_apply(monkeypatch):
-    from kvbudget.policies.mikv import MiKV
+    from kvbudget.methods.stores.mikv import MiKV
 
     gen = torch.Generator().manual_seed(6)
     store = KIVI(bits=4)
@@ -512,7 +512,7 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
     kivi_decode_attention (torch reference on CPU, the Triton kernel on CUDA) and gives the
     tokens of the path that decodes the body first."""
     import kvbudget as kb
-    from kvbudget import cache as kcache
+    from kvbudget.kv import cache as kcache
     from conftest import random_ids
 
     import kvbudget.kernels as kernels
@@ -526,7 +526,7 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
         policy = kb.policy("kivi4")
         c = policy.new_cache(tiny_llama)
         logits, _ = kb.prefill(tiny_llama, c, policy, random_ids(300), block_size=64)
-        assert c.budgeted_layers()[0].body is not None
+        assert c.layers[0].body is not None
         ids = []
         with torch.inference_mode():
             for _ in range(12):
@@ -534,7 +534,7 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
                 ids.append(int(tok))
                 logits = tiny_llama(input_ids=tok, cache=c, use_cache=True).logits[:, -1]
         answers.append((ids, logits))
-    assert len(calls) == 12 * len(c.budgeted_layers())  # the fused run only, every layer, every step
+    assert len(calls) == 12 * len(c.layers)  # the fused run only, every layer, every step
     calls.clear()
     monkeypatch.setattr(kcache, "FUSED_KIVI", "auto")  # the default: CUDA only
     with torch.inference_mode():

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import kvbudget as kb
-from kvbudget.policies.kivi import KIVI
-from kvbudget.store import Body
+from kvbudget.methods.stores.kivi import KIVI
+from kvbudget.kv.body import Body
 
 from conftest import random_ids
 
@@ -127,7 +127,7 @@ def test_policies_through_the_codec_equal_torch(tiny_llama, monkeypatch, name, k
     and decoding with compressions: the same tokens, bodies and bytes with either codec."""
     from types import SimpleNamespace
 
-    from kvbudget.generate import Session
+    from kvbudget.runtime.session import Session
 
     runs = []
     for mode in ("torch", "triton"):
@@ -141,7 +141,7 @@ def test_policies_through_the_codec_equal_torch(tiny_llama, monkeypatch, name, k
             runs.append((logits, Session._decode(run, logits, 40), cache))
     (la, ida, ca), (lb, idb, cb) = runs
     assert torch.equal(la, lb) and ida == idb and len(ida) == 40
-    for a, b in zip(ca.budgeted_layers(), cb.budgeted_layers()):
+    for a, b in zip(ca.layers, cb.layers):
         assert a.nbytes() == b.nbytes() and torch.equal(a.positions, b.positions)
         for k in a.body.tokens:
             assert torch.equal(a.body.tokens[k], b.body.tokens[k]), k

@@ -23,10 +23,10 @@ from transformers import (
 )
 
 import kvbudget as kb
-from kvbudget import fusion
+from kvbudget.runtime import fusion
 from kvbudget.errors import UnsupportedModelError
-from kvbudget.modelcall import cache_argument, run
-from kvbudget.static import StaticDecoder
+from kvbudget.runtime.modelcall import cache_argument, run
+from kvbudget.runtime.decoder import StaticDecoder
 
 from conftest import random_ids
 
@@ -48,7 +48,7 @@ def _tokens(model, cache, ids: torch.Tensor, policy, steps: int = 10, block: int
         token = int(logits[0].argmax())
         out.append(token)
         logits = run(model, cache, torch.tensor([[token]])).logits[:, -1]
-        policy.compress(cache)
+        kb.compress(cache, policy)
     return out
 
 
@@ -108,7 +108,7 @@ def test_cache_goes_under_the_argument_name_of_the_installed_transformers(defaul
     caplog.set_level(logging.WARNING, logger="transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        session = kb.Session(model, tok, kb.policy("snapkv", budget=64, block_size=64))
+        session = kb.Session(model, tok, kb.policy("snapkv", budget=64), block_size=64)
         session.add_context("A short note: the code for the blue door is 4721. " * 4)
         session.ask("What is the code for the blue door?", max_new_tokens=4)
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))
@@ -141,7 +141,7 @@ def test_sliding_window_layers_hold_the_budget_and_stay_exact(family):
         token = int(decoder.step(torch.tensor([token]))[0].argmax())
     assert tokens == ref
     for budget in (40, 8):
-        policy = kb.policy("snapkv", budget=budget, block_size=16)
+        policy = kb.policy("snapkv", budget=budget)
         cache = policy.new_cache(model)
         kb.prefill(model, cache, policy, ids, 16)
         for layer in cache.layers:
@@ -152,7 +152,7 @@ def test_sliding_window_layers_hold_the_budget_and_stay_exact(family):
 
 def test_trim_keeps_the_newest_entries_of_each_head(tiny_gemma):
     """A ragged sliding layer (Ada-KV) keeps the newest window - 1 entries of each head."""
-    policy = kb.policy("adakv", budget=12, block_size=16)
+    policy = kb.policy("adakv", budget=12)
     cache = policy.new_cache(tiny_gemma)
     kb.prefill(tiny_gemma, cache, policy, random_ids(60), 16)
     layer = cache.layers[0]

@@ -5,19 +5,19 @@ import pytest
 import torch
 
 import kvbudget as kb
-from kvbudget.allocation import pyramid, uniform
+from kvbudget.kv.ragged import RaggedEntries
+from kvbudget.compress.allocation import pyramid, uniform
 from kvbudget.errors import BudgetError, UnknownPolicyError
-from kvbudget.policies import SCORERS, PRESETS, load_all
+from kvbudget.compress import PRESETS, SCORERS, batched, engine
 
 from conftest import random_ids
 
-load_all()
 # EpiCache needs a model profile and a tokenizer: tested in test_episodic.py on the real model.
 EVICTING = sorted(n for n, cls in SCORERS.items() if cls.evicts and not getattr(cls, "episodic", False)) + sorted(PRESETS)
 
 
 def _prefill(model, name, budget, ids, block=16):
-    policy = kb.policy(name, budget=budget, block_size=block)
+    policy = kb.policy(name, budget=budget)
     cache = policy.new_cache(model)
     logits, stats = kb.prefill(model, cache, policy, ids, block)
     return policy, cache, logits
@@ -51,18 +51,18 @@ def test_budget_at_least_context_equals_full(tiny_llama, name):
 def test_bytes_and_peak_within_budget(tiny_llama, name):
     budget, block = 24, 16
     policy, cache, _ = _prefill(tiny_llama, name, budget, random_ids(150), block)
-    n_layers = len(cache.budgeted)
+    n_layers = len(cache.layers)
     entry = policy.entry_bytes(cache)
     state = sum(4 * 2 * budget for _ in policy.scorer.state_names) * n_layers  # per-entry float state
-    lens_tables = sum(8 * layer.n_heads for layer in cache.budgeted_layers() if layer.head_lens is not None)
+    lens_tables = sum(8 * layer.n_heads for layer in cache.layers if isinstance(layer.entries, RaggedEntries))
     assert cache.nbytes() <= n_layers * budget * entry + state + lens_tables
-    budgets = policy.layer_budgets(n_layers)
+    budgets = policy.layer_budgets(cache.tokens, n_layers)
     if policy.allocator == "head-adaptive":
-        for layer in cache.budgeted_layers():  # heads share the layer's budget
+        for layer in cache.layers:  # heads share the layer's budget
             assert int(layer.lengths().sum()) <= budget * layer.n_heads
         return
     extra = 0  # scoring passes (KVzip's repetition) attend without storing: nothing extra
-    for layer, b in zip(cache.budgeted_layers(), budgets):
+    for layer, b in zip(cache.layers, budgets):
         assert layer.max_entries <= b
         # Nothing is evicted until the context exceeds the average budget, hence max(b, budget).
         assert layer.peak_entries <= max(b, budget) + block + extra
@@ -73,7 +73,7 @@ def test_bytes_and_peak_within_budget(tiny_llama, name):
 @pytest.mark.parametrize("name", EVICTING)
 def test_kept_entries_keep_order_positions_and_window(tiny_llama, name):
     policy, cache, logits = _prefill(tiny_llama, name, 24, random_ids(150))
-    for layer, b in zip(cache.budgeted_layers(), policy.layer_budgets(len(cache.budgeted))):
+    for layer, b in zip(cache.layers, policy.layer_budgets(cache.tokens, len(cache.layers))):
         view = layer.view()
         recent = set(range(150 - policy.protected(b), 150))  # min(window, layer budget // 2)
         for h, n in enumerate(view.lengths[0].tolist()):
@@ -88,14 +88,14 @@ def test_kept_entries_keep_order_positions_and_window(tiny_llama, name):
 
 def test_streaming_keeps_sinks_and_recent(tiny_llama):
     _, cache, _ = _prefill(tiny_llama, "streaming", 20, random_ids(100))
-    pos = cache.budgeted_layers()[0].view().positions[0, 0].tolist()
+    pos = cache.layers[0].view().positions[0, 0].tolist()
     assert pos == [0, 1, 2, 3] + list(range(84, 100))
 
 
 def test_snapkv_scores_window_attention_pooled(tiny_llama):
     """SnapKV keeps the tokens the window attends to most (computed here directly)."""
-    from kvbudget.policies.base import Observation
-    from kvbudget.policies.snapkv import SnapKV
+    from kvbudget.compress import Observation
+    from kvbudget.methods.scorers.snapkv import SnapKV
 
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 2, 40, 16, generator=gen)
@@ -112,17 +112,17 @@ def test_snapkv_scores_window_attention_pooled(tiny_llama):
 
 def test_h2o_state_accumulates_and_moves_with_entries(tiny_llama):
     _, cache, _ = _prefill(tiny_llama, "h2o", 24, random_ids(120))
-    layer = cache.budgeted_layers()[0]
-    acc = layer.state["h2o"]
-    assert acc.shape == layer.positions.shape
+    layer = cache.layers[0]
+    acc = layer.entries.state["h2o"]
+    assert acc.shape == layer.entries.positions.shape
     # Older survivors have received attention from more queries than the newest tokens.
     assert acc[0, :, 0].min() > acc[0, :, -1].max()
 
 
 def test_random_is_seeded(tiny_llama):
     ids = random_ids(100)
-    a = _prefill(tiny_llama, "random", 20, ids)[1].budgeted_layers()[0].positions
-    b = _prefill(tiny_llama, "random", 20, ids)[1].budgeted_layers()[0].positions
+    a = _prefill(tiny_llama, "random", 20, ids)[1].layers[0].entries.positions
+    b = _prefill(tiny_llama, "random", 20, ids)[1].layers[0].entries.positions
     assert torch.equal(a, b)
 
 
@@ -166,12 +166,12 @@ def test_unknown_policy_names_the_known_ones():
 def test_adakv_heads_keep_different_lengths_and_really_store_them(tiny_llama):
     """Ada-KV: one top-k over the heads of a layer; ragged storage holds exactly that many entries."""
     policy, cache, logits = _prefill(tiny_llama, "adakv", 24, random_ids(200, seed=4))
-    lengths = [layer.lengths() for layer in cache.budgeted_layers()]
+    lengths = [layer.lengths() for layer in cache.layers]
     assert any(int(l.min()) != int(l.max()) for l in lengths), lengths
-    for layer, lens in zip(cache.budgeted_layers(), lengths):
+    for layer, lens in zip(cache.layers, lengths):
         assert int(lens.sum()) == 24 * 2
         assert int(lens.min()) >= int(0.2 * 24)
-        if layer.head_lens is not None:
+        if isinstance(layer.entries, RaggedEntries):
             assert layer.keys.shape[0] == int(lens.sum())  # no padding stored
     assert len(_greedy(tiny_llama, cache, logits)) == 6
 
@@ -184,13 +184,14 @@ def test_observation_queries_same_under_sdpa_and_eager(tiny_llama, tiny_llama_ea
     ids = random_ids(120, seed=7)
     a = _prefill(tiny_llama, name, 24, ids)[1]
     b = _prefill(tiny_llama_eager, name, 24, ids)[1]
-    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
-        assert torch.equal(la.positions, lb.positions)
-        torch.testing.assert_close(la.queries, lb.queries) if la.queries is not None else None
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.entries.positions, lb.entries.positions)
+        if la.observed.queries is not None:
+            torch.testing.assert_close(la.observed.queries, lb.observed.queries)
 
 
 def _observation(n=6, seen=30, budget=3, state=None):
-    from kvbudget.policies.base import Observation
+    from kvbudget.compress import Observation
 
     keys = torch.zeros(1, 1, n, 4)
     obs = Observation(0, 1, keys, keys, torch.arange(n).expand(1, 1, n), None, torch.zeros(1, 1, 4, 4),
@@ -202,7 +203,7 @@ def test_lazy_tracks_recurrence_intervals():
     """Entry 0 is important at queries 10 and 20 (interval 10, last 20): at seen=30 it is on
     schedule and outranks entry 1 (important once at 10, overdue by 10) and entry 2 (never
     important: overdue by its age)."""
-    from kvbudget.policies.lazy import LazyEviction
+    from kvbudget.methods.scorers.lazy import LazyEviction
 
     obs = _observation()
     attn = torch.full((1, 1, 4, 6), 0.01)
@@ -219,13 +220,16 @@ def test_lazy_tracks_recurrence_intervals():
 def test_kvzip_scores_by_reconstruction(default_model):
     """The scoring pass repeats the fed tokens after the reconstruction prompt in the chat template,
     and an entry keeps the largest attention it has received."""
+    from kvbudget.methods.scorers.kvzip import repeat_prompt
+
     model, tok = default_model
     policy = kb.policy("kvzip", budget=32)
-    policy.scorer.bind(tok)
-    prompt = tok.decode(policy.scorer.prefix[0])
+    prompt = tok.decode(repeat_prompt(tok)[0])
     assert "Repeat the previous context exactly." in prompt and "assistant" in prompt
     fed = torch.tensor([[5, 6, 7]])
-    assert policy.scorer.reconstruction_ids(fed)[0, -3:].tolist() == [5, 6, 7]
+    ids = policy.scorer.reconstruction_ids(fed, tok)
+    assert ids[0, -3:].tolist() == [5, 6, 7] and ids.shape[1] == repeat_prompt(tok).shape[1] + 3
+    assert policy.scorer.reconstruction_ids(fed, None).tolist() == fed.tolist()  # a bare prefill
     obs = _observation(state={"kvzip": torch.tensor([[[0.5, 0, 0, 0, 0, 0]]])})
     obs.queries = torch.randn(1, 1, 4, 4)
     scores = policy.scorer.score(obs)
@@ -238,12 +242,13 @@ def test_stacked_compression_equals_layer_by_layer(tiny_llama, name):
     keeps: same entries, positions and per-entry state, through several compressions."""
     results = []
     for stacked, group_bytes in ((True, None), (True, 1), (False, None)):  # all / one layer per group / loop
-        policy = kb.policy(name, budget=40)
-        policy.stack_layers = stacked
-        if group_bytes:
-            policy.STACK_BYTES = group_bytes
-        cache = policy.new_cache(tiny_llama)
-        kb.prefill(tiny_llama, cache, policy, random_ids(150), block_size=32)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(engine, "BATCHED", stacked)
+            if group_bytes:
+                m.setattr(batched, "GROUP_BYTES", group_bytes)
+            policy = kb.policy(name, budget=40)
+            cache = policy.new_cache(tiny_llama)
+            kb.prefill(tiny_llama, cache, policy, random_ids(150), block_size=32)
         results.append(cache)
     for other in results[:2]:
         _assert_same_entries(other, results[2])
@@ -254,43 +259,44 @@ def test_state_updates_while_the_context_fits_are_stacked(tiny_llama, monkeypatc
     """While the context fits the budget, a scorer with state still scores every block: stacked
     too (no per-layer scoring), with the same state, entries and store bodies as the loop."""
     calls = []
-    original = kb.Policy._compress_layer
-    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = engine._score_and_keep
+    monkeypatch.setattr(engine, "_score_and_keep", lambda *a, **k: calls.append(1) or original(*a, **k))
     results = []
     for stacked in (True, False):
+        monkeypatch.setattr(engine, "BATCHED", stacked)
         policy = kb.policy(name, budget=80)
-        policy.stack_layers = stacked
         cache = policy.new_cache(tiny_llama)
         kb.prefill(tiny_llama, cache, policy, random_ids(64), block_size=32, compress_last=True)
-        assert all(layer.state for layer in cache.budgeted_layers())  # the scorer's state was kept
+        assert all(layer.entries.state for layer in cache.layers)  # the scorer's state was kept
         if stacked:
             assert calls == []  # the first block (32 <= 80) and the second (64 <= 80) fit
         kb.prefill(tiny_llama, cache, policy, random_ids(86, seed=1), block_size=32)
         results.append(cache)
     _assert_same_entries(*results)
-    for la, lb in zip(*(r.budgeted_layers() for r in results)):
-        assert (la.body is None) == (lb.body is None) and la.nbytes() == lb.nbytes()
-        if la.body is not None:
-            assert all(torch.equal(la.body.tokens[k], lb.body.tokens[k]) for k in la.body.tokens)
+    for la, lb in zip(*(r.layers for r in results)):
+        body_a, body_b = getattr(la.entries, "body", None), getattr(lb.entries, "body", None)
+        assert (body_a is None) == (body_b is None) and la.nbytes() == lb.nbytes()
+        if body_a is not None:
+            assert all(torch.equal(body_a.tokens[k], body_b.tokens[k]) for k in body_a.tokens)
 
 
 def _assert_same_entries(a, b) -> None:
     """Two caches keep the same entries (positions, keys, values bit for bit) and scorer state."""
-    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
-        assert torch.equal(la.positions, lb.positions)
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.entries.positions, lb.entries.positions)
         assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
-        assert la.state.keys() == lb.state.keys()
-        for k in la.state:
+        assert la.entries.state.keys() == lb.entries.state.keys()
+        for k in la.entries.state:
             # Sums over the queries may round differently by row length (last bit, on CPU).
-            torch.testing.assert_close(la.state[k], lb.state[k])
+            torch.testing.assert_close(la.entries.state[k], lb.entries.state[k])
 
 
 def test_stacked_compression_is_used(tiny_llama, monkeypatch):
     """The stacked path really runs for a uniform dense policy (and not for random, whose seed is
     per layer)."""
     calls = []
-    original = kb.Policy._compress_layer
-    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = engine._score_and_keep
+    monkeypatch.setattr(engine, "_score_and_keep", lambda *a, **k: calls.append(1) or original(*a, **k))
     policy = kb.policy("snapkv", budget=40)
     kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
     assert calls == []
@@ -302,19 +308,21 @@ def test_stacked_compression_is_used(tiny_llama, monkeypatch):
 def _prefill_and_decode(model, name: str, budget: int, block: int, stack: bool, group_bytes: int | None = None,
                         window: int = 32, **kwargs):
     """Prefill 150 tokens block-wise, then decode 12 greedily, compressing every 5 new tokens
-    (decode-time compression); returns the cache. ``kwargs`` go to the policy."""
-    policy = kb.policy(name, budget=budget, block_size=block, decode_interval=5, window=window, **kwargs)
-    policy.stack_layers = stack
-    if group_bytes:
-        policy.STACK_BYTES = group_bytes
-    cache = policy.new_cache(model)
-    logits, _ = kb.prefill(model, cache, policy, random_ids(150), block_size=block)
-    with torch.inference_mode():
-        for step in range(12):
-            token = logits.argmax(-1, keepdim=True)
-            logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
-            if (step + 1) % policy.decode_interval == 0:
-                policy.compress(cache)
+    (decode-time compression); returns the cache. ``stack``: the batched engine (else the
+    per-layer reference path); ``kwargs`` go to the policy."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "BATCHED", stack)
+        if group_bytes:
+            m.setattr(batched, "GROUP_BYTES", group_bytes)
+        policy = kb.policy(name, budget=budget, decode_interval=5, window=window, **kwargs)
+        cache = policy.new_cache(model)
+        logits, _ = kb.prefill(model, cache, policy, random_ids(150), block_size=block)
+        with torch.inference_mode():
+            for step in range(12):
+                token = logits.argmax(-1, keepdim=True)
+                logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+                if (step + 1) % policy.decode_interval == 0:
+                    kb.compress(cache, policy)
     return cache
 
 
@@ -328,9 +336,9 @@ def test_stacked_compression_with_layer_budgets_equals_the_loop(tiny_llama, name
     compression, stacked padded to the longest (all layers, or groups) keep exactly what
     the per-layer loop keeps, through a block-wise prefill and decode-time compressions."""
     loop = _prefill_and_decode(tiny_llama, name, budget, block, stack=False, window=window)
-    lengths = [layer.keys.shape[2] for layer in loop.budgeted_layers()]
+    lengths = [layer.keys.shape[2] for layer in loop.layers]
     assert len(set(lengths)) == len(lengths)  # really different budgets
-    first = loop.budgeted_layers()[0]
+    first = loop.layers[0]
     entry = (first.keys.nbytes + first.values.nbytes) // first.keys.shape[2]
     for group_bytes in (None, 2 * (max(lengths) + block) * entry):  # all layers / about two per group
         _assert_same_entries(_prefill_and_decode(tiny_llama, name, budget, block, True, group_bytes, window), loop)
@@ -339,13 +347,12 @@ def test_stacked_compression_with_layer_budgets_equals_the_loop(tiny_llama, name
 def test_layer_budgets_are_stacked(tiny_llama, monkeypatch):
     """PyramidKV scores once per compression, not once per layer; scorers that read their
     layer's budget (H2O) or average over entries (KeyDiff) stay on the loop."""
-    from kvbudget.policies.snapkv import SnapKV
+    from kvbudget.methods.scorers.snapkv import SnapKV
 
     scored, looped = [], []
-    score, compress_layer = SnapKV.score, kb.Policy._compress_layer
+    score, compress_layer = SnapKV.score, engine._score_and_keep
     monkeypatch.setattr(SnapKV, "score", lambda self, obs: scored.append(obs.keys.shape[0]) or score(self, obs))
-    monkeypatch.setattr(kb.Policy, "_compress_layer",
-                        lambda self, *a, **k: looped.append(1) or compress_layer(self, *a, **k))
+    monkeypatch.setattr(engine, "_score_and_keep", lambda *a, **k: looped.append(1) or compress_layer(*a, **k))
     policy = kb.policy("pyramidkv", budget=40)
     kb.prefill(tiny_llama, policy.new_cache(tiny_llama), policy, random_ids(150), block_size=32)
     n_layers = len(tiny_llama.model.layers)
@@ -379,23 +386,25 @@ def _adaptive_run(model, name: str, kwargs: dict, budget: int, block: int, stack
 def _assert_same_ragged(a, b) -> None:
     """Two caches hold exactly the same entries: keys, values, positions, per-entry state bit for
     bit, the same per-head lengths (device and host) and layout."""
-    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+    for la, lb in zip(a.layers, b.layers):
+        ea, eb = la.entries, lb.entries
+        assert type(ea) is type(eb)
         for name in ("keys", "values", "positions", "head_lens"):
-            x, y = getattr(la, name), getattr(lb, name)
+            x, y = getattr(ea, name, None), getattr(eb, name, None)
             assert (x is None) == (y is None), name
             if x is not None:
                 assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), name
-        if la.head_lens is not None:
-            assert la.host_lens() == lb.host_lens() == tuple(la.head_lens.tolist())
-        assert la.state.keys() == lb.state.keys()
-        for k in la.state:
-            assert torch.equal(la.state[k], lb.state[k]), k
+        if isinstance(ea, RaggedEntries):
+            assert ea.sizes == eb.sizes == tuple(ea.head_lens.tolist())
+        assert ea.state.keys() == eb.state.keys()
+        for k in ea.state:
+            assert torch.equal(ea.state[k], eb.state[k]), k
         assert (la.seen, la.max_entries, la.total_entries()) == (lb.seen, lb.max_entries, lb.total_entries())
 
 
 def _layer_bytes(cache) -> int:
-    """Bytes of one entry of every head of a layer (what `Policy._groups` counts per entry)."""
-    first = cache.budgeted_layers()[0]
+    """Bytes of one entry of every head of a layer (what `stacking.groups` counts per entry)."""
+    first = cache.layers[0]
     return first.n_heads * (first.keys.shape[-1] * first.keys.element_size() + first.values.shape[-1] * first.values.element_size())
 
 
@@ -408,8 +417,8 @@ def test_stacked_adakv_keeps_what_the_loop_keeps(request, fixture, name, kwargs,
     layers) and decode-time compressions; and the layers really end up ragged."""
     model = request.getfixturevalue(fixture)
     loop = _adaptive_run(model, name, kwargs, budget, block, stack=False)
-    assert any(layer.head_lens is not None for layer in loop.budgeted_layers())
-    widest = max(layer.max_entries for layer in loop.budgeted_layers())
+    assert any(isinstance(layer.entries, RaggedEntries) for layer in loop.layers)
+    widest = max(layer.max_entries for layer in loop.layers)
     for group_bytes in (None, 1, 2 * (widest + block) * _layer_bytes(loop)):
         _assert_same_ragged(_adaptive_run(model, name, kwargs, budget, block, True, group_bytes), loop)
 
@@ -418,10 +427,10 @@ def test_stacked_adakv_with_entries_scoring_nan_keeps_what_the_loop_keeps(tiny_l
     """Where valid entries score NaN (never kept: fewer kept in all when too few others remain)
     or -inf, the stacked path keeps what the loop keeps; every choice (`_choose`) keeps
     min(budget * heads, entries ranked above -inf) per layer, none at -inf."""
-    from kvbudget.policies import base
-    from kvbudget.policies.snapkv import SnapKV
+    from kvbudget.compress import select
+    from kvbudget.methods.scorers.snapkv import SnapKV
 
-    score, choose = SnapKV.score, base._choose
+    score, choose = SnapKV.score, select.choose
 
     def holes(self, obs):
         s = score(self, obs)
@@ -440,7 +449,8 @@ def test_stacked_adakv_with_entries_scoring_nan_keeps_what_the_loop_keeps(tiny_l
         return chosen
 
     monkeypatch.setattr(SnapKV, "score", holes)
-    monkeypatch.setattr(base, "_choose", checked)
+    monkeypatch.setattr(select, "choose", checked)  # the reference path's
+    monkeypatch.setattr(batched, "choose", checked)  # the batched engine's
     loop = _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=False)
     assert any(short)
     for group_bytes in (None, 1):
@@ -453,9 +463,9 @@ def test_stacked_adakv_with_tied_scores_keeps_what_the_loop_keeps(tiny_llama, mo
     """Scores with many exact ties (SnapKV's, rounded to integers): layers of different widths
     and per-head lengths chosen together (all at once, one per group, about two per group) keep
     what the loop keeps, ties included."""
-    from kvbudget.policies.snapkv import SnapKV
+    from kvbudget.methods.scorers.snapkv import SnapKV
 
-    score, choose = SnapKV.score, kb.Policy._choose_adaptive
+    score, choose = SnapKV.score, batched._choose
     distinct, widths = [], []
 
     def rounded(self, obs):
@@ -464,11 +474,11 @@ def test_stacked_adakv_with_tied_scores_keeps_what_the_loop_keeps(tiny_llama, mo
         return s
 
     monkeypatch.setattr(SnapKV, "score", rounded)
-    monkeypatch.setattr(kb.Policy, "_choose_adaptive", lambda self, layers, *a: widths.append(
-        {layer.max_entries for layer in layers}) or choose(self, layers, *a))
+    monkeypatch.setattr(batched, "_choose", lambda policy, layers, *a: widths.append(
+        {layer.max_entries for layer in layers}) or choose(policy, layers, *a))
     loop = _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=False)
     assert max(distinct) < 0.25  # many ties
-    widest = max(layer.max_entries for layer in loop.budgeted_layers())
+    widest = max(layer.max_entries for layer in loop.layers)
     for group_bytes in (None, 1, 2 * (widest + 16) * _layer_bytes(loop)):
         widths.clear()
         _assert_same_ragged(_adaptive_run(tiny_llama, "adakv", {}, 24, 16, True, group_bytes), loop)
@@ -482,20 +492,20 @@ def test_stacked_adakv_frees_every_groups_stacked_keys_before_keeping(tiny_llama
     the stacked copies never pile up beyond one group (the point of `Policy._groups`)."""
     import weakref
 
-    stacked, alive, keep = [], [], kb.Policy._keep_adaptive
-    observe = kb.Policy._stacked_observation
+    stacked, alive, keep = [], [], batched._keep_chosen
+    observe = batched.stacked_observation
 
-    def observed(self, *a, **k):
-        obs = observe(self, *a, **k)
+    def observed(*a, **k):
+        obs = observe(*a, **k)
         stacked.append(weakref.ref(obs.keys))
         return obs
 
-    def kept(self, *a, **k):
+    def kept(*a, **k):
         alive.append(sum(ref() is not None for ref in stacked))
-        return keep(self, *a, **k)
+        return keep(*a, **k)
 
-    monkeypatch.setattr(kb.Policy, "_stacked_observation", observed)
-    monkeypatch.setattr(kb.Policy, "_keep_adaptive", kept)
+    monkeypatch.setattr(batched, "stacked_observation", observed)
+    monkeypatch.setattr(batched, "_keep_chosen", kept)
     _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=True, group_bytes=1)
     assert len(stacked) > len(tiny_llama.model.layers) and alive and set(alive) == {0}
 
@@ -503,12 +513,18 @@ def test_stacked_adakv_frees_every_groups_stacked_keys_before_keeping(tiny_llama
 def test_stacked_adakv_is_used_and_falls_back(tiny_llama, monkeypatch):
     """Ada-KV compresses its layers together (no per-layer compression, one stacked call per
     compression, every layer in it); layers of different budgets (pyramid allocator with
-    adaptive heads) and `stack_layers = False` go through the loop."""
+    adaptive heads) and the reference path (`engine.BATCHED = False`) go through the loop."""
     looped, stacked = [], []
-    compress_layer, compress_adaptive = kb.Policy._compress_layer, kb.Policy._compress_adaptive
-    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: looped.append(1) or compress_layer(self, *a, **k))
-    monkeypatch.setattr(kb.Policy, "_compress_adaptive",
-                        lambda self, layers, *a: stacked.append(len(layers)) or compress_adaptive(self, layers, *a))
+    compress_layer, compress_adaptive = engine._score_and_keep, batched._adaptive
+    monkeypatch.setattr(engine, "_score_and_keep", lambda *a, **k: looped.append(1) or compress_layer(*a, **k))
+
+    def adaptive(policy, layers, *a):
+        done = compress_adaptive(policy, layers, *a)
+        if done:
+            stacked.append(len(layers))
+        return done
+
+    monkeypatch.setattr(batched, "_adaptive", adaptive)
     _adaptive_run(tiny_llama, "adakv", {}, 24, 16, stack=True)
     n_layers = len(tiny_llama.model.layers)
     assert looped == [] and len(stacked) > 2 and set(stacked) == {n_layers}

@@ -1,6 +1,7 @@
-"""Ragged bookkeeping and Ada-KV selection without host<->device syncs: the same results as the
-code they replaced (tests/ragged_reference.py, verbatim), on random ragged inputs (heads with no
-entries included) and end to end on the tiny models; and the syncs that remain."""
+"""Ragged bookkeeping and Ada-KV selection without host<->device syncs: the ragged layout's
+operations against per-head loops on random ragged inputs (heads with no entries included),
+Ada-KV's choice against its rule written as a loop, the batched engine against the per-layer
+reference end to end on the tiny models, and the host reads that remain."""
 
 import copy
 
@@ -10,12 +11,14 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 import kvbudget as kb
-from kvbudget import attention
-from kvbudget.attention import AttentionPlan
-from kvbudget.cache import BudgetedLayer, padded_to_ragged, ragged_to_padded, true_indices
-from kvbudget.policies.base import Observation, _choose, _ranked, pick_across_heads, select_across_heads
+from kvbudget.compress import Observation, batched, engine
+from kvbudget.compress.select import choose, pick_across_heads, ranked, select_across_heads
+from kvbudget.kv import plan as attention
+from kvbudget.kv.layer import BudgetedLayer
+from kvbudget.kv.plan import AttentionPlan
+from kvbudget.kv.ragged import RaggedEntries, padded_to_ragged, ragged_to_padded, true_indices
+from kvbudget.runtime.modelcall import run
 
-import ragged_reference as ref
 from conftest import random_ids
 
 LENS = [(3, 0, 5, 2), (0, 0, 0), (4, 4), (1,), (0, 7), (6, 1, 0, 0, 2, 9)]
@@ -29,23 +32,9 @@ def _equal(a: Tensor | None, b: Tensor | None) -> None:
     assert torch.equal(a, b)
 
 
-def _same_layer(a: BudgetedLayer, b: BudgetedLayer) -> None:
-    for name in ("keys", "values", "positions", "head_lens"):
-        _equal(getattr(a, name), getattr(b, name))
-    assert a.state.keys() == b.state.keys()
-    for k in a.state:
-        _equal(a.state[k], b.state[k])
-    assert (a.seen, a.peak_entries, a.max_entries) == (b.seen, b.peak_entries, b.max_entries)
-    if a.head_lens is not None:  # the host copy agrees with the device tensor
-        assert a.host_lens() == tuple(a.head_lens.tolist())
-
-
-def _same_view(a, b) -> None:
-    for name in ("keys", "values", "positions", "valid"):
-        _equal(getattr(a, name), getattr(b, name))
-    assert a.state.keys() == b.state.keys()
-    for k in a.state:
-        _equal(a.state[k], b.state[k])
+def _heads(flat: Tensor, lens: tuple[int, ...]) -> list[Tensor]:
+    """A ragged field split per head."""
+    return list(flat.split(list(lens)))
 
 
 def _ragged_layer(lens: tuple[int, ...], seed: int = 0, d: int = 4, state: bool = True) -> BudgetedLayer:
@@ -54,11 +43,11 @@ def _ragged_layer(lens: tuple[int, ...], seed: int = 0, d: int = 4, state: bool 
     n = sum(lens)
     layer = BudgetedLayer()
     layer.dtype, layer.device, layer.is_initialized = torch.float32, torch.device("cpu"), True
-    layer.keys = torch.randn(n, d, generator=gen)
-    layer.values = torch.randn(n, d + 2, generator=gen)
-    layer.positions = torch.cat([torch.randperm(50, generator=gen)[:k].sort().values for k in lens]).to(torch.int32)
-    layer.state = {"acc": torch.rand(n, generator=gen)} if state else {}
-    layer.head_lens = torch.tensor(lens, dtype=torch.long)
+    layer.entries = RaggedEntries(
+        torch.randn(n, d, generator=gen), torch.randn(n, d + 2, generator=gen),
+        torch.cat([torch.randperm(50, generator=gen)[:k].sort().values for k in lens]).to(torch.int32),
+        {"acc": torch.rand(n, generator=gen)} if state else {},
+        torch.tensor(lens, dtype=torch.long), tuple(lens))
     layer.seen = 50
     return layer
 
@@ -80,60 +69,110 @@ def test_true_indices_is_nonzero_with_a_known_size():
 
 
 @pytest.mark.parametrize("lens", LENS)
-def test_ragged_padded_conversions_match_reference(lens):
+def test_ragged_padded_conversions(lens):
     lens_t = torch.tensor(lens)
     gen = torch.Generator().manual_seed(len(lens))
-    n = sum(lens)
+    n, width = sum(lens), max(lens)
     for flat, fill in ((torch.randn(n, 3, generator=gen), 0), (torch.arange(n, dtype=torch.int32), -1),
                        (torch.rand(n, generator=gen), 0)):
-        padded = ref.ragged_to_padded(flat, lens_t, fill)
-        _equal(ragged_to_padded(flat, lens_t, fill), padded)
-        _equal(ragged_to_padded(flat, lens_t, fill, width=max(lens)), padded)
-        _equal(padded_to_ragged(padded, lens_t), ref.padded_to_ragged(padded, lens_t))
+        padded = ragged_to_padded(flat, lens_t, fill)
+        assert padded.shape[:2] == (len(lens), width)
+        for h, part in enumerate(_heads(flat, lens)):
+            _equal(padded[h, : lens[h]], part)
+            assert (padded[h, lens[h]:] == fill).all()
+        _equal(ragged_to_padded(flat, lens_t, fill, width=width), padded)
+        _equal(padded_to_ragged(padded, lens_t), flat)
         _equal(padded_to_ragged(padded, lens_t, total=n), flat)
 
 
 @pytest.mark.parametrize("lens", LENS)
-def test_view_matches_reference(lens):
+def test_view_pads_each_head(lens):
     layer = _ragged_layer(lens)
-    _same_view(layer.view(), ref.view(copy.deepcopy(layer)))
-    assert layer.view().sizes == lens
+    view, e = layer.view(), layer.entries
+    assert view.sizes == lens and view.valid[0].sum(-1).tolist() == list(lens)
+    for h, (k, v, p, s) in enumerate(zip(_heads(e.keys, lens), _heads(e.values, lens), _heads(e.positions, lens),
+                                         _heads(e.state["acc"], lens))):
+        n = lens[h]
+        _equal(view.keys[0, h, :n], k)
+        _equal(view.values[0, h, :n], v)
+        _equal(view.positions[0, h, :n], p)
+        _equal(view.state["acc"][0, h, :n], s)
+        assert (view.positions[0, h, n:] == -1).all()
 
 
 @pytest.mark.parametrize("q", [1, 5])
 @pytest.mark.parametrize("lens", LENS)
-def test_update_matches_reference(lens, q):
-    """Padded keys/values for the attention call, ragged storage after it, the plan's mask (GQA:
-    2 query heads per KV head), and the same for tokens attended without being stored."""
+def test_update_appends_to_each_head(lens, q):
+    """The attention call sees [old entries | padding | new tokens] per head, with a mask that
+    hides the padding and is causal in the block (GQA: 2 query heads per KV head); storage stays
+    ragged, each head grown by q; tokens attended without being stored leave it as it was."""
     for transient in (False, True):
-        new, old = _ragged_layer(lens), _ragged_layer(lens)
-        new.transient = old.transient = transient
+        layer = _ragged_layer(lens)
+        before = copy.deepcopy(layer.entries)
+        layer.transient = transient
         k, v = _block(len(lens), q)
-        got = new.update(k, v)
-        new_plan = attention._take_plan(got[0])
-        want = ref.update(old, k, v)
-        old_plan = attention._take_plan(want[0])
-        _equal(got[0], want[0])
-        _equal(got[1], want[1])
-        _same_layer(new, old)
-        hq = 2 * len(lens)
-        _equal(new_plan.mask(q, hq), ref.mask(old_plan, q, hq))
-        assert (new_plan.n_old, new_plan.head_lens.tolist()) == (old_plan.n_old, old_plan.head_lens.tolist())
+        keys, values = layer.update(k, v)
+        plan = attention.take_plan(keys)
+        n_old = max(lens)
+        assert plan.n_old == n_old and plan.head_lens.tolist() == list(lens)
+        mask = plan.mask(q, 2 * len(lens))[0]
+        for h, n in enumerate(lens):
+            _equal(keys[0, h, :n], _heads(before.keys, lens)[h])
+            _equal(keys[0, h, n_old:], k[0, h])
+            _equal(values[0, h, n_old:], v[0, h])
+            for g in (2 * h, 2 * h + 1):
+                want = torch.zeros(q, n_old + q, dtype=torch.bool)
+                want[:, :n] = True
+                want[:, n_old:] = torch.ones(q, q, dtype=torch.bool).tril()
+                _equal(mask[g], want)
+        e = layer.entries
+        if transient:
+            _equal(e.keys, before.keys)
+            assert e.sizes == lens
+            continue
+        grown = tuple(n + q for n in lens)
+        assert e.sizes == grown and e.head_lens.tolist() == list(grown)
+        for h, n in enumerate(lens):
+            _equal(_heads(e.keys, grown)[h], torch.cat([_heads(before.keys, lens)[h], k[0, h]]))
+            _equal(_heads(e.positions, grown)[h][n:], torch.arange(50, 50 + q, dtype=torch.int32))
+            assert (_heads(e.state["acc"], grown)[h][n:] == 0).all()
 
 
 @pytest.mark.parametrize("lens", LENS)
-def test_append_and_drop_last_match_reference(lens):
-    new, old = _ragged_layer(lens), _ragged_layer(lens)
+def test_append_rows_and_drop_last(lens):
+    layer = _ragged_layer(lens)
+    e = layer.entries
     add = torch.randn(len(lens), 3, 2)
-    _equal(new._append_ragged(new.keys[:, :2], add), ref._append_ragged(old, old.keys[:, :2], add))
+    out = e.append_rows(e.keys[:, :2], add)
+    for h, n in enumerate(lens):
+        _equal(_heads(out, tuple(k + 3 for k in lens))[h], torch.cat([_heads(e.keys[:, :2], lens)[h], add[h]]))
+    before = copy.deepcopy(layer.entries)
     k, v = _block(len(lens), 4)
-    new.update(k, v)
+    layer.update(k, v)
     attention.discard_plan()  # no attention call here to take it
-    ref.update(old, k, v)
-    attention.discard_plan()
-    new.drop_last(3)
-    ref.drop_last(old, 3)
-    _same_layer(new, old)
+    layer.drop_last(4)
+    for name in ("keys", "values", "positions"):
+        _equal(getattr(layer.entries, name), getattr(before, name))
+    _equal(layer.entries.state["acc"], before.state["acc"])
+    assert layer.entries.sizes == lens and layer.seen == 50
+
+
+def _ada_kv_rule(scores: Tensor, obs: Observation, window: int, floor: float) -> list[list[int]]:
+    """Ada-KV's choice as a loop: each head first keeps its best floor*budget entries, then the
+    layer its best among the rest over all heads, up to budget * H in all; never an entry at
+    -inf (padding, NaN); ties to the lower index (heads in order, then entries)."""
+    r = ranked(scores, obs, window)[0]
+    h, n = r.shape
+    budget = obs.budget
+    kept: list[set[int]] = [set() for _ in range(h)]
+    for head in range(h):
+        order = sorted(range(n), key=lambda i: (-r[head, i].item(), i))
+        kept[head] = {i for i in order[: min(int(floor * budget), n)] if r[head, i] > float("-inf")}
+    rest = sorted(((-r[hd, i].item(), hd * n + i) for hd in range(h) for i in range(n)
+                   if i not in kept[hd] and r[hd, i] > float("-inf")))
+    for _, flat in rest[: max(budget * h - sum(map(len, kept)), 0)]:
+        kept[flat // n].add(flat % n)
+    return [sorted(k) for k in kept]
 
 
 def _observation(lens: tuple[int, ...], n: int, budget: int, seed: int, special: bool) -> tuple[Tensor, Observation]:
@@ -160,38 +199,40 @@ SELECT_CASES = [((9, 0, 4, 9), 6), ((9, 0, 4, 9), 40), ((5, 5), 3), ((12, 12, 12
 
 @pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf"])
 @pytest.mark.parametrize("lens,budget", SELECT_CASES)
-def test_select_across_heads_matches_reference(lens, budget, special):
+def test_select_across_heads_follows_the_rule(lens, budget, special):
     n = max(lens)
     for seed in range(6):
         scores, obs = _observation(lens, n, budget, seed, special)
         for window in (0, 2):
             for floor in (0.2, 0.5, 0.0):
-                want = ref.select_across_heads(scores, obs, window, floor)
-                got = select_across_heads(scores, obs, window, floor)
-                _equal(got[0], want[0])
-                _equal(got[1], want[1])
+                want = _ada_kv_rule(scores, obs, window, floor)
+                index, got_lens = select_across_heads(scores, obs, window, floor)
                 chosen, lens_t, kept = pick_across_heads(scores, obs, window, floor)
-                assert kept == tuple(want[1].tolist())
-                _equal(lens_t, want[1])
-                for h, k in enumerate(kept):
-                    assert chosen[h].nonzero()[:, 0].tolist() == want[0][0, h, :k].tolist()
+                assert kept == tuple(len(k) for k in want) == tuple(got_lens.tolist())
+                _equal(lens_t, got_lens)
+                for h, k in enumerate(want):
+                    assert chosen[h].nonzero()[:, 0].tolist() == k == index[0, h, : len(k)].tolist()
 
 
 @pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf"])
 @pytest.mark.parametrize("lens,budget", SELECT_CASES)
-def test_keep_chosen_matches_reference_keep(lens, budget, special):
-    """The policy's path (pick a mask, keep it) stores what select + keep stored: same entries,
-    per-head lengths, state, and dense layout where every head keeps as many."""
+def test_keep_chosen_keeps_the_chosen_entries(lens, budget, special):
+    """The engine's path (pick a mask, keep it) stores what select_across_heads + keep store:
+    the same entries, per-head lengths and state, dense where every head keeps as many."""
     for seed in range(4):
         new, old = _ragged_layer(lens, seed), _ragged_layer(lens, seed)
-        view, old_view = new.view(), ref.view(old)
+        view = new.view()
         scores, obs = _observation(lens, max(lens), budget, seed, special)
         obs.positions, obs.valid = view.positions, view.valid
         chosen, lens_t, kept = pick_across_heads(scores, obs, 1)
         new.keep_chosen(chosen, lens_t, kept, view)
-        index, lens_ref = ref.select_across_heads(scores, obs, 1)
-        ref.keep(old, index, lens_ref, view=old_view)
-        _same_layer(new, old)
+        index, lens_ref = select_across_heads(scores, obs, 1)
+        old.keep(index, lens_ref, view=old.view())
+        a, b = new.view(), old.view()
+        for name in ("keys", "values", "positions"):
+            _equal(getattr(a, name), getattr(b, name))
+        _equal(a.state["acc"], b.state["acc"])
+        assert type(new.entries) is type(old.entries)
 
 
 def _widened(scores: Tensor, obs: Observation, width: int, seed: int) -> tuple[Tensor, Observation]:
@@ -239,11 +280,10 @@ def test_adakv_choice_of_stacked_layers_is_each_layers_own():
             alone, stacked = [], []
             for i, lens in enumerate(layer_lens):
                 scores, obs = _observation(lens, max(lens), budget, 10 * seed + i, special=seed % 2 == 1)
-                ranked = _ranked(scores, obs, 1)
-                alone.append(_choose(ranked, 2, budget)[0])
+                alone.append(choose(ranked(scores, obs, 1), 2, budget)[0])
                 wide, wide_obs = _widened(scores, obs, width, seed)
-                stacked.append(_ranked(wide, wide_obs, 1)[0])
-            together = _choose(torch.stack(stacked), 2, budget)
+                stacked.append(ranked(wide, wide_obs, 1)[0])
+            together = choose(torch.stack(stacked), 2, budget)
             for got, want in zip(together, alone):
                 n = want.shape[-1]
                 _equal(got[:, :n], want)
@@ -252,32 +292,30 @@ def test_adakv_choice_of_stacked_layers_is_each_layers_own():
 
 def _snapshot(cache) -> list:
     out = []
-    for layer in cache.budgeted_layers():
-        view = layer.view()
-        out.append([t.clone() for t in (view.positions, view.lengths, layer.keys, layer.values)]
-                   + [None if layer.head_lens is None else layer.head_lens.clone()]
-                   + [s.clone() for s in layer.state.values()])
+    for layer in cache.layers:
+        view, e = layer.view(), layer.entries
+        out.append([t.clone() for t in (view.positions, view.lengths, e.keys, e.values)]
+                   + [e.head_lens.clone() if isinstance(e, RaggedEntries) else None]
+                   + [s.clone() for s in e.state.values()])
     return out
 
 
-def _run(model, name: str, kwargs: dict, query_aware: bool, stack: bool = True) -> dict:
+def _run(model, name: str, kwargs: dict, query_aware: bool) -> dict:
     """Block-wise prefill (query-aware: scored by 6 extra tokens), greedy decoding with
-    decode-time compression every 4 tokens, then the same inside `scratch` (rolled back).
-    ``stack``: layers compressed together where they allow it (else the per-layer loop)."""
-    policy = kb.policy(name, budget=24, block_size=16, decode_interval=4, **kwargs)
-    policy.stack_layers = stack
+    decode-time compression every 4 tokens, then the same inside `scratch` (rolled back)."""
+    policy = kb.policy(name, budget=24, decode_interval=4, **kwargs)
     cache = policy.new_cache(model)
     scoring = random_ids(6, seed=9) if query_aware else None
-    logits, _ = kb.prefill(model, cache, policy, random_ids(150, seed=5), scoring_ids=scoring)
+    logits, _ = kb.prefill(model, cache, policy, random_ids(150, seed=5), 16, scoring_ids=scoring)
     snaps, tokens = [_snapshot(cache)], []
 
     def decode(logits: Tensor, steps: int) -> Tensor:
         for step in range(steps):
             tok = logits.argmax(-1, keepdim=True)
             tokens.append(int(tok))
-            logits = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1]
+            logits = run(model, cache, tok).logits[:, -1]
             if (step + 1) % policy.decode_interval == 0:
-                policy.compress(cache)
+                kb.compress(cache, policy)
                 snaps.append(_snapshot(cache))
         return logits
 
@@ -294,18 +332,15 @@ def _run(model, name: str, kwargs: dict, query_aware: bool, stack: bool = True) 
 # LazyEviction keeps per-entry state (gathered and appended with the entries, ragged too).
 @pytest.mark.parametrize("name,kwargs", [("adakv", {}), ("lazy", {"heads": "adaptive"}),
                                          ("snapkv", {"heads": "adaptive", "window": 4})])
-# Models without sliding-window layers: the reference code masks no window.
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_eager"])
-def test_prefill_and_decoding_keep_what_the_reference_kept(request, monkeypatch, fixture, name, kwargs, query_aware):
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_eager", "tiny_gemma"])
+def test_batched_engine_keeps_what_the_reference_path_keeps(request, monkeypatch, fixture, name, kwargs, query_aware):
     """End to end: the same kept positions, per-head lengths, K/V, state, tokens and logits after
-    every compression as the replaced code (swapped in by `ragged_reference.use_reference`), which
-    compresses layer by layer; the current code compresses the layers together."""
+    every compression whether the layers are compressed together or one by one."""
     model = request.getfixturevalue(fixture)
     got = _run(model, name, kwargs, query_aware)
     with monkeypatch.context() as m:
-        ref.use_reference(m)
-        assert BudgetedLayer.view is ref.view
-        want = _run(model, name, kwargs, query_aware, stack=False)
+        m.setattr(engine, "BATCHED", False)
+        want = _run(model, name, kwargs, query_aware)
     assert got["tokens"] == want["tokens"]
     assert len(got["snaps"]) == len(want["snaps"])
     for snap_got, snap_want in zip(got["snaps"], want["snaps"]):
@@ -313,7 +348,8 @@ def test_prefill_and_decoding_keep_what_the_reference_kept(request, monkeypatch,
             for a, b in zip(layer_got, layer_want, strict=True):
                 _equal(a, b)
     _equal(got["logits"], want["logits"])
-    assert any(s[4] is not None for snap in got["snaps"] for s in snap)
+    if fixture != "tiny_gemma":  # one KV head: every head keeps as many, nothing is ragged
+        assert any(s[4] is not None for snap in got["snaps"] for s in snap)
 
 
 READS = frozenset({Tensor.tolist, Tensor.item, Tensor.__int__, Tensor.__bool__, Tensor.__float__, Tensor.__index__,
@@ -347,36 +383,36 @@ def _counted(fn, reads: _HostReads):
     return wrapper
 
 
-@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "loop"])
+@pytest.mark.parametrize("stack", [True, False], ids=["batched", "loop"])
 def test_adakv_reads_the_device_once_per_compression(tiny_llama, monkeypatch, stack):
-    """The one remaining sync of a compression is reading the kept counts: once for all layers
-    stacked together, however many groups they are chosen in (`Policy._compress_adaptive`),
-    once per layer in the loop (`pick_across_heads`); a block over ragged layers (update +
-    mask) reads nothing (it was nine per layer)."""
-    policy = kb.policy("adakv", budget=24, block_size=16)
-    policy.stack_layers = stack
+    """The one remaining host read of a compression is the kept counts: once for all layers
+    compressed together, however many groups they are chosen in, once per layer in the
+    reference loop (`pick_across_heads`); a block over ragged layers (update + mask) reads
+    nothing."""
+    monkeypatch.setattr(engine, "BATCHED", stack)
+    policy = kb.policy("adakv", budget=24)
     cache = policy.new_cache(tiny_llama)
-    kb.prefill(tiny_llama, cache, policy, random_ids(100, seed=3))
-    assert all(layer.head_lens is not None for layer in cache.budgeted_layers())
+    kb.prefill(tiny_llama, cache, policy, random_ids(100, seed=3), 16)
+    assert all(isinstance(layer.entries, RaggedEntries) for layer in cache.layers)
     reads = _HostReads()
     for cls, name in ((BudgetedLayer, "update"), (AttentionPlan, "mask")):
         monkeypatch.setattr(cls, name, _counted(getattr(cls, name), reads))
     groups = []
-    choose = kb.Policy._choose_adaptive
-    monkeypatch.setattr(kb.Policy, "_choose_adaptive", lambda self, layers, *a: groups.append(len(layers))
-                        or choose(self, layers, *a))
+    chosen = batched._choose
+    monkeypatch.setattr(batched, "_choose", lambda policy, layers, *a: groups.append(len(layers))
+                        or chosen(policy, layers, *a))
     with torch.inference_mode():
-        tiny_llama(input_ids=random_ids(16, seed=4), cache=cache, use_cache=True)
+        run(tiny_llama, cache, random_ids(16, seed=4))
         assert reads.count == 0
         with _HostReads() as compress_reads:
-            policy.compress(cache)
-        assert compress_reads.count == (1 if stack else len(cache.budgeted))
-        assert groups == ([len(cache.budgeted)] if stack else [])
+            kb.compress(cache, policy)
+        assert compress_reads.count == (1 if stack else len(cache.layers))
+        assert groups == ([len(cache.layers)] if stack else [])
         if stack:  # one layer per group: still one read
-            policy.STACK_BYTES = 1
+            monkeypatch.setattr(batched, "GROUP_BYTES", 1)
             groups.clear()
-            tiny_llama(input_ids=random_ids(16, seed=5), cache=cache, use_cache=True)
+            run(tiny_llama, cache, random_ids(16, seed=5))
             with _HostReads() as compress_reads:
-                policy.compress(cache)
+                kb.compress(cache, policy)
             assert compress_reads.count == 1
-            assert groups == [1] * len(cache.budgeted)
+            assert groups == [1] * len(cache.layers)

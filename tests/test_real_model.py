@@ -38,7 +38,7 @@ def needle_task(default_model):
 
 
 def _run(model, tok, task, question, name, budget, query_aware):
-    session = kb.Session(model, tok, kb.policy(name, budget=budget, block_size=128))
+    session = kb.Session(model, tok, kb.policy(name, budget=budget), block_size=128)
     session.add_context(task.context, question=question.question if query_aware else None)
     turn = session.ask_detailed(question.question, max_new_tokens=16, gold=question.answers[0])
     return session, turn
@@ -71,10 +71,10 @@ def test_peak_entries_bounded_on_real_model(default_model, needle_task):
     """Block-wise prefill of ~1k tokens at budget 128: no layer ever held more than 128 + 64."""
     model, tok = default_model
     task = needle_task
-    session = kb.Session(model, tok, kb.policy("snapkv", budget=128, block_size=64))
+    session = kb.Session(model, tok, kb.policy("snapkv", budget=128), block_size=64)
     session.add_context(task.context)
     assert session.cache.peak_entries() <= 128 + 64
-    assert all(int(n.max()) <= 128 for n in session.cache.entries())
+    assert all(int(n.max()) <= 128 for n in session.cache.head_entries())
     per_token = kb.Policy.entry_bytes(session.cache)
     assert session.kv_bytes <= 30 * 128 * per_token
 
@@ -91,7 +91,7 @@ def test_multi_turn_session_keeps_every_turn(default_model):
     assert session.messages[2]["content"] == first and session.messages[4]["content"] == second
     assert session.tokens_seen == len(session.input_ids)
     assert tok.decode(session.input_ids).endswith(session.rendered[-40:])
-    assert all(int(n.max()) <= 64 for n in session.cache.entries())  # every turn compressed back
+    assert all(int(n.max()) <= 64 for n in session.cache.head_entries())  # every turn compressed back
 
 
 # Mean attention-output error over the 30 layers, measured on this 512-token needle context
@@ -106,7 +106,7 @@ def test_stores_stay_close_to_full_precision(default_model, needle_task):
     ids = tok(needle_task.context, return_tensors="pt").input_ids[:, :512]
     measured = {}
     for name, bound in STORE_ERROR_BOUNDS.items():
-        errors = attention_error(model, ids, kb.policy(name, budget="4x", block_size=128), block_size=128)
+        errors = attention_error(model, ids, kb.policy(name, budget="4x"), block_size=128)
         measured[name] = sum(errors) / len(errors)
         assert measured[name] < bound, measured
     assert measured["kivi4"] < measured["kivi2"]  # more bits, less error
@@ -116,21 +116,21 @@ def test_decode_time_compression_keeps_long_answers_in_budget(default_model, nee
     """Every `decode_interval` new tokens the cache is cut back: 40 decoded tokens at budget 64
     and interval 8 never leave more than 64 + 8 entries."""
     model, tok = default_model
-    session = kb.Session(model, tok, kb.policy("h2o", budget=64, block_size=64, decode_interval=8))
+    session = kb.Session(model, tok, kb.policy("h2o", budget=64, decode_interval=8), block_size=64)
     session.add_context(needle_task.context[:600])
     logits, _ = session._feed(*session._suffix(session.messages + [{"role": "user", "content": "Go on."}], True))
     peaks = []
     compress = session.policy.compress
 
     def tracking(cache):
-        peaks.append(max(layer.max_entries for layer in cache.budgeted_layers()))
+        peaks.append(max(layer.max_entries for layer in cache.layers))
         compress(cache)
 
     session.policy.compress = tracking
     ids = session._decode(logits, 40)
     assert len(ids) == 40 or ids[-1] in session.eos or len(peaks) >= 4
     assert len(peaks) >= 4 and max(peaks[1:]) <= 64 + 8  # budget + interval (the first includes the question)
-    assert all(int(n.max()) <= 64 + 8 for n in session.cache.entries())
+    assert all(int(n.max()) <= 64 + 8 for n in session.cache.head_entries())
 
 
 def test_decode_time_compression_rolls_back_exactly(default_model, needle_task):
@@ -139,11 +139,11 @@ def test_decode_time_compression_rolls_back_exactly(default_model, needle_task):
     model, tok = default_model
     caches = []
     for interval in (0, 8):
-        session = kb.Session(model, tok, kb.policy("tova", budget=64, block_size=64, decode_interval=interval))
+        session = kb.Session(model, tok, kb.policy("tova", budget=64, decode_interval=interval), block_size=64)
         session.add_context(needle_task.context[:600])
         session.ask_detailed("Describe the mill.", max_new_tokens=30, history_answer="It is old.")
         caches.append(session.cache)
-    for a, b in zip(*(c.budgeted_layers() for c in caches)):
+    for a, b in zip(*(c.layers for c in caches)):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.keys, b.keys)
 
@@ -154,7 +154,7 @@ def test_gguf_conversion_draws_no_progress_bar(capsys):
     kvbudget's own lines (its one-line errors: test_cli.test_bad_input_is_one_clear_line)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    from kvbudget.models import _no_gguf_progress
+    from kvbudget.runtime.models import _no_gguf_progress
 
     real = gguf_utils.tqdm
     with _no_gguf_progress():

@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 from conftest import half_then_fail
 
 import kvbudget as kb
-from kvbudget import sessionfile
+from kvbudget.runtime import sessionfile
 from kvbudget.serve import ServeConfig, create_app
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -102,7 +102,7 @@ def start(default_model, tmp_path):
 
 
 def _direct(model, tok, questions, max_tokens=MAX_TOKENS) -> tuple[list[str], kb.Session]:
-    session = kb.Session(model, tok, kb.policy(POLICY, budget=BUDGET, block_size=BLOCK))
+    session = kb.Session(model, tok, kb.policy(POLICY, budget=BUDGET), block_size=BLOCK)
     return [session.ask(q, max_tokens) for q in questions], session
 
 
@@ -161,7 +161,7 @@ def test_without_a_session_the_whole_list_is_the_conversation(start, default_mod
     server = start()
     history = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": answers[0]},
                {"role": "user", "content": QUESTIONS[1]}]
-    direct = kb.Session(model, tok, kb.policy(POLICY, budget=BUDGET, block_size=BLOCK))
+    direct = kb.Session(model, tok, kb.policy(POLICY, budget=BUDGET), block_size=BLOCK)
     direct.add_context(history[:2])
     expected = direct.ask(QUESTIONS[1], MAX_TOKENS)
     response = server.chat(messages=history)

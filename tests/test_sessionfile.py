@@ -14,7 +14,8 @@ import torch
 from conftest import _tiny_llama, half_then_fail
 
 import kvbudget as kb
-from kvbudget import sessionfile
+from kvbudget.kv.ragged import RaggedEntries
+from kvbudget.runtime import sessionfile
 from kvbudget.errors import KVBudgetError, SessionFileError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -44,16 +45,16 @@ def _untimed(value):
 
 def _same_payload(a: kb.Session, b: kb.Session) -> None:
     """Two sessions hold the same cache, tensor for tensor, and the same conversation."""
-    ta, ma = sessionfile.session_payload(a)
-    tb, mb = sessionfile.session_payload(b)
+    ta, ma = a.payload()
+    tb, mb = b.payload()
     assert _untimed(ma) == _untimed(mb)
     assert ta.keys() == tb.keys()
     for name in ta:
         assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
 
 
-def _round_trip(model, tok, policy, context, questions, path, max_new_tokens=12):
-    session = kb.Session(model, tok, policy)
+def _round_trip(model, tok, policy, context, questions, path, max_new_tokens=12, block_size=32):
+    session = kb.Session(model, tok, policy, block_size=block_size)
     session.add_context(context)
     session.ask(questions[0], max_new_tokens)
     session.save(path)
@@ -68,7 +69,7 @@ def _round_trip(model, tok, policy, context, questions, path, max_new_tokens=12)
 def test_real_model_round_trip_gives_the_same_answers(default_model, tmp_path):
     model, tok = default_model
     session = _round_trip(
-        model, tok, kb.policy("snapkv", budget=64, block_size=32), STORY,
+        model, tok, kb.policy("snapkv", budget=64), STORY,
         ["What is the name of Alice's cat?", "Which city does Bob like?"], tmp_path / "conv.kvb",
     )
     assert session.cache.get_seq_length() > 64 and session.tokens_seen == len(session.input_ids)
@@ -86,8 +87,8 @@ def test_episodic_session_round_trip(default_model, tmp_path):
                  "We booked flights to Lisbon for June.", "The hotel near the beach had a pool.",
                  "My manager moved the meeting to Friday.", "The quarterly report is due soon."]:
         chat += [{"role": "user", "content": line}, {"role": "assistant", "content": "I see."}]
-    session = kb.Session(model, tok, kb.policy("epicache", budget=48, block_size=64, episodes=2, medoids=1,
-                                               conv_window=2))
+    session = kb.Session(model, tok, kb.policy("epicache", budget=48, episodes=2, medoids=1,
+                                               conv_window=2), block_size=64)
     session.add_context(chat)
     session.ask("What is my dog called?", 6)
     session.save(tmp_path / "e.kvb")
@@ -104,25 +105,25 @@ def test_episodic_session_round_trip(default_model, tmp_path):
 @pytest.mark.parametrize(
     "name, kwargs, check",
     [
-        ("adakv", {"budget": 48}, lambda layer: layer.head_lens is not None),  # ragged per-head storage
-        ("kivi4", {"residual": 16}, lambda layer: layer.body is not None and layer.body.chunk_id is not None),
-        ("h2o", {"budget": 40, "recent": 0.25}, lambda layer: "h2o" in layer.state),
+        ("adakv", {"budget": 48}, lambda layer: isinstance(layer.entries, RaggedEntries)),  # ragged per-head storage
+        ("kivi4", {"residual": 16}, lambda layer: layer.entries.body is not None and layer.entries.body.chunk_id is not None),
+        ("h2o", {"budget": 40, "recent": 0.25}, lambda layer: "h2o" in layer.entries.state),
     ],
 )
 def test_tiny_model_round_trip(tiny_llama, tmp_path, name, kwargs, check):
     tok = CharTok()
-    policy = kb.policy(name, block_size=32, **kwargs)
+    policy = kb.policy(name, **kwargs)
     session = _round_trip(tiny_llama, tok, policy, STORY, ["Who has a cat?", "And Bob?", "Oboe?"], tmp_path / "t.kvb")
-    assert all(check(layer) for layer in session.cache.budgeted_layers()), "the layout under test was not used"
+    assert all(check(layer) for layer in session.cache.layers), "the layout under test was not used"
 
 
 def test_sliding_window_layers_round_trip(tiny_gemma, tmp_path):
-    _round_trip(tiny_gemma, CharTok(), kb.policy("snapkv", budget=24, block_size=16), STORY[:120],
-                ["Who?", "Where?"], tmp_path / "g.kvb")
+    _round_trip(tiny_gemma, CharTok(), kb.policy("snapkv", budget=24), STORY[:120],
+                ["Who?", "Where?"], tmp_path / "g.kvb", block_size=16)
 
 
 def _saved(tiny_llama, path) -> kb.Session:
-    session = kb.Session(tiny_llama, CharTok(), kb.policy("snapkv", budget=32, block_size=32))
+    session = kb.Session(tiny_llama, CharTok(), kb.policy("snapkv", budget=32), block_size=32)
     session.add_context(STORY)
     session.save(path)
     return session
@@ -181,7 +182,7 @@ model, tok = kb.load_model()
 out = sys.argv[1]
 sessions = []
 for n in (1, 2):
-    s = kb.Session(model, tok, kb.policy("full", block_size=128))
+    s = kb.Session(model, tok, kb.policy("full"), block_size=128)
     s.add_context("The quick brown fox jumps over the lazy dog. " * (30 * n))
     s.save(f"{out}/ref{n}.kvb")
     sessions.append(s)
@@ -218,14 +219,12 @@ def test_killed_during_save_leaves_a_readable_file(default_model, tmp_path):
 
 
 def test_unsupported_cases_are_clear_errors(tiny_llama, tmp_path):
-    session = kb.Session(tiny_llama, CharTok(), kb.policy("minicache", residual=8, block_size=32))
+    session = kb.Session(tiny_llama, CharTok(), kb.policy("minicache", residual=8), block_size=32)
     session.add_context(STORY)
     with pytest.raises(KVBudgetError, match="not supported yet"):
         session.save(tmp_path / "m.kvb")
     assert not (tmp_path / "m.kvb").exists()
-    from kvbudget.policies.full import (
-        Full,  # a policy built by hand has no recorded settings
-    )
+    from kvbudget.methods.scorers.full import Full
 
     hand = kb.Session(tiny_llama, CharTok(), kb.Policy(Full(), None))
     hand.add_context("abc")

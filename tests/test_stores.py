@@ -3,21 +3,14 @@ stated error, eviction composes with them, and quantization primitives are exact
 
 import pytest
 import torch
-from conftest import random_ids
+from conftest import limit_groups, random_ids, use_batched
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvbudget as kb
-from kvbudget.attention import attach
+from kvbudget.kv.cache import flush_layers
+from kvbudget.kv.hook import attach
 from kvbudget.errors import UnknownPolicyError
-from kvbudget.quant import (
-    dequantize,
-    dequantize_groups,
-    hadamard,
-    pack,
-    quantize,
-    quantize_groups,
-    unpack,
-)
+from kvbudget.methods.stores.quant import dequantize, dequantize_groups, hadamard, pack, quantize, quantize_groups, unpack
 
 
 def _llama64(layers: int) -> LlamaForCausalLM:
@@ -39,7 +32,7 @@ def llama64():
 
 
 def _prefill(model, name, ids, budget=None, block=64, **kw):
-    policy = kb.policy(name, budget=budget, block_size=block, **kw)
+    policy = kb.policy(name, budget=budget, **kw)
     cache = policy.new_cache(model)
     logits, _ = kb.prefill(model, cache, policy, ids, block)
     return policy, cache, logits
@@ -93,8 +86,8 @@ def test_kivi2_bytes_equal_the_formula(llama64):
     tail = n_tail * d * 2 * f32
     positions = (n_body + n_tail) * 4
     expected = h * (key_codes + key_scales + value_codes + value_scales + chunk_ids + tail + positions)
-    for layer in cache.budgeted_layers():
-        assert len(layer.body) == n_body and layer.keys.shape[-2] == n_tail
+    for layer in cache.layers:
+        assert len(layer.entries.body) == n_body and layer.keys.shape[-2] == n_tail
         assert layer.nbytes() == expected
     full = _prefill(llama64, "full", random_ids(256))[1]
     assert cache.nbytes() < 0.36 * full.nbytes()  # a quarter of the tokens stay full precision
@@ -104,8 +97,8 @@ def test_store_entry_bytes_match_what_is_held(llama64):
     """The per-entry figure used for byte budgets equals the bytes really held per body entry."""
     for name in ["kivi2", "kivi4", "rotate2", "think"]:
         policy, cache, _ = _prefill(llama64, name, random_ids(256), residual=64)
-        layer = cache.budgeted_layers()[0]
-        per_entry = layer.body.nbytes() / len(layer.body)
+        layer = cache.layers[0]
+        per_entry = layer.entries.body.nbytes() / len(layer.entries.body)
         assert per_entry == pytest.approx(policy.store.entry_bytes(64, torch.float32), rel=0.02), name
 
 
@@ -114,11 +107,11 @@ def test_eviction_composes_with_kivi(llama64):
     _, plain, _ = _prefill(llama64, "snapkv", ids, budget=96)
     policy, quant, logits = _prefill(llama64, "snapkv+kivi4", ids, budget=96)
     assert policy.name == "snapkv+kivi4"
-    for a, b in zip(plain.budgeted_layers(), quant.budgeted_layers()):
+    for a, b in zip(plain.layers, quant.layers):
         assert a.max_entries == b.max_entries == 96
         # The tail is the protected window; everything older is 4-bit.
-        assert b.keys.shape[-2] == policy.protected(96) and len(b.body) == 96 - policy.protected(96)
-        pos = b.positions[0, 0]
+        assert b.keys.shape[-2] == policy.protected(96) and len(b.entries.body) == 96 - policy.protected(96)
+        pos = b.entries.positions[0, 0]
         assert bool((pos[1:] > pos[:-1]).all())
     assert quant.nbytes() < 0.5 * plain.nbytes()  # a third of the entries are the fp window
     assert torch.isfinite(logits).all()
@@ -142,10 +135,10 @@ def test_mikv_demotes_instead_of_evicting(llama64):
     ids = random_ids(300)
     policy, cache, _ = _prefill(llama64, "mikv", ids, budget=64)
     assert policy.scorer.name == "h2o" and policy.store.demotes
-    for layer in cache.budgeted_layers():
+    for layer in cache.layers:
         assert layer.max_entries == 300  # no token left behind
         assert layer.keys.shape[-2] == 64  # only the budget at full precision
-        assert sorted(layer.positions[0, 0].tolist()) == list(range(300))
+        assert sorted(layer.entries.positions[0, 0].tolist()) == list(range(300))
     full = _prefill(llama64, "full", ids)[1]
     assert cache.nbytes() < 0.4 * full.nbytes()
     # Budget >= context: nothing is demoted, identical to full.
@@ -158,23 +151,23 @@ def test_think_keeps_the_top_channels_and_stores_only_them(llama64):
     ref = _prefill(llama64, "full", ids)[2]
     torch.testing.assert_close(_prefill(llama64, "think", ids, ratio=0.0)[2], ref)  # nothing pruned
     policy, cache, _ = _prefill(llama64, "think", ids, ratio=0.5)
-    layer = cache.budgeted_layers()[0]
-    assert layer.body.tokens["k"].shape[-1] == 32 and layer.body.chunks["channels"].shape[-1] == 32
-    keys = layer.view().keys[0, 0, : len(layer.body)]
-    assert int((keys.abs().sum(0) > 0).sum()) <= 32 * layer.body.chunks["channels"].shape[2]
+    layer = cache.layers[0]
+    assert layer.entries.body.tokens["k"].shape[-1] == 32 and layer.entries.body.chunks["channels"].shape[-1] == 32
+    keys = layer.view().keys[0, 0, : len(layer.entries.body)]
+    assert int((keys.abs().sum(0) > 0).sum()) <= 32 * layer.entries.body.chunks["channels"].shape[2]
 
 
 def test_store_state_survives_decode_and_scratch(llama64):
     """Tokens decoded after a quantized prefill land in the full-precision tail, and scratch
     rolls them back exactly."""
     _, cache, logits = _prefill(llama64, "kivi4", random_ids(200), residual=32)
-    before = [(len(layer.body), layer.keys.clone()) for layer in cache.budgeted_layers()]
+    before = [(len(layer.entries.body), layer.keys.clone()) for layer in cache.layers]
     with cache.scratch(), torch.inference_mode():
         for _ in range(5):
             tok = logits.argmax(-1, keepdim=True)
             logits = llama64(input_ids=tok, cache=cache, use_cache=True).logits[:, -1]
-    for layer, (n_body, tail) in zip(cache.budgeted_layers(), before):
-        assert len(layer.body) == n_body and torch.equal(layer.keys, tail)
+    for layer, (n_body, tail) in zip(cache.layers, before):
+        assert len(layer.entries.body) == n_body and torch.equal(layer.keys, tail)
 
 
 def test_minicache_merges_upper_layer_pairs(llama64):
@@ -194,19 +187,19 @@ def test_minicache_bytes_and_restoration():
     _, full, _ = _prefill(model, "full", ids)
     policy, cache, _ = _prefill(model, "minicache", ids, retain=0.0, residual=32)
     assert policy.store.pairs(4) == [(2, 3)]
-    layers = cache.budgeted_layers()
-    assert layers[0].body is None and layers[1].body is None
-    n = len(layers[2].body)
-    assert n == 160 - 32 and layers[3].body.pair is layers[2].body.pair
+    layers = cache.layers
+    assert layers[0].entries.body is None and layers[1].entries.body is None
+    n = len(layers[2].entries.body)
+    assert n == 160 - 32 and layers[3].entries.body.pair is layers[2].entries.body.pair
     f32, d = 4, 64
     merged = n * (2 * d + 2) * f32 + n * 2 * f32  # shared K/V directions + both layers' K/V norms
     held = sum(layer.nbytes() for layer in layers[2:])
     unmerged = 2 * (32 * 2 * d * f32) + 2 * 160 * 4  # both tails + positions
-    assert held == merged + unmerged + layers[2].body.pair.retained.nbytes
+    assert held == merged + unmerged + layers[2].entries.body.pair.retained.nbytes
     assert cache.nbytes() < full.nbytes()
     # Norms are exact: restored vectors keep their own lengths. (Layer 2's inputs come from exact
     # layers 0-1, so its keys match the full run; layer 3 already sees merged layer-2 attention.)
-    got, ref_keys = layers[2].view().keys, full.budgeted_layers()[2].view().keys
+    got, ref_keys = layers[2].view().keys, full.layers[2].view().keys
     torch.testing.assert_close(got.norm(dim=-1), ref_keys.norm(dim=-1))
     assert float(torch.nn.functional.cosine_similarity(got, ref_keys, dim=-1).min()) > 0.5
 
@@ -220,10 +213,10 @@ def test_chunk_tables_are_compacted_per_head(tiny_llama):
     """Two KV heads evicting independently: each head's live chunks are packed to the front, so
     the table is as wide as the head with the most live chunks, and every id points inside it."""
     _, cache, _ = _prefill(tiny_llama, "snapkv+kivi4", random_ids(400), budget=48, block=32)
-    for layer in cache.budgeted_layers():
-        ids = layer.body.chunk_id[0].long()
+    for layer in cache.layers:
+        ids = layer.entries.body.chunk_id[0].long()
         live = [len(set(ids[h].tolist())) for h in range(ids.shape[0])]
-        assert layer.body.chunks["k_scale"].shape[2] == max(live)
+        assert layer.entries.body.chunks["k_scale"].shape[2] == max(live)
         assert int(ids.max()) < max(live)
 
 
@@ -231,19 +224,19 @@ def test_chunk_tables_are_compacted_per_head(tiny_llama):
 def test_flush_appends_what_a_rebuild_would_hold(llama64, name):
     """A flush encodes the tail's oldest entries and appends them to the body (no gather of the old
     body): the same body, chunk ids, chunk table and tail as rebuilding with every entry kept."""
-    from kvbudget.store import rebuild_body
+    from kvbudget.kv.body import rebuild_body
 
     _, cache, _ = _prefill(llama64, name, random_ids(300), block=64)
     with torch.inference_mode():  # 80 more tokens in the tail, not yet flushed
         llama64(input_ids=random_ids(80, seed=1), cache=cache, use_cache=True)
-    for layer in cache.budgeted_layers():
-        store, body, keys, values = layer.store, layer.body, layer.keys, layer.values
+    for layer in cache.layers:
+        store, body, keys, values = layer.store, layer.entries.body, layer.keys, layer.values
         n, tail = len(body), keys.shape[2]
         older = tail - layer.residual - (tail - layer.residual) % (store.chunk or 1)
         index = torch.arange(n + tail).expand(*keys.shape[:2], n + tail)
-        want, want_k, want_v = rebuild_body(store, body, keys, values, index, tail - older, layer.queries)
-        layer.flush()
-        got = layer.body
+        want, want_k, want_v = rebuild_body(store, body, keys, values, index, tail - older, layer.observed.queries)
+        flush_layers([layer])
+        got = layer.entries.body
         assert len(got) == n + older > n
         assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
         for k in want.tokens:
@@ -260,8 +253,7 @@ def test_flush_appends_what_a_rebuild_would_hold(llama64, name):
 def test_stacked_flush_equals_layer_by_layer(llama64, monkeypatch, stack_bytes):
     """`flush_layers` encodes the layers of one shape in one call: the bodies are those of
     flushing each layer on its own, and each layer owns its tensors (no shared batch buffer)."""
-    from kvbudget import cache as kcache
-    from kvbudget.cache import flush_layers
+    from kvbudget.kv import cache as kcache
 
     if stack_bytes:
         monkeypatch.setattr(kcache, "FLUSH_STACK_BYTES", stack_bytes)
@@ -271,35 +263,35 @@ def test_stacked_flush_equals_layer_by_layer(llama64, monkeypatch, stack_bytes):
         with torch.inference_mode():
             llama64(input_ids=random_ids(80, seed=1), cache=cache, use_cache=True)
         caches.append(cache)
-    for layer in caches[0].budgeted_layers():
-        layer.flush()
-    flush_layers(caches[1].budgeted_layers())
+    for layer in caches[0].layers:
+        flush_layers([layer])
+    flush_layers(caches[1].layers)
     ptrs = set()
-    for a, b in zip(caches[0].budgeted_layers(), caches[1].budgeted_layers()):
-        assert len(b.body) == len(a.body) and torch.equal(a.keys, b.keys)
-        for k in a.body.tokens:
-            assert torch.equal(a.body.tokens[k], b.body.tokens[k])
-            ptrs.add(b.body.tokens[k].untyped_storage().data_ptr())
-        for k in a.body.chunks:
-            assert torch.equal(a.body.chunks[k], b.body.chunks[k])
-        assert torch.equal(a.body.chunk_id, b.body.chunk_id)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert len(b.entries.body) == len(a.entries.body) and torch.equal(a.keys, b.keys)
+        for k in a.entries.body.tokens:
+            assert torch.equal(a.entries.body.tokens[k], b.entries.body.tokens[k])
+            ptrs.add(b.entries.body.tokens[k].untyped_storage().data_ptr())
+        for k in a.entries.body.chunks:
+            assert torch.equal(a.entries.body.chunks[k], b.entries.body.chunks[k])
+        assert torch.equal(a.entries.body.chunk_id, b.entries.body.chunk_id)
     assert len(ptrs) == 4 * 2  # 4 token fields x 2 layers, each its own storage
 
 
 def _evicting_store_run(model, name: str, stack: bool, group_bytes: int | None = None, **kw):
     """Prefill 300 tokens in blocks of 32 with eviction to 64, then decode 12 tokens with a
     compression every 5 (decode-time compression); returns the cache and the policy."""
-    policy = kb.policy(name, budget=64, block_size=32, decode_interval=5, **kw)
-    policy.stack_layers = stack
+    policy = kb.policy(name, budget=64, decode_interval=5, **kw)
+    use_batched(stack)
     if group_bytes:
-        policy.STACK_BYTES = policy.STORE_STACK_BYTES = group_bytes
+        limit_groups(group_bytes)
     cache = policy.new_cache(model)
     logits, _ = kb.prefill(model, cache, policy, random_ids(300), block_size=32)
     with torch.inference_mode():
         for step in range(12):
             logits = model(input_ids=logits.argmax(-1, keepdim=True), cache=cache, use_cache=True).logits[:, -1]
             if (step + 1) % 5 == 0:
-                policy.compress(cache)
+                kb.compress(cache, policy)
     return cache
 
 
@@ -310,7 +302,8 @@ def test_rebuild_of_many_heads_equals_each_head_alone(name):
     only padding fills are dropped. Every head then holds what rebuilding it alone gives, which
     pads nothing: the same codes, chunk ids and live chunk rows (the table as wide as its widest
     head), the same decoded keys and values."""
-    from kvbudget.store import STORE_VARIANTS, STORES, rebuild_body
+    from kvbudget.kv.store import STORE_VARIANTS, STORES
+    from kvbudget.kv.body import rebuild_body
 
     store = STORES[name](**STORE_VARIANTS.get(name, {}))
     gen = torch.Generator().manual_seed(0)
@@ -348,7 +341,7 @@ def test_rebuild_of_many_heads_equals_each_head_alone(name):
 
 
 def _body_rows(body, heads: slice):
-    from kvbudget.store import Body
+    from kvbudget.kv.body import Body
 
     return Body({k: t[:, heads] for k, t in body.tokens.items()},
                 None if body.chunk_id is None else body.chunk_id[:, heads],
@@ -364,17 +357,17 @@ def test_store_eviction_reads_the_device_once_per_compression(tiny_llama, stack)
     from test_ragged_ops import _HostReads
 
     for group_bytes in ((None, 1) if stack else (None,)):  # all layers in one group / one per group
-        policy = kb.policy("snapkv+kivi4", budget=64, block_size=32)
-        policy.stack_layers = stack
+        policy = kb.policy("snapkv+kivi4", budget=64)
+        use_batched(stack)
         if group_bytes:
-            policy.STORE_STACK_BYTES = group_bytes
+            limit_groups(group_bytes)
         cache = policy.new_cache(tiny_llama)
         kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=32)
         with torch.inference_mode():
             tiny_llama(input_ids=random_ids(32, seed=2), cache=cache, use_cache=True)
             with _HostReads() as reads:
-                policy.compress(cache)
-        assert reads.count == (1 if stack else len(cache.budgeted)), group_bytes
+                kb.compress(cache, policy)
+        assert reads.count == (1 if stack else len(cache.layers)), group_bytes
 
 
 def test_prefill_reads_a_store_eviction_back_after_queueing_the_next_block(tiny_llama, monkeypatch):
@@ -384,30 +377,32 @@ def test_prefill_reads_a_store_eviction_back_after_queueing_the_next_block(tiny_
     widest head by the end. The result is the loop's (which reads at once)."""
     from test_ragged_ops import _HostReads
 
-    counts, compress = [], kb.Policy.compress
+    import kvbudget.runtime.prefill as kprefill
 
-    def counted(self, cache):
+    counts, compress = [], kprefill.compress
+
+    def counted(cache, policy):
         with _HostReads() as reads:
-            compress(self, cache)
+            compress(cache, policy)
         counts.append((reads.count, cache.unsettled))
 
-    monkeypatch.setattr(kb.Policy, "compress", counted)
-    policy = kb.policy("snapkv+kivi4", budget=64, block_size=32)
+    monkeypatch.setattr(kprefill, "compress", counted)
+    policy = kb.policy("snapkv+kivi4", budget=64)
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=32)
     evicting = [c for c in counts if c[1]]
     assert len(evicting) >= 4 and all(n == 0 for n, _ in evicting)
     assert not cache.unsettled
-    loop = kb.policy("snapkv+kivi4", budget=64, block_size=32)
-    loop.stack_layers = False
+    loop = kb.policy("snapkv+kivi4", budget=64)
+    use_batched(False)
     want = loop.new_cache(tiny_llama)
     kb.prefill(tiny_llama, want, loop, random_ids(200), block_size=32)
-    for a, b in zip(cache.budgeted_layers(), want.budgeted_layers()):
-        live = max(len(set(a.body.chunk_id[0, h].tolist())) for h in range(a.body.chunk_id.shape[1]))
-        assert a.body.chunks["k_scale"].shape[2] == live
-        assert a.body.chunk_id.dtype == b.body.chunk_id.dtype and torch.equal(a.body.chunk_id, b.body.chunk_id)
-        for k in b.body.chunks:
-            assert torch.equal(a.body.chunks[k], b.body.chunks[k])
+    for a, b in zip(cache.layers, want.layers):
+        live = max(len(set(a.entries.body.chunk_id[0, h].tolist())) for h in range(a.entries.body.chunk_id.shape[1]))
+        assert a.entries.body.chunks["k_scale"].shape[2] == live
+        assert a.entries.body.chunk_id.dtype == b.entries.body.chunk_id.dtype and torch.equal(a.entries.body.chunk_id, b.entries.body.chunk_id)
+        for k in b.entries.body.chunks:
+            assert torch.equal(a.entries.body.chunks[k], b.entries.body.chunks[k])
         assert a.nbytes() == b.nbytes()
 
 
@@ -417,25 +412,25 @@ def test_tail_length_is_known_on_the_host_and_checked(tiny_llama):
     keeps its protected window); it equals what the positions say, through prefill and
     decode-time compressions. With transient tokens counted in ``seen`` it is read from the
     device; and a count the positions contradict makes the rebuild raise, not keep a wrong tail."""
-    from kvbudget.store import rebuild_body
+    from kvbudget.kv.body import rebuild_body
 
     cache = _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=True)
-    for layer in cache.budgeted_layers():
-        n, check = layer.tail_kept(layer.positions)
-        assert n == int((layer.positions >= layer.seen - layer.residual).sum(-1).min()) == layer.residual
+    for layer in cache.layers:
+        n, check = layer.tail_kept(layer.entries.positions)
+        assert n == int((layer.entries.positions >= layer.seen - layer.residual).sum(-1).min()) == layer.residual
         assert layer.keys.shape[2] > n  # tokens decoded since the last compression
         assert bool(check)
         # Without the newest entry, the window is not all there: the host count is wrong.
-        index = torch.arange(layer.max_entries - 1).expand(*layer.positions.shape[:2], -1)
-        n, check = layer.tail_kept(layer.positions[..., :-1])
+        index = torch.arange(layer.max_entries - 1).expand(*layer.entries.positions.shape[:2], -1)
+        n, check = layer.tail_kept(layer.entries.positions[..., :-1])
         assert not bool(check)
         with pytest.raises(RuntimeError, match="cannot return to the full-precision tail"):
-            rebuild_body(layer.store, layer.body, layer.keys, layer.values, index, n, None, check)
-    layer = cache.budgeted_layers()[0]
+            rebuild_body(layer.store, layer.entries.body, layer.keys, layer.values, index, n, None, check)
+    layer = cache.layers[0]
     with torch.inference_mode(), cache.scratch(), cache.transient():
         tiny_llama(input_ids=random_ids(3, seed=1), cache=cache, use_cache=True)
-        n, check = layer.tail_kept(layer.positions)
-        assert check is None and n == int((layer.positions >= layer.seen - layer.residual).sum(-1).min())
+        n, check = layer.tail_kept(layer.entries.positions)
+        assert check is None and n == int((layer.entries.positions >= layer.seen - layer.residual).sum(-1).min())
 
 
 @pytest.mark.parametrize("name", ["snapkv+kivi4", "h2o+kivi2", "tova+rotate4", "streaming+kivi2"])
@@ -446,20 +441,20 @@ def test_stacked_store_compression_equals_layer_by_layer(tiny_llama, name):
     loop = _evicting_store_run(tiny_llama, name, stack=False)
     for group_bytes in (None, 1):  # all layers in one group / one layer per group
         stacked = _evicting_store_run(tiny_llama, name, stack=True, group_bytes=group_bytes)
-        for a, b in zip(loop.budgeted_layers(), stacked.budgeted_layers()):
-            assert torch.equal(a.positions, b.positions)
-            for k in a.state:
-                torch.testing.assert_close(a.state[k], b.state[k])
+        for a, b in zip(loop.layers, stacked.layers):
+            assert torch.equal(a.entries.positions, b.entries.positions)
+            for k in a.entries.state:
+                torch.testing.assert_close(a.entries.state[k], b.entries.state[k])
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-            assert len(a.body) == len(b.body) > 0
-            for k in a.body.tokens:
-                assert torch.equal(a.body.tokens[k], b.body.tokens[k])
-            for k in a.body.chunks:
-                assert torch.equal(a.body.chunks[k], b.body.chunks[k])
-            if a.body.chunk_id is None:  # rotated KIVI: no per-chunk data
-                assert b.body.chunk_id is None
+            assert len(a.entries.body) == len(b.entries.body) > 0
+            for k in a.entries.body.tokens:
+                assert torch.equal(a.entries.body.tokens[k], b.entries.body.tokens[k])
+            for k in a.entries.body.chunks:
+                assert torch.equal(a.entries.body.chunks[k], b.entries.body.chunks[k])
+            if a.entries.body.chunk_id is None:  # rotated KIVI: no per-chunk data
+                assert b.entries.body.chunk_id is None
             else:
-                assert a.body.chunk_id.dtype == b.body.chunk_id.dtype and torch.equal(a.body.chunk_id, b.body.chunk_id)
+                assert a.entries.body.chunk_id.dtype == b.entries.body.chunk_id.dtype and torch.equal(a.entries.body.chunk_id, b.entries.body.chunk_id)
             va, vb = a.view(), b.view()
             assert torch.equal(va.keys, vb.keys) and torch.equal(va.values, vb.values)
             assert a.nbytes() == b.nbytes()
@@ -468,11 +463,13 @@ def test_stacked_store_compression_equals_layer_by_layer(tiny_llama, name):
 def test_stacked_store_compression_is_used_and_falls_back(tiny_llama, monkeypatch):
     """SnapKV + KIVI compresses its layers together (no per-layer compression once over budget);
     per-layer budgets (PyramidKV) and MiKV's demotion go through the loop."""
-    from kvbudget import stacked_store
+    from kvbudget.compress import batched_store as stacked_store
 
     looped, stacked = [], []
-    compress_layer, compress = kb.Policy._compress_layer, stacked_store.compress
-    monkeypatch.setattr(kb.Policy, "_compress_layer", lambda self, *a, **k: looped.append(1) or compress_layer(self, *a, **k))
+    from kvbudget.compress import engine
+
+    compress_layer, compress = engine._score_and_keep, stacked_store.compress
+    monkeypatch.setattr(engine, "_score_and_keep", lambda *a, **k: looped.append(1) or compress_layer(*a, **k))
     monkeypatch.setattr(stacked_store, "compress", lambda policy, layers, budget: stacked.append(len(layers)) or compress(policy, layers, budget))
     _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=True)
     assert looped == [] and len(stacked) > 5 and set(stacked) == {len(tiny_llama.model.layers)}
@@ -492,8 +489,8 @@ def test_scratch_restores_a_store_cache_exactly(tiny_llama, name, kw, mode, monk
     body, which is taken back as the prefix of the body at the end."""
     from types import SimpleNamespace
 
-    from kvbudget.cache import BodyPrefix
-    from kvbudget.generate import Session
+    from kvbudget.kv.body import BodyPrefix
+    from kvbudget.runtime.session import Session
 
     taken = []
     real = BodyPrefix.taken_from
@@ -501,35 +498,35 @@ def test_scratch_restores_a_store_cache_exactly(tiny_llama, name, kw, mode, monk
     policy = kb.policy(name, decode_interval=4, **kw)
     cache = policy.new_cache(tiny_llama)
     logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=64)
-    before = [(dict(layer.__dict__), layer.view(), layer.nbytes()) for layer in cache.budgeted_layers()]
-    encoded = [(len(layer.body), layer.positions) for layer in cache.budgeted_layers()]
+    before = [(dict(vars(layer.entries), seen=layer.seen), layer.view(), layer.nbytes()) for layer in cache.layers]
+    encoded = [(len(layer.entries.body), layer.entries.positions) for layer in cache.layers]
     fake = SimpleNamespace(model=tiny_llama, cache=cache, policy=policy, eos=set(), decode=mode)
     fake._static_decoder = lambda n: Session._static_decoder(fake, n)
     with torch.inference_mode(), cache.scratch():
         Session._decode(fake, logits, 60)
         # The answer's compressions did encode (a longer body) or evict (other positions kept).
-        assert any(len(layer.body) != n or not torch.equal(layer.positions[..., : pos.shape[-1]], pos)
-                   for layer, (n, pos) in zip(cache.budgeted_layers(), encoded))
-    for layer, (attrs, view, nbytes) in zip(cache.budgeted_layers(), before):
+        assert any(len(layer.entries.body) != n or not torch.equal(layer.entries.positions[..., : pos.shape[-1]], pos)
+                   for layer, (n, pos) in zip(cache.layers, encoded))
+    for layer, (attrs, view, nbytes) in zip(cache.layers, before):
         assert layer.seen == attrs["seen"] and layer.nbytes() == nbytes
-        assert torch.equal(layer.positions, attrs["positions"])
+        assert torch.equal(layer.entries.positions, attrs["positions"])
         now = layer.view()
         assert torch.equal(now.keys, view.keys) and torch.equal(now.values, view.values)
         assert torch.equal(layer.keys, attrs["keys"]) and torch.equal(layer.values, attrs["values"])
         for k, t in attrs["body"].tokens.items():
-            assert torch.equal(layer.body.tokens[k], t)
+            assert torch.equal(layer.entries.body.tokens[k], t)
         if attrs["body"].chunk_id is not None:
-            assert torch.equal(layer.body.chunk_id, attrs["body"].chunk_id)
-            assert layer.body.chunk_id.dtype == attrs["body"].chunk_id.dtype
+            assert torch.equal(layer.entries.body.chunk_id, attrs["body"].chunk_id)
+            assert layer.entries.body.chunk_id.dtype == attrs["body"].chunk_id.dtype
         for k, c in attrs["body"].chunks.items():
-            assert torch.equal(layer.body.chunks[k], c)
+            assert torch.equal(layer.entries.body.chunks[k], c)
     # Without eviction the snapshot kept only each body's length; with it, the body itself.
-    assert len(taken) == (0 if policy.evicts else len(cache.budgeted_layers()))
+    assert len(taken) == (0 if policy.evicts else len(cache.layers))
 
 
 def test_stacked_store_compression_with_a_scorer_that_reads_values(tiny_llama, monkeypatch):
     """A scorer that reads values gets the bodies' decoded values too; the result is the loop's."""
-    from kvbudget.policies.snapkv import SnapKV
+    from kvbudget.methods.scorers.snapkv import SnapKV
 
     seen = []
     real = SnapKV.score
@@ -538,8 +535,8 @@ def test_stacked_store_compression_with_a_scorer_that_reads_values(tiny_llama, m
     loop = _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=False)
     stacked = _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=True)
     assert seen and all(seen)
-    for a, b in zip(loop.budgeted_layers(), stacked.budgeted_layers()):
-        assert torch.equal(a.positions, b.positions) and a.nbytes() == b.nbytes()
+    for a, b in zip(loop.layers, stacked.layers):
+        assert torch.equal(a.entries.positions, b.entries.positions) and a.nbytes() == b.nbytes()
         assert torch.equal(a.view().keys, b.view().keys)
 
 
@@ -550,19 +547,19 @@ def test_flush_counts_are_known_on_the_host_while_nothing_was_evicted(tiny_llama
     in ``seen`` but not held, it is read from the device. Both give what the positions say."""
     def from_positions(layer) -> int:
         tail = layer.keys.shape[-2]
-        return int((layer.positions[..., -tail:] < layer.seen - layer.residual).sum(-1).min())
+        return int((layer.entries.positions[..., -tail:] < layer.seen - layer.residual).sum(-1).min())
 
     for name, kw, on_host in (("kivi4", {}, True), ("snapkv+kivi4", {"budget": 64}, False)):
         policy = kb.policy(name, **kw)
         cache = policy.new_cache(tiny_llama)
         kb.prefill(tiny_llama, cache, policy, random_ids(300), block_size=64, compress_last=False)
-        for layer in cache.budgeted_layers():
+        for layer in cache.layers:
             count = layer.older_in_tail()
             assert isinstance(count, int) == on_host, name
             assert int(count) == from_positions(layer) > 0, name
         if name == "kivi4":  # tokens attended but not stored count in `seen`: read from the device
             with torch.inference_mode(), cache.scratch(), cache.transient():
                 tiny_llama(input_ids=random_ids(5, seed=1), cache=cache, use_cache=True)
-                layer = cache.budgeted_layers()[0]
+                layer = cache.layers[0]
                 assert not isinstance(layer.older_in_tail(), int)
                 assert int(layer.older_in_tail()) == from_positions(layer)

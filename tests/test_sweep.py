@@ -58,13 +58,13 @@ def test_full_vs_full_fidelity_is_perfect(default_model, tasks):
 def test_fork_is_independent_and_equals_a_fresh_session(default_model, tasks):
     model, tok = default_model
     task = tasks[0]
-    policy = kb.policy("snapkv", budget=64, block_size=64)
-    base = kb.Session(model, tok, policy)
+    policy = kb.policy("snapkv", budget=64)
+    base = kb.Session(model, tok, policy, block_size=64)
     base.add_context(task.context)
     held, fed = base.kv_bytes, list(base.input_ids)
     answers = [base.fork().ask_detailed(q.question, 4, gold=q.answers[0]) for q in task.questions]
     assert base.kv_bytes == held and base.input_ids == fed and len(base.messages) == 1  # untouched
-    fresh = kb.Session(model, tok, policy)
+    fresh = kb.Session(model, tok, policy, block_size=64)
     fresh.add_context(task.context)
     again = fresh.ask_detailed(task.questions[1].question, 4, gold=task.questions[1].answers[0])
     assert answers[1].token_ids == again.token_ids

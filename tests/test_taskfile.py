@@ -7,15 +7,7 @@ import json
 import pytest
 
 from kvbudget.errors import TaskFileError
-from kvbudget.eval.taskfile import (
-    Question,
-    Task,
-    context_messages,
-    read_tasks,
-    task_from_dict,
-    task_to_dict,
-    write_tasks,
-)
+from kvbudget.eval.taskfile import Question, Task, context_messages, read_tasks, task_from_dict, task_to_dict, write_tasks
 
 GOOD_Q = {"question": "What is the code?", "answers": ["4721"], "metric": "contains"}
 

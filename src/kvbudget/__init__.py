@@ -7,9 +7,8 @@
     print(session.ask("What is the code for the blue door?"))
 """
 
-from .attention import attach
-from .budget import Budget, parse_budget
-from .cache import BudgetedCache, BudgetedLayer
+from .compress import Policy, compress
+from .compress.budget import Budget, parse_budget
 from .errors import (
     BudgetError,
     KVBudgetError,
@@ -19,11 +18,10 @@ from .errors import (
     UnknownPolicyError,
     UnsupportedModelError,
 )
-from .generate import Session, Turn
-from .models import load_model
-from .policies import describe as list_policies
-from .policies.base import Policy, make_policy as policy
-from .prefill import prefill
+from .kv import BudgetedCache, BudgetedLayer, attach
+from .methods import describe as list_policies
+from .methods import make_policy as policy
+from .runtime import Session, Turn, load_model, prefill
 
 __version__ = "0.1.0"
 
@@ -42,6 +40,7 @@ __all__ = [
     "UnknownPolicyError",
     "UnsupportedModelError",
     "attach",
+    "compress",
     "list_policies",
     "load_model",
     "parse_budget",

@@ -34,7 +34,7 @@ def _positive(value: str) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    from .policies import describe
+    from .methods import describe
 
     rows = describe()
     print(f"{'name':<13} {'kind':<7} {'attention':<9}  {'paper':<44} {'saves':<42} what it does")
@@ -49,7 +49,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
 def cmd_tasks_make(args: argparse.Namespace) -> int:
     from .eval.generators import make_tasks
     from .eval.taskfile import write_tasks
-    from .models import load_tokenizer
+    from .runtime.models import load_tokenizer
 
     tok = load_tokenizer(args.model)
     tasks = make_tasks(args.name, tok, n=args.n, length=args.length, seed=args.seed)
@@ -87,7 +87,7 @@ def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.runner import EvalConfig, check_names
     from .eval.taskfile import read_tasks
-    from .models import load_model
+    from .runtime.models import load_model
 
     tasks = read_tasks(args.tasks)
     policies, budgets = _split(args.policy), _split(args.budget)
@@ -110,7 +110,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .eval.generators import make_tasks
     from .eval.taskfile import write_tasks
-    from .models import load_model
+    from .runtime.models import load_model
 
     start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
@@ -133,9 +133,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .generate import Session
-    from .models import load_model
-    from .policies.base import make_policy
+    from .runtime.session import Session
+    from .runtime.models import load_model
+    from .methods import make_policy
 
     path = Path(args.context)
     if not path.exists():
@@ -143,9 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     text = path.read_text()
     if not text.strip():  # before the model loads (a first load converts its GGUF: seconds)
         raise KVBudgetError(f"context is empty: {path}")
-    policy = make_policy(args.policy, budget=args.budget, block_size=args.block_size)
+    policy = make_policy(args.policy, budget=args.budget)
     model, tok = load_model(args.model, device=args.device)
-    session = Session(model, tok, policy, decode=args.decode)
+    session = Session(model, tok, policy, block_size=args.block_size, decode=args.decode)
     stats = session.add_context(text, question=args.question[0] if args.mode == "query-aware" else None)
     for q in args.question:
         print(f"Q: {q}\nA: {session.ask(q, args.max_new_tokens)}")
@@ -158,8 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, cache_dir
-    from .policies.base import make_policy
+    from .runtime.models import DEFAULT_MODEL, cache_dir
+    from .methods import make_policy
     from .serve import ServeConfig, parse_memory, serve
 
     try:
@@ -178,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
     )
     for name in config.policies:  # bad names and budgets fail before the model loads
-        make_policy(name, budget=config.budget, block_size=config.block_size)
+        make_policy(name, budget=config.budget)
     serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -186,8 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """EpiCache's layer sensitivity of a model on a seeded conversation sample."""
     from .eval.generators import make_tasks
-    from .models import load_model
-    from .sensitivity import profile, save_profile
+    from .runtime.models import load_model
+    from .runtime.profile import profile, save_profile
 
     model, tok = load_model(args.model, device=args.device)
     task = make_tasks("conversation", tok, n=1, length=args.length, seed=args.seed)[0]

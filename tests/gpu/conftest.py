@@ -4,7 +4,7 @@ by ``make test-gpu`` (``python -m pytest -m gpu tests/gpu``). Each model is buil
 import pytest
 import torch
 
-from kvbudget import fusion
+from kvbudget.runtime import fusion
 
 from .gpu_kit import build
 

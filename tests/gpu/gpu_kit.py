@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvbudget as kb
-from kvbudget.attention import attach
-from kvbudget.generate import Session
+from kvbudget.kv.hook import attach
+from kvbudget.runtime.session import Session
 
 VOCAB = 128000  # token ids are drawn below this (the 8B vocabulary has 128256)
 
@@ -51,7 +51,7 @@ def decode(model, name: str, mode: str, context: int = 3000, n_new: int = 48, **
     decode ``mode`` (eager, static, graph). Returns (tokens, cache)."""
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (1, context), device="cuda")
-    policy = kb.policy(name, decode_interval=16, block_size=512, **kw)
+    policy = kb.policy(name, decode_interval=16, **kw)
     cache = policy.new_cache(model)
     logits, _ = kb.prefill(model, cache, policy, ids, block_size=512)
     with torch.inference_mode():
@@ -70,7 +70,7 @@ def compare_caches(a, b) -> float:
     """Largest |difference| of the keys and values of two caches that hold the same entries
     (same tokens seen, same positions: asserted)."""
     worst = 0.0
-    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+    for la, lb in zip(a.layers, b.layers):
         va, vb = la.view(), lb.view()
         assert la.seen == lb.seen, (la.seen, lb.seen)
         assert torch.equal(va.positions, vb.positions)
@@ -81,7 +81,7 @@ def compare_caches(a, b) -> float:
 def overlap(a, b) -> list[float]:
     """Per layer: the share of kept (head, position) pairs the two caches have in common."""
     out = []
-    for la, lb in zip(a.budgeted_layers(), b.budgeted_layers()):
+    for la, lb in zip(a.layers, b.layers):
         pa, pb = la.view().positions[0], lb.view().positions[0]
         # Padding (ragged layers: heads shorter than the longest) is at position -1: not an entry.
         common = sum(len((set(x.tolist()) & set(y.tolist())) - {-1}) for x, y in zip(pa, pb))
@@ -107,7 +107,7 @@ def env(name: str, value: str) -> Iterator[None]:
 def lse_env(mode: str) -> Iterator[list[bool]]:
     """``KVBUDGET_ATTENTION_LSE=mode`` inside; records, at each `scoring.attention_reduce`,
     whether an LSE came with the observation (the list yielded)."""
-    from kvbudget import scoring
+    from kvbudget.compress import scoring
 
     seen: list[bool] = []
     real = scoring.attention_reduce

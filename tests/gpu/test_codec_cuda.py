@@ -6,8 +6,8 @@ views of larger buffers (a static decoder's)."""
 import pytest
 import torch
 
-from kvbudget.policies.kivi import KIVI
-from kvbudget.store import Body
+from kvbudget.methods.stores.kivi import KIVI
+from kvbudget.kv.body import Body
 
 from .gpu_kit import env
 

@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama as llama
 
-from kvbudget import cache as kcache
-from kvbudget import fusion
+from kvbudget.kv import cache as kcache
+from kvbudget.runtime import fusion
 from kvbudget.kernels import fused
 
 from .gpu_kit import compare_caches, decode, random_ids

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import kvbudget as kb
-from kvbudget import fusion
-from kvbudget import static as kstatic
-from kvbudget.cache import BudgetedCache
+from kvbudget.runtime import fusion
+from kvbudget.runtime import static as kstatic
+from kvbudget.kv.cache import BudgetedCache
 
 from .gpu_kit import answer, compare_caches, decode, random_ids
 
@@ -28,9 +28,9 @@ POLICIES = [("full", {}), ("snapkv", {"budget": 512}), ("h2o", {"budget": 512}),
 def test_decoders_leave_no_memory_behind(model_f32):
     """Building, capturing and dropping decoders, answer after answer, leaves GPU memory where
     it was (each capture's warm-up must not keep its own cuBLAS workspace)."""
-    policy = kb.policy("snapkv", budget=512, block_size=512)
+    policy = kb.policy("snapkv", budget=512)
     cache = policy.new_cache(model_f32)
-    kb.prefill(model_f32, cache, policy, random_ids(1500))
+    kb.prefill(model_f32, cache, policy, random_ids(1500), 512)
     tok = torch.tensor([5], device="cuda")
     sizes = []
     for _ in range(4):
@@ -74,7 +74,7 @@ def test_kivi_layers_in_the_graph(model_f32, monkeypatch, name, kw):
     value that close to a rounding boundary of the quantizer can take the neighbouring code and
     the tokens after it then see a slightly different key: the codes must nearly all agree, the
     full-precision tails to 1e-4 without a differing code, 1e-2 with one."""
-    from kvbudget import static_store
+    from kvbudget.runtime import static_store
 
     fusion.maybe_fuse(model_f32, torch.device("cuda"))
     eager, ce = decode(model_f32, name, "eager", n_new=96, **kw)
@@ -84,7 +84,7 @@ def test_kivi_layers_in_the_graph(model_f32, monkeypatch, name, kw):
                         classmethod(lambda cls, layer, cap: built.append(1) or real(cls, layer, cap)))
     graph, cg = decode(model_f32, name, "graph", n_new=96, **kw)
     compare_caches(ce, cg)  # asserts equal positions: the same entries kept
-    pairs = list(zip(ce.budgeted_layers(), cg.budgeted_layers()))
+    pairs = list(zip(ce.layers, cg.layers))
     tail = max(float((a.keys - b.keys).abs().max()) for a, b in pairs)
     codes = sum(int((a.body.tokens[k] != b.body.tokens[k]).sum()) for a, b in pairs for k in ("k", "v"))
     total = sum(a.body.tokens[k].numel() for a, _ in pairs for k in ("k", "v"))
@@ -98,20 +98,20 @@ def test_kivi_layers_in_the_graph(model_f32, monkeypatch, name, kw):
 def test_cache_round_trip_through_pinned_host_memory(model_f32):
     """A cache sent to pinned host memory and back with non-blocking copies is unchanged, also
     while the GPU computes something else meanwhile."""
-    policy = kb.policy("snapkv", budget=512, block_size=512)
+    policy = kb.policy("snapkv", budget=512)
     cache = policy.new_cache(model_f32)
     kb.prefill(model_f32, cache, policy, random_ids(2000))
-    before = [(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in cache.budgeted_layers()]
+    before = [(layer.keys.clone(), layer.values.clone(), layer.entries.positions.clone()) for layer in cache.layers]
     cache.to("cpu", non_blocking=True)
     busy = torch.randn(4096, 4096, device="cuda")
     for _ in range(20):
         busy = busy @ busy.T / 64  # compute queued on the main stream meanwhile
     cache.wait()
-    assert all(layer.keys.is_pinned() for layer in cache.budgeted_layers()), "host copy not pinned"
+    assert all(layer.keys.is_pinned() for layer in cache.layers), "host copy not pinned"
     cache.to("cuda", non_blocking=True)
     cache.wait()
-    for (k, v, p), layer in zip(before, cache.budgeted_layers()):
-        assert torch.equal(k, layer.keys) and torch.equal(v, layer.values) and torch.equal(p, layer.positions)
+    for (k, v, p), layer in zip(before, cache.layers):
+        assert torch.equal(k, layer.keys) and torch.equal(v, layer.values) and torch.equal(p, layer.entries.positions)
 
 
 @pytest.mark.parametrize("host", [True, False], ids=["snapshot-on-host", "snapshot-on-gpu"])
@@ -122,15 +122,15 @@ def test_answer_rolls_back_to_its_snapshot(model_f32, monkeypatch, name, host):
     positions, body codes), whether the snapshot waits in pinned host memory or on the GPU."""
     monkeypatch.setattr(BudgetedCache, "host_snapshots", host)
     torch.manual_seed(0)
-    policy = kb.policy(name, budget=512, decode_interval=16, block_size=512)
+    policy = kb.policy(name, budget=512, decode_interval=16)
     cache = policy.new_cache(model_f32)
-    logits, _ = kb.prefill(model_f32, cache, policy, random_ids(3000))
-    before = [(layer.view(), {k: t.clone() for k, t in layer.body.tokens.items()} if layer.body else {})
-              for layer in cache.budgeted_layers()]
+    logits, _ = kb.prefill(model_f32, cache, policy, random_ids(3000), 512)
+    before = [(layer.view(), {k: t.clone() for k, t in layer.entries.body.tokens.items()} if layer.entries.body else {})
+              for layer in cache.layers]
     with torch.inference_mode(), cache.scratch():
         answer(model_f32, cache, policy, logits, 48, "graph")
-    for layer, (view, body) in zip(cache.budgeted_layers(), before):
+    for layer, (view, body) in zip(cache.layers, before):
         now = layer.view()
         assert torch.equal(now.keys, view.keys) and torch.equal(now.values, view.values)
         assert torch.equal(now.positions, view.positions)
-        assert all(torch.equal(layer.body.tokens[k], t) for k, t in body.items())
+        assert all(torch.equal(layer.entries.body.tokens[k], t) for k, t in body.items())

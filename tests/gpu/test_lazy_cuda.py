@@ -9,8 +9,8 @@ whatever the tile sizes and whichever axis holds the queries.
 import pytest
 import torch
 
-from kvbudget import scoring
-from kvbudget.attention import flash_attention_with_lse
+from kvbudget.compress import scoring
+from kvbudget.kernels.flash import flash_attention_with_lse
 from kvbudget.kernels.attn_scores import attention_lazy
 
 pytestmark = pytest.mark.gpu

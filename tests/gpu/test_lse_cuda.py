@@ -13,8 +13,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvbudget as kb
-from kvbudget import scoring
-from kvbudget.attention import AttentionPlan, attention_with_lse, flash_attention_with_lse
+from kvbudget.compress import scoring
+from kvbudget.kv.plan import AttentionPlan
+from kvbudget.kernels.flash import attention_with_lse, flash_attention_with_lse
 
 from .gpu_kit import answer, lse_env, overlap, random_ids
 
@@ -47,16 +48,16 @@ def test_scores_from_the_kept_lse_equal_the_two_pass_kernel(model_bf16, name, ro
     same attention sums as the Triton kernel's own first pass over the same queries and keys:
     H2O's (every query of the block) and SnapKV's (its window of 32, kept across the compression
     before the block, whose LSE the block's rows replace)."""
-    policy = kb.policy(name, budget=1024, block_size=2048)
+    policy = kb.policy(name, budget=1024)
     cache = policy.new_cache(model_bf16)
     with lse_env("auto"):
         kb.prefill(model_bf16, cache, policy, random_ids(4096), 2048, compress_last=False)
     worst = 0.0
-    for layer in cache.budgeted_layers():
-        assert layer.lse is not None and layer.lse.shape[2] == layer.queries.shape[2] == rows
+    for layer in cache.layers:
+        assert layer.observed.lse is not None and layer.observed.lse.shape[2] == layer.observed.queries.shape[2] == rows
         view = layer.view()
-        args = (layer.queries, view.keys, view.positions, None, layer.query_positions, layer.scaling)
-        one = scoring.attention_reduce(*args, path="triton", lse=layer.lse)
+        args = (layer.observed.queries, view.keys, view.positions, None, layer.observed.positions, layer.observed.scaling)
+        one = scoring.attention_reduce(*args, path="triton", lse=layer.observed.lse)
         two = scoring.attention_reduce(*args, path="triton")
         worst = max(worst, float((one - two).abs().max() / two.abs().max()))
     assert worst < 2e-2, f"max rel err {worst:.1e}"
@@ -71,7 +72,7 @@ def test_h2o_prefill_receives_the_lse_and_keeps_nearly_the_same(model_bf16):
     ids = random_ids(8192)
     caches, flags = {}, {}
     for mode in ("auto", "off"):
-        policy = kb.policy("h2o", budget=1024, block_size=2048)
+        policy = kb.policy("h2o", budget=1024)
         cache = policy.new_cache(model_bf16)
         with lse_env(mode) as seen:
             kb.prefill(model_bf16, cache, policy, ids, 2048)
@@ -84,10 +85,10 @@ def test_h2o_prefill_receives_the_lse_and_keeps_nearly_the_same(model_bf16):
 def test_decode_time_compression_receives_the_decode_steps_lse(model_bf16):
     """Eager decode steps (one query through the flash op) keep their LSE, and decode-time
     compression receives it."""
-    policy = kb.policy("h2o", budget=512, decode_interval=16, block_size=512)
+    policy = kb.policy("h2o", budget=512, decode_interval=16)
     cache = policy.new_cache(model_bf16)
     with lse_env("auto") as seen, torch.inference_mode():
-        logits, _ = kb.prefill(model_bf16, cache, policy, random_ids(3000))
+        logits, _ = kb.prefill(model_bf16, cache, policy, random_ids(3000), 512)
         n_prefill = len(seen)
         answer(model_bf16, cache, policy, logits, 48, "eager")
     decode_flags = seen[n_prefill:]

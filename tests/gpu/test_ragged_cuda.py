@@ -7,7 +7,8 @@ import torch
 from ragged_layout import padded_segments
 
 import kvbudget as kb
-from kvbudget.attention import AttentionPlan, ragged_flash
+from kvbudget.kv.plan import AttentionPlan
+from kvbudget.kernels.flash import ragged_flash
 
 from .gpu_kit import env, lse_env, overlap, random_ids
 
@@ -44,7 +45,7 @@ def test_adakv_prefill_layer0_keeps_the_same_entries(model_bf16):
     caches = []
     for mode in ("auto", "off"):
         with lse_env(mode), env("KVBUDGET_SCORING", "chunked"):
-            policy = kb.policy("adakv", budget=1024, block_size=1024)
+            policy = kb.policy("adakv", budget=1024)
             cache = policy.new_cache(model_bf16)
             kb.prefill(model_bf16, cache, policy, random_ids(6144, seed=0))
             caches.append(cache)

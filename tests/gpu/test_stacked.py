@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kvbudget as kb
+from kvbudget.compress import batched, engine
 
 from .gpu_kit import random_ids
 
@@ -16,10 +17,10 @@ pytestmark = pytest.mark.gpu
 
 
 def prefill(model, name: str, mode: str):
-    policy = kb.policy(name, budget=1024, block_size=1024)
-    policy.stack_layers = mode != "loop"
+    policy = kb.policy(name, budget=1024)
+    engine.BATCHED = mode != "loop"  # both restored after the test (tests/conftest.py)
     if mode == "one layer per group":
-        policy.STACK_BYTES = policy.STORE_STACK_BYTES = 1
+        batched.GROUP_BYTES = batched.STORE_GROUP_BYTES = 1
     cache = policy.new_cache(model)
     kb.prefill(model, cache, policy, random_ids(6144, seed=0))
     return cache
@@ -31,7 +32,7 @@ def prefill(model, name: str, mode: str):
 def test_stacked_compression_keeps_what_the_loop_keeps(model_bf16, name, mode):
     loop = prefill(model_bf16, name, "loop")
     stacked = prefill(model_bf16, name, mode)
-    for i, (a, b) in enumerate(zip(stacked.budgeted_layers(), loop.budgeted_layers())):
+    for i, (a, b) in enumerate(zip(stacked.layers, loop.layers)):
         assert torch.equal(a.view().positions, b.view().positions), f"layer {i}: positions differ"
         assert torch.equal(a.view().keys, b.view().keys), f"layer {i}: keys differ"
         assert a.nbytes() == b.nbytes(), f"layer {i}: bytes differ"

@@ -20,8 +20,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from kvbudget.eval.generators import _TOPICS, _sentence
-from kvbudget.eval.taskfile import Question, Task
+from .generators import _TOPICS, _sentence
+from .taskfile import Question, Task
 
 _DATES = ["2 March", "9 March", "17 March", "28 March", "6 April", "15 April", "27 April",
           "5 May", "19 May", "1 June", "14 June", "30 June"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..cache import BudgetedLayer
-from ..policies.base import Observation, Policy, make_policy
-from ..prefill import prefill
+from ..compress import Observation, Policy
+from ..kv.layer import BudgetedLayer
+from ..methods import make_policy
+from ..runtime.prefill import BLOCK_SIZE, prefill
 
 
 def _attend(layer: BudgetedLayer, queries: Tensor, query_positions: Tensor, scaling: float) -> Tensor:
@@ -28,20 +29,21 @@ def _attend(layer: BudgetedLayer, queries: Tensor, query_positions: Tensor, scal
 
 
 @torch.inference_mode()
-def attention_error(model, input_ids: Tensor, policy: Policy, block_size: int = 128, probe: int = 32) -> list[float]:
-    """Relative L2 error of each budgeted layer's attention output, ``policy`` vs the full cache."""
-    reference = make_policy("full", block_size=block_size)
+def attention_error(model, input_ids: Tensor, policy: Policy, block_size: int = BLOCK_SIZE,
+                    probe: int = 32) -> list[float]:
+    """Relative L2 error of each layer's attention output, ``policy`` vs the full cache."""
+    reference = make_policy("full")
     full = reference.new_cache(model)
-    for layer in full.budgeted_layers():
-        layer.query_keep = probe
+    for layer in full.layers:
+        layer.observed.keep = probe
     prefill(model, full, reference, input_ids, block_size, compress_last=False)
     cache = policy.new_cache(model)
-    if policy.tokens is None:
-        policy.resolve(cache, context_tokens=input_ids.shape[1])
+    cache.tokens = policy.resolve(cache, context_tokens=input_ids.shape[1])
     prefill(model, cache, policy, input_ids, block_size)
     errors = []
-    for ref_layer, layer in zip(full.budgeted_layers(), cache.budgeted_layers()):
-        q, qpos, scaling = ref_layer.queries, ref_layer.query_positions, ref_layer.scaling
+    for ref_layer, layer in zip(full.layers, cache.layers):
+        observed = ref_layer.observed
+        q, qpos, scaling = observed.queries, observed.positions, observed.scaling
         expected = _attend(ref_layer, q, qpos, scaling)
         got = _attend(layer, q, qpos, scaling)
         errors.append(float((got - expected).norm() / expected.norm()))

@@ -12,8 +12,8 @@ import json
 import random
 from typing import Any, Callable
 
-from kvbudget.errors import KVBudgetError
-from kvbudget.eval.taskfile import Question, Task
+from ..errors import KVBudgetError
+from .taskfile import Question, Task
 
 # --------------------------------------------------------------------------- filler prose
 
@@ -404,7 +404,7 @@ def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 5,
 
 
 def _conversation(*args: Any, **kwargs: Any) -> list[Task]:
-    from kvbudget.eval.conversation import conversation  # imports this module's filler
+    from .conversation import conversation  # imports this module's filler
 
     return conversation(*args, **kwargs)
 
@@ -414,7 +414,7 @@ GENERATORS: dict[str, Callable[..., list[Task]]] = {"needle": needle, "kv": kv, 
 
 def _register_more() -> None:
     # scbench.py builds on this module's prose, so it is imported after everything it uses.
-    from kvbudget.eval.scbench import GENERATORS as more
+    from .scbench import GENERATORS as more
 
     GENERATORS.update(more)
 

@@ -6,7 +6,7 @@ import re
 import unicodedata
 from collections import Counter
 
-from kvbudget.errors import KVBudgetError
+from ..errors import KVBudgetError
 
 _ARTICLES = {"a", "an", "the"}
 # Separators that carry meaning inside a token: "1,000" is one number, "3.14" is not "3 14",

@@ -30,11 +30,13 @@ from pathlib import Path
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..budget import parse_budget
+from ..compress.budget import parse_budget
 from ..errors import BudgetError, KVBudgetError
 from ..fileio import atomic_write_text
-from ..generate import Session, Turn
-from ..policies.base import make_policy
+from ..kv.store import STORE_VARIANTS, STORES
+from ..methods import describe, make_policy
+from ..runtime.prefill import BLOCK_SIZE
+from ..runtime.session import Session, Turn
 from .fidelity import next_token_fidelity
 from .metrics import score as score_answer
 from .summary import format_table, summarize
@@ -59,7 +61,7 @@ class EvalConfig:
 
     policies: list[str]
     budgets: list[str]
-    block_size: int = 256
+    block_size: int = BLOCK_SIZE
     max_new_tokens: int = 32
     window: int = 32
     seed: int = 0
@@ -90,8 +92,6 @@ def expand_policies(names: list[str]) -> list[str]:
     every grid has anyway, and store names that only alias one of their variants (kivi = kivi2)."""
     if "all" not in names:
         return names
-    from ..policies import describe
-    from ..store import STORE_VARIANTS, STORES
 
     every = []
     for row in describe():
@@ -185,7 +185,7 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
     full cache itself) the turn keeps its own decoding distributions to serve as the reference.
     """
     policy = make_policy(
-        name, budget=budget, block_size=cfg.block_size, window=cfg.window, seed=cfg.seed,
+        name, budget=budget, window=cfg.window, seed=cfg.seed,
         decode_interval=cfg.decode_interval,
     )
     modes = cfg.modes
@@ -204,18 +204,18 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
         rows.append({
             "task": task.id, "question_index": i, "category": q.category, "mode": mode,
             "policy": session.policy.name, "budget": budget if budget is not None else "-",
-            "budget_tokens": session.policy.tokens, "context_tokens": stats.tokens,
+            "budget_tokens": session.tokens, "context_tokens": stats.tokens,
             "question": q.question, "answers": q.answers, "metric": q.metric, "prediction": turn.text,
             "score": score_answer(turn.text, q.answers, q.metric), "answer_logprob": turn.answer_logprob,
             "kv_bytes": kv_bytes, "peak_bytes": turn.peak_bytes, "prefill_s": stats.seconds,
             # EpiCache holds one cache per episode (one on the device at a time).
-            "stored_bytes": getattr(session, "all_kv_bytes", kv_bytes),
+            "stored_bytes": session.stored_bytes,
             "compress_s": stats.compress_seconds, "decode_s": turn.decode_s, "new_tokens": len(turn.token_ids),
             "_turn": turn,  # dropped before writing: the full cache's turns become the references
         })
 
     if "multi-turn" in modes or "multi-request" in modes:
-        session = Session(model, tok, policy)
+        session = Session(model, tok, policy, block_size=cfg.block_size)
         stats = session.add_context(task.context)
         kv_bytes = session.kv_bytes
         if "multi-request" in modes:  # before multi-turn, which extends the session
@@ -230,7 +230,7 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
             rows += [dict(r, mode="query-aware") for r in rows if r["mode"] == "multi-request"]
         else:
             for i, q in enumerate(task.questions):
-                session = Session(model, tok, policy)
+                session = Session(model, tok, policy, block_size=cfg.block_size)
                 stats = session.add_context(task.context, question=q.question)
                 add("query-aware", i, session, stats, session.kv_bytes, ask(session, "query-aware", i, False))
     return rows

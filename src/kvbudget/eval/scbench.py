@@ -15,9 +15,9 @@ import string
 from collections.abc import Callable
 from typing import Any
 
-from kvbudget.errors import KVBudgetError
-from kvbudget.eval.generators import document, ntok, spread
-from kvbudget.eval.taskfile import Question, Task
+from ..errors import KVBudgetError
+from .generators import document, ntok, spread
+from .taskfile import Question, Task
 
 
 def _check_layout(layout: str, known: tuple[str, ...]) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from kvbudget.errors import TaskFileError
-from kvbudget.fileio import atomic_open
+from ..errors import TaskFileError
+from ..fileio import atomic_open
 
 METRICS = ("exact", "contains", "f1", "choice")
 ROLES = ("user", "assistant", "system")

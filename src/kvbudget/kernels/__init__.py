@@ -15,11 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .reference import (
-    reference_decode_attention,
-    reference_kivi_decode_attention,
-    reference_varlen_decode_attention,
-)
+from .reference import reference_decode_attention, reference_kivi_decode_attention, reference_varlen_decode_attention
 
 try:  # Triton is optional: CPU-only installs and non-Linux platforms run the torch path.
     from . import kivi_decode as _kivi

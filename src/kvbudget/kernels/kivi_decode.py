@@ -1,6 +1,6 @@
 """Fused dequantise-and-attend decode for KIVI-encoded KV (Triton, split-K).
 
-A KIVI layer (`kvbudget.policies.kivi.KIVI`, held by `BudgetedLayer` as a `Body` before its
+A KIVI layer (`kvbudget.methods.stores.kivi.KIVI`, held by `BudgetedLayer` as a `Body` before its
 full-precision tail) stores, per (batch, KV head) and body entry ``t``:
 
 * ``body.tokens["k"]`` [B, H, n, D/P] uint8: key codes, ``P = 8 / bits`` codes per byte, channel
@@ -39,22 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .kivi_parts import kivi_parts_body
-from .varlen_decode import (
-    LOG2E,
-    MAX_SPLITS,
-    MIN_ROWS,
-    _mm,
-    _pow2,
-    _store_partial,
-    choose_splits,
-    combine,
-    decode_attention,
-    dot_precision,
-    launch_stage,
-    new_partials,
-    num_sms,
-    upcast_dot,
-)
+from .varlen_decode import LOG2E, MAX_SPLITS, MIN_ROWS, _mm, _pow2, _store_partial, choose_splits, combine, decode_attention, dot_precision, launch_stage, new_partials, num_sms, upcast_dot
 
 # 32 entries x 8 warps: the dequantisation tiles fit in registers (ptxas, sm_90: 206-215 registers,
 # no spills; 64 x 4 warps spills ~0.5 KB per thread).
@@ -499,14 +484,13 @@ def fold_supported(q: Tensor, body, d: int, dv: int, gv: int) -> bool:
 
 
 def kivi_supported(q: Tensor, body, store, tail_k: Tensor) -> str | None:
-    """None when the fused kernel handles this layer, else the reason it does not."""
-    from ..policies.kivi import KIVI, value_group
-
+    """None when the fused kernel handles this layer, else the reason it does not. ``store`` is
+    read for ``fused_decode`` (its body is plain KIVI), ``bits`` and ``value_group(dim)``."""
     if q.shape[1] % tail_k.shape[1]:
         return "query heads do not divide over KV heads"
     if body is None or len(body) == 0:
         return None  # only the full-precision tail: the varlen kernel
-    if type(store) is not KIVI:  # subclasses (MiKV) may decode differently
+    if not getattr(store, "fused_decode", False):  # subclasses (MiKV) may decode differently
         return f"store {type(store).__name__} is not plain KIVI"
     if body.chunk_id is None:
         return "no chunk ids in the body"
@@ -514,7 +498,7 @@ def kivi_supported(q: Tensor, body, store, tail_k: Tensor) -> str | None:
     d, dv = tail_k.shape[-1], body.tokens["v"].shape[-1] * pack
     if d % pack or d // pack < 16 or dv // pack < 16:
         return f"head dim {d} too small for the tensor-core dot at {store.bits} bits"
-    if dv % value_group(dv, store.group):
+    if dv % store.value_group(dv):
         return "value groups do not divide the head dim"
     return None
 
@@ -540,12 +524,10 @@ def kivi_decode_attention(
     if body is None or len(body) == 0:
         lens = tail_lens if tail_lens is not None else torch.full((b, hkv), t, dtype=torch.int32, device=q.device)
         return decode_attention(q, tail_k, tail_v, lens, scale, out=out)
-    from ..policies.kivi import value_group
-
     n = len(body)
     bits = store.bits
     pack = 8 // bits
-    gv = value_group(dv, store.group)
+    gv = store.value_group(dv)
     if KERNEL not in KERNELS:  # read per call: kernel_bench switches it between runs
         raise ValueError(f"KVBUDGET_KIVI_KERNEL must be one of {', '.join(KERNELS)}, got '{KERNEL}'")
     fold = KERNEL in ("fold", "parts") and fold_supported(q, body, d, dv, gv)

@@ -17,7 +17,7 @@ def serve(config: ServeConfig, model_path: str | None = None, device: str | None
     """Load the model and serve it until interrupted (Ctrl-C or SIGTERM stop it cleanly)."""
     import uvicorn
 
-    from ..models import load_model
+    from ..runtime.models import load_model
 
     model, tok = load_model(model_path, device=device)
     uvicorn.run(create_app(model, tok, config), host=host, port=port, log_level=log_level)

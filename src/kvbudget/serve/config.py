@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..budget import parse_budget
+from ..compress.budget import parse_budget
 from ..errors import KVBudgetError
+from ..runtime.prefill import BLOCK_SIZE
 
 
 @dataclass
@@ -18,7 +19,7 @@ class ServeConfig:
     policies: list[str] = field(default_factory=lambda: ["snapkv"])  # the first is the default
     budget: str | None = "512"
     memory: int = 2 * 1024**3  # bytes of KV held by all live sessions together
-    block_size: int = 128
+    block_size: int = BLOCK_SIZE
     max_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 128
 

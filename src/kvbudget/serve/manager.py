@@ -23,11 +23,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..cache import BudgetedCache
+from ..kv.cache import BudgetedCache
 from ..errors import KVBudgetError, SessionFileError
-from ..generate import Session
-from ..policies.base import Policy, make_policy
-from ..sessionfile import session_bytes
+from ..runtime.session import Session
+from ..compress import Policy
+from ..methods import make_policy
 from .config import ServeConfig
 from .metrics import Metrics
 from .schema import APIError, ChatRequest, check_session_id
@@ -82,10 +82,10 @@ class SessionManager:
         self.model, self.tok, self.config = model, tok, config
         self.policies: dict[str, Policy] = {}
         for name in config.policies:
-            policy = make_policy(name, budget=config.budget, block_size=config.block_size)
+            policy = make_policy(name, budget=config.budget)
             self.policies.setdefault(policy.name, policy)
             self.policies.setdefault(name.strip().lower(), policy)
-        self.default_policy = make_policy(config.policies[0], budget=config.budget, block_size=config.block_size)
+        self.default_policy = make_policy(config.policies[0], budget=config.budget)
         self.store = SessionStore(config.store)
         self.live: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.metrics = Metrics(self._gauges)
@@ -96,9 +96,7 @@ class SessionManager:
         self.max_positions = getattr(text, "max_position_embeddings", None)
         probe = BudgetedCache(model.config, dtype=model.dtype)
         self._entry_bytes = Policy.entry_bytes(probe)  # one token, one layer, all KV heads
-        self._n_budgeted = len(probe.budgeted)
-        self._n_sliding = len(probe.layers) - self._n_budgeted
-        self._window = getattr(text, "sliding_window", None) or 0
+        self._windows = [layer.window for layer in probe.layers]  # sliding layers hold window - 1
         self._token_bytes = self._entry_bytes * len(probe.layers)  # one token in every layer
 
     # --- the model thread --------------------------------------------------------------------
@@ -151,17 +149,14 @@ class SessionManager:
         attend without storing, so they add nothing."""
         policy = session.policy
         caches = max(1, len(getattr(session, "episodes", ())))
-        need = session_bytes(session) + (new_tokens + max_tokens) * self._token_bytes * caches
+        need = session.stored_bytes + (new_tokens + max_tokens) * self._token_bytes * caches
         if policy.decode_interval and max_tokens > policy.decode_interval:
             need *= 2
         return need
 
     def full_kv_bytes(self, tokens: int) -> int:
         """Bytes a full cache (no policy) would hold after ``tokens`` tokens."""
-        total = tokens * self._entry_bytes * self._n_budgeted
-        if self._n_sliding:
-            total += min(tokens, self._window - 1) * self._entry_bytes * self._n_sliding
-        return total
+        return sum(tokens if w is None else min(tokens, w - 1) for w in self._windows) * self._entry_bytes
 
     # --- sessions (model thread) -------------------------------------------------------------
     def _policy(self, name: str | None) -> Policy:
@@ -188,7 +183,7 @@ class SessionManager:
         except SessionFileError as exc:
             raise APIError(500, f"session {session_id!r} cannot be loaded: {exc}", code="session_unreadable") from None
         self.live[session_id] = session
-        self._set_held(session_id, session_bytes(session))
+        self._set_held(session_id, session.stored_bytes)
         self.metrics.count("loads")
         return session
 
@@ -210,10 +205,10 @@ class SessionManager:
         check_session_id(session_id, "id")
         if session_id in self.live or session_id in self.store:
             raise APIError(409, f"session {session_id!r} already exists", code="session_exists", param="id")
-        session = Session(self.model, self.tok, self._policy(policy))
+        session = Session(self.model, self.tok, self._policy(policy), block_size=self.config.block_size)
         self._save(session_id, session)
         self.live[session_id] = session
-        self._set_held(session_id, session_bytes(session))
+        self._set_held(session_id, session.stored_bytes)
         return self.describe(session_id)
 
     def describe(self, session_id: str) -> dict:
@@ -223,7 +218,7 @@ class SessionManager:
             raise APIError(404, f"unknown session {session_id!r}", code="session_not_found")
         live = self.live.get(session_id)
         if live is not None:
-            messages, tokens, kv = live.messages, live.tokens_seen, session_bytes(live)
+            messages, tokens, kv = live.messages, live.tokens_seen, live.stored_bytes
             policy, budget = live.policy.name, live.policy.budget
         else:
             try:
@@ -271,7 +266,7 @@ class SessionManager:
                 raise APIError(400, f"session {sid!r} runs policy {session.policy.name!r}, not {policy.name!r}",
                                code="policy_mismatch", param="policy")
         else:
-            session = Session(self.model, self.tok, policy)
+            session = Session(self.model, self.tok, policy, block_size=self.config.block_size)
         try:
             new_tokens = session.new_tokens(req.messages)
         except KVBudgetError as exc:
@@ -297,7 +292,7 @@ class SessionManager:
             turn = session.ask_detailed(req.question, req.max_tokens, on_token=on_token)
             if sid is not None:
                 self._save(sid, session)
-                self._set_held(sid, session_bytes(session))
+                self._set_held(sid, session.stored_bytes)
         except BaseException:
             if sid is not None:
                 self._drop(sid)  # the file still holds the session as it was before this turn
@@ -317,7 +312,7 @@ class SessionManager:
             policy=session.policy.name,
             budget=None if session.policy.budget is None else str(session.policy.budget),
             tokens_seen=session.tokens_seen,
-            kv_bytes=session_bytes(session),
+            kv_bytes=session.stored_bytes,
             full_kv_bytes=self.full_kv_bytes(session.tokens_seen),
             prefill_s=turn.prefill_s,
             decode_s=turn.decode_s,

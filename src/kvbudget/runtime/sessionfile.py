@@ -1,0 +1,257 @@
+"""Session files: one conversation's compressed cache, saved and loaded back exactly.
+
+A session file is one safetensors file. Its tensors are the cache, layer by layer (keys, values,
+positions, the ragged length table, per-entry scorer state, observed queries, and a store's
+encoded body); its header metadata (key ``kvbudget``) is JSON with everything else: the model's
+identity, the policy as `make_policy` was called, the conversation (messages, rendered text,
+token ids) and per-layer scalars. A SHA-256 over all tensor bytes catches corruption that the
+safetensors header alone would not.
+
+Loading checks the file before building anything: a truncated file, a corrupt one, or one saved
+with another model (a hash of its config and of a few embedding rows) raise `SessionFileError`.
+Saving writes a temp file and renames it over the target (`fileio.atomic_open`), so a failure or
+a kill mid-write leaves the previous file as it was. Tensors are copied to the CPU when saved
+and moved to the model's device when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from ..errors import KVBudgetError, SessionFileError
+from ..fileio import atomic_open
+from ..kv.body import Body
+from ..kv.cache import BudgetedCache
+from ..kv.dense import DenseEntries
+from ..kv.encoded import EncodedEntries
+from ..kv.layer import BudgetedLayer
+from ..kv.ragged import RaggedEntries
+
+FORMAT = "kvbudget-session"
+VERSION = 1
+META_KEY = "kvbudget"
+
+# Config keys that say how a model is run, not what it computes: left out of the config hash so
+# that the same weights loaded with another attention implementation still match.
+_RUNTIME_KEYS = {"transformers_version", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+                 "dtype", "torch_dtype", "name_or_path"}
+
+
+# --- model identity ---------------------------------------------------------------------------
+def _config_dict(value):
+    if isinstance(value, dict):
+        return {str(k): _config_dict(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                if not str(k).startswith("_") and k not in _RUNTIME_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_config_dict(v) for v in value]
+    return value
+
+
+def model_identity(model) -> dict:
+    """Name, config hash and weights fingerprint of ``model``: a session file only loads into
+    the model it was saved with. The fingerprint hashes a few embedding rows (cheap) so that two
+    models with the same config but different weights (random tiny models, fine-tunes) differ."""
+    config = json.dumps(_config_dict(model.config.to_dict()), sort_keys=True, default=str)
+    rows = model.get_input_embeddings().weight[:8].detach().float().cpu().contiguous()
+    return {
+        "model": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "weights_sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def check_model(meta: dict, model, path: Path) -> None:
+    saved, here = meta["model"], model_identity(model)
+    if saved["config_sha256"] != here["config_sha256"] or saved["weights_sha256"] != here["weights_sha256"]:
+        raise SessionFileError(
+            f"{path}: session was saved with model {saved['model']!r} (config {saved['config_sha256'][:12]}, "
+            f"weights {saved['weights_sha256'][:12]}), not with this model {here['model']!r} "
+            f"(config {here['config_sha256'][:12]}, weights {here['weights_sha256'][:12]})"
+        )
+    if saved["dtype"] != here["dtype"]:
+        raise SessionFileError(f"{path}: session cache is {saved['dtype']}, the model runs in {here['dtype']}")
+
+
+# --- tensors <-> layers -----------------------------------------------------------------------
+def to_cpu(t: Tensor) -> Tensor:
+    # A copy of its own: safetensors refuses tensors that share memory (views of one buffer).
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _budgeted_to_file(prefix: str, layer: BudgetedLayer, tensors: dict[str, Tensor]) -> dict:
+    observed = layer.observed
+    meta = {"kind": "budgeted", "initialized": bool(layer.is_initialized), "seen": layer.seen,
+            "peak_entries": layer.peak_entries, "scaling": observed.scaling, "residual": layer.residual}
+    if not layer.is_initialized:
+        return meta
+    entries = layer.entries
+    named = {"keys": entries.keys, "values": entries.values, "positions": entries.positions,
+             "head_lens": getattr(entries, "head_lens", None),
+             "queries": observed.queries, "query_positions": observed.positions, "lse": observed.lse}
+    named.update({f"state.{k}": v for k, v in entries.state.items()})
+    meta["state"] = sorted(entries.state)
+    body = getattr(entries, "body", None)
+    if body is not None:
+        if not isinstance(body, Body):
+            raise KVBudgetError(
+                f"saving a session whose store is '{layer.store.name}' is not supported yet "
+                "(its layers share merged data across layer pairs)"
+            )
+        named.update({f"body.tokens.{k}": v for k, v in body.tokens.items()})
+        named.update({f"body.chunks.{k}": v for k, v in body.chunks.items()})
+        named["body.chunk_id"] = body.chunk_id
+        meta["body"] = {"tokens": sorted(body.tokens), "chunks": sorted(body.chunks)}
+    for name, t in named.items():
+        if t is not None:
+            tensors[f"{prefix}.{name}"] = to_cpu(t)
+    return meta
+
+
+def _budgeted_from_file(prefix: str, layer: BudgetedLayer, meta: dict, tensors: dict[str, Tensor]) -> None:
+    layer.seen, layer.peak_entries, layer.residual = meta["seen"], meta["peak_entries"], meta["residual"]
+    layer.observed.scaling = meta["scaling"]
+    if not meta["initialized"]:
+        return
+
+    def get(name: str) -> Tensor | None:
+        return tensors.get(f"{prefix}.{name}")
+
+    keys, values, positions = get("keys"), get("values"), get("positions")
+    state = {k: get(f"state.{k}") for k in meta["state"]}
+    layer.dtype, layer.device = keys.dtype, keys.device
+    observed = layer.observed
+    observed.queries, observed.positions, observed.lse = get("queries"), get("query_positions"), get("lse")
+    head_lens = get("head_lens")
+    if layer.store is not None:
+        body = None
+        if "body" in meta:
+            body = Body(
+                tokens={k: get(f"body.tokens.{k}") for k in meta["body"]["tokens"]},
+                chunk_id=get("body.chunk_id"),
+                chunks={k: get(f"body.chunks.{k}") for k in meta["body"]["chunks"]},
+            )
+        layer.entries = EncodedEntries(layer.store, body, keys, values, positions, state)
+    elif head_lens is not None:
+        layer.entries = RaggedEntries(keys, values, positions, state, head_lens, tuple(head_lens.tolist()))
+    else:
+        layer.entries = DenseEntries(keys, values, positions, state)
+    layer.is_initialized = True
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype!s}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_to_file(prefix: str, cache: BudgetedCache, tensors: dict[str, Tensor]) -> dict:
+    """Add ``cache``'s tensors (named ``prefix + "layers.<i>..."``) and return its metadata."""
+    if cache._scratch:
+        raise KVBudgetError("cannot save a session in the middle of a turn")
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        name = f"{prefix}layers.{i}"
+        if isinstance(layer, BudgetedLayer):
+            layers.append(_budgeted_to_file(name, layer, tensors))
+        else:
+            raise KVBudgetError(f"cannot save cache layer {i} of type {type(layer).__name__}")
+    if cache.unscored:
+        tensors[f"{prefix}unscored"] = to_cpu(torch.cat(cache.unscored, dim=1))
+    return {"peak_bytes": cache.peak_bytes, "kv_bytes": cache.nbytes(), "layers": layers}
+
+
+def cache_from_file(prefix: str, cache: BudgetedCache, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    """Fill the empty ``cache`` (built by the same policy on the same model) from the file."""
+    layers = meta["layers"]
+    if len(layers) != len(cache.layers):
+        raise SessionFileError(f"{path}: {len(layers)} cache layers saved, the model has {len(cache.layers)}")
+    for i, (layer, layer_meta) in enumerate(zip(cache.layers, layers)):
+        name = f"{prefix}layers.{i}"
+        if layer_meta["kind"] == "budgeted" and isinstance(layer, BudgetedLayer):
+            _budgeted_from_file(name, layer, layer_meta, tensors)
+        else:
+            raise SessionFileError(f"{path}: layer {i} was saved as {layer_meta['kind']}, the model's is {type(layer).__name__}")
+    cache.peak_bytes = meta["peak_bytes"]
+    cache.unscored = [tensors[f"{prefix}unscored"]] if f"{prefix}unscored" in tensors else []
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> int:
+    """Write a session file (``meta`` completed with the format, version and checksum) to
+    ``path`` atomically (temp file + rename); returns the bytes written. The previous file at
+    ``path``, if any, stays intact until the new one is complete."""
+    meta = {"format": FORMAT, "version": VERSION, **meta, "checksum": _checksum(tensors)}
+    data = st_save(tensors, metadata={META_KEY: json.dumps(meta)})
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+# --- load ---------------------------------------------------------------------------------------
+def _parse_header(head: bytes, size: int, path: Path) -> tuple[int, dict, dict]:
+    """(header length, safetensors header, kvbudget metadata) from the first bytes of a file of
+    ``size`` bytes; every way the file can be short or malformed is a `SessionFileError`."""
+    if size < 8:
+        raise SessionFileError(f"{path}: not a session file (only {size} bytes)")
+    n = int.from_bytes(head[:8], "little")
+    if n <= 0 or 8 + n > size:
+        raise SessionFileError(f"{path}: truncated or not a session file (header of {n} bytes, file of {size})")
+    try:
+        header = json.loads(head[8 : 8 + n])
+        meta = json.loads(header["__metadata__"][META_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise SessionFileError(f"{path}: not a kvbudget session file (no readable kvbudget metadata)") from None
+    if meta.get("format") != FORMAT:
+        raise SessionFileError(f"{path}: not a kvbudget session file (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise SessionFileError(f"{path}: session file version {meta.get('version')} (this kvbudget reads {VERSION})")
+    data_size = size - 8 - n
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise SessionFileError(f"{path}: corrupt session file (malformed tensor table)") from None
+    if end > data_size:
+        raise SessionFileError(f"{path}: truncated session file ({data_size} bytes of tensor data, {end} expected)")
+    return n, header, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a session file, read from its header only (no tensors)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            first = f.read(8)
+            n = int.from_bytes(first, "little") if len(first) == 8 else 0
+            head = first + f.read(min(n, max(size - 8, 0)))
+    except FileNotFoundError:
+        raise SessionFileError(f"{path}: no such session file") from None
+    return _parse_header(head, size, path)[2]
+
+
+def read_session_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict]:
+    """The tensors (on ``device``) and metadata of a session file, checked whole."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SessionFileError(f"{path}: no such session file") from None
+    _, _, meta = _parse_header(data, len(data), path)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SessionFileError(f"{path}: corrupt session file ({exc})") from None
+    if _checksum(tensors) != meta.get("checksum"):
+        raise SessionFileError(f"{path}: corrupt session file (tensor data does not match its checksum)")
+    return {k: v.to(device) for k, v in tensors.items()}, meta
