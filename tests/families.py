@@ -22,6 +22,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pytest
 import torch
 import transformers
 from packaging.version import Version
@@ -160,6 +161,17 @@ UNSUPPORTED: dict[str, Unsupported] = {u.family.name: u for u in [
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, bos_token_id=BOS, eos_token_id=EOS,
         pad_token_id=PAD, decoder_start_token_id=EOS), model="BartForConditionalGeneration"), r"encoder"),
 ]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: their matmuls are small, and two threads on a busy
+    2-core machine wait on each other (a [32, 64] x [64, 64] matmul took 53 us on one thread and
+    31 ms on two while other jobs ran)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)

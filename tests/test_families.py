@@ -24,7 +24,7 @@ import torch
 import kvbudget as kb
 from kvbudget.errors import KVBudgetError
 
-from families import FAMILIES, UNSUPPORTED, layer_windows, tokenizer
+from families import FAMILIES, UNSUPPORTED, layer_windows, one_thread, tokenizer  # noqa: F401 (a fixture)
 
 BLOCK = 64  # prefill block
 BUDGET = 48  # entries per layer (average over heads)
@@ -74,17 +74,6 @@ def _model(family: str) -> torch.nn.Module:
     if reason is not None:
         pytest.skip(reason)
     return copy.deepcopy(_pristine(family))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: the matrix is thousands of small matmuls, and two
-    threads on a busy 2-core machine wait on each other (a 32x64 matmul: 50 us on one thread, up
-    to 30 ms on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- what a session must do -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 import kvbudget as kb
 from kvbudget.errors import ModelNotFoundError
 
-from families import FAMILIES, tokenizer
+from families import FAMILIES, one_thread, tokenizer  # noqa: F401 (a fixture)
 
 TEXT = "Hello, world! The code for the blue door is 4721.\n  Indented: x = f(a, b)"
 
