@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
 import transformers
-from packaging.version import Version
+
+from kvbudget.models import GGUF_TOKENIZERS_FIXED_IN, load_tokenizer, resolve_model_path
 
 VOCAB = 49152  # SmolLM2's tokenizer
 BOS, EOS, PAD = 1, 2, 2
@@ -177,15 +177,11 @@ def one_thread():
 @functools.lru_cache(maxsize=1)
 def tokenizer():
     """The default model's tokenizer (SmolLM2's: chat template, ids below `VOCAB`)."""
-    from kvbudget.models import load_tokenizer
-
     tok = load_tokenizer()
-    assert len(tok) == VOCAB and (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)
+    assert len(tok) == VOCAB and (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS), (
+        f"the default model's tokenizer has {len(tok)} tokens, BOS {tok.bos_token_id}, EOS {tok.eos_token_id} "
+        f"(converted by transformers < {GGUF_TOKENIZERS_FIXED_IN}? delete {resolve_model_path()} and convert again)")
     return tok
-
-
-def transformers_version() -> Version:
-    return Version(transformers.__version__)
 
 
 def layer_windows(model) -> list[int | None]:

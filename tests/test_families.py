@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import re
 import traceback
 from pathlib import Path
@@ -200,7 +201,9 @@ MATRIX = [pytest.param(f, k, id=f"{f}-{k}") for f in FAMILIES for k in POLICIES]
 
 def _where(exc: BaseException) -> str:
     """The innermost frame of kvbudget's code (or of this test) that ``exc`` passed through."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "kvbudget" in f.filename or "tests" in f.filename]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f"{os.sep}kvbudget{os.sep}" in f.filename and "site-packages" not in f.filename
+              or f.filename == __file__]
     return f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -101,11 +102,25 @@ def _no_gguf_progress():
         gguf_utils.tqdm = bar
 
 
+# transformers releases before this one convert GGUF tokenizers with wrong special tokens (SmolLM2's
+# end-of-sequence token became <|im_start|>; 5.2 also prepends a BOS and adds five FIM tokens).
+GGUF_TOKENIZERS_FIXED_IN = "5.18"
+
+
 def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
     """Dequantise a GGUF file once and save it, with its tokenizer, as safetensors in ``target``;
     atomic (a temporary directory, then a rename): an interrupted conversion leaves nothing."""
+    import transformers
+    from packaging.version import Version
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if Version(transformers.__version__) < Version(GGUF_TOKENIZERS_FIXED_IN):
+        warnings.warn(
+            f"transformers {transformers.__version__} converts GGUF tokenizers with wrong special tokens "
+            f"(fixed in {GGUF_TOKENIZERS_FIXED_IN}): the tokenizer of '{gguf.name}' may end sequences at the "
+            f"wrong token; upgrade transformers, delete {target} and load again",
+            stacklevel=3,
+        )
     with _no_gguf_progress():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
