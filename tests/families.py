@@ -42,13 +42,12 @@ HEAD_DIM = dict(head_dim=16)
 
 @dataclass(frozen=True)
 class Family:
-    """One model family of the matrix: how to build its tiny model, and since when it exists."""
+    """One model family of the matrix and how to build its tiny model."""
 
     name: str
     config: str  # the transformers config class
     kwargs: dict = field(default_factory=dict)
     model: str | None = None  # the ...ForCausalLM class; None: AutoModelForCausalLM.from_config
-    since: str = "5.0.0"  # the first transformers release that has the family
 
     def available(self) -> str | None:
         """None when the installed transformers has the family, else why not."""
@@ -64,7 +63,7 @@ class Family:
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         else:
             model = getattr(transformers, self.model)(cfg)
-        return model.float().eval()
+        return model.eval()
 
 
 def _with(*parts: dict, **extra) -> dict:
