@@ -6,7 +6,7 @@ and kvpress in ``--peer-python`` (a virtual environment with the extra installed
 calls with ``--side kvpress`` and reads back as JSON. Setup (once)::
 
     python -m venv --system-site-packages /tmp/peer-venv     # reuses this torch
-    /tmp/peer-venv/bin/pip install 'kvbudget[peer]'          # or: kvpress 'transformers>=5.2,<5.3'
+    /tmp/peer-venv/bin/pip install kvpress==0.5.5 'transformers>=5.2,<5.3'
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/peer_kvpress.py --peer-python /tmp/peer-venv/bin/python \\
         --tasks needle,kv --n 1 --length 600 --budget 64,128,256 --out benchmarks/results/peer-kvpress.json
