@@ -254,8 +254,8 @@ def test_every_bad_input_is_a_4xx_json_error(start):
     user = [{"role": "user", "content": "hi"}]
     _expect(post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json", "not valid JSON")
     _expect(post("/v1/chat/completions", json=[1, 2]), 400, "invalid_json", "JSON object")
-    _expect(post("/v1/chat/completions", json={"messages": "hi"}), 400, None, "messages must be a list")
-    _expect(post("/v1/chat/completions", json={"messages": []}), 400, None, "empty")
+    _expect(post("/v1/chat/completions", json={"messages": "hi"}), 400, None, "messages: Input should be a valid list")
+    _expect(post("/v1/chat/completions", json={"messages": []}), 400, None, "at least 1 item")
     _expect(post("/v1/chat/completions", json={"messages": [{"role": "bot", "content": "x"}]}), 400, None, "role")
     _expect(post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]}), 400, None, "content")
     _expect(post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "x"}]}), 400, None, "last")
@@ -264,9 +264,11 @@ def test_every_bad_input_is_a_4xx_json_error(start):
     _expect(server.chat("no-such-session", "hi"), 404, "session_not_found", "unknown session")
     _expect(server.chat("no-such-session", "hi", stream=True), 404, "session_not_found")
     _expect(server.chat("../../etc/passwd", "hi"), 400, None, "session_id")
+    _expect(server.chat(None, "hi", tools=[{"type": "function"}]), 400, None, "tools are not supported")
+    _expect(server.chat(None, "hi", temprature=0.5), 400, "unknown_field", "unknown field 'temprature'")
     _expect(server.chat(None, "hi", policy="h2o"), 400, "policy_not_served", "not served")
     _expect(server.chat(None, "hi", model="gpt-4"), 404, "model_not_found")
-    _expect(server.chat(None, "hello " * 9000), 400, "context_length_exceeded", "positions")
+    _expect(server.chat(None, "hello " * 9000), 400, "max_request_tokens", "more than max_request_tokens=8192")
     sid = server.new_session()
     _expect(server.chat(sid, "hi", policy="full"), 400, "policy_mismatch")
     _expect(post("/v1/sessions", json={"id": sid}), 409, "session_exists")
@@ -277,29 +279,31 @@ def test_every_bad_input_is_a_4xx_json_error(start):
     assert server.client.delete(f"/v1/sessions/{sid}").json() == {"id": sid, "object": "session", "deleted": True}
     _expect(server.client.get(f"/v1/sessions/{sid}"), 404)
     _expect(server.client.delete(f"/v1/sessions/{sid}"), 404)
-    assert not list(Path(server.app.state.manager.store.root).glob("*.kvb"))
+    assert not list(Path(server.app.state.manager.store.root).rglob("*.kvb"))
     # A request larger than the memory bound is refused, not run.
     small = start(memory=1_000_000)
     _expect(small.chat(None, "hi"), 400, "kv_memory_exceeded", "memory bound")
     # Still serving, and every error was counted.
     assert server.client.get("/healthz").json()["status"] == "ok"
-    assert server.metrics()['kvbudget_requests_total{code="400"}'] >= 10
+    assert server.metrics()['kvbudget_http_responses_total{code="400"}'] >= 10
     assert server.client.get("/v1/models").json()["data"][0]["id"] == "smollm2-135m"
 
 
 def test_a_failed_save_loses_nothing(start, reference, monkeypatch):
-    """A save that fails half-way (disk full) answers 500; the session file still holds the
-    previous turn, and the session goes on from it as if the failed turn had not happened."""
+    """A save that fails half-way (disk full) answers 503 naming the store; the session file
+    still holds the previous turn, and the session goes on from it as if the failed turn had
+    not happened."""
     answers, _ = reference
     server = start()
     sid = server.new_session()
     assert _answer(server.chat(sid, QUESTIONS[0])) == answers[0]
-    path = server.app.state.manager.store.path(sid)
+    path = server.app.state.manager.store.path("", sid)
     before = path.read_bytes()
     real = sessionfile.atomic_open
     monkeypatch.setattr(sessionfile, "atomic_open", half_then_fail(real))
     failed = server.chat(sid, QUESTIONS[1])
-    _expect(failed, 500, "internal_error", "No space left")
+    _expect(failed, 503, "storage_unavailable", "No space left")
+    assert server.metrics()["kvbudget_storage_errors_total"] == 1
     monkeypatch.setattr(sessionfile, "atomic_open", real)
     assert path.read_bytes() == before
     assert server.client.get(f"/v1/sessions/{sid}").json()["turns"] == 1
@@ -440,7 +444,7 @@ def test_the_memory_estimate_covers_decode_time_compression(default_model, tmp_p
         req = ChatRequest([{"role": "user", "content": "Write a long story about a cat who travels the world."}], 72)
         probe = kb.Session(model, tok, manager.default_policy)
         config.memory = manager._need(probe, probe.new_tokens(req.messages), req.max_tokens)  # exactly the reserve
-        result = manager.chat(req)
+        result = manager.chat("", req)
         assert result.completion_tokens > manager.default_policy.decode_interval, result.text
         assert 0 < manager.metrics.kv_bytes_peak <= config.memory
     finally:
