@@ -93,7 +93,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if unknown:
         return APIError(400, f"unknown field {param!r} (this server reads OpenAI's chat completion fields, "
                         "session_id and policy)", code="unknown_field", param=param)
-    if not parts and where == "body" and first["type"] in ("model_attributes_type", "model_type", "dict_type"):
+    if not parts and where == "body" and first["type"] in ("model_attributes_type", "model_type", "dict_type", "missing"):
         return APIError(400, "request body must be a JSON object", code="invalid_json")
     field = next((p for p in reversed(parts) if isinstance(p, str)), None)
     if field in UNSUPPORTED:
@@ -159,6 +159,7 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="kvbudget", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.manager = manager
+    app.state.admission = admission
     # Added innermost first: a request meets the counter, then the key, then the body limits.
     app.add_middleware(BodyLimit, limits=limits, metrics=metrics)
     app.add_middleware(RequireKey, keys=Keys(config.api_keys), metrics=metrics)

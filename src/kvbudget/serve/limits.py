@@ -40,17 +40,25 @@ def _is_json(content_type: str | None) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
-def _path(parts: tuple) -> str:
+def _path(parts: tuple) -> str | None:
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "body"
+    return out or None
 
 
-def check_json(raw: bytes, max_depth: int) -> object:
+def check_json(raw: bytes, max_depth: int, metrics: Metrics | None = None) -> object:
     """``raw`` parsed as JSON, or a 400 naming what is wrong: not UTF-8, not JSON, nested deeper
     than ``max_depth``, or a string that is not Unicode text (a lone UTF-16 surrogate written as
-    ``\\ud800``: JSON allows the escape, no tokenizer or UTF-8 writer does)."""
+    ``\\ud800``: JSON allows the escape, no tokenizer or UTF-8 writer does). A body too deep
+    counts as a hit of the limit in ``metrics``."""
+
+    def too_deep() -> APIError:
+        message = f"request body nests deeper than max_json_depth={max_depth}"
+        if metrics is None:
+            return APIError(400, message, code="max_json_depth")
+        return limit_error(metrics, "max_json_depth", 400, message)
+
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -58,8 +66,7 @@ def check_json(raw: bytes, max_depth: int) -> object:
     try:
         body = json.loads(text)
     except RecursionError:
-        raise APIError(400, f"request body nests deeper than max_json_depth={max_depth}",
-                       code="max_json_depth") from None
+        raise too_deep() from None
     except ValueError as exc:  # JSONDecodeError, and integers longer than Python reads
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     stack: list[tuple[object, int, tuple]] = [(body, 0, ())]
@@ -67,8 +74,7 @@ def check_json(raw: bytes, max_depth: int) -> object:
         value, depth, where = stack.pop()
         if isinstance(value, (dict, list)):
             if depth + 1 > max_depth:
-                raise APIError(400, f"request body nests deeper than max_json_depth={max_depth} (at {_path(where)})",
-                               code="max_json_depth", param=_path(where))
+                raise too_deep()
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
                 if isinstance(key, str):
@@ -84,7 +90,7 @@ def _check_text(value: str, where: tuple) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         param = _path(where)
-        raise APIError(400, f"{param} holds a lone UTF-16 surrogate, which is not Unicode text",
+        raise APIError(400, f"{param or 'the request body'} holds a lone UTF-16 surrogate, which is not Unicode text",
                        code="invalid_unicode", param=param) from None
 
 
@@ -102,7 +108,7 @@ class BodyLimit:
         try:
             body = await self._read(scope, receive)
             if body and _is_json(_header(scope, b"content-type")):
-                check_json(body, self.limits.max_json_depth)
+                check_json(body, self.limits.max_json_depth, self.metrics)
         except APIError as exc:
             return await error_response(exc)(scope, receive, send)
         except _Disconnected:
