@@ -115,8 +115,8 @@ class Process:
         if prelude is None:
             cmd = [sys.executable, "-m", "kvbudget.cli", *argv]
         else:
-            cmd = [sys.executable, "-c", prelude + "\nfrom kvbudget.cli import main\nraise SystemExit(main(sys.argv[1:]))",
-                   *argv]
+            code = f"import sys\n{prelude}\nfrom kvbudget.cli import main\nraise SystemExit(main(sys.argv[1:]))"
+            cmd = [sys.executable, "-c", code, *argv]
         self.log = open(log, "wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=self.log)
 
@@ -350,3 +350,74 @@ def check_history(question_answers: list[tuple[str, str]], turns: list[Turn]) ->
 def pairs(messages: list[dict]) -> list[tuple[str, str]]:
     """(question, answer) of each turn of a session's messages."""
     return [(messages[j]["content"], messages[j + 1]["content"]) for j in range(0, len(messages) - 1, 2)]
+
+
+class Sampler:
+    """Reads the server's /metrics every ``interval`` seconds in a thread: (seconds since start,
+    resident bytes, KV bytes held) per sample."""
+
+    def __init__(self, url: str, headers: dict[str, str], interval: float = 0.5) -> None:
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._start = time.monotonic()
+
+        def run() -> None:
+            with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+                while not self._stop.is_set():
+                    m = parse_metrics(http.get("/metrics").text)
+                    self.samples.append((time.monotonic() - self._start, m["kvbudget_process_resident_bytes"],
+                                         m["kvbudget_kv_bytes_held"]))
+                    self._stop.wait(interval)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[tuple[float, float, float]]:
+        self._stop.set()
+        self._thread.join(60)
+        return self.samples
+
+    def rss_after(self, seconds: float) -> float:
+        """The first resident size sampled at or after ``seconds``."""
+        return next(rss for t, rss, _ in self.samples if t >= seconds)
+
+
+def soak_report(log: SoakLog, samples: list[tuple[float, float, float]], metrics: dict[str, float], seconds: float,
+                warmup: float) -> dict:
+    """What a soak did and what the server held: the numbers docs/serving.md quotes."""
+    warm = next(rss for t, rss, _ in samples if t >= warmup)
+    fives = sum(n for k, n in metrics.items() if k.startswith("kvbudget_http_responses_total") and '"5' in k)
+    return {
+        "seconds": round(seconds, 1),
+        "requests": log.requests,
+        "statuses": dict(sorted(log.statuses.items())),
+        "streams_cut": log.cut,
+        "sessions": len(log.sessions),
+        "turns_answered": sum(t.kept is True for turns in log.sessions.values() for t in turns),
+        "unexpected": log.unexpected[:10],
+        "server_5xx": fives,
+        "internal_errors": metrics["kvbudget_internal_errors_total"],
+        "kv_bytes_peak": metrics["kvbudget_kv_bytes_peak"],
+        "kv_bytes_limit": metrics["kvbudget_kv_bytes_limit"],
+        "evictions": metrics["kvbudget_evictions_total"],
+        "loads": metrics["kvbudget_session_loads_total"],
+        "rss_start": samples[0][1],
+        "rss_after_warmup": warm,
+        "rss_end": samples[-1][1],
+        "rss_max_after_warmup": max(rss for t, rss, _ in samples if t >= warmup),
+    }
+
+
+def check_soak(url: str, log: SoakLog) -> list[str]:
+    """What is wrong with the sessions' histories after a soak (empty: every answered turn is
+    there, in order, and nothing else)."""
+    problems = []
+    for (key, sid), turns in log.sessions.items():
+        r = httpx.get(f"{url}/v1/sessions/{sid}", headers=_auth(key), timeout=120)
+        if r.status_code != 200:
+            problems.append(f"{sid}: {r.status_code} {r.text[:200]}")
+            continue
+        wrong = check_history(pairs(r.json()["messages"]), turns)
+        if wrong:
+            problems.append(f"{sid}: {wrong}")
+    return problems

@@ -118,6 +118,11 @@ class SessionManager:
         self._n_sliding = len(probe.layers) - self._n_budgeted
         self._window = getattr(text, "sliding_window", None) or 0
         self._token_bytes = self._entry_bytes * len(probe.layers)  # one token in every layer
+        # Tokens the chat template closes an answer with (fed again with the answer).
+        asked = Session(model, tok, make_policy("full"))
+        question = [{"role": "user", "content": "?"}]
+        self._end_tokens = max(0, asked.new_tokens(question + [{"role": "assistant", "content": ""}], False)
+                               - asked.new_tokens(question))
 
     # --- the model thread --------------------------------------------------------------------
     async def call(self, fn: Callable, *args):
@@ -166,10 +171,18 @@ class SessionManager:
         to ``max_tokens``: every new token at full precision before any compression (in each
         episode's cache, for EpiCache); doubled when decoding may compress (the turn's decoding is
         rolled back from a snapshot of the cache taken at its first eviction). Scoring passes
-        attend without storing, so they add nothing."""
+        attend without storing, so they add nothing.
+
+        After decoding, the answer is fed again as text, with the template's end of turn. Its
+        text, tokenized anew, may take more tokens than were generated (a token that is part of
+        a character decodes to U+FFFD; pieces split differently): on random token ids of the
+        default tokenizer, at most 4 tokens for 1, 14 for 8, 43 for 32. The answer's reserve,
+        2 x max_tokens + 8, covers those; generation itself (scratch, dropped before the answer
+        is fed again) needs max_tokens."""
         policy = session.policy
         caches = max(1, len(getattr(session, "episodes", ())))
-        need = session_bytes(session) + (new_tokens + max_tokens) * self._token_bytes * caches
+        tokens = new_tokens + 2 * max_tokens + 8 + self._end_tokens
+        need = session_bytes(session) + tokens * self._token_bytes * caches
         if policy.decode_interval and max_tokens > policy.decode_interval:
             need *= 2
         return need
