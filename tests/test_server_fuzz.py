@@ -31,6 +31,7 @@ from kvbudget.serve.schema import ChatCompletionRequest, Message
 KEY = "fuzz-key-" + "f" * 24
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+POSITIONS = 256  # few: the valid chats on one session reach the model's end
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 
@@ -38,7 +39,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derando
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tok = load_tokenizer()
-    model = tiny_model(tok, positions=512)
+    model = tiny_model(tok, positions=POSITIONS)
     attach(model)
     config = ServeConfig(model_name="tiny", store=tmp_path_factory.mktemp("fuzz-store"), policies=["snapkv", "full"],
                          budget="64", block_size=64, max_tokens=4, default_max_tokens=2, api_keys=[KEY])
@@ -176,8 +177,8 @@ def valid_chats(draw):
 
 
 def test_valid_chats_with_any_text(served):
-    """Requests that reach the model: every one is answered (200) or refused with a 4xx that
-    names why (a session's conversation must stay renderable)."""
+    """Requests that reach the model: every one is answered (200) or refused with a 400 that
+    names why (the model's positions), and the session never passes the model's positions."""
     sid = served.new_session()
 
     @settings(SETTINGS, max_examples=max(5, EXAMPLES * 3 // 5))  # each one runs the model
@@ -196,3 +197,4 @@ def test_valid_chats_with_any_text(served):
     assert served.tally[("valid chat", 200)] > 0
     info = served.client.get(f"/v1/sessions/{sid}").json()
     assert info["turns"] == len(info["messages"]) // 2
+    assert info["tokens_seen"] <= POSITIONS and info["positions_left"] == POSITIONS - info["tokens_seen"]

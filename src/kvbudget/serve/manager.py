@@ -136,9 +136,11 @@ class SessionManager:
 
     # --- memory ------------------------------------------------------------------------------
     def _gauges(self) -> dict[str, tuple[str, float]]:
+        stored, stored_bytes = self.store.usage()
         return {
             "sessions_live": ("sessions held in memory", len(self.live)),
-            "sessions_stored": ("sessions in the disk store", self.store.count()),
+            "sessions_stored": ("sessions in the session directory", stored),
+            "stored_bytes": ("bytes of session files in the session directory", stored_bytes),
             "kv_bytes_held": ("KV bytes held by live sessions", self._held_total),
             "kv_bytes_limit": ("the memory bound (--memory)", self.config.memory),
         }
@@ -173,19 +175,24 @@ class SessionManager:
         rolled back from a snapshot of the cache taken at its first eviction). Scoring passes
         attend without storing, so they add nothing.
 
-        After decoding, the answer is fed again as text, with the template's end of turn. Its
-        text, tokenized anew, may take more tokens than were generated (a token that is part of
-        a character decodes to U+FFFD; pieces split differently): on random token ids of the
-        default tokenizer, at most 4 tokens for 1, 14 for 8, 43 for 32. The answer's reserve,
-        2 x max_tokens + 8, covers those; generation itself (scratch, dropped before the answer
-        is fed again) needs max_tokens."""
+        The answer counts as `answer_tokens`."""
         policy = session.policy
         caches = max(1, len(getattr(session, "episodes", ())))
-        tokens = new_tokens + 2 * max_tokens + 8 + self._end_tokens
+        tokens = new_tokens + self.answer_tokens(max_tokens)
         need = session_bytes(session) + tokens * self._token_bytes * caches
         if policy.decode_interval and max_tokens > policy.decode_interval:
             need *= 2
         return need
+
+    def answer_tokens(self, max_tokens: int) -> int:
+        """Cache entries and positions an answer of up to ``max_tokens`` may take. After decoding,
+        the answer is fed again as text, with the template's end of turn. Its text, tokenized
+        anew, may take more tokens than were generated (a token that is part of a character
+        decodes to U+FFFD; pieces split differently): on random token ids of the default
+        tokenizer, at most 4 tokens for 1, 14 for 8, 43 for 32. 2 x max_tokens + 8 covers those;
+        generation itself (scratch entries, dropped before the answer is fed again) takes
+        max_tokens."""
+        return 2 * max_tokens + 8 + self._end_tokens
 
     def full_kv_bytes(self, tokens: int) -> int:
         """Bytes a full cache (no policy) would hold after ``tokens`` tokens."""
@@ -400,13 +407,14 @@ class SessionManager:
         except KVBudgetError as exc:
             raise APIError(400, str(exc), param="messages") from None
         left = self.positions_left(session.tokens_seen)
-        if left is not None and new_tokens + req.max_tokens > left:
+        answer = self.answer_tokens(req.max_tokens)
+        if left is not None and new_tokens + answer > left:
             raise APIError(
                 400,
-                f"this turn needs {new_tokens} prompt tokens + max_tokens {req.max_tokens} = "
-                f"{new_tokens + req.max_tokens} positions, but the conversation has {left} of the model's "
-                f"{self.max_positions} positions left ({session.tokens_seen} used); send less, ask for fewer "
-                "tokens or start a new session",
+                f"this turn may take {new_tokens + answer} positions ({new_tokens} prompt tokens + {answer} for an "
+                f"answer of max_tokens {req.max_tokens}, fed back as text with the end of the turn), but the "
+                f"conversation has {left} of the model's {self.max_positions} positions left "
+                f"({session.tokens_seen} used); send less, ask for fewer tokens or start a new session",
                 code="context_length_exceeded", param="messages",
             )
         self._make_room(self._need(session, new_tokens, req.max_tokens), keep=key)

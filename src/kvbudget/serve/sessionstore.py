@@ -77,10 +77,6 @@ class SessionStore:
                                    (owner, session_id)).fetchone()
         return dict(zip(_COLUMNS, row)) if row else None
 
-    def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
-
     def usage(self, owner: str | None = None) -> tuple[int, int]:
         """(sessions, file bytes) of ``owner``, or of every owner with None."""
         where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
