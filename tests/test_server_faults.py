@@ -20,6 +20,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from conftest import half_then_fail
 from server_kit import Process, Server, pairs, save_tiny_model
 from safetensors.torch import save as st_save
 
@@ -94,25 +95,9 @@ def _small_disk(path: Path, size: int):
             subprocess.run(["umount", "-l", path], check=True)
 
 
-def _enospc_writer(real_atomic_open):
-    """`fileio.atomic_open` whose file takes half of what is written, then fails with ENOSPC."""
-
-    @contextmanager
-    def opener(target, mode="w"):
-        with real_atomic_open(target, mode) as f:
-            class Full:
-                def write(self, data):
-                    f.write(data[: len(data) // 2])
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-            yield Full()
-
-    return opener
-
-
 def test_disk_full_during_a_save(start, tiny, tmp_path, monkeypatch):
     """A real full tmpfs where this process can mount one (root), else a writer patched to fail
-    with ENOSPC half-way: the turn answers 503 naming the store, the file keeps the previous
+    as a full disk does, half-way: the turn answers 503 naming the store, the file keeps the previous
     turn, no temp file stays, other requests go on, and after space is freed the session
     continues from its last saved turn."""
     _, model, tok = tiny
@@ -134,8 +119,9 @@ def test_disk_full_during_a_save(start, tiny, tmp_path, monkeypatch):
             finally:
                 os.close(fd)
         else:
-            monkeypatch.setattr(sessionfile, "atomic_open", _enospc_writer(sessionfile.atomic_open))
-        error = _expect(server.chat(sid, "lost to the full disk", max_tokens=4), 503, "storage_unavailable", "ENOSPC")
+            monkeypatch.setattr(sessionfile, "atomic_open", half_then_fail(sessionfile.atomic_open))
+        error = _expect(server.chat(sid, "lost to the full disk", max_tokens=4), 503, "storage_unavailable",
+                        "No space left on device")
         assert error["type"] == "server_error" and "last saved turn" in error["message"]
         _expect(server.client.post("/v1/sessions", json={}), 503, "storage_unavailable")
         assert server.chat(None, "a request without a session needs no disk", max_tokens=2).status_code == 200

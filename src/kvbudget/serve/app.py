@@ -299,13 +299,15 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
             streamer = TextStreamer(tok)
             try:
                 yield chunk({"role": "assistant", "content": ""})
+                committed = False
                 while True:
                     try:
-                        event = await _next_event(queue, job, deadline.remaining())
+                        event = await _next_event(queue, job, None if committed else deadline.remaining())
                     except TimeoutError:
                         if deadline.expire():
                             raise deadline.error() from None
-                        continue  # committed: the turn is being saved, its answer comes
+                        committed = True  # the turn is being saved: its answer comes, whatever the clock
+                        continue
                     if event is None:
                         break
                     delta = streamer.push(event[1]) if event[0] == "token" else ""

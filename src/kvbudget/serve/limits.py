@@ -17,13 +17,13 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Limits
 from .metrics import Metrics
 from .schema import APIError, error_response
+
 
 def limit_error(metrics: Metrics, name: str, status: int, message: str, param: str | None = None,
                 headers: dict[str, str] | None = None) -> APIError:
