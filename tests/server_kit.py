@@ -174,6 +174,9 @@ class SoakLog:
     unexpected: list[str] = field(default_factory=list)  # a 5xx, or a status the request should not get
     cut: int = 0  # streams the client closed mid-answer
     sessions: dict[tuple[str, str], list[Turn]] = field(default_factory=dict)  # (key, id) -> its turns
+    full: int = 0  # sessions that reached the model's positions (checked, then deleted)
+    created: int = 0
+    answered: int = 0  # turns the client got an answer for
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, what: str, status: int, allowed: set[int]) -> None:
@@ -240,6 +243,7 @@ def soak(url: str, keys: list[str | None], seconds: float, clients: int = 4, ses
                     if r.status_code == 200:
                         mine.append(r.json()["id"])
                         with log.lock:
+                            log.created += 1
                             log.sessions[(key, mine[-1])] = []
                             all_sessions.append((key, mine[-1]))
                     continue
@@ -248,15 +252,30 @@ def soak(url: str, keys: list[str | None], seconds: float, clients: int = 4, ses
                                                        "Name a colour.", "Say hello.", "Why is the sky blue?"])
                 turns = log.sessions[(key, sid)]
                 body = {"session_id": sid, "max_tokens": max_tokens, "messages": [{"role": "user", "content": question}]}
-                if roll < 0.40:
-                    r = http.post("/v1/chat/completions", json=body)
-                    log.record("turn", r.status_code, {200, 429})
-                    answer = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
-                    turns.append(Turn(question, answer, r.status_code == 200))
-                elif roll < 0.55:
-                    turns.append(_streamed(http, body, log, cut=False))
-                elif roll < 0.65:
-                    turns.append(_streamed(http, body, log, cut=True))
+                if roll < 0.65:
+                    if roll < 0.40:
+                        r = http.post("/v1/chat/completions", json=body)
+                        ended = _at_the_end(r)
+                        log.record("turn", r.status_code, {200, 429} | ({400} if ended else set()))
+                        answer = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
+                        turn = Turn(question, answer, r.status_code == 200)
+                    else:
+                        turn, ended = _streamed(http, body, log, cut=roll >= 0.55)
+                    turns.append(turn)
+                    if turn.kept:
+                        with log.lock:
+                            log.answered += 1
+                    if ended:  # the conversation reached the model's positions: check it, delete it
+                        mine.remove(sid)
+                        with log.lock:
+                            del log.sessions[(key, sid)]
+                            log.full += 1
+                        wrong = _history_problem(http, sid, turns)
+                        r = http.delete(f"/v1/sessions/{sid}")
+                        log.record("delete a full session", r.status_code, {200})
+                        if wrong:
+                            with log.lock:
+                                log.unexpected.append(f"{sid}: {wrong}")
                 elif roll < 0.85:
                     label, method, path, payload, allowed = rng.choice(BAD)
                     kwargs = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
@@ -296,14 +315,29 @@ def soak(url: str, keys: list[str | None], seconds: float, clients: int = 4, ses
     return log
 
 
-def _streamed(http: httpx.Client, body: dict, log: SoakLog, cut: bool) -> Turn:
-    """A streamed turn; with ``cut`` the client closes the connection after the first text."""
+def _at_the_end(response: httpx.Response) -> bool:
+    """Whether a turn was refused because its conversation reached the model's positions."""
+    return response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def _history_problem(http: httpx.Client, sid: str, turns: list[Turn]) -> str | None:
+    r = http.get(f"/v1/sessions/{sid}")
+    if r.status_code != 200:
+        return f"{r.status_code} {r.text[:200]}"
+    return check_history(pairs(r.json()["messages"]), turns)
+
+
+def _streamed(http: httpx.Client, body: dict, log: SoakLog, cut: bool) -> tuple[Turn, bool]:
+    """A streamed turn, and whether its conversation reached the model's positions; with
+    ``cut`` the client closes the connection after the first text."""
     text, done = "", False
+    question = body["messages"][0]["content"]
     with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         if r.status_code != 200:
             r.read()
-            log.record("stream", r.status_code, {429})
-            return Turn(body["messages"][0]["content"], None, False)
+            ended = _at_the_end(r)
+            log.record("stream", r.status_code, {429} | ({400} if ended else set()))
+            return Turn(question, None, False), ended
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -314,18 +348,17 @@ def _streamed(http: httpx.Client, body: dict, log: SoakLog, cut: bool) -> Turn:
             if "error" in event:  # after the stream began: none is expected in a soak
                 with log.lock:
                     log.unexpected.append(f"stream error event: {event['error']}")
-                return Turn(body["messages"][0]["content"], None, None)
+                return Turn(question, None, None), False
             text += event["choices"][0]["delta"].get("content", "") or ""
             if cut and event["choices"][0]["delta"].get("role") is None:
                 break  # the first token's text (or the end): hang up
-    question = body["messages"][0]["content"]
     if cut and not done:
         log.record("stream cut short", 200, {200})
         with log.lock:
             log.cut += 1
-        return Turn(question, None, None)
+        return Turn(question, None, None), False
     log.record("stream", 200 if done else 500, {200})
-    return Turn(question, text if done else None, True if done else None)
+    return Turn(question, text if done else None, True if done else None), False
 
 
 def check_history(question_answers: list[tuple[str, str]], turns: list[Turn]) -> str | None:
@@ -392,8 +425,10 @@ def soak_report(log: SoakLog, samples: list[tuple[float, float, float]], metrics
         "requests": log.requests,
         "statuses": dict(sorted(log.statuses.items())),
         "streams_cut": log.cut,
-        "sessions": len(log.sessions),
-        "turns_answered": sum(t.kept is True for turns in log.sessions.values() for t in turns),
+        "sessions_full": log.full,
+        "sessions": log.created,
+        "sessions_at_end": len(log.sessions),
+        "turns_answered": log.answered,
         "unexpected": log.unexpected[:10],
         "server_5xx": fives,
         "internal_errors": metrics["kvbudget_internal_errors_total"],
@@ -413,11 +448,8 @@ def check_soak(url: str, log: SoakLog) -> list[str]:
     there, in order, and nothing else)."""
     problems = []
     for (key, sid), turns in log.sessions.items():
-        r = httpx.get(f"{url}/v1/sessions/{sid}", headers=_auth(key), timeout=120)
-        if r.status_code != 200:
-            problems.append(f"{sid}: {r.status_code} {r.text[:200]}")
-            continue
-        wrong = check_history(pairs(r.json()["messages"]), turns)
+        with httpx.Client(base_url=url, headers=_auth(key), timeout=120) as http:
+            wrong = _history_problem(http, sid, turns)
         if wrong:
             problems.append(f"{sid}: {wrong}")
     return problems
