@@ -303,3 +303,46 @@ def test_bytes_no_tokenizer_can_take_are_400(start, body, code, param):
                            json={"messages": [{"role": "user", "content": "hi"}]})
     assert _expect(r, 400, "invalid_request", "X-Session-Id")["param"] == "X-Session-Id"
     assert server.metrics()["kvbudget_internal_errors_total"] == 0
+
+
+def test_an_index_without_owners_opens_with_its_sessions_unowned(tmp_path):
+    """A session directory written before sessions had owners: its rows get the empty owner (a
+    server without keys serves them as before; no key reaches them)."""
+    from kvbudget.serve.sessionstore import SessionStore
+
+    db = sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None)
+    db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, policy TEXT NOT NULL, created REAL NOT NULL, "
+               "updated REAL NOT NULL, turns INTEGER NOT NULL, tokens INTEGER NOT NULL, kv_bytes INTEGER NOT NULL, "
+               "file_bytes INTEGER NOT NULL)")
+    db.execute("INSERT INTO sessions VALUES ('old', 'snapkv', 1.0, 2.0, 3, 40, 500, 600)")
+    db.close()
+    store = SessionStore(tmp_path)
+    try:
+        assert store.info("", "old")["turns"] == 3 and store.path("", "old") == tmp_path / "old.kvb"
+        assert store.info(hashlib.sha256(KEY_A.encode()).hexdigest(), "old") is None
+        assert store.usage() == (1, 600) and store.usage("") == (1, 600)
+    finally:
+        store.close()
+
+
+def test_a_client_that_hangs_up_mid_stream_stops_its_turn(start, tiny):
+    """The turn stops at its next token, unsaved: the model thread is free again, the session
+    is as it was saved."""
+    server = start()
+    sid = server.new_session()
+    tiny[2]["sleep"] = 0.3
+    with httpx.Client(base_url=server.url, headers=A, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json={
+                "session_id": sid, "max_tokens": 32, "stream": True,
+                "messages": [{"role": "user", "content": "a long answer, please"}]}) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"role"' not in line:
+                    break  # the first text: hang up
+    start_s = time.monotonic()
+    info = server.client.get(f"/v1/sessions/{sid}").json()  # queued behind the turn: it must end first
+    tiny[2]["sleep"] = 0.0
+    assert time.monotonic() - start_s < 0.3 * 16, "the turn went on after the client left"
+    assert info["turns"] == 0 and info["messages"] == []
+    m = server.metrics()
+    assert m['kvbudget_requests_total{code="499"}'] == 1
+    assert m["kvbudget_generated_tokens_total"] == 0  # counted only for finished turns

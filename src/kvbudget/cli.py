@@ -161,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODEL, cache_dir
     from .policies.base import make_policy
     from .serve import Limits, ServeConfig, parse_duration, parse_memory, serve
-    from .serve.auth import check_bind, check_key, read_key_file
+    from .serve.auth import check_key, read_key_file
 
     try:
         import fastapi  # noqa: F401
@@ -196,7 +196,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     for name in config.policies:  # bad names and budgets fail before the model loads
         make_policy(name, budget=config.budget, block_size=config.block_size)
-    check_bind(args.host, keys, args.insecure)
     serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level,
           insecure=args.insecure)
     return 0

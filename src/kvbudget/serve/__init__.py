@@ -26,7 +26,7 @@ def serve(config: ServeConfig, model_path: str | None = None, device: str | None
     from .app import create_app
     from .auth import check_bind
 
-    notice = check_bind(host, config.api_keys, insecure)  # before the model loads
+    notice = check_bind(host, config.api_keys, insecure)  # refuses before the model loads
     model, tok = load_model(model_path, device=device)
     print(notice, file=sys.stderr, flush=True)
     uvicorn.run(create_app(model, tok, config), host=host, port=port, log_level=log_level)

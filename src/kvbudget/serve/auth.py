@@ -70,7 +70,7 @@ class Keys:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        digest = hashlib.sha256(token.strip().encode("utf-8")).digest()
         found = False
         for known in self._hashes:
             found |= hmac.compare_digest(digest, known)
