@@ -3,7 +3,7 @@
 type in every field of a chat request: never a 5xx, always a JSON answer, the server alive
 after. A tiny random-weight model (plain transformers) keeps each answered request cheap.
 
-The example counts are bounded (FUZZ_EXAMPLES per route and mode, 25 by default: about a
+The example counts are bounded (FUZZ_EXAMPLES per route and mode, 20 by default: under a
 minute on 2 CPU cores); `-s` prints how many requests the server answered and how many 5xx.
 (Decoding is greedy and the model random: what is checked is the server's answer, not the text.)"""
 
@@ -30,7 +30,7 @@ from kvbudget.serve.schema import ChatCompletionRequest, Message
 
 KEY = "fuzz-key-" + "f" * 24
 AUTH = {"Authorization": f"Bearer {KEY}"}
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
 POSITIONS = 256  # few: the valid chats on one session reach the model's end
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
