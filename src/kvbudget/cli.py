@@ -160,13 +160,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODEL, cache_dir
     from .policies.base import make_policy
-    from .serve import ServeConfig, parse_memory, serve
+    from .serve import Limits, ServeConfig, parse_duration, parse_memory, serve
+    from .serve.auth import check_key, read_key_file
 
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise KVBudgetError("kvbudget serve needs FastAPI and uvicorn: pip install 'kvbudget[serve]'") from None
+    keys = [check_key(k) for k in args.api_key or []]
+    for path in args.api_key_file or []:
+        keys += read_key_file(path)
+    given = {
+        "max_body_bytes": args.max_body_bytes and parse_memory(args.max_body_bytes),
+        "max_message_chars": args.max_message_chars, "max_request_tokens": args.max_request_tokens,
+        "max_json_depth": args.max_json_depth, "max_sessions_per_key": args.max_sessions_per_key,
+        "max_stored_bytes_per_key": args.max_stored_bytes_per_key and parse_memory(args.max_stored_bytes_per_key),
+        "max_stored_bytes": args.max_stored_bytes and parse_memory(args.max_stored_bytes),
+        "session_ttl_s": args.session_ttl and parse_duration(args.session_ttl),
+        "max_queue": args.max_queue,
+        "request_timeout_s": args.request_timeout and parse_duration(args.request_timeout),
+    }
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(
         model_name=args.model or DEFAULT_MODEL,
         store=Path(args.store) if args.store else cache_dir() / "sessions",
@@ -176,10 +191,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_tokens=args.max_tokens,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+        api_keys=keys,
+        limits=limits,
     )
     for name in config.policies:  # bad names and budgets fail before the model loads
         make_policy(name, budget=config.budget, block_size=config.block_size)
-    serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level)
+    serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level,
+          insecure=args.insecure)
     return 0
 
 
@@ -292,21 +310,59 @@ def _add_profile(sub) -> None:
     p.set_defaults(func=cmd_profile)
 
 
+def _size(nbytes: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes % size == 0:
+            return f"{nbytes // size}{unit}"
+    return str(nbytes)
+
+
 def _add_serve(sub) -> None:
+    from .serve.config import Limits
+
+    lim = Limits()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over persistent sessions in bounded memory")
     p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--policy", default="snapkv", help="policy, or a comma list (the first is the default; default snapkv)")
     p.add_argument("--budget", default="512", help="budget of every session: tokens, bytes (24MiB) or a ratio (default 512)")
     p.add_argument("--memory", default="2GiB", help="KV bytes all sessions in memory may hold together (default 2GiB)")
-    p.add_argument("--store", default=None, help="session store directory (default $KVBUDGET_CACHE/sessions)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--store", default=None, help="session directory (default $KVBUDGET_CACHE/sessions)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1); another than loopback needs an API key or --insecure")
     p.add_argument("--port", type=_positive, default=8000)
     p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
     p.add_argument("--max-tokens", type=_positive, default=512, help="the most tokens a request may generate (default 512)")
     p.add_argument("--default-max-tokens", type=_positive, default=128,
                    help="tokens generated when a request names no max_tokens (default 128)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("access (docs/serving.md)")
+    g.add_argument("--api-key", action="append", metavar="KEY",
+                   help="accept 'Authorization: Bearer KEY' (repeatable); each key owns the sessions it creates")
+    g.add_argument("--api-key-file", action="append", metavar="FILE",
+                   help="a file of API keys, one a line (repeatable; keeps keys out of the process list)")
+    g.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without any API key")
+    g = p.add_argument_group("limits (each hit answers a 4xx naming it and counts in /metrics)")
+    g.add_argument("--max-body-bytes", default=None, help=f"request body size (default {_size(lim.max_body_bytes)})")
+    g.add_argument("--max-message-chars", type=_positive, default=None,
+                   help=f"characters of one message (default {lim.max_message_chars})")
+    g.add_argument("--max-request-tokens", type=_positive, default=None,
+                   help=f"prompt tokens of one request (default {lim.max_request_tokens})")
+    g.add_argument("--max-json-depth", type=_positive, default=None,
+                   help=f"nesting of a JSON body (default {lim.max_json_depth})")
+    g.add_argument("--max-sessions-per-key", type=_positive, default=None,
+                   help=f"sessions one key may hold (default {lim.max_sessions_per_key})")
+    g.add_argument("--max-stored-bytes-per-key", default=None,
+                   help=f"disk the session files of one key may take (default {_size(lim.max_stored_bytes_per_key)})")
+    g.add_argument("--max-stored-bytes", default=None,
+                   help=f"disk all session files may take (default {_size(lim.max_stored_bytes)})")
+    g.add_argument("--session-ttl", default=None,
+                   help="delete a session (and its file) idle this long: seconds or 90s, 15m, 12h, 7d; 0 = never "
+                   f"(default {lim.session_ttl_s / 86400:g}d)")
+    g.add_argument("--max-queue", type=_positive, default=None,
+                   help=f"requests admitted to the model at once, running or waiting; more get 429 (default {lim.max_queue})")
+    g.add_argument("--request-timeout", default=None,
+                   help=f"seconds from admission to answer, queueing included; then 408 (default {lim.request_timeout_s:g})")
     p.set_defaults(func=cmd_serve)
 
 
