@@ -281,3 +281,33 @@ def test_methods_hold_their_budget_in_a_session(default_model, name):
     full = len(session.input_ids) * n_layers * kb.Policy.entry_bytes(cache)
     assert held < full / 4  # really freed (kivi4 also shrinks what is kept)
     assert session.ask("What is the blue door code?", max_new_tokens=4)  # and it still decodes
+
+
+# --- the stacked (all layers at once) path keeps what the per-layer loop keeps -------------------
+
+
+def _prefill_decode(model, name: str, stack: bool, budget: int = 40):
+    from conftest import random_ids
+
+    extra = {"lag": 8} if name.startswith("lagkv") else {}
+    policy = kb.policy(name, budget=budget, block_size=32, decode_interval=5, **extra)
+    policy.stack_layers = stack
+    cache = policy.new_cache(model)
+    logits, _ = kb.prefill(model, cache, policy, random_ids(150), block_size=32)
+    with torch.inference_mode():
+        for step in range(10):
+            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+            if (step + 1) % 5 == 0:
+                policy.compress(cache)
+    return cache
+
+
+@pytest.mark.parametrize("name", METHODS + ["chunkkv+pyramid", "lagkv+pyramid", "finch+pyramid"])
+def test_stacked_scoring_keeps_what_the_loop_keeps(tiny_llama, name):
+    stacked, loop = _prefill_decode(tiny_llama, name, True), _prefill_decode(tiny_llama, name, False)
+    for a, b in zip(stacked.budgeted_layers(), loop.budgeted_layers()):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert a.state.keys() == b.state.keys()
+        for k in a.state:
+            torch.testing.assert_close(a.state[k], b.state[k])
