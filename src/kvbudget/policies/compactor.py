@@ -84,14 +84,18 @@ def leverage(keys: Tensor, valid: Tensor, phi: Tensor, ridge: float = 1e-2) -> T
     mean = (keys.float() * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)
     x = ((keys.float() - mean) @ phi) * w  # [B, H, n, k]; padding rows are zero
     gram = x.transpose(-1, -2) @ x + ridge * torch.eye(phi.shape[1], device=x.device)
-    solved = torch.linalg.solve(gram, x.transpose(-1, -2))  # [B, H, k, n]
-    return (x * solved.transpose(-1, -2)).sum(-1).clamp(min=0)
+    # x^T G^-1 x = |L^-1 x|^2 with G = L L^T (Cholesky; G is positive definite with the ridge).
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):  # not positive definite in floating point: a general solve
+        return (x * torch.linalg.solve(gram, x.transpose(-1, -2)).transpose(-1, -2)).sum(-1).clamp(min=0)
+    return torch.linalg.solve_triangular(lower, x.transpose(-1, -2), upper=False).square().sum(-2)
 
 
 def _chunked(q: Tensor, k: Tensor, chunk: int, scaling: float) -> Tensor:
     """Attention each of m keys receives from the m queries of its chunk (no causal mask), summed
     over them and averaged over the query heads of the group: q [B, H, g, m, d], k [B, H, m, d]."""
     b, h, g, m, d = q.shape
+    chunk = min(chunk, m)  # a block shorter than a chunk is one chunk: no padding to compute
     c = -(-m // chunk)
     pad = c * chunk - m
     qc = F.pad(q, (0, 0, 0, pad)).view(b, h, g, c, chunk, d)
