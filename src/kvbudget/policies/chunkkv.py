@@ -68,7 +68,7 @@ class ChunkKV(Scorer):
         return self._order(token, present, chunk_mean)[0]
 
     def _chunks(self, token: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        """Each position's chunk id [P] and each chunk's mean token score [B, C] (-inf: empty)."""
+        """Each chunk's mean token score [B, C] (-inf: no token held) and each position's chunk [P]."""
         b, p = token.shape
         cid = torch.arange(p, device=token.device) // self.chunk
         c = (p + self.chunk - 1) // self.chunk
