@@ -8,6 +8,7 @@ from .base import PRESETS, SCORERS, Observation, Policy, Scorer, make_policy, re
 _MODULES = (
     "full", "random", "streaming", "snapkv", "h2o", "tova", "keydiff", "knorm", "a2sf", "scissorhands",
     "kvzip", "lazy", "kivi", "rotate", "mikv", "think", "minicache", "epicache",
+    "expected_attention", "criticalkv", "chunkkv", "compactor", "curdkv", "lagkv", "finch", "simlayerkv", "capkv",
 )
 
 
@@ -17,7 +18,8 @@ def load_all() -> None:
         import_module(f"{__name__}.{name}")
 
 
-PRESET_PAPERS = {"pyramidkv": "PyramidKV (Cai et al. 2024)", "adakv": "Ada-KV (Feng et al. 2024)"}
+PRESET_PAPERS = {"pyramidkv": "PyramidKV (Cai et al. 2024)", "adakv": "Ada-KV (Feng et al. 2024)",
+                 "criticaladakv": "CriticalKV (Feng et al. 2025)"}
 
 
 def describe() -> list[dict]:
