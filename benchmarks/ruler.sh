@@ -6,15 +6,15 @@
 #   LENGTH=4096 TASKS=niah_single_1 N=1 OUT=benchmarks/results/ruler/cpu-4k bash benchmarks/ruler.sh
 #
 # Settings (environment): LENGTH (4096), TASKS (comma list of RULER tasks, or all), N contexts per
-# task (1), SEED (0), HAYSTACK (prose: built-in prose instead of essays, since no essay file ships;
-# empty = RULER's own per task, then ESSAY=FILE is needed), POLICIES, BUDGETS (2x,4x,8x), MODES,
+# task (1), SEED (0), HAYSTACK (empty: RULER's own per task; noise, essay or prose replaces it),
+# ESSAY (a text file for essay haystacks; without one, built-in prose stands in), POLICIES, BUDGETS (2x,4x,8x), MODES,
 # BLOCK (512), NEW_TOKENS (32), MODEL (default: the embedded SmolLM2-135M), DEVICE (cpu), OUT.
 set -euo pipefail
 LENGTH=${LENGTH:-4096}
 TASKS=${TASKS:-all}
 N=${N:-1}
 SEED=${SEED:-0}
-HAYSTACK=${HAYSTACK-prose}
+HAYSTACK=${HAYSTACK:-}
 POLICIES=${POLICIES:-streaming,snapkv,h2o,tova,knorm,adakv,pyramidkv,kivi4,snapkv+kivi4,kvzip}
 BUDGETS=${BUDGETS:-2x,4x,8x}
 MODES=${MODES:-multi-turn,query-aware}

@@ -254,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ruler: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe, "
                    "or all")
     m.add_argument("--haystack", default=None, choices=["noise", "essay", "prose"],
-                   help="ruler: replace RULER's text haystack (noise, or an essay) by noise, an essay file (--essay) or "
-                   "built-in seeded prose (default: RULER's per task)")
-    m.add_argument("--essay", default=None, help="ruler: text file for the essay haystack (RULER uses Paul Graham's essays)")
+                   help="ruler: replace RULER's text haystack (noise, or essays) by noise, essays or built-in seeded "
+                   "prose (default: RULER's per task)")
+    m.add_argument("--essay", default=None,
+                   help="ruler: text file for the essay haystack (RULER uses Paul Graham's essays; without one, "
+                   "built-in seeded prose stands in)")
     m.add_argument("--n", type=_positive, default=10, help="number of contexts")
     m.add_argument("--length", type=_positive, default=1000, help="context length in model tokens")
     m.add_argument("--seed", type=int, default=0)

@@ -371,9 +371,9 @@ def make_ruler(tok: Any, task: str, n: int, length: int, seed: int, *, haystack:
 
     haystack: for the tasks whose haystack is text (RULER: noise for niah_single_1 and vt, essays for
     the other NIAH tasks but multikey 2/3, whose haystack is distractor needles), ``None`` keeps
-    RULER's choice, ``noise`` / ``essay`` / ``prose`` replace it. An essay haystack needs ``essay``,
-    a text file; ``prose`` is seeded built-in prose (generators.filler) standing in for essays.
-    Each task's ``meta`` records the settings that regenerate it.
+    RULER's choice, ``noise`` / ``essay`` / ``prose`` replace it. Essays come from ``essay``, a text
+    file; without one, seeded built-in prose (``generators.filler``) stands in for them (haystack
+    ``prose`` in the task's ``meta``, which records every setting that regenerates the task).
     """
     names = list(TASKS) if task == "all" else [task]
     for name in names:
@@ -383,11 +383,7 @@ def make_ruler(tok: Any, task: str, n: int, length: int, seed: int, *, haystack:
         raise KVBudgetError(f"unknown haystack {haystack!r} (known: {', '.join(TEXT_HAYSTACKS)})")
     if n < 1:
         raise KVBudgetError(f"number of tasks must be positive (got {n})")
-    wants_essay = [nm for nm in names if _text_default(nm) is not None and (haystack or _text_default(nm)) == "essay"]
-    if wants_essay and essay is None:
-        raise KVBudgetError(f"{', '.join(wants_essay)}: an essay haystack needs --essay FILE (a text file); or pass "
-                            "or --haystack noise|prose")
-    essay_hay = essay_haystack(essay) if essay is not None and wants_essay else None
+    essay_hay = essay_haystack(essay) if essay is not None else None
     tasks: list[Task] = []
     for name in names:
         kind = task_kind(name)
@@ -429,10 +425,9 @@ def _haystack(name: str, override: str | None, essay: Haystack | None, seed: int
     kind = override or default
     if kind == "noise":
         return noise_haystack()
-    if kind == "prose":
-        return prose_haystack(seed)
-    assert essay is not None  # make_ruler checked
-    return essay
+    if kind == "essay" and essay is not None:
+        return essay
+    return prose_haystack(seed)  # no essay file: built-in prose stands in
 
 
 def _build(name: str, rng: random.Random, hay: Haystack | None, length: int
