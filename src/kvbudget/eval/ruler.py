@@ -344,8 +344,8 @@ def _fit(tok: Any, render: Render, budget: int) -> tuple[str, str, int, int]:
 
     first = size(1)
     if first is None or first > budget:
-        raise KVBudgetError(f"length too short: the prompt and needles alone take {first} tokens, "
-                            f"more than the {budget} available")
+        raise KVBudgetError(f"length too short: the smallest prompt (instructions, needles, one haystack unit) "
+                            f"takes {first} tokens, more than the {budget} available")
     lo, hi = 1, 2
     while (n := size(hi)) is not None and n <= budget:
         lo, hi = hi, hi * 2

@@ -36,8 +36,9 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """The records of a local file: a JSON array (LongMemEval, LoCoMo), one JSON object, or JSONL."""
+def read_records(path: str | Path) -> tuple[list[dict], bool]:
+    """The records of a local file: a JSON array (LongMemEval, LoCoMo), one JSON object, or JSONL;
+    and whether it was JSONL (one record per line)."""
     p = Path(path)
     try:
         body = p.read_text(encoding="utf-8")
@@ -55,9 +56,9 @@ def read_records(path: str | Path) -> list[dict]:
             for i, rec in enumerate(data):
                 if not isinstance(rec, dict):
                     raise TaskFileError(f"{p.name} record {i + 1}: must be a JSON object")
-            return data
+            return data, False
         if isinstance(data, dict):
-            return [data]
+            return [data], False
     records = []
     for n, line in enumerate(body.splitlines(), start=1):
         if not line.strip():
@@ -69,7 +70,7 @@ def read_records(path: str | Path) -> list[dict]:
         if not isinstance(rec, dict):
             raise TaskFileError(f"{p.name} line {n}: must be a JSON object")
         records.append(rec)
-    return records
+    return records, True
 
 
 def is_dataset_id(source: str) -> bool:
@@ -101,10 +102,9 @@ def load_tasks(source: str, fmt: str = "auto") -> list[Task]:
     if fmt not in FORMATS:
         raise KVBudgetError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     from_file = not is_dataset_id(source)
-    if from_file and fmt == OURS:
-        return read_tasks(source)
+    lines = False
     if from_file:
-        records, label, name = read_records(source), Path(source).name, Path(source).stem
+        (records, lines), label, name = read_records(source), Path(source).name, Path(source).stem
     else:
         (records, name), label = dataset_records(source), source
     if not records:
@@ -117,7 +117,7 @@ def load_tasks(source: str, fmt: str = "auto") -> list[Task]:
                 "expected kvbudget (context, questions), SCBench (context, multi_turns), LongMemEval (question, "
                 "haystack_sessions) or LoCoMo (conversation, qa), or name one with --format")
     if fmt == OURS:
-        if from_file:
+        if lines:  # our JSONL task file: its reader names the line of a bad field
             return read_tasks(source)
         tasks = []
         for i, rec in enumerate(records):
