@@ -171,6 +171,17 @@ def task_to_dict(task: Task) -> dict:
     return out
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a task file (UTF-8); a missing or unreadable file raises TaskFileError naming it."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskFileError(f"{p}: task file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskFileError(f"{p}: cannot read task file ({exc})") from None
+
+
 def read_tasks(path: str | os.PathLike) -> list[Task]:
     """Read and validate a JSONL task file; blank lines are skipped.
 
@@ -178,12 +189,7 @@ def read_tasks(path: str | os.PathLike) -> list[Task]:
     field, e.g. ``tasks.jsonl line 3: field 'questions[1].metric' must be one of ...``.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TaskFileError(f"{p}: task file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskFileError(f"{p}: cannot read task file ({exc})") from None
+    text = read_text(p)
     tasks: list[Task] = []
     seen: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ...errors import KVBudgetError, TaskFileError
-from ..taskfile import Task, read_tasks, task_from_dict
+from ..taskfile import Task, read_tasks, read_text, task_from_dict
 from . import locomo, longmemeval, scbench
 from .fields import FieldError
 
@@ -40,12 +40,7 @@ def read_records(path: str | Path) -> tuple[list[dict], bool]:
     """The records of a local file: a JSON array (LongMemEval, LoCoMo), one JSON object, or JSONL;
     and whether it was JSONL (one record per line)."""
     p = Path(path)
-    try:
-        body = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TaskFileError(f"{p}: task file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskFileError(f"{p}: cannot read task file ({exc})") from None
+    body = read_text(p)
     start = body.lstrip()[:1]
     if start in ("[", "{"):
         try:
