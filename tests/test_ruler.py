@@ -139,3 +139,19 @@ def test_string_match_all_on_hand_made_predictions():
     assert score("anything", [], "string_match_all") == 0.0
     assert reference_answer(gold, "string_match_all") == "1234567, 7654321, 5550001, ab12-CD34"
     assert reference_answer(["red", "crimson"], "contains") == "red"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "niah_single_9"], "unknown RULER task 'niah_single_9'"),
+    ([], "tasks make ruler needs --task NAME or --task all"),
+    (["--task", "vt", "--length", "150"], "RULER vt at length 150: length too short"),
+])
+def test_cli_bad_ruler_request_is_one_line(tmp_path, capsys, args, message):
+    from kvbudget.cli import main
+
+    assert main(["tasks", "make", "ruler", *args, "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvbudget: error: ") and message in err[0]
+    assert not (tmp_path / "r.jsonl").exists()
+    assert main(["tasks", "make", "needle", "--task", "vt", "--out", str(tmp_path / "n.jsonl")]) == 2
+    assert "options of `tasks make ruler`" in capsys.readouterr().err
