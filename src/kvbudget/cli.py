@@ -48,13 +48,23 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 def cmd_tasks_make(args: argparse.Namespace) -> int:
     from .eval.generators import make_tasks
+    from .eval.ruler import make_ruler
     from .eval.taskfile import write_tasks
-    from .models import load_tokenizer
+    from .models import DEFAULT_MODEL, load_tokenizer
 
+    if args.name != "ruler" and (args.task or args.haystack or args.essay):
+        raise KVBudgetError("--task, --haystack and --essay are options of `tasks make ruler`")
+    if args.name == "ruler" and not args.task:
+        raise KVBudgetError("tasks make ruler needs --task NAME or --task all")
     tok = load_tokenizer(args.model)
-    tasks = make_tasks(args.name, tok, n=args.n, length=args.length, seed=args.seed)
+    if args.name == "ruler":
+        tasks = make_ruler(tok, args.task, n=args.n, length=args.length, seed=args.seed, haystack=args.haystack,
+                           essay=args.essay, tokenizer_name=args.model or DEFAULT_MODEL)
+    else:
+        tasks = make_tasks(args.name, tok, n=args.n, length=args.length, seed=args.seed)
     write_tasks(args.out, tasks)
-    print(f"wrote {len(tasks)} {args.name} tasks ({sum(len(t.questions) for t in tasks)} questions) to {args.out}")
+    name = f"ruler {args.task}" if args.name == "ruler" else args.name
+    print(f"wrote {len(tasks)} {name} tasks ({sum(len(t.questions) for t in tasks)} questions) to {args.out}")
     return 0
 
 
@@ -78,18 +88,19 @@ def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name:
     )
     summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=resume)
     print(format_table(summary))
-    env = {**environment(model_name, summary["seconds"], seed=args.seed), "command": command}
+    env = {**environment(model_name, summary["seconds"], seed=args.seed), "prompt": summary["prompt"],
+           "command": command}
     atomic_write_text(out / "env.json", json.dumps(env, indent=2))
     write_report(out, env)
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.loaders.registry import load_tasks
     from .eval.runner import EvalConfig, check_names
-    from .eval.taskfile import read_tasks
     from .models import load_model
 
-    tasks = read_tasks(args.tasks)
+    tasks = load_tasks(args.tasks, args.format)
     policies, budgets = _split(args.policy), _split(args.budget)
     check_names(EvalConfig(policies, budgets, mode=args.mode))  # before the model loads
     model, tok = load_model(args.model, device=args.device)
@@ -256,7 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="synthetic task sets")
     tsub = p.add_subparsers(dest="tasks_command", required=True)
     m = tsub.add_parser("make", help="generate a seeded task set")
-    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find")
+    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find, conversation, ruler")
+    m.add_argument("--task", default=None,
+                   help="ruler: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe, "
+                   "or all")
+    m.add_argument("--haystack", default=None, choices=["noise", "essay", "prose"],
+                   help="ruler: replace RULER's text haystack (noise, or essays) by noise, essays or built-in seeded "
+                   "prose (default: RULER's per task)")
+    m.add_argument("--essay", default=None,
+                   help="ruler: text file for the essay haystack (RULER uses Paul Graham's essays; without one, "
+                   "built-in seeded prose stands in)")
     m.add_argument("--n", type=_positive, default=10, help="number of contexts")
     m.add_argument("--length", type=_positive, default=1000, help="context length in model tokens")
     m.add_argument("--seed", type=int, default=0)
@@ -265,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_tasks_make)
 
     p = sub.add_parser("eval", help="run policies x budgets on a task file in three modes (resumable sweep)")
-    p.add_argument("--tasks", required=True, help="task file (JSONL)")
+    p.add_argument("--tasks", required=True,
+                   help="task file (ours, or SCBench / LongMemEval / LoCoMo data), or a dataset id owner/name[:config] "
+                   "read with HF datasets (pip install 'kvbudget[datasets]')")
+    p.add_argument("--format", default="auto", choices=["auto", "kvbudget", "scbench", "longmemeval", "locomo"],
+                   help="schema of --tasks (default: recognised from its fields)")
     p.add_argument("--policy", required=True, help="comma list of policies (see `kvbudget policies`), or all")
     p.add_argument("--out", default="kvbudget-eval",
                    help="output directory; a rerun into it skips the cells already in its results.jsonl")
