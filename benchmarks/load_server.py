@@ -1,7 +1,8 @@
 """Load test of `kvbudget serve` on loopback: p50/p99 latency and tokens/s with 1, 4, 16 sessions.
 
 Starts `kvbudget serve` on 127.0.0.1 (a free port, a temporary session store) unless ``--url``
-names a server that is already running, which must be a loopback address. For each level of N
+names a server that is already running, which must be a loopback address (``--api-key`` for a
+server started with keys). For each level of N
 sessions, N clients run at once, each sending ``--requests`` streamed chat requests one after
 the other to its own session (a multi-turn conversation: only the new message is sent). The
 count is bounded (N x requests) and so is the time (``--time-limit`` per level: no new request
@@ -113,9 +114,13 @@ def _percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def _metrics(url: str) -> dict[str, float]:
+def _auth(args) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def _metrics(url: str, args) -> dict[str, float]:
     out = {}
-    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+    for line in httpx.get(url + "/metrics", timeout=60, headers=_auth(args)).text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
@@ -129,16 +134,16 @@ def _rate(after: dict, before: dict, num: str, den: str) -> float:
 
 def run_level(url: str, n: int, args) -> dict:
     """N sessions, N clients at once, ``args.requests`` turns each, at most ``args.time_limit`` s."""
-    with httpx.Client(base_url=url, timeout=600) as client:
+    with httpx.Client(base_url=url, timeout=600, headers=_auth(args)) as client:
         ids = [client.post("/v1/sessions", json={}).json()["id"] for _ in range(n)]
-    before = _metrics(url)
+    before = _metrics(url, args)
     deadline = time.monotonic() + args.time_limit
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
 
     def worker(session_id: str) -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
+        with httpx.Client(base_url=url, timeout=600, headers=_auth(args)) as http:
             for i in range(args.requests):
                 if time.monotonic() > deadline:
                     return
@@ -155,7 +160,7 @@ def run_level(url: str, n: int, args) -> dict:
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(worker, ids))
     wall = time.perf_counter() - start
-    after = _metrics(url)
+    after = _metrics(url, args)
     latencies = [r["latency"] for r in results]
     ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in results)
@@ -183,6 +188,7 @@ def run_level(url: str, n: int, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default=None, help="a running server on loopback (default: start one)")
+    p.add_argument("--api-key", default=None, help="the key a --url server was started with")
     p.add_argument("--model", default=None, help="model for the server started here (default: embedded)")
     p.add_argument("--policy", default="snapkv")
     p.add_argument("--budget", default="128")

@@ -6,7 +6,7 @@ and kvpress in ``--peer-python`` (a virtual environment with the extra installed
 calls with ``--side kvpress`` and reads back as JSON. Setup (once)::
 
     python -m venv --system-site-packages /tmp/peer-venv     # reuses this torch
-    /tmp/peer-venv/bin/pip install 'kvbudget[peer]'          # or: kvpress 'transformers>=5.2,<5.3'
+    /tmp/peer-venv/bin/pip install kvpress==0.5.5 'transformers>=5.2,<5.3'
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/peer_kvpress.py --peer-python /tmp/peer-venv/bin/python \\
         --tasks needle,kv --n 1 --length 600 --budget 64,128,256 --out benchmarks/results/peer-kvpress.json
@@ -29,6 +29,10 @@ from pathlib import Path
 
 # Method names shared by both libraries -> kvpress press factories (built in the kvpress process).
 METHODS = ("snapkv", "streaming", "knorm", "tova", "pyramidkv", "keydiff", "adakv")
+# Also shared (`--methods`); FINCH (a delimiter token added to the model) and SimLayerKV (no
+# compression ratio: lazy layers keep a fixed recent window) take no budget in kvpress.
+MORE_METHODS = ("expected-attention", "criticalkv", "criticaladakv", "chunkkv", "chunkkv-entropy", "compactor",
+                "curdkv", "lagkv", "capkv")
 
 
 # --------------------------------------------------------------------------- kvpress side
@@ -39,8 +43,12 @@ def _press(name: str, ratio: float):
 
     simple = {"snapkv": kp.SnapKVPress, "streaming": kp.StreamingLLMPress, "knorm": kp.KnormPress,
               "tova": kp.TOVAPress, "pyramidkv": kp.PyramidKVPress, "keydiff": kp.KeyDiffPress}
-    if name == "adakv":
-        return kp.AdaKVPress(kp.SnapKVPress(compression_ratio=ratio))
+    simple |= {"expected-attention": kp.ExpectedAttentionPress, "compactor": kp.CompactorPress,
+               "curdkv": kp.CURPress, "lagkv": kp.LagKVPress, "capkv": kp.CapPress}
+    wrappers = {"adakv": kp.AdaKVPress, "criticalkv": kp.CriticalKVPress, "criticaladakv": kp.CriticalAdaKVPress,
+                "chunkkv": kp.ChunkKVPress, "chunkkv-entropy": kp.EntropyGatedChunkKVPress}
+    if name in wrappers:  # over SnapKV's scores, as ours
+        return wrappers[name](kp.SnapKVPress(compression_ratio=ratio))
     return simple[name](compression_ratio=ratio)
 
 
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=600, help="context length in tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", default="64,128,256", help="token budgets (comma list)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS + MORE_METHODS)}")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--block-size", default="128", help="our prefill block size(s), comma list; each is one kvbudget column")
     p.add_argument("--out", default=None, help="write the rows and the table as JSON here")
@@ -159,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     from kvbudget.eval.generators import make_tasks
     from kvbudget.eval.taskfile import task_to_dict
 
+    unknown = set(args.methods.split(",")) - set(METHODS + MORE_METHODS)
+    if unknown:
+        print(f"peer_kvpress: error: not shared with kvpress: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
     model, tok = kb.load_model()
     tasks = [t for i, name in enumerate(args.tasks.split(",")) for t in make_tasks(name, tok, args.n, args.length, args.seed + i)]
     budgets = [int(b) for b in args.budget.split(",")]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kvbudget.errors import KVBudgetError
-from kvbudget.eval.generators import GENERATORS, filler, make_tasks
+from kvbudget.eval.generators import GENERATORS, make_tasks
+from kvbudget.eval.prose import filler
 from kvbudget.eval.taskfile import Task, read_tasks, write_tasks
 
 

@@ -43,7 +43,7 @@ def test_blank_lines_skipped_and_line_numbers_count_them(tmp_path):
     with pytest.raises(TaskFileError) as exc:
         read_tasks(path)
     assert str(exc.value) == ("tasks.jsonl line 4: field 'questions[0].metric' must be one of "
-                              "exact, contains, f1, choice (got 'fuzzy')")
+                              "exact, contains, f1, choice, string_match_all (got 'fuzzy')")
     path.write_text("\n" + json.dumps(_good(1)) + "\n\n")
     assert [t.id for t in read_tasks(path)] == ["t1"]
 
@@ -103,7 +103,7 @@ MALFORMED = [
      "field 'questions[1].answers' must be a non-empty list of strings"),
     (_with(questions=_q(metric=_DELETE)), "field 'questions[1].metric' is missing"),
     (_with(questions=_q(metric="fuzzy")),
-     "field 'questions[1].metric' must be one of exact, contains, f1, choice (got 'fuzzy')"),
+     "field 'questions[1].metric' must be one of exact, contains, f1, choice, string_match_all (got 'fuzzy')"),
     (_with(questions=_q(category=3)),
      "field 'questions[1].category' must be a string (got number)"),
 ]

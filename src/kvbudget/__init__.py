@@ -7,6 +7,8 @@
     print(session.ask("What is the code for the blue door?"))
 """
 
+from importlib.metadata import version
+
 from .compress import Policy, compress
 from .compress.budget import Budget, parse_budget
 from .errors import (
@@ -23,7 +25,7 @@ from .methods import describe as list_policies
 from .methods import make_policy as policy
 from .runtime import Session, Turn, load_model, prefill
 
-__version__ = "0.1.0"
+__version__ = version("kvbudget")
 
 __all__ = [
     "Budget",

@@ -6,12 +6,26 @@ Bad input ends the command with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
 from .errors import KVBudgetError
+from .eval.generators import make_tasks
+from .eval.loaders.registry import load_tasks
+from .eval.report import environment, write_report
+from .eval.ruler import make_ruler
+from .eval.runner import EvalConfig, check_names, format_table, run_eval
+from .eval.taskfile import write_tasks
+from .fileio import atomic_write_text
+from .methods import describe, make_policy
+from .runtime.models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
+from .runtime.profile import profile, save_profile
+from .runtime.session import Session
+from .serve import Limits, ServeConfig, parse_duration, parse_memory, serve
+from .serve.keys import check_key, read_key_file
 
 BENCH_POLICIES = ["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"]
 
@@ -34,7 +48,6 @@ def _positive(value: str) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    from .methods import describe
 
     rows = describe()
     print(f"{'name':<13} {'kind':<7} {'attention':<9}  {'paper':<44} {'saves':<42} what it does")
@@ -47,24 +60,26 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_make(args: argparse.Namespace) -> int:
-    from .eval.generators import make_tasks
-    from .eval.taskfile import write_tasks
-    from .runtime.models import load_tokenizer
 
+    if args.name != "ruler" and (args.task or args.haystack or args.essay):
+        raise KVBudgetError("--task, --haystack and --essay are options of `tasks make ruler`")
+    if args.name == "ruler" and not args.task:
+        raise KVBudgetError("tasks make ruler needs --task NAME or --task all")
     tok = load_tokenizer(args.model)
-    tasks = make_tasks(args.name, tok, n=args.n, length=args.length, seed=args.seed)
+    if args.name == "ruler":
+        tasks = make_ruler(tok, args.task, n=args.n, length=args.length, seed=args.seed, haystack=args.haystack,
+                           essay=args.essay, tokenizer_name=args.model or DEFAULT_MODEL)
+    else:
+        tasks = make_tasks(args.name, tok, n=args.n, length=args.length, seed=args.seed)
     write_tasks(args.out, tasks)
-    print(f"wrote {len(tasks)} {args.name} tasks ({sum(len(t.questions) for t in tasks)} questions) to {args.out}")
+    name = f"ruler {args.task}" if args.name == "ruler" else args.name
+    print(f"wrote {len(tasks)} {name} tasks ({sum(len(t.questions) for t in tasks)} questions) to {args.out}")
     return 0
 
 
 def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name: str, command: str,
               resume: bool = True) -> dict:
-    import json
 
-    from .eval.report import environment, write_report
-    from .eval.runner import EvalConfig, format_table, run_eval
-    from .fileio import atomic_write_text
 
     cfg = EvalConfig(
         policies=policies,
@@ -78,18 +93,16 @@ def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name:
     )
     summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=resume)
     print(format_table(summary))
-    env = {**environment(model_name, summary["seconds"], seed=args.seed), "command": command}
+    env = {**environment(model_name, summary["seconds"], seed=args.seed), "prompt": summary["prompt"],
+           "command": command}
     atomic_write_text(out / "env.json", json.dumps(env, indent=2))
     write_report(out, env)
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.runner import EvalConfig, check_names
-    from .eval.taskfile import read_tasks
-    from .runtime.models import load_model
 
-    tasks = read_tasks(args.tasks)
+    tasks = load_tasks(args.tasks, args.format)
     policies, budgets = _split(args.policy), _split(args.budget)
     check_names(EvalConfig(policies, budgets, mode=args.mode))  # before the model loads
     model, tok = load_model(args.model, device=args.device)
@@ -100,7 +113,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .eval.report import write_report
 
     md, page = write_report(args.dir)
     print(f"report: {md}, {page}")
@@ -108,9 +120,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .eval.generators import make_tasks
-    from .eval.taskfile import write_tasks
-    from .runtime.models import load_model
 
     start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
@@ -133,9 +142,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runtime.session import Session
-    from .runtime.models import load_model
-    from .methods import make_policy
 
     path = Path(args.context)
     if not path.exists():
@@ -158,15 +164,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .runtime.models import DEFAULT_MODEL, cache_dir
-    from .methods import make_policy
-    from .serve import ServeConfig, parse_memory, serve
 
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise KVBudgetError("kvbudget serve needs FastAPI and uvicorn: pip install 'kvbudget[serve]'") from None
+    keys = [check_key(k) for k in args.api_key or []]
+    for path in args.api_key_file or []:
+        keys += read_key_file(path)
+    given = {
+        "max_body_bytes": args.max_body_bytes and parse_memory(args.max_body_bytes),
+        "max_message_chars": args.max_message_chars, "max_request_tokens": args.max_request_tokens,
+        "max_json_depth": args.max_json_depth, "max_sessions_per_key": args.max_sessions_per_key,
+        "max_stored_bytes_per_key": args.max_stored_bytes_per_key and parse_memory(args.max_stored_bytes_per_key),
+        "max_stored_bytes": args.max_stored_bytes and parse_memory(args.max_stored_bytes),
+        "session_ttl_s": args.session_ttl and parse_duration(args.session_ttl),
+        "max_queue": args.max_queue,
+        "request_timeout_s": args.request_timeout and parse_duration(args.request_timeout),
+    }
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(
         model_name=args.model or DEFAULT_MODEL,
         store=Path(args.store) if args.store else cache_dir() / "sessions",
@@ -176,18 +193,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_tokens=args.max_tokens,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+        api_keys=keys,
+        limits=limits,
     )
     for name in config.policies:  # bad names and budgets fail before the model loads
         make_policy(name, budget=config.budget)
-    serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level)
+    serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level,
+          insecure=args.insecure)
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """EpiCache's layer sensitivity of a model on a seeded conversation sample."""
-    from .eval.generators import make_tasks
-    from .runtime.models import load_model
-    from .runtime.profile import profile, save_profile
 
     model, tok = load_model(args.model, device=args.device)
     task = make_tasks("conversation", tok, n=1, length=args.length, seed=args.seed)[0]
@@ -238,7 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="synthetic task sets")
     tsub = p.add_subparsers(dest="tasks_command", required=True)
     m = tsub.add_parser("make", help="generate a seeded task set")
-    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find")
+    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find, conversation, ruler")
+    m.add_argument("--task", default=None,
+                   help="ruler: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe, "
+                   "or all")
+    m.add_argument("--haystack", default=None, choices=["noise", "essay", "prose"],
+                   help="ruler: replace RULER's text haystack (noise, or essays) by noise, essays or built-in seeded "
+                   "prose (default: RULER's per task)")
+    m.add_argument("--essay", default=None,
+                   help="ruler: text file for the essay haystack (RULER uses Paul Graham's essays; without one, "
+                   "built-in seeded prose stands in)")
     m.add_argument("--n", type=_positive, default=10, help="number of contexts")
     m.add_argument("--length", type=_positive, default=1000, help="context length in model tokens")
     m.add_argument("--seed", type=int, default=0)
@@ -247,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_tasks_make)
 
     p = sub.add_parser("eval", help="run policies x budgets on a task file in three modes (resumable sweep)")
-    p.add_argument("--tasks", required=True, help="task file (JSONL)")
+    p.add_argument("--tasks", required=True,
+                   help="task file (ours, or SCBench / LongMemEval / LoCoMo data), or a dataset id owner/name[:config] "
+                   "read with HF datasets (pip install 'kvbudget[datasets]')")
+    p.add_argument("--format", default="auto", choices=["auto", "kvbudget", "scbench", "longmemeval", "locomo"],
+                   help="schema of --tasks (default: recognised from its fields)")
     p.add_argument("--policy", required=True, help="comma list of policies (see `kvbudget policies`), or all")
     p.add_argument("--out", default="kvbudget-eval",
                    help="output directory; a rerun into it skips the cells already in its results.jsonl")
@@ -292,21 +322,58 @@ def _add_profile(sub) -> None:
     p.set_defaults(func=cmd_profile)
 
 
+def _size(nbytes: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes % size == 0:
+            return f"{nbytes // size}{unit}"
+    return str(nbytes)
+
+
 def _add_serve(sub) -> None:
+
+    lim = Limits()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over persistent sessions in bounded memory")
     p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--policy", default="snapkv", help="policy, or a comma list (the first is the default; default snapkv)")
     p.add_argument("--budget", default="512", help="budget of every session: tokens, bytes (24MiB) or a ratio (default 512)")
     p.add_argument("--memory", default="2GiB", help="KV bytes all sessions in memory may hold together (default 2GiB)")
-    p.add_argument("--store", default=None, help="session store directory (default $KVBUDGET_CACHE/sessions)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--store", default=None, help="session directory (default $KVBUDGET_CACHE/sessions)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1); another than loopback needs an API key or --insecure")
     p.add_argument("--port", type=_positive, default=8000)
     p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
     p.add_argument("--max-tokens", type=_positive, default=512, help="the most tokens a request may generate (default 512)")
     p.add_argument("--default-max-tokens", type=_positive, default=128,
                    help="tokens generated when a request names no max_tokens (default 128)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("access (docs/serving.md)")
+    g.add_argument("--api-key", action="append", metavar="KEY",
+                   help="accept 'Authorization: Bearer KEY' (repeatable); each key owns the sessions it creates")
+    g.add_argument("--api-key-file", action="append", metavar="FILE",
+                   help="a file of API keys, one a line (repeatable; keeps keys out of the process list)")
+    g.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without any API key")
+    g = p.add_argument_group("limits (each hit answers a 4xx naming it and counts in /metrics)")
+    g.add_argument("--max-body-bytes", default=None, help=f"request body size (default {_size(lim.max_body_bytes)})")
+    g.add_argument("--max-message-chars", type=_positive, default=None,
+                   help=f"characters of one message (default {lim.max_message_chars})")
+    g.add_argument("--max-request-tokens", type=_positive, default=None,
+                   help=f"prompt tokens of one request (default {lim.max_request_tokens})")
+    g.add_argument("--max-json-depth", type=_positive, default=None,
+                   help=f"nesting of a JSON body (default {lim.max_json_depth})")
+    g.add_argument("--max-sessions-per-key", type=_positive, default=None,
+                   help=f"sessions one key may hold (default {lim.max_sessions_per_key})")
+    g.add_argument("--max-stored-bytes-per-key", default=None,
+                   help=f"disk the session files of one key may take (default {_size(lim.max_stored_bytes_per_key)})")
+    g.add_argument("--max-stored-bytes", default=None,
+                   help=f"disk all session files may take (default {_size(lim.max_stored_bytes)})")
+    g.add_argument("--session-ttl", default=None,
+                   help="delete a session (and its file) idle this long: seconds or 90s, 15m, 12h, 7d; 0 = never "
+                   f"(default {lim.session_ttl_s / 86400:g}d)")
+    g.add_argument("--max-queue", type=_positive, default=None,
+                   help=f"requests admitted to the model at once, running or waiting; more get 429 (default {lim.max_queue})")
+    g.add_argument("--request-timeout", default=None,
+                   help=f"seconds from admission to answer, queueing included; then 408 (default {lim.request_timeout_s:g})")
     p.set_defaults(func=cmd_serve)
 
 

@@ -4,16 +4,18 @@ An allocator maps (budget per layer on average, number of budgeted layers, prote
 one integer budget per layer whose sum never exceeds ``budget * n_layers``. ``head-adaptive``
 keeps uniform layer budgets and lets the heads of a layer share theirs (one top-k over all
 heads, `compress.select.select_across_heads`). ``sensitivity`` (EpiCache) splits it by each
-layer's measured sensitivity to block-wise prefill.
+layer's measured sensitivity to block-wise prefill. ``per-layer:S1/S2/...`` gives each layer a
+share of the total that the user chooses (the peer library's per-layer compression ratios).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-from ..errors import KVBudgetError
+from ..errors import BudgetError, KVBudgetError
 
 Allocator = Callable[[int, int, int], list[int]]
 
@@ -52,6 +54,27 @@ def sensitivity_budgets(budget: int, scores: list[float], alpha: float, floor: i
     return [floor + int(free * float(w)) for w in weights]
 
 
+def per_layer(shares: list[float]) -> Allocator:
+    """One budget share per layer, in layer order: layer l keeps ``budget * share_l / mean(shares)``
+    entries (floored, so the total stays at or under ``budget * n_layers``). Shares are relative:
+    ``[2, 1, 1]`` gives the first layer twice the others' budget."""
+    if not shares or any(not 0 < s < math.inf for s in shares):
+        raise BudgetError(f"per-layer shares must be positive numbers, got {shares}")
+
+    def allocate(budget: int, n_layers: int, window: int) -> list[int]:
+        if len(shares) != n_layers:
+            raise BudgetError(f"per-layer allocator: {len(shares)} shares given for {n_layers} budgeted layers")
+        mean = sum(shares) / n_layers
+        budgets = [int(budget * s / mean) for s in shares]
+        if min(budgets) < 1:
+            raise BudgetError(f"per-layer allocator: a share of {min(shares)} leaves a layer no entry at budget {budget}")
+        return budgets
+
+    return allocate
+
+
+PER_LAYER = "per-layer:"
+
 ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "pyramid": pyramid, "head-adaptive": uniform,
                                     # EpiCache's: needs the model's profile, applied by the Policy.
                                     "sensitivity": uniform}
@@ -60,8 +83,15 @@ HEAD_ADAPTIVE = {"head-adaptive"}
 
 
 def get_allocator(name: str) -> Allocator:
-    """The allocator called ``name``, or a clear error listing the known ones."""
+    """The allocator called ``name`` (``per-layer:2/1/1`` builds one from its shares), or a clear
+    error listing the known ones."""
+    if name.startswith(PER_LAYER):
+        try:
+            shares = [float(s) for s in name[len(PER_LAYER) :].split("/")]
+        except ValueError:
+            raise KVBudgetError(f"allocator '{name}': shares must be numbers separated by '/', e.g. per-layer:2/1/1") from None
+        return per_layer(shares)
     try:
         return ALLOCATORS[name]
     except KeyError:
-        raise KVBudgetError(f"unknown allocator '{name}' (known: {', '.join(ALLOCATORS)})") from None
+        raise KVBudgetError(f"unknown allocator '{name}' (known: {', '.join(ALLOCATORS)}, {PER_LAYER}S1/S2/...)") from None

@@ -1,1 +1,2 @@
-"""Evaluation: task files, generators, metrics, runner, reports."""
+"""Evaluation: task files, generators (ours and RULER), loaders of published datasets, metrics,
+runner, reports."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from .generators import _TOPICS, _sentence
+from .prose import TOPICS, sentence
 from .taskfile import Question, Task
 
 _DATES = ["2 March", "9 March", "17 March", "28 March", "6 April", "15 April", "27 April",
@@ -176,7 +176,7 @@ def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5)
             user, assistant = rng.choice(_SMALL_TALK[rng.choice(session_topic[s])])
             if rng.random() < 0.6:  # an anecdote from the prose grammar keeps small talk varied
                 lead = user if user.startswith("I ") else user[0].lower() + user[1:]
-                user = f"{_sentence(rng, rng.choice(_TOPICS))} Anyway, {lead}"
+                user = f"{sentence(rng, rng.choice(TOPICS))} Anyway, {lead}"
             talk[s].append((user, assistant))
             total += _content_tokens(tok, user) + _content_tokens(tok, assistant) + overhead
         messages = _render(talk, placed, dates)

@@ -1,4 +1,5 @@
-"""Answer scoring: exact, contains, token F1 (SQuAD style) and multiple choice."""
+"""Answer scoring: exact, contains, token F1 (SQuAD style), multiple choice, and RULER's
+string_match_all (the share of several required values found in the answer)."""
 
 from __future__ import annotations
 
@@ -102,21 +103,38 @@ def _choice(pred: str, gold: str) -> float:
     return 0.0
 
 
+def _string_match_all(pred: str, answers: list[str]) -> float:
+    # RULER's metric, as its reference scorer computes it: a case-insensitive substring test per
+    # required value, averaged (no normalisation, no word boundaries).
+    text = pred.lower()
+    return sum(gold.lower() in text for gold in answers) / len(answers)
+
+
 _SCORERS = {"exact": _exact, "contains": _contains, "f1": _f1, "choice": _choice}
+# Metrics that score the whole answer list at once: every answer is required, not one of them.
+_ALL_OF = {"string_match_all": _string_match_all}
+METRICS = (*_SCORERS, *_ALL_OF)
 
 
 def score(prediction: str, answers: list[str], metric: str) -> float:
-    """Score a prediction in [0, 1] against gold answers (max over them) with a metric.
+    """Score a prediction in [0, 1] against gold answers with a metric.
 
     metric: ``exact`` (normalized equality), ``contains`` (normalized gold occurs in the
     normalized prediction on word boundaries), ``f1`` (SQuAD token F1) or ``choice`` (first
-    choice letter equals the gold letter, or the prediction is the gold option text).
+    choice letter equals the gold letter, or the prediction is the gold option text): the best
+    over the gold answers, any of which is right; ``string_match_all`` (RULER): every answer is a
+    required value and the score is the share of them found in the prediction, case-insensitive.
     """
-    try:
-        scorer = _SCORERS[metric]
-    except KeyError:
-        raise KVBudgetError(f"unknown metric {metric!r} (known: {', '.join(_SCORERS)})") \
-            from None
+    if metric not in METRICS:
+        raise KVBudgetError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
     if not answers:
         return 0.0
-    return max(scorer(prediction, gold) for gold in answers)
+    if metric in _ALL_OF:
+        return _ALL_OF[metric](prediction, answers)
+    return max(_SCORERS[metric](prediction, gold) for gold in answers)
+
+
+def reference_answer(answers: list[str], metric: str) -> str:
+    """The one answer text a turn is teacher-forced on (answer retention) and that multi-turn
+    appends to the conversation: all required values for ``string_match_all``, else the first."""
+    return ", ".join(answers) if metric in _ALL_OF else answers[0]

@@ -11,13 +11,20 @@ import base64
 import html
 import json
 import platform
+import re
 import subprocess
 from collections import defaultdict
+from importlib.metadata import version
 from pathlib import Path
+
+import torch
+import transformers
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from ..errors import KVBudgetError
 from ..fileio import atomic_write_text
-from .runner import read_results
+from .runner import read_results, sweep_sources
 from .summary import MODE_ORDER, summarize
 
 MODE_TEXT = {
@@ -37,24 +44,19 @@ COLUMNS = ("acc = task metric; retain = answer retention (1 = full cache, 0 = no
 
 def environment(model_name: str, seconds: float | None = None, seed: int | None = None) -> dict:
     """Model, device, versions, seed and git commit, for the report's provenance section."""
-    import torch
-    import transformers
-
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5, check=False
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    from .. import __version__
-
     return {
         "model": model_name,
         "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "machine": f"{platform.system()} {platform.machine()}, python {platform.python_version()}",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "kvbudget": __version__,
+        "kvbudget": version("kvbudget"),
         "seed": seed,
         "commit": commit or "unknown",
         "seconds": round(seconds, 1) if seconds is not None else None,
@@ -68,15 +70,11 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
     """Accuracy and retention (rows of the figure) vs compression, one column per mode; a line
     per policy over its budgets, a single marker for a policy without a budget (a store), the
     full cache as a dashed reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)] or ["multi-turn"]
-    fig, axes = plt.subplots(2, len(modes), figsize=(5.2 * len(modes) + 2.2, 7.5), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(modes) + 2.2, 7.5))
+    axes = fig.subplots(2, len(modes), squeeze=False)
     policies = sorted({r["policy"] for r in rows if r["policy"] != "full"})
-    cmap = plt.get_cmap("tab20")
+    cmap = colormaps["tab20"]
     style = {p: (cmap(i % 20), "os^vDPX*"[i // 20 % 8]) for i, p in enumerate(policies)}
     for col, mode in enumerate(modes):
         in_mode = [r for r in rows if r["mode"] == mode]
@@ -110,7 +108,6 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -138,16 +135,28 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return _HEAD, body
 
 
-def _blocks(summary: dict, env: dict, plots: dict[str, Path]) -> list[tuple[str, object]]:
+def _sources_table(sources: list[dict]) -> tuple[list[str], list[list[str]]]:
+    keys = list(dict.fromkeys(k for src in sources for k in src))
+    return keys, [[str(src.get(k, "-")) for k in keys] for src in sources]
+
+
+def _blocks(summary: dict, env: dict, plots: dict[str, Path], sources: list[dict]) -> list[tuple[str, object]]:
     """The report as ("h1"/"h2"/"p"/"table"/"img", content) blocks."""
-    out: list[tuple[str, object]] = [("h1", "kvbudget report")]
+    model = env.get("model")
+    on = f" — model {model}" if model else ""
+    out: list[tuple[str, object]] = [("h1", f"kvbudget report{on}")]
     if env.get("command"):
         out.append(("code", env["command"]))
     shown = {k: v for k, v in env.items() if k != "command"}
     out.append(("table", (list(shown), [[str(v) for v in shown.values()]])))
+    if sources:
+        out.append(("h2", "Tasks: where they come from"))
+        out.append(("p", "The generator or dataset of the tasks and the settings that regenerate them "
+                         "(tasks = how many share the row)."))
+        out.append(("table", _sources_table(sources)))
     out.append(("p", "Modes: " + " ".join(MODE_TEXT[m] for m in summary["modes"] if m in MODE_TEXT)))
     out.append(("p", COLUMNS))
-    out.append(("h2", "All tasks"))
+    out.append(("h2", f"All tasks{on}"))
     if "all" in plots:
         out.append(("img", plots["all"]))
     out.append(("table", _table(summary["rows"])))
@@ -156,8 +165,10 @@ def _blocks(summary: dict, env: dict, plots: dict[str, Path]) -> list[tuple[str,
         for fam in families:
             rows = [r for r in summary["by_task"] if r["task_family"] == fam]
             full = {r["mode"]: r["accuracy"] for r in rows if r["policy"] == "full"}
-            out.append(("h2", f"Task: {fam}"))
-            out.append(("p", "Full-cache accuracy: " + ", ".join(f"{m} {_f(a, '.2f')}" for m, a in full.items()) + "."))
+            metric = next((r["metric"] for r in rows if r.get("metric")), None)
+            out.append(("h2", f"Task: {fam}{on}"))
+            out.append(("p", (f"Metric: {metric}. " if metric else "") + "Full-cache accuracy: "
+                        + ", ".join(f"{m} {_f(a, '.2f')}" for m, a in full.items()) + "."))
             if fam in plots:
                 out.append(("img", plots[fam]))
             out.append(("table", _table(rows)))
@@ -224,14 +235,16 @@ def write_report(directory: str | Path, env: dict | None = None) -> tuple[Path, 
     if env is None:
         env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
     summary = summarize(rows)
-    plots = {"all": plot(summary["rows"], d / "plot.png", "kvbudget: quality vs KV compression, all tasks")}
+    on = f" ({env['model']})" if env.get("model") else ""
+    plots = {"all": plot(summary["rows"], d / "plot.png", f"kvbudget{on}: quality vs KV compression, all tasks")}
     fams: dict[str, list[dict]] = defaultdict(list)
     for r in summary["by_task"]:
         fams[r["task_family"]].append(r)
     if len(fams) > 1:
         for fam, fam_rows in fams.items():
-            plots[fam] = plot(fam_rows, d / f"plot-{fam}.png", f"kvbudget: quality vs KV compression, task {fam}")
-    blocks = _blocks(summary, env, plots)
+            name = re.sub(r"[^\w.-]+", "_", fam)  # a category is free text; a file name is not
+            plots[fam] = plot(fam_rows, d / f"plot-{name}.png", f"kvbudget{on}: quality vs KV compression, task {fam}")
+    blocks = _blocks(summary, env, plots, sweep_sources(d))
     md, page = d / "report.md", d / "report.html"
     atomic_write_text(md, _md(blocks))
     atomic_write_text(page, _html(blocks))

@@ -38,12 +38,13 @@ from ..methods import describe, make_policy
 from ..runtime.prefill import BLOCK_SIZE
 from ..runtime.session import Session, Turn
 from .fidelity import next_token_fidelity
+from .metrics import reference_answer
 from .metrics import score as score_answer
 from .summary import format_table, summarize
 from .taskfile import Task, task_to_dict
 
-__all__ = ["MODES", "EvalConfig", "check_names", "expand_policies", "format_table", "parse_modes",
-           "read_results", "run_eval", "run_task", "summarize", "validate"]
+__all__ = ["MODES", "EvalConfig", "check_names", "expand_policies", "format_table", "parse_modes", "prompt_format",
+           "read_results", "run_eval", "run_task", "sources", "summarize", "sweep_sources", "validate"]
 
 # Below this gain (nats) the full cache does not make the gold answer more likely than no
 # context at all: retention would divide by noise, so it is left undefined for that question.
@@ -53,6 +54,8 @@ MODES = ("multi-turn", "multi-request", "query-aware")
 
 # Settings that change results: a resumed sweep must use the same ones as the rows it extends.
 _RESULT_SETTINGS = ("block_size", "max_new_tokens", "window", "seed", "decode_interval", "model")
+# Task metadata that differs between the samples of one generation setting.
+_PER_SAMPLE = ("index", "tokens", "id")
 
 
 @dataclass
@@ -130,6 +133,12 @@ def context_tokens(tok, task: Task) -> int:
     return len(tok(messages[0]["content"]).input_ids)
 
 
+def prompt_format(tok) -> str:
+    """How a session frames context and questions for this tokenizer: its chat template, or (base
+    models) the plain completion prompt "<context>\n\nQuestion: ...\nAnswer:"."""
+    return "chat template" if getattr(tok, "chat_template", None) else "plain completion (Question: / Answer:)"
+
+
 def check_names(cfg: EvalConfig) -> None:
     """Unknown policies, modes and unreadable budgets fail before anything is loaded."""
     parse_modes(cfg.mode)
@@ -172,7 +181,7 @@ def _no_context_logprobs(model, tok, task: Task) -> list[float]:
     out = []
     for q in task.questions:
         s = Session(model, tok, "full")
-        out.append(s.ask_detailed(q.question, max_new_tokens=0, gold=q.answers[0]).answer_logprob)
+        out.append(s.ask_detailed(q.question, max_new_tokens=0, gold=reference_answer(q.answers, q.metric)).answer_logprob)
     return out
 
 
@@ -195,8 +204,9 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
         q = task.questions[i]
         ref = references.get((mode, i)) if references is not None else None
         reference = ref.steps.argmax(-1).tolist() if ref is not None and ref.steps is not None else None
-        return session.ask_detailed(q.question, cfg.max_new_tokens, gold=q.answers[0],
-                                    history_answer=q.answers[0] if history else None,
+        gold = reference_answer(q.answers, q.metric)
+        return session.ask_detailed(q.question, cfg.max_new_tokens, gold=gold,
+                                    history_answer=gold if history else None,
                                     reference=reference, keep_steps=references is None)
 
     def add(mode: str, i: int, session: Session, stats, kv_bytes: int, turn: Turn) -> None:
@@ -294,12 +304,34 @@ def _task_hash(task: Task) -> str:
     return hashlib.sha1(json.dumps(task_to_dict(task), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sources(metas: list[dict | None]) -> list[dict]:
+    """The distinct origins of a task set: each task's ``meta`` without what differs between the
+    samples of one setting (index, measured tokens), with how many tasks share it."""
+    out: dict[str, dict] = {}
+    for meta in metas:
+        if meta is None:
+            continue
+        setting = {k: v for k, v in meta.items() if k not in _PER_SAMPLE}
+        key = json.dumps(setting, sort_keys=True)
+        out.setdefault(key, {**setting, "tasks": 0})["tasks"] += 1
+    return list(out.values())
+
+
+def sweep_sources(out_dir: str | Path) -> list[dict]:
+    """`sources` of every task a sweep directory ran (from its ``sweep.json``)."""
+    path = Path(out_dir) / "sweep.json"
+    if not path.exists():
+        return []
+    return sources(list(json.loads(path.read_text()).get("meta", {}).values()))
+
+
 def _check_sweep(out: Path, cfg: EvalConfig, tasks: list[Task]) -> None:
-    """Record the settings and tasks of the sweep in ``sweep.json``; a rerun into the same
-    directory must use the same settings, and a task id must keep its content."""
+    """Record the settings, tasks and task origins of the sweep in ``sweep.json``; a rerun into the
+    same directory must use the same settings, and a task id must keep its content."""
     path = out / "sweep.json"
     settings = {k: v for k, v in asdict(cfg).items() if k in _RESULT_SETTINGS}
     hashes = {t.id: _task_hash(t) for t in tasks}
+    metas = {t.id: t.meta for t in tasks if t.meta is not None}
     if path.exists():
         old = json.loads(path.read_text())
         for k, v in settings.items():
@@ -310,7 +342,8 @@ def _check_sweep(out: Path, cfg: EvalConfig, tasks: list[Task]) -> None:
             if old["tasks"].get(tid, h) != h:
                 raise KVBudgetError(f"{out} holds results for another task with the id '{tid}': use another --out")
         hashes = {**old["tasks"], **hashes}
-    atomic_write_text(path, json.dumps({"settings": settings, "tasks": hashes}, indent=2))
+        metas = {**old.get("meta", {}), **metas}
+    atomic_write_text(path, json.dumps({"settings": settings, "tasks": hashes, "meta": metas}, indent=2))
 
 
 def _key(row: dict) -> tuple[str, str, str, str]:
@@ -387,6 +420,8 @@ def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path
     summary = summarize(read_results(results))
     summary["seconds"] = time.perf_counter() - start
     summary["config"] = asdict(cfg)
+    summary["prompt"] = prompt_format(tok)
+    summary["sources"] = sweep_sources(out)
     summary["resumed_cells"] = skipped
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

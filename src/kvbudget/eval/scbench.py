@@ -1,9 +1,9 @@
 """More SCBench-style generators (specs/tasks.md): prefix_suffix, multihop, math_find.
 
-Same contract as ``generators.py``: ``gen(tok, n, length, seed, **options) -> list[Task]``, seeded,
+Same contract as the generators of ``generators.py``: ``gen(tok, n, length, seed, **options) -> list[Task]``, seeded,
 offline, contexts ``length`` tokens long (within 5%) as counted by ``tok``, every answer present
 in its context. Each task's list or statements can fill the whole context (SCBench's layout) or
-sit in natural filler prose (``generators.document``); the defaults are the layouts on which the
+sit in natural filler prose (``prose.document``); the defaults are the layouts on which the
 default model (SmolLM2-135M) answers with the full cache (docs/benchmarks.md, calibration).
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import KVBudgetError
-from .generators import document, ntok, spread
+from .prose import document, ntok, spread
 from .taskfile import Question, Task
 
 

@@ -34,6 +34,7 @@ def _cell(rs: list[dict]) -> dict:
     decode_s = sum(r["decode_s"] for r in rs)
     return {
         "questions": len(rs),
+        "metric": ", ".join(sorted({r["metric"] for r in rs if r.get("metric")})) or None,
         "accuracy": _mean(r["score"] for r in rs),
         "retention": _mean(r.get("retention") for r in rs),
         "retention_n": sum(r.get("retention") is not None for r in rs),
@@ -85,14 +86,17 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def format_table(summary: dict, mode: str | None = None, rows: list[dict] | None = None) -> str:
-    """The policy x budget table as fixed-width text, one block per mode (or only ``mode``)."""
+    """The policy x budget table as fixed-width text, one block per mode (or only ``mode``), headed
+    by the model when the summary names it."""
     rows = summary["rows"] if rows is None else rows
+    model = (summary.get("config") or {}).get("model")
     modes = [mode] if mode else (summary.get("modes") or sorted({r.get("mode", "multi-turn") for r in rows}, key=_mode_rank))
     head = (f"{'policy':<16}{'budget':>8}{'acc':>7}{'retain':>8}{'agree':>7}{'KL':>7}{'KV MB':>8}{'compr':>7}"
             f"{'peak MB':>8}{'prefill s':>10}{'overhead':>9}{'tok/s':>7}")
     blocks = []
     for m in modes:
-        lines = [f"[{m}{' — OPTIMISTIC reference' if m == 'query-aware' else ''}]", head, "-" * len(head)]
+        label = f"{m}{' — OPTIMISTIC reference' if m == 'query-aware' else ''}{f' — model {model}' if model else ''}"
+        lines = [f"[{label}]", head, "-" * len(head)]
         for r in rows:
             if r.get("mode", "multi-turn") != m:
                 continue

@@ -5,7 +5,12 @@ Format (DESIGN.md, "Task files")::
     {"id": "conv-0007",
      "context": "a document" | [{"role": "user", "content": "..."}, ...],
      "questions": [{"question": "...", "answers": ["..."], "metric": "contains",
-                    "category": "needle"}]}
+                    "category": "needle"}],
+     "meta": {"benchmark": "ruler", "task": "niah_single_1", "length": 4096, "seed": 0}}
+
+``metric`` is one of `metrics.METRICS`; ``category`` (optional) groups scores in reports; ``meta``
+(optional) records where a task came from and the settings that regenerate it (generator or
+dataset, task name, length, seed, haystack, tokenizer): reports and summaries list it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Any, Iterable
 
 from ..errors import TaskFileError
 from ..fileio import atomic_open
+from .metrics import METRICS
 
-METRICS = ("exact", "contains", "f1", "choice")
 ROLES = ("user", "assistant", "system")
 
 
@@ -40,6 +45,7 @@ class Task:
     id: str
     context: str | list[dict]
     questions: list[Question] = field(default_factory=list)
+    meta: dict[str, Any] | None = None  # provenance: generator or dataset and its settings
 
 
 class _FieldError(Exception):
@@ -141,12 +147,16 @@ def _task_from_dict(obj: dict) -> Task:
         raise _FieldError("questions", f"must be a list (got {_type_name(questions)})")
     if not questions:
         raise _FieldError("questions", "must not be empty")
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise _FieldError("meta", f"must be an object (got {_type_name(meta)})")
     return Task(id=task_id, context=context,
-                questions=[_parse_question(q, i) for i, q in enumerate(questions)])
+                questions=[_parse_question(q, i) for i, q in enumerate(questions)],
+                meta=dict(meta) if meta is not None else None)
 
 
 def task_to_dict(task: Task) -> dict:
-    """The JSON object of a task (category is written only when set)."""
+    """The JSON object of a task (category and meta are written only when set)."""
     questions = []
     for q in task.questions:
         d: dict[str, Any] = {"question": q.question, "answers": list(q.answers),
@@ -155,7 +165,21 @@ def task_to_dict(task: Task) -> dict:
             d["category"] = q.category
         questions.append(d)
     context = task.context if isinstance(task.context, str) else [dict(m) for m in task.context]
-    return {"id": task.id, "context": context, "questions": questions}
+    out: dict[str, Any] = {"id": task.id, "context": context, "questions": questions}
+    if task.meta is not None:
+        out["meta"] = dict(task.meta)
+    return out
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a task file (UTF-8); a missing or unreadable file raises TaskFileError naming it."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskFileError(f"{p}: task file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskFileError(f"{p}: cannot read task file ({exc})") from None
 
 
 def read_tasks(path: str | os.PathLike) -> list[Task]:
@@ -165,12 +189,7 @@ def read_tasks(path: str | os.PathLike) -> list[Task]:
     field, e.g. ``tasks.jsonl line 3: field 'questions[1].metric' must be one of ...``.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TaskFileError(f"{p}: task file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskFileError(f"{p}: cannot read task file ({exc})") from None
+    text = read_text(p)
     tasks: list[Task] = []
     seen: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):

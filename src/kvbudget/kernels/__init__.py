@@ -62,17 +62,19 @@ def kivi_decode_attention(
     q: Tensor, body, store, tail_k: Tensor, tail_v: Tensor, scale: float,
     tail_lens: Tensor | None = None, body_lens: Tensor | None = None,
     num_splits: int | None = None, out: Tensor | None = None,
-    softcap: float | None = None, sinks: Tensor | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None, window: int | None = None,
+    body_pos: Tensor | None = None, tail_pos: Tensor | None = None, qpos: Tensor | None = None,
 ) -> Tensor:
     """q [B, Hq, D] over a KIVI layer: encoded ``body`` (`kvbudget.store.Body`) then the
     full-precision tail [B, Hkv, t, D] -> [B, Hq, Dv]. Fused Triton kernel on CUDA when the layout
     allows it (`kivi_decode.kivi_supported`) and nothing is added to softmax attention, else
-    decode-then-attend in torch (which applies ``softcap`` and ``sinks``)."""
-    plain = not softcap and sinks is None
+    decode-then-attend in torch (which applies ``softcap``, ``sinks`` and a sliding ``window``
+    over the entries' positions ``body_pos`` / ``tail_pos`` for queries at ``qpos``)."""
+    plain = not softcap and sinks is None and not window
     if plain and _on_triton(q) and _kivi.kivi_supported(q, body, store, tail_k) is None:
         return _kivi.kivi_decode_attention(q, body, store, tail_k, tail_v, scale, tail_lens, body_lens, num_splits, out)
     return reference_kivi_decode_attention(q, body, store, tail_k, tail_v, scale, tail_lens, body_lens, num_splits, out,
-                                           softcap, sinks)
+                                           softcap, sinks, window, body_pos, tail_pos, qpos)
 
 
 __all__ = [

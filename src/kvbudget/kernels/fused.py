@@ -22,9 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+from .varlen_decode import pow2
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------
@@ -49,7 +47,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    block = _pow2(n)
+    block = pow2(n)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, eps, rows.stride(0), out.stride(0), BLOCK=block,
                                        num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False)
     return out.view(x.shape)
@@ -126,7 +124,7 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         bc, cos.stride(1), bs, sin.stride(1),
-        HQ=hq, HK=hk, HALF=d // 2, BLOCK_HQ=_pow2(hq), BLOCK_HK=_pow2(hk), BLOCK_HALF=_pow2(d // 2),
+        HQ=hq, HK=hk, HALF=d // 2, BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), BLOCK_HALF=pow2(d // 2),
         num_warps=4, enable_fp_fusion=False,
     )
     return qo, ko
@@ -155,7 +153,7 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     if u.stride(-1) != 1:
         u = u.contiguous()
     out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
-    block = min(2048, _pow2(n))
+    block = min(2048, pow2(n))
     _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), out.stride(0),
                                                            BLOCK=block, num_warps=4, enable_fp_fusion=False)
     return out.view(*gate.shape[:-1], n)
@@ -181,4 +179,4 @@ def static_append(key: Tensor, value: Tensor, keys: Tensor, values: Tensor, star
     `kvbudget.static.StaticLayer.update` in one kernel, with no host sync."""
     d, dv = keys.shape[1], values.shape[1]
     _append_kernel[(lens.numel(),)](key, value, keys, values, starts, lens, d, dv, key.stride(0), value.stride(0),
-                                    BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), num_warps=1)
+                                    BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), num_warps=1)

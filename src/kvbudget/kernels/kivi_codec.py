@@ -1,6 +1,6 @@
 """KIVI's encode and decode as one Triton kernel each: quantize + pack, unpack + dequantize.
 
-The torch path (`kvbudget.quant`, as `policies/kivi.py` calls it) is a chain of ~25 element-wise
+The torch path (`methods/stores/quant.py`, as `methods/stores/kivi.py` calls it) is a chain of ~25 element-wise
 and reduction kernels over float32 temporaries: pad, cast, masked min / max, divide, round, clamp,
 shift, sum for an encode; unpack, gather each entry's key-scale row, cast, multiply, add for a
 decode. On an H100, 8B shape, they take 1.6 ms to encode or decode 8 layers of a 2048-token

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .kivi_parts import kivi_parts_body
-from .varlen_decode import LOG2E, MAX_SPLITS, MIN_ROWS, _mm, _pow2, _store_partial, choose_splits, combine, decode_attention, dot_precision, launch_stage, new_partials, num_sms, upcast_dot
+from .varlen_decode import LOG2E, MAX_SPLITS, MIN_ROWS, mm, pow2, store_partial, choose_splits, combine, decode_attention, dot_precision, launch_stage, new_partials, num_sms, upcast_dot
 
 # 32 entries x 8 warps: the dequantisation tiles fit in registers (ptxas, sm_90: 206-215 registers,
 # no spills; 64 x 4 warps spills ~0.5 KB per thread).
@@ -174,15 +174,15 @@ def _kivi_stage_kernel(
         kbytes = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :] * stride_kcj,
                          mask=kmask, other=0).to(tl.int32)
         k0 = _key_part(kbytes, 0, BITS, PACK, ks_rows, kz_rows, offs_j, kmask, stride_td).to(dt)
-        qk = _mm(q0, tl.trans(k0), DOT_PREC, UPCAST)
+        qk = mm(q0, tl.trans(k0), DOT_PREC, UPCAST)
         if PACK >= 2:
             k1 = _key_part(kbytes, 1, BITS, PACK, ks_rows, kz_rows, offs_j, kmask, stride_td).to(dt)
-            qk += _mm(q1, tl.trans(k1), DOT_PREC, UPCAST)
+            qk += mm(q1, tl.trans(k1), DOT_PREC, UPCAST)
         if PACK >= 4:
             k2 = _key_part(kbytes, 2, BITS, PACK, ks_rows, kz_rows, offs_j, kmask, stride_td).to(dt)
-            qk += _mm(q2, tl.trans(k2), DOT_PREC, UPCAST)
+            qk += mm(q2, tl.trans(k2), DOT_PREC, UPCAST)
             k3 = _key_part(kbytes, 3, BITS, PACK, ks_rows, kz_rows, offs_j, kmask, stride_td).to(dt)
-            qk += _mm(q3, tl.trans(k3), DOT_PREC, UPCAST)
+            qk += mm(q3, tl.trans(k3), DOT_PREC, UPCAST)
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -196,15 +196,15 @@ def _kivi_stage_kernel(
         vbytes = tl.load(vc_base + rows[:, None] * stride_vcn + offs_jv[None, :] * stride_vcj,
                          mask=vmask, other=0).to(tl.int32)
         v0 = _value_part(vbytes, 0, BITS, PACK, GV, vs_rows, vz_rows, offs_jv, vmask, stride_vsg).to(dt)
-        acc0 = acc0 * alpha[:, None] + _mm(pv, v0, DOT_PREC, UPCAST)
+        acc0 = acc0 * alpha[:, None] + mm(pv, v0, DOT_PREC, UPCAST)
         if PACK >= 2:
             v1 = _value_part(vbytes, 1, BITS, PACK, GV, vs_rows, vz_rows, offs_jv, vmask, stride_vsg).to(dt)
-            acc1 = acc1 * alpha[:, None] + _mm(pv, v1, DOT_PREC, UPCAST)
+            acc1 = acc1 * alpha[:, None] + mm(pv, v1, DOT_PREC, UPCAST)
         if PACK >= 4:
             v2 = _value_part(vbytes, 2, BITS, PACK, GV, vs_rows, vz_rows, offs_jv, vmask, stride_vsg).to(dt)
-            acc2 = acc2 * alpha[:, None] + _mm(pv, v2, DOT_PREC, UPCAST)
+            acc2 = acc2 * alpha[:, None] + mm(pv, v2, DOT_PREC, UPCAST)
             v3 = _value_part(vbytes, 3, BITS, PACK, GV, vs_rows, vz_rows, offs_jv, vmask, stride_vsg).to(dt)
-            acc3 = acc3 * alpha[:, None] + _mm(pv, v3, DOT_PREC, UPCAST)
+            acc3 = acc3 * alpha[:, None] + mm(pv, v3, DOT_PREC, UPCAST)
         m_i = m_new
 
     # Epilogue: normalised partial output (channels P*j + s from sub-accumulator s) and LSE.
@@ -259,7 +259,7 @@ def _fold_rows(q, kcodes, sc, zc, BITS: tl.constexpr, DT: tl.constexpr, DOT_PREC
     sc = sc.to(tl.float32)
     qt = (q * sc[None, :]).to(DT)
     zc = zc.to(tl.float32) + sc * (1 << (BITS - 1))
-    return _mm(qt, tl.trans(kcodes), DOT_PREC, UPCAST) + tl.sum(q * zc[None, :], 1)[:, None]
+    return mm(qt, tl.trans(kcodes), DOT_PREC, UPCAST) + tl.sum(q * zc[None, :], 1)[:, None]
 
 
 @triton.jit
@@ -294,16 +294,16 @@ def _tail_split(q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, plse_ptr, b, h, pid_bh, p
         mask_n = offs_n < hi
         rows = offs_n.to(tl.int64)
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
-        qk = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        qk = mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
-    _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, slot,
+    store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, slot,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh)
 
 
@@ -443,7 +443,7 @@ def _kivi_fold_kernel(
                 l_i = l_i * alpha + tl.sum(p, 1)
                 vcodes = tl.reshape(_unpack(vb, BITS, PACK, BLOCK_N, BLOCK_DV), [BLOCK_N, NG, GV]).to(tl.float32)
                 v = (vcodes * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]).to(dt)
-                acc = acc * alpha[:, None] + _mm(p.to(dt), tl.reshape(v, [BLOCK_N, BLOCK_DV]), DOT_PREC, UPCAST)
+                acc = acc * alpha[:, None] + mm(p.to(dt), tl.reshape(v, [BLOCK_N, BLOCK_DV]), DOT_PREC, UPCAST)
                 m_i = m_new
 
                 # -- rotate the pipeline.
@@ -453,7 +453,7 @@ def _kivi_fold_kernel(
                 kb = kb_x
 
             offs_dv = tl.arange(0, BLOCK_DV)
-            _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, pid_s,
+            store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, pid_s,
                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh)
 
 
@@ -477,10 +477,10 @@ def fold_splits(programs: int, n: int, block_n: int, resident: int) -> tuple[int
 def fold_supported(q: Tensor, body, d: int, dv: int, gv: int) -> bool:
     """`_kivi_fold_kernel` covers power-of-two head dims and value groups with unit channel strides
     (every real model); other layers take `_kivi_stage_kernel`."""
-    pow2 = all(x == _pow2(x) for x in (d, dv, gv))
+    pow2_dims = all(x == pow2(x) for x in (d, dv, gv))
     unit = q.stride(-1) == 1 and all(
         t.stride(-1) == 1 for t in (*body.tokens.values(), body.chunks["k_scale"], body.chunks["k_zero"]))
-    return pow2 and unit
+    return pow2_dims and unit
 
 
 def kivi_supported(q: Tensor, body, store, tail_k: Tensor) -> str | None:
@@ -575,7 +575,7 @@ def kivi_decode_attention(
             *(tail_k.stride() if t > 0 else (0,) * 4), *(tail_v.stride() if t > 0 else (0,) * 4),
             t, max(tail_split, 1), s_body,
             BITS=bits, PACK=pack, GV=gv, NG=dv // gv, BLOCK_N=block_n,
-            BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, _pow2(group)), HAS_LENS=body_lens is not None,
+            BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, pow2(group)), HAS_LENS=body_lens is not None,
             TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block,
             DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), PARTS=parts,
             # The PTX unpack: NVIDIA GPUs only (a ROCm build also reports is_cuda).
@@ -585,7 +585,7 @@ def kivi_decode_attention(
     else:
         _kivi_stage_kernel[(b * hkv, s_body)](
             *args, d // pack, dv // pack, body_split, scale * LOG2E, BITS=bits, PACK=pack, GV=gv, BLOCK_N=block_n,
-            BLOCK_DP=_pow2(d // pack), BLOCK_DVP=_pow2(dv // pack), G_PAD=max(MIN_ROWS, _pow2(group)),
+            BLOCK_DP=pow2(d // pack), BLOCK_DVP=pow2(dv // pack), G_PAD=max(MIN_ROWS, pow2(group)),
             HAS_LENS=body_lens is not None, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device),
             num_warps=warps, num_stages=stages, **regs,
         )

@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .varlen_decode import _mm
+from .varlen_decode import mm
 
 
 @triton.constexpr_function
@@ -94,21 +94,21 @@ def _chunk_logits(q0, q1, q2, q3, k0, k1, k2, k3, ks_row, kz_row, offs_j,
     ch = offs_j * PACK
     sc = tl.load(ks_row + ch).to(tl.float32)
     zc = tl.load(kz_row + ch).to(tl.float32)
-    out = _mm(k0, tl.trans((q0 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
+    out = mm(k0, tl.trans((q0 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
     bias = q0 * (zc + half * sc)[None, :]
     if PACK >= 2:
         sc = tl.load(ks_row + ch + 1).to(tl.float32)
         zc = tl.load(kz_row + ch + 1).to(tl.float32)
-        out += _mm(k1, tl.trans((q1 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
+        out += mm(k1, tl.trans((q1 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
         bias += q1 * (zc + half * sc)[None, :]
     if PACK >= 4:
         sc = tl.load(ks_row + ch + 2).to(tl.float32)
         zc = tl.load(kz_row + ch + 2).to(tl.float32)
-        out += _mm(k2, tl.trans((q2 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
+        out += mm(k2, tl.trans((q2 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
         bias += q2 * (zc + half * sc)[None, :]
         sc = tl.load(ks_row + ch + 3).to(tl.float32)
         zc = tl.load(kz_row + ch + 3).to(tl.float32)
-        out += _mm(k3, tl.trans((q3 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
+        out += mm(k3, tl.trans((q3 * sc[None, :]).to(DT)), DOT_PREC, UPCAST)
         bias += q3 * (zc + half * sc)[None, :]
     return out + tl.sum(bias, 1)[None, :] * (1.0 / (1 << BITS))
 
@@ -118,7 +118,7 @@ def _value_dot(acc, alpha3, pg, vb3, s: tl.constexpr, BITS: tl.constexpr, CENTRE
                ASM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One sub-position's value accumulator [NG, GV/P, G] after one more block: codes [NG, GV/P, N]
     times ``pg`` [NG, N, G], the probabilities times each group's value scales."""
-    return acc * alpha3 + _mm(_part(vb3, s, BITS, CENTRE, DT, ASM), pg, DOT_PREC, UPCAST)
+    return acc * alpha3 + mm(_part(vb3, s, BITS, CENTRE, DT, ASM), pg, DOT_PREC, UPCAST)
 
 
 @triton.jit

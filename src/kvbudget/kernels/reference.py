@@ -88,15 +88,21 @@ def reference_kivi_decode_attention(
     q: Tensor, body, store, tail_k: Tensor, tail_v: Tensor, scale: float,
     tail_lens: Tensor | None = None, body_lens: Tensor | None = None,
     num_splits: int | None = None, out: Tensor | None = None,
-    softcap: float | None = None, sinks: Tensor | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None, window: int | None = None,
+    body_pos: Tensor | None = None, tail_pos: Tensor | None = None, qpos: Tensor | None = None,
 ) -> Tensor:
     """Torch version of `kivi_decode_attention`: decode the body with the store (what
-    `BudgetedLayer._with_body` does), put it before the tail, attend with a mask."""
+    `BudgetedLayer._with_body` does), put it before the tail, attend with a mask. ``window``:
+    entries at positions (``body_pos`` [B, Hkv, n], ``tail_pos`` [B, Hkv, t]) ``<= qpos - window``
+    (``qpos`` [B]) are masked."""
     b, hkv, t = tail_k.shape[:3]
     device = tail_k.device
     tail_valid = torch.arange(t, device=device) < (
         torch.full((b, hkv), t, device=device) if tail_lens is None else tail_lens.to(device).view(b, hkv)
     )[..., None]
+    oldest = None if not window else qpos.reshape(b, 1, 1).to(device) - window
+    if oldest is not None:
+        tail_valid = tail_valid & (tail_pos.long() > oldest)
     if body is None or len(body) == 0:
         return _into(out, _attend(q, tail_k, tail_v, tail_valid, scale, softcap, sinks))
     body_k, body_v = body.decode(store, tail_k.dtype)
@@ -104,6 +110,8 @@ def reference_kivi_decode_attention(
     body_valid = torch.arange(n, device=device) < (
         torch.full((b, hkv), n, device=device) if body_lens is None else body_lens.to(device).view(b, hkv)
     )[..., None]
+    if oldest is not None:
+        body_valid = body_valid & (body_pos[:, :, :n].long() > oldest)
     keys = torch.cat([body_k, tail_k], dim=2)
     values = torch.cat([body_v, tail_v], dim=2)
     return _into(out, _attend(q, keys, values, torch.cat([body_valid, tail_valid], dim=2), scale, softcap, sinks))

@@ -73,7 +73,7 @@ def choose_splits(programs: int, max_len: int, block_n: int, sms: int) -> tuple[
     return splits, per * block_n
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -90,7 +90,7 @@ def upcast_dot(device: torch.device) -> bool:
 
 
 @triton.jit
-def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with a float32 result."""
     if UPCAST:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -156,7 +156,7 @@ def _varlen_stage_kernel(
             k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0,
         )
-        qk = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [G_PAD, BLOCK_N], log2 units
+        qk = mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [G_PAD, BLOCK_N], log2 units
         if HAS_SOFTCAP:  # cap * tanh(s / cap) on the natural-log logits s, tanh(x) = 2 sigmoid(2x) - 1
             x = qk * (0.6931471805599453 / softcap)
             qk = (softcap * 1.4426950408889634) * (2.0 * tl.sigmoid(2.0 * x) - 1.0)
@@ -175,15 +175,15 @@ def _varlen_stage_kernel(
             v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0,
         )
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
 
-    _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, DV, split_offset + pid_s,
+    store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, DV, split_offset + pid_s,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh)
 
 
 @triton.jit
-def _store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, DV, slot,
+def store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, DV, slot,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh):
     """Write one split's normalised output and base-2 LSE; an empty split: zeros and -inf."""
     nonempty = l_i > 0.0
@@ -263,8 +263,8 @@ def launch_stage(
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         hkv, group, d, dv, split_len, split_offset, scale * LOG2E, float(softcap or 1.0), int(window or 0),
-        BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)), BLOCK_DV=max(16, _pow2(dv)),
-        G_PAD=max(MIN_ROWS, _pow2(group)), VARLEN=starts is not None, DOT_PREC=dot_precision(q.dtype),
+        BLOCK_N=block_n, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)),
+        G_PAD=max(MIN_ROWS, pow2(group)), VARLEN=starts is not None, DOT_PREC=dot_precision(q.dtype),
         UPCAST=upcast_dot(q.device), HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
         HAS_WINDOW=bool(window),
         # 8 warps: with 4, ptxas (sm_90, D 128, bf16) needs 255 registers and spills.
@@ -280,7 +280,7 @@ def combine(part_o: Tensor, part_lse: Tensor, out: Tensor) -> Tensor:
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         hq, dv, s,
-        BLOCK_S=max(2, _pow2(s)), BLOCK_DV=max(16, _pow2(dv)), num_warps=4,
+        BLOCK_S=max(2, pow2(s)), BLOCK_DV=max(16, pow2(dv)), num_warps=4,
     )
     return out
 

@@ -16,7 +16,8 @@ from . import scorers, stores  # noqa: F401 - imported to register every method
 # Decode-time compression interval of a policy whose scorer prefers none.
 DECODE_INTERVAL = 64
 
-PRESET_PAPERS = {"pyramidkv": "PyramidKV (Cai et al. 2024)", "adakv": "Ada-KV (Feng et al. 2024)"}
+PRESET_PAPERS = {"pyramidkv": "PyramidKV (Cai et al. 2024)", "adakv": "Ada-KV (Feng et al. 2024)",
+                 "criticaladakv": "CriticalKV (Feng et al. 2025)"}
 
 
 def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -> Policy:

@@ -32,7 +32,7 @@ def cache_argument(model) -> str:
 def run(model, cache, input_ids: Tensor, **kwargs):
     """``model(input_ids, <cache>=cache, use_cache=True, **kwargs)`` under the right argument
     name; then checks that the model fed a `BudgetedCache` the tokens and that every layer's
-    attention took its plan (`attention.check_taken`): a model that bypasses either raises
+    attention took its plan (`kv.plan.check_taken`): a model that bypasses either raises
     `UnsupportedModelError` instead of silently keeping every entry."""
     name = cache_argument(model)
     before = cache.get_seq_length() if isinstance(cache, BudgetedCache) else None

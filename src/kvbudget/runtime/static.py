@@ -208,6 +208,9 @@ class StaticLayer(CacheLayerMixin):
             if held + room > self.width:
                 raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
             self.lens.fill_(held)  # dense segments keep their starts
+            if self.kpos is not None:  # the kept entries' positions (a window may have dropped some)
+                b, h = layer.positions.shape[:2]
+                self.kpos.view(b, h, self.width)[:, :, :held].copy_(layer.positions)
             self.lend(layer, held)
             return
         view = layer.view()

@@ -49,8 +49,6 @@ def unsupported(layer: BudgetedLayer) -> str | None:
         return f"store '{layer.store.describe()}' decodes eagerly (static buffers hold plain KIVI bodies)"
     if isinstance(layer.entries, RaggedEntries):
         return "a store layer with per-head lengths"
-    if layer.window is not None:
-        return "a sliding-window layer with a store decodes eagerly"
     return None
 
 
@@ -69,8 +67,13 @@ class StoreStaticPlan:
         layer = self.layer
         record_query(layer, query)
         attend = kernels.reference_kivi_decode_attention if FUSED_KIVI == "0" else kernels.kivi_decode_attention
+        window = {}
+        if layer.window is not None:  # positions masked by the torch path (the fused kernel has no window)
+            window = {"window": layer.window, "body_pos": layer.body_pos, "tail_pos": layer.tail_pos,
+                      "qpos": layer.qpos.view(-1)}
         out = attend(query[:, :, 0], layer.body, layer.store, layer.keys, layer.values, scaling,
-                     tail_lens=layer.tail_lens, body_lens=layer.body_lens, softcap=extras.softcap, sinks=extras.sinks)
+                     tail_lens=layer.tail_lens, body_lens=layer.body_lens, softcap=extras.softcap, sinks=extras.sinks,
+                     **window)
         return out[:, None]
 
 
@@ -81,10 +84,17 @@ class StaticStoreLayer(CacheLayerMixin):
     is_compileable = True
     is_croppable = False
 
-    def __init__(self, store, body: Body, keys: Tensor, values: Tensor) -> None:
+    def __init__(self, store, body: Body, keys: Tensor, values: Tensor, window: int | None = None) -> None:
         super().__init__()
         b, h, _, _ = keys.shape
         device = keys.device
+        # A sliding-window layer: its entries' positions, beside the body and the tail, and the
+        # decoder's position tensor of the token fed ([B, 1], shared by all layers).
+        self.window = window
+        self.body_pos = self.tail_pos = self.qpos = None
+        if window is not None:
+            self.body_pos = torch.zeros(b, h, body.chunk_id.shape[2], dtype=torch.int32, device=device)
+            self.tail_pos = torch.zeros(b, h, keys.shape[2], dtype=torch.int32, device=device)
         self.store = store
         self.body = body  # capacity buffers: tokens [B, H, NB, ...], chunk ids [B, H, NB], chunks [B, H, NC, d]
         self.keys, self.values = keys, values  # tail [B, H, T, d] / [B, H, T, dv]
@@ -104,6 +114,10 @@ class StaticStoreLayer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Append the new token of every (batch, head) to its tail."""
+        if self.tail_pos is not None:  # its position first: append_token advances the lengths
+            b, h = key_states.shape[:2]
+            pos = self.qpos.view(b, 1).expand(b, h).reshape(-1).to(torch.int32)
+            self.tail_pos.view(-1).index_copy_(0, self.starts + self.tail_lens.view(-1).long(), pos)
         append_token(key_states, value_states, self.keys.view(-1, self.keys.shape[-1]),
                      self.values.view(-1, self.values.shape[-1]), self.starts, self.tail_lens.view(-1))
         set_plan(StoreStaticPlan(self.keys, self))
@@ -144,7 +158,7 @@ class StaticStoreLayer(CacheLayerMixin):
             chunks={k: v.new_zeros(b, h, chunk_cap, *v.shape[3:]) for k, v in probe.chunks.items()},
         )
         static = cls(store, body, layer.keys.new_zeros(b, h, t + capacity, d),
-                     layer.values.new_zeros(b, h, t + capacity, layer.values.shape[-1]))
+                     layer.values.new_zeros(b, h, t + capacity, layer.values.shape[-1]), window=layer.window)
         static.load(layer, capacity)
         return static
 
@@ -171,6 +185,10 @@ class StaticStoreLayer(CacheLayerMixin):
             self._held = (n, chunks, body.chunk_id.dtype if n else None)
         _copy_into(self.keys[:, :, :t], layer.keys)
         _copy_into(self.values[:, :, :t], layer.values)
+        if self.window is not None:
+            n = layer.positions.shape[2] - t
+            self.body_pos[:, :, :n].copy_(layer.positions[:, :, :n])
+            self.tail_pos[:, :, :t].copy_(layer.positions[:, :, n:])
         self.tail_lens.fill_(t)
         self._tail = t
         self.lend(layer)

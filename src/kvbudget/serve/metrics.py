@@ -3,9 +3,12 @@ histogram do not need a client library)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from bisect import bisect_left
 from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -42,13 +45,28 @@ class Metrics:
             "prompt_tokens": 0,
             "generated_tokens": 0,
             "decode_seconds": 0.0,
+            "auth_failures": 0,  # requests refused for a missing or wrong API key
+            "expired": 0,  # sessions deleted after session_ttl idle
+            "storage_errors": 0,  # session store writes that failed (answered 503)
+            "broken_sessions": 0,  # session files found unreadable (answered 409)
+            "internal_errors": 0,  # exceptions no handler expected (answered 500)
         }
+        self.limits: dict[str, int] = {}  # times each limit was hit, by its name
+        self.responses: dict[str, int] = {}  # every HTTP response, by status
         self.last_tokens_per_second = 0.0
         self.kv_bytes_peak = 0  # most KV bytes live sessions held together, during any request
 
     def count(self, name: str, value: float = 1) -> None:
         with self._lock:
             self.counters[name] += value
+
+    def limit(self, name: str) -> None:
+        with self._lock:
+            self.limits[name] = self.limits.get(name, 0) + 1
+
+    def response(self, status: int) -> None:
+        with self._lock:
+            self.responses[str(status)] = self.responses.get(str(status), 0) + 1
 
     def request(self, status: int, seconds: float) -> None:
         with self._lock:
@@ -97,6 +115,22 @@ class Metrics:
                    [("", rate)])
             metric("kvbudget_last_request_tokens_per_second", "gauge", "decode tokens/s of the latest request",
                    [("", self.last_tokens_per_second)])
+            metric("kvbudget_process_resident_bytes", "gauge", "resident memory of the server process",
+                   [("", _rss())])
+            metric("kvbudget_auth_failures_total", "counter", "requests refused for a missing or invalid API key",
+                   [("", c["auth_failures"])])
+            metric("kvbudget_limit_hits_total", "counter", "requests refused (or stopped) by a limit, by the limit's name",
+                   [(f'{{limit="{name}"}}', n) for name, n in sorted(self.limits.items())])
+            metric("kvbudget_sessions_expired_total", "counter", "sessions deleted after session_ttl idle",
+                   [("", c["expired"])])
+            metric("kvbudget_storage_errors_total", "counter", "session store writes that failed (answered 503)",
+                   [("", c["storage_errors"])])
+            metric("kvbudget_broken_sessions_total", "counter", "session files found unreadable (answered 409)",
+                   [("", c["broken_sessions"])])
+            metric("kvbudget_internal_errors_total", "counter", "unexpected exceptions (answered 500)",
+                   [("", c["internal_errors"])])
+            metric("kvbudget_http_responses_total", "counter", "HTTP responses of every route, by status",
+                   [(f'{{code="{code}"}}', n) for code, n in sorted(self.responses.items())])
             metric("kvbudget_requests_total", "counter", "chat completion requests by HTTP status",
                    [(f'{{code="{code}"}}', n) for code, n in sorted(self.requests.items())])
             h = self.latency
@@ -110,6 +144,33 @@ class Metrics:
             lines.append(f"kvbudget_request_duration_seconds_sum {_number(h.sum)}")
             lines.append(f"kvbudget_request_duration_seconds_count {h.count}")
         return "\n".join(lines) + "\n"
+
+
+def _rss() -> int:
+    """Resident bytes of this process (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class CountResponses:
+    """ASGI middleware: counts every response by status, whoever answered it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.response(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 def _number(value: float) -> str:

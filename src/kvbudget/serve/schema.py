@@ -1,32 +1,177 @@
-"""Requests the server accepts, checked field by field: every malformed request becomes an
-`APIError` (an HTTP 4xx with an OpenAI-style JSON error body naming the field) before any model
-work starts."""
+"""Requests the server accepts, as pydantic models (they are also the OpenAPI schema), and the
+error every refusal is answered with.
+
+A chat completion request accepts every field of OpenAI's chat completion API, so that OpenAI
+clients work unchanged, and refuses any other field by name. Fields that only tune sampling
+(``temperature``, ``top_p``, penalties, ``seed``...) are accepted and have no effect: decoding is
+greedy. Fields asking for what this server cannot do (tools, stop sequences, log-probabilities,
+several choices, audio...) are refused with a 400 naming the field unless they hold their
+neutral value. kvbudget adds ``session_id`` and ``policy``.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-ROLES = ("system", "user", "assistant")
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from starlette.responses import JSONResponse
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, description="1-64 letters, digits, '-' or '_'")]
 
 
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "code", "param"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 401:
+            kind = "authentication_error"
         return {"error": {"message": self.message, "type": kind, "code": self.code, "param": self.param}}
 
 
+class ErrorJSON(JSONResponse):
+    """JSON written in ASCII: an error may quote what the client sent, whatever it holds."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def error_response(exc: APIError) -> ErrorJSON:
+    return ErrorJSON(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+# --- request bodies -----------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _text(value: Any) -> Any:
+    """Message content: a string, or OpenAI's list of content parts, of which only text parts
+    (``{"type": "text", "text": ...}``) are read here; they are joined."""
+    if not isinstance(value, list):
+        return value  # a string, or a wrong type that the str check names
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"content part {j} is {kind!r}: only text parts {{'type': 'text', 'text': str}} are read")
+        extra = set(part) - {"type", "text"}
+        if extra:
+            raise ValueError(f"content part {j} has unknown field(s) {', '.join(sorted(extra))}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+Content = Annotated[str, BeforeValidator(_text, json_schema_input_type=str | list[TextPart])]
+
+
+class Message(_Strict):
+    """One chat message. The assistant fields of a replayed OpenAI response (``refusal``,
+    ``tool_calls``...) are accepted while they are empty."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Content
+    name: str | None = None
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Strict):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # Sampling: accepted, no effect (decoding is greedy).
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    seed: int | None = None
+    # Bookkeeping: accepted, not used.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text"]] | None = None
+    response_format: ResponseFormat | None = None
+    # Not supported here: accepted only with their neutral value.
+    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    logprobs: Literal[False] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None
+    stop: Annotated[list[str], Field(max_length=0)] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    functions: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    function_call: Literal["none", "auto"] | None = None
+    audio: None = None
+    prediction: None = None
+    web_search_options: None = None
+    # kvbudget
+    session_id: SessionId | None = Field(None, description="continue this session (kvbudget): send only new messages")
+    policy: Annotated[str, Field(max_length=64)] | None = Field(None, description="the policy of a request without a session")
+
+    @model_validator(mode="after")
+    def _last_is_a_question(self) -> ChatCompletionRequest:
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must be the user's (role 'user')")
+        if not self.messages[-1].content.strip():
+            raise ValueError("the last user message is empty")
+        return self
+
+
+class SessionCreate(_Strict):
+    """``POST /v1/sessions``."""
+
+    id: SessionId | None = Field(None, description="the session's id (default: 128 random bits)")
+    policy: Annotated[str, Field(max_length=64)] | None = None
+
+
+FIELDS = frozenset(
+    name for model in (ChatCompletionRequest, SessionCreate, Message, StreamOptions, ResponseFormat, TextPart)
+    for name in model.model_fields
+)
+
+
+# --- what the model side gets ---------------------------------------------------------------------
 @dataclass
 class ChatRequest:
-    """A checked ``POST /v1/chat/completions`` body."""
+    """A checked chat request."""
 
     messages: list[dict]  # {"role", "content": str}; the last one is the user's question
     max_tokens: int
@@ -45,85 +190,18 @@ class ChatRequest:
         return self.messages[:-1]
 
 
-def parse_json(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 that says why not."""
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
-    return body
-
-
-def check_session_id(value: object, param: str = "session_id") -> str:
-    if not isinstance(value, str) or not SESSION_ID.fullmatch(value):
-        raise APIError(400, f"{param} must be 1-64 letters, digits, '-' or '_', got {value!r}", param=param)
-    return value
-
-
-def _content(value: object, i: int) -> str:
-    """Message content: a string, or OpenAI's list of parts (text parts only)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        texts = [p.get("text") for p in value]
-        if all(isinstance(t, str) for t in texts):
-            return "".join(texts)
-    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
-
-
-def parse_messages(value: object) -> list[dict]:
-    """A non-empty list of ``{"role", "content"}`` ending with a user message."""
-    if not isinstance(value, list):
-        raise APIError(400, f"messages must be a list of {{role, content}} objects, got {type(value).__name__}",
-                       param="messages")
-    if not value:
-        raise APIError(400, "messages is empty: send at least the user's message", param="messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
-        if m.get("role") not in ROLES:
-            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
-                           param=f"messages[{i}].role")
-        out.append({"role": m["role"], "content": _content(m.get("content"), i)})
-    if out[-1]["role"] != "user":
-        raise APIError(400, "the last message must be the user's (role 'user')", param="messages")
-    if not out[-1]["content"].strip():
-        raise APIError(400, "the last user message is empty", param="messages")
-    return out
-
-
-def parse_chat(body: dict, header_session: str | None, default_max_tokens: int, max_tokens_cap: int) -> ChatRequest:
-    """Check a chat completion body (and the ``X-Session-Id`` header)."""
-    messages = parse_messages(body.get("messages"))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_cap:
-        raise APIError(400, f"max_tokens must be an integer from 1 to {max_tokens_cap}, got {max_tokens!r}",
-                       param="max_tokens")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, f"stream must be true or false, got {stream!r}", param="stream")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported (decoding is greedy)", param="n")
-    session_id = body.get("session_id")
-    if session_id is not None:
-        session_id = check_session_id(session_id)
+def chat_request(body: ChatCompletionRequest, header_session: str | None, default_max_tokens: int,
+                 max_tokens_cap: int) -> ChatRequest:
+    """The model side's request from a validated body and the ``X-Session-Id`` header."""
+    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+    if max_tokens > max_tokens_cap:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{param} must be an integer from 1 to {max_tokens_cap}, got {max_tokens}", param=param)
+    session_id = body.session_id
     if header_session is not None:
-        header_session = check_session_id(header_session, "X-Session-Id")
         if session_id is not None and session_id != header_session:
             raise APIError(400, f"session_id {session_id!r} and header X-Session-Id {header_session!r} differ",
                            param="session_id")
         session_id = header_session
-    policy = body.get("policy")
-    if policy is not None and not isinstance(policy, str):
-        raise APIError(400, f"policy must be a string, got {policy!r}", param="policy")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, f"model must be a string, got {model!r}", param="model")
-    return ChatRequest(messages, max_tokens, stream, session_id, policy, model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+    return ChatRequest(messages, max_tokens, bool(body.stream), session_id, body.policy, body.model)

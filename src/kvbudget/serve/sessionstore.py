@@ -1,9 +1,14 @@
-"""The server's session store: one session file per session under a directory, and an SQLite
-index of them (id, policy, times, turns, tokens, bytes).
+"""The server's session directory: one session file per session, and an SQLite index of them
+(owner, id, policy, times, turns, tokens, bytes).
+
+A session is named by its owner (the hash of the API key that created it, "" on a server without
+keys) and its id: two keys may use the same id without meeting. Files of the empty owner are
+``<id>.kvb`` in the directory; those of a key are in a sub-directory named for its hash.
 
 A file is always written (atomically) before its index row, so the index never names a file
-that is not complete; a row whose file is missing is reported as such when loaded. Temp files
-left by a save that was killed mid-write are removed when the store opens.
+that is not complete (a creation killed between the two leaves a file without a row: an empty
+session whose id the client never got, unknown to the server). Temp files left by a save that
+was killed mid-write are removed when the directory opens.
 """
 
 from __future__ import annotations
@@ -18,73 +23,102 @@ from ..runtime.sessionfile import read_metadata
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    id TEXT NOT NULL,
     policy TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
     turns INTEGER NOT NULL,
     tokens INTEGER NOT NULL,
     kv_bytes INTEGER NOT NULL,
-    file_bytes INTEGER NOT NULL
+    file_bytes INTEGER NOT NULL,
+    PRIMARY KEY (owner, id)
 )
 """
-_COLUMNS = ("id", "policy", "created", "updated", "turns", "tokens", "kv_bytes", "file_bytes")
+_COLUMNS = ("owner", "id", "policy", "created", "updated", "turns", "tokens", "kv_bytes", "file_bytes")
+_OWNER_DIR_CHARS = 32  # 128 bits of the owner's hash name its directory
 
 
 class SessionStore:
-    """Session files in ``root`` (``<id>.kvb``) with the index ``root/index.sqlite``."""
+    """Session files under ``root`` with the index ``root/index.sqlite``."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".*.kvb.*.tmp"):  # a save killed mid-write; its target is intact
-            stale.unlink(missing_ok=True)
         self._lock = threading.Lock()  # one connection, used from the model thread and the event loop
         self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
-        self._db.execute(_SCHEMA)
+        self._migrate()
+        for stale in self.root.rglob(".*.kvb.*.tmp"):  # a save killed mid-write; its target is intact
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only directory: it serves what it holds, and its saves fail cleanly
 
-    def path(self, session_id: str) -> Path:
-        return self.root / f"{session_id}.kvb"
+    def _migrate(self) -> None:
+        """Create the index, or give an index of sessions without owners the owner column."""
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(sessions)")]
+        if columns and "owner" not in columns:
+            self._db.executescript(
+                "BEGIN; ALTER TABLE sessions RENAME TO sessions_unowned;" + _SCHEMA + ";"
+                f"INSERT INTO sessions SELECT '', {', '.join(_COLUMNS[1:])} FROM sessions_unowned;"
+                "DROP TABLE sessions_unowned; COMMIT;"
+            )
+        elif not columns:
+            self._db.execute(_SCHEMA)
 
-    def info(self, session_id: str) -> dict | None:
-        """The index row of ``session_id``, or None if the store does not know it."""
+    def path(self, owner: str, session_id: str) -> Path:
+        folder = self.root / owner[:_OWNER_DIR_CHARS] if owner else self.root
+        return folder / f"{session_id}.kvb"
+
+    def info(self, owner: str, session_id: str) -> dict | None:
+        """The index row of ``session_id`` of ``owner``, or None if the store does not know it."""
         with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE owner = ? AND id = ?",
+                                   (owner, session_id)).fetchone()
         return dict(zip(_COLUMNS, row)) if row else None
 
-    def __contains__(self, session_id: str) -> bool:
-        return self.info(session_id) is not None
-
-    def count(self) -> int:
+    def usage(self, owner: str | None = None) -> tuple[int, int]:
+        """(sessions, file bytes) of ``owner``, or of every owner with None."""
+        where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+            n, size = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(file_bytes), 0) FROM sessions {where}",
+                                       args).fetchone()
+        return n, size
 
-    def save(self, session_id: str, session: Session, policy: str) -> int:
+    def idle(self, before: float) -> list[tuple[str, str]]:
+        """(owner, id) of the sessions last updated before ``before`` (a time.time())."""
+        with self._lock:
+            return self._db.execute("SELECT owner, id FROM sessions WHERE updated < ?", (before,)).fetchall()
+
+    def save(self, owner: str, session_id: str, session: Session, policy: str) -> int:
         """Write the session file, then its index row; returns the file's size in bytes."""
-        size = session.save(self.path(session_id))
+        path = self.path(owner, session_id)
+        path.parent.mkdir(exist_ok=True)
+        size = session.save(path)
         now = time.time()
         turns = sum(m["role"] == "assistant" for m in session.messages)
         with self._lock:
             self._db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(owner, id) DO UPDATE SET "
                 "updated = excluded.updated, turns = excluded.turns, tokens = excluded.tokens, "
                 "kv_bytes = excluded.kv_bytes, file_bytes = excluded.file_bytes",
-                (session_id, policy, now, now, turns, session.tokens_seen, session.stored_bytes, size),
+                (owner, session_id, policy, now, now, turns, session.tokens_seen, session.stored_bytes, size),
             )
         return size
 
-    def load(self, session_id: str, model, tok) -> Session:
-        return Session.load(self.path(session_id), model, tok)
+    def load(self, owner: str, session_id: str, model, tok) -> Session:
+        return Session.load(self.path(owner, session_id), model, tok)
 
-    def metadata(self, session_id: str) -> dict:
+    def metadata(self, owner: str, session_id: str) -> dict:
         """The session file's JSON metadata (conversation, policy), without reading its tensors."""
-        return read_metadata(self.path(session_id))
+        return read_metadata(self.path(owner, session_id))
 
-    def delete(self, session_id: str) -> bool:
-        """Forget ``session_id``: its row first, then its file. False if it was not known."""
+    def delete(self, owner: str, session_id: str) -> bool:
+        """Forget a session: its row first, then its file. False if it was not known."""
         with self._lock:
-            deleted = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
-        self.path(session_id).unlink(missing_ok=True)
+            deleted = self._db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?",
+                                       (owner, session_id)).rowcount > 0
+        self.path(owner, session_id).unlink(missing_ok=True)
         return deleted
 
     def close(self) -> None:

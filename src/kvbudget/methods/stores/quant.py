@@ -1,6 +1,6 @@
 """Low-bit KV storage primitives: asymmetric min-max group quantization, bit packing, rotation.
 
-Everything here is plain vectorised torch on any device; the stores in `policies/` (KIVI, MiKV,
+Everything here is plain vectorised torch on any device; the stores in `methods/stores/` (KIVI, MiKV,
 rotated KIVI) combine these pieces, and `store.py` keeps the encoded entries in the cache.
 """
 
