@@ -1,5 +1,5 @@
 """Where one compression's time goes (GPU, Llama-3.1-8B shape, bf16): torch.profiler over
-`policy.compress` after a 2048-token block on top of a full budget of 2048. Prints the wall time
+`kb.compress` after a 2048-token block on top of a full budget of 2048. Prints the wall time
 of four compressions (the last profiled) and the top operators by host time and by device time.
 
     PYTHONPATH=src python3 benchmarks/compress_profile.py snapkv h2o
@@ -32,9 +32,9 @@ def main() -> None:
         sys.exit("compress_profile.py needs a CUDA GPU")
     model = build()
     for name in args.policies:
-        policy = kb.policy(name, budget=2048, block_size=2048)
+        policy = kb.policy(name, budget=2048)
         cache = policy.new_cache(model)
-        kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, 8192), device="cuda"))
+        kb.prefill(model, cache, policy, torch.randint(0, 128000, (1, 8192), device="cuda"), block_size=2048)
         block = torch.randint(0, 128000, (1, 2048), device="cuda")
         times = []
         for i in range(4):
@@ -43,10 +43,10 @@ def main() -> None:
             t0 = time.perf_counter()
             if i == 3:
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    policy.compress(cache)
+                    kb.compress(cache, policy)
                     torch.cuda.synchronize()
             else:
-                policy.compress(cache)
+                kb.compress(cache, policy)
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         print(f"\n=== {name}: compress wall ms (last is profiled) {[round(t * 1e3, 2) for t in times]}")

@@ -58,10 +58,11 @@ def _staged(stages: list, base: list[int], label: str, fn):
     return wrapper
 
 
-STAGES = (("kvbudget.static", "StaticDecoder", "from_cache", "decoder"),
-          ("kvbudget.cache", "BudgetedCache", "before_compress", "snapshot"),
-          ("kvbudget.policies.base", "Policy", "compress", "compress"),
-          ("kvbudget.static", "StaticDecoder", "reload", "reload"))
+# (module, class or None for a module-level function, attribute, label): what is timed and measured.
+STAGES = (("kvbudget.runtime.decoder", "StaticDecoder", "from_cache", "decoder"),
+          ("kvbudget.kv.cache", "BudgetedCache", "before_compress", "snapshot"),
+          ("kvbudget.runtime.session", None, "compress", "compress"),
+          ("kvbudget.runtime.decoder", "StaticDecoder", "reload", "reload"))
 
 
 @torch.inference_mode()
@@ -70,7 +71,7 @@ def measure(model, name: str, budget: int | None, context: int, new: int, interv
     gc.collect()
     torch.cuda.empty_cache()
     kw = {"budget": budget} if budget else {}
-    policy = kb.policy(name, block_size=2048, decode_interval=interval, **kw)
+    policy = kb.policy(name, decode_interval=interval, **kw)
     cache = policy.new_cache(model)
     ids = torch.randint(0, 128000, (1, context), device="cuda")
     logits, _ = kb.prefill(model, cache, policy, ids, block_size=2048)
@@ -88,8 +89,9 @@ def measure(model, name: str, budget: int | None, context: int, new: int, interv
         import importlib
 
         for module, cls_name, attr, label in STAGES:
-            cls = getattr(importlib.import_module(module), cls_name)
-            original = cls.__dict__[attr]
+            owner = importlib.import_module(module)
+            cls = getattr(owner, cls_name) if cls_name else owner
+            original = cls.__dict__[attr] if cls_name else getattr(owner, attr)
             fn = original.__func__ if isinstance(original, classmethod) else original
             wrapped = _staged(stages, [before], label, fn)
             setattr(cls, attr, classmethod(wrapped) if isinstance(original, classmethod) else wrapped)

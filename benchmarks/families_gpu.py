@@ -131,7 +131,7 @@ def transformers_row(model, ids: torch.Tensor, steps: int) -> dict:
 def kvbudget_row(model, ids: torch.Tensor, budget: int, steps: int) -> dict:
     free()
     torch.cuda.reset_peak_memory_stats()
-    policy = kb.policy("snapkv", budget=budget, block_size=2048)
+    policy = kb.policy("snapkv", budget=budget)
     cache = policy.new_cache(model)
     logits, stats = kb.prefill(model, cache, policy, ids, 2048)
     peak = torch.cuda.max_memory_allocated()

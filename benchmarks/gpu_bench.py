@@ -11,7 +11,7 @@ Sections (``--sections``, comma-separated; one JSON object per row to ``--out``)
   memory, then eager decode ms/token: the baseline, measured in the same run.
 * ``budget``: kvbudget block-wise prefill (block 2048) per policy x budget x context: peak GPU
   memory (flat in context), prefill seconds, compression share; then decode ms/token eagerly
-  (BudgetedCache) and with static buffers + one CUDA graph per step (kvbudget.static).
+  (BudgetedCache) and with static buffers + one CUDA graph per step (kvbudget.runtime.static).
 * ``profile``: the kernels of one graph decode step, grouped (matmuls, attention, other) with
   the most frequent "other" kernels named.
 * ``batch``: the largest batch of 32k-token conversations that fits, full cache vs budget 2k vs
@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import kvbudget as kb  # noqa: E402
 from kvbudget.runtime import fusion  # noqa: E402
+from kvbudget.runtime import decoder as kdecoder  # noqa: E402
 from kvbudget.runtime import static as kstatic  # noqa: E402
 from kvbudget.kv.hook import attach  # noqa: E402
 
@@ -186,7 +187,7 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
     free_memory()
     weights = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    policy = kb.policy(name, budget=budget, block_size=block) if budget else kb.policy(name, block_size=block)
+    policy = kb.policy(name, budget=budget) if budget else kb.policy(name)
     cache = policy.new_cache(model)
     ids = torch.randint(0, VOCAB, (1, context), device="cuda")
     logits, stats = kb.prefill(model, cache, policy, ids, block_size=block)
@@ -208,7 +209,7 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
 
         row["eager_decode_ms"] = round(cuda_ms(lambda: [eager() for _ in range(16)], reps=3, warmup=1) / 16, 2)
     # Static buffers + CUDA graph.
-    dec = kstatic.StaticDecoder.from_cache(model, cache, capacity=steps * 3 + 8)  # fuses under "auto"
+    dec = kdecoder.StaticDecoder.from_cache(model, cache, capacity=steps * 3 + 8)  # fuses under "auto"
     first = tok[:, 0]
     dec.step(first)  # capture
     graph_ms = cuda_ms(lambda: [dec.step(first) for _ in range(steps)], reps=2, warmup=0) / steps
@@ -216,14 +217,14 @@ def budgeted(model, name: str, budget: int | None, context: int, bw: float, bloc
     row["graph_speedup_vs_eager"] = round(row["eager_decode_ms"] / graph_ms, 2)
     # A store's step reads the encoded body + the tail: the bytes held, less positions and scores.
     kv_read = None if policy.store is None else cache.nbytes() - sum(
-        layer.positions.nbytes + sum(s.nbytes for s in layer.state.values()) for layer in cache.layers)
+        view.positions.nbytes + sum(s.nbytes for s in view.state.values()) for view in (layer.view() for layer in cache.layers))
     emit(row | roofline(model, kv_entries, 1, bw, graph_ms, kv_read))
     del dec, cache
     free_memory()
 
 
 # --- batch: the largest batch of 32k conversations --------------------------------------------------
-def synthetic_decoder(model, batch: int, entries: int, room: int) -> kstatic.StaticDecoder:
+def synthetic_decoder(model, batch: int, entries: int, room: int) -> kdecoder.StaticDecoder:
     """A StaticDecoder over ``batch`` sequences holding ``entries`` random K/V per head."""
     cfg = model.config
     layers = []
@@ -236,10 +237,10 @@ def synthetic_decoder(model, batch: int, entries: int, room: int) -> kstatic.Sta
         lens = torch.full((bh,), entries, dtype=torch.int32, device="cuda")
         layers.append(kstatic.StaticLayer(keys, values, starts, lens, width, dense=True))
     positions = torch.full((batch,), 32768, dtype=torch.long)
-    return kstatic.StaticDecoder(model, layers, positions, capacity=room)
+    return kdecoder.StaticDecoder(model, layers, positions, capacity=room)
 
 
-def synthetic_kivi_decoder(model, batch: int, entries: int, room: int, bits: int = 4) -> kstatic.StaticDecoder:
+def synthetic_kivi_decoder(model, batch: int, entries: int, room: int, bits: int = 4) -> kdecoder.StaticDecoder:
     """A StaticDecoder over ``batch`` sequences of ``entries`` per head held by KIVI: all but the
     128-entry residual encoded (random codes and scales) in `StaticStoreLayer` buffers."""
     from kvbudget.methods.stores.kivi import KIVI
@@ -267,7 +268,7 @@ def synthetic_kivi_decoder(model, batch: int, entries: int, room: int, bits: int
         layer._tail = tail
         layers.append(layer)
     positions = torch.full((batch,), entries, dtype=torch.long)
-    return kstatic.StaticDecoder(model, layers, positions, capacity=room)
+    return kdecoder.StaticDecoder(model, layers, positions, capacity=room)
 
 
 def kivi_seq_bytes(model, entries: int, bits: int) -> int:
@@ -379,11 +380,11 @@ def offload_section(model, episodes: int = 4, budget: int = 2048, context: int =
     from kvbudget.runtime.prefill import PrefillStats
 
     free_memory()
-    policy = kb.policy("snapkv", budget=budget, block_size=2048)
+    policy = kb.policy("snapkv", budget=budget)
     eps = []
     for e in range(episodes):
         cache = policy.new_cache(model)
-        kb.prefill(model, cache, policy, torch.randint(0, VOCAB, (1, context), device="cuda"))
+        kb.prefill(model, cache, policy, torch.randint(0, VOCAB, (1, context), device="cuda"), block_size=2048)
         eps.append(SimpleNamespace(cache=cache.to("cpu"), prompt_ids=torch.randint(0, VOCAB, (1, 64)), stats=PrefillStats()))
     ids = torch.randint(0, VOCAB, (1, turn))
     cache_gb = eps[0].cache.nbytes() / GB

@@ -108,7 +108,7 @@ def run_once(model, policy: kb.Policy, ids: torch.Tensor, block: int) -> dict:
     """One prefill on a fresh cache."""
     cuda = ids.device.type == "cuda"
     cache = policy.new_cache(model)
-    policy.resolve(cache, context_tokens=ids.shape[1])  # ratio budgets need the context
+    cache.tokens = policy.resolve(cache, context_tokens=ids.shape[1])  # ratio budgets need the context
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -124,6 +124,7 @@ def run_once(model, policy: kb.Policy, ids: torch.Tensor, block: int) -> dict:
         "kv_bytes": cache.nbytes(),
         "peak_bytes": cache.peak_bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "budget_tokens": cache.tokens,
     }
 
 
@@ -167,7 +168,7 @@ def bench(model, args: argparse.Namespace, ids: torch.Tensor) -> list[dict]:
         row = {"context": ids.shape[1], "policy": name, "budget": args.budget}
         row |= {"block_size": args.block_size, "repeats": args.repeats}
         try:
-            policy = kb.policy(name, budget=budget, block_size=args.block_size)
+            policy = kb.policy(name, budget=budget)
         except (kb.KVBudgetError, TypeError) as exc:
             print(f"{row['context']:>7} {name:<16} skipped: {exc}")
             continue
@@ -177,7 +178,6 @@ def bench(model, args: argparse.Namespace, ids: torch.Tensor) -> list[dict]:
             row["error"] = f"{type(exc).__name__}: {exc}"
         else:
             full_s = row["prefill_s"] if name == "full" else full_s
-            row["budget_tokens"] = policy.tokens
             row["vs_full"] = row["prefill_s"] / full_s - 1 if full_s else None
         print(show(row), flush=True)
         rows.append(row)

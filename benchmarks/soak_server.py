@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         keys.write_text("\n".join(KEYS) + "\n")
         model_args = []
         if args.tiny:
-            from kvbudget.models import load_tokenizer
+            from kvbudget.runtime.models import load_tokenizer
 
             model_args = ["--model", str(save_tiny_model(load_tokenizer(), tmp / "model"))]
         memory = args.memory or ("150000" if args.tiny else "24MB")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         report["temp_files_left"] = len(list(store.rglob("*.tmp")))
         from kvbudget import Session
-        from kvbudget.models import load_model
+        from kvbudget.runtime.models import load_model
 
         model, tok = load_model(model_args[1] if model_args else None)
         files = sorted(store.rglob("*.kvb"))

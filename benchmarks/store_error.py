@@ -34,14 +34,14 @@ def main() -> None:
     model, tok = kb.load_model()
     task = make_tasks("needle", tok, n=1, length=args.length, seed=0)[0]
     ids = tok(task.context, return_tensors="pt").input_ids
-    full = kb.policy("full", block_size=args.block_size)
+    full = kb.policy("full")
     full_cache = full.new_cache(model)
     kb.prefill(model, full_cache, full, ids, args.block_size)
     rows = []
     print(f"context {ids.shape[1]} tokens, full cache {full_cache.nbytes() / 2**20:.2f} MiB")
     print(f"{'policy':16s} {'mean err':>9s} {'max err':>9s} {'MiB':>7s} {'compr':>6s}")
     for name in args.policies.split(","):
-        policy = kb.policy(name, budget=args.budget, block_size=args.block_size)
+        policy = kb.policy(name, budget=args.budget)
         errors = attention_error(model, ids, policy, args.block_size)
         cache = policy.new_cache(model)
         kb.prefill(model, cache, policy, ids, args.block_size)

@@ -8,7 +8,7 @@ has it, and 4 experts (2 per token) in MoE families. Where a family has sliding 
 (48): a window of 16 or 32 is smaller than the budget (the window binds: Phi-3, Gemma 3, GPT-OSS,
 Starcoder2, Ministral), one of 64 or 96 larger (the budget binds: Mistral with every layer
 sliding, Gemma 2, OLMo 3, Cohere 2, EXAONE 4). The vocabulary is the default model's
-tokenizer's (SmolLM2's, 49152 ids, with a chat template: `kvbudget.models.load_tokenizer()`), and
+tokenizer's (SmolLM2's, 49152 ids, with a chat template: `kvbudget.runtime.models.load_tokenizer()`), and
 the special token ids are that tokenizer's, as in a real checkpoint.
 
 `UNSUPPORTED` builds, where cheap, one model of each kind of family the budgeted cache cannot serve:
@@ -25,7 +25,7 @@ import pytest
 import torch
 import transformers
 
-from kvbudget.models import GGUF_TOKENIZERS_FIXED_IN, load_tokenizer, resolve_model_path
+from kvbudget.runtime.models import GGUF_TOKENIZERS_FIXED_IN, load_tokenizer, resolve_model_path
 
 VOCAB = 49152  # SmolLM2's tokenizer
 BOS, EOS, PAD = 1, 2, 2

@@ -266,7 +266,7 @@ def test_stacking_drops_the_lse_if_one_layer_lacks_it(tiny_llama, monkeypatch):
     policy = kb.policy("h2o", budget=24)
     tiny_llama = on_device(tiny_llama)
     cache = policy.new_cache(tiny_llama)
-    kb.prefill(tiny_llama, cache, policy, random_ids(64, seed=4), 32, compress_last=False, 32)
+    kb.prefill(tiny_llama, cache, policy, random_ids(64, seed=4), 32, compress_last=False)
     assert all(layer.observed.lse is not None for layer in cache.layers)
     seen.clear()
     cache.layers[1].observed.lse = None
@@ -338,7 +338,7 @@ def test_blocks_of_other_policies_take_the_lse_op_and_keep_no_lse(tiny_llama, mo
         monkeypatch.setenv("KVBUDGET_ATTENTION_LSE", mode)
         policy = kb.policy(name, budget=24) if name != "full" else kb.policy(name)
         cache = policy.new_cache(tiny_llama)
-        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(96, seed=4), 32, 32)
+        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(96, seed=4), 32)
         with torch.inference_mode():
             tiny_llama(input_ids=logits.argmax(-1, keepdim=True), cache=cache, use_cache=True)
         kept[mode] = [layer.entries.positions.clone() for layer in cache.layers]

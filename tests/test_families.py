@@ -60,7 +60,7 @@ QUESTIONS = ["When is the boat parade?", "Who plays on Sunday evening?", "What i
 
 
 def _make_policy(kind: str) -> kb.Policy:
-    return kb.policy(kind, block_size=BLOCK, decode_interval=INTERVAL, **POLICIES[kind])
+    return kb.policy(kind, decode_interval=INTERVAL, **POLICIES[kind])
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,11 +141,7 @@ def _shares(policy: kb.Policy, cache, n_layers: int) -> list[int | None]:
     """Each layer's budget share in entries per head (None: the policy keeps every token)."""
     if not policy.evicts:
         return [None] * n_layers
-    budgets = policy.layer_budgets(len(cache.budgeted))
-    shares = [policy.tokens] * n_layers
-    for i, b in zip(cache.budgeted, budgets):
-        shares[i] = b
-    return shares
+    return policy.layer_budgets(cache.tokens, n_layers, cache.sensitivity)
 
 
 def _check_budget(session: kb.Session, where: str, extra: int = 0) -> None:
@@ -190,11 +186,10 @@ def _check_budget(session: kb.Session, where: str, extra: int = 0) -> None:
         held = cache.nbytes()
         assert held <= bound, f"{where}: cache holds {held} bytes, over the budget's {bound}"
         if policy.store is not None and extra == 0:
-            for i in cache.budgeted:
-                layer = cache.layers[i]
+            for i, layer in enumerate(cache.layers):
                 if layer.window is not None and layer.window - 1 < policy.store.chunk:
                     continue  # a window shorter than a chunk of the store: never a whole chunk to encode
-                body = getattr(layer, "body", None)
+                body = getattr(layer.entries, "body", None)
                 assert body is not None and len(body) > 0, f"{where}: layer {i} holds nothing encoded by the store"
 
 
@@ -294,7 +289,7 @@ def test_no_deprecation_warning_from_a_session(family, recwarn, caplog):
     caplog.set_level(logging.WARNING, logger="transformers")
     hf.addHandler(caplog.handler)  # transformers' logger may not propagate to the root
     try:
-        session = kb.Session(model, tok, kb.policy("snapkv", budget=BUDGET, block_size=BLOCK), block_size=BLOCK)
+        session = kb.Session(model, tok, kb.policy("snapkv", budget=BUDGET), block_size=BLOCK)
         session.add_context(CONTEXT)
         session.ask(QUESTIONS[0], max_new_tokens=4)
     finally:

@@ -374,7 +374,8 @@ def test_kivi_gather_kernel_and_odd_head_dims(poisoned, monkeypatch, dtype):
 
 def test_kivi_fused_on_a_prefilled_layer(poisoned):
     """A layer filled by the real prefill loop (snapkv eviction + kivi4): the fused kernel over
-    its body and tail equals attention over `BudgetedLayer._with_body` (dequantize, concat)."""
+    its body and tail equals attention over the decoded entries (`LayerView`: dequantized body,
+    then tail)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import kvbudget as kb
@@ -393,7 +394,8 @@ def test_kivi_fused_on_a_prefilled_layer(poisoned):
     kb.prefill(model, cache, policy, torch.randint(0, 96, (1, 300)), 64)
     layer = cache.layers[0]
     assert layer.entries.body is not None and isinstance(layer.store, KIVI)
-    keys, values = layer._with_body(layer.keys, layer.values)
+    view = layer.view()
+    keys, values = view.keys, view.values
     q = torch.randn(1, 4, 64)
     ref = _naive(q, [[keys[0, h] for h in range(2)]], [[values[0, h] for h in range(2)]], 0.125)
     out = KD.kivi_decode_attention(q, layer.entries.body, layer.store, layer.keys, layer.values, 0.125)
@@ -506,13 +508,12 @@ def test_kivi_fold_kernel_compiles_for_hopper_without_spills():
     assert done.returncode == 0 and "compiled" in done.stdout, (done.stdout + done.stderr)[-3000:]
 
 
-
 def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch):
     """With KVBUDGET_FUSED_KIVI=1, a one-token step over a KIVI body attends through
     kivi_decode_attention (torch reference on CPU, the Triton kernel on CUDA) and gives the
     tokens of the path that decodes the body first."""
     import kvbudget as kb
-    from kvbudget.kv import cache as kcache
+    from kvbudget.kv import layer as klayer
     from conftest import random_ids
 
     import kvbudget.kernels as kernels
@@ -522,11 +523,11 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
     monkeypatch.setattr(kernels, "kivi_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     answers = []
     for fused in ("0", "1"):
-        monkeypatch.setattr(kcache, "FUSED_KIVI", fused)
+        monkeypatch.setattr(klayer, "FUSED_KIVI", fused)
         policy = kb.policy("kivi4")
         c = policy.new_cache(tiny_llama)
         logits, _ = kb.prefill(tiny_llama, c, policy, random_ids(300), block_size=64)
-        assert c.layers[0].body is not None
+        assert c.layers[0].entries.body is not None
         ids = []
         with torch.inference_mode():
             for _ in range(12):
@@ -536,7 +537,7 @@ def test_fused_kivi_decode_step_equals_decoding_the_body(tiny_llama, monkeypatch
         answers.append((ids, logits))
     assert len(calls) == 12 * len(c.layers)  # the fused run only, every layer, every step
     calls.clear()
-    monkeypatch.setattr(kcache, "FUSED_KIVI", "auto")  # the default: CUDA only
+    monkeypatch.setattr(klayer, "FUSED_KIVI", "auto")  # the default: CUDA only
     with torch.inference_mode():
         tiny_llama(input_ids=logits.argmax(-1, keepdim=True), cache=c, use_cache=True)
     assert not calls

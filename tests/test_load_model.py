@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 import kvbudget as kb
 from kvbudget.errors import ModelNotFoundError
-from kvbudget.models import GGUF_TOKENIZERS_FIXED_IN
+from kvbudget.runtime.models import GGUF_TOKENIZERS_FIXED_IN
 
 from families import FAMILIES, one_thread, tokenizer  # noqa: F401 (a fixture)
 

@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 
-import kvbudget as kb
-from kvbudget.allocation import get_allocator
-from kvbudget.errors import KVBudgetError
-from kvbudget.policies import SCORERS, load_all
-from kvbudget.policies.base import Observation
-from kvbudget.policies.compactor import leverage
-from kvbudget.policies.criticalkv import projected_norms
+from conftest import random_ids, use_batched
 
-load_all()
+import kvbudget as kb
+from kvbudget.compress import SCORERS, Observation
+from kvbudget.compress.allocation import get_allocator
+from kvbudget.errors import KVBudgetError
+from kvbudget.methods.scorers.compactor import leverage
+from kvbudget.methods.scorers.criticalkv import projected_norms
+from kvbudget.runtime.modelcall import run
+
 METHODS = ["expected-attention", "criticalkv", "chunkkv", "chunkkv-entropy", "compactor", "curdkv", "lagkv",
            "finch", "simlayerkv", "capkv"]
 
@@ -260,15 +261,15 @@ CONTEXT = ("The blue door code is 4821. Mira keeps her bicycle in the green shed
 def _assert_within_budget(policy, cache, block: int) -> None:
     """Entries per layer (per head, or per layer for heads sharing it) and bytes held within the
     budget, peak within budget + one block, and far below the full cache's bytes."""
-    n_layers = len(cache.budgeted)
-    budgets = policy.layer_budgets(n_layers)
+    n_layers = len(cache.layers)
+    budgets = policy.layer_budgets(cache.tokens, n_layers)
     heads = cache.config.num_key_value_heads
-    for layer, b in zip(cache.budgeted_layers(), budgets):
+    for layer, b in zip(cache.layers, budgets):
         if policy.head_adaptive:  # heads share the layer's budget, stored ragged
             assert int(layer.lengths().sum()) <= b * heads
             continue
         assert layer.max_entries <= b
-        assert layer.peak_entries <= max(b, policy.tokens) + block
+        assert layer.peak_entries <= max(b, cache.tokens) + block
     state = sum(4 * heads * b for b in budgets) * len(policy.scorer.state_names)  # float32 per entry
     assert cache.nbytes() <= sum(budgets) * kb.Policy.entry_bytes(cache) + state + 8 * heads * n_layers
     assert cache.nbytes() < cache.get_seq_length() * n_layers * kb.Policy.entry_bytes(cache) / 2
@@ -277,7 +278,7 @@ def _assert_within_budget(policy, cache, block: int) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_methods_hold_their_budget_in_a_session(default_model, name):
     model, tok = default_model
-    session = kb.Session(model, tok, kb.policy(name, budget=64, block_size=64), block_size=64)
+    session = kb.Session(model, tok, kb.policy(name, budget=64), block_size=64)
     session.add_context(CONTEXT)
     assert len(session.input_ids) > 280
     _assert_within_budget(session.policy, session.cache, 64)
@@ -288,41 +289,38 @@ def test_methods_hold_their_budget_in_a_session(default_model, name):
 @pytest.mark.parametrize("name", ["chunkkv+pyramid", "lagkv+kivi4", "compactor+kivi4", "criticaladakv",
                                   "expected-attention+head-adaptive", "curdkv+pyramid", "snapkv+per-layer:2/1/1"])
 def test_methods_compose_with_allocators_and_stores(tiny_llama, name):
-    from conftest import random_ids
-
-    policy = kb.policy(name, budget=24, block_size=16, **({"lag": 4} if name.startswith("lagkv") else {}))
+    policy = kb.policy(name, budget=24, **({"lag": 4} if name.startswith("lagkv") else {}))
     cache = policy.new_cache(tiny_llama)
     kb.prefill(tiny_llama, cache, policy, random_ids(150), block_size=16)
     _assert_within_budget(policy, cache, 16)
     if "+kivi4" in name:
-        assert all(layer.body is not None for layer in cache.budgeted_layers())  # really held at 4 bits
+        assert all(layer.entries.body is not None for layer in cache.layers)  # really held at 4 bits
     if "per-layer" in name:
-        assert [layer.max_entries for layer in cache.budgeted_layers()] == [36, 18, 18]
+        assert [layer.max_entries for layer in cache.layers] == [36, 18, 18]
 
 
 # --- the stacked (all layers at once) path keeps what the per-layer loop keeps -------------------
 
 
 def _prefill_decode(model, name: str, stack: bool, budget: int = 40):
-    from conftest import random_ids
-
     extra = {"lag": 8} if name.startswith("lagkv") else {}
-    policy = kb.policy(name, budget=budget, block_size=32, decode_interval=5, **extra)
-    policy.stack_layers = stack
+    policy = kb.policy(name, budget=budget, decode_interval=5, **extra)
+    use_batched(stack)
     cache = policy.new_cache(model)
     logits, _ = kb.prefill(model, cache, policy, random_ids(150), block_size=32)
     with torch.inference_mode():
         for step in range(10):
-            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = run(model, cache, logits.argmax(-1, keepdim=True)).logits[:, -1]
             if (step + 1) % 5 == 0:
-                policy.compress(cache)
+                kb.compress(cache, policy)
     return cache
 
 
 @pytest.mark.parametrize("name", METHODS + ["chunkkv+pyramid", "lagkv+pyramid", "finch+pyramid"])
 def test_stacked_scoring_keeps_what_the_loop_keeps(tiny_llama, name):
     stacked, loop = _prefill_decode(tiny_llama, name, True), _prefill_decode(tiny_llama, name, False)
-    for a, b in zip(stacked.budgeted_layers(), loop.budgeted_layers()):
+    for a, b in zip(stacked.layers, loop.layers):
+        a, b = a.view(), b.view()
         assert torch.equal(a.positions, b.positions)
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
         assert a.state.keys() == b.state.keys()

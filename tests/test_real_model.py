@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import kvbudget as kb
+from kvbudget import compress
 from kvbudget.eval.generators import make_tasks
+from kvbudget.runtime import session as session_module
 from kvbudget.eval.metrics import score
 
 
@@ -49,8 +51,11 @@ def test_needle_full_and_snapkv_at_4x(default_model, needle_task):
     same question; snapkv's answer retention beats `random`'s at the same budget on every fact."""
     model, tok = default_model
     answered = {"full": set(), "snapkv": set()}
-    for i, q in enumerate(needle_task.questions):
-        full_s, full = _run(model, tok, needle_task, q, "full", None, False)
+    full_s = kb.Session(model, tok, kb.policy("full"), block_size=128)
+    full_s.add_context(needle_task.context)
+    questions = needle_task.questions[:3]  # three facts keep the test short; each is checked alike
+    for i, q in enumerate(questions):
+        full = full_s.fork().ask_detailed(q.question, max_new_tokens=16, gold=q.answers[0])
         snap_s, snap = _run(model, tok, needle_task, q, "snapkv", "4x", True)
         _, rand = _run(model, tok, needle_task, q, "random", "4x", True)
         none = kb.Session(model, tok).ask_detailed(q.question, max_new_tokens=0, gold=q.answers[0])
@@ -63,7 +68,7 @@ def test_needle_full_and_snapkv_at_4x(default_model, needle_task):
         for name, turn in (("full", full), ("snapkv", snap)):
             if score(turn.text, q.answers, "contains") == 1.0:
                 answered[name].add(i)
-    assert len(answered["full"]) >= len(needle_task.questions) // 2
+    assert len(answered["full"]) >= len(questions) // 2
     assert answered["full"] & answered["snapkv"], answered
 
 
@@ -112,7 +117,7 @@ def test_stores_stay_close_to_full_precision(default_model, needle_task):
     assert measured["kivi4"] < measured["kivi2"]  # more bits, less error
 
 
-def test_decode_time_compression_keeps_long_answers_in_budget(default_model, needle_task):
+def test_decode_time_compression_keeps_long_answers_in_budget(default_model, needle_task, monkeypatch):
     """Every `decode_interval` new tokens the cache is cut back: 40 decoded tokens at budget 64
     and interval 8 never leave more than 64 + 8 entries."""
     model, tok = default_model
@@ -120,13 +125,12 @@ def test_decode_time_compression_keeps_long_answers_in_budget(default_model, nee
     session.add_context(needle_task.context[:600])
     logits, _ = session._feed(*session._suffix(session.messages + [{"role": "user", "content": "Go on."}], True))
     peaks = []
-    compress = session.policy.compress
 
-    def tracking(cache):
+    def tracking(cache, policy):
         peaks.append(max(layer.max_entries for layer in cache.layers))
-        compress(cache)
+        compress(cache, policy)
 
-    session.policy.compress = tracking
+    monkeypatch.setattr(session_module, "compress", tracking)
     ids = session._decode(logits, 40)
     assert len(ids) == 40 or ids[-1] in session.eos or len(peaks) >= 4
     assert len(peaks) >= 4 and max(peaks[1:]) <= 64 + 8  # budget + interval (the first includes the question)
@@ -144,7 +148,7 @@ def test_decode_time_compression_rolls_back_exactly(default_model, needle_task):
         session.ask_detailed("Describe the mill.", max_new_tokens=30, history_answer="It is old.")
         caches.append(session.cache)
     for a, b in zip(*(c.layers for c in caches)):
-        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.view().positions, b.view().positions)
         torch.testing.assert_close(a.keys, b.keys)
 
 

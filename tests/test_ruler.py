@@ -13,7 +13,7 @@ from kvbudget.eval.prose import ntok
 from kvbudget.eval.metrics import reference_answer, score
 from kvbudget.eval.ruler import ANSWER_TOKENS, TASKS, make_ruler, split_sentences, task_kind
 from kvbudget.eval.taskfile import read_tasks, task_to_dict, write_tasks
-from kvbudget.models import load_tokenizer
+from kvbudget.runtime.models import load_tokenizer
 
 LENGTH = 1000
 

@@ -25,8 +25,8 @@ from server_kit import Process, Server, pairs, save_tiny_model
 from safetensors.torch import save as st_save
 
 import kvbudget as kb
-from kvbudget import sessionfile
-from kvbudget.models import load_model, load_tokenizer
+from kvbudget.runtime import sessionfile
+from kvbudget.runtime.models import load_model, load_tokenizer
 from kvbudget.serve import ServeConfig, create_app
 
 FLAGS = ["--policy", "snapkv", "--budget", "64", "--block-size", "64", "--max-tokens", "64"]
@@ -250,7 +250,7 @@ def test_a_session_file_corrupted_between_turns(start, tmp_path, how):
 HANG_ON_SAVE = """
 import os, time
 from contextlib import contextmanager
-from kvbudget import sessionfile
+from kvbudget.runtime import sessionfile
 
 real, saves = sessionfile.atomic_open, [0]
 

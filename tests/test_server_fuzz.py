@@ -23,8 +23,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from server_kit import Server, tiny_model
 
-from kvbudget.attention import attach
-from kvbudget.models import load_tokenizer
+from kvbudget.kv import attach
+from kvbudget.runtime.models import load_tokenizer
 from kvbudget.serve import ServeConfig, create_app
 from kvbudget.serve.schema import ChatCompletionRequest, Message
 

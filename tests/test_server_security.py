@@ -17,8 +17,8 @@ httpx = pytest.importorskip("httpx")
 
 from server_kit import Server, tiny_model
 
-from kvbudget.attention import attach
-from kvbudget.models import load_tokenizer
+from kvbudget.kv import attach
+from kvbudget.runtime.models import load_tokenizer
 from kvbudget.serve import Limits, ServeConfig, create_app
 from kvbudget.serve.keys import check_bind
 

@@ -17,7 +17,7 @@ import httpx
 from server_kit import Process, Sampler, check_soak, parse_metrics, save_tiny_model, soak, soak_report
 
 import kvbudget as kb
-from kvbudget.models import load_model, load_tokenizer
+from kvbudget.runtime.models import load_model, load_tokenizer
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 KEYS = ["soak-key-one-" + "1" * 20, "soak-key-two-" + "2" * 20]

@@ -86,11 +86,11 @@ def test_kivi_layers_in_the_graph(model_f32, monkeypatch, name, kw):
     compare_caches(ce, cg)  # asserts equal positions: the same entries kept
     pairs = list(zip(ce.layers, cg.layers))
     tail = max(float((a.keys - b.keys).abs().max()) for a, b in pairs)
-    codes = sum(int((a.body.tokens[k] != b.body.tokens[k]).sum()) for a, b in pairs for k in ("k", "v"))
-    total = sum(a.body.tokens[k].numel() for a, _ in pairs for k in ("k", "v"))
+    codes = sum(int((a.entries.body.tokens[k] != b.entries.body.tokens[k]).sum()) for a, b in pairs for k in ("k", "v"))
+    total = sum(a.entries.body.tokens[k].numel() for a, _ in pairs for k in ("k", "v"))
     assert len(built) == 4, f"{len(built)} of 4 store layers in the graph"
     assert eager == graph
-    assert all(len(a.body) == len(b.body) for a, b in pairs), "body lengths differ from eager decoding"
+    assert all(len(a.entries.body) == len(b.entries.body) for a, b in pairs), "body lengths differ from eager decoding"
     assert codes <= total * 1e-4, f"{codes} of {total} code bytes differ"
     assert tail < (1e-2 if codes else 1e-4), f"tail max |diff| {tail:.2e} with {codes} codes differing"
 

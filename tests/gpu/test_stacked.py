@@ -36,6 +36,6 @@ def test_stacked_compression_keeps_what_the_loop_keeps(model_bf16, name, mode):
         assert torch.equal(a.view().positions, b.view().positions), f"layer {i}: positions differ"
         assert torch.equal(a.view().keys, b.view().keys), f"layer {i}: keys differ"
         assert a.nbytes() == b.nbytes(), f"layer {i}: bytes differ"
-        if a.body is not None:
-            for k in a.body.tokens:
-                assert torch.equal(a.body.tokens[k], b.body.tokens[k]), f"layer {i}: body '{k}' differs"
+        if a.entries.body is not None:
+            for k in a.entries.body.tokens:
+                assert torch.equal(a.entries.body.tokens[k], b.entries.body.tokens[k]), f"layer {i}: body '{k}' differs"

@@ -13,9 +13,9 @@ import inspect
 
 from torch import Tensor
 
-from ..kv.plan import check_taken, discard_plan
-from ..kv.cache import BudgetedCache
 from ..errors import UnsupportedModelError
+from ..kv.cache import BudgetedCache
+from ..kv.plan import check_taken, discard_plan
 
 
 @functools.cache

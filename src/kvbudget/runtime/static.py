@@ -209,8 +209,8 @@ class StaticLayer(CacheLayerMixin):
                 raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
             self.lens.fill_(held)  # dense segments keep their starts
             if self.kpos is not None:  # the kept entries' positions (a window may have dropped some)
-                b, h = layer.positions.shape[:2]
-                self.kpos.view(b, h, self.width)[:, :, :held].copy_(layer.positions)
+                b, h = layer.entries.positions.shape[:2]
+                self.kpos.view(b, h, self.width)[:, :, :held].copy_(layer.entries.positions)
             self.lend(layer, held)
             return
         view = layer.view()

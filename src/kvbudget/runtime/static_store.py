@@ -186,9 +186,10 @@ class StaticStoreLayer(CacheLayerMixin):
         _copy_into(self.keys[:, :, :t], layer.keys)
         _copy_into(self.values[:, :, :t], layer.values)
         if self.window is not None:
-            n = layer.positions.shape[2] - t
-            self.body_pos[:, :, :n].copy_(layer.positions[:, :, :n])
-            self.tail_pos[:, :, :t].copy_(layer.positions[:, :, n:])
+            positions = layer.entries.positions
+            n = positions.shape[2] - t
+            self.body_pos[:, :, :n].copy_(positions[:, :, :n])
+            self.tail_pos[:, :, :t].copy_(positions[:, :, n:])
         self.tail_lens.fill_(t)
         self._tail = t
         self.lend(layer)
