@@ -1,7 +1,7 @@
 """GPU memory while an answer is decoded from static buffers (CUDA graph), per policy.
 
 Prefills a context block-wise on the random-weight Llama-3.1-8B shape (bf16), then decodes an
-answer the way `Session` does (`Session._decode`: static buffers + one CUDA graph per token,
+answer the way `Session` does (`runtime.answer.greedy_decode`: static buffers + one CUDA graph per token,
 decode-time compression every ``--interval`` tokens, inside the answer's scratch block) and
 reports, above the memory held before the answer (weights + the compressed cache):
 
@@ -23,7 +23,6 @@ import gc
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -34,7 +33,7 @@ try:  # PYTHONPATH may name another checkout's src/ (an A/B against older code)
 except ImportError:
     sys.path.insert(1, str(HERE.parent / "src"))
     import kvbudget as kb
-from kvbudget.runtime.session import Session  # noqa: E402
+from kvbudget.runtime.answer import greedy_decode  # noqa: E402
 from gpu_bench import build  # noqa: E402
 
 GB = 1e9
@@ -61,7 +60,7 @@ def _staged(stages: list, base: list[int], label: str, fn):
 # (module, class or None for a module-level function, attribute, label): what is timed and measured.
 STAGES = (("kvbudget.runtime.decoder", "StaticDecoder", "from_cache", "decoder"),
           ("kvbudget.kv.cache", "BudgetedCache", "before_compress", "snapshot"),
-          ("kvbudget.runtime.session", None, "compress", "compress"),
+          ("kvbudget.runtime.answer", None, "compress", "compress"),
           ("kvbudget.runtime.decoder", "StaticDecoder", "reload", "reload"))
 
 
@@ -81,8 +80,6 @@ def measure(model, name: str, budget: int | None, context: int, new: int, interv
     before = torch.cuda.memory_allocated()
     kv = cache.nbytes()
     torch.cuda.reset_peak_memory_stats()
-    fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode="graph")
-    fake._static_decoder = lambda n: Session._static_decoder(fake, n)
     stages: list = []
     patched = []
     if breakdown:
@@ -98,7 +95,7 @@ def measure(model, name: str, budget: int | None, context: int, new: int, interv
             patched.append((cls, attr, original))
     try:
         with cache.scratch():
-            out = Session._decode(fake, logits, new)
+            out = greedy_decode(model, cache, policy, logits, new, eos=set(), mode="graph")
     finally:
         for cls, attr, original in patched:
             setattr(cls, attr, original)

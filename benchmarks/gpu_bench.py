@@ -391,7 +391,8 @@ def offload_section(model, episodes: int = 4, budget: int = 2048, context: int =
     # Twice each, consecutively: the second async run starts from caches in pinned memory, as a
     # session's would after its first offload (the blocking path leaves them pageable).
     for overlap in (False, False, True, True):
-        fake = SimpleNamespace(model=model, policy=policy, block_size=2048, _targets=eps, _active=None, async_copies=overlap)
+        fake = SimpleNamespace(model=model, tok=None, policy=policy, tokens=None, block_size=2048, _targets=eps,
+                               _active=None, async_copies=overlap)
         # Each run adds the turn to every cache and compresses back to the budget: same sizes.
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import torch
 import kvbudget as kb
 from kvbudget.methods.stores.kivi import KIVI
 from kvbudget.kv.body import Body
+from kvbudget.runtime.answer import greedy_decode
 
 from conftest import random_ids
 
@@ -125,20 +126,14 @@ def test_decode_writes_into_a_concatenation(monkeypatch):
 def test_policies_through_the_codec_equal_torch(tiny_llama, monkeypatch, name, kw):
     """Prefill in blocks (flushes, body decoded for each block's attention, eviction's re-encode)
     and decoding with compressions: the same tokens, bodies and bytes with either codec."""
-    from types import SimpleNamespace
-
-    from kvbudget.runtime.session import Session
-
     runs = []
     for mode in ("torch", "triton"):
         monkeypatch.setenv("KVBUDGET_KIVI_CODEC", mode)
         policy = kb.policy(name, decode_interval=8, **kw)
         cache = policy.new_cache(tiny_llama)
         logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(230), block_size=64)
-        run = SimpleNamespace(model=tiny_llama, cache=cache, policy=policy, eos=set(), decode="eager",
-                              _static_decoder=lambda n: None)
         with torch.inference_mode():
-            runs.append((logits, Session._decode(run, logits, 40), cache))
+            runs.append((logits, greedy_decode(tiny_llama, cache, policy, logits, 40, eos=set(), mode="eager"), cache))
     (la, ida, ca), (lb, idb, cb) = runs
     assert torch.equal(la, lb) and ida == idb and len(ida) == 40
     for a, b in zip(ca.layers, cb.layers):

@@ -6,7 +6,7 @@ import torch
 import kvbudget as kb
 from kvbudget import compress
 from kvbudget.eval.generators import make_tasks
-from kvbudget.runtime import session as session_module
+from kvbudget.runtime import answer as answer_module
 from kvbudget.eval.metrics import score
 
 
@@ -130,8 +130,8 @@ def test_decode_time_compression_keeps_long_answers_in_budget(default_model, nee
         peaks.append(max(layer.max_entries for layer in cache.layers))
         compress(cache, policy)
 
-    monkeypatch.setattr(session_module, "compress", tracking)
-    ids = session._decode(logits, 40)
+    monkeypatch.setattr(answer_module, "compress", tracking)
+    ids = answer_module.greedy_decode(model, session.cache, session.policy, logits, 40, session.eos, session.decode)
     assert len(ids) == 40 or ids[-1] in session.eos or len(peaks) >= 4
     assert len(peaks) >= 4 and max(peaks[1:]) <= 64 + 8  # budget + interval (the first includes the question)
     assert all(int(n.max()) <= 64 + 8 for n in session.cache.head_entries())

@@ -5,14 +5,12 @@ buffers, the in-place writes at ``starts + lens``, the length-masked attention, 
 reload are the code the graph captures. The graph itself is checked on the GPU by
 tests/gpu/test_graph_decode.py."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import kvbudget as kb
-from kvbudget.runtime.session import Session
 from kvbudget.kernels import reference_varlen_decode_attention
+from kvbudget.runtime.answer import greedy_decode
 from kvbudget.runtime.decoder import StaticDecoder, supports
 from kvbudget.runtime.static import UnsupportedStatic
 
@@ -25,10 +23,8 @@ def _decode(model, policy_name: str, mode: str, n_new: int = 24, interval: int =
     policy = kb.policy(policy_name, decode_interval=interval, **kw)
     cache = policy.new_cache(model)
     logits, _ = kb.prefill(model, cache, policy, random_ids(context), block_size=32)
-    fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode=mode)
-    fake._static_decoder = lambda n: Session._static_decoder(fake, n)
     with torch.inference_mode():
-        ids = Session._decode(fake, logits, n_new)
+        ids = greedy_decode(model, cache, policy, logits, n_new, eos=set(), mode=mode)
     return ids, cache, policy
 
 

@@ -11,6 +11,7 @@ from kvbudget.kv.cache import flush_layers
 from kvbudget.kv.hook import attach
 from kvbudget.errors import UnknownPolicyError
 from kvbudget.methods.stores.quant import dequantize, dequantize_groups, hadamard, pack, quantize, quantize_groups, unpack
+from kvbudget.runtime.answer import greedy_decode
 
 
 def _llama64(layers: int) -> LlamaForCausalLM:
@@ -487,10 +488,7 @@ def test_scratch_restores_a_store_cache_exactly(tiny_llama, name, kw, mode, monk
     evictions) and leaving it gives back exactly the cache from before: body, tail, positions,
     state, bytes. A store that only appends to its body (no eviction) is snapshotted without its
     body, which is taken back as the prefix of the body at the end."""
-    from types import SimpleNamespace
-
     from kvbudget.kv.body import BodyPrefix
-    from kvbudget.runtime.session import Session
 
     taken = []
     real = BodyPrefix.taken_from
@@ -500,10 +498,8 @@ def test_scratch_restores_a_store_cache_exactly(tiny_llama, name, kw, mode, monk
     logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(200), block_size=64)
     before = [(dict(vars(layer.entries), seen=layer.seen), layer.view(), layer.nbytes()) for layer in cache.layers]
     encoded = [(len(layer.entries.body), layer.entries.positions) for layer in cache.layers]
-    fake = SimpleNamespace(model=tiny_llama, cache=cache, policy=policy, eos=set(), decode=mode)
-    fake._static_decoder = lambda n: Session._static_decoder(fake, n)
     with torch.inference_mode(), cache.scratch():
-        Session._decode(fake, logits, 60)
+        greedy_decode(tiny_llama, cache, policy, logits, 60, eos=set(), mode=mode)
         # The answer's compressions did encode (a longer body) or evict (other positions kept).
         assert any(len(layer.entries.body) != n or not torch.equal(layer.entries.positions[..., : pos.shape[-1]], pos)
                    for layer, (n, pos) in zip(cache.layers, encoded))

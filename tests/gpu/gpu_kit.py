@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvbudget as kb
 from kvbudget.kv.hook import attach
-from kvbudget.runtime.session import Session
+from kvbudget.runtime.answer import greedy_decode
 
 VOCAB = 128000  # token ids are drawn below this (the 8B vocabulary has 128256)
 
@@ -61,9 +60,7 @@ def decode(model, name: str, mode: str, context: int = 3000, n_new: int = 48, **
 
 def answer(model, cache, policy, logits, n_new: int, mode: str) -> list[int]:
     """Greedy decoding of ``n_new`` tokens from ``logits`` through `Session`'s decode loop."""
-    fake = SimpleNamespace(model=model, cache=cache, policy=policy, eos=set(), decode=mode)
-    fake._static_decoder = (lambda n: None) if mode == "eager" else (lambda n: Session._static_decoder(fake, n))
-    return Session._decode(fake, logits, n_new)
+    return greedy_decode(model, cache, policy, logits, n_new, eos=set(), mode=mode)
 
 
 def compare_caches(a, b) -> float:

@@ -29,8 +29,9 @@ from torch import Tensor
 from ..compress import Policy
 from ..errors import KVBudgetError
 from ..kv.cache import BudgetedCache
+from .answer import Turn
 from .prefill import PrefillStats, prefill
-from .session import Session, Turn
+from .session import Session
 from .sessionfile import cache_from_file, cache_to_file, to_cpu
 
 
@@ -229,10 +230,10 @@ class EpisodicSession(Session):
         return sum(ep.cache.nbytes() for ep in self.episodes) or self.kv_bytes
 
     # --- files ----------------------------------------------------------------------------------
-    def _caches_to_file(self, tensors: dict[str, Tensor]) -> dict:
+    def caches_to_file(self, tensors: dict[str, Tensor]) -> dict:
         """Each episode's centroid, windows, patched prompt and cache; which one is active."""
         if not self.episodes:
-            return super()._caches_to_file(tensors)
+            return super().caches_to_file(tensors)
         episodes = []
         for e, ep in enumerate(self.episodes):
             tensors[f"episodes.{e}.centroid"] = to_cpu(ep.centroid)
@@ -243,10 +244,10 @@ class EpisodicSession(Session):
         return {"cache": None, "episodic": {"episodes": episodes, "active": active, "routed": self.routed,
                                             "build_seconds": self.build_seconds}}
 
-    def _caches_from_file(self, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    def caches_from_file(self, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
         saved = meta["episodic"]
         if saved is None:
-            super()._caches_from_file(meta, tensors, path)
+            super().caches_from_file(meta, tensors, path)
             return
         for e, em in enumerate(saved["episodes"]):
             cache = self.new_cache()

@@ -19,13 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from ..compress import Policy
 from ..errors import KVBudgetError, SessionFileError
 from ..fileio import atomic_open
 from ..kv.body import Body
@@ -34,6 +37,8 @@ from ..kv.dense import DenseEntries
 from ..kv.encoded import EncodedEntries
 from ..kv.layer import BudgetedLayer
 from ..kv.ragged import RaggedEntries
+from ..methods import make_policy
+from .prefill import PrefillStats
 
 FORMAT = "kvbudget-session"
 VERSION = 1
@@ -196,6 +201,51 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) 
     with atomic_open(path, "wb") as f:
         f.write(data)
     return len(data)
+
+
+# --- a session's state --------------------------------------------------------------------------
+# ``session`` below is a `runtime.session.Session`: its caches are described by its
+# ``caches_to_file`` and loaded by its ``caches_from_file`` (an episodic session holds several).
+def session_to_file(session) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and the JSON metadata that describe ``session`` completely."""
+    policy = session.policy
+    if policy.spec is None:
+        raise KVBudgetError("cannot save a session whose policy was not built by kb.policy() (its settings are unknown)")
+    tensors: dict[str, Tensor] = {}
+    meta = {
+        "model": model_identity(session.model),
+        "policy": {**policy.spec, "resolved_name": policy.name, "tokens": session.tokens},
+        "block_size": session.block_size,
+        "messages": session.messages,
+        "rendered": session.rendered,
+        "input_ids": session.input_ids,
+        "stats": asdict(session.stats),
+        "kv_bytes": session.stored_bytes,
+        **session.caches_to_file(tensors),
+    }
+    return tensors, meta
+
+
+def policy_from_file(meta: dict, path: Path) -> Policy:
+    """The policy a session file was saved with, built again by `make_policy`."""
+    spec = meta["policy"]
+    # The block size is the session's: an older file may carry it among the policy's arguments.
+    kwargs = {k: v for k, v in spec["kwargs"].items() if k != "block_size"}
+    try:
+        return make_policy(spec["name"], budget=spec["budget"], **kwargs)
+    except KVBudgetError as exc:
+        raise SessionFileError(f"{path}: cannot rebuild its policy: {exc}") from None
+
+
+def restore_session(session, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    """Give ``session`` (new, of the policy `policy_from_file` built) the saved budget, caches and
+    conversation."""
+    session.tokens = meta["policy"]["tokens"]  # a ratio budget was resolved against that context
+    session.caches_from_file(meta, tensors, path)
+    session.messages = meta["messages"]
+    session.rendered = meta["rendered"]
+    session.input_ids = meta["input_ids"]
+    session.stats = PrefillStats(**meta["stats"])
 
 
 # --- load ---------------------------------------------------------------------------------------
