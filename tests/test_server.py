@@ -332,7 +332,7 @@ def test_the_memory_estimate_covers_decode_time_compression(default_model, tmp_p
     try:
         req = ChatRequest([{"role": "user", "content": "Write a long story about a cat who travels the world."}], 72)
         probe = kb.Session(model, tok, manager.default_policy)
-        config.memory = manager._need(probe, probe.new_tokens(req.messages), req.max_tokens)  # exactly the reserve
+        config.memory = manager.footprint.need(probe, probe.new_tokens(req.messages), req.max_tokens)  # the reserve
         result = manager.chat("", req)
         assert result.completion_tokens > manager.default_policy.decode_interval, result.text
         assert 0 < manager.metrics.kv_bytes_peak <= config.memory
