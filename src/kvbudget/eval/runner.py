@@ -1,6 +1,6 @@
 """Run policies x budgets over a task set in up to three modes and score every question.
 
-Modes (specs/tasks.md):
+Modes (docs/guide.md):
 - ``multi-turn``: the context is prefilled once per (policy, budget) without knowing the
   questions; the questions are then asked in order in the same session, each question and its
   gold answer appended before the next (every policy sees the same conversation text; only what
