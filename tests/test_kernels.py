@@ -262,13 +262,10 @@ def test_kivi_fused_equals_dequantize_then_attend(poisoned, bits, dtype, d, hq, 
     assert _rel(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("kernel", ["parts", "fold"])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
-def test_kivi_fold_handles_any_chunk_ids(poisoned, order, kernel, monkeypatch):
+def test_kivi_fold_handles_any_chunk_ids(poisoned, order):
     """Blocks over many chunks, gaps in the ids (evicted chunks never freed), single-entry chunks,
-    ids out of order: the fold kernel (one scale row per chunk), with either body, still equals
-    dequantise-then-attend."""
-    monkeypatch.setattr(KD, "KERNEL", kernel)
+    ids out of order: the fold kernel (one scale row per chunk) still equals dequantise-then-attend."""
     gen = torch.Generator().manual_seed(21)
     store = KIVI(bits=4)
     b, hkv, hq, d, dtype = 2, 2, 4, 64, torch.float32
@@ -343,21 +340,10 @@ def test_kivi_parts_ptx_unpack_gives_the_centred_codes(bits, fp16):
                 assert got == want, (bits, s, centre, hex(w))
 
 
-def test_kivi_unknown_kernel_is_a_clear_error(monkeypatch):
-    """A kernel name that does not exist (the removed "stack", a typo) is refused by name, not
-    silently run as another kernel."""
-    gen = torch.Generator().manual_seed(3)
-    store = KIVI(bits=4)
-    k = torch.randn(1, 1, 64, 64, generator=gen)
-    body, tk, tv = rebuild_body(store, None, k, k.clone(), torch.arange(64).expand(1, 1, 64), 0, None)
-    monkeypatch.setattr(KD, "KERNEL", "stack")
-    with pytest.raises(ValueError, match="KVBUDGET_KIVI_KERNEL must be one of parts, fold, gather, got 'stack'"):
-        KD.kivi_decode_attention(torch.randn(1, 2, 64, generator=gen), body, store, tk, tv, 0.125)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kivi_gather_kernel_and_odd_head_dims(poisoned, monkeypatch, dtype):
-    """The per-element gather kernel: forced, and chosen for a head dim that is not a power of two."""
+    """The general kernel (`_kivi_stage_kernel`): forced, and chosen for a head dim that is not a
+    power of two."""
     gen = torch.Generator().manual_seed(31)
     store = KIVI(bits=4)
     for d in (64, 96):
@@ -367,7 +353,7 @@ def test_kivi_gather_kernel_and_odd_head_dims(poisoned, monkeypatch, dtype):
         assert KD.fold_supported(q, body, d, d, 32) == (d == 64)
         with monkeypatch.context() as m:
             if d == 64:
-                m.setattr(KD, "KERNEL", "gather")
+                m.setattr(KD, "fold_supported", lambda *a: False)
             out = KD.kivi_decode_attention(q, body, store, tk, tv, d**-0.5, num_splits=3)
         assert _rel(out, ref) < TOL[dtype], d
 
@@ -451,14 +437,14 @@ from kvbudget.kernels import kivi_decode as KD
 
 fn = KD._kivi_fold_kernel
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-for kernel, dt in (("parts", "bf16"), ("fold", "bf16"), ("parts", "fp32")):
-    block_n, warps, stages, _, maxnreg = KD.FOLD_CONFIG_FP32 if dt == "fp32" else KD.CONFIGS[kernel]
+for dt in ("bf16", "fp32"):
+    block_n, warps, stages, _, maxnreg = KD.FOLD_CONFIG_FP32 if dt == "fp32" else KD.FOLD_CONFIG
     for bits in (4, 2):
         consts = dict(BITS=bits, PACK=8 // bits, GV=32, NG=4, BLOCK_N=block_n, BLOCK_D=128, BLOCK_DV=128,
                       G_PAD=max(KD.FOLD_MIN_ROWS, 4), HAS_LENS=False, TAIL_LENS=False, TAIL_BLOCK=KD.TAIL_BLOCK_FOLD,
                       DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False, stride_qd=1, stride_kcj=1,
                       stride_vcj=1, stride_vsg=1, stride_td=1, stride_cn=1, stride_tkd=1, stride_tvd=1,
-                      PARTS=kernel == "parts", ASM=kernel == "parts" and dt == "bf16")
+                      ASM=dt == "bf16")
         names = [a for a in fn.arg_names if a not in consts]
         ptr = {"kc_ptr": "*u8", "vc_ptr": "*u8", "cid_ptr": "*i16", "blens_ptr": "*i32", "tlens_ptr": "*i32",
                "po_ptr": "*fp32", "plse_ptr": "*fp32"}
@@ -473,28 +459,27 @@ for kernel, dt in (("parts", "bf16"), ("fold", "bf16"), ("parts", "fp32")):
         c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=where, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options=opts)
         assert "cubin" in c.asm and ("mma" in c.asm["ptx"] or dt == "fp32")  # bf16: tensor cores
-        assert ("sub.rn.bf16x2" in c.asm["ptx"]) == (kernel == "parts" and dt == "bf16")  # the PTX unpack
+        assert ("sub.rn.bf16x2" in c.asm["ptx"]) == (dt == "bf16")  # the PTX unpack
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(c.asm["ptx"])
         log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
                              capture_output=True, text=True).stderr
         os.unlink(f.name)
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
-        print(kernel, dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
+        print(dt, bits, re.findall(r"Used (\d+) registers", log), "spill", spills)
         # The parts body's prefetched block costs a few spilled registers at one warp (ptxas 12.x:
         # 104 B at 4 bits, 8 B at 2; measured on H100 as fast as without the prefetch at 4 bits and
         # 1.24x faster at 2): a bound, so that a change which spills in earnest fails here.
         if dt == "bf16":
-            assert spills <= (128 if kernel == "parts" else 0), log
+            assert spills <= 128, log
 print("compiled")
 '''
 
 
 def test_kivi_fold_kernel_compiles_for_hopper_without_spills():
-    """The real compiler takes the fold kernel with either body (parts, fold) and the tail path down
-    to sm_90 with their launch settings; ptxas must report no (fold) or few (parts) register spills
-    for bfloat16 (float32 only has to compile), and only the parts body's bf16 build carries the
-    PTX unpack."""
+    """The real compiler takes the fold kernel and the tail path down to sm_90 with their launch
+    settings; ptxas must report few register spills for bfloat16 (float32 only has to compile),
+    and only the bf16 build carries the PTX unpack."""
     import subprocess
     import sys
     from pathlib import Path

@@ -225,7 +225,7 @@ def test_keep_chosen_keeps_the_chosen_entries(lens, budget, special):
         scores, obs = _observation(lens, max(lens), budget, seed, special)
         obs.positions, obs.valid = view.positions, view.valid
         chosen, lens_t, kept = pick_across_heads(scores, obs, 1)
-        new.keep_chosen(chosen, lens_t, kept, view)
+        new.hold(RaggedEntries.chosen(view, chosen, lens_t, kept))
         index, lens_ref = select_across_heads(scores, obs, 1)
         old.keep(index, lens_ref, view=old.view())
         a, b = new.view(), old.view()

@@ -417,20 +417,20 @@ def test_tail_length_is_known_on_the_host_and_checked(tiny_llama):
 
     cache = _evicting_store_run(tiny_llama, "snapkv+kivi4", stack=True)
     for layer in cache.layers:
-        n, check = layer.tail_kept(layer.entries.positions)
+        n, check = layer.entries.tail_kept(layer.entries.positions, layer.seen, layer.residual, layer.phantom)
         assert n == int((layer.entries.positions >= layer.seen - layer.residual).sum(-1).min()) == layer.residual
         assert layer.keys.shape[2] > n  # tokens decoded since the last compression
         assert bool(check)
         # Without the newest entry, the window is not all there: the host count is wrong.
         index = torch.arange(layer.max_entries - 1).expand(*layer.entries.positions.shape[:2], -1)
-        n, check = layer.tail_kept(layer.entries.positions[..., :-1])
+        n, check = layer.entries.tail_kept(layer.entries.positions[..., :-1], layer.seen, layer.residual, layer.phantom)
         assert not bool(check)
         with pytest.raises(RuntimeError, match="cannot return to the full-precision tail"):
             rebuild_body(layer.store, layer.entries.body, layer.keys, layer.values, index, n, None, check)
     layer = cache.layers[0]
     with torch.inference_mode(), cache.scratch(), cache.transient():
         tiny_llama(input_ids=random_ids(3, seed=1), cache=cache, use_cache=True)
-        n, check = layer.tail_kept(layer.entries.positions)
+        n, check = layer.entries.tail_kept(layer.entries.positions, layer.seen, layer.residual, layer.phantom)
         assert check is None and n == int((layer.entries.positions >= layer.seen - layer.residual).sum(-1).min())
 
 

@@ -23,7 +23,11 @@ from .errors import (
 from .kv import BudgetedCache, BudgetedLayer, attach
 from .methods import describe as list_policies
 from .methods import make_policy as policy
-from .runtime import Session, Turn, load_model, prefill
+from .runtime.episodic import EpisodicSession
+from .runtime.models import load_model
+from .runtime.prefill import prefill
+from .runtime.answer import Turn
+from .runtime.session import Session
 
 __version__ = version("kvbudget")
 
@@ -32,6 +36,7 @@ __all__ = [
     "BudgetError",
     "BudgetedCache",
     "BudgetedLayer",
+    "EpisodicSession",
     "KVBudgetError",
     "ModelNotFoundError",
     "Policy",

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..kv.cache import BudgetedCache, flush_layers
+from ..kv.dense import DenseEntries
 from ..kv.entries import gather_entries
 from ..kv.layer import BudgetedLayer
 from ..kv.ragged import RaggedEntries, padded_index, take_padded, true_indices
@@ -109,7 +110,7 @@ def _compress_dense(policy: Policy, layers: list[BudgetedLayer], budgets: list[i
 
 def _hold(policy: Policy, layer: BudgetedLayer, keys: Tensor, values: Tensor, positions: Tensor,
           state: dict[str, Tensor], budget: int) -> None:
-    layer.hold(keys, values, positions, state)
+    layer.hold(DenseEntries(keys, values, positions, state))
     layer.residual = policy.residual(budget)
     if policy.scorer.queries < 0:
         layer.clear_queries()
@@ -224,7 +225,8 @@ def _keep_chosen(policy: Policy, group: _Chosen, lens: tuple[Tensor, ...], kept:
     state = {k: take(v.flatten(), slots) for k, v in group.state.items()}
     for i, layer in enumerate(group.layers):
         layer.residual = policy.residual(budget)
-        layer.keep_entries(keys[i], values[i], positions[i], {k: v[i] for k, v in state.items()}, lens[i], kept[i])
+        layer.hold(RaggedEntries.held(keys[i], values[i], positions[i], {k: v[i] for k, v in state.items()}, lens[i],
+                                      kept[i]))
         if policy.scorer.queries < 0:
             layer.clear_queries()
 

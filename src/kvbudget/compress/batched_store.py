@@ -106,14 +106,14 @@ def compress(policy: Policy, layers: list[BudgetedLayer], budget: int) -> Rebuil
     kept_positions = positions.gather(2, index)
     # Each layer's tail: its kept entries inside the residual window (the loop's `keep`). The
     # layers are alike (`stackable`), so the first one's rule holds for all, checked on all rows.
-    n_tail, check = first.tail_kept(kept_positions, n_layers)
+    n_tail, check = first.entries.tail_kept(kept_positions, first.seen, first.residual, first.phantom, n_layers)
     kept_state = {k: s.gather(2, index) for k, s in state.items()}
     bodies, new_keys, new_values, rebuilt = rebuild_stacked(store, body, tail_keys, tail_values, index, n_tail,
                                                             n_layers, check)
     for i, (layer, new) in enumerate(zip(layers, bodies)):
         rows = slice(i * b, (i + 1) * b)
-        layer.set_encoded(new, new_keys[rows], new_values[rows], kept_positions[rows],
-                          {name: s[rows] for name, s in kept_state.items()})
+        layer.hold(EncodedEntries(layer.store, new, new_keys[rows], new_values[rows], kept_positions[rows],
+                                  {name: s[rows] for name, s in kept_state.items()}))
         if policy.scorer.queries < 0:
             layer.clear_queries()
     return rebuilt

@@ -145,7 +145,7 @@ def _score_and_keep(policy: Policy, layer: BudgetedLayer, i: int, n_layers: int,
     view.state = state
     if policy.head_adaptive:
         chosen, lens, kept = pick_across_heads(scores, obs, protected)
-        layer.keep_chosen(chosen, lens, kept, view)
+        layer.hold(RaggedEntries.chosen(view, chosen, lens, kept))
         return
     index, lens = select(scores, obs, protected)
     layer.keep(index, lens, view=view)

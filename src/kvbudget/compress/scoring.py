@@ -38,7 +38,7 @@ from torch import Tensor
 # run here (SnapKV's 32 window queries over many stacked layers), so it bounds what an answer
 # needs above the cache: on the 8B shape at 32k a SnapKV 2048 compression during an answer rose
 # 0.53 GB above what the answer held with 256 MiB chunks, 0.35 GB with 64 (docs/benchmarks.md,
-# "Ninth session").
+# "Memory during an answer").
 CHUNK_BYTES = 64 * 2**20
 BACKENDS = ("auto", "materialise", "chunked", "triton")
 KPOS_NONE = 2**31 - 1  # position of a masked key: beyond every query
@@ -70,10 +70,10 @@ def group_probs(queries: Tensor, keys: Tensor, kpos: Tensor, qpos: Tensor, scali
 
 # Below this many query rows (batch x query heads x queries) the two-pass kernel's grid is too
 # small to fill the GPU and one small materialised chunk is as fast: one layer of the 8B shape
-# with SnapKV's window of 32 took 91 us either way on the H100 (docs/benchmarks.md, "GPU"). A
+# with SnapKV's window of 32 took 91 us either way on the H100 (docs/scoring.md). A
 # group of stacked layers is far above it: SnapKV's window over 8 stacked layers, 8192 rows,
 # took 0.13 ms of GPU time in the two passes (0.07 ms in pass 2 alone, given the LSE) against
-# about 0.8 ms chunked (docs/benchmarks.md, "Tenth session").
+# about 0.8 ms chunked (docs/scoring.md).
 # With the rows' log-sum-exp known only pass 2 runs, one program per key tile and KV head,
 # whatever the number of queries: the kernel then always.
 TRITON_MIN_ROWS = 8192

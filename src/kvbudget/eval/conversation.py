@@ -1,4 +1,4 @@
-"""The `conversation` generator (specs/tasks.md, LongConvQA-style): a long multi-session chat
+"""The `conversation` generator (LongConvQA-style): a long multi-session chat
 between a user and an assistant about several topics, with facts about the user planted in
 specific sessions and small talk in between.
 

@@ -1,4 +1,4 @@
-"""Seeded, offline generators of synthetic tasks (specs/tasks.md), sized in model tokens.
+"""Seeded, offline generators of synthetic tasks, sized in model tokens.
 
 Every generator has the signature ``gen(tok, n, length, seed, **options) -> list[Task]``:
 ``n`` tasks whose context is ``length`` tokens long (within 5%) as counted by ``tok`` without

@@ -1,6 +1,6 @@
 """Run policies x budgets over a task set in up to three modes and score every question.
 
-Modes (specs/tasks.md):
+Modes (docs/guide.md):
 - ``multi-turn``: the context is prefilled once per (policy, budget) without knowing the
   questions; the questions are then asked in order in the same session, each question and its
   gold answer appended before the next (every policy sees the same conversation text; only what
@@ -36,7 +36,8 @@ from ..fileio import atomic_write_text
 from ..kv.store import STORE_VARIANTS, STORES
 from ..methods import describe, make_policy
 from ..runtime.prefill import BLOCK_SIZE
-from ..runtime.session import Session, Turn
+from ..runtime.answer import Turn
+from ..runtime.session import Session
 from .fidelity import next_token_fidelity
 from .metrics import reference_answer
 from .metrics import score as score_answer

@@ -1,4 +1,4 @@
-"""More SCBench-style generators (specs/tasks.md): prefix_suffix, multihop, math_find.
+"""More SCBench-style generators: prefix_suffix, multihop, math_find.
 
 Same contract as the generators of ``generators.py``: ``gen(tok, n, length, seed, **options) -> list[Task]``, seeded,
 offline, contexts ``length`` tokens long (within 5%) as counted by ``tok``, every answer present

@@ -59,13 +59,13 @@ class Tiles:
 
 
 # Per reduction, measured on H100 by benchmarks/scoring_bench.py --sweep-reduce --batch 8 (a group
-# of stacked layers) and checked in whole prefills by benchmarks/score_tiles_ab.py (docs/scoring.md).
+# of stacked layers; docs/scoring.md).
 # "weighted" (a sum with per-query weights) and "lazy" keep the tile's own sum beside the
 # accumulator: twice the registers. Lazy's scan over the queries of a tile runs along the axis
 # that stays inside a warp (query_axis 1): 3.7 vs 4.6 ms for 8 layers, 14.4% vs 15.9% of a 32k
 # prefill (medians of 6). Since its tiles of consecutive queries take bits instead of the scan
-# (`_lazy_bits`), 3 pipelining stages no longer pay: triton's default measured 3.49 vs 3.78 ms in
-# one sweep and 3.148 vs 3.147 ms in another (docs/benchmarks.md, "Eleventh session").
+# (`_lazy_bits`), 3 pipelining stages do not pay: triton's default is as fast (3.148 vs 3.147 ms for
+# 8 stacked layers).
 TILES = {
     "sum": Tiles(),
     "max": Tiles(),

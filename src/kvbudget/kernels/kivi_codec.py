@@ -8,7 +8,7 @@ block, and a KIVI-4 prefill at 32k took 24-31% longer than the full cache's (flu
 body decoded for each block's attention). Here one program handles one chunk of ``group``
 tokens of one (sequence, head) to encode (reading the full-precision keys and values once,
 writing the packed codes and scales once), or 32 entries to decode: 0.2-0.3 ms for the same
-work (docs/benchmarks.md, "Eighth session").
+work (docs/kernels.md, "KIVI encode and decode").
 
 **Same numbers as the torch path, bit for bit.** Every step is the float32 operation torch does,
 in the same order and rounding: the scale is ``(hi - lo) * (1 / levels)`` (what torch computes

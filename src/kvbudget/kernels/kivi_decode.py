@@ -22,16 +22,15 @@ the same way with ``P`` sub-accumulators (output channels ``P*j + s``). Online s
 float32, split-K like `varlen_decode`; the full-precision tail goes through the varlen kernel into
 extra split slots of the same scratch, and one combine merges body and tail by their LSE.
 
-That is the first kernel (`_kivi_stage_kernel`, "gather"). `_kivi_fold_kernel` folds the scales
-instead of applying them per element, with one of two block loops: its own ("fold") or, by
-default, `kivi_parts.kivi_parts_body` ("parts": codes unpacked by inline PTX, value scales in the
-probabilities, one warp per program); docs/kernels.md compares the three.
+That is `_kivi_stage_kernel`, which serves any layout. `_kivi_fold_kernel`, for power-of-two
+head dims and value groups (every real model: `fold_supported`), folds the scales instead of
+applying them per element, with `kivi_parts.kivi_parts_body` as its block loop (codes unpacked by
+inline PTX, value scales in the probabilities, one warp per program): docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -44,19 +43,13 @@ from .varlen_decode import LOG2E, MAX_SPLITS, MIN_ROWS, mm, pow2, store_partial,
 # 32 entries x 8 warps: the dequantisation tiles fit in registers (ptxas, sm_90: 206-215 registers,
 # no spills; 64 x 4 warps spills ~0.5 KB per thread).
 BLOCK_N = 32
-# "parts" (default): `_kivi_fold_kernel` with `kivi_parts.kivi_parts_body` (codes by sub-position,
-# value scales in the probabilities); "fold": the same kernel's own body (the second session's);
-# "gather": the first kernel, `_kivi_stage_kernel`. The last two are kept for comparison.
-KERNEL = os.environ.get("KVBUDGET_KIVI_KERNEL", "parts")
-KERNELS = ("parts", "fold", "gather")
 # Launch settings: (entries per block, warps, pipeline stages, programs resident per SM, register
-# cap per thread or 0 for none), per kernel, for bf16/fp16 (float32 tiles take FOLD_CONFIG_FP32).
-# parts: one warp per program, 16 entries (ptxas sm_90: 255 registers, 104 / 8 bytes of spills at
-# 4 / 2 bits for the prefetched block; 8 programs resident per SM), the fastest of the settings
-# swept on H100 (docs/kernels.md, "Parts body"): with one warp nothing crosses warps (no barriers,
-# no shared-memory reductions); 2 and 4 warps measured 1.2-1.6x slower.
-# fold: 32 entries x 4 warps at 168 registers (no spills), three programs per SM.
-CONFIGS = {"parts": (16, 1, 1, 8, 0), "fold": (32, 4, 1, 3, 168)}
+# cap per thread or 0 for none), for bf16/fp16 (float32 tiles take FOLD_CONFIG_FP32): one warp
+# per program, 16 entries (ptxas sm_90: 255 registers, 104 / 8 bytes of spills at 4 / 2 bits for
+# the prefetched block; 8 programs resident per SM), the fastest of the settings swept on H100
+# (docs/kernels.md): with one warp nothing crosses warps (no barriers, no
+# shared-memory reductions); 2 and 4 warps measured 1.2-1.6x slower.
+FOLD_CONFIG = (16, 1, 1, 8, 0)
 FOLD_CONFIG_FP32 = (32, 8, 1, 1, 0)  # float32 tiles: 4 warps would spill
 # Query rows of the fold kernel's tiles (the group padded to a power of two, at least this): 4, not
 # 16, since tl.dot pads M itself on sm_90, and 4 x D float32 tiles cost far fewer registers.
@@ -225,44 +218,6 @@ def _kivi_stage_kernel(
 
 
 @triton.jit
-def _unpack(bytes_, BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Packed bytes [BLOCK_N, BLOCK_D / PACK] -> codes [BLOCK_N, BLOCK_D] int32 in channel order
-    (channel ``PACK*j + s`` from bits ``BITS*s ..`` of byte j)."""
-    shifts = tl.arange(0, PACK) * BITS
-    codes = (bytes_.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, [BLOCK_N, BLOCK_D])
-
-
-@triton.jit
-def _unpack_centred(bytes_, BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """Like `_unpack`, minus ``2**(BITS-1)``: flipping each field's top bit turns the field, read as
-    a signed BITS-bit integer (shift left to the top of an int32, arithmetic shift back), into
-    ``code - 2**(BITS-1)``: two shifts per code, one xor per byte."""
-    flip = 0
-    for i in tl.static_range(PACK):
-        flip = flip | (1 << (BITS * i + BITS - 1))
-    lefts = 32 - BITS - tl.arange(0, PACK) * BITS
-    codes = ((bytes_.to(tl.int32) ^ flip)[:, :, None] << lefts[None, None, :]) >> (32 - BITS)
-    return tl.reshape(codes, [BLOCK_N, BLOCK_D])
-
-
-@triton.jit
-def _fold_rows(q, kcodes, sc, zc, BITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """Logits (before the softmax scale) of a block's entries if they all belonged to the chunk of
-    scale / zero rows ``sc``, ``zc`` [BLOCK_D]: ``q . (code * sc + zc)`` [G_PAD, BLOCK_N], with
-    ``kcodes`` the centred codes ``code - 2**(BITS-1)`` (small integers, exact in any float):
-    ``(q * sc) @ kcodes^T + q . (zc + sc * 2**(BITS-1))``. Centring keeps the terms that the rounded
-    ``q * sc`` multiplies within about half the chunk's range, so the rounding error stays about
-    that of rounding the dequantised key (uncentred 2-bit keys with an outlier channel: ~3x more)."""
-    sc = sc.to(tl.float32)
-    qt = (q * sc[None, :]).to(DT)
-    zc = zc.to(tl.float32) + sc * (1 << (BITS - 1))
-    return mm(qt, tl.trans(kcodes), DOT_PREC, UPCAST) + tl.sum(q * zc[None, :], 1)[:, None]
-
-
-@triton.jit
 def _tail_split(q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, plse_ptr, b, h, pid_bh, pid_t, slot, is_last,
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
@@ -324,21 +279,14 @@ def _kivi_fold_kernel(
     BITS: tl.constexpr, PACK: tl.constexpr, GV: tl.constexpr, NG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, G_PAD: tl.constexpr,
     HAS_LENS: tl.constexpr, TAIL_LENS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PARTS: tl.constexpr = False, ASM: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr = False,
 ):
-    """`_kivi_stage_kernel` without per-element scale gathers; the tail in extra programs.
+    """`_kivi_stage_kernel` without per-element scale gathers (`kivi_parts.kivi_parts_body`);
+    the tail in extra programs.
 
     Needs power-of-two D, Dv and value group GV (NG = Dv / GV groups), unit channel strides.
-    Keys: ``q . k_t = sum_c (q_c s_c) (code_tc - 2**(BITS-1)) + sum_c q_c (z_c + 2**(BITS-1) s_c)``
-    with (s, z) the row of entry t's chunk: the scale row is folded into the query (``q * s``
-    rounded to the model dtype) and the centred codes of the whole block go through one tensor-core
-    dot (`_fold_rows`). A block's lowest and highest chunk ids c0, c1 (the only ones when chunk ids
-    are sorted and the block holds at most two chunks: the usual case; one dot when c0 == c1) get
-    one dot each and every entry takes its chunk's logits; any chunk strictly between them (sparse
-    chunks after eviction, unsorted ids) is handled by a loop over the remaining ids. Values: one
-    (scale, zero) per (entry, group) loaded as [BLOCK_N, NG] and broadcast over the group.
-    While a block is computed, the next block's key codes and the chunk ids of the block after it
-    are already being loaded. Programs ``pid_s >= S_BODY`` attend over the full-precision tail."""
+    Programs ``pid_s < S_BODY`` attend over a split of the body; programs ``pid_s >= S_BODY``
+    over the full-precision tail, into the split slots after the body's."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -368,93 +316,14 @@ def _kivi_fold_kernel(
         ks_base = ks_ptr + b * stride_tb + h64 * stride_th
         kz_base = kz_ptr + b * stride_tb + h64 * stride_th
 
-        DP: tl.constexpr = BLOCK_D // PACK
-        DVP: tl.constexpr = BLOCK_DV // PACK
         offs_g = tl.arange(0, G_PAD)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_j = tl.arange(0, DP)
-        offs_jv = tl.arange(0, DVP)
-        offs_grp = tl.arange(0, NG)
-        offs_bn = tl.arange(0, BLOCK_N)
         mask_g = offs_g < GROUP
         qhead = (h * GROUP + offs_g).to(tl.int64)
-        if PARTS:
-            kivi_parts_body(q_ptr, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base, po_ptr, plse_ptr,
-                            b, qhead, mask_g, lo, hi, pid_s,
-                            stride_qb, stride_qh, stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc,
-                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale,
-                            BITS, PACK, GV, NG, BLOCK_N, BLOCK_D, G_PAD, DOT_PREC, UPCAST, ASM)
-        else:
-            q = tl.load(q_ptr + b * stride_qb + qhead[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-            dt = q.dtype
-            q = q.to(tl.float32)
-            BIG: tl.constexpr = 2147483647
-
-            # Prologue: block 0's chunk ids and key codes, block 1's chunk ids.
-            n_mask = lo + offs_bn < hi
-            rows = (lo + offs_bn).to(tl.int64)
-            cid = tl.load(cid_base + rows * stride_cn, mask=n_mask, other=0).to(tl.int32)
-            kb = tl.load(kc_base + rows[:, None] * stride_kcn + offs_j[None, :], mask=n_mask[:, None], other=0)
-            nn_mask = lo + BLOCK_N + offs_bn < hi
-            cid_n = tl.load(cid_base + (lo + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=nn_mask, other=0).to(tl.int32)
-
-            m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-            l_i = tl.zeros([G_PAD], tl.float32)
-            acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                # -- loads for the next block (n0 + BLOCK_N) and the chunk ids of the one after it.
-                nx = n0 + BLOCK_N
-                x_mask = nx + offs_bn < hi
-                x_rows = (nx + offs_bn).to(tl.int64)
-                kb_x = tl.load(kc_base + x_rows[:, None] * stride_kcn + offs_j[None, :], mask=x_mask[:, None], other=0)
-                # The current block's values (issued before the key math; prefetching them a block
-                # ahead as well would cost the registers of a third resident program).
-                cur_rows = (n0 + offs_bn).to(tl.int64)
-                vb = tl.load(vc_base + cur_rows[:, None] * stride_vcn + offs_jv[None, :], mask=n_mask[:, None], other=0)
-                vsz = cur_rows[:, None] * stride_vsn + offs_grp[None, :]
-                vs = tl.load(vs_base + vsz, mask=n_mask[:, None], other=0.0)
-                vz = tl.load(vz_base + vsz, mask=n_mask[:, None], other=0.0)
-                xx_mask = nx + BLOCK_N + offs_bn < hi
-                cid_xx = tl.load(cid_base + (nx + BLOCK_N + offs_bn).to(tl.int64) * stride_cn, mask=xx_mask, other=0).to(tl.int32)
-
-                # -- this block: its lowest and highest chunk ids (from ids loaded one block ahead).
-                c0 = tl.min(tl.where(n_mask, cid, BIG), 0)
-                c1 = tl.max(tl.where(n_mask, cid, 0), 0)
-                s0 = tl.load(ks_base + c0.to(tl.int64) * stride_tc + offs_d)
-                z0 = tl.load(kz_base + c0.to(tl.int64) * stride_tc + offs_d)
-                s1 = tl.load(ks_base + c1.to(tl.int64) * stride_tc + offs_d)
-                z1 = tl.load(kz_base + c1.to(tl.int64) * stride_tc + offs_d)
-                kcodes = _unpack_centred(kb, BITS, PACK, BLOCK_N, BLOCK_D).to(tl.float32).to(dt)
-                qk = _fold_rows(q, kcodes, s0, z0, BITS, dt, DOT_PREC, UPCAST)
-                if c1 != c0:  # the block spans several chunks (never when chunks of 32 align with blocks)
-                    qk = tl.where(cid[None, :] == c1, _fold_rows(q, kcodes, s1, z1, BITS, dt, DOT_PREC, UPCAST), qk)
-                    # Chunks strictly between c0 and c1 (sparse chunks after eviction, ids out of order).
-                    c = tl.min(tl.where(n_mask & (cid > c0) & (cid < c1), cid, BIG), 0)
-                    while c < c1:
-                        sc = tl.load(ks_base + c.to(tl.int64) * stride_tc + offs_d)
-                        zc = tl.load(kz_base + c.to(tl.int64) * stride_tc + offs_d)
-                        qk = tl.where(cid[None, :] == c, _fold_rows(q, kcodes, sc, zc, BITS, dt, DOT_PREC, UPCAST), qk)
-                        c = tl.min(tl.where(n_mask & (cid > c) & (cid < c1), cid, BIG), 0)
-
-                qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vcodes = tl.reshape(_unpack(vb, BITS, PACK, BLOCK_N, BLOCK_DV), [BLOCK_N, NG, GV]).to(tl.float32)
-                v = (vcodes * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]).to(dt)
-                acc = acc * alpha[:, None] + mm(p.to(dt), tl.reshape(v, [BLOCK_N, BLOCK_DV]), DOT_PREC, UPCAST)
-                m_i = m_new
-
-                # -- rotate the pipeline.
-                n_mask = x_mask
-                cid = cid_n
-                cid_n = cid_xx
-                kb = kb_x
-
-            offs_dv = tl.arange(0, BLOCK_DV)
-            store_partial(po_ptr, plse_ptr, acc, m_i, l_i, b, qhead, mask_g, offs_dv, BLOCK_DV, pid_s,
-                           stride_ob, stride_oh, stride_os, stride_lb, stride_lh)
+        kivi_parts_body(q_ptr, kc_base, vc_base, vs_base, vz_base, cid_base, ks_base, kz_base, po_ptr, plse_ptr,
+                        b, qhead, mask_g, lo, hi, pid_s,
+                        stride_qb, stride_qh, stride_kcn, stride_vcn, stride_vsn, stride_cn, stride_tc,
+                        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale,
+                        BITS, PACK, GV, NG, BLOCK_N, BLOCK_D, G_PAD, DOT_PREC, UPCAST, ASM)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -528,12 +397,9 @@ def kivi_decode_attention(
     bits = store.bits
     pack = 8 // bits
     gv = store.value_group(dv)
-    if KERNEL not in KERNELS:  # read per call: kernel_bench switches it between runs
-        raise ValueError(f"KVBUDGET_KIVI_KERNEL must be one of {', '.join(KERNELS)}, got '{KERNEL}'")
-    fold = KERNEL in ("fold", "parts") and fold_supported(q, body, d, dv, gv)
-    parts = fold and KERNEL == "parts"
+    fold = fold_supported(q, body, d, dv, gv)
     if fold:
-        block_n, warps, stages, waves, maxnreg = FOLD_CONFIG_FP32 if q.dtype == torch.float32 else CONFIGS[KERNEL]
+        block_n, warps, stages, waves, maxnreg = FOLD_CONFIG_FP32 if q.dtype == torch.float32 else FOLD_CONFIG
     else:
         block_n, warps, stages, waves, maxnreg = GATHER_CONFIG
     regs = {"maxnreg": maxnreg} if maxnreg else {}
@@ -577,9 +443,9 @@ def kivi_decode_attention(
             BITS=bits, PACK=pack, GV=gv, NG=dv // gv, BLOCK_N=block_n,
             BLOCK_D=d, BLOCK_DV=dv, G_PAD=max(FOLD_MIN_ROWS, pow2(group)), HAS_LENS=body_lens is not None,
             TAIL_LENS=tail_lens is not None, TAIL_BLOCK=tail_block,
-            DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device), PARTS=parts,
+            DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.device),
             # The PTX unpack: NVIDIA GPUs only (a ROCm build also reports is_cuda).
-            ASM=parts and q.is_cuda and torch.version.hip is None and q.dtype in (torch.bfloat16, torch.float16),
+            ASM=q.is_cuda and torch.version.hip is None and q.dtype in (torch.bfloat16, torch.float16),
             num_warps=warps, num_stages=stages, **regs,
         )
     else:

@@ -1,8 +1,8 @@
-"""The "parts" KIVI decode kernel body (the default): codes by sub-position, scales folded on both sides.
+"""The block loop of the fused KIVI decode kernel: codes by sub-position, scales folded on both sides.
 
-`kivi_decode._kivi_fold_kernel` launches it (``PARTS``) with the same inputs, outputs and split-K
-scheme as its own "fold" body (`kivi_decode`'s docstrings give the layout). What differs is how a
-block of entries is decoded, which is where the fold body spends its time (docs/kernels.md):
+`kivi_decode._kivi_fold_kernel` runs it over each split of a layer's encoded body
+(`kivi_decode`'s docstrings give the layout and the split-K scheme). How a block of entries is
+decoded is where such a kernel spends its time (docs/kernels.md):
 
 * **No reshape.** Byte ``j`` holds channels ``P*j + s`` (``P = 8 / bits`` sub-positions ``s``).
   Instead of interleaving the unpacked codes back into channel order (a reshape that costs a
@@ -20,7 +20,7 @@ block of entries is decoded, which is where the fold body spends its time (docs/
   points add ``sum_t p_t (vz + centre vs)[t, g]`` per group. No per-element value dequantisation;
   the value codes are centred on the middle of their range ((2^b - 1) / 2: half-integers, exact),
   which keeps the rounding of ``p * vs`` to the model dtype about as accurate as rounding the
-  dequantised value (the fourth session's finding).
+  dequantised value.
 * **Entries along the mma's M axis.** Logits are ``[N, G]`` and value accumulators
   ``[NG, GV/P, G]``: the 16 entries of a block fill the 16 rows of the tensor-core tile and the G
   (4) query rows pad to 8, where the other way round G padded to 16.
@@ -28,7 +28,7 @@ block of entries is decoded, which is where the fold body spends its time (docs/
   shared-memory reductions), and the next block's bytes and scales are loaded before this block's
   math: 8 programs resident per SM.
 
-Keys keep the fold body's chunk handling: ``q . k_t = sum_c (q_c s_c)(code - 2^(b-1)) +
+Keys, per chunk: ``q . k_t = sum_c (q_c s_c)(code - 2^(b-1)) +
 q . (z + 2^(b-1) s)`` per chunk row, the lowest chunk id of a block first and every other id of
 the block after it (blocks line up with KIVI's chunks of 32 unless entries were evicted).
 """

@@ -308,7 +308,7 @@ def _append_in_place(store: Store, body: Body, enc: Encoded, m: int, room: Body)
     """`append_encoded` into ``room``, or None when ``body`` does not lie at its start or the
     grown body would not fit. A flush while a static decoder holds the body then needs no copy of
     the whole body (with every layer flushed before the decoder reloads, those copies were a
-    second cache at once: docs/benchmarks.md, "Eighth session")."""
+    second cache at once)."""
     n, first = len(body), next(iter(body.chunks.values())).shape[2] if body.chunks else 0
     c = next(iter(enc.chunks.values())).shape[2] if enc.chunks else 0
     pairs = [(body.tokens[k], room.tokens.get(k)) for k in enc.tokens]

@@ -24,6 +24,7 @@ from ..errors import UnsupportedModelError
 from .encoded import EncodedEntries
 from .hook import attach
 from .layer import BudgetedLayer
+from .snapshot import LayerSnapshot
 from .store import Encoded
 from .support import check_supported
 
@@ -254,7 +255,7 @@ class BudgetedCache(Cache):
         the body (`BodyPrefix`), and only the rest counts."""
         if self._scratch and self._scratch[-1] is None:
             host = self._snapshot_on_host()
-            layers = [(layer, layer.snapshot(appends_only, host and layer.is_initialized)) for layer in self.layers]
+            layers = [(layer, LayerSnapshot.of(layer, appends_only, host and layer.is_initialized)) for layer in self.layers]
             self._scratch[-1] = (self.get_seq_length(), layers)
             body_bytes = (lambda e: e.body.nbytes() if appends_only and getattr(e, "body", None) is not None else 0)
             self._snapshot_bytes += sum(layer.nbytes() - body_bytes(layer.entries) for layer in self.layers)
@@ -297,8 +298,8 @@ class BudgetedCache(Cache):
                 # Back to the state before the first eviction inside the block, then drop the
                 # tokens fed between the start of the block and that eviction.
                 end, layers = snapshot
-                for layer, attrs in layers:
-                    layer.restore(attrs)
+                for layer, snap in layers:
+                    snap.restore(layer)
                 self._snapshot_bytes = 0
             n = end - seen
             for layer, observed in zip(self.layers, saved):

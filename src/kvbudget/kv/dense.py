@@ -59,16 +59,22 @@ class DenseEntries(Entries):
         return Block(torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2), self.max_entries,
                      key_positions=self.positions if want_positions else None)
 
-    def keep(self, index: Tensor, lens: Tensor | None = None, view: LayerView | None = None) -> "DenseEntries":
-        if lens is not None:
-            raise ValueError("dense entries keep as many entries in every head (per-head lengths: RaggedEntries)")
-        view = view or self.view()
-        return DenseEntries(*(gather_entries(t, index) for t in (view.keys, view.values, view.positions)),
-                            {k: gather_entries(s, index) for k, s in view.state.items()})
+    @classmethod
+    def gathered(cls, view: LayerView, index: Tensor) -> "DenseEntries":
+        """The entries of a padded ``view`` at ``index`` ([B, H, k], ascending): as many per head."""
+        return cls(*(gather_entries(t, index) for t in (view.keys, view.values, view.positions)),
+                   {k: gather_entries(s, index) for k, s in view.state.items()})
 
     def drop_last(self, n: int) -> "DenseEntries":
         return DenseEntries(self.keys[:, :, :-n], self.values[:, :, :-n], self.positions[..., :-n],
                             {k: s[..., :-n] for k, s in self.state.items()})
+
+    def newest(self, keep: int) -> "DenseEntries":
+        """Each head's newest ``keep`` entries (positions ascend along the entries), copied: the
+        older entries' memory is freed, and the copy may be written into a static decoder's
+        buffers (`held_in`)."""
+        return DenseEntries(self.keys[:, :, -keep:].clone(), self.values[:, :, -keep:].clone(),
+                            self.positions[..., -keep:].clone(), {k: s[..., -keep:].clone() for k, s in self.state.items()})
 
     def held_in(self, room: tuple[Tensor, Tensor] | None) -> "DenseEntries":
         """These entries with their keys and values written into the front of ``room`` (a static

@@ -86,8 +86,28 @@ class EncodedEntries(Entries):
         return Block(torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2), old_keys.shape[2],
                      key_positions=self.positions if want_positions else None)
 
-    def keep(self, index: Tensor, lens: Tensor | None = None, view: LayerView | None = None) -> Entries:
-        raise NotImplementedError("an encoded layer keeps entries through `rebuilt` (the tail length is the layer's)")
+    def tail_kept(self, kept_positions: Tensor, seen: int, residual: int, phantom: int,
+                  groups: int = 1) -> tuple[int, Tensor | None]:
+        """How many of the entries an eviction keeps (``kept_positions`` [B, H, k]) stay in the
+        full-precision tail: those of the residual window (positions >= seen - residual), the
+        fewest over the heads. Returns it as a Python int, and a 0-d bool on the device that says
+        it was right (None when it was read from the device, which is then exact). ``groups``:
+        layers alike stacked along the batch, each checked; ``phantom``: tokens attended but
+        not stored since the last compression.
+
+        Without phantom tokens the count is known on the host: positions ascend along the
+        entries, the newest is ``seen - 1``, and every eviction keeps the positions of its
+        protected window, which holds the residual window (`Policy.residual`), so the residual
+        window's positions are all held and are the last entries: ``min(residual, tail)`` of them.
+        The device check catches a history that broke this (read with the rebuild's other values
+        in one host sync, `body.HostValues`), so the GPU never waits for the host here."""
+        recent = (kept_positions >= seen - residual).sum(-1).reshape(groups, -1).amin(-1)
+        if phantom == 0:
+            n = min(residual, self.keys.shape[2])
+            return n, (recent == n).all()
+        if groups != 1:
+            raise ValueError("stacked layers need their tail length known on the host (no phantom tokens)")
+        return int(recent), None
 
     def rebuilt(self, index: Tensor, n_tail: int, state: dict[str, Tensor] | None, queries: Tensor | None,
                 check: Tensor | None = None) -> "EncodedEntries":

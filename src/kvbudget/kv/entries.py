@@ -13,9 +13,10 @@ lie in memory:
 
 Each layout appends the tokens of a forward pass (`append`, returning the `Block` the attention
 call reads), lets tokens attend without storing them (`attend`), shows its entries padded to
-``[B, H, n]`` (`view`: free in the dense layout) and keeps a subset of them (`keep`), returning
-the entries that result, which may be of another layout (a dense layer whose heads keep
-different numbers of entries becomes ragged).
+``[B, H, n]`` (`view`: free in the dense layout) and drops its newest tokens (`drop_last`). What
+a compression keeps is built as new entries, possibly of another layout (a dense layer whose
+heads keep different numbers of entries becomes ragged: `RaggedEntries.kept`), and handed to the
+layer (`BudgetedLayer.hold`).
 """
 
 from __future__ import annotations
@@ -110,12 +111,6 @@ class Entries:
 
     def attend(self, keys: Tensor, values: Tensor, want_positions: bool) -> Block:
         """The `Block` of ``keys`` / ``values`` attended after the entries, without storing them."""
-        raise NotImplementedError
-
-    def keep(self, index: Tensor, lens: Tensor | None = None, view: LayerView | None = None) -> "Entries":
-        """The entries at ``index`` ([B, H, k], positions in `view` order, ascending); with ``lens``
-        ([H]) head h keeps only its first ``lens[h]``. ``view``: `view()` already built (with its
-        state updated by a scorer)."""
         raise NotImplementedError
 
     def drop_last(self, n: int) -> "Entries":

@@ -18,7 +18,6 @@ numbers of entries becomes ragged, and back. Around them it keeps what every lay
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, replace
 
@@ -26,14 +25,13 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from ..transfer import host_copy
-from .body import Body, BodyPrefix
+from .body import Body
 from .dense import DenseEntries
 from .encoded import EncodedEntries
-from .entries import POSITION_DTYPE, Entries, LayerView, gather_entries
+from .entries import POSITION_DTYPE, Entries, LayerView
 from .observed import ObservedQueries
 from .plan import AttentionPlan, Extras, set_plan
-from .ragged import RaggedEntries, keep_padded
+from .ragged import RaggedEntries
 from .store import Store
 
 # On CUDA, decode steps over a store's encoded body attend through the fused dequantise-and-attend
@@ -189,105 +187,47 @@ class BudgetedLayer(CacheLayerMixin):
         view already built (with updated state) to avoid building it twice.
         """
         view = view or self.view()
-        if isinstance(self.entries, EncodedEntries):
-            if lens is not None and not bool((lens == index.shape[-1]).all()):
-                raise ValueError(
-                    f"store '{self.store.name}' needs every head to keep the same number of entries "
-                    "(combine it with a uniform or pyramid allocator, not head-adaptive)"
-                )
-            n_tail, check = self.tail_kept(view.positions.gather(2, index))
-            self.rebuild(index, n_tail, view.state, check)
+        if not isinstance(self.entries, EncodedEntries):
+            self.hold(DenseEntries.gathered(view, index) if lens is None else RaggedEntries.kept(view, index, lens))
             return
-        kept = LayerView(*(gather_entries(t, index) for t in (view.keys, view.values, view.positions)),
-                         {k: gather_entries(s, index) for k, s in view.state.items()}, None)
-        if lens is None:
-            self.hold(kept.keys, kept.values, kept.positions, kept.state)
-            return
-        sizes = tuple(lens.tolist())  # read once; sizes all that follows
-        self._set(keep_padded(kept, lens.to(index.device, torch.long), sizes))
+        if lens is not None and not bool((lens == index.shape[-1]).all()):
+            raise ValueError(f"store '{self.store.name}' needs every head to keep the same number of entries "
+                             "(combine it with a uniform or pyramid allocator, not head-adaptive)")
+        kept = view.positions.gather(2, index)
+        n_tail, check = self.entries.tail_kept(kept, self.seen, self.residual, self.phantom)
+        self.rebuild(index, n_tail, view.state, check)
 
-    def hold(self, keys: Tensor, values: Tensor, positions: Tensor, state: dict[str, Tensor]) -> None:
-        """Hold these dense entries (kept by an eviction, gathered into new tensors). While a dense
-        static decoder lends this layer its buffers, they are written into them, so the kept
-        entries are not held a second time until the decoder reloads."""
-        room = self.room if self.borrowed and isinstance(self.room, tuple) else None
-        self._set(DenseEntries(keys, values, positions, state).held_in(room))
-
-    def keep_chosen(self, chosen: Tensor, lens: Tensor, sizes: tuple[int, ...], view: LayerView) -> None:
-        """Keep the entries of a batch-1 ``view`` where ``chosen`` ([H, n] bool) is True, in their
-        order: ``lens`` ([H], on the layer's device) and ``sizes`` (the same as Python ints) of them
-        per head. Ragged storage, or dense when every head keeps as many. One gather per field,
-        sized from ``sizes``: nothing is read back from the device."""
-        self._check_heads_may_differ()
-        self._set(RaggedEntries.chosen(view, chosen, lens, sizes))
-
-    def keep_entries(self, keys: Tensor, values: Tensor, positions: Tensor, state: dict[str, Tensor],
-                     lens: Tensor, sizes: tuple[int, ...]) -> None:
-        """Hold exactly these entries, already gathered: ``keys`` [N, d], ``values`` [N, dv],
-        ``positions`` [N] and ``state`` (name -> [N]), head after head, ``lens`` ([H], on the
-        layer's device) and ``sizes`` (the same as Python ints) of them per head (the batched
-        Ada-KV compression hands each layer its part here)."""
-        self._check_heads_may_differ()
-        self._set(RaggedEntries.held(keys, values, positions, state, lens, sizes))
-
-    def _check_heads_may_differ(self) -> None:
-        if self.store is not None:
+    def hold(self, entries: Entries) -> None:
+        """Hold ``entries``, what a compression kept. Dense entries are written into the buffers a
+        static decoder lends this layer, if any, so that they are not held twice."""
+        if self.store is not None and isinstance(entries, RaggedEntries):
             raise ValueError(f"store '{self.store.name}' needs every head to keep the same number of entries")
+        if isinstance(entries, DenseEntries) and self.borrowed and isinstance(self.room, tuple):
+            entries = entries.held_in(self.room)
+        self._set(entries)
 
     def rebuild(self, index: Tensor, n_tail: int, state: dict[str, Tensor] | None = None,
                 check: Tensor | None = None) -> None:
         """Keep the entries at ``index`` ([B, H, k], body entries first): the last ``n_tail`` of
         each head stay in full precision, the rest are held encoded by the store. ``state``:
-        per-entry state updated by the scorer (default: the layer's own); ``check``: `tail_kept`'s."""
+        per-entry state updated by the scorer (default: the layer's own); ``check``: `EncodedEntries.tail_kept`'s."""
         self._set(self.entries.rebuilt(index, n_tail, state, self.observed.queries, check))
-
-    def set_encoded(self, body: Body | None, keys: Tensor, values: Tensor, positions: Tensor,
-                    state: dict[str, Tensor]) -> None:
-        """Hold these encoded entries (the batched store compression hands each layer its part)."""
-        self._set(EncodedEntries(self.store, body, keys, values, positions, state))
 
     def set_state(self, state: dict[str, Tensor]) -> None:
         """The scorer's per-entry state, updated without evicting (in the layer's layout)."""
         self.entries = replace(self.entries, state=state)
 
     def _set(self, entries: Entries) -> None:
-        """Hold ``entries`` (what a compression kept). Queries kept across it (a window) lose their
-        LSE: it was taken over the entries before."""
+        """Hold ``entries``. Queries kept across a compression (a window) lose their LSE: it was
+        taken over the entries before."""
         self.observed.drop_lse()
         self.entries = entries
-
-    def tail_kept(self, kept_positions: Tensor, groups: int = 1) -> tuple[int, Tensor | None]:
-        """How many of the entries an eviction keeps (``kept_positions`` [B, H, k]) stay in the
-        full-precision tail: those of the residual window (positions >= seen - residual), the
-        fewest over the heads. Returns it as a Python int, and a 0-d bool on the device that says
-        it was right (None when it was read from the device, which is then exact). ``groups``:
-        layers alike to this one stacked along the batch, each checked.
-
-        Without phantom tokens the count is known on the host: positions ascend along the
-        entries, the newest is ``seen - 1``, and every eviction keeps the positions of its
-        protected window, which holds the residual window (`Policy.residual`), so the residual
-        window's positions are all held and are the last entries: ``min(residual, tail)`` of them.
-        The device check catches a history that broke this (read with the rebuild's other values
-        in one host sync, `body.HostValues`), so the GPU never waits for the host here."""
-        recent = (kept_positions >= self.seen - self.residual).sum(-1).reshape(groups, -1).amin(-1)
-        if self.phantom == 0:
-            n = min(self.residual, self.entries.keys.shape[2])
-            return n, (recent == n).all()
-        if groups != 1:
-            raise ValueError("stacked layers need their tail length known on the host (no phantom tokens)")
-        return int(recent), None
 
     def older_in_tail(self) -> Tensor | int:
         """`EncodedEntries.older_in_tail` (0 without a store)."""
         if not isinstance(self.entries, EncodedEntries):
             return 0
         return self.entries.older_in_tail(self.seen, self.residual)
-
-    def flushable(self) -> int:
-        """How many of the tail's oldest entries a flush encodes now (0: none)."""
-        if not isinstance(self.entries, EncodedEntries):
-            return 0
-        return self.entries.whole_chunks(self.older_in_tail())
 
     def append_flushed(self, enc, older: int) -> None:
         """Move the tail's ``older`` oldest entries, encoded as ``enc``, to the end of the body
@@ -299,23 +239,14 @@ class BudgetedLayer(CacheLayerMixin):
         """A sliding-window layer keeps at most its newest ``window - 1`` entries per head: any
         older entry of a head has ``window - 1`` newer ones, at distinct positions below the next
         token's, so it lies outside every later query's window. Dropping them changes no output."""
-        if self.window is None or not self.is_initialized:
+        keep = None if self.window is None else self.window - 1
+        if not self.is_initialized or keep is None or self.max_entries <= keep:
             return
-        keep = self.window - 1
-        if not isinstance(self.entries, RaggedEntries):
-            n = self.max_entries
-            if n > keep:
-                b, h = self.entries.positions.shape[:2]
-                self.keep(torch.arange(n - keep, n, device=self.device).expand(b, h, keep))
-            return
-        entries = self.entries
-        if entries.max_entries <= keep:
-            return
-        view = entries.view()
-        lens = entries.head_lens.clamp(max=keep)
-        slot = torch.arange(view.keys.shape[2], device=self.device)
-        chosen = (slot >= entries.head_lens[:, None] - lens[:, None]) & (slot < entries.head_lens[:, None])
-        self.keep_chosen(chosen, lens, tuple(min(n, keep) for n in entries.sizes), view)
+        if isinstance(self.entries, EncodedEntries):  # the newest of every head: the tail's and the body's last
+            n, (b, h) = self.max_entries, self.entries.positions.shape[:2]
+            self.keep(torch.arange(n - keep, n, device=self.device).expand(b, h, keep))
+        else:
+            self.hold(self.entries.newest(keep))
 
     def drop_last(self, n: int) -> None:
         """Forget the ``n`` most recently appended tokens (they are last in every head)."""
@@ -328,47 +259,13 @@ class BudgetedLayer(CacheLayerMixin):
         if n > 0:  # queries observed meanwhile attended to the entries dropped: their LSE goes
             self._set(self.entries.drop_last(n))
 
-    # --- snapshots and devices --------------------------------------------------------------------
-    def snapshot(self, appends_only: bool = False, host: bool = False) -> dict:
-        """The layer's state, to restore later. Tensors borrowed from a static decoder are copied:
-        the decoder overwrites its buffers at its next reload. ``appends_only``: the body is kept
-        as its length (`BodyPrefix`), taken back from the body there is at the end. ``host``: the
-        entries are copied to host memory (`host_copy`), so the snapshot takes no GPU memory
-        while the block runs; `restore` moves them back."""
-        attrs = dict(vars(self))
-        del attrs["observed"]
-        # A copy of the entries object: appends after the snapshot reassign the layer's fields.
-        entries = copy.copy(self.entries)
-        body = getattr(entries, "body", None)
-        if appends_only and body is not None:
-            entries = EncodedEntries(**{**vars(entries), "body": BodyPrefix.of(body)})
-        if entries is not None and (self.borrowed or host):
-            entries = entries.apply(host_copy if host else Tensor.clone)  # a BodyPrefix is not copied
-            attrs["borrowed"], attrs["room"] = False, None
-        attrs["entries"] = entries
-        return attrs
-
-    def restore(self, attrs: dict) -> None:
-        """Back to a `snapshot` (the queries observed since stay)."""
-        body = getattr(self.entries, "body", None)
-        vars(self).update(attrs)
-        entries = self.entries
-        if entries is not None and entries.positions.device != self.device:  # a snapshot held on the host
-            entries = entries.apply(lambda t: t.to(self.device, non_blocking=True))
-        if isinstance(getattr(entries, "body", None), BodyPrefix):
-            entries = EncodedEntries(**{**vars(entries), "body": entries.body.taken_from(body)})
-        self.entries = entries
-
+    # --- devices ---------------------------------------------------------------------------------
     def moved(self, move) -> None:
         """Move every tensor held (entries and observed queries) with ``move(tensor)``."""
         if self.entries is not None:
             self.entries = self.entries.apply(move)
             self.device = self.entries.positions.device
-        obs = self.observed
-        for name in ("queries", "positions", "lse", "lse_tail"):
-            value = getattr(obs, name)
-            if value is not None:
-                setattr(obs, name, move(value))
+        self.observed.moved(move)
 
     # --- queries for the scorer -----------------------------------------------------------------
     def observe(self, query: Tensor, scaling: float | None, lse: Tensor | None = None) -> None:

@@ -70,6 +70,13 @@ class ObservedQueries:
     def drop_lse(self) -> None:
         self.lse = self.lse_tail = None
 
+    def moved(self, move) -> None:
+        """Every tensor held moved with ``move(tensor)`` (a device change)."""
+        for name in ("queries", "positions", "lse", "lse_tail"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, move(value))
+
     def saved(self) -> "ObservedQueries":
         """A copy to restore later (the tensors are shared: they are never written in place)."""
         return copy.copy(self)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .dense import DenseEntries
-from .entries import Block, Entries, LayerView, gather_entries
+from .entries import Block, Entries, LayerView
 from .plan import NO_POSITION
 
 
@@ -210,14 +210,22 @@ class RaggedEntries(Entries):
         rows, visible = block_index(self.head_lens, max(self.sizes), q, sum(self.sizes))
         return grown(flat, new, rows, true_indices(visible.flatten(), sum(self.sizes) + h * q))
 
-    def keep(self, index: Tensor, lens: Tensor | None = None, view: LayerView | None = None) -> Entries:
-        view = view or self.view()
-        kept = LayerView(*(gather_entries(t, index) for t in (view.keys, view.values, view.positions)),
-                         {k: gather_entries(s, index) for k, s in view.state.items()}, None)
-        if lens is None:  # every head keeps its first index.shape[-1]
-            return DenseEntries(kept.keys, kept.values, kept.positions, kept.state)
+    @classmethod
+    def kept(cls, view: LayerView, index: Tensor, lens: Tensor) -> Entries:
+        """The entries of a padded batch-1 ``view`` at ``index`` ([1, H, k], ascending), head h
+        keeping its first ``lens[h]`` ([H]): ragged, or dense when every head keeps all k."""
+        kept = DenseEntries.gathered(view, index)
         sizes = tuple(lens.tolist())  # read once; sizes all that follows
-        return keep_padded(kept, lens.to(index.device, torch.long), sizes)
+        return keep_padded(LayerView(kept.keys, kept.values, kept.positions, kept.state, None),
+                           lens.to(index.device, torch.long), sizes)
+
+    def newest(self, keep: int) -> Entries:
+        """Each head's newest ``keep`` entries (a sliding window's: `BudgetedLayer.trim_window`)."""
+        view = self.view()
+        lens = self.head_lens.clamp(max=keep)
+        slot = torch.arange(view.keys.shape[2], device=lens.device)
+        chosen = (slot >= self.head_lens[:, None] - lens[:, None]) & (slot < self.head_lens[:, None])
+        return RaggedEntries.chosen(view, chosen, lens, tuple(min(n, keep) for n in self.sizes))
 
     def drop_last(self, n: int) -> "RaggedEntries":
         sizes = tuple(k - n for k in self.sizes)

@@ -1,10 +1,5 @@
-"""Running a model under a budget: model loading, block-wise prefill, sessions (EpiCache's
-episodic ones among them), session files and static (CUDA-graph) decoding."""
-
-from .answer import Turn
-from .episodic import EpisodicSession
-from .models import load_model
-from .prefill import prefill
-from .session import Session
-
-__all__ = ["EpisodicSession", "Session", "Turn", "load_model", "prefill"]
+"""Running a model under a budget: model loading (`models`), block-wise prefill (`prefill`),
+sessions (`session`, their answers `answer` and chat rendering `template`; EpiCache's episodic
+ones: `episodic`), session files (`sessionfile`) and static (CUDA-graph) decoding (`decoder`,
+`static`, `static_store`). The package namespace holds the modules only: `kvbudget` exports their
+public names."""

@@ -1,4 +1,4 @@
-"""EpiCache (Kim et al. 2025): episodic KV caches for long conversations (specs/epicache.md).
+"""EpiCache (Kim et al. 2025): episodic KV caches for long conversations (docs/guide.md).
 
 1. The conversation is cut into windows of ``conv_window`` utterances (``Role said, "..."``
    lines; a plain document is cut into paragraphs).

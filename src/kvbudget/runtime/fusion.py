@@ -23,7 +23,7 @@ result; RoPE's function is probed the same way. Gemma's ``(1 + weight)`` norm, a
 partial rotary embedding are left to the model's own code, and `fuse` says so once per class.
 
 Used by `kvbudget.static.StaticDecoder` on CUDA (``KVBUDGET_FUSED_OPS=auto``, the default;
-``off`` leaves the model untouched). The numbers are in docs/benchmarks.md, "GPU performance".
+``off`` leaves the model untouched). The numbers are in docs/benchmarks.md, "Decode speed at batch 1".
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ decode step then depends on host-side values: the new token's KV is written at
 ``starts + lens`` (device tensors), the attention reads ``lens`` entries per head, and the
 position and query slot advance on the device. That makes the whole step capturable as one
 CUDA graph, which removes the ~70 ms/token launch overhead that plain transformers pays for an
-8B model (docs/benchmarks.md, "GPU decode").
+8B model (docs/benchmarks.md, "Decode speed at batch 1").
 
 Storage is flat per layer, ``keys [S, d]`` with one segment per (batch, KV head): segment ``i``
 starts at ``starts[i]`` and holds ``lens[i]`` entries. Heads that keep different numbers of

@@ -7,8 +7,8 @@ sit in buffers sized once, read by the fused dequantise-and-attend kernel
 (`kernels.kivi_decode_attention`) up to ``body_lens`` entries per head, and the new token is
 written into a ``[B, H, T, d]`` tail buffer at ``tail_lens``. Nothing in the step depends on a
 host value, so it is captured in the decoder's CUDA graph with the rest of the model
-(`kvbudget.static.StaticDecoder`); eagerly, each step costs the host 0.11-0.19 ms per layer for the
-kernel's launch alone (docs/benchmarks.md, "Sixth session").
+(`runtime.decoder.StaticDecoder`); eagerly, each step costs the host 0.11-0.19 ms per layer for
+the kernel's launch alone (docs/benchmarks.md, "KIVI decode in the CUDA graph").
 
 At a compression the decoder writes the tail back to the `BudgetedLayer`, the policy flushes or
 evicts as usual (encoding entries into a new body), and `StaticStoreLayer.load` copies the new

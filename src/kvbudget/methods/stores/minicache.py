@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...kv.encoded import EncodedEntries
 from ...kv.store import Store, register_store, written
 
 
@@ -136,8 +137,9 @@ class MiniCache(Store):
         index_dtype = torch.int16 if old + m < 2**15 else torch.int32
         pair = MergedPair(directions=tuple(directions), retained=retained.to(index_dtype))
         for side, (layer, entries) in enumerate(((lower_layer, lower), (upper_layer, upper))):
-            layer.set_encoded(PairSide(pair, tuple(norms[side]), new_exact[side], owns_directions=side == 0),
-                              entries.keys[..., m:, :], entries.values[..., m:, :], entries.positions, entries.state)
+            side_body = PairSide(pair, tuple(norms[side]), new_exact[side], owns_directions=side == 0)
+            layer.hold(EncodedEntries(self, side_body, entries.keys[..., m:, :], entries.values[..., m:, :],
+                                      entries.positions, entries.state))
 
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
         # Per layer on average over a merged pair: half the shared directions + own norms.
