@@ -1,6 +1,6 @@
-"""The docs name only what exists: every path, module, class and function that README.md,
-CONTRIBUTING.md and docs/*.md cite is in the repository, every result file they quote is in
-benchmarks/results/, and benchmarks/results/ holds nothing they do not quote."""
+"""The docs name only what exists: every path, module, class, function and command option that
+README.md, CONTRIBUTING.md and docs/*.md cite is in the repository, every result file they quote
+is in benchmarks/results/, and benchmarks/results/ holds nothing they do not quote."""
 
 import ast
 import builtins
@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from kvbudget.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -117,6 +119,42 @@ def test_classes_and_functions_the_docs_name_exist():
                 checked.append(parts[-1])
             missing += [f"{where}: {p} in `{span}`" for p in checked if p not in defined]
     assert not missing, "docs name classes or functions that do not exist:\n" + "\n".join(missing)
+
+
+def _commands() -> dict[str, set[str]]:
+    """The options of each `kvbudget` command (``tasks make`` for the nested one)."""
+    out = {}
+
+    def walk(parser, prefix: str) -> None:
+        for action in parser._actions:
+            if action.choices and isinstance(action.choices, dict):
+                for name, sub in action.choices.items():
+                    out[f"{prefix}{name}"] = {o for a in sub._actions for o in a.option_strings}
+                    walk(sub, f"{prefix}{name} ")
+
+    walk(build_parser(), "")
+    return out
+
+
+def test_commands_the_docs_give_take_their_options():
+    """Every ``--option`` of a ``kvbudget ...`` or ``python benchmarks/x.py ...`` command in the
+    docs is one that command has."""
+    commands = _commands()
+    flags = re.compile(r"(?<!\S)(--[a-z][a-z0-9-]*)")
+    missing = []
+    for doc in [*DOCS, ROOT / "Makefile"]:
+        text = doc.read_text().replace("\\\n", " ")  # continued shell lines
+        for n, line in enumerate(text.splitlines(), 1):
+            for m in re.finditer(r"kvbudget (tasks make|[a-z]+)((?: +[^\s`|;#)]+)*)", line):
+                if m.group(1) in commands:
+                    missing += [f"{doc.name}:{n}: kvbudget {m.group(1)} {f}" for f in flags.findall(m.group(2))
+                                if f not in commands[m.group(1)]]
+            for m in re.finditer(r"(benchmarks/\w+\.py)((?: +[^\s`|;#]+)*)", line):
+                script = ROOT / m.group(1)
+                source = script.read_text() if script.exists() else ""
+                missing += [f"{doc.name}:{n}: {m.group(1)} {f}" for f in flags.findall(m.group(2))
+                            if f'"{f}"' not in source and f"'{f}'" not in source]
+    assert not missing, "docs give options their commands do not take:\n" + "\n".join(missing)
 
 
 def _quoted_results() -> set[str]:

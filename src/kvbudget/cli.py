@@ -28,9 +28,9 @@ from .runtime.session import Session
 from .serve import Limits, ServeConfig, parse_duration, parse_memory, serve
 from .serve.keys import check_key, read_key_file
 
-# The bench's two grids over the same tasks (so every quick row is also a row of the whole table).
-# Quick, the default: the full cache and the main methods at 4x, a first table in about 3 minutes
-# on 2 CPU cores. Whole (`--full`): the first policies at 2x, 4x and 8x, about 11 minutes.
+# The bench's two grids, over the same tasks (the rows they share are equal). The quick one, the
+# default: the full cache and the main methods at 4x, a first table in about 3 minutes on 2 CPU
+# cores. The whole one (`--full`): eight policies at 2x, 4x and 8x, about 11 minutes.
 BENCH_QUICK = (["streaming", "snapkv", "keydiff", "kvzip", "kivi4"], ["4x"])
 BENCH_FULL = (["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"], ["2x", "4x", "8x"])
 
