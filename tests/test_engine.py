@@ -113,16 +113,16 @@ def test_long_prompts_are_fed_in_blocks_between_decode_steps(tiny):
     model, tok = tiny
     engine = kb.Engine(model, tok, prefill_tokens=32)
     short = [_session(model, tok, "snapkv", {"budget": 48}, 200) for _ in range(2)]
-    turns = [engine.submit(s, "Hi?", 40) for s in short]
+    turns = [engine.submit(s, "Hi?", 30) for s in short]
     while any(t.phase != "decode" for t in turns):
         engine.step()
     long_session = _session(model, tok, "full", {}, 100)
-    long_turn = engine.submit(long_session, "Tell me again: " + TEXT[:1200], 4)
+    long_turn = engine.submit(long_session, "Tell me again: " + TEXT[:800], 4)
     fed = []
     while long_turn.phase == "question":
-        before = [len(t.turn.token_ids) for t in turns]
+        before = [len(t.tokens) for t in turns]
         engine.step()
-        fed.append([len(t.turn.token_ids) - b for t, b in zip(turns, before)])
+        fed.append([len(t.tokens) - b for t, b in zip(turns, before)])
     assert len(fed) >= 5, "the long question took several iterations"
     assert all(step == [1, 1] for step in fed), fed
     assert engine.last_batch == 3, "the long turn joined the batch once its question was fed"

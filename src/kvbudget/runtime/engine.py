@@ -88,11 +88,12 @@ class Engine:
     # --- turns ----------------------------------------------------------------------------------
     def submit(self, session: Session, question: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-               on_token: Callable[[int], None] | None = None) -> TurnSteps:
+               on_token: Callable[[int], None] | None = None, context: list[dict] | None = None) -> TurnSteps:
         """Queue a turn of ``session`` answering ``question``; it runs in the next `step` that
         has room. Greedy unless ``temperature`` > 0 (then sampled with ``top_p`` and ``seed``);
         the answer ends early at the first of ``stop`` (cut before it). ``on_token`` is called
-        with each token as it is chosen. A session takes one turn at a time."""
+        with each token as it is chosen; ``context``: messages fed before the question (as
+        `Session.add_context`). A session takes one turn at a time."""
         if session.model is not self.model:
             raise KVBudgetError("the session runs another model than this engine's")
         if any(t.session is session for t in (*self.waiting, *self.running)):
@@ -100,7 +101,7 @@ class Engine:
         if max_new_tokens <= 0:
             raise KVBudgetError(f"max_new_tokens must be positive, got {max_new_tokens}")
         choose = greedy if temperature == 0 else Sampler(temperature, top_p, seed)
-        turn = TurnSteps(session, question, max_new_tokens, choose, stop, on_token)
+        turn = TurnSteps(session, question, max_new_tokens, choose, stop, on_token, context)
         self.waiting.append(turn)
         return turn
 
@@ -144,6 +145,8 @@ class Engine:
     def _whole(self, turn: TurnSteps) -> None:
         """Run a turn of a session that answers its own way (`Session.ask_detailed`) in one go."""
         def ask() -> None:
+            if turn.context:
+                turn.session.add_context(turn.context)
             done = turn.session.ask_detailed(turn.turn.question, turn.max_new_tokens, on_token=turn.on_token)
             turn.turn = done
             turn.finish_reason = "length" if len(done.token_ids) >= turn.max_new_tokens else "stop"

@@ -131,6 +131,11 @@ class Session:
         score the cache (the optimistic single-question mode most papers report; label it so).
         Without it, the context is compressed without knowing what will be asked.
         """
+        return drain(self.context_steps(context, question))
+
+    def context_steps(self, context: "str | list[dict]",
+                      question: str | None = None) -> Generator[None, None, PrefillStats]:
+        """`add_context`, block by block (`feed_steps`); returns the prefill's stats."""
         new = context_messages(context)
         full, text = self._suffix(self.messages + new, add_generation_prompt=False)
         scoring = None
@@ -138,7 +143,7 @@ class Session:
             # The question turn as it will follow the context (same template, generation prompt).
             asked = render(self.tok, self.messages + new + [{"role": "user", "content": question}], True)
             scoring = self.tok(asked[len(full) :], add_special_tokens=False, return_tensors="pt").input_ids
-        _, stats = self._feed(full, text, scoring_ids=scoring)
+        _, stats = yield from self.feed_steps(full, text, scoring_ids=scoring)
         self.messages += new
         self.stats.add(stats)
         return stats

@@ -3,8 +3,8 @@ interleaves with other sessions' steps.
 
 A turn has three parts, each the same code a session runs alone (`Session.ask_detailed`):
 
-1. *question*: the user's message is fed block by block (`Session.question_steps`), one block
-   per step;
+1. *question*: the messages sent before it, if any (`Session.context_steps`), then the user's
+   message are fed block by block (`Session.question_steps`), one block per step;
 2. *decode*: one token per step (`answer.Decoding`), fed in a forward shared with every other
    session decoding at that step; the cache is compressed at the policy's interval after the
    session's own step; the decoded entries are scratch, rolled back at the end;
@@ -35,8 +35,9 @@ class TurnSteps:
 
     def __init__(self, session: Session, question: str, max_new_tokens: int = 64,
                  choose: Callable[[Tensor], int] = greedy, stop: Sequence[str] = (),
-                 on_token: Callable[[int], None] | None = None) -> None:
+                 on_token: Callable[[int], None] | None = None, context: list[dict] | None = None) -> None:
         self.session = session
+        self.context = context
         self.max_new_tokens = max_new_tokens
         self.choose = choose
         self.stop = [s for s in stop if s]
@@ -47,7 +48,7 @@ class TurnSteps:
         self.error: BaseException | None = None
         self.cancelled = False
         self.done_callbacks: list[Callable[[TurnSteps], None]] = []
-        self._steps = session.question_steps(question)
+        self._steps = self._question(context, question)
         self._scratch = ExitStack()
         self._asked: list[dict] = []
         self._decoding: Decoding | None = None
@@ -58,6 +59,11 @@ class TurnSteps:
     def feeding(self) -> bool:
         """Whether the next step feeds a block (of the question or of the answer)."""
         return self.phase in ("question", "answer")
+
+    @property
+    def tokens(self) -> list[int]:
+        """The answer's tokens chosen so far."""
+        return self._decoding.ids if self._decoding is not None else []
 
     @property
     def done(self) -> bool:
@@ -113,6 +119,12 @@ class TurnSteps:
         self._callbacks()
 
     # --- the parts ------------------------------------------------------------------------------
+    def _question(self, context: list[dict] | None, question: str):
+        """The messages before the question (if any), then the question, block by block."""
+        if context:
+            yield from self.session.context_steps(context)
+        return (yield from self.session.question_steps(question))
+
     def _start_decoding(self, asked: list[dict], logits: Tensor, stats) -> None:
         session = self.session
         self._asked = asked
