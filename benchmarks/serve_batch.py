@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,8 +59,12 @@ def build_model(name: str, device: str | None):
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
                       rope_theta=500000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       attn_implementation="sdpa")
-    with torch.device(device or "cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no float32 copy of 8B weights
+    try:
+        with torch.device(device or "cuda"):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
     model.generation_config.eos_token_id = None  # random weights: answers run to max_tokens
     return model, tok
 
@@ -80,14 +85,17 @@ def child(args) -> None:
     import uvicorn
 
     import kvbudget as kb
-    from kvbudget.serve import ServeConfig, create_app, parse_memory
+    from kvbudget.serve import Limits, ServeConfig, create_app, parse_memory
     from kvbudget.serve.sessionstore import SessionStore
 
     model, tok = build_model(args.model, args.device)
     config = ServeConfig(model_name="bench", store=Path(args.store), policies=[args.policy], budget=args.budget,
                          memory=parse_memory(args.memory), block_size=args.block_size,
                          max_batch=args.max_batch, max_tokens=args.max_tokens, default_max_tokens=args.max_tokens)
-    config.limits.max_request_tokens = max(config.limits.max_request_tokens, args.message_tokens * 4)
+    # Limits sized for the load (not what is measured): every client queued, big session directories.
+    config.limits = Limits(max_queue=4 * args.conversations + 8, request_timeout_s=3600.0,
+                           max_request_tokens=max(8192, 4 * args.message_tokens), max_stored_bytes=2**50,
+                           max_stored_bytes_per_key=2**50)
     session = kb.Session(model, tok, kb.policy(args.policy, budget=args.budget), block_size=args.block_size)
     session.add_context([{"role": "user", "content": text_of(tok, args.context, 0)},
                          {"role": "assistant", "content": "Noted."}])
@@ -216,7 +224,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "first_error": errors[0] if errors else None}
 
 
-def anchor(args, messages: list[str]) -> list[dict]:
+def anchor(args, messages: list[str]) -> Iterator[dict]:
     """transformers' continuous batching (`generate_batch`, paged full cache) in this process,
     with as many conversations as ``--memory`` holds at full precision (each of ``--context`` +
     one message + the answer)."""
@@ -228,15 +236,15 @@ def anchor(args, messages: list[str]) -> list[dict]:
 
     model, tok = build_model(args.model, args.device)
     cfg = model.config
-    token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * \
-        model.dtype.itemsize
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
     memory = parse_memory(args.memory)
     per_conv = args.context + args.message_tokens * 2 + args.max_tokens
     fit = max(1, memory // (per_conv * token_bytes))
-    rows = []
-    for n in args.levels:
-        m = min(n, fit)
-        prompts = [tok(text_of(tok, args.context, 0) + " " + messages[i % len(messages)],
+    context = text_of(tok, args.context, 0)
+    for m in sorted({min(n, fit) for n in args.levels}):
+        n = max(x for x in args.levels if min(x, fit) == m)
+        prompts = [tok(context + " " + messages[i % len(messages)],
                        add_special_tokens=False).input_ids for i in range(m)]
         gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=None)
         # The same KV memory as the server's bound, in pages of 256 tokens of every layer; no prefix
@@ -249,11 +257,9 @@ def anchor(args, messages: list[str]) -> list[dict]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
         tokens = sum(len(o.generated_tokens) for o in out.values())
-        rows.append({"mode": "transformers-generate_batch", "sessions": n, "conversations_that_fit": fit,
-                     "ran": m, "wall_s": round(wall, 2), "decode_tokens": tokens,
-                     "tokens_per_s": round(tokens / wall, 2), "note": "the prefill of every whole conversation included"})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+        yield {"mode": "transformers-generate_batch", "sessions": n, "conversations_that_fit": fit, "ran": m,
+               "wall_s": round(wall, 2), "decode_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+               "note": "the prefill of every whole conversation included"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--turns", type=int, default=2, help="follow-up turns per conversation and level")
     p.add_argument("--sessions", default="1,4,16", help="comma list of concurrent conversations (N)")
-    p.add_argument("--modes", default="batch,serial", help="batch, serial (--max-batch 1)")
+    p.add_argument("--modes", default="batch,serial", help="batch, serial (--max-batch 1), or none")
     p.add_argument("--serial-sessions", default=None, help="levels of the serial mode (default: --sessions)")
     p.add_argument("--anchor", action="store_true", help="also transformers' generate_batch (GPU)")
     p.add_argument("--prefill-tokens-hf", type=int, default=8192, help="generate_batch's max_batch_tokens")
@@ -286,13 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.sessions.split(",")]
     rows = []
+
+    def emit(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     from kvbudget.runtime.models import load_tokenizer
 
     tok = load_tokenizer(None if args.model in ("default", "random-8b") else args.model)
     messages = [text_of(tok, args.message_tokens, s) + " What do you make of that?" for s in range(1, 9)]
     print(f"model {args.model}, policy {args.policy}, budget {args.budget}, memory {args.memory}, context "
           f"{args.context}, {args.turns} turns of ~{args.message_tokens} tokens, max_tokens {args.max_tokens}", flush=True)
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m != "none"]:
         levels = [int(x) for x in args.serial_sessions.split(",")] if mode == "serial" and args.serial_sessions \
             else args.levels
         with tempfile.TemporaryDirectory(prefix="kvbudget-batch-") as store:
@@ -302,17 +316,16 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"mode": mode, "model": args.model, "policy": args.policy, "budget": args.budget,
                            "context": args.context, "max_tokens": args.max_tokens, **run_level(url, n, messages, args)}
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    emit(row)
             finally:
                 proc.terminate()
                 proc.wait(120)
     if args.anchor:
-        rows += anchor(args, messages)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        try:
+            for row in anchor(args, messages):
+                emit(row)
+        except Exception as exc:  # the anchor is another library's: its failure is a result, not a crash
+            emit({"mode": "transformers-generate_batch", "error": f"{type(exc).__name__}: {exc}"})
     print(f"\n{'mode':>8} {'N':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} {'batch':>6}")
     for r in rows:
         if "ttft_p50_ms" in r:

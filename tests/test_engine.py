@@ -20,15 +20,15 @@ TEXT = (
 
 # (policy, its options, context characters, answer tokens): dense, evicting, streaming, a KIVI
 # store, per-head lengths (Ada-KV), eviction + store, accumulated scores; every evicting policy
-# compresses while decoding (interval 8).
+# compresses while decoding (interval 6).
 MIXED = [
-    ("full", {}, 300, 12),
-    ("snapkv", {"budget": 48, "decode_interval": 8}, 900, 20),
-    ("streaming", {"budget": 40, "decode_interval": 8}, 500, 16),
-    ("kivi4", {}, 700, 10),
-    ("adakv", {"budget": 56, "decode_interval": 8}, 1200, 18),
-    ("snapkv+kivi2", {"budget": 64, "decode_interval": 8}, 800, 14),
-    ("h2o", {"budget": 48, "decode_interval": 8}, 400, 20),
+    ("full", {}, 200, 8),
+    ("snapkv", {"budget": 40, "decode_interval": 6}, 700, 16),
+    ("streaming", {"budget": 32, "decode_interval": 6}, 400, 12),
+    ("kivi4", {}, 500, 6),
+    ("adakv", {"budget": 48, "decode_interval": 6}, 900, 14),
+    ("snapkv+kivi2", {"budget": 48, "decode_interval": 6}, 600, 10),
+    ("h2o", {"budget": 40, "decode_interval": 6}, 300, 16),
 ]
 QUESTIONS = ["What is the code of the blue door?", "Who sings in the tavern?"]
 

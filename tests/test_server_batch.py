@@ -4,8 +4,6 @@ one at a time, a turn that does not fit the memory bound waits instead of failin
 sequences, seeded sampling and usage behave per request."""
 
 import json
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,11 +12,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from server_kit import Server, tiny_model
+from server_kit import Server, slow_tiny_model
 
 import kvbudget as kb
-from kvbudget.kv import attach
-from kvbudget.runtime.models import load_tokenizer
 from kvbudget.serve import ServeConfig, create_app
 from kvbudget.serve.schema import ChatRequest
 
@@ -28,12 +24,7 @@ QUESTIONS = ["Tell me about the sea.", "What is a lighthouse?", "Name three bird
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer, slow): ``slow["sleep"]`` seconds per model call, so that requests overlap."""
-    tok = load_tokenizer()
-    model = tiny_model(tok, positions=1024)
-    attach(model)
-    slow = {"sleep": 0.0}
-    model.register_forward_pre_hook(lambda *_: time.sleep(slow["sleep"]))
-    return model, tok, slow
+    return slow_tiny_model()
 
 
 @pytest.fixture

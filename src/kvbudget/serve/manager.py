@@ -268,11 +268,11 @@ class SessionManager:
         blocked = False
         for job in list(self.waiting):
             key = (job.owner, job.req.session_id) if job.req.session_id is not None else None
-            if key is not None and key in self.in_flight:
-                continue
             try:
                 if job.deadline is not None:
                     job.deadline.check()
+                if key is not None and key in self.in_flight:
+                    continue
                 if blocked or not self._start(job, key):
                     blocked = True
                     continue
