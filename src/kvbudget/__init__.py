@@ -23,6 +23,7 @@ from .errors import (
 from .kv import BudgetedCache, BudgetedLayer, attach
 from .methods import describe as list_policies
 from .methods import make_policy as policy
+from .runtime.engine import Engine
 from .runtime.episodic import EpisodicSession
 from .runtime.models import load_model
 from .runtime.prefill import prefill
@@ -39,6 +40,7 @@ __all__ = [
     "BudgetError",
     "BudgetedCache",
     "BudgetedLayer",
+    "Engine",
     "EpisodicSession",
     "KVBudgetError",
     "ModelNotFoundError",

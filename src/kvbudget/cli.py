@@ -21,6 +21,7 @@ from .eval.runner import EvalConfig, check_names, format_table, run_eval
 from .eval.taskfile import write_tasks
 from .fileio import atomic_write_text
 from .methods import describe, make_policy
+from .runtime.engine import MAX_BATCH, PREFILL_TOKENS
 from .runtime.models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
 from .runtime.prefill import BLOCK_SIZE
 from .runtime.profile import profile, save_profile
@@ -206,6 +207,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         budget=args.budget,
         memory=parse_memory(args.memory),
         block_size=args.block_size,
+        max_batch=args.max_batch,
+        prefill_tokens=args.prefill_tokens,
         max_tokens=args.max_tokens,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
         api_keys=keys,
@@ -371,6 +374,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens", type=_positive, default=512, help="the most tokens a request may generate (default 512)")
     p.add_argument("--default-max-tokens", type=_positive, default=128,
                    help="tokens generated when a request names no max_tokens (default 128)")
+    p.add_argument("--max-batch", type=_positive, default=MAX_BATCH,
+                   help=f"turns decoded together at most; 1 serves one turn at a time (default {MAX_BATCH})")
+    p.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS,
+                   help=f"prompt tokens fed between two batched decode steps, at most (default {PREFILL_TOKENS})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g = p.add_argument_group("access (docs/serving.md)")
     g.add_argument("--api-key", action="append", metavar="KEY",
