@@ -1,8 +1,9 @@
-"""Sweeps on a local Ray cluster of 2 CPU workers: the same rows as the single-process sweep, a
-worker killed mid-sweep (its cell runs again elsewhere, no row written twice), resuming, and the
-message where Ray is missing. One cluster for the module; it leaves no process behind.
+"""Sweeps on a local Ray cluster of 2 CPU workers: with a worker killed mid-sweep (its cell runs
+again elsewhere) the rows are those of the single-process sweep, each written once; a rerun
+resumes (runs and writes nothing); the message where Ray is missing. One cluster for the module;
+it leaves no process behind.
 
-Contexts are ~200 tokens, one question each and answers of 2 tokens: a cell takes a second or two.
+Contexts are ~150 tokens, one question each and answers of 2 tokens: a cell takes a second or two.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def tasks(default_model):
     _, tok = default_model
-    tasks = make_tasks("needle", tok, 2, 200, seed=3)
+    tasks = make_tasks("needle", tok, 2, 150, seed=3)
     for t in tasks:
         t.questions = t.questions[:1]
     return tasks
@@ -78,39 +79,42 @@ def single(default_model, tasks, tmp_path_factory):
     return _rows(out / "results.jsonl")
 
 
-def test_ray_sweep_gives_the_single_process_rows_and_resumes(cluster, tasks, single, tmp_path):
-    summary = ray_sweep.run_eval_ray(tasks, CFG, tmp_path, workers=2, progress=False)
-    assert summary["workers"] == 2 and summary["retried_cells"] == 0
-    rows = _rows(tmp_path / "results.jsonl")
-    assert len(rows) == len(tasks) * 3  # full, snapkv, streaming: one question each
-    assert rows == single
-    written = (tmp_path / "results.jsonl").read_bytes()
-    again = ray_sweep.run_eval_ray(tasks, CFG, tmp_path, workers=2, progress=False)
-    assert again["resumed_cells"] == len(tasks) * 3
-    assert (tmp_path / "results.jsonl").read_bytes() == written  # nothing run, nothing written twice
-    assert json.loads((tmp_path / "summary.json").read_text())["resumed_cells"] == len(tasks) * 3
-
-
-def test_a_killed_worker_has_its_cell_run_elsewhere_and_no_row_twice(cluster, tasks, single, tmp_path, monkeypatch):
+def _kill_a_worker_after_the_first_cell(monkeypatch) -> list[int]:
+    """SIGKILL one worker process as the first cell's rows are written (one busy with a cell where
+    there is one); the killed process ids are returned."""
     killed: list[int] = []
     real_append = ray_sweep.append_rows
 
     def append_then_kill(path, rows):
         real_append(path, rows)
-        if not killed:  # after the first cell: kill the worker busy with another one (SIGKILL)
-            busy = [p for p in psutil.Process().children(recursive=True)
-                    if p.cmdline() and p.cmdline()[0].startswith("ray::SweepWorker.run")]
-            assert busy, "no worker was running a cell"
-            os.kill(busy[0].pid, signal.SIGKILL)
-            killed.append(busy[0].pid)
+        if killed:
+            return
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if p.cmdline() and p.cmdline()[0].startswith("ray::SweepWorker")]
+        workers.sort(key=lambda p: not p.cmdline()[0].startswith("ray::SweepWorker.run"))
+        assert workers, "no worker process found"
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed.append(workers[0].pid)
 
     monkeypatch.setattr(ray_sweep, "append_rows", append_then_kill)
+    return killed
+
+
+def test_two_workers_one_killed_give_the_single_process_rows_once_and_resume(cluster, tasks, single, tmp_path,
+                                                                              monkeypatch):
+    killed = _kill_a_worker_after_the_first_cell(monkeypatch)
     summary = ray_sweep.run_eval_ray(tasks, CFG, tmp_path, workers=2, progress=False)
-    assert killed and summary["retried_cells"] == 1
+    assert killed and summary["workers"] == 2 and summary["retried_cells"] == 1
     raw = read_results(tmp_path / "results.jsonl")
     keys = [(r["task"], r["mode"], r["policy"], r["budget"], r["question_index"]) for r in raw]
-    assert len(keys) == len(set(keys)), "a row was written twice"
-    assert _rows(tmp_path / "results.jsonl") == single
+    assert len(keys) == len(set(keys)) == len(tasks) * 3, "a row missing or written twice"
+    assert _rows(tmp_path / "results.jsonl") == single  # full, snapkv, streaming: as in one process
+
+    written = (tmp_path / "results.jsonl").read_bytes()
+    again = ray_sweep.run_eval_ray(tasks, CFG, tmp_path, workers=2, progress=False)
+    assert again["resumed_cells"] == len(tasks) * 3
+    assert (tmp_path / "results.jsonl").read_bytes() == written  # nothing ran, nothing written twice
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_cells"] == len(tasks) * 3
 
 
 def test_without_ray_eval_says_what_to_install(tasks, tmp_path, monkeypatch, capsys):
