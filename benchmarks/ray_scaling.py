@@ -117,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the summary (JSON) here")
     args = p.parse_args(argv)
     parts = args.part.split(",")
+    # Ray starts its workers at niceness 15: on a machine shared with other jobs they would get the
+    # CPU left over, not their cores. The measurement runs them at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
-        result = {"machine": _machine(), "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
+        result = {"machine": _machine(), "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                  "load_average_before": os.getloadavg()}
         with tempfile.TemporaryDirectory(prefix="kvbudget-ray-") as tmp:
             if "sweep" in parts:
                 result["sweep"] = sweep(args, Path(tmp))

@@ -45,6 +45,13 @@ class SessionHomes:
             self.homes[key] = replica
         return replica
 
+    def counts(self) -> dict[int, int]:
+        """Sessions homed on each replica (those with any)."""
+        out: dict[int, int] = {}
+        for replica in self.homes.values():
+            out[replica] = out.get(replica, 0) + 1
+        return out
+
     def settle(self, key: Key, replica: int) -> None:
         """Record ``replica`` as the home of ``key`` (a session created there without an id)."""
         self.homes[key] = replica

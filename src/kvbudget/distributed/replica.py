@@ -22,7 +22,8 @@ STARTUP_S = 60.0  # after the model is loaded, the HTTP server starts in well un
 class ReplicaServer:
     """`create_app` served by uvicorn on a thread of this actor; `url` says where."""
 
-    def __init__(self, config: ServeConfig, model: str | None, device: str | None, host: str) -> None:
+    def __init__(self, config: ServeConfig, model: str | None, device: str | None, host: str | None) -> None:
+        """Load the model and start serving on ``host`` (None: this node's address), a free port."""
         import ray
         import uvicorn
 
@@ -31,6 +32,7 @@ class ReplicaServer:
         if device is None and ray.get_gpu_ids():
             device = "cuda"  # Ray shows this actor its own GPU only
         model_, tok = load_model(model, device=device)
+        host = host or ray.util.get_node_ip_address()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
@@ -52,8 +54,3 @@ class ReplicaServer:
     def pid(self) -> int:
         """The replica's process id."""
         return os.getpid()
-
-    def stop(self) -> None:
-        """Stop the HTTP server after the requests in flight (every session file is current)."""
-        self.server.should_exit = True
-        self.thread.join()

@@ -13,6 +13,7 @@ import signal
 import threading
 
 from ..errors import KVBudgetError
+from ..runtime.models import load_tokenizer
 from ..serve.config import ServeConfig
 from ..serve.keys import check_bind
 from .cluster import connect, require_ray
@@ -70,6 +71,7 @@ def serve_replicas(config: ServeConfig, replicas: int, model: str | None = None,
     """Serve ``replicas`` replicas until interrupted (Ctrl-C or SIGTERM), on the cluster at
     ``address`` or on a local one; then stop them (and the local cluster)."""
     ray = require_ray("kvbudget serve --replicas")
+    load_tokenizer(model)  # a model that cannot be found fails here, before a cluster starts
     started = connect(address, "kvbudget serve --replicas")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

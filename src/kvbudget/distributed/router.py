@@ -7,11 +7,12 @@ body, the ``id`` of a session it creates, or the path ``/v1/sessions/{id}``; its
 model list) go to the replicas in turn. The request and its answer pass through unchanged
 (server-sent events stream through as they come); each replica checks keys and limits itself.
 
-A replica that cannot be reached is gone: it is stopped, a new one starts in its place, and its
-sessions move to the others, which load them from the session directory at their last saved
-turn. A request that could not be delivered is delivered to the new home; one whose replica died
-while answering gets a 503 (its turn is in the session file if it was saved: ``GET
-/v1/sessions/{id}`` shows which).
+A replica that cannot be reached and whose actor Ray reports dead is gone: a new one starts in
+its place, and its sessions move to the others, which load them from the session directory at
+their last saved turn. A request that could not be delivered is delivered to the new home; one
+whose replica died while answering gets a 503 (its turn is in the session file if it was saved:
+``GET /v1/sessions/{id}`` shows which). A replica that fails a request but is alive stays: that
+request gets a 503 to retry.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ log = logging.getLogger("kvbudget.distributed")
 HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                          "upgrade", "host", "content-length"})
 METRICS_TIMEOUT_S = 10.0
+RESTART_DELAY_S = 30.0  # before another try at a replica that failed to start
+ALIVE_TIMEOUT_S = 10.0  # a replica's actor that does not say its pid in this time is busy, not gone
 
 
 @dataclass
@@ -43,7 +46,8 @@ class _Slot:
 
 
 class SessionRouter:
-    """Starts ``replicas`` `ReplicaServer` actors (``resources`` each) and routes to them."""
+    """Starts ``replicas`` `ReplicaServer` actors (``resources`` each, listening on ``host``; None:
+    their node's address) and routes to them."""
 
     def __init__(self, config: ServeConfig, model: str | None, device: str | None, replicas: int,
                  resources: dict, host: str | None) -> None:
@@ -51,7 +55,7 @@ class SessionRouter:
         import ray
 
         self.ray = ray
-        self.config, self.host = config, host
+        self.config = config
         self.actor = ray.remote(max_restarts=0, **resources)(ReplicaServer)
         self.make = lambda: self.actor.remote(config, model, device, host)
         self.slots = [_Slot(self.make()) for _ in range(replicas)]
@@ -62,7 +66,9 @@ class SessionRouter:
         self.homes = SessionHomes()
         self.turn = itertools.count()
         self.failovers = 0
-        self.client = httpx.AsyncClient(timeout=None)
+        # Idle connections expire before the replicas' (uvicorn closes them after 5 s): the router
+        # never sends on a connection its replica is closing.
+        self.client = httpx.AsyncClient(timeout=None, limits=httpx.Limits(keepalive_expiry=2.0))
 
     # --- replicas ------------------------------------------------------------------------------
     def live(self) -> list[int]:
@@ -70,15 +76,30 @@ class SessionRouter:
 
     def replicas(self) -> list[dict]:
         """Each replica: its index, URL (None while it starts), process id and sessions homed there."""
-        counts: dict[int, int] = {}
-        for replica in self.homes.homes.values():
-            counts[replica] = counts.get(replica, 0) + 1
+        counts = self.homes.counts()
         return [{"index": i, "url": s.url, "pid": s.pid, "sessions": counts.get(i, 0)} for i, s in enumerate(self.slots)]
 
-    def _lost(self, index: int) -> None:
-        """Replica ``index`` cannot be reached: stop it, move its sessions, start another in its place."""
+    async def _dead(self, index: int, url: str) -> bool:
+        """Whether the replica at ``index`` that served ``url`` is gone (Ray says its actor died),
+        not merely slow to answer."""
+        from ray.exceptions import RayActorError
+
         slot = self.slots[index]
-        if slot.url is None:
+        if slot.url != url:
+            return True  # already replaced
+        try:
+            await asyncio.wait_for(slot.handle.pid.remote(), ALIVE_TIMEOUT_S)
+        except RayActorError:
+            return True
+        except asyncio.TimeoutError:
+            return False
+        return False
+
+    def _lost(self, index: int, url: str) -> None:
+        """The replica at ``index`` that served ``url`` cannot be reached: stop it, move its
+        sessions, start another in its place (once: later failures of the same one change nothing)."""
+        slot = self.slots[index]
+        if slot.url != url:
             return
         log.warning("replica %d (%s) is gone; its sessions move to the others", index, slot.url)
         self.ray.kill(slot.handle, no_restart=True)
@@ -88,11 +109,16 @@ class SessionRouter:
         asyncio.get_running_loop().create_task(self._started(index, self.slots[index]))
 
     async def _started(self, index: int, slot: _Slot) -> None:
+        """Wait for the new replica in ``slot``; where it fails to start, try another a while later."""
         try:
             slot.url, slot.pid = await _url_and_pid(slot.handle)
         except Exception:
-            log.exception("replica %d did not start; it is tried again at the next replica lost", index)
-            self.slots[index] = _Slot(slot.handle, None)
+            log.exception("replica %d did not start; another is tried in %g s", index, RESTART_DELAY_S)
+            self.ray.kill(slot.handle, no_restart=True)
+            await asyncio.sleep(RESTART_DELAY_S)
+            if self.slots[index] is slot:
+                self.slots[index] = _Slot(self.make())
+                await self._started(index, self.slots[index])
 
     # --- requests ------------------------------------------------------------------------------
     async def __call__(self, request):
@@ -111,13 +137,16 @@ class SessionRouter:
                 return error_response(APIError(503, "no replica is up; retry shortly", code="no_replica",
                                                headers={"Retry-After": "10"}))
             index = self.homes.home(key, live) if key is not None else live[next(self.turn) % len(live)]
+            url = self.slots[index].url
             try:
-                response = await self._send(index, request, body)
-            except _Unreached:
-                self._lost(index)
-                continue  # nothing was delivered: the new home gets it
-            except _Lost:
-                self._lost(index)
+                response = await self._send(index, url, request, body)
+            except (_Unreached, _Lost) as exc:
+                if not await self._dead(index, url):
+                    return error_response(APIError(503, "the replica of this request did not answer; retry",
+                                                   code="replica_unavailable", headers={"Retry-After": "1"}))
+                self._lost(index, url)
+                if isinstance(exc, _Unreached):
+                    continue  # nothing was delivered: the new home gets it
                 return error_response(APIError(
                     503, "the replica answering this request was lost; the session holds its last saved turn "
                     "(GET /v1/sessions/{id} shows it): retry", code="replica_lost", headers={"Retry-After": "1"}))
@@ -134,16 +163,16 @@ class SessionRouter:
             self.homes.forget(key)
         return response
 
-    async def _send(self, index: int, request, body: bytes):
-        """Forward to replica ``index``; its answer streamed back (read whole when a new session's
-        id must be learnt from it)."""
+    async def _send(self, index: int, base: str, request, body: bytes):
+        """Forward to replica ``index`` (at ``base``); its answer streamed back (read whole when a
+        new session's id must be learnt from it)."""
         import httpx
         from starlette.background import BackgroundTask
         from starlette.responses import Response, StreamingResponse
 
-        url = self.slots[index].url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
-        outgoing = self.client.build_request(request.method, url, headers=headers, content=body)
+        outgoing = self.client.build_request(request.method, target, headers=headers, content=body)
         try:
             upstream = await self.client.send(outgoing, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout):
@@ -165,8 +194,9 @@ class SessionRouter:
                 async for chunk in upstream.aiter_raw():
                     yield chunk
             except httpx.TransportError:
-                self._lost(index)  # the stream ends short: the client sees it cut
-                raise
+                if await self._dead(index, base):
+                    self._lost(index, base)
+                raise  # the stream ends short: the client sees it cut
 
         return StreamingResponse(relay(), status_code=upstream.status_code, headers=back,
                                  background=BackgroundTask(upstream.aclose))

@@ -97,6 +97,9 @@ def run_eval_ray(tasks: list[Task], cfg: EvalConfig, out_dir: str | Path, model:
     try:
         available, resources = worker_resources(ray)
         n = workers or available
+        if n > available:
+            unit = "GPUs" if "num_gpus" in resources else "CPUs"
+            raise KVBudgetError(f"{n} workers asked for: the Ray cluster has {available} {unit}, one per worker")
         actor = ray.remote(max_restarts=0, max_task_retries=0, **resources)(SweepWorker)
         start = time.perf_counter()
         retried = _drive(ray, lambda: _Worker(actor.remote(model, device, cfg)), n, plan.cells, plan.results,
@@ -123,8 +126,12 @@ def _drive(ray, spawn, n: int, cells: list[Cell], results: Path, bar) -> int:
         while queue or running:
             while idle and queue:
                 worker = idle.pop(0)
-                # Cells of a task the worker already has the reference of, else the next one.
-                cell = next((c for c in queue if c.task.id in worker.tasks), queue[0])
+                # A cell of a task the worker holds the reference of, else of a task no other worker
+                # holds (each reference is computed once where the tasks outnumber the workers).
+                cell = next((c for c in queue if c.task.id in worker.tasks), None)
+                if cell is None:
+                    held = {t for w in pool if w is not worker for t in w.tasks}
+                    cell = next((c for c in queue if c.task.id not in held), queue[0])
                 queue.remove(cell)
                 worker.tasks.add(cell.task.id)
                 running[worker.handle.run.remote(cell)] = (worker, cell)
@@ -137,10 +144,11 @@ def _drive(ray, spawn, n: int, cells: list[Cell], results: Path, bar) -> int:
                 if isinstance(exc.cause, KVBudgetError):
                     raise exc.cause from None
                 raise exc.as_instanceof_cause() from None
-            except RayActorError:
+            except RayActorError as exc:
                 attempts[id(cell)] = attempts.get(id(cell), 0) + 1
                 if attempts[id(cell)] >= MAX_ATTEMPTS:
-                    raise KVBudgetError(f"cell {cell.label!r} lost its worker {MAX_ATTEMPTS} times; "
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise KVBudgetError(f"cell {cell.label!r} lost its worker {MAX_ATTEMPTS} times (last: {reason}); "
                                         "the rows written so far are kept (rerun to resume)") from None
                 bar.write(f"a worker died running {cell.label}; it runs again on another worker")
                 retried += 1
