@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
@@ -42,8 +43,6 @@ TIMINGS = ("prefill_s", "compress_s", "decode_s")
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,7 +57,8 @@ def _machine() -> dict:
 def sweep(args, tmp: Path) -> dict:
     tok = load_tokenizer(args.model)
     tasks = make_tasks("needle", tok, n=args.tasks, length=args.length, seed=args.seed)
-    cfg = EvalConfig(policies=args.policy.split(","), budgets=args.budget.split(","), max_new_tokens=args.max_new_tokens,
+    cfg = EvalConfig(policies=args.policy.split(","), budgets=args.budget.split(","),
+                     max_new_tokens=args.max_new_tokens,
                      mode="multi-turn", model=args.model or DEFAULT_MODEL)
     runs, rows = [], []
     for n in [int(w) for w in args.workers.split(",")]:
@@ -68,7 +68,8 @@ def sweep(args, tmp: Path) -> dict:
         wall = time.perf_counter() - start
         written = read_results(out / "results.jsonl")
         runs.append({"workers": summary["workers"], "wall_s": round(wall, 2), "rows": len(written)})
-        rows.append(sorted(json.dumps({k: v for k, v in r.items() if k not in TIMINGS}, sort_keys=True) for r in written))
+        rows.append(sorted(json.dumps({k: v for k, v in r.items() if k not in TIMINGS}, sort_keys=True)
+                           for r in written))
         print(f"sweep: {n} workers: {wall:.1f} s", flush=True)
     return {"tasks": args.tasks, "length": args.length, "policies": cfg.policies, "budgets": cfg.budgets,
             "max_new_tokens": args.max_new_tokens, "runs": runs,
@@ -92,7 +93,8 @@ def serving(args, tmp: Path) -> dict:
         levels.append(level)
         print(f"serve: {n} replicas: {level}", flush=True)
     return {"sessions": args.sessions, "requests_per_session": args.requests, "max_tokens": args.serve_max_tokens,
-            "levels": levels, "requests_per_s_ratio": round(levels[-1]["requests_per_s"] / levels[0]["requests_per_s"], 2)}
+            "levels": levels,
+            "requests_per_s_ratio": round(levels[-1]["requests_per_s"] / levels[0]["requests_per_s"], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

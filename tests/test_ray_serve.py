@@ -112,7 +112,8 @@ def test_sessions_answer_as_alone_and_go_on_after_a_replica_is_killed(url, alone
             assert [a[i] for a in answers] == alone[i], f"session s{i}"
             session = http.get(f"/v1/sessions/s{i}").json()
             assert session["turns"] == 3
-            assert [m["content"] for m in session["messages"]] == [x for q, a in zip(turns(i), alone[i]) for x in (q, a)]
+            history = [x for q, a in zip(turns(i), alone[i]) for x in (q, a)]
+            assert [m["content"] for m in session["messages"]] == history
         metrics = parse_metrics(http.get("/metrics").text)
         assert metrics["kvbudget_replica_failovers_total"] == 1
         after = router.replicas.remote().result()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from ..errors import KVBudgetError
 
 INSTALL = "pip install 'kvbudget[ray]'"
@@ -26,7 +28,7 @@ def connect(address: str | None, what: str = "this command") -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise KVBudgetError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
     return True

@@ -10,6 +10,7 @@ replicas afresh: every session is in the session directory).
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 from ..errors import KVBudgetError
@@ -52,8 +53,13 @@ def start_replicas(config: ServeConfig, replicas: int, model: str | None = None,
     router = serve.deployment(name="router", num_replicas=1, max_ongoing_requests=ROUTER_ONGOING,
                               ray_actor_options={"num_cpus": 0})(SessionRouter)
     app = router.bind(config, model, device, replicas, replica_resources(ray), replica_host)
-    serve.run(app, name=APP, route_prefix="/", blocking=False)
-    print(notice, flush=True)
+    try:
+        serve.run(app, name=APP, route_prefix="/", blocking=False)
+    except Exception as exc:  # the router or a replica did not start (a model that does not load, ...)
+        serve.shutdown()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KVBudgetError(f"the replicas did not start: {reason} (Ray's logs: /tmp/ray/session_latest/logs)") from exc
+    print(notice, file=sys.stderr, flush=True)
     return f"http://{host}:{port}"
 
 
@@ -77,12 +83,13 @@ def serve_replicas(config: ServeConfig, replicas: int, model: str | None = None,
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         url = start_replicas(config, replicas, model, device, host, port, insecure)
-        print(f"kvbudget: {replicas} replicas serving at {url} (Ctrl-C stops them)", flush=True)
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        print(f"kvbudget: {replicas} replicas serving at {url} (Ctrl-C stops them)", file=sys.stderr, flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        if not started:
+            stop_replicas()  # on a cluster that stays up
     finally:
-        if ray.is_initialized():
-            stop_replicas()
         if started:
-            ray.shutdown()
+            ray.shutdown()  # the local cluster, with everything on it (every session file is current)

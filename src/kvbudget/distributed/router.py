@@ -77,7 +77,8 @@ class SessionRouter:
     def replicas(self) -> list[dict]:
         """Each replica: its index, URL (None while it starts), process id and sessions homed there."""
         counts = self.homes.counts()
-        return [{"index": i, "url": s.url, "pid": s.pid, "sessions": counts.get(i, 0)} for i, s in enumerate(self.slots)]
+        return [{"index": i, "url": s.url, "pid": s.pid, "sessions": counts.get(i, 0)}
+                for i, s in enumerate(self.slots)]
 
     async def _dead(self, index: int, url: str) -> bool:
         """Whether the replica at ``index`` that served ``url`` is gone (Ray says its actor died),
