@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real default model (SmolLM2-135M-Instruct) on the GPU machine of the `device` tool: the
-# sanity row of docs/benchmarks.md, "GPU performance".
+# sanity rows of docs/benchmarks.md, "The default model on the GPU".
 #
 # That machine has no package registry and a call carries at most 64 MiB, but the model's GGUF
 # is 94 MiB. So it travels in two halves over two back-to-back calls while the machine stays
@@ -10,7 +10,7 @@
 #   call 1, carry .gpu_model/smollm2.gguf.part00:   bash benchmarks/gpu_default_model.sh stash
 #   call 2, carry .gpu_model/smollm2.gguf.part01 and .whl:
 #                                                   bash benchmarks/gpu_default_model.sh bench|gpu|ruler
-# `bench` runs the main job (`kvbudget bench`) on CUDA; `gpu` runs gpu_bench.py on the real model;
+# `bench` runs the main job's whole grid (`kvbudget bench --full`) on CUDA; `gpu` runs gpu_bench.py on the real model;
 # `ruler` runs benchmarks/ruler.sh on CUDA (LENGTH, default 4096; TASKS, default all; N, default 1).
 set -euo pipefail
 STASH=/tmp/kvbudget-model
@@ -34,7 +34,7 @@ fi
 export PYTHONPATH=$SITE:src KVBUDGET_CACHE=$STASH/cache PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 case "${1:-}" in
-    bench) time python3 -m kvbudget.cli bench --device cuda --no-progress --out "$OUT/bench-cuda" ;;
+    bench) time python3 -m kvbudget.cli bench --full --device cuda --no-progress --out "$OUT/bench-cuda" ;;
     gpu) python3 benchmarks/gpu_bench.py --model default --out "$OUT/gpu_bench-default-model.jsonl" \
             --sections bw,baseline,budget,profile --contexts 2048,8192 --budgets 256,1024 ;;
     ruler) LENGTH=${LENGTH:-4096} DEVICE=cuda OUT="$OUT/ruler-gpu-${LENGTH:-4096}" bash benchmarks/ruler.sh ;;

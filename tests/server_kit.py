@@ -92,6 +92,22 @@ def tiny_model(tok, positions: int = 1024, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def slow_tiny_model(positions: int = 1024):
+    """(model, tokenizer, slow): `tiny_model` over the default tokenizer, hooked, with a forward
+    pre-hook that sleeps ``slow["sleep"]`` seconds per model call (a slow model on demand)."""
+    import time
+
+    from kvbudget.kv import attach
+    from kvbudget.runtime.models import load_tokenizer
+
+    tok = load_tokenizer()
+    model = tiny_model(tok, positions=positions)
+    attach(model)
+    slow = {"sleep": 0.0}
+    model.register_forward_pre_hook(lambda *_: time.sleep(slow["sleep"]))
+    return model, tok, slow
+
+
 def save_tiny_model(tok, path: Path, positions: int = 1024) -> Path:
     """``tiny_model`` and ``tok`` written with ``save_pretrained`` (a directory `--model` loads)."""
     if not (path / "config.json").exists():

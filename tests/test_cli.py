@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kvbudget.cli import main
+from kvbudget.cli import BENCH_FULL, BENCH_QUICK, bench_grid, build_parser, main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -54,6 +54,31 @@ def test_bad_input_is_one_clear_line(tmp_path, task_file, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvbudget: error:"), proc.stderr
     assert message in lines[0]
+
+
+def _bench(*args: str) -> tuple[list[str], list[str]]:
+    return bench_grid(build_parser().parse_args(["bench", *args]))
+
+
+def test_bench_runs_the_quick_grid_by_default_and_the_whole_one_with_full():
+    """`kvbudget bench`: the full cache and the main methods at 4x; `--full`: every first policy at
+    2x, 4x and 8x (the whole grid, over the same tasks); --policy / --budget override either."""
+    assert _bench() == BENCH_QUICK
+    policies, budgets = BENCH_QUICK
+    assert budgets == ["4x"] and {"snapkv", "streaming", "kivi4"} <= set(policies)
+    assert _bench("--full") == BENCH_FULL
+    assert BENCH_FULL == (["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"],
+                          ["2x", "4x", "8x"])
+    assert _bench("--policy", "h2o,tova") == (["h2o", "tova"], ["4x"])
+    assert _bench("--full", "--budget", "16x") == (BENCH_FULL[0], ["16x"])
+    args = build_parser().parse_args(["bench"])
+    assert (args.tasks, args.length, args.seed, args.mode, args.block_size) == (2, 800, 0, "multi-turn", 128)
+
+
+def test_bench_bad_policy_is_one_line_before_the_model_loads():
+    proc = _run("bench", "--policy", "snapkv,bogus")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("kvbudget: error:") and "unknown policy 'bogus'" in proc.stderr
 
 
 def test_budget_larger_than_context_is_an_error(task_file):

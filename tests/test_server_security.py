@@ -15,10 +15,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from server_kit import Server, tiny_model
+from server_kit import Server, slow_tiny_model
 
-from kvbudget.kv import attach
-from kvbudget.runtime.models import load_tokenizer
 from kvbudget.serve import Limits, ServeConfig, create_app
 from kvbudget.serve.keys import check_bind
 
@@ -31,12 +29,7 @@ POSITIONS = 512
 def tiny():
     """(model, tokenizer): a 2-layer random Llama over the default model's tokenizer; a forward
     pre-hook sleeps ``tiny[2]["sleep"]`` seconds per model call (a slow model on demand)."""
-    tok = load_tokenizer()
-    model = tiny_model(tok, positions=POSITIONS)
-    attach(model)
-    slow = {"sleep": 0.0}
-    model.register_forward_pre_hook(lambda *_: time.sleep(slow["sleep"]))
-    return model, tok, slow
+    return slow_tiny_model(POSITIONS)
 
 
 @pytest.fixture

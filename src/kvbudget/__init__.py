@@ -7,7 +7,7 @@
     print(session.ask("What is the code for the blue door?"))
 """
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from .compress import Policy, compress
 from .compress.budget import Budget, parse_budget
@@ -23,19 +23,24 @@ from .errors import (
 from .kv import BudgetedCache, BudgetedLayer, attach
 from .methods import describe as list_policies
 from .methods import make_policy as policy
+from .runtime.engine import Engine
 from .runtime.episodic import EpisodicSession
 from .runtime.models import load_model
 from .runtime.prefill import prefill
 from .runtime.answer import Turn
 from .runtime.session import Session
 
-__version__ = version("kvbudget")
+try:
+    __version__ = version("kvbudget")
+except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed
+    __version__ = "0+source"
 
 __all__ = [
     "Budget",
     "BudgetError",
     "BudgetedCache",
     "BudgetedLayer",
+    "Engine",
     "EpisodicSession",
     "KVBudgetError",
     "ModelNotFoundError",

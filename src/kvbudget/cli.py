@@ -24,13 +24,19 @@ from .eval.runner import EvalConfig, check_names, format_table, run_eval
 from .eval.taskfile import write_tasks
 from .fileio import atomic_write_text
 from .methods import describe, make_policy
+from .runtime.engine import MAX_BATCH, PREFILL_TOKENS
 from .runtime.models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
+from .runtime.prefill import BLOCK_SIZE
 from .runtime.profile import profile, save_profile
 from .runtime.session import Session
 from .serve import Limits, ServeConfig, parse_duration, parse_memory, serve
 from .serve.keys import check_key, read_key_file
 
-BENCH_POLICIES = ["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"]
+# The bench's two grids, over the same tasks (the rows they share are equal). The quick one, the
+# default: the full cache and the main methods at 4x, a first table in about 3 minutes on 2 CPU
+# cores. The whole one (`--full`): eight policies at 2x, 4x and 8x, about 11 minutes.
+BENCH_QUICK = (["streaming", "snapkv", "keydiff", "kvzip", "kivi4"], ["4x"])
+BENCH_FULL = (["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"], ["2x", "4x", "8x"])
 
 
 def _split(value: str) -> list[str]:
@@ -132,25 +138,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_grid(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The bench's policies and budgets: --policy/--budget where given, else the quick or whole grid."""
+
+    policies, budgets = BENCH_FULL if args.full else BENCH_QUICK
+    return (_split(args.policy) if args.policy else policies, _split(args.budget) if args.budget else budgets)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
+    policies, budgets = bench_grid(args)
+    check_names(EvalConfig(policies, budgets, mode=args.mode))  # before the model loads
     model, tok = load_model(args.model, device=args.device)
     tasks = make_tasks("needle", tok, n=args.tasks, length=args.length, seed=args.seed)
     tasks += make_tasks("kv", tok, n=args.tasks, length=args.length, seed=args.seed + 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_tasks(out / "tasks.jsonl", tasks)
-    policies = _split(args.policy) if args.policy else BENCH_POLICIES
     print(
         f"bench: {len(tasks)} tasks x {sum(len(t.questions) for t in tasks) // len(tasks)} questions, "
-        f"~{args.length} tokens, policies {', '.join(['full', *policies])}, budgets {args.budget}"
+        f"~{args.length} tokens, policies {', '.join(['full', *policies])}, budgets {','.join(budgets)}"
     )
     # The bench measures this code: it starts afresh instead of resuming an older run.
     _run_grid(args, lambda cfg: run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=False),
-              policies, _split(args.budget), args.model or "smollm2-135m", _command(), out)
+              policies, budgets, args.model or "smollm2-135m", _command(), out)
     print(f"report: {out / 'report.md'} (plot {out / 'plot.png'})")
     print(f"bench time: {time.perf_counter() - start:.0f} s")
+    if not (args.full or args.policy or args.budget):
+        print(f"the whole grid ({len(BENCH_FULL[0])} policies x {','.join(BENCH_FULL[1])}, about 11 minutes on 2 CPU "
+              "cores): kvbudget bench --full")
     return 0
 
 
@@ -204,6 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         budget=args.budget,
         memory=parse_memory(args.memory),
         block_size=args.block_size,
+        max_batch=args.max_batch,
+        prefill_tokens=args.prefill_tokens,
         max_tokens=args.max_tokens,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
         api_keys=keys,
@@ -243,10 +262,12 @@ def _command() -> str:
     return "kvbudget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _common(p: argparse.ArgumentParser, budget_default: str | None, mode_default: str = "single") -> None:
+def _common(p: argparse.ArgumentParser, budget_default: str | None, mode_default: str = "single",
+            budget_help: str | None = None) -> None:
     p.add_argument("--model", default=None, help="model name or local path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
+    p.add_argument("--block-size", type=_positive, default=BLOCK_SIZE,
+                   help=f"prefill block size in tokens (default {BLOCK_SIZE})")
     p.add_argument("--max-new-tokens", type=_positive, default=24, help="answer length cap (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode-interval", type=int, default=None,
@@ -259,7 +280,9 @@ def _common(p: argparse.ArgumentParser, budget_default: str | None, mode_default
         p.add_argument("--mode", default=mode_default,
                        help="comma list of multi-turn, multi-request, query-aware (optimistic reference), or all "
                        f"(default {mode_default})")
-    if budget_default is None:
+    if budget_help is not None:
+        p.add_argument("--budget", default=None, help=budget_help)
+    elif budget_default is None:
         p.add_argument("--budget", required=True, help="comma list: tokens (512), bytes (24MiB) or ratios (4x)")
     else:
         p.add_argument("--budget", default=budget_default, help=f"comma list of budgets (default {budget_default})")
@@ -309,12 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, None, mode_default="all")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="the main job: a quick, complete comparison on the default model")
+    p = sub.add_parser("bench", help="the main job: the full cache and the main methods at 4x on the default model "
+                       "(--full: the whole grid)")
     p.add_argument("--out", default="kvbudget-results", help="output directory (default ./kvbudget-results)")
     p.add_argument("--tasks", type=_positive, default=2, help="contexts per task family (default 2)")
     p.add_argument("--length", type=_positive, default=800, help="context length in tokens (default 800)")
-    p.add_argument("--policy", default=None, help="comma list (default: all first policies)")
-    _common(p, "2x,4x,8x", mode_default="multi-turn")
+    p.add_argument("--full", action="store_true",
+                   help=f"the whole grid: {', '.join(BENCH_FULL[0])} at {','.join(BENCH_FULL[1])}")
+    p.add_argument("--policy", default=None,
+                   help=f"comma list (default {','.join(BENCH_QUICK[0])}; with --full {','.join(BENCH_FULL[0])})")
+    _common(p, None, mode_default="multi-turn",
+            budget_help=f"comma list of budgets (default {','.join(BENCH_QUICK[1])}; with --full {','.join(BENCH_FULL[1])})")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for an eval directory")
@@ -367,10 +395,15 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1); another than loopback needs an API key or --insecure")
     p.add_argument("--port", type=_positive, default=8000)
-    p.add_argument("--block-size", type=_positive, default=128, help="prefill block size in tokens (default 128)")
+    p.add_argument("--block-size", type=_positive, default=BLOCK_SIZE,
+                   help=f"prefill block size in tokens (default {BLOCK_SIZE})")
     p.add_argument("--max-tokens", type=_positive, default=512, help="the most tokens a request may generate (default 512)")
     p.add_argument("--default-max-tokens", type=_positive, default=128,
                    help="tokens generated when a request names no max_tokens (default 128)")
+    p.add_argument("--max-batch", type=_positive, default=MAX_BATCH,
+                   help=f"turns decoded together at most; 1 serves one turn at a time (default {MAX_BATCH})")
+    p.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS,
+                   help=f"prompt tokens fed between two batched decode steps, at most (default {PREFILL_TOKENS})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g = p.add_argument_group("replicas on Ray (docs/distributed.md; pip install 'kvbudget[ray]')")
     g.add_argument("--replicas", type=_positive, default=None,

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama as llama
 
-from kvbudget.kv import cache as kcache
+from kvbudget.kv import layer as klayer
 from kvbudget.runtime import fusion
 from kvbudget.kernels import fused
 
@@ -93,8 +93,8 @@ def test_fused_kivi_decode_gives_the_tokens_of_decoding_the_body(model_f32, monk
     """float32: in bf16 the random-weight model's near-flat logits make token equality
     meaningless; benchmarks/kernel_bench.py checks the kernel's bf16 / fp16 outputs against
     float64 instead."""
-    monkeypatch.setattr(kcache, "FUSED_KIVI", "0")
+    monkeypatch.setattr(klayer, "FUSED_KIVI", "0")
     plain, cp = decode(model_f32, f"kivi{bits}", "eager")
-    monkeypatch.setattr(kcache, "FUSED_KIVI", "auto")  # the default: the kernel on CUDA
+    monkeypatch.setattr(klayer, "FUSED_KIVI", "auto")  # the default: the kernel on CUDA
     fusedk, cf = decode(model_f32, f"kivi{bits}", "eager")
     assert plain == fusedk, f"kivi-{bits}: fused kernel tokens differ (max |cache diff| {compare_caches(cp, cf):.2e})"

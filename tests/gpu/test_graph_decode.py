@@ -15,7 +15,9 @@ import torch
 import kvbudget as kb
 from kvbudget.runtime import fusion
 from kvbudget.runtime import static as kstatic
+from kvbudget.runtime.decoder import StaticDecoder
 from kvbudget.kv.cache import BudgetedCache
+from kvbudget.kv.encoded import EncodedEntries
 
 from .gpu_kit import answer, compare_caches, decode, random_ids
 
@@ -34,7 +36,7 @@ def test_decoders_leave_no_memory_behind(model_f32):
     tok = torch.tensor([5], device="cuda")
     sizes = []
     for _ in range(4):
-        dec = kstatic.StaticDecoder.from_cache(model_f32, cache, capacity=8)
+        dec = StaticDecoder.from_cache(model_f32, cache, capacity=8)
         dec.step(tok)
         del dec
         gc.collect()
@@ -125,7 +127,8 @@ def test_answer_rolls_back_to_its_snapshot(model_f32, monkeypatch, name, host):
     policy = kb.policy(name, budget=512, decode_interval=16)
     cache = policy.new_cache(model_f32)
     logits, _ = kb.prefill(model_f32, cache, policy, random_ids(3000), 512)
-    before = [(layer.view(), {k: t.clone() for k, t in layer.entries.body.tokens.items()} if layer.entries.body else {})
+    before = [(layer.view(),
+               {k: t.clone() for k, t in layer.entries.body.tokens.items()} if isinstance(layer.entries, EncodedEntries) else {})
               for layer in cache.layers]
     with torch.inference_mode(), cache.scratch():
         answer(model_f32, cache, policy, logits, 48, "graph")

@@ -29,6 +29,9 @@ that does not call attention through transformers' interface), and the next plan
 `UnsupportedModelError` naming the layer, instead of attending with the model's own mask, which
 is wrong once entries are evicted.
 
+Sessions decoded together in one forward (`kv.batch`) hand over one plan per row (`RowPlans`):
+the hook attends each row with its own plan, as in a forward of that session alone.
+
 Without a plan (an ordinary `DynamicCache`) it is a plain call of transformers' own sdpa/eager
 attention with the model's mask: outputs are unchanged.
 """
@@ -46,7 +49,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward as _
 
 from ..errors import UnsupportedModelError
 from ..kernels.flash import attention_with_lse, flash_attention_with_lse, flash_fits, ragged_flash
-from .plan import AttentionPlan, Extras, take_plan
+from .plan import AttentionPlan, Extras, RowPlans, take_plan
 
 IMPLEMENTATIONS = {"sdpa": "kvbudget_sdpa", "eager": "kvbudget_eager"}
 
@@ -132,6 +135,8 @@ def _make(base: Callable, with_lse: bool = False) -> Callable:
 
     def kvbudget_attention(module, query, key, value, attention_mask, **kwargs):
         plan = take_plan(key)
+        if isinstance(plan, RowPlans):  # sessions decoded together (kv.batch): each row as if alone
+            return plan.attend_rows(query, lambda q, k, v: kvbudget_attention(module, q, k, v, None, **kwargs)[0]), None
         scaling = kwargs.get("scaling", getattr(module, "scaling", None))
         if hasattr(plan, "attend"):  # static decoding (kvbudget.static): the kernel masks by length
             return plan.attend(query, scaling, Extras.of(kwargs)), None

@@ -97,6 +97,25 @@ class AttentionPlan:
         return allowed[:, None].expand(h, g, q_len, kv_len).reshape(1, h * g, q_len, kv_len)
 
 
+@dataclass
+class RowPlans:
+    """Handed to the attention hook by a batch of caches, one per row (`kv.batch.BatchLayer`):
+    each row's own plan, with the keys and values its layer's update returned. The hook attends
+    row by row, each exactly as it would for that cache alone."""
+
+    keys: Tensor  # the tensor the batch's update returned: identity check against the call
+    rows: list[tuple[Any, Tensor, Tensor]]  # (plan, keys, values) of each row, in batch order
+
+    def attend_rows(self, query: Tensor, call) -> Tensor:
+        """``call(query_row, keys, values)`` for each row with its plan set, concatenated over
+        the batch (the layout attention functions return: ``[B, q, Hq, dv]``)."""
+        out = []
+        for i, (plan, keys, values) in enumerate(self.rows):
+            set_plan(plan)
+            out.append(call(query[i : i + 1], keys, values))
+        return torch.cat(out)
+
+
 def set_plan(plan: AttentionPlan | None) -> None:
     """Called by a cache layer's ``update`` right before transformers calls the attention
     function. Raises `UnsupportedModelError` when the plan before it was never taken."""

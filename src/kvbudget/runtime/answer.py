@@ -91,6 +91,65 @@ def answer(
     return turn
 
 
+def greedy(logits: Tensor) -> int:
+    """The most likely next token of ``logits`` [1, vocab]."""
+    return int(logits[0].argmax())
+
+
+class Decoding:
+    """One answer being decoded, whatever runs the forwards (`greedy_decode` alone, the batching
+    engine with other sessions): `next_token` chooses the token to feed from the last logits,
+    `fed` takes the logits the forward gave, and `compress_due` says when the cache is compressed
+    (every ``policy.decode_interval`` new tokens, decode-time compression). ``choose`` picks a
+    token from logits [1, vocab] (`greedy` by default; `runtime.sampling` samples)."""
+
+    def __init__(self, policy: Policy, logits: Tensor, max_new_tokens: int, eos: set[int],
+                 on_token: Callable[[int], None] | None = None, steps: list[Tensor] | None = None,
+                 choose: Callable[[Tensor], int] = greedy) -> None:
+        self.logits = logits
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+        self.on_token = on_token
+        self.steps = steps
+        self.choose = choose
+        self.interval = policy.decode_interval
+        self.ids: list[int] = []
+        self.done = max_new_tokens <= 0
+        self.stopped = False  # ended by a token of ``eos`` (not by the length)
+
+    def next_token(self) -> int | None:
+        """The token to feed next (already called back with ``on_token``), or None when the
+        answer is over: a token of ``eos`` (not kept) or ``max_new_tokens`` tokens (the last is
+        kept, never fed)."""
+        if self.done:
+            return None
+        if self.steps is not None:
+            self.steps.append(self.logits.float().log_softmax(-1))
+        token = self.choose(self.logits)
+        if token in self.eos:
+            self.done = self.stopped = True
+            return None
+        self.ids.append(token)
+        if self.on_token is not None:
+            self.on_token(token)  # may end the answer (`finish`: a stop sequence)
+        if self.done or len(self.ids) >= self.max_new_tokens:
+            self.done = True
+            return None
+        return token
+
+    def finish(self) -> None:
+        """End the answer after the token just chosen (it is kept, never fed)."""
+        self.done = True
+
+    def fed(self, logits: Tensor) -> None:
+        """The next-token logits [1, vocab] after the token `next_token` gave was fed."""
+        self.logits = logits
+
+    def compress_due(self) -> bool:
+        """Whether the cache is compressed now (after the token just fed)."""
+        return bool(self.interval) and len(self.ids) % self.interval == 0
+
+
 def greedy_decode(
     model, cache: BudgetedCache, policy: Policy, logits: Tensor, max_new_tokens: int, eos: set[int],
     mode: str = "auto", on_token: Callable[[int], None] | None = None, steps: list[Tensor] | None = None,
@@ -100,27 +159,16 @@ def greedy_decode(
     ``cache`` is compressed by ``policy`` every ``policy.decode_interval`` new tokens.
     ``on_token`` is called with each token as soon as it is chosen; with ``steps``, each step's
     log-softmax [1, vocab] is appended to it."""
-    ids: list[int] = []
-    interval = policy.decode_interval
+    decoding = Decoding(policy, logits, max_new_tokens, eos, on_token, steps)
     static = static_decoder(model, cache, policy, mode, max_new_tokens)
-    for step in range(max_new_tokens):
-        if steps is not None:
-            steps.append(logits.float().log_softmax(-1))
-        token = int(logits[0].argmax())
-        if token in eos:
-            break
-        ids.append(token)
-        if on_token is not None:
-            on_token(token)
-        if step == max_new_tokens - 1:
-            break
+    while (token := decoding.next_token()) is not None:
         inp = torch.tensor([[token]], device=model.device)
         if static is not None:
-            logits = static.step(inp[0])
+            decoding.fed(static.step(inp[0]))
         else:
-            logits = run(model, cache, inp).logits[:, -1]
+            decoding.fed(run(model, cache, inp).logits[:, -1])
             cache.track_peak()
-        if interval and (step + 1) % interval == 0:
+        if decoding.compress_due():
             if static is not None:
                 static.write_back(cache)
             compress(cache, policy)
@@ -133,7 +181,7 @@ def greedy_decode(
     if static is not None:
         static.write_back(cache)
         static.release(cache)  # the layers get their own copies back, buffers freed
-    return ids
+    return decoding.ids
 
 
 def static_decoder(model, cache: BudgetedCache, policy: Policy, mode: str, max_new_tokens: int) -> StaticDecoder | None:

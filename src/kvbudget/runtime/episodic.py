@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ..compress import Policy
 from ..errors import KVBudgetError
 from ..kv.cache import BudgetedCache
 from .answer import Turn
-from .prefill import PrefillStats, prefill
+from .prefill import PrefillStats, drain, prefill
 from .session import Session
 from .sessionfile import cache_from_file, cache_to_file, to_cpu
 
@@ -142,8 +143,10 @@ class EpisodicSession(Session):
     # the last one's sent back to pinned host memory, on a side stream while this one prefills.
     async_copies: bool = True
 
-    # Feeding goes to the target episodes, each scored by its own patched prompt.
-    def _prefill_ids(self, ids: Tensor, compress_last: bool, scoring_ids: Tensor | None) -> tuple[Tensor, PrefillStats]:
+    # Feeding goes to the target episodes, each scored by its own patched prompt, in one step.
+    def _prefill_steps(self, ids: Tensor, compress_last: bool,
+                       scoring_ids: Tensor | None) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+        yield from ()  # no step between the episodes' prefills
         total = PrefillStats(tokens=ids.shape[1])
         logits = None
         device = self.model.device
@@ -218,7 +221,7 @@ class EpisodicSession(Session):
             turn_ids = torch.tensor([self.input_ids[fed_before:]])
             self._targets = [ep for ep in self.episodes if ep is not active]
             self._active = None
-            self._prefill_ids(turn_ids, True, None)
+            drain(self._prefill_steps(turn_ids, True, None))
         finally:
             self._targets, self._active = [], None
             active.cache.to("cpu")

@@ -5,7 +5,9 @@ more than budget + block_size entries per head, whatever the context length."""
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -14,6 +16,8 @@ from ..compress import Policy, compress
 from ..errors import BudgetError
 from ..kv.cache import BudgetedCache
 from .modelcall import run
+
+T = TypeVar("T")
 
 # Tokens per prefill block: a layer never holds more than its budget + one block.
 BLOCK_SIZE = 128
@@ -58,6 +62,32 @@ def prefill(
 
     ``tokenizer``: the model's, for a scorer that builds its own scoring prompt (KVzip).
     """
+    return drain(prefill_blocks(model, cache, policy, input_ids, block_size, compress_last, scoring_ids, tokenizer))
+
+
+def drain(steps: Generator[object, None, T]) -> T:
+    """Run a generator of steps (`prefill_blocks`) to its end; returns what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_blocks(
+    model,
+    cache: BudgetedCache,
+    policy: Policy,
+    input_ids: Tensor,
+    block_size: int = BLOCK_SIZE,
+    compress_last: bool = True,
+    scoring_ids: Tensor | None = None,
+    tokenizer=None,
+) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+    """`prefill`, one block per step: yields after each block but the last (fed and compressed),
+    and returns what `prefill` returns once the last block is done. The batching engine
+    (`runtime.engine`) runs other sessions' steps between the blocks; a compression's deferred
+    end (`BudgetedCache.defer`) waits in this cache meanwhile, as it waits for the next block."""
     if block_size <= 0:
         raise BudgetError(f"block size must be positive, got {block_size}")
     stats = PrefillStats(tokens=input_ids.shape[1])
@@ -67,43 +97,48 @@ def prefill(
     # A store eviction's last step waits for values from the GPU: deferred until the next
     # block's forward is queued (`BudgetedCache.defer`), so the GPU does not idle meanwhile.
     cache.defer_settle = True
+    logits = None
+    n = input_ids.shape[1]
     try:
-        logits = _blocks(model, cache, policy, input_ids, block_size, compress_last, scoring_ids, tokenizer, stats,
-                         timer)
+        for s in range(0, n, block_size):
+            with torch.inference_mode():
+                last = s + block_size >= n
+                logits = _block(model, cache, policy, input_ids[:, s : s + block_size], compress_last or not last,
+                                scoring_ids, tokenizer, stats, timer)
+                if last:
+                    _settle(cache, timer)
+            if not last:
+                yield
     finally:
         cache.defer_settle = False
-        cache.settle()
+        with torch.inference_mode():
+            cache.settle()
     _sync(model.device)
     stats.seconds = time.perf_counter() - start
     stats.compress_seconds = timer.seconds()
     return logits, stats
 
 
-def _blocks(model, cache: BudgetedCache, policy: Policy, input_ids: Tensor, block_size: int, compress_last: bool,
-            scoring_ids: Tensor | None, tokenizer, stats: PrefillStats, timer: "_Timer") -> Tensor | None:
-    """`prefill`'s loop over the blocks; returns the last token's logits."""
-    logits = None
-    n = input_ids.shape[1]
-    for s in range(0, n, block_size):
-        block = input_ids[:, s : s + block_size].to(model.device)
-        out = run(model, cache, block, logits_to_keep=1)
-        logits = out.logits[:, -1]
-        _settle(cache, timer)
-        cache.track_peak()
-        cache.unscored.append(block)
-        stats.blocks += 1
-        if compress_last or s + block_size < n:
-            timer.start()
-            fed = torch.cat(cache.unscored, dim=1)
-            cache.unscored = []
-            scoring = policy.scorer.reconstruction_ids(fed, tokenizer) if policy.evicts else None
-            if scoring is None and scoring_ids is not None and policy.scorer.queries != 0 and policy.evicts:
-                scoring = scoring_ids
-            if scoring is not None:
-                observe_scoring_queries(model, cache, scoring)
-            compress(cache, policy)
-            timer.stop()
+def _block(model, cache: BudgetedCache, policy: Policy, block: Tensor, compresses: bool, scoring_ids: Tensor | None,
+           tokenizer, stats: PrefillStats, timer: "_Timer") -> Tensor:
+    """Feed one block (and compress after it when ``compresses``); returns its last token's logits."""
+    out = run(model, cache, block.to(model.device), logits_to_keep=1)
+    logits = out.logits[:, -1]
     _settle(cache, timer)
+    cache.track_peak()
+    cache.unscored.append(block.to(model.device))
+    stats.blocks += 1
+    if compresses:
+        timer.start()
+        fed = torch.cat(cache.unscored, dim=1)
+        cache.unscored = []
+        scoring = policy.scorer.reconstruction_ids(fed, tokenizer) if policy.evicts else None
+        if scoring is None and scoring_ids is not None and policy.scorer.queries != 0 and policy.evicts:
+            scoring = scoring_ids
+        if scoring is not None:
+            observe_scoring_queries(model, cache, scoring)
+        compress(cache, policy)
+        timer.stop()
     return logits
 
 

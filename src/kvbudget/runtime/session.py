@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from ..compress import Policy
 from ..errors import KVBudgetError, SessionFileError
 from ..methods import make_policy
 from .answer import DECODE_MODES, Turn, answer, eos_ids
-from .prefill import BLOCK_SIZE, PrefillStats, prefill
+from .prefill import BLOCK_SIZE, PrefillStats, drain, prefill_blocks
 from .profile import ensure_profile, load_scores
 from .sessionfile import (cache_from_file, cache_to_file, check_model, policy_from_file, read_session_file,
                           restore_session, session_to_file, write_file)
@@ -90,18 +91,29 @@ class Session:
     def _feed(
         self, full: str, text: str, compress_last: bool = True, scoring_ids: Tensor | None = None
     ) -> tuple[Tensor, PrefillStats]:
+        return drain(self.feed_steps(full, text, compress_last, scoring_ids))
+
+    def feed_steps(
+        self, full: str, text: str, compress_last: bool = True, scoring_ids: Tensor | None = None
+    ) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+        """Feed ``text``, the end of the rendered conversation ``full``, block by block: yields
+        between blocks (the batching engine runs other sessions' steps there) and returns the
+        last token's logits and the prefill's stats."""
         ids = self._encode(text)
         if self.tokens is None:  # a ratio budget depends on the first context
             self.tokens = self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids))
-        logits, stats = self._prefill_ids(ids, compress_last, scoring_ids)
+        logits, stats = yield from self._prefill_steps(ids, compress_last, scoring_ids)
         self.input_ids.extend(ids[0].tolist())
         self.rendered = full
         return logits, stats
 
-    def _prefill_ids(self, ids: Tensor, compress_last: bool, scoring_ids: Tensor | None) -> tuple[Tensor, PrefillStats]:
-        """Feed token ids into the session's cache (episodic sessions feed several caches)."""
+    def _prefill_steps(self, ids: Tensor, compress_last: bool,
+                       scoring_ids: Tensor | None) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+        """Feed token ids into the session's cache, one block per step (episodic sessions feed
+        several caches)."""
         self.cache.tokens = self.tokens
-        return prefill(self.model, self.cache, self.policy, ids, self.block_size, compress_last, scoring_ids, self.tok)
+        return (yield from prefill_blocks(self.model, self.cache, self.policy, ids, self.block_size, compress_last,
+                                          scoring_ids, self.tok))
 
     # --- public API -----------------------------------------------------------------------------
     def fork(self) -> "Session":
@@ -119,6 +131,11 @@ class Session:
         score the cache (the optimistic single-question mode most papers report; label it so).
         Without it, the context is compressed without knowing what will be asked.
         """
+        return drain(self.context_steps(context, question))
+
+    def context_steps(self, context: "str | list[dict]",
+                      question: str | None = None) -> Generator[None, None, PrefillStats]:
+        """`add_context`, block by block (`feed_steps`); returns the prefill's stats."""
         new = context_messages(context)
         full, text = self._suffix(self.messages + new, add_generation_prompt=False)
         scoring = None
@@ -126,7 +143,7 @@ class Session:
             # The question turn as it will follow the context (same template, generation prompt).
             asked = render(self.tok, self.messages + new + [{"role": "user", "content": question}], True)
             scoring = self.tok(asked[len(full) :], add_special_tokens=False, return_tensors="pt").input_ids
-        _, stats = self._feed(full, text, scoring_ids=scoring)
+        _, stats = yield from self.feed_steps(full, text, scoring_ids=scoring)
         self.messages += new
         self.stats.add(stats)
         return stats
@@ -150,22 +167,33 @@ class Session:
         the same conversation). ``on_token`` is called with each generated token id as soon as it
         is chosen (the server streams with it).
         """
+        asked, logits, stats = drain(self.question_steps(question))
+        turn = answer(self.model, self.tok, self.cache, self.policy, question, logits, max_new_tokens, self.eos,
+                      self.decode, on_token, gold, reference, keep_steps)
+        turn.prefill_s = stats.seconds
+        drain(self.answer_steps(asked, turn.text if history_answer is None else history_answer))
+        turn.peak_bytes = self.cache.peak_bytes
+        return turn
+
+    def question_steps(self, question: str) -> Generator[None, None, tuple[list[dict], Tensor, PrefillStats]]:
+        """The first part of a turn: feed ``question`` as the user's next message with the
+        generation prompt, block by block (`feed_steps`), the last block left uncompressed.
+        Returns the messages asked, the last token's logits and the prefill's stats."""
         if not question or not question.strip():
             raise KVBudgetError("question is empty")
         asked = self.messages + [{"role": "user", "content": question}]
         full, text = self._suffix(asked, add_generation_prompt=True)
-        logits, stats = self._feed(full, text, compress_last=False)
-        turn = answer(self.model, self.tok, self.cache, self.policy, question, logits, max_new_tokens, self.eos,
-                      self.decode, on_token, gold, reference, keep_steps)
-        turn.prefill_s = stats.seconds
-        answered = asked + [{"role": "assistant", "content": turn.text if history_answer is None else history_answer}]
-        # The answer is fed again as one block (the decoded tokens were scratch), then the whole
-        # turn is compressed into the cache: the cache always holds exactly the rendered text.
+        logits, stats = yield from self.feed_steps(full, text, compress_last=False)
+        return asked, logits, stats
+
+    def answer_steps(self, asked: list[dict], answer_text: str) -> Generator[None, None, None]:
+        """The last part of a turn, after the answer was decoded (its tokens were scratch): feed
+        the answer again as text, block by block, and compress the whole turn into the cache, so
+        that the cache always holds exactly the rendered conversation."""
+        answered = asked + [{"role": "assistant", "content": answer_text}]
         full, text = self._suffix(answered, add_generation_prompt=False)
-        self._feed(full, text)
+        yield from self.feed_steps(full, text)
         self.messages = answered
-        turn.peak_bytes = self.cache.peak_bytes
-        return turn
 
     def new_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> int:
         """How many tokens feeding ``messages`` after the conversation so far would add (the

@@ -49,8 +49,8 @@ log = logging.getLogger("kvbudget.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 # Fields of OpenAI's API this server refuses unless they hold their neutral value.
 UNSUPPORTED = {
-    "n": "decoding is greedy: one choice", "logprobs": "log-probabilities are not returned",
-    "top_logprobs": "log-probabilities are not returned", "stop": "stop sequences are not supported",
+    "n": "one choice per request", "logprobs": "log-probabilities are not returned",
+    "top_logprobs": "log-probabilities are not returned", "stop": "up to 4 non-empty stop sequences",
     "logit_bias": "logit bias is not supported", "tools": "tools are not supported",
     "tool_choice": "tools are not supported", "functions": "functions are not supported",
     "function_call": "functions are not supported", "audio": "audio is not supported",
@@ -253,7 +253,7 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
                 response = await _stream(request.state.owner, req, deadline, release, start)
                 status = None  # recorded when the stream ends
                 return response
-            job = asyncio.ensure_future(manager.call(manager.chat, request.state.owner, req, None, deadline))
+            job = asyncio.wrap_future(manager.submit_chat(request.state.owner, req, None, deadline))
             job.add_done_callback(lambda _: release())
             result = await _finish(job, deadline)
             status = 200
@@ -276,7 +276,7 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
         def events(kind: str, value: object) -> None:  # on the model thread
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-        job = asyncio.ensure_future(manager.call(manager.chat, owner, req, events, deadline))
+        job = asyncio.wrap_future(manager.submit_chat(owner, req, events, deadline))
         job.add_done_callback(lambda _: release())
         try:
             first = await _next_event(queue, job, deadline.remaining())
@@ -296,7 +296,7 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
 
         async def body():
             status = 499  # unless the stream ends otherwise: the client went away
-            streamer = TextStreamer(tok)
+            streamer = TextStreamer(tok, req.stop)
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 committed = False

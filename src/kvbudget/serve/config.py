@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..compress.budget import parse_budget
 from ..errors import KVBudgetError
+from ..runtime.engine import MAX_BATCH, PREFILL_TOKENS
 from ..runtime.prefill import BLOCK_SIZE
 
 GiB = 1024**3
@@ -45,6 +46,8 @@ class ServeConfig:
     budget: str | None = "512"
     memory: int = 2 * 1024**3  # bytes of KV held by all live sessions together
     block_size: int = BLOCK_SIZE
+    max_batch: int = MAX_BATCH  # turns decoded together at most (1: one at a time)
+    prefill_tokens: int = PREFILL_TOKENS  # prompt tokens fed between two decode steps, at most
     max_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 128
     api_keys: list[str] = field(default_factory=list)  # empty: no keys (the CLI then listens on loopback only)

@@ -1,17 +1,17 @@
 """The sessions the server holds in memory, least recently used first, under the memory bound.
 
-The KV bytes of the live sessions add up to at most ``config.memory`` (``--memory``, read at each
-use). Before a turn, `make_room` moves least-recently-used sessions out of memory until the
-turn's estimate fits (`Footprint.need`); their files are current (the manager writes each turn
-through), so moving one out writes nothing. `measure_peak` records the peak a turn actually
-reaches (the other live sessions + this one's own peak during the turn) in the metrics.
+The bound (``config.memory``, ``--memory``, read at each use) covers the KV bytes of the live
+sessions without a turn in flight plus what every turn in flight reserved: `Footprint.need`, the
+most its session may hold during the turn. A turn reserves before it starts (`reserve`): least
+recently used idle sessions are moved out of memory until it fits (their files are current: the
+manager writes each turn through, so moving one out writes nothing); when the turns in flight
+leave no room, the turn waits for them. After each engine step `track_peak` records the KV bytes
+held at most (the idle sessions + each turn's own peak so far, from the caches' exact accounting).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ..runtime.session import Session
 from .config import ServeConfig
@@ -27,7 +27,8 @@ def _caches(session: Session) -> list:
 
 
 class LiveSessions:
-    """Sessions in memory by (owner, id), least recently used first, and the KV bytes each holds."""
+    """Sessions in memory by (owner, id), least recently used first, the KV bytes each holds, and
+    the bytes reserved by the turns in flight."""
 
     def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
         self.config = config
@@ -35,6 +36,9 @@ class LiveSessions:
         self.sessions: OrderedDict[Key, Session] = OrderedDict()
         self.held: dict[Key, int] = {}
         self.held_total = 0  # kept as a plain int so that the metrics page reads it without a lock
+        # Turns in flight by a token of their own: (session key or None, session, bytes reserved,
+        # the caches' lifetime peaks, restored when the turn ends).
+        self.reserved: dict[object, tuple[Key | None, Session | None, int, dict]] = {}
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -76,34 +80,60 @@ class LiveSessions:
             self.held[key] = nbytes
         self.held_total = sum(self.held.values())
 
-    def make_room(self, need: int, keep: Key | None) -> None:
-        """Move least-recently-used sessions (not ``keep``) out of memory until the others and
-        ``need`` more bytes fit under the bound; 400 if they cannot."""
-        while self.held_total - self.held.get(keep, 0) + need > self.config.memory:
-            victim = next((key for key in self.sessions if key != keep), None)
+    # --- turns in flight ------------------------------------------------------------------------
+    def _busy(self) -> set:
+        return {key for key, *_ in self.reserved.values() if key is not None}
+
+    def committed(self, without: Key | None = None) -> int:
+        """Bytes under the bound: idle live sessions' (not ``without``) + every reservation."""
+        busy = self._busy() | {without}
+        idle = sum(n for key, n in self.held.items() if key not in busy)
+        return idle + sum(n for _, _, n, _ in self.reserved.values())
+
+    def reserve(self, token: object, key: Key | None, need: int) -> bool:
+        """Reserve ``need`` bytes for a turn (``token``) of the session ``key`` (None: a
+        temporary session), moving least-recently-used idle sessions out of memory until it fits;
+        False when the turns in flight leave no room (the turn waits); 400 when ``need`` alone is
+        over the bound. A reservation the token held before is replaced."""
+        self.reserved.pop(token, None)
+        if need > self.config.memory:
+            raise APIError(
+                400,
+                f"this request may need {need} bytes of KV cache, more than the server's memory bound "
+                f"({self.config.memory} bytes); use a smaller max_tokens, a shorter message or a new session",
+                code="kv_memory_exceeded",
+            )
+        busy = self._busy() | {key}
+        while self.committed(without=key) + need > self.config.memory:
+            victim = next((k for k in self.sessions if k not in busy), None)
             if victim is None:
-                raise APIError(
-                    400,
-                    f"this request may need {need} bytes of KV cache, more than the server's memory bound "
-                    f"({self.config.memory} bytes); use a smaller max_tokens, a shorter message or a new session",
-                    code="kv_memory_exceeded",
-                )
+                return False
             self.drop(victim)  # its file is current (write-through): nothing to write
             self.metrics.count("evictions")
+        self.reserved[token] = (key, None, need, {})
+        return True
 
-    @contextmanager
-    def measure_peak(self, key: Key | None, session: Session) -> Iterator[None]:
-        """Around a turn of ``session`` (live as ``key``, or None for a temporary one): record in
-        the metrics the most bytes held meanwhile, the other live sessions' and this turn's own
-        peak, from the caches' exact accounting. The caches keep their lifetime peak."""
+    def start(self, token: object, session: Session) -> None:
+        """The reserved turn ``token`` starts on ``session``: its caches measure this turn's peak."""
+        key, _, need, _ = self.reserved[token]
         lifetime = {id(c): c.peak_bytes for c in _caches(session)}
         for c in _caches(session):
-            c.peak_bytes = c.nbytes()  # measure this turn's own peak ...
-        others = self.held_total - self.held.get(key, 0)
-        try:
-            yield
-        finally:
-            caches = _caches(session)  # (EpiCache builds its episode caches in the first turn)
-            self.metrics.peak(others + sum(c.peak_bytes for c in caches))
-            for c in caches:
-                c.peak_bytes = max(lifetime.get(id(c), 0), c.peak_bytes)  # ... then keep the lifetime peak
+            c.peak_bytes = c.nbytes()
+        self.reserved[token] = (key, session, need, lifetime)
+
+    def release(self, token: object) -> None:
+        """The turn ``token`` ended: its reservation goes; its caches keep their lifetime peak."""
+        got = self.reserved.pop(token, None)
+        if got is None or got[1] is None:
+            return
+        _, session, _, lifetime = got
+        for c in _caches(session):
+            c.peak_bytes = max(lifetime.get(id(c), 0), c.peak_bytes)
+
+    def track_peak(self) -> None:
+        """Record in the metrics the most KV bytes held since the last call: the idle sessions'
+        and each turn in flight's own peak (an upper bound: the turns' peaks may not coincide)."""
+        busy = self._busy()
+        idle = sum(n for key, n in self.held.items() if key not in busy)
+        turns = sum(sum(c.peak_bytes for c in _caches(s)) if s is not None else 0 for _, s, _, _ in self.reserved.values())
+        self.metrics.peak(idle + turns)

@@ -1,16 +1,19 @@
 """The session manager: persistent sessions over one model, under one memory bound.
 
-* **One model step at a time.** Every call that touches the model or a session runs on a single
-  worker thread (`call`), so requests queue in arrival order; correctness first. Requests reach
-  it only after the checks of `auth` and `limits`.
+* **One model thread, many turns at once.** Every call that touches the model or a session runs
+  on the model thread (`worker.ModelThread`): session operations in arrival order between the
+  engine's steps, and chat turns through the batching engine (`runtime.engine.Engine`), which
+  decodes every turn in flight in one batched step and feeds new prompts in blocks between the
+  steps. Requests reach it only after the checks of `auth` and `limits`. Turns of one session
+  run one after the other, in arrival order. ``--max-batch 1`` serves one turn at a time.
 * **Owners.** A session is known by (owner, id): the owner is the hash of the API key that
   created it. Another key asking for it gets the same 404 as for a session that does not exist.
-* **Memory bound.** The KV bytes of the sessions held in memory (`live.LiveSessions`) add up
-  to at most ``memory``. Before a turn runs, the manager estimates the most its session can
-  hold during the turn (`Footprint.need`: today's bytes + every new token at full precision,
-  doubled if decode-time compression may snapshot the cache) and moves least-recently-used
-  sessions out of memory until that fits. The peak actually reached (other sessions + this
-  one's own peak during the turn, from the cache's exact accounting) is recorded in the metrics.
+* **Memory bound.** The KV bytes of the idle sessions held in memory plus what every turn in
+  flight reserved add up to at most ``memory`` (`live.LiveSessions`). Before a turn starts, its
+  reserve is estimated (`Footprint.need`: today's bytes + every new token at full precision,
+  doubled if decode-time compression may snapshot the cache) and least-recently-used idle
+  sessions are moved out of memory until it fits; if the turns in flight leave no room, the turn
+  waits for them (its deadline runs). The peak reached is recorded in the metrics.
 * **Write-through store.** A session's file is rewritten (atomically) after each of its turns
   (`saved.SavedSessions`), so moving a session out of memory costs nothing, a crash loses no
   answered turn, and a turn that fails (a timeout, a client gone mid-stream, a full or
@@ -23,14 +26,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 from ..compress import Policy
 from ..errors import KVBudgetError
 from ..methods import make_policy
 from ..runtime.answer import Turn
+from ..runtime.engine import Engine
 from ..runtime.session import Session
+from ..runtime.turnsteps import TurnCancelled, TurnSteps
 from .config import ServeConfig
 from .footprint import Footprint
 from .limits import Deadline
@@ -38,6 +43,7 @@ from .live import LiveSessions
 from .metrics import Metrics
 from .saved import SavedSessions, not_found
 from .schema import APIError, ChatRequest
+from .worker import ModelThread
 
 # Called on the model thread: ("ready", None) once a request passed every check, then
 # ("token", id) for each generated token.
@@ -78,12 +84,12 @@ class TurnResult:
         }
 
     @classmethod
-    def answered(cls, session: Session, turn: Turn, req: ChatRequest, prompt_tokens: int,
+    def answered(cls, session: Session, turn: Turn, finish_reason: str, req: ChatRequest, prompt_tokens: int,
                  footprint: Footprint) -> "TurnResult":
         """The result of ``req``, answered by ``turn`` of ``session`` (``prompt_tokens`` fed)."""
         return cls(
             text=turn.text,
-            finish_reason="length" if len(turn.token_ids) >= req.max_tokens else "stop",
+            finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(turn.token_ids),
             session_id=req.session_id,
@@ -98,8 +104,24 @@ class TurnResult:
         )
 
 
+@dataclass(eq=False)
+class ChatJob:
+    """A chat request from its arrival to its answer: waiting, then a turn in the engine."""
+
+    owner: str
+    req: ChatRequest
+    events: Events | None
+    deadline: Deadline | None
+    future: Future = field(default_factory=Future)
+    key: tuple[str, str] | None = None  # (owner, session id); None: a temporary session
+    session: Session | None = None
+    turn: TurnSteps | None = None
+    prompt_tokens: int = 0
+    deleted: bool = False  # its session was deleted while the turn ran
+
+
 class SessionManager:
-    """Sessions in memory (LRU order) and on disk, served one model call at a time."""
+    """Sessions in memory (LRU order) and on disk; their turns served together on the model thread."""
 
     def __init__(self, model, tok, config: ServeConfig) -> None:
         self.model, self.tok, self.config = model, tok, config
@@ -114,15 +136,19 @@ class SessionManager:
         self.saved = SavedSessions(config, self.metrics, self.live)
         self.store = self.saved.store
         self.footprint = Footprint(model, tok)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbudget-model")
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        self.engine = Engine(model, tok, prefill_tokens=config.prefill_tokens, max_batch=config.max_batch)
+        self.waiting: list[ChatJob] = []  # chat requests not started yet, in arrival order
+        self.in_flight: dict[tuple[str, str], ChatJob] = {}  # by session key
+        self.executor = ModelThread(self.engine, self._admit, self.live.track_peak)
 
     # --- the model thread --------------------------------------------------------------------
     async def call(self, fn: Callable, *args):
         """Run ``fn(*args)`` on the model thread (after the calls queued before it)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
     def close(self) -> None:
-        """Finish the queued calls, then close the index (every session file is already current)."""
+        """Finish the queued calls and turns, then close the index (every session file is already current)."""
         self.executor.shutdown(wait=True)
         self.store.close()
 
@@ -134,6 +160,16 @@ class SessionManager:
             "stored_bytes": ("bytes of session files in the session directory", stored_bytes),
             "kv_bytes_held": ("KV bytes held by live sessions", self.live.held_total),
             "kv_bytes_limit": ("the memory bound (--memory)", self.config.memory),
+            "kv_bytes_reserved": ("KV bytes reserved by the turns in flight (within the bound)",
+                                  sum(n for _, _, n, _ in list(self.live.reserved.values()))),
+            "model_weight_bytes": ("bytes of the model's weights and buffers (beside the bound)", self.weight_bytes),
+            "queue_length": ("chat turns waiting to start (for memory, their session or a batch place)",
+                             len(self.waiting) + len(self.engine.waiting)),
+            "turns_in_flight": ("chat turns started and not finished", len(self.engine.running)),
+            "batch_size": ("sessions decoded together in the latest decode step", self.engine.last_batch),
+            "decode_steps": ("batched decode steps run so far", self.engine.decode_steps),
+            "decode_batch_tokens": ("tokens those steps decoded (their mean batch: this / decode_steps)",
+                                    self.engine.decoded_tokens),
         }
 
     # --- sessions (model thread) -------------------------------------------------------------
@@ -146,19 +182,6 @@ class SessionManager:
             raise APIError(400, f"policy {name!r} is not served here (this server runs: {served})",
                            code="policy_not_served", param="policy")
         return policy
-
-    def _session(self, owner: str, session_id: str) -> Session:
-        """A live session, loaded from the store if it is not in memory."""
-        key = (owner, session_id)
-        session = self.live.use(key)
-        if session is not None:
-            return session
-        info = self.saved.info(owner, session_id)
-        self.live.make_room(info["kv_bytes"], keep=None)
-        session = self.saved.load(owner, session_id, self.model, self.tok)
-        self.live.add(key, session)
-        self.metrics.count("loads")
-        return session
 
     def expire(self) -> int:
         """Delete every session idle for longer than ``session_ttl_s`` (with its file); returns
@@ -211,7 +234,11 @@ class SessionManager:
         }
 
     def delete(self, owner: str, session_id: str) -> dict:
-        """Forget a session: memory, file and index row."""
+        """Forget a session: memory, file and index row (a turn in flight stops: 404)."""
+        job = self.in_flight.get((owner, session_id))
+        if job is not None:
+            job.deleted = True
+            job.turn.cancel()
         was_live = self.live.drop((owner, session_id))
         if not self.saved.delete(owner, session_id) and not was_live:
             raise not_found(session_id, "id")
@@ -219,24 +246,62 @@ class SessionManager:
 
     def chat(self, owner: str, req: ChatRequest, events: Events | None = None,
              deadline: Deadline | None = None) -> TurnResult:
-        """Answer one chat request. With a session id the messages are *new* messages appended
-        to that session; without one they are the whole conversation (a temporary session).
-        ``deadline`` is checked before the work and at every generated token; the turn is
-        committed (saved, then answered) only if it is still in time once generated."""
-        if deadline is not None:
-            deadline.check()
+        """`submit_chat`, waited for (from any thread but the model thread)."""
+        return self.submit_chat(owner, req, events, deadline).result()
+
+    def submit_chat(self, owner: str, req: ChatRequest, events: Events | None = None,
+                    deadline: Deadline | None = None) -> Future:
+        """Queue one chat request; its future gives the `TurnResult` or raises its `APIError`.
+        With a session id the messages are *new* messages appended to that session; without one
+        they are the whole conversation (a temporary session). ``deadline`` is checked while the
+        request waits and at every generated token; the turn is committed (saved, then
+        answered) only if it is still in time once generated."""
+        job = ChatJob(owner, req, events, deadline)
+        self.executor.submit(self.waiting.append, job)
+        return job.future
+
+    # --- chat turns (model thread) ---------------------------------------------------------------
+    def _admit(self) -> bool:
+        """Start the waiting requests that can start, in arrival order (a request whose session
+        has a turn in flight waits for it; one that does not fit the memory bound waits for the
+        turns in flight, and so do those after it). True while some still wait."""
+        blocked = False
+        for job in list(self.waiting):
+            key = (job.owner, job.req.session_id) if job.req.session_id is not None else None
+            try:
+                if job.deadline is not None:
+                    job.deadline.check()
+                if key is not None and key in self.in_flight:
+                    continue
+                if blocked or not self._start(job, key):
+                    blocked = True
+                    continue
+            except BaseException as exc:
+                self.live.release(job)
+                job.future.set_exception(exc)
+            self.waiting.remove(job)
+        return bool(self.waiting)
+
+    def _start(self, job: ChatJob, key: tuple[str, str] | None) -> bool:
+        """Check ``job``'s request, reserve its memory and start its turn; False: it waits."""
+        req = job.req
         if req.model is not None and req.model != self.config.model_name:
             raise APIError(404, f"model {req.model!r} is not served here (this server runs {self.config.model_name!r})",
                            code="model_not_found", param="model")
         policy = self._policy(req.policy)
-        sid = req.session_id
-        key = (owner, sid) if sid is not None else None
-        if sid is not None:
-            session = self._session(owner, sid)
+        if key is not None:
+            session = self.live.use(key)
+            if session is None:  # from the store, once its bytes fit
+                info = self.saved.info(*key)
+                if not self.live.reserve(job, key, info["kv_bytes"]):
+                    return False
+                session = self.saved.load(*key, self.model, self.tok)
+                self.live.add(key, session)
+                self.metrics.count("loads")
             if req.policy is not None and policy.name != session.policy.name:
-                raise APIError(400, f"session {sid!r} runs policy {session.policy.name!r}, not {policy.name!r}",
+                raise APIError(400, f"session {key[1]!r} runs policy {session.policy.name!r}, not {policy.name!r}",
                                code="policy_mismatch", param="policy")
-            self.saved.check_limits(owner, new_session=False)
+            self.saved.check_limits(job.owner, new_session=False)
         else:
             session = Session(self.model, self.tok, policy, block_size=self.config.block_size)
         try:
@@ -244,29 +309,54 @@ class SessionManager:
         except KVBudgetError as exc:
             raise APIError(400, str(exc), param="messages") from None
         self.footprint.check_positions(session, new_tokens, req.max_tokens)
-        self.live.make_room(self.footprint.need(session, new_tokens, req.max_tokens), keep=key)
-        if events is not None:
-            events("ready", None)
+        if not self.live.reserve(job, key, self.footprint.need(session, new_tokens, req.max_tokens)):
+            self.live.release(job)
+            return False
+        job.key, job.session, job.prompt_tokens = key, session, new_tokens
+        if job.events is not None:
+            job.events("ready", None)
 
         def on_token(token: int) -> None:
-            if deadline is not None:
-                deadline.check()  # a timeout or a client gone: the turn stops here, unsaved
-            if events is not None:
-                events("token", token)
+            if job.deadline is not None:
+                job.deadline.check()  # a timeout or a client gone: the turn stops here, unsaved
+            if job.events is not None:
+                job.events("token", token)
 
-        with self.live.measure_peak(key, session):
-            try:
-                if req.context:
-                    session.add_context(req.context)
-                turn = session.ask_detailed(req.question, req.max_tokens, on_token=on_token)
-                if deadline is not None:
-                    deadline.commit()
-                if key is not None:
-                    self.saved.save(owner, sid, session)
-                    self.live.update(key)
-            except BaseException:
-                if key is not None:
-                    self.live.drop(key)  # the file still holds the session as it was before this turn
-                raise
-        self.metrics.generation(new_tokens, len(turn.token_ids), turn.decode_s)
-        return TurnResult.answered(session, turn, req, new_tokens, self.footprint)
+        job.turn = self.engine.submit(session, req.question, req.max_tokens, temperature=req.temperature or 0.0,
+                                      top_p=req.top_p, seed=req.seed, stop=req.stop, on_token=on_token,
+                                      context=req.context)
+        job.turn.done_callbacks.append(lambda _: self._finished(job))
+        self.live.start(job, session)
+        if key is not None:
+            self.in_flight[key] = job
+        return True
+
+    def _finished(self, job: ChatJob) -> None:
+        """A turn ended (model thread, inside an engine step): save and answer it, or fail it
+        (the session is dropped from memory: its file holds it as it was before this turn)."""
+        self.live.track_peak()
+        self.live.release(job)
+        if job.key is not None:
+            self.in_flight.pop(job.key, None)
+        turn = job.turn
+        try:
+            if job.deleted:
+                raise not_found(job.key[1])
+            if turn.error is not None:
+                if isinstance(turn.error, TurnCancelled) and job.deadline is not None:
+                    job.deadline.check()  # the request's own reason (a client gone, the clock)
+                raise turn.error
+            if job.deadline is not None:
+                job.deadline.commit()
+            if job.key is not None:
+                self.saved.save(*job.key, job.session)
+                self.live.update(job.key)
+        except BaseException as exc:
+            if job.key is not None and not job.deleted:
+                self.live.drop(job.key)  # the file still holds the session as it was before this turn
+            job.future.set_exception(exc)
+            return
+        answered = turn.result()
+        self.metrics.generation(job.prompt_tokens, len(answered.token_ids), answered.decode_s)
+        job.future.set_result(TurnResult.answered(job.session, answered, turn.finish_reason, job.req,
+                                                  job.prompt_tokens, self.footprint))

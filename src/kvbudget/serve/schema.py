@@ -2,17 +2,18 @@
 error every refusal is answered with.
 
 A chat completion request accepts every field of OpenAI's chat completion API, so that OpenAI
-clients work unchanged, and refuses any other field by name. Fields that only tune sampling
-(``temperature``, ``top_p``, penalties, ``seed``...) are accepted and have no effect: decoding is
-greedy. Fields asking for what this server cannot do (tools, stop sequences, log-probabilities,
-several choices, audio...) are refused with a 400 naming the field unless they hold their
-neutral value. kvbudget adds ``session_id`` and ``policy``.
+clients work unchanged, and refuses any other field by name. Decoding is greedy unless
+``temperature`` is above 0: then tokens are sampled (with ``top_p`` and ``seed``). ``stop`` ends
+the answer before the first of up to 4 sequences. Penalties are accepted and have no effect.
+Fields asking for what this server cannot do (tools, log-probabilities, several choices,
+audio...) are refused with a 400 naming the field unless they hold their neutral value.
+kvbudget adds ``session_id`` and ``policy``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -111,7 +112,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    # Sampling: accepted, no effect (decoding is greedy).
+    # Sampling (greedy when temperature is 0 or absent); penalties: accepted, no effect.
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -133,7 +134,8 @@ class ChatCompletionRequest(_Strict):
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     logprobs: Literal[False] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None
-    stop: Annotated[list[str], Field(max_length=0)] | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=4)] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
     tool_choice: Literal["none", "auto"] | None = None
@@ -179,6 +181,10 @@ class ChatRequest:
     session_id: str | None = None
     policy: str | None = None
     model: str | None = None
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
 
     @property
     def question(self) -> str:
@@ -204,4 +210,9 @@ def chat_request(body: ChatCompletionRequest, header_session: str | None, defaul
                            param="session_id")
         session_id = header_session
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
-    return ChatRequest(messages, max_tokens, bool(body.stream), session_id, body.policy, body.model)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if body.temperature and top_p == 0:
+        raise APIError(400, "top_p must be above 0 when sampling (temperature > 0)", param="top_p")
+    return ChatRequest(messages, max_tokens, bool(body.stream), session_id, body.policy, body.model,
+                       body.temperature or 0.0, top_p, body.seed, stop)

@@ -1,0 +1,338 @@
+"""Many conversations at once through `kvbudget serve`: batched decoding against one turn at a time.
+
+For each mode, a server runs in a child process on 127.0.0.1 (a temporary session directory):
+``batch`` (the batching engine, ``--max-batch`` turns decoded together) and ``serial``
+(``--max-batch 1``: one turn at a time). Before the clock starts, the child seeds ``max(N)``
+conversations of ``--context`` tokens each (one prefilled, saved under every id). For each level
+N, N clients at once each send ``--turns`` follow-up turns of about ``--message-tokens`` tokens
+to their own conversation (only the new message is sent), streamed, asking for ``--max-tokens``
+tokens. Measured at the client: aggregate decode tokens/s (completion tokens of the level / its
+wall time), time to first token p50/p99, inter-token latency p50/p99 (gaps between streamed
+text events, which carry about one token each). The server's mean decode batch comes from its
+/metrics.
+
+With ``--anchor`` (GPU), the same load also runs on transformers' own continuous batching
+(`model.generate_batch`, paged full cache) with as many conversations as fit in ``--memory`` at
+full precision: that count and its decode tokens/s are reported beside ours.
+
+CPU (the default model)::
+
+    python benchmarks/serve_batch.py --sessions 1,4,16 --out benchmarks/results/serve-batch-cpu.jsonl
+
+GPU, an 8B-shaped random bf16 model (docs/serving.md has the exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+WORDS = ("harbour lighthouse ferry market net tide gull anchor sail rope island keeper lantern storm shell "
+         "reef pier dune bell map").split()
+
+
+def build_model(name: str, device: str | None):
+    """The embedded default model, an 8B-shaped random one (``random-8b``: Llama 3 8B's shapes,
+    bf16, random weights, the default tokenizer), or a path."""
+    import kvbudget as kb
+
+    if name != "random-8b":
+        return kb.load_model(None if name == "default" else name, device=device)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = kb.load_model()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                      rope_theta=500000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no float32 copy of 8B weights
+    try:
+        with torch.device(device or "cuda"):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.generation_config.eos_token_id = None  # random weights: answers run to max_tokens
+    return model, tok
+
+
+def text_of(tok, n: int, seed: int) -> str:
+    """About ``n`` tokens of plain words."""
+    import random
+
+    rng = random.Random(seed)
+    words = []
+    while len(tok(" ".join(words), add_special_tokens=False).input_ids) < n:
+        words.extend(rng.choice(WORDS) for _ in range(max(1, (n - len(words)) // 2)))
+    return " ".join(words)
+
+
+def child(args) -> None:
+    """The server process: build the model, seed the conversations, serve."""
+    import uvicorn
+
+    import kvbudget as kb
+    from kvbudget.serve import Limits, ServeConfig, create_app, parse_memory
+    from kvbudget.serve.sessionstore import SessionStore
+
+    model, tok = build_model(args.model, args.device)
+    config = ServeConfig(model_name="bench", store=Path(args.store), policies=[args.policy], budget=args.budget,
+                         memory=parse_memory(args.memory), block_size=args.block_size,
+                         max_batch=args.max_batch, max_tokens=args.max_tokens, default_max_tokens=args.max_tokens)
+    # Limits sized for the load (not what is measured): every client queued, big session directories.
+    config.limits = Limits(max_queue=4 * args.conversations + 8, request_timeout_s=3600.0,
+                           max_request_tokens=max(8192, 4 * args.message_tokens), max_stored_bytes=2**50,
+                           max_stored_bytes_per_key=2**50)
+    session = kb.Session(model, tok, kb.policy(args.policy, budget=args.budget), block_size=args.block_size)
+    session.add_context([{"role": "user", "content": text_of(tok, args.context, 0)},
+                         {"role": "assistant", "content": "Noted."}])
+    store = SessionStore(config.store)
+    for i in range(args.conversations):
+        store.save("", f"conv-{i}", session, session.policy.name)
+    store.close()
+    del session
+    print(f"seeded {args.conversations} conversations of {args.context} tokens", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(model, tok, config), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, mode: str, store: str, levels: list[int]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, __file__, "child", "--port", str(port), "--store", store,
+           "--max-batch", "1" if mode == "serial" else str(args.max_batch),
+           "--conversations", str(max(levels))]
+    for name in ("model", "device", "policy", "budget", "memory", "block_size", "max_tokens", "context",
+                 "message_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit("serve_batch: the server exited at startup")
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"serve_batch: the server did not start in {args.start_timeout} s")
+
+
+def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int) -> dict:
+    """One streamed turn: time to first token, the gaps between text events, completion tokens."""
+    start = time.perf_counter()
+    times: list[float] = []
+    usage = None
+    body = {"session_id": session_id, "stream": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": message}]}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+            usage = event.get("usage", usage)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"ttft": times[0] - start if times else None, "gaps": gaps, "tokens": usage["completion_tokens"]}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), without numpy."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def run_level(url: str, n: int, messages: list[str], args) -> dict:
+    """N clients at once, ``args.turns`` turns each to conversations conv-0 .. conv-(N-1)."""
+    before = metrics(url)
+    results, errors, lock = [], [], threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=3600) as http:
+            for t in range(args.turns):
+                try:
+                    r = one_turn(http, f"conv-{i}", messages[(i + t) % len(messages)], args.max_tokens)
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    with lock:
+                        errors.append(str(exc))
+                    return
+                with lock:
+                    results.append(r)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(client, range(n)))
+    wall = time.perf_counter() - start
+    after = metrics(url)
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    gaps = [g for r in results for g in r["gaps"]]
+    steps = after["kvbudget_decode_steps"] - before["kvbudget_decode_steps"]
+    batched = after["kvbudget_decode_batch_tokens"] - before["kvbudget_decode_batch_tokens"]
+
+    def ms(x):
+        return None if x is None else round(1000 * x, 1)
+
+    return {"sessions": n, "turns": len(results), "errors": len(errors), "wall_s": round(wall, 2),
+            "decode_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "itl_p50_ms": ms(percentile(gaps, 50)), "itl_p99_ms": ms(percentile(gaps, 99)),
+            "mean_batch": round(batched / steps, 2) if steps else None,
+            "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
+            "first_error": errors[0] if errors else None}
+
+
+def anchor(args, messages: list[str]) -> Iterator[dict]:
+    """transformers' continuous batching (`generate_batch`, paged full cache) in this process,
+    with as many conversations as ``--memory`` holds at full precision (each of ``--context`` +
+    one message + the answer)."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from kvbudget.serve import parse_memory
+
+    model, tok = build_model(args.model, args.device)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+    memory = parse_memory(args.memory)
+    per_conv = args.context + args.message_tokens * 2 + args.max_tokens
+    fit = max(1, memory // (per_conv * token_bytes))
+    context = text_of(tok, args.context, 0)
+    for m in sorted({min(n, fit) for n in args.levels}):
+        n = max(x for x in args.levels if min(x, fit) == m)
+        prompts = [tok(context + " " + messages[i % len(messages)],
+                       add_special_tokens=False).input_ids for i in range(m)]
+        gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=None)
+        # The same KV memory as the server's bound, in pages of 256 tokens of every layer; no prefix
+        # sharing (the conversations here share their context, real ones do not).
+        batching = ContinuousBatchingConfig(page_size=256, num_blocks=max(1, memory // (256 * token_bytes)),
+                                            max_batch_tokens=args.prefill_tokens_hf, allow_block_sharing=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=batching)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        tokens = sum(len(o.generated_tokens) for o in out.values())
+        yield {"mode": "transformers-generate_batch", "sessions": n, "conversations_that_fit": fit, "ran": m,
+               "wall_s": round(wall, 2), "decode_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+               "note": "the prefill of every whole conversation included"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="default (embedded), random-8b, or a path")
+    p.add_argument("--device", default=None)
+    p.add_argument("--policy", default="snapkv")
+    p.add_argument("--budget", default="64")
+    p.add_argument("--memory", default="1GiB", help="the server's --memory (and the anchor's KV memory)")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=256, help="tokens of each conversation before the clock starts")
+    p.add_argument("--message-tokens", type=int, default=50)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--turns", type=int, default=2, help="follow-up turns per conversation and level")
+    p.add_argument("--sessions", default="1,4,16", help="comma list of concurrent conversations (N)")
+    p.add_argument("--modes", default="batch,serial", help="batch, serial (--max-batch 1), or none")
+    p.add_argument("--serial-sessions", default=None, help="levels of the serial mode (default: --sessions)")
+    p.add_argument("--anchor", action="store_true", help="also transformers' generate_batch (GPU)")
+    p.add_argument("--prefill-tokens-hf", type=int, default=8192, help="generate_batch's max_batch_tokens")
+    p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument("--out", default=None, help="append one JSON line per mode and level here")
+    if argv and argv[0] == "child":
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--store", required=True)
+        p.add_argument("--conversations", type=int, required=True)
+        child(p.parse_args(argv[1:]))
+        return 0
+    args = p.parse_args(argv)
+    args.levels = [int(x) for x in args.sessions.split(",")]
+    rows = []
+
+    def emit(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    from kvbudget.runtime.models import load_tokenizer
+
+    tok = load_tokenizer(None if args.model in ("default", "random-8b") else args.model)
+    messages = [text_of(tok, args.message_tokens, s) + " What do you make of that?" for s in range(1, 9)]
+    print(f"model {args.model}, policy {args.policy}, budget {args.budget}, memory {args.memory}, context "
+          f"{args.context}, {args.turns} turns of ~{args.message_tokens} tokens, max_tokens {args.max_tokens}", flush=True)
+    for mode in [m for m in args.modes.split(",") if m != "none"]:
+        levels = [int(x) for x in args.serial_sessions.split(",")] if mode == "serial" and args.serial_sessions \
+            else args.levels
+        with tempfile.TemporaryDirectory(prefix="kvbudget-batch-") as store:
+            proc, url = start_server(args, mode, store, levels)
+            try:
+                for n in levels:
+                    row = {"mode": mode, "model": args.model, "policy": args.policy, "budget": args.budget,
+                           "context": args.context, "max_tokens": args.max_tokens, **run_level(url, n, messages, args)}
+                    rows.append(row)
+                    emit(row)
+            finally:
+                proc.terminate()
+                proc.wait(120)
+    if args.anchor:
+        try:
+            for row in anchor(args, messages):
+                emit(row)
+        except Exception as exc:  # the anchor is another library's: its failure is a result, not a crash
+            emit({"mode": "transformers-generate_batch", "error": f"{type(exc).__name__}: {exc}"})
+    print(f"\n{'mode':>8} {'N':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} {'batch':>6}")
+    for r in rows:
+        if "ttft_p50_ms" in r:
+            print(f"{r['mode']:>8} {r['sessions']:>4} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>8} "
+                  f"{r['itl_p50_ms']:>8} {r['itl_p99_ms']:>8} {r['mean_batch'] or '-':>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

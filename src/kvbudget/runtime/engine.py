@@ -1,0 +1,189 @@
+"""`Engine`: many sessions' turns served together, with iteration-level scheduling.
+
+Each `step` is one iteration over the turns in flight (`runtime.turnsteps`):
+
+1. turns waiting join, up to ``max_batch`` in flight;
+2. *chunked prefill*: turns that are feeding (a question, or an answer fed back) feed blocks of
+   their session's ``block_size``, oldest turn first, until ``prefill_tokens`` tokens were fed
+   this iteration (at least one block), so a long prompt holds the others' decoding up for at
+   most that many tokens;
+3. *one batched decode step*: every turn that is decoding chooses its next token, and all those
+   tokens go through the model in one forward (`batch_forward`): the projections, MLPs and head
+   run once over the batch, each session's attention runs over its own budgeted cache
+   (`kv.batch`); then each session compresses at its own interval.
+
+A turn joins the decode batch at the first step after its question is fed and leaves it when its
+answer ends. Sessions in one batch may differ in policy, budget, store, length and per-head
+lengths: nothing of one session's cache is copied to another's. Under batching every session's
+greedy answer is the one it gives alone, up to the float rounding of the shared matrix products
+(the same tokens wherever no two candidates are within that rounding; tests/test_engine.py).
+
+Decoding here is eager (the model's own forward), on every device: the static buffers and CUDA
+graph of `runtime.decoder` serve one session at a time (`Session.ask`). A session kind that
+answers its own way (EpiCache's episodes) runs its whole turn in one step, alone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import KVBudgetError
+from ..kv.batch import BatchCache
+from ..kv.cache import BudgetedCache
+from .answer import greedy
+from .modelcall import run
+from .sampling import Sampler
+from .session import Session
+from .turnsteps import TurnCancelled, TurnSteps
+
+# Prompt tokens fed per iteration, at most (at least one block): what one iteration may hold the
+# decoding sessions up for.
+PREFILL_TOKENS = 256
+# Turns in flight at once (decoding together).
+MAX_BATCH = 64
+
+
+def batch_forward(model, caches: list[BudgetedCache], tokens: list[int]) -> Tensor:
+    """Feed ``tokens[i]`` to the session of ``caches[i]``, all in one forward; returns the
+    next-token logits [B, vocab]. Each token goes at its own cache's next position."""
+    device = model.device
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+    positions = torch.tensor([c.get_seq_length() for c in caches], dtype=torch.long, device=device)[:, None]
+    # A prepared 4-D mask makes transformers skip building one: the hook masks each row by its plan.
+    mask = torch.ones(len(caches), 1, 1, 1, dtype=torch.bool, device=device)
+    out = run(model, BatchCache(caches), ids, position_ids=positions, attention_mask=mask, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+class Engine:
+    """Serves turns of many sessions over one model, decoding them together (module docstring).
+
+    Typical use::
+
+        engine = kb.Engine(model, tok)
+        a = engine.submit(session_a, "What did Alice say?")
+        b = engine.submit(session_b, "And Bob?", max_new_tokens=32)
+        engine.run()                     # or engine.step() from a serving loop
+        print(a.result().text, b.result().text)
+    """
+
+    def __init__(self, model, tok, prefill_tokens: int = PREFILL_TOKENS, max_batch: int = MAX_BATCH) -> None:
+        if prefill_tokens <= 0:
+            raise KVBudgetError(f"prefill_tokens must be positive, got {prefill_tokens}")
+        if max_batch <= 0:
+            raise KVBudgetError(f"max_batch must be positive, got {max_batch}")
+        self.model, self.tok = model, tok
+        self.prefill_tokens = prefill_tokens
+        self.max_batch = max_batch
+        self.waiting: deque[TurnSteps] = deque()
+        self.running: list[TurnSteps] = []
+        self.last_batch = 0  # sessions in the latest decode step
+        self.decode_steps = 0  # decode steps so far
+        self.decoded_tokens = 0  # tokens fed by them (their mean batch: decoded_tokens / decode_steps)
+
+    # --- turns ----------------------------------------------------------------------------------
+    def submit(self, session: Session, question: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+               on_token: Callable[[int], None] | None = None, context: list[dict] | None = None) -> TurnSteps:
+        """Queue a turn of ``session`` answering ``question``; it runs in the next `step` that
+        has room. Greedy unless ``temperature`` > 0 (then sampled with ``top_p`` and ``seed``);
+        the answer ends early at the first of ``stop`` (cut before it). ``on_token`` is called
+        with each token as it is chosen; ``context``: messages fed before the question (as
+        `Session.add_context`). A session takes one turn at a time."""
+        if session.model is not self.model:
+            raise KVBudgetError("the session runs another model than this engine's")
+        if any(t.session is session for t in (*self.waiting, *self.running)):
+            raise KVBudgetError("this session has a turn in flight: submit its next turn once it is done")
+        if max_new_tokens <= 0:
+            raise KVBudgetError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        choose = greedy if temperature == 0 else Sampler(temperature, top_p, seed)
+        turn = TurnSteps(session, question, max_new_tokens, choose, stop, on_token, context)
+        self.waiting.append(turn)
+        return turn
+
+    @property
+    def busy(self) -> bool:
+        """Whether turns wait or run."""
+        return bool(self.waiting or self.running)
+
+    def run(self) -> None:
+        """Step until every turn submitted is done."""
+        while self.busy:
+            self.step()
+
+    # --- one iteration ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: turns join, prompts are fed in blocks, every decoding turn advances by
+        one token in one batched forward (the module docstring)."""
+        while self.waiting and len(self.running) < self.max_batch:
+            self.running.append(self.waiting.popleft())
+        for turn in self.running:
+            if turn.cancelled and not turn.done:
+                turn.fail(TurnCancelled("the turn was cancelled"))
+        self._feed()
+        self._decode()
+        self.running = [t for t in self.running if not t.done]
+
+    def _feed(self) -> None:
+        budget = self.prefill_tokens
+        for turn in self.running:
+            while budget > 0 and turn.feeding:
+                if type(turn.session).ask_detailed is not Session.ask_detailed:
+                    budget = 0  # a session kind of its own: the whole turn, alone
+                    self._whole(turn)
+                    break
+                budget -= turn.session.block_size
+                self._guarded(turn, turn.feed_block)
+            if budget <= 0:
+                return
+
+    def _whole(self, turn: TurnSteps) -> None:
+        """Run a turn of a session that answers its own way (`Session.ask_detailed`) in one go."""
+        def ask() -> None:
+            if turn.context:
+                turn.session.add_context(turn.context)
+            done = turn.session.ask_detailed(turn.turn.question, turn.max_new_tokens, on_token=turn.on_token)
+            turn.turn = done
+            turn.finish_reason = "length" if len(done.token_ids) >= turn.max_new_tokens else "stop"
+            turn.phase = "done"
+            for callback in turn.done_callbacks:
+                callback(turn)
+
+        self._guarded(turn, ask)
+
+    def _decode(self) -> None:
+        rows, tokens = [], []
+        for turn in self.running:
+            if turn.phase != "decode":
+                continue
+            token = self._guarded(turn, turn.next_token)
+            if token is not None and not turn.done:
+                rows.append(turn)
+                tokens.append(token)
+        if not rows:
+            return
+        try:
+            logits = batch_forward(self.model, [t.session.cache for t in rows], tokens)
+        except Exception as exc:  # the forward failed for the whole batch
+            for turn in rows:
+                turn.fail(exc)
+            return
+        self.last_batch = len(rows)
+        self.decode_steps += 1
+        self.decoded_tokens += len(rows)
+        for i, turn in enumerate(rows):
+            self._guarded(turn, turn.fed, logits[i : i + 1])
+
+    @staticmethod
+    def _guarded(turn: TurnSteps, fn: Callable, *args):
+        """``fn(*args)`` for one turn; an error ends that turn only."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            turn.fail(exc)
+            return None

@@ -1,0 +1,174 @@
+"""`TurnSteps`: one session's turn cut into the steps the batching engine (`runtime.engine`)
+interleaves with other sessions' steps.
+
+A turn has three parts, each the same code a session runs alone (`Session.ask_detailed`):
+
+1. *question*: the messages sent before it, if any (`Session.context_steps`), then the user's
+   message are fed block by block (`Session.question_steps`), one block per step;
+2. *decode*: one token per step (`answer.Decoding`), fed in a forward shared with every other
+   session decoding at that step; the cache is compressed at the policy's interval after the
+   session's own step; the decoded entries are scratch, rolled back at the end;
+3. *answer*: the answer's text is fed again block by block and the turn compressed into the
+   cache (`Session.answer_steps`).
+
+The turn's result is a `Turn`, as `Session.ask_detailed` gives, and a finish reason ("stop": the
+model ended its answer or a stop sequence came; "length": ``max_new_tokens`` reached).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+
+from torch import Tensor
+
+from ..compress import compress
+from .answer import Decoding, Turn, greedy
+from .session import Session
+
+PHASES = ("question", "decode", "answer", "done")
+
+
+class TurnSteps:
+    """One turn of ``session`` answering ``question`` (see the module docstring)."""
+
+    def __init__(self, session: Session, question: str, max_new_tokens: int = 64,
+                 choose: Callable[[Tensor], int] = greedy, stop: Sequence[str] = (),
+                 on_token: Callable[[int], None] | None = None, context: list[dict] | None = None) -> None:
+        self.session = session
+        self.context = context
+        self.max_new_tokens = max_new_tokens
+        self.choose = choose
+        self.stop = [s for s in stop if s]
+        self.on_token = on_token
+        self.turn = Turn(question, "", [])
+        self.phase = "question"
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.done_callbacks: list[Callable[[TurnSteps], None]] = []
+        self._steps = self._question(context, question)
+        self._scratch = ExitStack()
+        self._asked: list[dict] = []
+        self._decoding: Decoding | None = None
+        self._stop_hit: int | None = None  # where a stop sequence starts in the answer's text
+        self._t0 = 0.0
+
+    @property
+    def feeding(self) -> bool:
+        """Whether the next step feeds a block (of the question or of the answer)."""
+        return self.phase in ("question", "answer")
+
+    @property
+    def tokens(self) -> list[int]:
+        """The answer's tokens chosen so far."""
+        return self._decoding.ids if self._decoding is not None else []
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    def cancel(self) -> None:
+        """Stop the turn at its next step (the engine fails it with `TurnCancelled`)."""
+        self.cancelled = True
+
+    def result(self) -> Turn:
+        """The answered turn; raises the turn's error if it failed."""
+        if self.error is not None:
+            raise self.error
+        if not self.done:
+            raise RuntimeError("the turn is not finished: run the engine")
+        return self.turn
+
+    # --- steps (the engine calls these) -------------------------------------------------------
+    def feed_block(self) -> None:
+        """Feed the next block of the question or of the answer."""
+        try:
+            next(self._steps)
+        except StopIteration as end:
+            if self.phase == "question":
+                self._start_decoding(*end.value)
+            else:
+                self._finish()
+
+    def next_token(self) -> int | None:
+        """The token to feed at this decode step, or None: the answer is over (the turn goes on
+        with feeding the answer back)."""
+        token = self._decoding.next_token()
+        if token is None:
+            self._end_decoding()
+        return token
+
+    def fed(self, logits: Tensor) -> None:
+        """The next-token logits [1, vocab] of the step that fed `next_token`'s token; the cache
+        is compressed when the policy's interval is due."""
+        self._decoding.fed(logits)
+        cache = self.session.cache
+        cache.track_peak()
+        if self._decoding.compress_due():
+            compress(cache, self.session.policy)
+
+    def fail(self, error: BaseException) -> None:
+        """End the turn with ``error``: a decoding's scratch entries are rolled back; the session
+        holds what the turn had fed before (a server drops it and reloads its file)."""
+        self._steps.close()
+        self._scratch.close()
+        self.error = error
+        self.phase = "done"
+        self._callbacks()
+
+    # --- the parts ------------------------------------------------------------------------------
+    def _question(self, context: list[dict] | None, question: str):
+        """The messages before the question (if any), then the question, block by block."""
+        if context:
+            yield from self.session.context_steps(context)
+        return (yield from self.session.question_steps(question))
+
+    def _start_decoding(self, asked: list[dict], logits: Tensor, stats) -> None:
+        session = self.session
+        self._asked = asked
+        self.turn.prefill_s = stats.seconds
+        self.turn.kv_bytes = session.cache.nbytes()
+        self._scratch.enter_context(session.cache.scratch())
+        self._decoding = Decoding(session.policy, logits, self.max_new_tokens, session.eos, self._token,
+                                  choose=self.choose)
+        self.phase = "decode"
+        self._t0 = time.perf_counter()
+
+    def _token(self, token: int) -> None:
+        if self.on_token is not None:
+            self.on_token(token)
+        if self.stop:
+            text = self.session.tok.decode(self._decoding.ids, skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self._stop_hit = min(hits)
+                self._decoding.finish()
+
+    def _end_decoding(self) -> None:
+        self._scratch.close()  # the decoded entries go: the answer is fed again as text
+        decoding, turn = self._decoding, self.turn
+        turn.decode_s = time.perf_counter() - self._t0
+        turn.token_ids = decoding.ids
+        text = self.session.tok.decode(decoding.ids, skip_special_tokens=True)
+        if self._stop_hit is not None:
+            text = text[: self._stop_hit]
+        turn.text = text.strip()
+        stopped = decoding.stopped or self._stop_hit is not None
+        self.finish_reason = "length" if not stopped and len(decoding.ids) >= self.max_new_tokens else "stop"
+        self._steps = self.session.answer_steps(self._asked, turn.text)
+        self.phase = "answer"
+
+    def _finish(self) -> None:
+        self.turn.peak_bytes = self.session.cache.peak_bytes
+        self.phase = "done"
+        self._callbacks()
+
+    def _callbacks(self) -> None:
+        for callback in self.done_callbacks:
+            callback(self)
+
+
+class TurnCancelled(Exception):
+    """The turn was cancelled before it ended (`TurnSteps.cancel`)."""

@@ -1,0 +1,172 @@
+"""The batching engine (`kb.Engine`): sessions decoded together give, token for token, the answers
+they give alone, with mixed policies, budgets, stores and lengths; they join and leave the batch
+at any step; long prompts are fed in blocks between decode steps; sampling, stop sequences and
+cancellation behave per turn."""
+
+import pytest
+import torch
+
+import kvbudget as kb
+from kvbudget.runtime.turnsteps import TurnCancelled
+
+from server_kit import tiny_model
+
+TEXT = (
+    "The harbour town of Vell keeps its lighthouse keeper's logbook in the library. In spring the "
+    "fishing fleet returns with cod and herring, and the market opens at dawn. Mara, the keeper, "
+    "writes that the blue door of the north tower is locked with the code 4817. Her brother Tomas "
+    "repairs nets and sings in the tavern on Fridays. The ferry to the islands leaves at nine. "
+) * 4
+
+# (policy, its options, context characters, answer tokens): dense, evicting, streaming, a KIVI
+# store, per-head lengths (Ada-KV), eviction + store, accumulated scores; every evicting policy
+# compresses while decoding (interval 6).
+MIXED = [
+    ("full", {}, 200, 8),
+    ("snapkv", {"budget": 40, "decode_interval": 6}, 700, 16),
+    ("streaming", {"budget": 32, "decode_interval": 6}, 400, 12),
+    ("kivi4", {}, 500, 6),
+    ("adakv", {"budget": 48, "decode_interval": 6}, 900, 14),
+    ("snapkv+kivi2", {"budget": 48, "decode_interval": 6}, 600, 10),
+    ("h2o", {"budget": 40, "decode_interval": 6}, 300, 16),
+]
+QUESTIONS = ["What is the code of the blue door?", "Who sings in the tavern?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(default_model):
+    """A random 2-layer Llama over the default tokenizer, built with plain transformers."""
+    _, tok = default_model
+    return tiny_model(tok), tok
+
+
+def _session(model, tok, name, options, chars):
+    session = kb.Session(model, tok, kb.policy(name, **options), block_size=32, decode="eager")
+    session.add_context(TEXT[:chars])
+    return session
+
+
+def _alone(model, tok, specs, questions):
+    """Each session's turns run alone: token ids per turn, and the session."""
+    out = []
+    for name, options, chars, n in specs:
+        session = _session(model, tok, name, options, chars)
+        out.append(([session.ask_detailed(q, n).token_ids for q in questions], session))
+    return out
+
+
+def _same_cache(a, b) -> None:
+    assert a.get_seq_length() == b.get_seq_length()
+    assert a.nbytes() == b.nbytes()
+    for la, lb in zip(a.layers, b.layers):
+        va, vb = la.view(), lb.view()
+        assert torch.equal(va.positions, vb.positions)
+        torch.testing.assert_close(va.keys, vb.keys, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_answers_equal_each_session_alone_tiny_model(tiny):
+    """Seven sessions of different policies, budgets, stores and lengths: two turns each, decoded
+    together (joining at different steps, leaving at different lengths) = each alone."""
+    model, tok = tiny
+    alone = _alone(model, tok, MIXED, QUESTIONS)
+    sessions = [_session(model, tok, name, options, chars) for name, options, chars, _ in MIXED]
+    engine = kb.Engine(model, tok, prefill_tokens=64)
+    batches = []
+    for q in QUESTIONS:
+        turns = []
+        for (_, _, _, n), session in zip(MIXED, sessions):
+            turns.append(engine.submit(session, q, n))
+            engine.step()  # the next one joins a batch already running
+            batches.append(engine.last_batch)
+        engine.run()
+        for (ids, _), turn in zip(alone, turns):
+            ids.append(turn.result().token_ids)
+    assert max(batches) >= 3, "sessions decoded together"
+    for (name, *_), (ids, direct), session in zip(MIXED, alone, sessions):
+        assert ids[2:] == ids[:2], name  # the batched turns are the lone turns, token for token
+        assert session.messages == direct.messages, name
+        _same_cache(session.cache, direct.cache)
+    assert engine.decoded_tokens > engine.decode_steps  # more than one token per forward on average
+
+
+def test_batched_answers_equal_alone_default_model(default_model):
+    """The real default model: three sessions (full, snapkv compressing while decoding, KIVI),
+    decoded together = alone."""
+    model, tok = default_model
+    specs = [("full", {}, 200, 6), ("snapkv", {"budget": 40, "decode_interval": 4}, 400, 9),
+             ("kivi4", {}, 300, 5)]
+    question = ["What is the code of the blue door?"]
+    alone = _alone(model, tok, specs, question)
+    sessions = [_session(model, tok, name, options, chars) for name, options, chars, _ in specs]
+    engine = kb.Engine(model, tok)
+    turns = [engine.submit(s, question[0], n) for s, (*_, n) in zip(sessions, specs)]
+    engine.run()
+    for (ids, direct), turn, session in zip(alone, turns, sessions):
+        assert turn.result().token_ids == ids[0]
+        assert session.messages == direct.messages
+    assert engine.decode_steps < sum(n for *_, n in specs), "decoded in a shared batch"
+
+
+def test_long_prompts_are_fed_in_blocks_between_decode_steps(tiny):
+    """With a budget of one block per iteration, a long question holds the others up for one
+    block at a time: they decode at every iteration while it is fed."""
+    model, tok = tiny
+    engine = kb.Engine(model, tok, prefill_tokens=32)
+    short = [_session(model, tok, "snapkv", {"budget": 48}, 200) for _ in range(2)]
+    turns = [engine.submit(s, "Hi?", 30) for s in short]
+    while any(t.phase != "decode" for t in turns):
+        engine.step()
+    long_session = _session(model, tok, "full", {}, 100)
+    long_turn = engine.submit(long_session, "Tell me again: " + TEXT[:800], 4)
+    fed = []
+    while long_turn.phase == "question":
+        before = [len(t.tokens) for t in turns]
+        engine.step()
+        fed.append([len(t.tokens) - b for t, b in zip(turns, before)])
+    assert len(fed) >= 5, "the long question took several iterations"
+    assert all(step == [1, 1] for step in fed), fed
+    assert engine.last_batch == 3, "the long turn joined the batch once its question was fed"
+    engine.run()
+    assert long_turn.result().token_ids
+
+
+def test_sampling_with_a_seed_repeats_and_stop_sequences_cut(tiny):
+    model, tok = tiny
+    engine = kb.Engine(model, tok)
+    answers = []
+    for seed in (7, 7, 8):
+        session = _session(model, tok, "full", {}, 200)
+        turn = engine.submit(session, "Say something.", 12, temperature=1.0, top_p=0.9, seed=seed)
+        engine.run()
+        answers.append(turn.result().token_ids)
+    assert answers[0] == answers[1] and answers[0] != answers[2]
+    # A stop sequence: the answer is cut before it and the turn ends there.
+    session = _session(model, tok, "full", {}, 200)
+    greedy = engine.submit(session.fork(), "Say something.", 12)
+    engine.run()
+    text = greedy.result().text
+    stop = text.split()[2]
+    cut = engine.submit(session, "Say something.", 12, stop=[stop])
+    engine.run()
+    assert cut.result().text == text[: text.find(stop)].strip() and cut.finish_reason == "stop"
+    assert len(cut.result().token_ids) < len(greedy.result().token_ids)
+    assert session.messages[-1] == {"role": "assistant", "content": cut.result().text}
+
+
+def test_a_cancelled_turn_ends_and_the_others_go_on(tiny):
+    model, tok = tiny
+    engine = kb.Engine(model, tok)
+    sessions = [_session(model, tok, "snapkv", {"budget": 48}, 300) for _ in range(2)]
+    alone = sessions[1].fork()
+    expected = alone.ask_detailed("Hi?", 10).token_ids
+    turns = [engine.submit(s, "Hi?", 10) for s in sessions]
+    engine.step()
+    engine.step()
+    turns[0].cancel()
+    engine.run()
+    with pytest.raises(TurnCancelled):
+        turns[0].result()
+    assert turns[1].result().token_ids == expected
+    with pytest.raises(kb.KVBudgetError, match="in flight"):
+        engine.submit(sessions[1], "a", 2)
+        engine.submit(sessions[1], "b", 2)

@@ -1,0 +1,129 @@
+"""The server over the batching engine, on a tiny random-weight model (plain transformers):
+concurrent turns decode in one batch and answer what each gives alone, ``--max-batch 1`` serves
+one at a time, a turn that does not fit the memory bound waits instead of failing, and stop
+sequences, seeded sampling and usage behave per request."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from server_kit import Server, slow_tiny_model
+
+import kvbudget as kb
+from kvbudget.serve import ServeConfig, create_app
+from kvbudget.serve.schema import ChatRequest
+
+QUESTIONS = ["Tell me about the sea.", "What is a lighthouse?", "Name three birds.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer, slow): ``slow["sleep"]`` seconds per model call, so that requests overlap."""
+    return slow_tiny_model()
+
+
+@pytest.fixture
+def start(tiny, tmp_path):
+    model, tok, slow = tiny
+    running: list[Server] = []
+
+    def _start(**overrides) -> Server:
+        cfg = {"model_name": "tiny", "store": tmp_path / f"store{len(running)}", "policies": ["snapkv"],
+               "budget": "48", "block_size": 32, "max_tokens": 32, "default_max_tokens": 8, **overrides}
+        server = Server(create_app(model, tok, ServeConfig(**cfg)))
+        running.append(server)
+        return server
+
+    yield _start
+    slow["sleep"] = 0.0
+    for server in running:
+        if server.thread.is_alive():
+            server.stop()
+
+
+def _concurrently(server: Server, n_tokens: int = 10) -> list[list[str]]:
+    ids = [server.new_session() for _ in QUESTIONS]
+
+    def client(i: int) -> list[str]:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            out = []
+            for q in (QUESTIONS[i], "And then?"):
+                r = http.post("/v1/chat/completions", json={"session_id": ids[i], "max_tokens": n_tokens,
+                                                            "messages": [{"role": "user", "content": q}]})
+                assert r.status_code == 200, r.text
+                out.append(r.json()["choices"][0]["message"]["content"])
+            return out
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        return list(pool.map(client, range(len(QUESTIONS))))
+
+
+def test_concurrent_turns_decode_together_and_answer_as_alone(start, tiny):
+    model, tok, slow = tiny
+    alone = []
+    for q in QUESTIONS:
+        session = kb.Session(model, tok, kb.policy("snapkv", budget="48"), block_size=32)
+        alone.append([session.ask(q, 10), session.ask("And then?", 10)])
+    slow["sleep"] = 0.01
+    batched = start()
+    assert _concurrently(batched) == alone
+    m = batched.metrics()
+    assert m["kvbudget_decode_batch_tokens"] > m["kvbudget_decode_steps"], "turns shared decode steps"
+    assert m["kvbudget_queue_length"] == 0 and m["kvbudget_turns_in_flight"] == 0
+    assert m["kvbudget_model_weight_bytes"] > 0
+    serial = start(max_batch=1)
+    assert _concurrently(serial) == alone
+    m = serial.metrics()
+    assert m["kvbudget_decode_batch_tokens"] == m["kvbudget_decode_steps"] > 0, "one turn at a time"
+
+
+def test_a_turn_that_does_not_fit_waits_for_the_turns_in_flight(start, tiny):
+    """A bound that holds one turn's reserve: concurrent turns all succeed, one after the other,
+    idle sessions go to disk, and the peak stays under the bound."""
+    model, tok, slow = tiny
+    probe = start()
+    manager = probe.app.state.manager
+    session = kb.Session(model, tok, manager.default_policy)
+    needs = []
+    for q in QUESTIONS:
+        req = ChatRequest([{"role": "user", "content": q}], 10)
+        needs.append(manager.footprint.need(session, session.new_tokens(req.messages), req.max_tokens))
+    memory = max(needs) + int(0.9 * min(needs))
+    assert 2 * min(needs) > memory, "two first turns do not fit together"
+    slow["sleep"] = 0.01
+    server = start(memory=memory)
+    answers = _concurrently(server)
+    assert all(len(a) == 2 for a in answers)
+    m = server.metrics()
+    assert m['kvbudget_requests_total{code="200"}'] == 2 * len(QUESTIONS)
+    assert m["kvbudget_decode_batch_tokens"] == m["kvbudget_decode_steps"], "never two turns at once"
+    assert 0 < m["kvbudget_kv_bytes_peak"] <= memory
+    assert m["kvbudget_evictions_total"] > 0 and m["kvbudget_session_loads_total"] > 0
+
+
+def test_stop_sequences_seeded_sampling_and_usage(start):
+    server = start()
+    plain = server.chat(None, "Say something long.", max_tokens=16).json()
+    text = plain["choices"][0]["message"]["content"]
+    assert plain["usage"]["completion_tokens"] == 16 and plain["usage"]["prompt_tokens"] > 0
+    stop = text.split()[3]
+    cut = server.chat(None, "Say something long.", max_tokens=16, stop=[stop, "\u00e9\u00e9\u00e9"]).json()
+    assert cut["choices"][0]["message"]["content"] == text[: text.find(stop)].strip()
+    assert cut["choices"][0]["finish_reason"] == "stop" and cut["usage"]["completion_tokens"] < 16
+    # Streamed: the deltas never show the stop sequence and add up to the answer.
+    r = server.chat(None, "Say something long.", max_tokens=16, stop=stop, stream=True)
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert streamed == cut["choices"][0]["message"]["content"] and events[-1]["usage"]["completion_tokens"] > 0
+    # Sampling: the same seed, the same answer; greedy stays the default.
+    sampled = [server.chat(None, "Say something long.", max_tokens=16, temperature=1.0, top_p=0.95, seed=s).json()
+               for s in (3, 3, 4)]
+    texts = [s["choices"][0]["message"]["content"] for s in sampled]
+    assert texts[0] == texts[1] and texts[0] != texts[2] and texts[0] != text
+    bad = server.chat(None, "hi", stop=["a", "b", "c", "d", "e"])
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stop"
