@@ -14,8 +14,8 @@ import kvbudget
 
 ROOT = Path(kvbudget.__file__).parent
 # Lower layers first: a module may import its own layer and the ones before it.
-LAYERS = ["errors", "fileio", "transfer", "kernels", "kv", "compress", "methods", "runtime", "eval", "serve", "cli",
-          "__init__"]
+LAYERS = ["errors", "fileio", "transfer", "kernels", "kv", "compress", "methods", "runtime", "eval", "serve",
+          "distributed", "cli", "__init__"]
 # Packages whose import pulls in an optional heavy dependency (Triton, FastAPI): the only ones
 # imported inside functions.
 LAZY = ("kvbudget.kernels", "kvbudget.serve")

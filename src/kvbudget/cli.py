@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from .distributed import require_ray
+from .distributed.replicas import serve_replicas
+from .distributed.sweep import run_eval_ray
 from .errors import KVBudgetError
 from .eval.generators import make_tasks
 from .eval.loaders.registry import load_tasks
@@ -83,10 +86,8 @@ def cmd_tasks_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name: str, command: str,
-              resume: bool = True) -> dict:
-
-
+def _run_grid(args, sweep, policies, budgets, model_name: str, command: str, out: Path) -> dict:
+    """Run ``sweep(cfg)`` (the single-process one or the one on Ray) and write its report."""
     cfg = EvalConfig(
         policies=policies,
         budgets=budgets,
@@ -97,7 +98,7 @@ def _run_grid(args, tasks, model, tok, policies, budgets, out: Path, model_name:
         decode_interval=args.decode_interval,
         model=model_name,
     )
-    summary = run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=resume)
+    summary = sweep(cfg)
     print(format_table(summary))
     env = {**environment(model_name, summary["seconds"], seed=args.seed), "prompt": summary["prompt"],
            "command": command}
@@ -111,9 +112,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.tasks, args.format)
     policies, budgets = _split(args.policy), _split(args.budget)
     check_names(EvalConfig(policies, budgets, mode=args.mode))  # before the model loads
-    model, tok = load_model(args.model, device=args.device)
     out = Path(args.out)
-    _run_grid(args, tasks, model, tok, policies, budgets, out, args.model or "smollm2-135m", _command())
+    if args.workers is not None and args.ray is None:
+        raise KVBudgetError("--workers sets the workers of a sweep on Ray: add --ray [ADDRESS]")
+    if args.ray is not None:
+        require_ray("kvbudget eval --ray")
+
+        def sweep(cfg: EvalConfig) -> dict:
+            return run_eval_ray(tasks, cfg, out, model=args.model, device=args.device, address=args.ray or None,
+                                workers=args.workers, progress=not args.no_progress)
+    else:
+        model, tok = load_model(args.model, device=args.device)
+
+        def sweep(cfg: EvalConfig) -> dict:
+            return run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress)
+    _run_grid(args, sweep, policies, budgets, args.model or "smollm2-135m", _command(), out)
     print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}, {out / 'report.html'}")
     return 0
 
@@ -148,7 +161,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"~{args.length} tokens, policies {', '.join(['full', *policies])}, budgets {','.join(budgets)}"
     )
     # The bench measures this code: it starts afresh instead of resuming an older run.
-    _run_grid(args, tasks, model, tok, policies, budgets, out, args.model or "smollm2-135m", _command(), resume=False)
+    _run_grid(args, lambda cfg: run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=False),
+              policies, budgets, args.model or "smollm2-135m", _command(), out)
     print(f"report: {out / 'report.md'} (plot {out / 'plot.png'})")
     print(f"bench time: {time.perf_counter() - start:.0f} s")
     if not (args.full or args.policy or args.budget):
@@ -216,6 +230,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     for name in config.policies:  # bad names and budgets fail before the model loads
         make_policy(name, budget=config.budget)
+    if args.ray is not None and args.replicas is None:
+        raise KVBudgetError("--ray names the cluster of --replicas N: add --replicas")
+    if args.replicas is not None:
+        require_ray("kvbudget serve --replicas")
+        serve_replicas(config, args.replicas, args.model, device=args.device, host=args.host, port=args.port,
+                       address=args.ray or None, insecure=args.insecure)
+        return 0
     serve(config, args.model, device=args.device, host=args.host, port=args.port, log_level=args.log_level,
           insecure=args.insecure)
     return 0
@@ -303,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="comma list of policies (see `kvbudget policies`), or all")
     p.add_argument("--out", default="kvbudget-eval",
                    help="output directory; a rerun into it skips the cells already in its results.jsonl")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the cells on Ray workers (docs/distributed.md): on the cluster at ADDRESS ('auto', "
+                   "'ray://host:10001'), or on a local one without it (pip install 'kvbudget[ray]')")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="with --ray: workers to start (default: one per GPU of the cluster, else one per CPU)")
     _common(p, None, mode_default="all")
     p.set_defaults(func=cmd_eval)
 
@@ -379,6 +405,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS,
                    help=f"prompt tokens fed between two batched decode steps, at most (default {PREFILL_TOKENS})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("replicas on Ray (docs/distributed.md; pip install 'kvbudget[ray]')")
+    g.add_argument("--replicas", type=_positive, default=None,
+                   help="serve N replicas (one GPU each, else one CPU) behind a session-affinity router on Ray Serve; "
+                   "--store must be a directory every node sees")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="with --replicas: the Ray cluster to join ('auto', 'ray://host:10001'; default: a local one)")
     g = p.add_argument_group("access (docs/serving.md)")
     g.add_argument("--api-key", action="append", metavar="KEY",
                    help="accept 'Authorization: Bearer KEY' (repeatable); each key owns the sessions it creates")

@@ -15,7 +15,9 @@ log-probability, and fidelity against the full cache on its own answer span: top
 mean KL of the next-token distributions, teacher-forced on the full cache's greedy answer.
 
 A run is a sweep that can be resumed: rows are appended to ``results.jsonl`` one unit of work
-(task, policy, budget) at a time, and a rerun skips the units whose rows are all there.
+(a `Cell`: task, policy, budget) at a time, and a rerun skips the cells whose rows are all there.
+`plan_sweep`, `task_reference`, `run_cell`, `append_rows` and `finish_sweep` are the sweep's parts,
+shared by `run_eval` (one process) and the Ray sweep (`kvbudget.distributed.sweep`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ from .metrics import score as score_answer
 from .summary import format_table, summarize
 from .taskfile import Task, task_to_dict
 
-__all__ = ["MODES", "EvalConfig", "check_names", "expand_policies", "format_table", "parse_modes", "prompt_format",
-           "read_results", "run_eval", "run_task", "sources", "summarize", "sweep_sources", "validate"]
+__all__ = ["MODES", "Cell", "EvalConfig", "SweepPlan", "TaskReference", "append_rows", "check_names", "expand_policies",
+           "finish_sweep", "format_table", "parse_modes", "plan_sweep", "progress_bar", "prompt_format", "read_results",
+           "run_cell", "run_eval", "run_task", "sources", "summarize", "sweep_sources", "task_reference", "validate"]
 
 # Below this gain (nats) the full cache does not make the gold answer more likely than no
 # context at all: retention would divide by noise, so it is left undefined for that question.
@@ -293,14 +296,6 @@ def read_results(path: str | Path) -> list[dict]:
     return rows
 
 
-def _append(path: Path, rows: list[dict]) -> None:
-    # One write per unit of work, flushed to disk: a crash loses at most the unit in flight.
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _task_hash(task: Task) -> str:
     return hashlib.sha1(json.dumps(task_to_dict(task), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -368,14 +363,37 @@ def _done(path: Path, tasks: list[Task]) -> set[tuple[str, str, str, str]]:
 # --------------------------------------------------------------------------- the sweep
 
 
-def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path, progress: bool = True,
-             resume: bool = True) -> dict:
-    """Run the grid, append to ``results.jsonl``, write ``summary.json``; return the summary.
+@dataclass
+class Cell:
+    """One unit of work of a sweep: a task under one policy and budget, in the modes whose rows
+    ``results.jsonl`` still lacks. Its rows are appended together, or not at all."""
 
-    With ``resume`` (default) cells already in ``results.jsonl`` are skipped and the summary
-    covers every row there (a directory accumulates one sweep); without it the directory's
-    earlier results are replaced.
-    """
+    task: Task
+    policy: str
+    budget: str | None
+    modes: list[str]
+
+    @property
+    def label(self) -> str:
+        """``task policy budget``, as the progress bar shows it."""
+        return f"{self.task.id} {self.policy} {self.budget or ''}".strip()
+
+
+@dataclass
+class SweepPlan:
+    """A sweep directory made ready to run: the cells to run, task by task, and the count of
+    those already in ``results``."""
+
+    out: Path
+    results: Path
+    cells: list[Cell]
+    total: int  # cells of the whole grid
+    skipped: int  # cells already in results.jsonl (resumed)
+
+
+def plan_sweep(tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path, resume: bool = True) -> SweepPlan:
+    """Validate the grid, prepare ``out_dir`` (``sweep.json``; without ``resume``, earlier results
+    removed) and list the cells still to run, task by task in the grid's order."""
     validate(cfg, tok, tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,44 +403,94 @@ def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path
             old.unlink(missing_ok=True)
     _check_sweep(out, cfg, tasks)
     done = _done(results, tasks)
-    cells = _cells(cfg)
+    grid = _cells(cfg)
 
     def missing(task: Task, name: str, budget: str | None) -> list[str]:
         # Rows carry the policy's own name ("pyramidkv", "snapkv+kivi4"), as the session has it.
         label = make_policy(name, budget=budget if budget is not None else 1).name
         return [m for m in cfg.modes if (task.id, m, label, budget if budget is not None else "-") not in done]
 
-    pending = [(task, name, budget, missing(task, name, budget)) for task in tasks for name, budget in cells]
-    pending = [p for p in pending if p[3]]
-    skipped = len(tasks) * len(cells) - len(pending)
-    start = time.perf_counter()
-    bar = tqdm(total=len(pending), desc="eval", unit="cell", disable=not progress, dynamic_ncols=True)
-    if skipped and progress:
-        bar.write(f"resuming: {skipped} of {len(tasks) * len(cells)} cells already in {results}")
-    for task in tasks:
-        todo = [(n, b, ms) for t, n, b, ms in pending if t is task]
-        if not todo:
-            continue
-        lp_none = _no_context_logprobs(model, tok, task)
-        # The full cache is the reference of every row; rerun (not rewritten) when resuming.
-        full_rows = run_task(model, tok, task, "full", None, cfg)
-        refs = _references(full_rows)
-        for name, budget, modes in todo:
-            bar.set_postfix_str(f"{task.id} {name} {budget or ''}".strip())
-            if name == "full":
-                rows = [r for r in full_rows if r["mode"] in modes]
-            else:
-                sub = EvalConfig(**{**asdict(cfg), "mode": ",".join(modes)})
-                rows = run_task(model, tok, task, name, budget, sub, refs)
-            _add_references(rows, lp_none, refs)
-            _append(results, rows)
-            bar.update(1)
-    bar.close()
-    summary = summarize(read_results(results))
-    summary["seconds"] = time.perf_counter() - start
+    cells = [Cell(task, name, budget, missing(task, name, budget)) for task in tasks for name, budget in grid]
+    cells = [c for c in cells if c.modes]
+    total = len(tasks) * len(grid)
+    return SweepPlan(out, results, cells, total, total - len(cells))
+
+
+@dataclass
+class TaskReference:
+    """What every cell of one task is measured against: the gold answers' log-probabilities with
+    no context, and the full cache's rows (whose turns are the fidelity references)."""
+
+    task_id: str
+    lp_none: list[float]
+    full_rows: list[dict]
+    refs: dict[tuple[str, int], _Reference]
+
+
+def task_reference(model, tok, task: Task, cfg: EvalConfig) -> TaskReference:
+    """The reference of ``task``: run once per task and process (rerun, not reread, on resume)."""
+    full_rows = run_task(model, tok, task, "full", None, cfg)
+    return TaskReference(task.id, _no_context_logprobs(model, tok, task), full_rows, _references(full_rows))
+
+
+def run_cell(model, tok, cell: Cell, cfg: EvalConfig, reference: TaskReference) -> list[dict]:
+    """The rows of ``cell``, with their retention and fidelity columns, ready to append."""
+    if cell.policy == "full":
+        rows = [dict(r) for r in reference.full_rows if r["mode"] in cell.modes]
+    else:
+        sub = EvalConfig(**{**asdict(cfg), "mode": ",".join(cell.modes)})
+        rows = run_task(model, tok, cell.task, cell.policy, cell.budget, sub, reference.refs)
+    _add_references(rows, reference.lp_none, reference.refs)
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append one cell's rows to ``results.jsonl`` in one write, flushed to disk: a crash loses
+    at most the cell in flight (`plan_sweep` drops a cell left incomplete)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def progress_bar(plan: SweepPlan, progress: bool) -> tqdm:
+    """The sweep's progress bar over the cells to run (it says what a resumed sweep skips)."""
+    bar = tqdm(total=len(plan.cells), desc="eval", unit="cell", disable=not progress, dynamic_ncols=True)
+    if plan.skipped and progress:
+        bar.write(f"resuming: {plan.skipped} of {plan.total} cells already in {plan.results}")
+    return bar
+
+
+def finish_sweep(plan: SweepPlan, cfg: EvalConfig, tok, seconds: float, **extra) -> dict:
+    """Summarise every row of ``results.jsonl`` into ``summary.json`` (``extra`` keys added)."""
+    summary = summarize(read_results(plan.results))
+    summary["seconds"] = seconds
     summary["config"] = asdict(cfg)
     summary["prompt"] = prompt_format(tok)
-    summary["sources"] = sweep_sources(out)
-    summary["resumed_cells"] = skipped
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    summary["sources"] = sweep_sources(plan.out)
+    summary["resumed_cells"] = plan.skipped
+    summary.update(extra)
+    atomic_write_text(plan.out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def run_eval(model, tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path, progress: bool = True,
+             resume: bool = True) -> dict:
+    """Run the grid, append to ``results.jsonl``, write ``summary.json``; return the summary.
+
+    With ``resume`` (default) cells already in ``results.jsonl`` are skipped and the summary
+    covers every row there (a directory accumulates one sweep); without it the directory's
+    earlier results are replaced. (`kvbudget.distributed.sweep` runs the same cells on Ray.)
+    """
+    plan = plan_sweep(tok, tasks, cfg, out_dir, resume)
+    start = time.perf_counter()
+    bar = progress_bar(plan, progress)
+    reference: TaskReference | None = None
+    for cell in plan.cells:
+        if reference is None or reference.task_id != cell.task.id:
+            reference = task_reference(model, tok, cell.task, cfg)
+        bar.set_postfix_str(cell.label)
+        append_rows(plan.results, run_cell(model, tok, cell, cfg, reference))
+        bar.update(1)
+    bar.close()
+    return finish_sweep(plan, cfg, tok, time.perf_counter() - start)
