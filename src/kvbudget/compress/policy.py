@@ -8,6 +8,7 @@ is kept on that session's cache. `compress.engine.compress` applies a policy to 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import BudgetError
@@ -89,12 +90,82 @@ class Policy:
         per_head = self.store.entry_bytes(_head_dim(cfg), cache.dtype) + POSITION_DTYPE.itemsize
         return max(1, round(cfg.num_key_value_heads * per_head))
 
-    def resolve(self, cache: BudgetedCache, context_tokens: int | None = None) -> int | None:
+    def resolve(self, cache: BudgetedCache, context_tokens: int | None = None, block_size: int | None = None) -> int | None:
         """The budget in tokens per layer for this cache (bytes and ratios need it); None for a
-        policy without a budget."""
+        policy without a budget.
+
+        A ratio budget is a byte ratio: ``4x`` holds at most a quarter of the bytes the full
+        cache holds for the same context (`full_bytes`), whatever the store. It resolves to the
+        most tokens whose `held_bytes` fit, so a 4-bit store keeps more entries than full
+        precision at the same ratio. ``block_size``: the prefill's (a bound on how many partial
+        chunks a store's evictions leave; default: one store chunk, the most pessimistic)."""
         if self.budget is None:
             return None
-        return self.budget.resolve(self.stored_entry_bytes(cache), len(cache.layers), context_tokens)
+        if self.budget.ratio is None:
+            return self.budget.resolve(self.stored_entry_bytes(cache), len(cache.layers), context_tokens)
+        if context_tokens is None:
+            raise BudgetError(f"budget {self.budget}: a ratio budget needs the context length")
+        target = self.full_bytes(cache, context_tokens) / self.budget.ratio
+        lo, hi = 0, context_tokens  # the most tokens that fit: held_bytes grows with them
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.held_bytes(cache, mid, context_tokens, block_size) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo < 1:
+            raise BudgetError(f"policy '{self.name}' cannot hold {self.budget} fewer bytes than the full cache of "
+                              f"{context_tokens} tokens (even one token per layer is more)")
+        return lo
+
+    @staticmethod
+    def full_bytes(cache: BudgetedCache, context_tokens: int) -> int:
+        """Bytes the full cache holds for a context of ``context_tokens`` (a sliding-window layer
+        at most its window): the reference of a ratio budget."""
+        held = sum(context_tokens if layer.window is None else min(context_tokens, layer.window - 1)
+                   for layer in cache.layers)
+        return held * Policy.entry_bytes(cache)
+
+    def held_bytes(self, cache: BudgetedCache, tokens: int | None, context_tokens: int,
+                   block_size: int | None = None) -> int:
+        """An upper bound on the bytes this policy's cache holds after a context of
+        ``context_tokens``, at ``tokens`` per layer (None: every token kept).
+
+        Counts what the cache counts (`BudgetedCache.nbytes`): full-precision entries (K, V,
+        position), a store's encoded entries, its full-precision tail (the residual window plus
+        up to one chunk waiting to be encoded), its per-chunk metadata, and the scorer's per-entry
+        state. Chunk metadata is bounded by the chunks an eviction can leave alive: one per body
+        entry at most, and no more than the context's whole chunks plus one partial chunk per
+        compression (one per block)."""
+        cfg = cache.config
+        d, heads = _head_dim(cfg), cfg.num_key_value_heads
+        full_entry = 2 * d * cache.dtype.itemsize + POSITION_DTYPE.itemsize
+        state = 4 * len(self.scorer.state_names)  # float32 per entry and scorer state
+        store = self.store
+        n_layers = len(cache.layers)
+        if tokens is None or not self.evicts or tokens >= context_tokens:  # a context that fits is kept whole
+            budgets: list[int | None] = [None] * n_layers
+        else:
+            budgets = self.layer_budgets(tokens, n_layers, cache.sensitivity)
+        total = 0.0
+        for layer, budget in zip(cache.layers, budgets):
+            seen = context_tokens if layer.window is None else min(context_tokens, layer.window - 1)
+            kept = seen if budget is None else min(budget, seen)
+            if store is None:
+                total += kept * (full_entry + state)
+                continue
+            if store.demotes:  # `kept` stay at full precision, every other entry seen is encoded
+                tail, body = kept, seen - kept
+            else:  # an eviction leaves the residual window; a flush, up to a chunk more
+                tail = min(kept, self.residual(budget) + (0 if kept < seen else (store.chunk or 1) - 1))
+                body = kept - tail
+            chunk_bytes = store.chunk_bytes(d, cache.dtype)
+            payload = store.entry_bytes(d, cache.dtype) - (chunk_bytes / store.chunk if store.chunk else 0)
+            compressions = -(-seen // (block_size or store.chunk or 1))
+            chunks = min(body, (-(-seen // store.chunk) if store.chunk else 0) + compressions)
+            total += (tail * full_entry + body * (payload + POSITION_DTYPE.itemsize) + chunks * chunk_bytes
+                      + (tail + body) * state)
+        return math.ceil(total * heads)
 
     def layer_budgets(self, tokens: int, n_layers: int, sensitivity: list[float] | None = None) -> list[int]:
         """Entries per head kept in each layer, for a budget of ``tokens`` per layer."""

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from ..errors import KVBudgetError
 from ..fileio import atomic_write_text
 from .runner import read_results, sweep_sources
-from .summary import MODE_ORDER, summarize
+from .summary import MODE_ORDER, retention_cell, retention_note, summarize
 
 MODE_TEXT = {
     "multi-turn": "multi-turn: the context compressed without the questions; each question and its gold "
@@ -36,9 +36,11 @@ MODE_TEXT = {
     "compressed (one session per question); not comparable with the other modes.",
 }
 
-COLUMNS = ("acc = task metric; retain = answer retention (1 = full cache, 0 = no context); agree / KL = top-1 "
+COLUMNS = ("acc = task metric; retain = answer retention pooled over questions (1 = full cache, 0 = no context) "
+           "with its 95% bootstrap interval; agree / KL = top-1 "
            "agreement and mean KL (nats) of next-token distributions vs the full cache over its answer span, "
-           "teacher-forced; KV MB = bytes held after the context; compr = full KV bytes / kept KV bytes; peak MB = "
+           "teacher-forced; KV MB = bytes held after the context; compr = full KV bytes / kept KV bytes; kept = share "
+           "of the full cache's entries held (any precision); peak MB = "
            "most cache bytes held; overhead = scoring + eviction share of prefill; tok/s = greedy decode speed.")
 
 
@@ -113,7 +115,8 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
 
 # --------------------------------------------------------------------------- blocks -> md / html
 
-_HEAD = ["mode", "policy", "budget", "acc", "retain", "agree", "KL", "KV MB", "compr", "peak MB", "prefill s",
+_HEAD = ["mode", "policy", "budget", "acc", "retain [95% CI]", "agree", "KL", "KV MB", "compr", "kept", "peak MB",
+         "prefill s",
          "overhead", "tok/s"]
 
 
@@ -126,13 +129,32 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         share = r["compress_share"] * 100 if r["compress_share"] is not None else None
         body.append([
-            r["mode"], r["policy"], r["budget"], _f(r["accuracy"], ".2f"), _f(r["retention"], ".2f"),
+            r["mode"], r["policy"], r["budget"], _f(r["accuracy"], ".2f"), retention_cell(r),
             _f(r.get("agreement"), ".2f"), _f(r.get("kl"), ".3f"),
             _f(r["kv_bytes"] / 1e6 if r["kv_bytes"] else None, ".2f"), _f(r["compression"], ".1f"),
+            _f(r.get("entries_kept"), ".2f"),
             _f(r["peak_bytes"] / 1e6, ".1f"), _f(r["prefill_s"], ".2f"), _f(share, ".0f") + "%",
             _f(r["decode_tok_s"], ".1f"),
         ])
     return _HEAD, body
+
+
+def separations(rows: list[dict]) -> str:
+    """Which policies beat which on retention, per mode and budget: only where the intervals
+    separate (eval.retention); every other ordering of the table is within the noise."""
+    found = []
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("retention_low") is not None and r["policy"] != "full":
+            cells.setdefault((r["mode"], r["budget"]), []).append(r)
+    for (mode, budget), rs in cells.items():
+        for a in rs:
+            for b in rs:
+                if a["retention_low"] > b["retention_high"]:
+                    found.append(f"{a['policy']} > {b['policy']} ({mode}, {budget})")
+    if not found:
+        return "Retention intervals: no policy's interval separates from another's at the same budget."
+    return "Retention intervals that separate (a policy beats another only there): " + "; ".join(found) + "."
 
 
 def _sources_table(sources: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -156,10 +178,12 @@ def _blocks(summary: dict, env: dict, plots: dict[str, Path], sources: list[dict
         out.append(("table", _sources_table(sources)))
     out.append(("p", "Modes: " + " ".join(MODE_TEXT[m] for m in summary["modes"] if m in MODE_TEXT)))
     out.append(("p", COLUMNS))
+    out.append(("p", retention_note(summary)))
     out.append(("h2", f"All tasks{on}"))
     if "all" in plots:
         out.append(("img", plots["all"]))
     out.append(("table", _table(summary["rows"])))
+    out.append(("p", separations(summary["rows"])))
     families = sorted({r["task_family"] for r in summary["by_task"]})
     if len(families) > 1 or (families and families != ["all"]):
         for fam in families:

@@ -43,16 +43,13 @@ from ..runtime.session import Session
 from .fidelity import next_token_fidelity
 from .metrics import reference_answer
 from .metrics import score as score_answer
+from .retention import question_retention
 from .summary import format_table, summarize
 from .taskfile import Task, task_to_dict
 
 __all__ = ["MODES", "Cell", "EvalConfig", "SweepPlan", "TaskReference", "append_rows", "check_names", "expand_policies",
            "finish_sweep", "format_table", "parse_modes", "plan_sweep", "progress_bar", "prompt_format", "read_results",
            "run_cell", "run_eval", "run_task", "sources", "summarize", "sweep_sources", "task_reference", "validate"]
-
-# Below this gain (nats) the full cache does not make the gold answer more likely than no
-# context at all: retention would divide by noise, so it is left undefined for that question.
-MIN_GAIN = 0.1
 
 MODES = ("multi-turn", "multi-request", "query-aware")
 
@@ -178,6 +175,7 @@ class _Reference:
 
     answer_logprob: float
     kv_bytes: int
+    kv_entries: int
     steps: Tensor | None  # [steps, vocab]: log-softmax of each greedy decoding step
 
 
@@ -213,7 +211,7 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
                                     history_answer=gold if history else None,
                                     reference=reference, keep_steps=references is None)
 
-    def add(mode: str, i: int, session: Session, stats, kv_bytes: int, turn: Turn) -> None:
+    def add(mode: str, i: int, session: Session, stats, kv_bytes: int, turn: Turn, kv_entries: int) -> None:
         q = task.questions[i]
         rows.append({
             "task": task.id, "question_index": i, "category": q.category, "mode": mode,
@@ -221,7 +219,7 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
             "budget_tokens": session.tokens, "context_tokens": stats.tokens,
             "question": q.question, "answers": q.answers, "metric": q.metric, "prediction": turn.text,
             "score": score_answer(turn.text, q.answers, q.metric), "answer_logprob": turn.answer_logprob,
-            "kv_bytes": kv_bytes, "peak_bytes": turn.peak_bytes, "prefill_s": stats.seconds,
+            "kv_bytes": kv_bytes, "kv_entries": kv_entries, "peak_bytes": turn.peak_bytes, "prefill_s": stats.seconds,
             # EpiCache holds one cache per episode (one on the device at a time).
             "stored_bytes": session.stored_bytes,
             "compress_s": stats.compress_seconds, "decode_s": turn.decode_s, "new_tokens": len(turn.token_ids),
@@ -231,13 +229,14 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
     if "multi-turn" in modes or "multi-request" in modes:
         session = Session(model, tok, policy, block_size=cfg.block_size)
         stats = session.add_context(task.context)
-        kv_bytes = session.kv_bytes
+        kv_bytes, kv_entries = session.kv_bytes, _entries(session)
         if "multi-request" in modes:  # before multi-turn, which extends the session
             for i in range(len(task.questions)):
-                add("multi-request", i, session, stats, kv_bytes, ask(session.fork(), "multi-request", i, False))
+                add("multi-request", i, session, stats, kv_bytes, ask(session.fork(), "multi-request", i, False),
+                    kv_entries)
         if "multi-turn" in modes:
             for i in range(len(task.questions)):
-                add("multi-turn", i, session, stats, kv_bytes, ask(session, "multi-turn", i, True))
+                add("multi-turn", i, session, stats, kv_bytes, ask(session, "multi-turn", i, True), kv_entries)
     if "query-aware" in modes:
         if not policy.evicts and "multi-request" in modes:
             # The question only steers eviction: without eviction, query-aware = multi-request.
@@ -246,7 +245,8 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
             for i, q in enumerate(task.questions):
                 session = Session(model, tok, policy, block_size=cfg.block_size)
                 stats = session.add_context(task.context, question=q.question)
-                add("query-aware", i, session, stats, session.kv_bytes, ask(session, "query-aware", i, False))
+                add("query-aware", i, session, stats, session.kv_bytes, ask(session, "query-aware", i, False),
+                    _entries(session))
     return rows
 
 
@@ -254,11 +254,11 @@ def _add_references(rows: list[dict], lp_none: list[float], refs: dict[tuple[str
     for row in rows:
         i = row["question_index"]
         ref = refs[(row["mode"], i)]
-        gain = ref.answer_logprob - lp_none[i]
         row["lp_none"], row["lp_full"] = lp_none[i], ref.answer_logprob
-        row["retention"] = (row["answer_logprob"] - lp_none[i]) / gain if gain > MIN_GAIN else None
+        row["retention"] = question_retention(row)  # None where the full cache gains < MIN_GAIN nats
         row["full_kv_bytes"] = ref.kv_bytes
         row["compression"] = ref.kv_bytes / row["kv_bytes"] if row["kv_bytes"] else None
+        row["entries_kept"] = row["kv_entries"] / ref.kv_entries if ref.kv_entries else None
         turn: Turn = row.pop("_turn")
         if row["policy"] == "full":  # the reference itself, by definition
             row["agreement"], row["kl"] = (1.0, 0.0) if ref.steps is not None else (None, None)
@@ -269,8 +269,14 @@ def _add_references(rows: list[dict], lp_none: list[float], refs: dict[tuple[str
 
 
 def _references(rows: list[dict]) -> dict[tuple[str, int], _Reference]:
-    return {(r["mode"], r["question_index"]): _Reference(r["answer_logprob"], r["kv_bytes"], r["_turn"].step_logprobs)
+    return {(r["mode"], r["question_index"]): _Reference(r["answer_logprob"], r["kv_bytes"], r["kv_entries"],
+                                                         r["_turn"].step_logprobs)
             for r in rows}
+
+
+def _entries(session: Session) -> int:
+    """Entries the session's cache holds (every layer and KV head, at any precision)."""
+    return sum(layer.total_entries() for layer in session.cache.layers)
 
 
 # --------------------------------------------------------------------------- results file

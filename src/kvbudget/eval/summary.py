@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from .retention import MIN_GAIN, pooled
+
 # Report order of the modes; query-aware last: it is the optimistic reference, not a peer.
 MODE_ORDER = ("multi-turn", "multi-request", "query-aware")
 
@@ -32,17 +34,23 @@ def _cell(rs: list[dict]) -> dict:
     # Per-session numbers (bytes, prefill) repeat on each question row of a shared context.
     runs = {(r["task"], r["question_index"] if r.get("mode") == "query-aware" else 0): r for r in rs}
     decode_s = sum(r["decode_s"] for r in rs)
+    retention = pooled(rs)
     return {
         "questions": len(rs),
         "metric": ", ".join(sorted({r["metric"] for r in rs if r.get("metric")})) or None,
         "accuracy": _mean(r["score"] for r in rs),
-        "retention": _mean(r.get("retention") for r in rs),
-        "retention_n": sum(r.get("retention") is not None for r in rs),
+        # Pooled over the questions where the full cache gains >= MIN_GAIN nats (eval.retention).
+        "retention": retention.value,
+        "retention_low": retention.low,
+        "retention_high": retention.high,
+        "retention_n": retention.n,
+        "retention_of": retention.total,
         "agreement": _mean(r.get("agreement") for r in rs),
         "kl": _mean(r.get("kl") for r in rs),
         "kv_bytes": _mean(r["kv_bytes"] for r in runs.values()),
         "peak_bytes": max(r["peak_bytes"] for r in rs),
         "compression": _mean(r.get("compression") for r in runs.values()),
+        "entries_kept": _mean(r.get("entries_kept") for r in runs.values()),
         "prefill_s": _mean(r["prefill_s"] for r in runs.values()),
         "compress_share": _mean(r["compress_s"] / r["prefill_s"] for r in runs.values() if r["prefill_s"]),
         "decode_tok_s": sum(r["new_tokens"] for r in rs) / decode_s if decode_s else None,
@@ -85,14 +93,33 @@ def _f(v: float | None, fmt: str) -> str:
     return format(v, fmt) if v is not None else "-"
 
 
+def retention_cell(row: dict) -> str:
+    """Pooled retention and its interval: ``0.86 [0.80,0.91]``."""
+    if row.get("retention") is None:
+        return "-"
+    if row.get("retention_low") is None:
+        return f"{row['retention']:.2f}"
+    return f"{row['retention']:.2f} [{row['retention_low']:.2f},{row['retention_high']:.2f}]"
+
+
+def retention_note(summary: dict) -> str:
+    """One line: the retention threshold and how many questions pass it."""
+    rows = [r for r in summary["rows"] if r["policy"] == "full"] or summary["rows"]
+    counts = ", ".join(f"{r.get('mode', 'multi-turn')} {r.get('retention_n', 0)} of {r.get('retention_of', 0)}"
+                       for r in rows)
+    return (f"retain = pooled answer retention over the questions where the full cache gains >= {MIN_GAIN:g} nat "
+            f"({counts}), 95% bootstrap interval; a policy beats another only where the intervals separate. "
+            "compr = full KV bytes / bytes held; kept = share of the full cache's entries held.")
+
+
 def format_table(summary: dict, mode: str | None = None, rows: list[dict] | None = None) -> str:
     """The policy x budget table as fixed-width text, one block per mode (or only ``mode``), headed
     by the model when the summary names it."""
     rows = summary["rows"] if rows is None else rows
     model = (summary.get("config") or {}).get("model")
     modes = [mode] if mode else (summary.get("modes") or sorted({r.get("mode", "multi-turn") for r in rows}, key=_mode_rank))
-    head = (f"{'policy':<16}{'budget':>8}{'acc':>7}{'retain':>8}{'agree':>7}{'KL':>7}{'KV MB':>8}{'compr':>7}"
-            f"{'peak MB':>8}{'prefill s':>10}{'overhead':>9}{'tok/s':>7}")
+    head = (f"{'policy':<16}{'budget':>8}{'acc':>7}{'retain [95% CI]':>19}{'agree':>7}{'KL':>7}{'KV MB':>8}"
+            f"{'compr':>7}{'kept':>6}{'peak MB':>8}{'prefill s':>10}{'overhead':>9}{'tok/s':>7}")
     blocks = []
     for m in modes:
         label = f"{m}{' — OPTIMISTIC reference' if m == 'query-aware' else ''}{f' — model {model}' if model else ''}"
@@ -102,11 +129,11 @@ def format_table(summary: dict, mode: str | None = None, rows: list[dict] | None
                 continue
             share = r["compress_share"] * 100 if r["compress_share"] is not None else None
             lines.append(
-                f"{r['policy']:<16}{r['budget']:>8}{_f(r['accuracy'], '.2f'):>7}{_f(r['retention'], '.2f'):>8}"
+                f"{r['policy']:<16}{r['budget']:>8}{_f(r['accuracy'], '.2f'):>7}{retention_cell(r):>19}"
                 f"{_f(r.get('agreement'), '.2f'):>7}{_f(r.get('kl'), '.2f'):>7}"
                 f"{_f(r['kv_bytes'] / 1e6 if r['kv_bytes'] else None, '.2f'):>8}{_f(r['compression'], '.1f'):>7}"
-                f"{_f(r['peak_bytes'] / 1e6, '.1f'):>8}{_f(r['prefill_s'], '.2f'):>10}{_f(share, '.0f'):>8}%"
+                f"{_f(r.get('entries_kept'), '.2f'):>6}{_f(r['peak_bytes'] / 1e6, '.1f'):>8}{_f(r['prefill_s'], '.2f'):>10}{_f(share, '.0f'):>8}%"
                 f"{_f(r['decode_tok_s'], '.1f'):>7}"
             )
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return "\n\n".join(blocks) + ("\n" + retention_note({"rows": rows}) if rows else "")

@@ -100,6 +100,11 @@ class Store:
         """Bytes one encoded entry of one head costs on average (for byte budgets)."""
         raise NotImplementedError
 
+    def chunk_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
+        """Bytes of one chunk's metadata for one head (0: none); `entry_bytes` spreads them over a
+        whole chunk, an eviction that leaves chunks part-used pays them in full."""
+        return 0.0
+
     def describe(self) -> str:
         return self.name
 

@@ -101,7 +101,8 @@ class Session:
         last token's logits and the prefill's stats."""
         ids = self._encode(text)
         if self.tokens is None:  # a ratio budget depends on the first context
-            self.tokens = self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids))
+            self.tokens = self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids),
+                                              block_size=self.block_size)
         logits, stats = yield from self._prefill_steps(ids, compress_last, scoring_ids)
         self.input_ids.extend(ids[0].tolist())
         self.rendered = full

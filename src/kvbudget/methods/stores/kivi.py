@@ -107,8 +107,11 @@ class KIVI(Store):
         elem = dtype.itemsize
         codes = 2 * head_dim * self.bits / 8
         value_scales = 2 * elem * head_dim / value_group(head_dim, self.group)
-        key_scales = 2 * elem * head_dim / self.group  # one per channel, shared by a group of tokens
+        key_scales = self.chunk_bytes(head_dim, dtype) / self.group  # shared by a group of tokens
         return codes + value_scales + key_scales + 2  # + the entry's chunk id (int16)
+
+    def chunk_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
+        return 2 * dtype.itemsize * head_dim  # a key scale and zero point per channel
 
     def describe(self) -> str:
         return f"kivi{self.bits}"

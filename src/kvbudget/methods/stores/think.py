@@ -48,3 +48,6 @@ class ThinK(Store):
     def entry_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
         keep = head_dim - int(self.ratio * head_dim)
         return (keep + head_dim) * dtype.itemsize + 2
+
+    def chunk_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
+        return 2 * (head_dim - int(self.ratio * head_dim))  # the kept channels' indices (int16), per encode

@@ -1,0 +1,56 @@
+"""A ratio budget is a byte ratio: ``4x`` holds at most a quarter of the full cache's bytes,
+whatever the store; a low-bit store keeps correspondingly more entries."""
+
+import pytest
+
+import kvbudget as kb
+from kvbudget.errors import BudgetError
+from kvbudget.runtime.prefill import prefill
+
+from conftest import random_ids
+
+POLICIES = ["snapkv", "snapkv+kivi4", "snapkv+kivi2", "kvzip+kivi4", "pyramidkv+kivi4", "mikv"]
+
+
+def _held(model, name: str, budget: str | None, ids) -> tuple[int, int]:
+    policy = kb.policy(name, budget=budget)
+    cache = policy.new_cache(model)
+    cache.tokens = policy.resolve(cache, context_tokens=ids.shape[1], block_size=64) if budget else None
+    prefill(model, cache, policy, ids, block_size=64)
+    return cache.nbytes(), cache.tokens
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma"])
+def test_ratio_budgets_hold_at_most_full_bytes_over_ratio(model_name, request):
+    model = request.getfixturevalue(model_name)
+    ids = random_ids(600, seed=3)
+    full, _ = _held(model, "full", None, ids)
+    for ratio in (4, 8):
+        kept = {}
+        for name in POLICIES:
+            if name == "mikv" and ratio > 4:
+                continue  # 2-bit entries of 16-channel heads reach about 5x at most (below)
+            held, kept[name] = _held(model, name, f"{ratio}x", ids)
+            assert held <= full / ratio, (name, ratio, full / held)
+            assert held >= full / ratio / 4, (name, ratio, full / held)  # the store's room is used, not wasted
+        if ratio == 4:  # at equal bytes a 4-bit store keeps more entries, a 2-bit one more still
+            assert kept["snapkv"] < kept["snapkv+kivi4"] <= kept["snapkv+kivi2"], kept
+
+
+def test_ratio_a_store_cannot_reach_is_a_clear_error(tiny_llama):
+    ids = random_ids(300, seed=1)
+    with pytest.raises(BudgetError, match="mikv.*16x fewer bytes"):
+        _held(tiny_llama, "mikv", "16x", ids)
+
+
+def test_ratio_budgets_are_bytes_on_the_default_model(default_model):
+    model, tok = default_model
+    text = " ".join(f"Note {i}: the courier left parcel {i * 37 % 101} at dock {i % 9}." for i in range(12))
+    held = {}
+    for name in ("snapkv", "snapkv+kivi4"):
+        session = kb.Session(model, tok, kb.policy(name, budget="4x"), block_size=128)
+        stats = session.add_context(text)
+        full = session.policy.full_bytes(session.cache, stats.tokens)  # what the full cache holds (test_cache)
+        held[name] = (session.kv_bytes, session.tokens)
+        assert full / 4 / 1.5 <= session.kv_bytes <= full / 4, (name, full / session.kv_bytes)
+    assert held["snapkv+kivi4"][1] > 2 * held["snapkv"][1]  # 4-bit entries: more than twice the tokens
