@@ -46,7 +46,7 @@ def start(tiny, tmp_path):
             server.stop()
 
 
-def _concurrently(server: Server, n_tokens: int = 10) -> list[list[str]]:
+def _concurrently(server: Server, n_tokens: int = 6) -> list[list[str]]:
     ids = [server.new_session() for _ in QUESTIONS]
 
     def client(i: int) -> list[str]:
@@ -68,7 +68,7 @@ def test_concurrent_turns_decode_together_and_answer_as_alone(start, tiny):
     alone = []
     for q in QUESTIONS:
         session = kb.Session(model, tok, kb.policy("snapkv", budget="48"), block_size=32)
-        alone.append([session.ask(q, 10), session.ask("And then?", 10)])
+        alone.append([session.ask(q, 6), session.ask("And then?", 6)])
     slow["sleep"] = 0.01
     batched = start()
     assert _concurrently(batched) == alone
@@ -91,7 +91,7 @@ def test_a_turn_that_does_not_fit_waits_for_the_turns_in_flight(start, tiny):
     session = kb.Session(model, tok, manager.default_policy)
     needs = []
     for q in QUESTIONS:
-        req = ChatRequest([{"role": "user", "content": q}], 10)
+        req = ChatRequest([{"role": "user", "content": q}], 6)
         needs.append(manager.footprint.need(session, session.new_tokens(req.messages), req.max_tokens))
     memory = max(needs) + int(0.9 * min(needs))
     assert 2 * min(needs) > memory, "two first turns do not fit together"
