@@ -166,3 +166,30 @@ def test_a_cancelled_turn_ends_and_the_others_go_on(tiny):
     with pytest.raises(kb.KVBudgetError, match="in flight"):
         engine.submit(sessions[1], "a", 2)
         engine.submit(sessions[1], "b", 2)
+
+
+def test_a_turn_stops_between_the_blocks_of_its_prompt(tiny):
+    """A turn whose ``check`` raises (a server's client gone) stops before its next prompt
+    block: the rest of a long question is never fed and no token is chosen; the turn decoding
+    beside it answers as alone."""
+    model, tok = tiny
+    engine = kb.Engine(model, tok, prefill_tokens=32)
+    other, long_session = (_session(model, tok, "snapkv", {"budget": 48}, 300) for _ in range(2))
+    expected = other.fork().ask_detailed("Hi?", 8).token_ids
+    start = long_session.tokens_seen
+
+    class Gone(Exception):
+        pass
+
+    def check() -> None:
+        if long_session.tokens_seen >= start + 64:
+            raise Gone("the client went away")
+
+    stopped = engine.submit(long_session, "Tell me again: " + TEXT[:800], 8, check=check)
+    answered = engine.submit(other, "Hi?", 8)
+    engine.run()
+    with pytest.raises(Gone):
+        stopped.result()
+    assert long_session.tokens_seen == start + 64, "two blocks of the ~190-token question, not all of it"
+    assert stopped.tokens == []
+    assert answered.result().token_ids == expected

@@ -4,6 +4,7 @@ one at a time, a turn that does not fit the memory bound waits instead of failin
 sequences, seeded sampling and usage behave per request."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -127,3 +128,40 @@ def test_stop_sequences_seeded_sampling_and_usage(start):
     assert texts[0] == texts[1] and texts[0] != texts[2] and texts[0] != text
     bad = server.chat(None, "hi", stop=["a", "b", "c", "d", "e"])
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "stop"
+
+
+def test_a_client_gone_during_a_long_prompt_stops_it_between_blocks(start, tiny):
+    """A streamed turn whose client hangs up while its long message is fed stops before the next
+    block: the rest of the prompt is not fed, nothing is decoded, the session is as saved, and
+    the server goes on."""
+    model, tok, slow = tiny
+    server = start()
+    sid = server.new_session()
+    message = " ".join(["the harbour keeps its lighthouse lit"] * 100)
+    probe = kb.Session(model, tok, kb.policy("snapkv", budget="48"), block_size=32)
+    blocks = -(-probe.new_tokens([{"role": "user", "content": message}]) // 32)
+    assert blocks >= 15
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    slow["sleep"] = 0.2
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            body = {"session_id": sid, "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": message}]}
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if '"role"' in line:
+                        break  # the turn has started: hang up
+        deadline = time.monotonic() + 30
+        while server.metrics()["kvbudget_turns_in_flight"] > 0:
+            assert time.monotonic() < deadline, "the turn went on after its client left"
+            time.sleep(0.05)
+    finally:
+        slow["sleep"] = 0.0
+        hook.remove()
+    assert len(calls) <= blocks // 4, f"{len(calls)} of the prompt's {blocks} blocks fed after the client left"
+    m = server.metrics()
+    assert m['kvbudget_requests_total{code="499"}'] == 1 and m["kvbudget_generated_tokens_total"] == 0
+    info = server.client.get(f"/v1/sessions/{sid}").json()
+    assert info["turns"] == 0 and info["tokens_seen"] == 0
+    assert server.chat(sid, "Hello?", max_tokens=4).status_code == 200
