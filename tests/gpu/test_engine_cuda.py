@@ -4,9 +4,9 @@ together (eager batched forwards) answer, token for token, what each answers alo
 each, joining the batch at different steps and leaving it at different lengths.
 
 float32 (4 layers of the 8B shape): the batched matrix products round differently than one row's
-(about 1e-6 relative); with random weights no two candidates come that close. The tokenizer is
-the default model's: the model's vocabulary is larger, and the ids beyond it decode to nothing,
-the same in both runs."""
+(about 1e-6 relative), which changes a token only where two candidates are that close. The
+tokenizer is the default model's: the model's vocabulary is larger, and the ids beyond the
+tokenizer's decode to nothing, the same in both runs."""
 
 import random
 
