@@ -115,33 +115,40 @@ def _free_port() -> int:
 
 
 def start_server(args, mode: str, store: str, levels: list[int]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, __file__, "child", "--port", str(port), "--store", store,
-           "--max-batch", "1" if mode == "serial" else str(args.max_batch),
+    cmd = ["--store", store, "--max-batch", "1" if mode == "serial" else str(args.max_batch),
            "--conversations", str(max(levels))]
     for name in ("model", "device", "policy", "budget", "memory", "block_size", "max_tokens", "context",
                  "message_tokens"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(cmd, env=env)
+    return launch(__file__, cmd, args.start_timeout)
+
+
+def launch(script: str, child_args: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
+    """``python SCRIPT child --port P CHILD_ARGS`` (a server on a free loopback port), once its
+    /healthz answers: the process and its URL."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, script, "child", "--port", str(port), *child_args], env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
+    name = Path(script).stem
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit("serve_batch: the server exited at startup")
+            sys.exit(f"{name}: the server exited at startup")
         try:
             if httpx.get(url + "/healthz", timeout=5).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.5)
     proc.kill()
-    sys.exit(f"serve_batch: the server did not start in {args.start_timeout} s")
+    sys.exit(f"{name}: the server did not start in {timeout} s")
 
 
 def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int) -> dict:
-    """One streamed turn: time to first token, the gaps between text events, completion tokens."""
+    """One streamed turn: time to first token, the gaps between text events, prompt and completion
+    tokens."""
     start = time.perf_counter()
     times: list[float] = []
     usage = None
@@ -161,7 +168,8 @@ def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int)
                 times.append(time.perf_counter())
             usage = event.get("usage", usage)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return {"ttft": times[0] - start if times else None, "gaps": gaps, "tokens": usage["completion_tokens"]}
+    return {"ttft": times[0] - start if times else None, "gaps": gaps, "tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
 
 
 def percentile(values: list[float], q: float) -> float | None:
