@@ -270,6 +270,48 @@ def anchor(args, messages: list[str]) -> Iterator[dict]:
                "note": "the prefill of every whole conversation included"}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Decode tokens/s, time to first token and inter-token latency (p50 solid, p99 dashed)
+    against N, per mode; transformers' generate_batch on the throughput panel where it ran."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4))
+    panels = fig.subplots(1, 3)
+    names = {"batch": "batched", "serial": "one at a time", "transformers-generate_batch": "transformers generate_batch"}
+    for mode, label in names.items():
+        mine = sorted((r for r in rows if r.get("mode") == mode and "tokens_per_s" in r), key=lambda r: r["sessions"])
+        if not mine:
+            continue
+        n = [r["sessions"] for r in mine]
+        line = panels[0].plot(n, [r["tokens_per_s"] for r in mine], marker="o", label=label)[0]
+        for ax, key in zip(panels[1:], ("ttft", "itl")):
+            if f"{key}_p50_ms" in mine[0]:
+                ax.plot(n, [r[f"{key}_p50_ms"] for r in mine], marker="o", color=line.get_color(), label=f"{label} p50")
+                ax.plot(n, [r[f"{key}_p99_ms"] for r in mine], marker="x", ls="--", color=line.get_color(),
+                        label=f"{label} p99")
+    levels = sorted({r["sessions"] for r in rows if "sessions" in r})
+    for ax, ylabel in zip(panels, ("decode tokens/s (all sessions)", "time to first token (ms)",
+                                   "inter-token latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(n) for n in levels])
+        ax.set_xlabel("concurrent conversations (N)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    panels[0].set_ylim(bottom=0)
+    for ax in panels[1:]:
+        ax.set_yscale("log")
+    first = next((r for r in rows if "context" in r), {})
+    fig.suptitle(f"{path.stem}: model {first.get('model')}, {first.get('policy')} budget {first.get('budget')}, "
+                 f"context {first.get('context')}, {first.get('max_tokens')} tokens per answer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -290,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anchor", action="store_true", help="also transformers' generate_batch (GPU)")
     p.add_argument("--prefill-tokens-hf", type=int, default=8192, help="generate_batch's max_batch_tokens")
     p.add_argument("--start-timeout", type=float, default=900)
-    p.add_argument("--out", default=None, help="append one JSON line per mode and level here")
+    p.add_argument("--out", default=None, help="append one JSON line per mode and level here; the plot of all "
+                   "the file's rows goes beside it (.png)")
+    p.add_argument("--plot", default=None, help="only plot the rows of this file (written by --out)")
     if argv and argv[0] == "child":
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--store", required=True)
@@ -298,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         child(p.parse_args(argv[1:]))
         return 0
     args = p.parse_args(argv)
+    if args.plot:
+        plot(read_rows(Path(args.plot)), Path(args.plot).with_suffix(".png"))
+        return 0
     args.levels = [int(x) for x in args.sessions.split(",")]
     rows = []
 
@@ -339,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ttft_p50_ms" in r:
             print(f"{r['mode']:>8} {r['sessions']:>4} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>8} "
                   f"{r['itl_p50_ms']:>8} {r['itl_p99_ms']:>8} {r['mean_batch'] or '-':>6}")
+    if args.out:
+        plot(read_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
     return 0
 
 
