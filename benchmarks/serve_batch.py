@@ -15,6 +15,9 @@ With ``--anchor`` (GPU), the same load also runs on transformers' own continuous
 (`model.generate_batch`, paged full cache) with as many conversations as fit in ``--memory`` at
 full precision: that count and its decode tokens/s are reported beside ours.
 
+The plot of every row of the ``--out`` file (throughput, TTFT and inter-token latency p50/p99
+against N, per mode) is written beside it (.png); ``--plot FILE.jsonl`` redraws one.
+
 CPU (the default model)::
 
     python benchmarks/serve_batch.py --sessions 1,4,16 --out benchmarks/results/serve-batch-cpu.jsonl
@@ -308,6 +311,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def server_arguments(p: argparse.ArgumentParser, budget: str, memory: str, block_size: int) -> None:
+    """The model and the server's policy, budget, memory bound and block size (with this
+    benchmark's defaults)."""
+    p.add_argument("--model", default="default", help="default (embedded), random-8b, or a path")
+    p.add_argument("--device", default=None)
+    p.add_argument("--policy", default="snapkv")
+    p.add_argument("--budget", default=budget)
+    p.add_argument("--memory", default=memory, help="the server's --memory (serve_batch: also the anchor's KV memory)")
+    p.add_argument("--block-size", type=int, default=block_size)
+
+
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -315,12 +329,7 @@ def read_rows(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default", help="default (embedded), random-8b, or a path")
-    p.add_argument("--device", default=None)
-    p.add_argument("--policy", default="snapkv")
-    p.add_argument("--budget", default="64")
-    p.add_argument("--memory", default="1GiB", help="the server's --memory (and the anchor's KV memory)")
-    p.add_argument("--block-size", type=int, default=64)
+    server_arguments(p, budget="64", memory="1GiB", block_size=64)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--context", type=int, default=256, help="tokens of each conversation before the clock starts")
     p.add_argument("--message-tokens", type=int, default=50)

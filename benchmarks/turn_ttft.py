@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_batch import build_model, launch, metrics, one_turn, percentile, text_of
+from serve_batch import build_model, launch, metrics, one_turn, percentile, read_rows, server_arguments, text_of
 
 KINDS = ("disk", "resident")
 MESSAGE_TOKENS = 4000  # the longest message of the seeded conversation
@@ -136,12 +136,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default", help="default (embedded), random-8b, or a path")
-    p.add_argument("--device", default=None)
-    p.add_argument("--policy", default="snapkv")
-    p.add_argument("--budget", default="256")
-    p.add_argument("--memory", default="2GiB", help="the server's --memory")
-    p.add_argument("--block-size", type=int, default=256)
+    server_arguments(p, budget="256", memory="2GiB", block_size=256)
     p.add_argument("--lengths", default="1000,2000,4000,7800", help="conversation lengths (tokens), ascending")
     p.add_argument("--message-tokens", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=4)
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = p.parse_args(argv)
     if args.plot:
-        rows = [json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()]
+        rows = read_rows(Path(args.plot))
         plot([r for r in rows if "kind" in r], Path(args.plot).with_suffix(".png"), Path(args.plot).stem)
         return 0
 
