@@ -1,7 +1,7 @@
 """The batching engine (`kb.Engine`): sessions decoded together give, token for token, the answers
 they give alone, with mixed policies, budgets, stores and lengths; they join and leave the batch
 at any step; long prompts are fed in blocks between decode steps; sampling, stop sequences and
-cancellation behave per turn."""
+cancellation behave per turn, and a turn told to stop stops between two blocks of its prompt."""
 
 import pytest
 import torch

@@ -1,7 +1,8 @@
 """The server over the batching engine, on a tiny random-weight model (plain transformers):
 concurrent turns decode in one batch and answer what each gives alone, ``--max-batch 1`` serves
-one at a time, a turn that does not fit the memory bound waits instead of failing, and stop
-sequences, seeded sampling and usage behave per request."""
+one at a time, a turn that does not fit the memory bound waits instead of failing, stop
+sequences, seeded sampling and usage behave per request, and a client gone during a long prompt
+stops it between two blocks."""
 
 import json
 import time
@@ -153,15 +154,17 @@ def test_a_client_gone_during_a_long_prompt_stops_it_between_blocks(start, tiny)
                     if '"role"' in line:
                         break  # the turn has started: hang up
         deadline = time.monotonic() + 30
-        while server.metrics()["kvbudget_turns_in_flight"] > 0:
+        while True:  # until the request is counted gone and its turn ended
+            m = server.metrics()
+            if m.get('kvbudget_requests_total{code="499"}') == 1 and m["kvbudget_turns_in_flight"] == 0:
+                break
             assert time.monotonic() < deadline, "the turn went on after its client left"
             time.sleep(0.05)
     finally:
         slow["sleep"] = 0.0
         hook.remove()
     assert len(calls) <= blocks // 4, f"{len(calls)} of the prompt's {blocks} blocks fed after the client left"
-    m = server.metrics()
-    assert m['kvbudget_requests_total{code="499"}'] == 1 and m["kvbudget_generated_tokens_total"] == 0
+    assert m["kvbudget_generated_tokens_total"] == 0
     info = server.client.get(f"/v1/sessions/{sid}").json()
     assert info["turns"] == 0 and info["tokens_seen"] == 0
     assert server.chat(sid, "Hello?", max_tokens=4).status_code == 200

@@ -254,8 +254,8 @@ class SessionManager:
         """Queue one chat request; its future gives the `TurnResult` or raises its `APIError`.
         With a session id the messages are *new* messages appended to that session; without one
         they are the whole conversation (a temporary session). ``deadline`` is checked while the
-        request waits and before every prompt block and generated token; the turn is committed (saved, then
-        answered) only if it is still in time once generated."""
+        request waits and before every prompt block and generated token; the turn is committed
+        (saved, then answered) only if it is still in time once generated."""
         job = ChatJob(owner, req, events, deadline)
         self.executor.submit(self.waiting.append, job)
         return job.future
