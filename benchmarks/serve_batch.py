@@ -15,6 +15,9 @@ With ``--anchor`` (GPU), the same load also runs on transformers' own continuous
 (`model.generate_batch`, paged full cache) with as many conversations as fit in ``--memory`` at
 full precision: that count and its decode tokens/s are reported beside ours.
 
+The plot of every row of the ``--out`` file (throughput, TTFT and inter-token latency p50/p99
+against N, per mode) is written beside it (.png); ``--plot FILE.jsonl`` redraws one.
+
 CPU (the default model)::
 
     python benchmarks/serve_batch.py --sessions 1,4,16 --out benchmarks/results/serve-batch-cpu.jsonl
@@ -115,33 +118,40 @@ def _free_port() -> int:
 
 
 def start_server(args, mode: str, store: str, levels: list[int]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, __file__, "child", "--port", str(port), "--store", store,
-           "--max-batch", "1" if mode == "serial" else str(args.max_batch),
+    cmd = ["--store", store, "--max-batch", "1" if mode == "serial" else str(args.max_batch),
            "--conversations", str(max(levels))]
     for name in ("model", "device", "policy", "budget", "memory", "block_size", "max_tokens", "context",
                  "message_tokens"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(cmd, env=env)
+    return launch(__file__, cmd, args.start_timeout)
+
+
+def launch(script: str, child_args: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
+    """``python SCRIPT child --port P CHILD_ARGS`` (a server on a free loopback port), once its
+    /healthz answers: the process and its URL."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, script, "child", "--port", str(port), *child_args], env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
+    name = Path(script).stem
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit("serve_batch: the server exited at startup")
+            sys.exit(f"{name}: the server exited at startup")
         try:
             if httpx.get(url + "/healthz", timeout=5).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.5)
     proc.kill()
-    sys.exit(f"serve_batch: the server did not start in {args.start_timeout} s")
+    sys.exit(f"{name}: the server did not start in {timeout} s")
 
 
 def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int) -> dict:
-    """One streamed turn: time to first token, the gaps between text events, completion tokens."""
+    """One streamed turn: time to first token, the gaps between text events, prompt and completion
+    tokens."""
     start = time.perf_counter()
     times: list[float] = []
     usage = None
@@ -161,7 +171,8 @@ def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int)
                 times.append(time.perf_counter())
             usage = event.get("usage", usage)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return {"ttft": times[0] - start if times else None, "gaps": gaps, "tokens": usage["completion_tokens"]}
+    return {"ttft": times[0] - start if times else None, "gaps": gaps, "tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -262,15 +273,63 @@ def anchor(args, messages: list[str]) -> Iterator[dict]:
                "note": "the prefill of every whole conversation included"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def plot(rows: list[dict], path: Path) -> None:
+    """Decode tokens/s, time to first token and inter-token latency (p50 solid, p99 dashed)
+    against N, per mode; transformers' generate_batch on the throughput panel where it ran."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4))
+    panels = fig.subplots(1, 3)
+    names = {"batch": "batched", "serial": "one at a time", "transformers-generate_batch": "transformers generate_batch"}
+    for mode, label in names.items():
+        mine = sorted((r for r in rows if r.get("mode") == mode and "tokens_per_s" in r), key=lambda r: r["sessions"])
+        if not mine:
+            continue
+        n = [r["sessions"] for r in mine]
+        line = panels[0].plot(n, [r["tokens_per_s"] for r in mine], marker="o", label=label)[0]
+        for ax, key in zip(panels[1:], ("ttft", "itl")):
+            if f"{key}_p50_ms" in mine[0]:
+                ax.plot(n, [r[f"{key}_p50_ms"] for r in mine], marker="o", color=line.get_color(), label=f"{label} p50")
+                ax.plot(n, [r[f"{key}_p99_ms"] for r in mine], marker="x", ls="--", color=line.get_color(),
+                        label=f"{label} p99")
+    levels = sorted({r["sessions"] for r in rows if "sessions" in r})
+    for ax, ylabel in zip(panels, ("decode tokens/s (all sessions)", "time to first token (ms)",
+                                   "inter-token latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(n) for n in levels])
+        ax.set_xlabel("concurrent conversations (N)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    panels[0].set_ylim(bottom=0)
+    for ax in panels[1:]:
+        ax.set_yscale("log")
+    first = next((r for r in rows if "context" in r), {})
+    fig.suptitle(f"{path.stem}: model {first.get('model')}, {first.get('policy')} budget {first.get('budget')}, "
+                 f"context {first.get('context')}, {first.get('max_tokens')} tokens per answer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def server_arguments(p: argparse.ArgumentParser, budget: str, memory: str, block_size: int) -> None:
+    """The model and the server's policy, budget, memory bound and block size (with this
+    benchmark's defaults)."""
     p.add_argument("--model", default="default", help="default (embedded), random-8b, or a path")
     p.add_argument("--device", default=None)
     p.add_argument("--policy", default="snapkv")
-    p.add_argument("--budget", default="64")
-    p.add_argument("--memory", default="1GiB", help="the server's --memory (and the anchor's KV memory)")
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--budget", default=budget)
+    p.add_argument("--memory", default=memory, help="the server's --memory (serve_batch: also the anchor's KV memory)")
+    p.add_argument("--block-size", type=int, default=block_size)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    server_arguments(p, budget="64", memory="1GiB", block_size=64)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--context", type=int, default=256, help="tokens of each conversation before the clock starts")
     p.add_argument("--message-tokens", type=int, default=50)
@@ -282,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anchor", action="store_true", help="also transformers' generate_batch (GPU)")
     p.add_argument("--prefill-tokens-hf", type=int, default=8192, help="generate_batch's max_batch_tokens")
     p.add_argument("--start-timeout", type=float, default=900)
-    p.add_argument("--out", default=None, help="append one JSON line per mode and level here")
+    p.add_argument("--out", default=None, help="append one JSON line per mode and level here; the plot of all "
+                   "the file's rows goes beside it (.png)")
+    p.add_argument("--plot", default=None, help="only plot the rows of this file (written by --out)")
     if argv and argv[0] == "child":
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--store", required=True)
@@ -290,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         child(p.parse_args(argv[1:]))
         return 0
     args = p.parse_args(argv)
+    if args.plot:
+        plot(read_rows(Path(args.plot)), Path(args.plot).with_suffix(".png"))
+        return 0
     args.levels = [int(x) for x in args.sessions.split(",")]
     rows = []
 
@@ -331,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ttft_p50_ms" in r:
             print(f"{r['mode']:>8} {r['sessions']:>4} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>8} "
                   f"{r['itl_p50_ms']:>8} {r['itl_p99_ms']:>8} {r['mean_batch'] or '-':>6}")
+    if args.out:
+        plot(read_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
     return 0
 
 

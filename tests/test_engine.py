@@ -1,12 +1,13 @@
 """The batching engine (`kb.Engine`): sessions decoded together give, token for token, the answers
 they give alone, with mixed policies, budgets, stores and lengths; they join and leave the batch
 at any step; long prompts are fed in blocks between decode steps; sampling, stop sequences and
-cancellation behave per turn."""
+cancellation behave per turn, and a turn told to stop stops between two blocks of its prompt."""
 
 import pytest
 import torch
 
 import kvbudget as kb
+from kvbudget.runtime.models import load_tokenizer
 from kvbudget.runtime.turnsteps import TurnCancelled
 
 from server_kit import tiny_model
@@ -20,39 +21,36 @@ TEXT = (
 
 # (policy, its options, context characters, answer tokens): dense, evicting, streaming, a KIVI
 # store, per-head lengths (Ada-KV), eviction + store, accumulated scores; every evicting policy
-# compresses while decoding (interval 6).
+# compresses while decoding (interval 4).
 MIXED = [
-    ("full", {}, 200, 8),
-    ("snapkv", {"budget": 40, "decode_interval": 6}, 700, 16),
-    ("streaming", {"budget": 32, "decode_interval": 6}, 400, 12),
-    ("kivi4", {}, 500, 6),
-    ("adakv", {"budget": 48, "decode_interval": 6}, 900, 14),
-    ("snapkv+kivi2", {"budget": 48, "decode_interval": 6}, 600, 10),
-    ("h2o", {"budget": 40, "decode_interval": 6}, 300, 16),
+    ("full", {}, 150, 6),
+    ("snapkv", {"budget": 40, "decode_interval": 4}, 450, 9),
+    ("streaming", {"budget": 32, "decode_interval": 4}, 300, 7),
+    ("kivi4", {}, 350, 5),
+    ("adakv", {"budget": 48, "decode_interval": 4}, 550, 8),
+    ("snapkv+kivi2", {"budget": 48, "decode_interval": 4}, 400, 6),
+    ("h2o", {"budget": 40, "decode_interval": 4}, 250, 9),
 ]
 QUESTIONS = ["What is the code of the blue door?", "Who sings in the tavern?"]
 
 
 @pytest.fixture(scope="module")
-def tiny(default_model):
+def tiny():
     """A random 2-layer Llama over the default tokenizer, built with plain transformers."""
-    _, tok = default_model
+    tok = load_tokenizer()
     return tiny_model(tok), tok
 
 
-def _session(model, tok, name, options, chars):
-    session = kb.Session(model, tok, kb.policy(name, **options), block_size=32, decode="eager")
+def _session(model, tok, name, options, chars, block_size=32):
+    session = kb.Session(model, tok, kb.policy(name, **options), block_size=block_size, decode="eager")
     session.add_context(TEXT[:chars])
     return session
 
 
-def _alone(model, tok, specs, questions):
-    """Each session's turns run alone: token ids per turn, and the session."""
-    out = []
-    for name, options, chars, n in specs:
-        session = _session(model, tok, name, options, chars)
-        out.append(([session.ask_detailed(q, n).token_ids for q in questions], session))
-    return out
+def _pairs(model, tok, specs, block_size=32):
+    """For each spec, a session with its context fed and an exact copy of it (one prefill)."""
+    sessions = [_session(model, tok, name, options, chars, block_size) for name, options, chars, _ in specs]
+    return sessions, [s.fork() for s in sessions]
 
 
 def _same_cache(a, b) -> None:
@@ -68,42 +66,40 @@ def test_batched_answers_equal_each_session_alone_tiny_model(tiny):
     """Seven sessions of different policies, budgets, stores and lengths: two turns each, decoded
     together (joining at different steps, leaving at different lengths) = each alone."""
     model, tok = tiny
-    alone = _alone(model, tok, MIXED, QUESTIONS)
-    sessions = [_session(model, tok, name, options, chars) for name, options, chars, _ in MIXED]
+    sessions, direct = _pairs(model, tok, MIXED)
+    alone = [[d.ask_detailed(q, n).token_ids for q in QUESTIONS] for d, (*_, n) in zip(direct, MIXED)]
     engine = kb.Engine(model, tok, prefill_tokens=64)
-    batches = []
+    batched, batches = [[] for _ in MIXED], []
     for q in QUESTIONS:
         turns = []
-        for (_, _, _, n), session in zip(MIXED, sessions):
+        for (*_, n), session in zip(MIXED, sessions):
             turns.append(engine.submit(session, q, n))
             engine.step()  # the next one joins a batch already running
             batches.append(engine.last_batch)
         engine.run()
-        for (ids, _), turn in zip(alone, turns):
+        for ids, turn in zip(batched, turns):
             ids.append(turn.result().token_ids)
     assert max(batches) >= 3, "sessions decoded together"
-    for (name, *_), (ids, direct), session in zip(MIXED, alone, sessions):
-        assert ids[2:] == ids[:2], name  # the batched turns are the lone turns, token for token
-        assert session.messages == direct.messages, name
-        _same_cache(session.cache, direct.cache)
+    for (name, *_), ids, lone, session, d in zip(MIXED, batched, alone, sessions, direct):
+        assert ids == lone, name  # the batched turns are the lone turns, token for token
+        assert session.messages == d.messages, name
+        _same_cache(session.cache, d.cache)
     assert engine.decoded_tokens > engine.decode_steps  # more than one token per forward on average
 
 
 def test_batched_answers_equal_alone_default_model(default_model):
-    """The real default model: three sessions (full, snapkv compressing while decoding, KIVI),
+    """The real default model: an evicting session compressing while decoding and a KIVI one,
     decoded together = alone."""
     model, tok = default_model
-    specs = [("full", {}, 200, 6), ("snapkv", {"budget": 40, "decode_interval": 4}, 400, 9),
-             ("kivi4", {}, 300, 5)]
-    question = ["What is the code of the blue door?"]
-    alone = _alone(model, tok, specs, question)
-    sessions = [_session(model, tok, name, options, chars) for name, options, chars, _ in specs]
+    specs = [("snapkv", {"budget": 40, "decode_interval": 3}, 250, 6), ("kivi4", {}, 150, 4)]
+    question = "What is the code of the blue door?"
+    sessions, direct = _pairs(model, tok, specs, block_size=64)
+    alone = [d.ask_detailed(question, n).token_ids for d, (*_, n) in zip(direct, specs)]
     engine = kb.Engine(model, tok)
-    turns = [engine.submit(s, question[0], n) for s, (*_, n) in zip(sessions, specs)]
+    turns = [engine.submit(s, question, n) for s, (*_, n) in zip(sessions, specs)]
     engine.run()
-    for (ids, direct), turn, session in zip(alone, turns, sessions):
-        assert turn.result().token_ids == ids[0]
-        assert session.messages == direct.messages
+    assert [t.result().token_ids for t in turns] == alone
+    assert [s.messages for s in sessions] == [d.messages for d in direct]
     assert engine.decode_steps < sum(n for *_, n in specs), "decoded in a shared batch"
 
 
@@ -133,15 +129,15 @@ def test_long_prompts_are_fed_in_blocks_between_decode_steps(tiny):
 def test_sampling_with_a_seed_repeats_and_stop_sequences_cut(tiny):
     model, tok = tiny
     engine = kb.Engine(model, tok)
+    base = _session(model, tok, "full", {}, 200)
     answers = []
     for seed in (7, 7, 8):
-        session = _session(model, tok, "full", {}, 200)
-        turn = engine.submit(session, "Say something.", 12, temperature=1.0, top_p=0.9, seed=seed)
+        turn = engine.submit(base.fork(), "Say something.", 12, temperature=1.0, top_p=0.9, seed=seed)
         engine.run()
         answers.append(turn.result().token_ids)
     assert answers[0] == answers[1] and answers[0] != answers[2]
     # A stop sequence: the answer is cut before it and the turn ends there.
-    session = _session(model, tok, "full", {}, 200)
+    session = base
     greedy = engine.submit(session.fork(), "Say something.", 12)
     engine.run()
     text = greedy.result().text
@@ -170,3 +166,30 @@ def test_a_cancelled_turn_ends_and_the_others_go_on(tiny):
     with pytest.raises(kb.KVBudgetError, match="in flight"):
         engine.submit(sessions[1], "a", 2)
         engine.submit(sessions[1], "b", 2)
+
+
+def test_a_turn_stops_between_the_blocks_of_its_prompt(tiny):
+    """A turn whose ``check`` raises (a server's client gone) stops before its next prompt
+    block: the rest of a long question is never fed and no token is chosen; the turn decoding
+    beside it answers as alone."""
+    model, tok = tiny
+    engine = kb.Engine(model, tok, prefill_tokens=32)
+    other, long_session = (_session(model, tok, "snapkv", {"budget": 48}, 300) for _ in range(2))
+    expected = other.fork().ask_detailed("Hi?", 8).token_ids
+    start = long_session.tokens_seen
+
+    class Gone(Exception):
+        pass
+
+    def check() -> None:
+        if long_session.tokens_seen >= start + 64:
+            raise Gone("the client went away")
+
+    stopped = engine.submit(long_session, "Tell me again: " + TEXT[:800], 8, check=check)
+    answered = engine.submit(other, "Hi?", 8)
+    engine.run()
+    with pytest.raises(Gone):
+        stopped.result()
+    assert long_session.tokens_seen == start + 64, "two blocks of the ~190-token question, not all of it"
+    assert stopped.tokens == []
+    assert answered.result().token_ids == expected

@@ -1,9 +1,11 @@
 """The server over the batching engine, on a tiny random-weight model (plain transformers):
 concurrent turns decode in one batch and answer what each gives alone, ``--max-batch 1`` serves
-one at a time, a turn that does not fit the memory bound waits instead of failing, and stop
-sequences, seeded sampling and usage behave per request."""
+one at a time, a turn that does not fit the memory bound waits instead of failing, stop
+sequences, seeded sampling and usage behave per request, and a client gone during a long prompt
+stops it between two blocks."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -46,7 +48,7 @@ def start(tiny, tmp_path):
             server.stop()
 
 
-def _concurrently(server: Server, n_tokens: int = 10) -> list[list[str]]:
+def _concurrently(server: Server, n_tokens: int = 6) -> list[list[str]]:
     ids = [server.new_session() for _ in QUESTIONS]
 
     def client(i: int) -> list[str]:
@@ -68,7 +70,7 @@ def test_concurrent_turns_decode_together_and_answer_as_alone(start, tiny):
     alone = []
     for q in QUESTIONS:
         session = kb.Session(model, tok, kb.policy("snapkv", budget="48"), block_size=32)
-        alone.append([session.ask(q, 10), session.ask("And then?", 10)])
+        alone.append([session.ask(q, 6), session.ask("And then?", 6)])
     slow["sleep"] = 0.01
     batched = start()
     assert _concurrently(batched) == alone
@@ -91,7 +93,7 @@ def test_a_turn_that_does_not_fit_waits_for_the_turns_in_flight(start, tiny):
     session = kb.Session(model, tok, manager.default_policy)
     needs = []
     for q in QUESTIONS:
-        req = ChatRequest([{"role": "user", "content": q}], 10)
+        req = ChatRequest([{"role": "user", "content": q}], 6)
         needs.append(manager.footprint.need(session, session.new_tokens(req.messages), req.max_tokens))
     memory = max(needs) + int(0.9 * min(needs))
     assert 2 * min(needs) > memory, "two first turns do not fit together"
@@ -127,3 +129,42 @@ def test_stop_sequences_seeded_sampling_and_usage(start):
     assert texts[0] == texts[1] and texts[0] != texts[2] and texts[0] != text
     bad = server.chat(None, "hi", stop=["a", "b", "c", "d", "e"])
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "stop"
+
+
+def test_a_client_gone_during_a_long_prompt_stops_it_between_blocks(start, tiny):
+    """A streamed turn whose client hangs up while its long message is fed stops before the next
+    block: the rest of the prompt is not fed, nothing is decoded, the session is as saved, and
+    the server goes on."""
+    model, tok, slow = tiny
+    server = start()
+    sid = server.new_session()
+    message = " ".join(["the harbour keeps its lighthouse lit"] * 100)
+    probe = kb.Session(model, tok, kb.policy("snapkv", budget="48"), block_size=32)
+    blocks = -(-probe.new_tokens([{"role": "user", "content": message}]) // 32)
+    assert blocks >= 15
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    slow["sleep"] = 0.2
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            body = {"session_id": sid, "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": message}]}
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if '"role"' in line:
+                        break  # the turn has started: hang up
+        deadline = time.monotonic() + 30
+        while True:  # until the request is counted gone and its turn ended
+            m = server.metrics()
+            if m.get('kvbudget_requests_total{code="499"}') == 1 and m["kvbudget_turns_in_flight"] == 0:
+                break
+            assert time.monotonic() < deadline, "the turn went on after its client left"
+            time.sleep(0.05)
+    finally:
+        slow["sleep"] = 0.0
+        hook.remove()
+    assert len(calls) <= blocks // 4, f"{len(calls)} of the prompt's {blocks} blocks fed after the client left"
+    assert m["kvbudget_generated_tokens_total"] == 0
+    info = server.client.get(f"/v1/sessions/{sid}").json()
+    assert info["turns"] == 0 and info["tokens_seen"] == 0
+    assert server.chat(sid, "Hello?", max_tokens=4).status_code == 200

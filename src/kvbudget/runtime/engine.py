@@ -38,7 +38,7 @@ from .answer import greedy
 from .modelcall import run
 from .sampling import Sampler
 from .session import Session
-from .turnsteps import TurnCancelled, TurnSteps
+from .turnsteps import TurnSteps
 
 # Prompt tokens fed per iteration, at most (at least one block): what one iteration may hold the
 # decoding sessions up for.
@@ -88,12 +88,15 @@ class Engine:
     # --- turns ----------------------------------------------------------------------------------
     def submit(self, session: Session, question: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-               on_token: Callable[[int], None] | None = None, context: list[dict] | None = None) -> TurnSteps:
+               on_token: Callable[[int], None] | None = None, context: list[dict] | None = None,
+               check: Callable[[], None] | None = None) -> TurnSteps:
         """Queue a turn of ``session`` answering ``question``; it runs in the next `step` that
         has room. Greedy unless ``temperature`` > 0 (then sampled with ``top_p`` and ``seed``);
         the answer ends early at the first of ``stop`` (cut before it). ``on_token`` is called
         with each token as it is chosen; ``context``: messages fed before the question (as
-        `Session.add_context`). A session takes one turn at a time."""
+        `Session.add_context`); ``check`` is called before each block fed and each token decoded:
+        what it raises ends the turn there (`TurnSteps.check`). A session takes one turn at a
+        time."""
         if session.model is not self.model:
             raise KVBudgetError("the session runs another model than this engine's")
         if any(t.session is session for t in (*self.waiting, *self.running)):
@@ -101,7 +104,7 @@ class Engine:
         if max_new_tokens <= 0:
             raise KVBudgetError(f"max_new_tokens must be positive, got {max_new_tokens}")
         choose = greedy if temperature == 0 else Sampler(temperature, top_p, seed)
-        turn = TurnSteps(session, question, max_new_tokens, choose, stop, on_token, context)
+        turn = TurnSteps(session, question, max_new_tokens, choose, stop, on_token, context, check)
         self.waiting.append(turn)
         return turn
 
@@ -123,8 +126,8 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             self.running.append(self.waiting.popleft())
         for turn in self.running:
-            if turn.cancelled and not turn.done:
-                turn.fail(TurnCancelled("the turn was cancelled"))
+            if not turn.done:
+                self._guarded(turn, turn.check)  # a turn told to stop ends even where it waits for a block
         self._feed()
         self._decode()
         self.running = [t for t in self.running if not t.done]
@@ -144,10 +147,15 @@ class Engine:
 
     def _whole(self, turn: TurnSteps) -> None:
         """Run a turn of a session that answers its own way (`Session.ask_detailed`) in one go."""
+        def on_token(token: int) -> None:
+            turn.check()
+            if turn.on_token is not None:
+                turn.on_token(token)
+
         def ask() -> None:
             if turn.context:
                 turn.session.add_context(turn.context)
-            done = turn.session.ask_detailed(turn.turn.question, turn.max_new_tokens, on_token=turn.on_token)
+            done = turn.session.ask_detailed(turn.turn.question, turn.max_new_tokens, on_token=on_token)
             turn.turn = done
             turn.finish_reason = "length" if len(done.token_ids) >= turn.max_new_tokens else "stop"
             turn.phase = "done"

@@ -35,7 +35,8 @@ class TurnSteps:
 
     def __init__(self, session: Session, question: str, max_new_tokens: int = 64,
                  choose: Callable[[Tensor], int] = greedy, stop: Sequence[str] = (),
-                 on_token: Callable[[int], None] | None = None, context: list[dict] | None = None) -> None:
+                 on_token: Callable[[int], None] | None = None, context: list[dict] | None = None,
+                 check: Callable[[], None] | None = None) -> None:
         self.session = session
         self.context = context
         self.max_new_tokens = max_new_tokens
@@ -47,6 +48,7 @@ class TurnSteps:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self._check = check
         self.done_callbacks: list[Callable[[TurnSteps], None]] = []
         self._steps = self._question(context, question)
         self._scratch = ExitStack()
@@ -73,6 +75,16 @@ class TurnSteps:
         """Stop the turn at its next step (the engine fails it with `TurnCancelled`)."""
         self.cancelled = True
 
+    def check(self) -> None:
+        """Raise why the turn must stop now, if it must: `cancel` was called, or the ``check``
+        it was made with raised (a request's deadline passed, its client went away). Called
+        before each block fed and each token decoded, so a turn stops between two blocks of a long
+        prompt as well as between two tokens."""
+        if self.cancelled:
+            raise TurnCancelled("the turn was cancelled")
+        if self._check is not None:
+            self._check()
+
     def result(self) -> Turn:
         """The answered turn; raises the turn's error if it failed."""
         if self.error is not None:
@@ -83,7 +95,8 @@ class TurnSteps:
 
     # --- steps (the engine calls these) -------------------------------------------------------
     def feed_block(self) -> None:
-        """Feed the next block of the question or of the answer."""
+        """Feed the next block of the question or of the answer (unless `check` raises)."""
+        self.check()
         try:
             next(self._steps)
         except StopIteration as end:
@@ -94,7 +107,8 @@ class TurnSteps:
 
     def next_token(self) -> int | None:
         """The token to feed at this decode step, or None: the answer is over (the turn goes on
-        with feeding the answer back)."""
+        with feeding the answer back). `check` first."""
+        self.check()
         token = self._decoding.next_token()
         if token is None:
             self._end_decoding()

@@ -269,7 +269,7 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
     async def _stream(owner: str, req: ChatRequest, deadline: Deadline, release, start: float) -> StreamingResponse:
         """Start the request; answer errors found before generation as plain JSON errors, then
         stream the reply as server-sent events. A client that goes away stops the turn at its
-        next token (the session stays as it was saved)."""
+        next prompt block or token (the session stays as it was saved)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 

@@ -232,11 +232,11 @@ class Admission:
 class Deadline:
     """One request's time limit and cancellation, shared by the request path and the model side.
 
-    The model side calls `check` where it can stop (before starting, at each generated token)
-    and `commit` once the work is done and about to be kept (a turn is saved after it): from
-    then on the request is answered whatever the clock says. The request path calls `expire`
-    when its time is up (it answers 408 only if the work was not committed) and `cancel` when
-    the client went away."""
+    The model side calls `check` where it can stop (before starting, before each prompt block
+    and each generated token) and `commit` once the work is done and about to be kept (a turn is
+    saved after it): from then on the request is answered whatever the clock says. The request
+    path calls `expire` when its time is up (it answers 408 only if the work was not committed)
+    and `cancel` when the client went away."""
 
     def __init__(self, seconds: float, metrics: Metrics | None = None) -> None:
         self.seconds = seconds

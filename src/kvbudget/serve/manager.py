@@ -254,8 +254,8 @@ class SessionManager:
         """Queue one chat request; its future gives the `TurnResult` or raises its `APIError`.
         With a session id the messages are *new* messages appended to that session; without one
         they are the whole conversation (a temporary session). ``deadline`` is checked while the
-        request waits and at every generated token; the turn is committed (saved, then
-        answered) only if it is still in time once generated."""
+        request waits and before every prompt block and generated token; the turn is committed
+        (saved, then answered) only if it is still in time once generated."""
         job = ChatJob(owner, req, events, deadline)
         self.executor.submit(self.waiting.append, job)
         return job.future
@@ -317,14 +317,14 @@ class SessionManager:
             job.events("ready", None)
 
         def on_token(token: int) -> None:
-            if job.deadline is not None:
-                job.deadline.check()  # a timeout or a client gone: the turn stops here, unsaved
             if job.events is not None:
                 job.events("token", token)
 
+        # A timeout or a client gone stops the turn before its next block or token, unsaved.
         job.turn = self.engine.submit(session, req.question, req.max_tokens, temperature=req.temperature or 0.0,
                                       top_p=req.top_p, seed=req.seed, stop=req.stop, on_token=on_token,
-                                      context=req.context)
+                                      context=req.context,
+                                      check=job.deadline.check if job.deadline is not None else None)
         job.turn.done_callbacks.append(lambda _: self._finished(job))
         self.live.start(job, session)
         if key is not None:
