@@ -35,8 +35,9 @@ def test_deterministic_per_seed(tok, name):
     assert a[0].context != a[1].context
 
 
-# Document generators (string contexts); `conversation` has its own tests in test_episodic.py.
-DOCUMENTS = sorted(n for n in GENERATORS if n != "conversation")
+# Document generators (string contexts); `conversation` has its own tests in test_episodic.py,
+# `chat` below.
+DOCUMENTS = sorted(n for n in GENERATORS if n not in ("conversation", "chat"))
 
 
 @pytest.mark.parametrize("name", DOCUMENTS)
@@ -67,6 +68,94 @@ def test_answers_in_context_and_ids_unique(tok, name, tmp_path):
     # Generated tasks are valid task files.
     write_tasks(tmp_path / "t.jsonl", tasks)
     assert read_tasks(tmp_path / "t.jsonl") == tasks
+
+
+@pytest.mark.parametrize("length", [300, 600, 1000])
+def test_chat_length_within_5_percent(tok, length):
+    from kvbudget.eval.runner import context_tokens
+
+    for task in make_tasks("chat", tok, 3, length, seed=length):
+        assert abs(context_tokens(tok, task) - length) <= 0.05 * length
+
+
+def _sessions(task: Task) -> list[int]:
+    """The session number of every message of a chat."""
+    out, s = [], 0
+    for m in task.context:
+        head = re.match(r"Session (\d+) — (\d+) (\w+) (\d{4})\n", m["content"])
+        s = int(head.group(1)) if head else s
+        out.append(s)
+    return out
+
+
+def test_chat_speakers_sessions_and_categories(tok, tmp_path):
+    tasks = make_tasks("chat", tok, 4, 1000, seed=11)
+    assert len({t.id for t in tasks}) == 4
+    for task in tasks:
+        msgs = task.context
+        # A valid chat: roles alternate, starting with the user; every message is "Name: text".
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2) + ["user"] * (len(msgs) % 2)
+        speakers = {re.match(r"(?:Session .*\n)?(\w+): ", m["content"]).group(1) for m in msgs}
+        assert speakers == set(task.meta["speakers"]) and 3 <= len(speakers) <= 4
+        # Sessions numbered in order, dated, dates rising.
+        heads = [re.match(r"Session (\d+) — (.+)\n", m["content"]) for m in msgs]
+        heads = [h for h in heads if h]
+        assert [int(h.group(1)) for h in heads] == list(range(1, task.meta["sessions"] + 1))
+        from datetime import datetime
+        dates = [datetime.strptime(h.group(2), "%d %B %Y") for h in heads]
+        assert dates == sorted(dates) and len(set(dates)) == len(dates)
+        assert {q.category for q in task.questions} == {"single", "updated", "multi-session"}
+        text = "\n".join(m["content"] for m in msgs)
+        for q in task.questions:
+            for answer in q.answers:
+                assert re.search(rf"\b{re.escape(answer)}\b", text)
+    write_tasks(tmp_path / "t.jsonl", tasks)
+    assert read_tasks(tmp_path / "t.jsonl") == tasks
+
+
+def test_chat_updates_and_multi_session_facts(tok):
+    seen = set()
+    for task in make_tasks("chat", tok, 5, 900, seed=12):
+        session = _sessions(task)
+        for q, fact in zip(task.questions, task.meta["facts"], strict=True):
+            assert fact["category"] == q.category
+            where = [m for _, m in fact["evidence"]]
+            said = [task.context[m]["content"] for m in where]
+            if q.category == "single":
+                assert len(where) == 1 and q.answers[0] in said[0]
+            elif q.category == "updated":
+                old, new = fact["old"], q.answers[0]
+                assert old != new and len(where) == 2
+                # The old value is stated first, in an earlier session; the gold is the later value.
+                assert old in said[0] and new not in said[0] and new in said[1]
+                assert session[where[0]] < session[where[1]]
+                first_new = min(i for i, m in enumerate(task.context) if new in m["content"])
+                assert first_new == where[1]
+            else:
+                # Two statements in two sessions; the answer needs both.
+                assert len(where) == 2 and session[where[0]] != session[where[1]]
+                if q.metric == "string_match_all":
+                    assert q.answers[0] in said[0] and q.answers[1] in said[1]
+                else:
+                    bridge = re.match(r"(\w+) ", said[1].split(": ", 1)[1]).group(1)
+                    assert bridge in said[0] and q.answers[0] in said[1] and q.answers[0] not in said[0]
+            # The question names the speaker who made the statement.
+            speaker = re.match(r"(?:Session .*\n)?(\w+): ", said[-1]).group(1)
+            assert speaker in q.question
+            seen.add((q.category, q.metric))
+    assert seen == {("single", "contains"), ("updated", "contains"), ("multi-session", "contains"),
+                    ("multi-session", "string_match_all")}
+
+
+def test_chat_options(tok):
+    tasks = make_tasks("chat", tok, 1, 800, seed=0, sessions=7, per_kind=1)
+    assert tasks[0].meta["sessions"] == 7 and len(tasks[0].questions) == 3
+    with pytest.raises(KVBudgetError, match="sessions must be at least 2"):
+        make_tasks("chat", tok, 1, 300, 0, sessions=1)
+    with pytest.raises(KVBudgetError, match="per_kind must be between 1 and 3"):
+        make_tasks("chat", tok, 1, 300, 0, per_kind=4)
+    with pytest.raises(KVBudgetError, match="length 150 is too short"):
+        make_tasks("chat", tok, 1, 150, 0, sessions=8, per_kind=3)
 
 
 def test_needle_facts_match_questions(tok):

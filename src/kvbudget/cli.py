@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="synthetic task sets")
     tsub = p.add_subparsers(dest="tasks_command", required=True)
     m = tsub.add_parser("make", help="generate a seeded task set")
-    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find, conversation, ruler")
+    m.add_argument("name", help="generator: needle, kv, prefix_suffix, multihop, math_find, conversation, chat, ruler")
     m.add_argument("--task", default=None,
                    help="ruler: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe, "
                    "or all")

@@ -114,7 +114,7 @@ def _facts(rng: random.Random) -> list[dict]:
     ]
 
 
-def _message_tokens(tok: Any, messages: list[dict]) -> int:
+def chat_tokens(tok: Any, messages: list[dict]) -> int:
     """Tokens of the chat as a session feeds it (chat template included)."""
     if getattr(tok, "chat_template", None):
         text = tok.apply_chat_template(messages, tokenize=False)
@@ -168,9 +168,9 @@ def conversation(tok: Any, n: int, length: int, seed: int, *, sessions: int = 5)
 
         messages = _render(talk, placed, dates)
         # Count incrementally (template overhead per exchange measured once), check exactly at the end.
-        total = _message_tokens(tok, messages)
+        total = chat_tokens(tok, messages)
         pair = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-        overhead = _message_tokens(tok, messages + pair) - total - 2
+        overhead = chat_tokens(tok, messages + pair) - total - 2
         while total < 0.98 * length:
             s = rng.randrange(sessions)
             user, assistant = rng.choice(_SMALL_TALK[rng.choice(session_topic[s])])

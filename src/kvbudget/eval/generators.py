@@ -12,6 +12,7 @@ import random
 from typing import Any, Callable
 
 from ..errors import KVBudgetError
+from .chat import chat
 from .conversation import conversation
 from .prose import document, spread
 from .scbench import GENERATORS as SCBENCH_GENERATORS
@@ -115,6 +116,7 @@ def kv(tok: Any, n: int, length: int, seed: int, *, pairs: int = 5,
 
 
 GENERATORS: dict[str, Callable[..., list[Task]]] = {"needle": needle, "kv": kv, "conversation": conversation,
+                                                     "chat": chat,
                                                      **SCBENCH_GENERATORS}
 
 

@@ -56,7 +56,7 @@ MODES = ("multi-turn", "multi-request", "query-aware")
 # Settings that change results: a resumed sweep must use the same ones as the rows it extends.
 _RESULT_SETTINGS = ("block_size", "max_new_tokens", "window", "seed", "decode_interval", "model")
 # Task metadata that differs between the samples of one generation setting.
-_PER_SAMPLE = ("index", "tokens", "id")
+_PER_SAMPLE = ("index", "tokens", "id", "speakers", "facts")  # chat: who speaks, where each answer is stated
 
 
 @dataclass
