@@ -150,11 +150,23 @@ def test_commands_the_docs_give_take_their_options():
                     missing += [f"{doc.name}:{n}: kvbudget {m.group(1)} {f}" for f in flags.findall(m.group(2))
                                 if f not in commands[m.group(1)]]
             for m in re.finditer(r"(benchmarks/\w+\.py)((?: +[^\s`|;#]+)*)", line):
-                script = ROOT / m.group(1)
-                source = script.read_text() if script.exists() else ""
+                source = _script_source(ROOT / m.group(1))
                 missing += [f"{doc.name}:{n}: {m.group(1)} {f}" for f in flags.findall(m.group(2))
                             if f'"{f}"' not in source and f"'{f}'" not in source]
     assert not missing, "docs give options their commands do not take:\n" + "\n".join(missing)
+
+
+def _script_source(script: Path) -> str:
+    """A benchmark script's source with that of the sibling benchmark modules it imports (shared
+    argument definitions live there)."""
+    if not script.exists():
+        return ""
+    source = script.read_text()
+    for name in re.findall(r"^(?:from|import) (\w+)", source, flags=re.M):
+        sibling = script.parent / f"{name}.py"
+        if sibling.exists():
+            source += sibling.read_text()
+    return source
 
 
 def _quoted_results() -> set[str]:
