@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from serve_batch import one_turn, percentile
+
 QUESTIONS = [
     ("I am planning a trip to Lisbon in May with two friends. We like food, old streets and the sea. "
      "What should we see first?"),
@@ -81,39 +83,6 @@ def start_server(args, store: str) -> tuple[subprocess.Popen, str]:
     sys.exit("load_server: kvbudget serve did not start in 300 s")
 
 
-def one_request(client: httpx.Client, session_id: str, question: str, max_tokens: int) -> dict:
-    """One streamed turn: latency, time to first token, generated tokens."""
-    start = time.perf_counter()
-    first = None
-    usage, stats = None, None
-    body = {"session_id": session_id, "stream": True, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": question}]}
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            r.read()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"]["message"])
-            if first is None and event["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
-            usage, stats = event.get("usage", usage), event.get("kvbudget", stats)
-    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": usage["completion_tokens"],
-            "kv_bytes": stats["kv_bytes"], "compression": stats["compression"]}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (as numpy's default), without numpy."""
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def _auth(args) -> dict[str, str]:
     return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
@@ -148,7 +117,7 @@ def run_level(url: str, n: int, args) -> dict:
                 if time.monotonic() > deadline:
                     return
                 try:
-                    r = one_request(http, session_id, QUESTIONS[i % len(QUESTIONS)], args.max_tokens)
+                    r = one_turn(http, session_id, QUESTIONS[i % len(QUESTIONS)], args.max_tokens)
                 except (RuntimeError, httpx.HTTPError) as exc:
                     with lock:
                         errors.append(str(exc))
@@ -169,9 +138,9 @@ def run_level(url: str, n: int, args) -> dict:
         "requests": len(results),
         "errors": len(errors),
         "wall_s": round(wall, 2),
-        "p50_s": round(_percentile(latencies, 50), 3) if latencies else None,
-        "p99_s": round(_percentile(latencies, 99), 3) if latencies else None,
-        "ttft_p50_s": round(_percentile(ttfts, 50), 3) if ttfts else None,
+        "p50_s": round(percentile(latencies, 50), 3) if latencies else None,
+        "p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+        "ttft_p50_s": round(percentile(ttfts, 50), 3) if ttfts else None,
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2) if wall else None,
         "requests_per_s": round(len(results) / wall, 3) if wall else None,
@@ -180,7 +149,7 @@ def run_level(url: str, n: int, args) -> dict:
         "kv_bytes_peak": after["kvbudget_kv_bytes_peak"],
         "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
         "loads": after["kvbudget_session_loads_total"] - before["kvbudget_session_loads_total"],
-        "compression_mean": round(sum(r["compression"] or 1 for r in results) / len(results), 2) if results else None,
+        "compression_mean": round(sum(r["kvbudget"]["compression"] or 1 for r in results) / len(results), 2) if results else None,
         "first_error": errors[0] if errors else None,
     }
 

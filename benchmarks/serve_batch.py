@@ -150,11 +150,11 @@ def launch(script: str, child_args: list[str], timeout: float) -> tuple[subproce
 
 
 def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int) -> dict:
-    """One streamed turn: time to first token, the gaps between text events, prompt and completion
-    tokens."""
+    """One streamed turn: latency, time to first token, the gaps between text events, prompt and
+    completion tokens, and the turn's `kvbudget` block (bytes held, compression)."""
     start = time.perf_counter()
     times: list[float] = []
-    usage = None
+    usage, stats = None, None
     body = {"session_id": session_id, "stream": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": message}]}
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -169,10 +169,10 @@ def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int)
                 raise RuntimeError(event["error"]["message"])
             if event["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
-            usage = event.get("usage", usage)
+            usage, stats = event.get("usage", usage), event.get("kvbudget", stats)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return {"ttft": times[0] - start if times else None, "gaps": gaps, "tokens": usage["completion_tokens"],
-            "prompt_tokens": usage["prompt_tokens"]}
+    return {"latency": time.perf_counter() - start, "ttft": times[0] - start if times else None, "gaps": gaps,
+            "tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"], "kvbudget": stats}
 
 
 def percentile(values: list[float], q: float) -> float | None:
