@@ -89,12 +89,11 @@ def test_budget_larger_than_context_is_an_error(task_file):
 
 def test_eval_writes_results_summary_report(tmp_path, task_file):
     out = tmp_path / "out"
-    proc = _run("eval", "--tasks", str(task_file), "--policy", "snapkv,streaming", "--budget", "64,4x",
+    proc = _run("eval", "--tasks", str(task_file), "--policy", "snapkv", "--budget", "64,4x",
                 "--out", str(out), "--no-progress", "--max-new-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {(r["policy"], r["budget"]) for r in rows} == {
-        ("full", "-"), ("snapkv", "64"), ("snapkv", "4x"), ("streaming", "64"), ("streaming", "4x")}
+    assert {(r["policy"], r["budget"]) for r in rows} == {("full", "-"), ("snapkv", "64"), ("snapkv", "4x")}
     for key in ["score", "answer_logprob", "retention", "kv_bytes", "peak_bytes", "prefill_s", "decode_s", "prediction"]:
         assert all(key in r for r in rows)
     full = next(r for r in rows if r["policy"] == "full")
@@ -102,9 +101,10 @@ def test_eval_writes_results_summary_report(tmp_path, task_file):
     assert all(r["kv_bytes"] < full["kv_bytes"] for r in rows if r["policy"] != "full")
     assert {r["mode"] for r in rows} == {"multi-turn", "multi-request", "query-aware"}  # all three by default
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["rows"]) == 5 * 3
+    assert len(summary["rows"]) == 3 * 3
     assert (out / "plot.png").stat().st_size > 10_000
     assert "| model |" in (out / "report.md").read_text()
+    assert "OPTIMISTIC" in (out / "report.md").read_text()  # the query-aware rows are labelled
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "snapkv" in proc.stdout and "retain" in proc.stdout and "agree" in proc.stdout
     # `kvbudget report DIR` rewrites both from results.jsonl alone.
@@ -112,16 +112,6 @@ def test_eval_writes_results_summary_report(tmp_path, task_file):
     proc = _run("report", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "data:image/png;base64," in (out / "report.html").read_text()
-
-
-def test_query_aware_mode_is_labelled(tmp_path, task_file):
-    out = tmp_path / "qa"
-    proc = _run("eval", "--tasks", str(task_file), "--policy", "snapkv", "--budget", "64", "--mode", "query-aware",
-                "--out", str(out), "--no-progress", "--max-new-tokens", "8")
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["mode"] for r in rows} == {"query-aware"}
-    assert "OPTIMISTIC" in (out / "report.md").read_text()
 
 
 def test_run_decodes_with_static_buffers_on_cpu(tmp_path, capsys):

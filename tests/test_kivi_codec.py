@@ -131,7 +131,7 @@ def test_policies_through_the_codec_equal_torch(tiny_llama, monkeypatch, name, k
         monkeypatch.setenv("KVBUDGET_KIVI_CODEC", mode)
         policy = kb.policy(name, decode_interval=8, **kw)
         cache = policy.new_cache(tiny_llama)
-        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(230), block_size=64)
+        logits, _ = kb.prefill(tiny_llama, cache, policy, random_ids(160), block_size=64)
         with torch.inference_mode():
             runs.append((logits, greedy_decode(tiny_llama, cache, policy, logits, 16, eos=set(), mode="eager"), cache))
     (la, ida, ca), (lb, idb, cb) = runs

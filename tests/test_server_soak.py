@@ -1,5 +1,5 @@
 """A short soak of `kvbudget serve` (its own process, loopback, a tiny random-weight model):
-clients with two API keys send for SOAK_SECONDS (30 by default) a random mix of turns, streamed
+clients with two API keys send for SOAK_SECONDS (20 by default) a random mix of turns, streamed
 turns, streams closed after their first token, invalid requests, other keys' sessions, reads,
 new sessions and deletions, on a memory bound that holds a few sessions. Afterwards: no 5xx,
 every refused request refused as expected, the memory bound held, the resident size flat after
@@ -19,7 +19,7 @@ from server_kit import Process, Sampler, check_soak, parse_metrics, save_tiny_mo
 import kvbudget as kb
 from kvbudget.runtime.models import load_model, load_tokenizer
 
-SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
+SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
 KEYS = ["soak-key-one-" + "1" * 20, "soak-key-two-" + "2" * 20]
 MEMORY = 150_000  # KV bytes: a few of the tiny model's sessions
 
