@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .entries import POSITION_DTYPE, Block, Entries, LayerView, gather_entries
+from .entries import POSITION_DTYPE, Block, Entries, LayerView, extend, gather_entries
 
 
 @dataclass
@@ -47,12 +47,8 @@ class DenseEntries(Entries):
         return LayerView(self.keys, self.values, self.positions, dict(self.state), None)
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor, want_positions: bool) -> Block:
-        b, h, q = keys.shape[:3]
         n_old, old_positions = self.max_entries, self.positions
-        self.keys = torch.cat([self.keys, keys], dim=2)
-        self.values = torch.cat([self.values, values], dim=2)
-        self.positions = torch.cat([self.positions, positions.expand(b, h, q)], dim=2)
-        self.state = {k: torch.cat([s, s.new_zeros(b, h, q)], dim=2) for k, s in self.state.items()}
+        extend(self, keys, values, positions)
         return Block(self.keys, self.values, n_old, key_positions=old_positions if want_positions else None)
 
     def attend(self, keys: Tensor, values: Tensor, want_positions: bool) -> Block:

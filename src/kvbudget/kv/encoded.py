@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .body import Body, append_encoded, prepend_body, rebuild_body
-from .entries import Block, Entries, LayerView, gather_entries
+from .entries import Block, Entries, LayerView, extend, gather_entries
 from .store import Encoded, Store
 
 
@@ -72,12 +72,8 @@ class EncodedEntries(Entries):
                decode: bool = True) -> Block:
         """As `Entries.append`; ``decode`` False: the block holds the tail only (a decode step that
         attends to the body as stored, `cache.BodyPlan`)."""
-        b, h, q = keys.shape[:3]
         n_old, old_positions = self.max_entries, self.positions
-        self.keys = torch.cat([self.keys, keys], dim=2)
-        self.values = torch.cat([self.values, values], dim=2)
-        self.positions = torch.cat([self.positions, positions.expand(b, h, q)], dim=2)
-        self.state = {k: torch.cat([s, s.new_zeros(b, h, q)], dim=2) for k, s in self.state.items()}
+        extend(self, keys, values, positions)
         all_keys, all_values = self.decoded(self.keys, self.values) if decode else (self.keys, self.values)
         return Block(all_keys, all_values, n_old, key_positions=old_positions if want_positions else None)
 

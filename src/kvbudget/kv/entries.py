@@ -132,6 +132,17 @@ class Entries:
         return type(self)(**{f.name: each(getattr(self, f.name)) for f in fields(self)})
 
 
+def extend(entries, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+    """Append a block (``[B, H, Q, D]`` keys and values, its positions broadcast to every head) to
+    the full-precision ``keys``, ``values``, ``positions`` and per-entry ``state`` of ``entries``
+    (a dense layout or an encoded layout's tail); the new entries' state starts at zero."""
+    b, h, q = keys.shape[:3]
+    entries.keys = torch.cat([entries.keys, keys], dim=2)
+    entries.values = torch.cat([entries.values, values], dim=2)
+    entries.positions = torch.cat([entries.positions, positions.expand(b, h, q)], dim=2)
+    entries.state = {k: torch.cat([s, s.new_zeros(b, h, q)], dim=2) for k, s in entries.state.items()}
+
+
 def gather_entries(t: Tensor, index: Tensor) -> Tensor:
     """The entries at ``index`` ([B, H, k]) of ``t`` ([B, H, n] or [B, H, n, d])."""
     idx = index if t.dim() == 3 else index[..., None].expand(*index.shape, t.shape[-1])
