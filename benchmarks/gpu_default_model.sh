@@ -9,9 +9,10 @@
 # and the `gguf` wheel in .whl/, both ignored by git):
 #   call 1, carry .gpu_model/smollm2.gguf.part00:   bash benchmarks/gpu_default_model.sh stash
 #   call 2, carry .gpu_model/smollm2.gguf.part01 and .whl:
-#                                                   bash benchmarks/gpu_default_model.sh bench|gpu|ruler
+#                                                   bash benchmarks/gpu_default_model.sh bench|gpu|ruler|eval ARGS
 # `bench` runs the main job's whole grid (`kvbudget bench --full`) on CUDA; `gpu` runs gpu_bench.py on the real model;
-# `ruler` runs benchmarks/ruler.sh on CUDA (LENGTH, default 4096; TASKS, default all; N, default 1).
+# `ruler` runs benchmarks/ruler.sh on CUDA (LENGTH, default 4096; TASKS, default all; N, default 1);
+# `eval ARGS` runs `kvbudget eval ARGS --device cuda --no-progress`.
 set -euo pipefail
 STASH=/tmp/kvbudget-model
 SITE=$STASH/site
@@ -38,5 +39,6 @@ case "${1:-}" in
     gpu) python3 benchmarks/gpu_bench.py --model default --out "$OUT/gpu_bench-default-model.jsonl" \
             --sections bw,baseline,budget,profile --contexts 2048,8192 --budgets 256,1024 ;;
     ruler) LENGTH=${LENGTH:-4096} DEVICE=cuda OUT="$OUT/ruler-gpu-${LENGTH:-4096}" bash benchmarks/ruler.sh ;;
-    *) echo "usage: $0 stash|bench|gpu|ruler" >&2; exit 2 ;;
+    eval) shift; python3 -m kvbudget.cli eval "$@" --device cuda --no-progress ;;
+    *) echo "usage: $0 stash|bench|gpu|ruler|eval ARGS" >&2; exit 2 ;;
 esac
