@@ -42,7 +42,7 @@ from .snapkv import SnapKV
 @register("duo")
 class DuoAttention(SnapKV):
     paper = "DuoAttention (Xiao et al. 2024)"
-    summary = "streaming heads (most attention on sinks + recent) keep only those, retrieval heads the rest; ragged"
+    summary = "heads split on the fly: streaming heads keep sinks + recent, retrieval heads the rest (ragged)"
     state_names = ("duo",)
     # The heads share the layer's budget (per-head lengths differ), with any layer allocator.
     default_allocator, default_heads = "head-adaptive", "adaptive"
