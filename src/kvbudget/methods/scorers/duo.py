@@ -11,8 +11,8 @@ mass stream. The pattern is then fixed, as the paper's is for a model: it is kep
 state (+1 on a streaming head's entries, -1 on a retrieval head's; 4 bytes an entry, counted), so
 it survives session save/load, rollbacks and the batching engine.
 
-``streaming`` (0.5, the paper's LongBench setting for GQA models; kvpress's head_compression_ratio
-defaults to 0) is the share of streaming heads. The paper and kvpress rank the heads of all layers
+``streaming`` (0.5, the paper's share for GQA models, 0.75 for MHA ones; kvpress's
+head_compression_ratio, default 0) is the share of streaming heads. The paper and kvpress rank the heads of all layers
 together; a scorer sees one layer, so layer l gets floor(s H (l+1)) - floor(s H l) of its H heads
 and the model's share is exact even where s H is not whole (the default model, 3 KV heads: layers
 alternate 1 and 2 streaming heads).
@@ -21,7 +21,8 @@ A streaming head keeps ``sinks`` (128) + ``recent`` (256) entries (the released 
 and kvpress's on-the-fly values), both scaled down to at most half the layer's average per-head
 budget so that the retrieval heads always hold more than the average, and never fewer recent than
 the protected window every head keeps. It scores +inf there and -inf elsewhere; a retrieval head
-scores as SnapKV. The heads share the layer's budget (Ada-KV's one top-k over the layer,
+scores as SnapKV. So `duo` is this scorer + the head-adaptive allocation, no core change: the
+heads share the layer's budget (Ada-KV's one top-k over the layer,
 `compress.select.pick_across_heads`): streaming heads hold exactly their sinks + recent, retrieval
 heads the rest of the budget by SnapKV score, or all they have where it fits; the layer is stored
 ragged, so its bytes are the entries held. Unlike the paper, a context under the budget is kept
