@@ -30,7 +30,8 @@ from pathlib import Path
 # Method names shared by both libraries -> kvpress press factories (built in the kvpress process).
 METHODS = ("snapkv", "streaming", "knorm", "tova", "pyramidkv", "keydiff", "adakv")
 # Also shared (`--methods`); FINCH (a delimiter token added to the model) and SimLayerKV (no
-# compression ratio: lazy layers keep a fixed recent window) take no budget in kvpress.
+# compression ratio: lazy layers keep a fixed recent window) take no budget in kvpress, nor does
+# DuoAttention (a share of streaming heads; its on-the-fly pattern downloads BookSum samples).
 MORE_METHODS = ("expected-attention", "criticalkv", "criticaladakv", "chunkkv", "chunkkv-entropy", "compactor",
                 "curdkv", "lagkv", "capkv")
 

@@ -80,10 +80,10 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
         policy_name = f"{policy_name}+{store_name}"
     demotes = store is not None and store.demotes
     if store is not None and not demotes and ((allocator or "") in HEAD_ADAPTIVE or heads == "adaptive"):
+        fix = ("its heads keep different numbers of entries by design" if getattr(scorer_cls, "default_heads", "") == "adaptive"
+               else "use it with the uniform or pyramid allocator")
         raise UnknownPolicyError(
-            f"policy '{name}': store '{store_name}' needs every head to keep the same number of entries; "
-            "use it with the uniform or pyramid allocator"
-        )
+            f"policy '{name}': store '{store_name}' needs every head to keep the same number of entries; {fix}")
     if store is not None and store.cross_layer and scorer.evicts:
         raise UnknownPolicyError(f"policy '{name}': store '{store_name}' merges layers and cannot be combined with eviction")
     if not scorer.evicts and not demotes:

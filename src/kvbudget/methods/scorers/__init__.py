@@ -7,6 +7,7 @@ from . import (  # noqa: F401 - imported to register
     compactor,
     criticalkv,
     curdkv,
+    duo,
     epicache,
     expected_attention,
     finch,
