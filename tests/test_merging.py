@@ -181,17 +181,17 @@ def test_merging_is_named_composed_and_refused_where_it_cannot_work():
 # --- sessions on the real default model --------------------------------------------------------
 
 CONTEXT = ("The blue door code is 4821. Mira keeps her bicycle in the green shed behind the bakery. "
-           "On Tuesdays the market sells pears, and the ferry leaves at noon from the north pier. ") * 5
+           "On Tuesdays the market sells pears, and the ferry leaves at noon from the north pier. ") * 3
 
 
 @pytest.mark.parametrize("name", ["snapkv+merge", "snapkv+cam"])
 def test_merging_session_holds_its_budget_answers_and_round_trips(default_model, tmp_path, name):
     model, tok = default_model
-    session = kb.Session(model, tok, kb.policy(name, budget=64), block_size=64)
+    session = kb.Session(model, tok, kb.policy(name, budget=48), block_size=32)
     session.add_context(CONTEXT)
     cache = session.cache
-    assert all(layer.max_entries <= 64 for layer in cache.layers)
-    assert cache.nbytes() < cache.get_seq_length() * len(cache.layers) * kb.Policy.entry_bytes(cache) / 3
+    assert all(layer.max_entries <= 48 for layer in cache.layers)
+    assert cache.nbytes() < cache.get_seq_length() * len(cache.layers) * kb.Policy.entry_bytes(cache) / 2
     if name.endswith("+merge"):  # evicted entries were merged, and the counts are held
         assert all(float(layer.entries.state["merged"].sum()) > 0 for layer in cache.layers)
     path = tmp_path / "s.kvb"
@@ -199,9 +199,10 @@ def test_merging_session_holds_its_budget_answers_and_round_trips(default_model,
     loaded = kb.Session.load(path, model, tok)
     assert loaded.policy.name == name
     for a, b in zip(cache.layers, loaded.cache.layers):
-        assert torch.equal(a.keys, b.keys) and a.entries.state.keys() == b.entries.state.keys()
-    answer = session.ask("What is the blue door code?", max_new_tokens=6)
-    assert answer and loaded.ask("What is the blue door code?", max_new_tokens=6) == answer
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert a.entries.state.keys() == b.entries.state.keys()
+        assert all(torch.equal(a.entries.state[k], b.entries.state[k]) for k in a.entries.state)
+    assert loaded.ask("What is the blue door code?", max_new_tokens=4)
 
 
 # --- a budget that is a fraction of the tokens seen ----------------------------------------------
@@ -240,7 +241,7 @@ def test_seen_fraction_grows_in_a_session_and_the_batching_engine(default_model)
     model, tok = default_model
     fractions = []
     for use_engine in (False, True):
-        session = kb.Session(model, tok, kb.policy("snapkv", budget="0.25seen", decode_interval=4), block_size=64)
+        session = kb.Session(model, tok, kb.policy("snapkv", budget="0.25seen", decode_interval=4), block_size=32)
         session.add_context(CONTEXT)
         entries = []
 
@@ -249,10 +250,10 @@ def test_seen_fraction_grows_in_a_session_and_the_batching_engine(default_model)
 
         if use_engine:
             engine = kb.Engine(model, tok)
-            engine.submit(session, "Where does Mira keep her bicycle?", max_new_tokens=10, on_token=on_token)
+            engine.submit(session, "Where does Mira keep her bicycle?", max_new_tokens=9, on_token=on_token)
             engine.run()
         else:
-            session.ask_detailed("Where does Mira keep her bicycle?", max_new_tokens=10, on_token=on_token)
+            session.ask_detailed("Where does Mira keep her bicycle?", max_new_tokens=9, on_token=on_token)
         # The token chosen after the 4th and 8th fed ones sees the cache compressed to a quarter.
         seen, held = entries[4]
         assert held == seen // 4
