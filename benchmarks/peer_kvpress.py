@@ -31,9 +31,10 @@ from pathlib import Path
 METHODS = ("snapkv", "streaming", "knorm", "tova", "pyramidkv", "keydiff", "adakv")
 # Also shared (`--methods`); FINCH (a delimiter token added to the model) and SimLayerKV (no
 # compression ratio: lazy layers keep a fixed recent window) take no budget in kvpress, nor does
-# DuoAttention (a share of streaming heads; its on-the-fly pattern downloads BookSum samples).
+# DuoAttention (a share of streaming heads; its on-the-fly pattern downloads BookSum samples); its
+# CAMPress compresses only while decoding (to a fixed size), not the context.
 MORE_METHODS = ("expected-attention", "criticalkv", "criticaladakv", "chunkkv", "chunkkv-entropy", "compactor",
-                "curdkv", "lagkv", "capkv")
+                "curdkv", "lagkv", "capkv", "snapkv+merge")
 
 
 # --------------------------------------------------------------------------- kvpress side
@@ -48,6 +49,8 @@ def _press(name: str, ratio: float):
                "curdkv": kp.CURPress, "lagkv": kp.LagKVPress, "capkv": kp.CapPress}
     wrappers = {"adakv": kp.AdaKVPress, "criticalkv": kp.CriticalKVPress, "criticaladakv": kp.CriticalAdaKVPress,
                 "chunkkv": kp.ChunkKVPress, "chunkkv-entropy": kp.EntropyGatedChunkKVPress}
+    if name == "snapkv+merge":
+        return kp.MergingPress(press=kp.SnapKVPress(compression_ratio=ratio))
     if name in wrappers:  # over SnapKV's scores, as ours
         return wrappers[name](kp.SnapKVPress(compression_ratio=ratio))
     return simple[name](compression_ratio=ratio)

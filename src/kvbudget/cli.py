@@ -65,6 +65,8 @@ def cmd_policies(args: argparse.Namespace) -> int:
         print(f"{r['name']:<13} {r['kind']:<7} {attention:<9}  {r['paper']:<44} {r['saves']:<42} {r['summary']}")
     print("\nCompose with '+': a scorer, an allocator (uniform, pyramid, head-adaptive) and a store,")
     print("e.g. snapkv+pyramid, snapkv+kivi4, h2o+mikv. A store alone (kivi4) keeps every token.")
+    print("A merger folds evicted entries into kept ones (any scorer, no store): snapkv+merge, adakv+cam.")
+    print("Budgets: tokens (512), bytes (24MiB), a ratio of the context (4x) or of every token seen (0.25seen).")
     return 0
 
 
@@ -283,7 +285,8 @@ def _common(p: argparse.ArgumentParser, budget_default: str | None, mode_default
     if budget_help is not None:
         p.add_argument("--budget", default=None, help=budget_help)
     elif budget_default is None:
-        p.add_argument("--budget", required=True, help="comma list: tokens (512), bytes (24MiB) or ratios (4x)")
+        p.add_argument("--budget", required=True,
+                       help="comma list: tokens (512), bytes (24MiB), ratios (4x) or fractions of the tokens seen (0.25seen)")
     else:
         p.add_argument("--budget", default=budget_default, help=f"comma list of budgets (default {budget_default})")
 

@@ -12,6 +12,8 @@ dimension (`compress.stacking`), with the same scores and picks as the per-layer
   read for every layer's kept counts, then each layer's picks gathered from its own storage;
 * store layers (`compress.batched_store`): bodies and tails stacked, one rebuild per group.
 
+Merging policies (`compress.merger`) evict through the reference path.
+
 `compress` returns False where a group cannot be stacked, and the reference path runs instead.
 """
 
@@ -45,6 +47,8 @@ def compress(cache: BudgetedCache, policy: Policy, layers: list[BudgetedLayer], 
         return False
     if fits:
         return _state_only(policy, layers, budgets)
+    if policy.merger is not None:
+        return False  # merging policies evict through the reference path (`engine.compress_layer`)
     if policy.store is not None:
         if not batched_store.stackable(policy, layers, budgets):
             return False

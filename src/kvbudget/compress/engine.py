@@ -9,14 +9,16 @@ For each layer (`compress_layer`, the reference path, read top to bottom):
 3. select: the protected window and padding rules, then each head's top-k (`select.select`),
    one top-k over all heads of the layer (Ada-KV, `select.pick_across_heads`) or, with a
    demoting store, which entries move to low precision (`select.demotion_index`);
+   with a merger (`compress.merger`), the evicted entries are then folded into kept ones;
 4. keep: the layer keeps them in its own layout (`BudgetedLayer.keep`), which frees the rest.
 
 Layers of one kind are compressed together where they allow it (`compress.batched`): the same
 scores and picks, in a few large operations instead of a few dozen per layer, which on a GPU
 the host cannot launch as fast as the GPU runs them. The tests hold the two paths equal.
 
-Around the layers: nothing is evicted while the whole context fits the average budget
-(contexts under the budget stay whole, as PyramidKV); a sliding-window layer first drops the
+Around the layers: a budget that is a fraction of the tokens seen (``0.25seen``) is resolved
+again against the cache's length; nothing is evicted while the whole context fits the average
+budget (contexts under the budget stay whole, as PyramidKV); a sliding-window layer first drops the
 entries no later token can see (`BudgetedLayer.trim_window`), whatever the policy, and keeps
 at most ``window - 1`` entries per head; a store's tail entries older than its residual window
 are encoded (`kv.cache.flush_layers`); inside a `BudgetedCache.scratch` block the cache is
@@ -57,7 +59,9 @@ def compress(cache: BudgetedCache, policy: Policy) -> None:
     cache.before_compress(appends_only=appends)
     budgets: list[int | None] = [None] * len(layers)
     if policy.evicts:
-        if cache.tokens is None:
+        if policy.budget.seen is not None:  # a fraction of every token seen: it grows with them
+            cache.tokens = policy.resolve(cache, context_tokens=cache.get_seq_length())
+        elif cache.tokens is None:
             cache.tokens = policy.resolve(cache)
         budgets = policy.layer_budgets(cache.tokens, len(layers), cache.sensitivity)
         budgets = [b if layer.window is None else min(b, layer.window - 1) for b, layer in zip(budgets, layers)]
@@ -145,10 +149,25 @@ def _score_and_keep(policy: Policy, layer: BudgetedLayer, i: int, n_layers: int,
     view.state = state
     if policy.head_adaptive:
         chosen, lens, kept = pick_across_heads(scores, obs, protected)
+        if policy.merger is not None:
+            _merge(policy, obs, view, chosen[None])
         layer.hold(RaggedEntries.chosen(view, chosen, lens, kept))
         return
     index, lens = select(scores, obs, protected)
+    if policy.merger is not None:
+        kept = torch.zeros_like(obs.positions, dtype=torch.bool).scatter_(2, index, True)
+        _merge(policy, obs, view, kept if obs.valid is None else kept & obs.valid)
     layer.keep(index, lens, view=view)
+
+
+def _merge(policy: Policy, obs: Observation, view: LayerView, kept: Tensor) -> None:
+    """Fold the entries leaving (``kept`` [B, H, n] False, real, inside a sliding window: an
+    entry no later query sees carries nothing to merge) into the kept ones of ``view``."""
+    evicted = ~kept if obs.valid is None else obs.valid & ~kept
+    if obs.window is not None:
+        evicted &= obs.positions > obs.seen - obs.window
+    view.keys, view.values = policy.merger.merge(obs, kept, evicted)
+    view.state.update({k: obs.state[k] for k in policy.merger.state_names})
 
 
 def _with_earlier_state(scored: dict[str, Tensor], layer: BudgetedLayer, start: int) -> dict[str, Tensor]:

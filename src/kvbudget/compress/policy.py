@@ -17,6 +17,7 @@ from ..kv.entries import POSITION_DTYPE
 from ..kv.store import Store
 from .allocation import HEAD_ADAPTIVE, get_allocator, sensitivity_budgets
 from .budget import Budget
+from .merger import Merger
 from .scorer import Scorer
 
 HEADS = ("uniform", "adaptive")
@@ -24,7 +25,8 @@ HEADS = ("uniform", "adaptive")
 
 @dataclass(frozen=True)
 class Policy:
-    """A scorer + an allocator + a store + a budget.
+    """A scorer + an allocator + a store + a budget, and optionally a merger (what becomes of
+    evicted entries: folded into kept ones, `compress.merger`, instead of dropped).
 
     ``window``: the most recent tokens always kept (at most half the budget); ``decode_interval``:
     during generation the cache is compressed every that many new tokens (0 = never), so long
@@ -43,6 +45,7 @@ class Policy:
     heads: str = "uniform"
     alpha: float = 1.2
     profile: str | None = None
+    merger: Merger | None = None
     name: str = ""
     # How `make_policy` was called (name, budget, keyword arguments): what a session file records
     # to rebuild this exact policy. None for a policy built by hand.
@@ -58,8 +61,16 @@ class Policy:
         get_allocator(self.allocator)  # a clear error for an unknown one
         if self.allocator in HEAD_ADAPTIVE:
             object.__setattr__(self, "heads", "adaptive")
+        if self.merger is not None and not self.scorer.evicts:
+            raise BudgetError(f"merger '{self.merger.name}' folds evicted entries: '{self.scorer.name}' evicts none")
+        if self.merger is not None and self.store is not None:
+            # Merging rewrites kept keys and values; a store's body is encoded (and a demoting
+            # store evicts nothing), so merging policies hold their entries at full precision.
+            raise BudgetError(f"merger '{self.merger.name}' cannot be combined with store '{self.store.name}' "
+                              "(merged entries are held at full precision)")
         if not self.name:
-            name = self.scorer.name if self.allocator == "uniform" else f"{self.scorer.name}+{self.allocator}"
+            parts = [self.scorer.name] + [self.allocator] * (self.allocator != "uniform")
+            name = "+".join(parts + ([self.merger.name] if self.merger else []))
             object.__setattr__(self, "name", name)
 
     def __repr__(self) -> str:
@@ -69,6 +80,19 @@ class Policy:
     def evicts(self) -> bool:
         """Whether entries are removed (or, for a demoting store, moved to low precision)."""
         return self.scorer.evicts or (self.store is not None and self.store.demotes)
+
+    @property
+    def queries(self) -> int:
+        """Observed queries a layer records for this policy: the latest k, -1 every one since the
+        last compression, 0 none (the most that its scorer, store and merger ask for)."""
+        wanted = [self.scorer.queries, self.store.queries if self.store else 0,
+                  self.merger.queries if self.merger else 0]
+        return -1 if -1 in wanted else max(wanted)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Per-entry float state the cache keeps for this policy (its scorer's and merger's)."""
+        return self.scorer.state_names + (self.merger.state_names if self.merger else ())
 
     @property
     def head_adaptive(self) -> bool:
@@ -98,14 +122,20 @@ class Policy:
         cache holds for the same context (`full_bytes`), whatever the store. It resolves to the
         most tokens whose `held_bytes` fit, so a 4-bit store keeps more entries than full
         precision at the same ratio. ``block_size``: the prefill's (a bound on how many partial
-        chunks a store's evictions leave; default: one store chunk, the most pessimistic)."""
-        if self.budget is None:
+        chunks a store's evictions leave; default: one store chunk, the most pessimistic).
+
+        A fraction of the tokens seen (``0.25seen``) resolves the same way, the full cache's bytes
+        times the fraction, against every token seen so far (``context_tokens``: the engine passes
+        the cache's length at each compression); at least one token."""
+        budget = self.budget
+        if budget is None:
             return None
-        if self.budget.ratio is None:
-            return self.budget.resolve(self.stored_entry_bytes(cache), len(cache.layers), context_tokens)
+        if budget.ratio is None and budget.seen is None:
+            return budget.resolve(self.stored_entry_bytes(cache), len(cache.layers), context_tokens)
         if context_tokens is None:
-            raise BudgetError(f"budget {self.budget}: a ratio budget needs the context length")
-        target = self.full_bytes(cache, context_tokens) / self.budget.ratio
+            raise BudgetError(f"budget {budget}: a ratio budget needs the context length")
+        full = self.full_bytes(cache, context_tokens)
+        target = full * budget.seen if budget.seen is not None else full / budget.ratio
         lo, hi = 0, context_tokens  # the most tokens that fit: held_bytes grows with them
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -113,6 +143,8 @@ class Policy:
                 lo = mid
             else:
                 hi = mid - 1
+        if lo < 1 and budget.seen is not None:
+            return 1  # a few tokens seen: one entry per head
         if lo < 1:
             raise BudgetError(f"policy '{self.name}' cannot hold {self.budget} fewer bytes than the full cache of "
                               f"{context_tokens} tokens (even one token per layer is more)")
@@ -140,7 +172,7 @@ class Policy:
         cfg = cache.config
         d, heads = _head_dim(cfg), cfg.num_key_value_heads
         full_entry = 2 * d * cache.dtype.itemsize + POSITION_DTYPE.itemsize
-        state = 4 * len(self.scorer.state_names)  # float32 per entry and scorer state
+        state = 4 * len(self.state_names)  # float32 per entry and state (scorer's, merger's)
         store = self.store
         n_layers = len(cache.layers)
         if tokens is None or not self.evicts or tokens >= context_tokens:  # a context that fits is kept whole
@@ -196,9 +228,8 @@ class Policy:
         sensitivities, for the sensitivity allocator."""
         cache = BudgetedCache(model)
         cache.sensitivity = sensitivity
-        wanted = [self.scorer.queries, self.store.queries if self.store else 0]
         for layer in cache.layers:
-            layer.observed.keep = -1 if -1 in wanted else max(wanted)
+            layer.observed.keep = self.queries
             layer.store = self.store
         return cache
 

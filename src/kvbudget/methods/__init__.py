@@ -1,5 +1,6 @@
-"""The methods: scorers and stores, one short file each (`methods/scorers`, `methods/stores`),
-and `make_policy`, which builds a policy from their names (``snapkv+pyramid+kivi4``)."""
+"""The methods: scorers, stores and mergers, one short file each (`methods/scorers`,
+`methods/stores`, `methods/mergers`), and `make_policy`, which builds a policy from their names
+(``snapkv+pyramid+kivi4``, ``snapkv+merge``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import inspect
 
 from ..compress.allocation import HEAD_ADAPTIVE
 from ..compress.budget import Budget, parse_budget
+from ..compress.merger import MERGERS
 from ..compress.policy import Policy
 from ..compress.scorer import PRESETS, SCORERS
 from ..errors import KVBudgetError, UnknownPolicyError
 from ..kv.store import STORE_VARIANTS, STORES
-from . import scorers, stores  # noqa: F401 - imported to register every method
+from . import mergers, scorers, stores  # noqa: F401 - imported to register every method
 
 # Decode-time compression interval of a policy whose scorer prefers none.
 DECODE_INTERVAL = 64
@@ -23,13 +25,15 @@ PRESET_PAPERS = {"pyramidkv": "PyramidKV (Cai et al. 2024)", "adakv": "Ada-KV (F
 def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -> Policy:
     """``kb.policy("snapkv", budget=512)``. Parts joined by ``+`` add an allocator and/or a store:
     ``"snapkv+pyramid"``, ``"snapkv+kivi4"``, ``"kivi2"`` (a store alone keeps every token),
-    ``"mikv"``. Keyword arguments go to the scorer or the store whose constructor takes them;
+    ``"mikv"``; a merger folds evicted entries into kept ones: ``"snapkv+merge"``, ``"h2o+cam"``.
+    Keyword arguments go to the scorer, the store or the merger whose constructor takes them;
     ``allocator``, ``window``, ``seed``, ``decode_interval``, ``heads``, ``alpha`` and ``profile``
     to the policy."""
     spec = {"name": name, "budget": None if budget is None else str(parse_budget(budget)), "kwargs": dict(kwargs)}
     head, *rest = [part.strip() for part in name.strip().lower().split("+")]
     allocator = kwargs.pop("allocator", None)
     store_name = kwargs.pop("store", None)
+    merger_name = None
     if head in PRESETS:
         scorer_name, preset = PRESETS[head]
         allocator = allocator or preset.get("allocator")
@@ -40,6 +44,11 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
     else:
         scorer_name, policy_name = head, None
     for part in rest:
+        if part in MERGERS:
+            if merger_name is not None and merger_name != part:
+                raise UnknownPolicyError(f"policy '{name}': two mergers given ({merger_name}, {part})")
+            merger_name = part
+            continue
         if part in STORES:
             if store_name is not None and store_name != part:
                 raise UnknownPolicyError(f"policy '{name}': two stores given ({store_name}, {part})")
@@ -62,13 +71,20 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
     alpha = kwargs.pop("alpha", 1.2)
     profile = kwargs.pop("profile", None)
     allocator = allocator or getattr(scorer_cls, "default_allocator", None)
-    store = None
+    store = merger = None
     try:
         if store_name is not None:
             store_cls = STORES[store_name]
             accepted = inspect.signature(store_cls.__init__).parameters
             store_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
             store = store_cls(**STORE_VARIANTS.get(store_name, {}), **store_kwargs)
+        if merger_name is not None:
+            merger_cls = MERGERS[merger_name]
+            accepted = inspect.signature(merger_cls.__init__).parameters
+            merger_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
+            if "window" in accepted:  # a merger reading attention observes the scorers' window
+                merger_kwargs["window"] = window
+            merger = merger_cls(**merger_kwargs)
         scorer = SCORERS[scorer_name](window=window, **kwargs)
     except TypeError as exc:
         raise UnknownPolicyError(f"policy '{name}': {exc}") from None
@@ -78,6 +94,8 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
         policy_name = "+".join(parts)
     elif store_name is not None and store_name != head:
         policy_name = f"{policy_name}+{store_name}"
+    if merger_name is not None:
+        policy_name = f"{policy_name}+{merger_name}"
     demotes = store is not None and store.demotes
     if store is not None and not demotes and ((allocator or "") in HEAD_ADAPTIVE or heads == "adaptive"):
         fix = ("its heads keep different numbers of entries by design" if getattr(scorer_cls, "default_heads", "") == "adaptive"
@@ -93,7 +111,7 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
     try:
         return Policy(scorer, None if budget is None else parse_budget(budget), allocator or "uniform", store,
                       window=window, seed=seed, decode_interval=decode_interval, heads=heads, alpha=alpha,
-                      profile=profile, name=policy_name, spec=spec)
+                      profile=profile, merger=merger, name=policy_name, spec=spec)
     except KVBudgetError as exc:
         raise type(exc)(f"policy '{name}': {exc}") from None
 
@@ -120,6 +138,9 @@ def describe() -> list[dict]:
                 "needs_attention": scorer.needs_attention,
             }
         )
+    for name, cls in sorted(MERGERS.items()):
+        rows.append({"name": f"+{name}", "kind": "merger", "paper": cls.paper, "summary": cls.summary,
+                     "saves": "tokens (evicted entries merged, then freed)", "needs_attention": bool(cls().queries)})
     for name, cls in sorted(STORES.items()):
         store = cls(**STORE_VARIANTS.get(name, {}))
         default = SCORERS[cls.default_scorer]()

@@ -200,7 +200,7 @@ def static_decoder(model, cache: BudgetedCache, policy: Policy, mode: str, max_n
         raise KVBudgetError(f"decode='{mode}' is not possible here: {reason}")
     interval = policy.decode_interval
     compresses = policy.evicts and interval and interval < max_new_tokens - 1
-    query_slots = interval if compresses and policy.scorer.queries != 0 else 0
+    query_slots = interval if compresses and policy.queries != 0 else 0
     try:
         return StaticDecoder.from_cache(model, cache, capacity=max_new_tokens, graph=mode != "static",
                                         query_slots=query_slots)

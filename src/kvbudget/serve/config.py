@@ -60,7 +60,7 @@ def parse_memory(value: str) -> int:
         budget = parse_budget(value)
     except KVBudgetError:
         budget = None
-    if budget is None or budget.ratio is not None:
+    if budget is None or (budget.nbytes is None and budget.tokens is None):
         raise KVBudgetError(f"cannot read memory {value!r}: use bytes like 2GiB, 512MB or 1000000")
     return budget.nbytes if budget.nbytes is not None else budget.tokens
 
