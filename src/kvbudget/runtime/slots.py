@@ -191,7 +191,7 @@ class SlotBatch:
         """Sessions in slots beyond the bucket their number needs move down to free slots."""
         live = self.live
         target = bucket(len(live))
-        if not live or target * 2 > self._span():
+        if not live or target * 2 > self.span:
             return
         for row in [r for r in live if r.slot >= target]:
             row.write_back()
@@ -202,7 +202,8 @@ class SlotBatch:
             self.rows[slot] = row
             row.load(slot)
 
-    def _span(self) -> int:
+    @property
+    def span(self) -> int:
         """The bucket covering every slot in use."""
         used = [i for i, r in enumerate(self.rows) if r is not None]
         return bucket(used[-1] + 1) if used else 0
@@ -214,7 +215,7 @@ class SlotBatch:
         if len(rows) != len(self.live) or set(rows) != set(self.live):
             raise RuntimeError("every session in a slot feeds one token per step")
         self._compact()
-        c = self._span()
+        c = self.span
         ids = torch.zeros(c, dtype=torch.long)
         for row, token in zip(rows, tokens):
             ids[row.slot] = token
