@@ -122,6 +122,7 @@ class SlotBatch:
         self.query_slots = 0
         self.graphs: dict[tuple, tuple] = {}  # (bucket, ragged) -> (graph, static inputs, logits)
         self.captures = 0  # graphs captured so far (for tests and metrics)
+        self.allocations = 0  # buffers allocated so far (each growth drops the graphs of the last)
         self.fused = fusion.maybe_fuse(model, torch.device(self.device))
 
     # --- slots ------------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class SlotBatch:
                 static.release(layer)
         self.graphs.clear()
         self.buffers = []
+        self.allocations += 1
         device = torch.device(self.device)
         for layer, d in zip(sample.layers, dims):
             self.buffers.append(StoreSlots(layer, slots, d, device) if layer.store is not None
