@@ -38,6 +38,7 @@ from ..errors import KVBudgetError
 from ..kv.batch import BatchCache
 from ..kv.cache import BudgetedCache
 from .answer import DECODE_MODES, greedy, query_slots
+from .decoder import supports
 from .modelcall import run
 from .sampling import Sampler
 from .session import Session
@@ -203,7 +204,11 @@ class Engine:
         if self.static:
             for turn in rows:
                 if turn.row is None:
-                    self._join(turn)
+                    self._guarded(turn, self._join, turn)
+            tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
+            rows = [turn for turn in rows if not turn.done]
+            if not rows:
+                return
         groups: dict[SlotBatch, list[tuple[TurnSteps, int]]] = {}
         eager = []
         for turn, token in zip(rows, tokens):
@@ -223,7 +228,7 @@ class Engine:
     def _join(self, turn: TurnSteps) -> None:
         """Give ``turn`` a slot in the static batch of its cache's layout, if it can take one."""
         cache, policy = turn.session.cache, turn.session.policy
-        if turn.max_new_tokens < 2:
+        if turn.max_new_tokens < 2 or supports(cache) is not None:
             return
         key = layout(cache)
         batch = self.slots.get(key)

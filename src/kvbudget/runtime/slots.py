@@ -167,6 +167,7 @@ class SlotBatch:
             row.write_back()
             for static, layer in zip(row.statics, row.cache.layers):
                 static.release(layer)
+            row.statics = []  # (views of the old buffers)
         self.graphs.clear()
         self.buffers = []
         self.allocations += 1
