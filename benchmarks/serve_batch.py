@@ -11,6 +11,11 @@ wall time), time to first token p50/p99, inter-token latency p50/p99 (gaps betwe
 text events, which carry about one token each). The server's mean decode batch comes from its
 /metrics.
 
+Mode ``static-batch`` (GPU) is the engine's own ceiling at the same N: one `StaticDecoder` over
+N sequences holding ``--budget`` + one message of entries per head (random K/V), one CUDA graph
+replay per token, no server, no scheduling (`gpu_bench.try_batch`): the server's batched decode
+tokens/s against it is the share the serving path keeps.
+
 With ``--anchor`` (GPU), the same load also runs on transformers' own continuous batching
 (`model.generate_batch`, paged full cache) with as many conversations as fit in ``--memory`` at
 full precision: that count and its decode tokens/s are reported beside ours.
@@ -94,7 +99,8 @@ def child(args) -> None:
     model, tok = build_model(args.model, args.device)
     config = ServeConfig(model_name="bench", store=Path(args.store), policies=[args.policy], budget=args.budget,
                          memory=parse_memory(args.memory), block_size=args.block_size,
-                         max_batch=args.max_batch, max_tokens=args.max_tokens, default_max_tokens=args.max_tokens)
+                         max_batch=args.max_batch, max_tokens=args.max_tokens, default_max_tokens=args.max_tokens,
+                         decode=args.decode)
     # Limits sized for the load (not what is measured): every client queued, big session directories.
     config.limits = Limits(max_queue=4 * args.conversations + 8, request_timeout_s=3600.0,
                            max_request_tokens=max(8192, 4 * args.message_tokens), max_stored_bytes=2**50,
@@ -121,7 +127,7 @@ def start_server(args, mode: str, store: str, levels: list[int]) -> tuple[subpro
     cmd = ["--store", store, "--max-batch", "1" if mode == "serial" else str(args.max_batch),
            "--conversations", str(max(levels))]
     for name in ("model", "device", "policy", "budget", "memory", "block_size", "max_tokens", "context",
-                 "message_tokens"):
+                 "message_tokens", "decode"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -273,6 +279,28 @@ def anchor(args, messages: list[str]) -> Iterator[dict]:
                "note": "the prefill of every whole conversation included"}
 
 
+def static_batch(args, levels: list[int]) -> Iterator[dict]:
+    """The engine's static-batch figure at each N: decode tokens/s of one `StaticDecoder` over N
+    sequences of ``--budget`` + one message of entries per head (one graph replay per token)."""
+    import torch
+    from gpu_bench import try_batch  # benchmarks/ is this script's directory
+
+    from kvbudget.compress.budget import parse_budget
+    from kvbudget.kv.hook import attach
+
+    model, _ = build_model(args.model, args.device)
+    attach(model)
+    entries = int(parse_budget(args.budget).tokens) + args.message_tokens
+    for n in levels:
+        ms = try_batch(model, n, entries, steps=32)
+        yield {"mode": "static-batch", "sessions": n, "entries_per_head": entries,
+               "ms_per_step": None if ms is None else round(ms, 3),
+               "tokens_per_s": None if ms is None else round(n * 1000 / ms, 1),
+               "note": "one StaticDecoder, N sequences, random K/V: no server" if ms is not None else "out of memory"}
+    del model
+    torch.cuda.empty_cache()
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Decode tokens/s, time to first token and inter-token latency (p50 solid, p99 dashed)
     against N, per mode; transformers' generate_batch on the throughput panel where it ran."""
@@ -336,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--turns", type=int, default=2, help="follow-up turns per conversation and level")
     p.add_argument("--sessions", default="1,4,16", help="comma list of concurrent conversations (N)")
-    p.add_argument("--modes", default="batch,serial", help="batch, serial (--max-batch 1), or none")
+    p.add_argument("--modes", default="batch,serial",
+                   help="batch, serial (--max-batch 1), static-batch (GPU: the engine's static batch), or none")
+    p.add_argument("--decode", default="auto", help="the server's --decode (auto: graph slots on CUDA)")
     p.add_argument("--serial-sessions", default=None, help="levels of the serial mode (default: --sessions)")
     p.add_argument("--anchor", action="store_true", help="also transformers' generate_batch (GPU)")
     p.add_argument("--prefill-tokens-hf", type=int, default=8192, help="generate_batch's max_batch_tokens")
@@ -370,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     messages = [text_of(tok, args.message_tokens, s) + " What do you make of that?" for s in range(1, 9)]
     print(f"model {args.model}, policy {args.policy}, budget {args.budget}, memory {args.memory}, context "
           f"{args.context}, {args.turns} turns of ~{args.message_tokens} tokens, max_tokens {args.max_tokens}", flush=True)
-    for mode in [m for m in args.modes.split(",") if m != "none"]:
+    modes = [m for m in args.modes.split(",") if m != "none"]
+    if "static-batch" in modes:
+        for row in static_batch(args, args.levels):
+            rows.append(row)
+            emit(row)
+    for mode in [m for m in modes if m not in ("none", "static-batch")]:
         levels = [int(x) for x in args.serial_sessions.split(",")] if mode == "serial" and args.serial_sessions \
             else args.levels
         with tempfile.TemporaryDirectory(prefix="kvbudget-batch-") as store:

@@ -225,6 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_batch=args.max_batch,
         prefill_tokens=args.prefill_tokens,
+        decode=args.decode,
         max_tokens=args.max_tokens,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
         api_keys=keys,
@@ -407,6 +408,9 @@ def _add_serve(sub) -> None:
                    help=f"turns decoded together at most; 1 serves one turn at a time (default {MAX_BATCH})")
     p.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS,
                    help=f"prompt tokens fed between two batched decode steps, at most (default {PREFILL_TOKENS})")
+    p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
+                   help="batched decoding: slots of static buffers + one CUDA graph per batch size on CUDA "
+                        "('auto'; eager on CPU), or forced")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g = p.add_argument_group("replicas on Ray (docs/distributed.md; pip install 'kvbudget[ray]')")
     g.add_argument("--replicas", type=_positive, default=None,

@@ -1,7 +1,9 @@
 """The batching engine on CUDA: sessions of mixed policies, budgets, stores and lengths decoded
-together (eager batched forwards) answer, token for token, what each answers alone with
-`Session`'s own decoding on CUDA (static buffers and one CUDA graph per token), over two turns
-each, joining the batch at different steps and leaving it at different lengths.
+together answer, token for token, what each answers alone with `Session`'s own decoding on CUDA
+(static buffers and one CUDA graph per token), over two turns each, joining the batch at
+different steps and leaving it at different lengths: with the engine's slots of static buffers
+and one CUDA graph per batch-size bucket (``decode="auto"`` on CUDA, `runtime.slots`), and eager.
+Graphs are captured once per (bucket, buffers): counted.
 
 float32 (4 layers of the 8B shape): the batched matrix products round differently than one row's
 (about 1e-6 relative), which changes a token only where two candidates are that close. The
@@ -44,12 +46,29 @@ def _session(model, tok, name: str, options: dict, words: int, seed: int) -> kb.
     return session
 
 
-def test_batched_answers_equal_each_session_alone_on_cuda(model_f32):
+def _graph_keys(engine: kb.Engine, seen: set) -> None:
+    """After each step, record every static batch's (batch, buffers, bucket, ragged) in ``seen``:
+    the graphs a step may need, at most one capture each."""
+    step = engine.step
+
+    def watched() -> None:
+        step()
+        for batch in engine.slots.values():
+            if batch.live:
+                seen.add((id(batch), batch.allocations, batch.span, any(getattr(b, "ragged", False) for b in batch.buffers)))
+
+    engine.step = watched
+
+
+@pytest.mark.parametrize("decode", ["auto", "eager"])
+def test_batched_answers_equal_each_session_alone_on_cuda(model_f32, decode):
     model, tok = model_f32, load_tokenizer()
     sessions = [_session(model, tok, name, options, words, i) for i, (name, options, words, _) in enumerate(SPECS)]
     direct = [s.fork() for s in sessions]
     alone = [[d.ask_detailed(q, n).token_ids for q in QUESTIONS] for d, (*_, n) in zip(direct, SPECS)]
-    engine = kb.Engine(model, tok, prefill_tokens=1024)
+    engine = kb.Engine(model, tok, prefill_tokens=1024, decode=decode)
+    keys: set = set()
+    _graph_keys(engine, keys)
     batched, batches = [[] for _ in SPECS], []
     for q in QUESTIONS:
         turns = []
@@ -62,8 +81,51 @@ def test_batched_answers_equal_each_session_alone_on_cuda(model_f32):
             ids.append(turn.result().token_ids)
     assert max(batches) >= 4, f"sessions decoded together: batch sizes {batches}"
     assert engine.decoded_tokens > 2 * engine.decode_steps
+    if decode == "auto":
+        assert 0 < engine.captures <= len(keys), f"{engine.captures} captures for {len(keys)} (batch, buffers, bucket)"
+    else:
+        assert engine.captures == 0 and not keys
     for (name, *_), ids, lone, session, d in zip(SPECS, batched, alone, sessions, direct):
         assert ids == lone, f"{name}: batched {ids} alone {lone}"
         assert session.messages == d.messages, name
         diff = compare_caches(session.cache, d.cache)
         assert diff < 1e-3, f"{name}: max |cache diff| {diff:.2e}"
+
+
+TIE = 0.125  # bf16: two candidates whose log-probabilities (alone) lie this close are a near tie
+
+
+def test_graph_buckets_bf16_equal_alone_and_capture_once_per_bucket(model_bf16):
+    """Eight snapkv sessions of one budget (bf16, the dtype served) join one step apart and leave
+    at different lengths: the buffers grow to 8 slots, the bucket shrinks back as they leave
+    (reusing the graphs captured for the buffers), every answer = alone up to bf16 near ties."""
+    model, tok = model_bf16, load_tokenizer()
+    lengths = [40, 64, 48, 64, 36, 56, 64, 44]
+    sessions = [_session(model, tok, "snapkv", {"budget": 512, "decode_interval": 16}, 1500 + 100 * i, i)
+                for i in range(len(lengths))]
+    direct = [s.fork() for s in sessions]
+    alone = [d.ask_detailed(QUESTIONS[0], n, keep_steps=True) for d, n in zip(direct, lengths)]
+    engine = kb.Engine(model, tok, prefill_tokens=1024)
+    keys: set = set()
+    _graph_keys(engine, keys)
+    turns = []
+    for session, n in zip(sessions, lengths):
+        turns.append(engine.submit(session, QUESTIONS[0], n))
+        engine.step()
+    spans = []
+    while engine.busy:
+        engine.step()
+        spans += [b.span for b in engine.slots.values() if b.live]
+    assert max(spans) == 8 and spans[-1] < 8, spans
+    assert engine.captures == len(keys), f"{engine.captures} captures for {len(keys)} (batch, buffers, bucket)"
+    for i, (turn, lone) in enumerate(zip(turns, alone)):
+        got, want = turn.result().token_ids, lone.token_ids
+        for step, (w, h) in enumerate(zip(want, got)):
+            if w == h:
+                continue
+            logp = lone.step_logprobs[step].float()
+            margin = float(logp[w] - logp[h])
+            assert margin <= TIE, f"session {i}: token {step} is {h}, alone {w} (log-prob margin {margin:.4f})"
+            break  # a near tie: the answers part here
+        else:
+            assert len(got) == len(want), (i, got, want)

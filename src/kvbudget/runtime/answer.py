@@ -198,16 +198,22 @@ def static_decoder(model, cache: BudgetedCache, policy: Policy, mode: str, max_n
         if mode == "auto":
             return None
         raise KVBudgetError(f"decode='{mode}' is not possible here: {reason}")
-    interval = policy.decode_interval
-    compresses = policy.evicts and interval and interval < max_new_tokens - 1
-    query_slots = interval if compresses and policy.queries != 0 else 0
     try:
         return StaticDecoder.from_cache(model, cache, capacity=max_new_tokens, graph=mode != "static",
-                                        query_slots=query_slots)
+                                        query_slots=query_slots(policy, max_new_tokens))
     except UnsupportedStatic:
         if mode == "auto":
             return None
         raise
+
+
+def query_slots(policy: Policy, max_new_tokens: int) -> int:
+    """Queries a static decoder keeps per layer between two compressions of an answer of up to
+    ``max_new_tokens``: the decode interval where the policy compresses inside the answer with a
+    scorer that reads queries, else none."""
+    interval = policy.decode_interval
+    compresses = policy.evicts and interval and interval < max_new_tokens - 1
+    return interval if compresses and policy.queries != 0 else 0
 
 
 def teacher_forced(model, cache: BudgetedCache, logits: Tensor, ids: Tensor) -> Tensor:

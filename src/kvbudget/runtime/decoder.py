@@ -128,7 +128,7 @@ class StaticDecoder:
         writes, then capture one step."""
         counters = [[c.clone() for c in layer.counters] for layer in self.layers]
         pos, qslot = self.pos.clone(), self.qslot.clone()
-        stream = _warmup_stream(self.ids.device)
+        stream = warmup_stream(self.ids.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -170,14 +170,8 @@ class StaticDecoder:
         n = self.steps
         if n == 0:
             return
-        new_pos = torch.arange(self._seen, self._seen + n, dtype=torch.int32)
-        for static, layer in zip(self.layers, cache.layers):
-            static.write_back(layer, n, new_pos.to(layer.device))
-            layer.seen += n
-            layer.peak_entries = max(layer.peak_entries, layer.max_entries)
-            if static.qbuf is not None:  # copied: the buffer is overwritten after the next reload
-                layer.observe(static.qbuf[:, :, :n].clone(), layer.observed.scaling)
-        cache.track_peak()
+        queries = [static.qbuf[:, :, :n] for static in self.layers] if self.query_slots else None
+        write_back_layers(self.layers, cache, n, self._seen, queries)
         self._seen += n
         self.steps = 0
         self.qslot.zero_()
@@ -192,10 +186,26 @@ class StaticDecoder:
         self.released = True
 
 
+def write_back_layers(statics: list, cache: BudgetedCache, n: int, seen: int, queries: list[Tensor] | None) -> None:
+    """Append the ``n`` tokens decoded from position ``seen`` on, held in the static layers
+    ``statics``, to ``cache``'s layers, with ``queries`` (per layer, [1, Hq, n, d]: the decoded
+    tokens' queries, for the scorer) when given."""
+    if n == 0:
+        return
+    new_pos = torch.arange(seen, seen + n, dtype=torch.int32)
+    for i, (static, layer) in enumerate(zip(statics, cache.layers)):
+        static.write_back(layer, n, new_pos.to(layer.device))
+        layer.seen += n
+        layer.peak_entries = max(layer.peak_entries, layer.max_entries)
+        if queries is not None:  # copied: the buffer is overwritten after the next reload
+            layer.observe(queries[i].clone(), layer.observed.scaling)
+    cache.track_peak()
+
+
 _WARMUP_STREAMS: dict = {}
 
 
-def _warmup_stream(device: torch.device) -> "torch.cuda.Stream":
+def warmup_stream(device: torch.device) -> "torch.cuda.Stream":
     """One side stream per device for the warm-up before a capture, reused by every decoder: cuBLAS
     keeps a workspace (32 MiB on Hopper) per stream it has run on, never freed, so a fresh stream
     per answer leaked that much GPU memory per answer (seen on the H100 as 35 MB per decoder)."""

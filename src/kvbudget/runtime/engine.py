@@ -8,9 +8,13 @@ Each `step` is one iteration over the turns in flight (`runtime.turnsteps`):
    this iteration (at least one block), so a long prompt holds the others' decoding up for at
    most that many tokens;
 3. *one batched decode step*: every turn that is decoding chooses its next token, and all those
-   tokens go through the model in one forward (`batch_forward`): the projections, MLPs and head
-   run once over the batch, each session's attention runs over its own budgeted cache
-   (`kv.batch`); then each session compresses at its own interval.
+   tokens go through the model together, then each session compresses at its own interval. With
+   static decoding (``decode``: "auto" on CUDA, or "static" / "graph"), sessions decode in slots
+   of static buffers shared by every session of the same cache layout (`runtime.slots`): one
+   forward per layout, on CUDA one replay of the graph captured for the batch-size bucket. Eager
+   (the default on the CPU, and for a session a slot cannot take: `runtime.decoder.supports`),
+   they go through one forward of the model (`batch_forward`) in which each session's attention
+   runs over its own budgeted cache (`kv.batch`).
 
 A turn joins the decode batch at the first step after its question is fed and leaves it when its
 answer ends. Sessions in one batch may differ in policy, budget, store, length and per-head
@@ -18,9 +22,8 @@ lengths: nothing of one session's cache is copied to another's. Under batching e
 greedy answer is the one it gives alone, up to the float rounding of the shared matrix products
 (the same tokens wherever no two candidates are within that rounding; tests/test_engine.py).
 
-Decoding here is eager (the model's own forward), on every device: the static buffers and CUDA
-graph of `runtime.decoder` serve one session at a time (`Session.ask`). A session kind that
-answers its own way (EpiCache's episodes) runs its whole turn in one step, alone.
+A session kind that answers its own way (EpiCache's episodes) runs its whole turn in one step,
+alone.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from torch import Tensor
 from ..errors import KVBudgetError
 from ..kv.batch import BatchCache
 from ..kv.cache import BudgetedCache
-from .answer import greedy
+from .answer import DECODE_MODES, greedy, query_slots
+from .decoder import supports
 from .modelcall import run
 from .sampling import Sampler
 from .session import Session
+from .slots import SlotBatch, layout
+from .static import UnsupportedStatic
 from .turnsteps import TurnSteps
 
 # Prompt tokens fed per iteration, at most (at least one block): what one iteration may hold the
@@ -71,7 +77,13 @@ class Engine:
         print(a.result().text, b.result().text)
     """
 
-    def __init__(self, model, tok, prefill_tokens: int = PREFILL_TOKENS, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, model, tok, prefill_tokens: int = PREFILL_TOKENS, max_batch: int = MAX_BATCH,
+                 decode: str = "auto") -> None:
+        if decode not in DECODE_MODES:
+            raise KVBudgetError(f"unknown decode mode '{decode}' (choose from {', '.join(DECODE_MODES)})")
+        cuda = torch.device(model.device).type == "cuda"
+        if decode == "graph" and not cuda:
+            raise KVBudgetError("decode='graph' needs a CUDA device (use 'static' or 'eager' on CPU)")
         if prefill_tokens <= 0:
             raise KVBudgetError(f"prefill_tokens must be positive, got {prefill_tokens}")
         if max_batch <= 0:
@@ -79,6 +91,12 @@ class Engine:
         self.model, self.tok = model, tok
         self.prefill_tokens = prefill_tokens
         self.max_batch = max_batch
+        # Decoding: "auto" is slots of static buffers with a CUDA graph per bucket on CUDA, eager
+        # on the CPU; "static" is the slots without graphs (any device); "eager" the model's forward.
+        self.decode = decode
+        self.static = decode in ("static", "graph") or (decode == "auto" and cuda)
+        self.slots: dict[tuple, SlotBatch] = {}  # by cache layout; dropped when the engine goes idle
+        self._captured = 0  # CUDA graphs captured by static batches dropped since
         self.waiting: deque[TurnSteps] = deque()
         self.running: list[TurnSteps] = []
         self.last_batch = 0  # sessions in the latest decode step
@@ -131,6 +149,14 @@ class Engine:
         self._feed()
         self._decode()
         self.running = [t for t in self.running if not t.done]
+        if not self.busy and self.slots:  # idle: the static buffers go (and their graphs with them)
+            self._captured = self.captures
+            self.slots.clear()
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far: one per (bucket, layout) while the engine stays busy."""
+        return self._captured + sum(batch.captures for batch in self.slots.values())
 
     def _feed(self) -> None:
         budget = self.prefill_tokens
@@ -175,16 +201,53 @@ class Engine:
                 tokens.append(token)
         if not rows:
             return
-        try:
-            logits = batch_forward(self.model, [t.session.cache for t in rows], tokens)
-        except Exception as exc:  # the forward failed for the whole batch
+        if self.static:
             for turn in rows:
-                turn.fail(exc)
-            return
+                if turn.row is None:
+                    self._guarded(turn, self._join, turn)
+            tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
+            rows = [turn for turn in rows if not turn.done]
+            if not rows:
+                return
+        groups: dict[SlotBatch, list[tuple[TurnSteps, int]]] = {}
+        eager = []
+        for turn, token in zip(rows, tokens):
+            if turn.row is None:
+                eager.append((turn, token))
+            else:
+                groups.setdefault(turn.row.batch, []).append((turn, token))
+        for batch, group in groups.items():
+            self._forward(group, lambda: batch.step([t.row for t, _ in group], [token for _, token in group]))
+        if eager:
+            self._forward(eager, lambda: batch_forward(self.model, [t.session.cache for t, _ in eager],
+                                                       [token for _, token in eager]))
         self.last_batch = len(rows)
         self.decode_steps += 1
         self.decoded_tokens += len(rows)
-        for i, turn in enumerate(rows):
+
+    def _join(self, turn: TurnSteps) -> None:
+        """Give ``turn`` a slot in the static batch of its cache's layout, if it can take one."""
+        cache, policy = turn.session.cache, turn.session.policy
+        if turn.max_new_tokens < 2 or supports(cache) is not None:
+            return
+        key = layout(cache)
+        batch = self.slots.get(key)
+        if batch is None:
+            batch = self.slots[key] = SlotBatch(self.model, graph=self.decode != "static")
+        try:
+            turn.row = batch.join(cache, turn.max_new_tokens, query_slots(policy, turn.max_new_tokens))
+        except UnsupportedStatic:
+            turn.row = None
+
+    def _forward(self, group: list[tuple[TurnSteps, int]], forward: Callable[[], Tensor]) -> None:
+        """Run one forward for ``group``'s tokens (logits in the group's order)."""
+        try:
+            logits = forward()
+        except Exception as exc:  # the forward failed for the whole group
+            for turn, _ in group:
+                turn.fail(exc)
+            return
+        for i, (turn, _) in enumerate(group):
             self._guarded(turn, turn.fed, logits[i : i + 1])
 
     @staticmethod

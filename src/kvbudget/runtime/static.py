@@ -102,9 +102,15 @@ class StaticPlan:
 
 
 def record_query(layer, query: Tensor) -> None:
-    """Keep a decoded token's query in the layer's query buffer (scorers read them at write-back)."""
-    if layer.qbuf is not None:
+    """Keep a decoded token's query in the layer's query buffer (scorers read them at write-back),
+    at ``layer.qslot``: one slot [1] for every row, or one per row [B] (`runtime.slots`)."""
+    if layer.qbuf is None:
+        return
+    if layer.qslot.numel() == 1:
         layer.qbuf.index_copy_(2, layer.qslot, query)
+    else:
+        rows = torch.arange(query.shape[0], device=query.device)
+        layer.qbuf[rows, :, layer.qslot] = query[:, :, 0]
 
 
 def append_token(key_states: Tensor, value_states: Tensor, keys: Tensor, values: Tensor, starts: Tensor,

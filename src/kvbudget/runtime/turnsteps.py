@@ -7,7 +7,10 @@ A turn has three parts, each the same code a session runs alone (`Session.ask_de
    message are fed block by block (`Session.question_steps`), one block per step;
 2. *decode*: one token per step (`answer.Decoding`), fed in a forward shared with every other
    session decoding at that step; the cache is compressed at the policy's interval after the
-   session's own step; the decoded entries are scratch, rolled back at the end;
+   session's own step; the decoded entries are scratch, rolled back at the end. Where the engine
+   decodes it in a slot of its static batch (`runtime.slots`), ``row`` is that slot: the decoded
+   entries are written back to the cache before each compression and the slot reloaded after,
+   and the slot is left (written back, released) before the scratch entries are rolled back;
 3. *answer*: the answer's text is fed again block by block and the turn compressed into the
    cache (`Session.answer_steps`).
 
@@ -54,6 +57,7 @@ class TurnSteps:
         self._scratch = ExitStack()
         self._asked: list[dict] = []
         self._decoding: Decoding | None = None
+        self.row = None  # its `runtime.slots.SlotRow` while it decodes in the engine's static batch
         self._stop_hit: int | None = None  # where a stop sequence starts in the answer's text
         self._t0 = 0.0
 
@@ -121,11 +125,19 @@ class TurnSteps:
         cache = self.session.cache
         cache.track_peak()
         if self._decoding.compress_due():
+            if self.row is not None:
+                self.row.write_back()
             compress(cache, self.session.policy)
+            if self.row is not None and not self.row.reload():
+                self.row = None  # what it keeps no longer fits its slot: it goes on eagerly
 
     def fail(self, error: BaseException) -> None:
         """End the turn with ``error``: a decoding's scratch entries are rolled back; the session
         holds what the turn had fed before (a server drops it and reloads its file)."""
+        try:
+            self._leave()
+        except Exception:  # noqa: BLE001 - the turn fails with ``error`` whatever the slot's state
+            pass
         self._steps.close()
         self._scratch.close()
         self.error = error
@@ -160,7 +172,17 @@ class TurnSteps:
                 self._stop_hit = min(hits)
                 self._decoding.finish()
 
+    def _leave(self) -> None:
+        """Leave the engine's static batch: the decoded entries back to the cache, its slot freed."""
+        row, self.row = self.row, None
+        if row is not None:
+            try:
+                row.write_back()
+            finally:
+                row.release()
+
     def _end_decoding(self) -> None:
+        self._leave()
         self._scratch.close()  # the decoded entries go: the answer is fed again as text
         decoding, turn = self._decoding, self.turn
         turn.decode_s = time.perf_counter() - self._t0

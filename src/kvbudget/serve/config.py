@@ -48,6 +48,7 @@ class ServeConfig:
     block_size: int = BLOCK_SIZE
     max_batch: int = MAX_BATCH  # turns decoded together at most (1: one at a time)
     prefill_tokens: int = PREFILL_TOKENS  # prompt tokens fed between two decode steps, at most
+    decode: str = "auto"  # the engine's decoding (`runtime.engine.Engine`): static slots + CUDA graphs on CUDA
     max_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 128
     api_keys: list[str] = field(default_factory=list)  # empty: no keys (the CLI then listens on loopback only)

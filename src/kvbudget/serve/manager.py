@@ -137,7 +137,8 @@ class SessionManager:
         self.store = self.saved.store
         self.footprint = Footprint(model, tok)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        self.engine = Engine(model, tok, prefill_tokens=config.prefill_tokens, max_batch=config.max_batch)
+        self.engine = Engine(model, tok, prefill_tokens=config.prefill_tokens, max_batch=config.max_batch,
+                             decode=config.decode)
         self.waiting: list[ChatJob] = []  # chat requests not started yet, in arrival order
         self.in_flight: dict[tuple[str, str], ChatJob] = {}  # by session key
         self.executor = ModelThread(self.engine, self._admit, self.live.track_peak)

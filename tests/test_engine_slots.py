@@ -1,0 +1,166 @@
+"""The batching engine's static batch (`runtime.slots`), forced on the CPU with ``decode="static"``
+(the slot logic the CUDA graphs replay; only capture and replay are CUDA's): sessions of mixed
+policies, budgets, stores and lengths joining and leaving at any step, growing and shrinking the
+bucket, compressing while decoding, answer token for token what each answers alone and what
+the eager engine answers; a row a slot cannot take decodes eagerly in the same step."""
+
+import pytest
+import torch
+
+import kvbudget as kb
+from kvbudget.errors import KVBudgetError
+from kvbudget.runtime.models import load_tokenizer
+from kvbudget.runtime.slots import SlotBatch
+
+from server_kit import tiny_model
+from test_engine import MIXED, QUESTIONS, _pairs, _same_cache
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = load_tokenizer()
+    return tiny_model(tok), tok
+
+
+def _watch(engine: kb.Engine, record: list) -> None:
+    """Record, after each step, (slots in use, the bucket of the step) of every static batch."""
+    step = engine.step
+
+    def watched() -> None:
+        step()
+        record.append({key[0] is not None: (len(b.live), b.span) for key, b in engine.slots.items()})
+
+    engine.step = watched
+
+
+def _serve(engine, sessions, specs, questions, record=None):
+    """Each question to every session, submitted one step apart; the answers' token ids."""
+    if record is not None:
+        _watch(engine, record)
+    out = [[] for _ in sessions]
+    for q in questions:
+        turns = []
+        for (*_, n), session in zip(specs, sessions):
+            turns.append(engine.submit(session, q, n))
+            engine.step()
+        engine.run()
+        for ids, turn in zip(out, turns):
+            ids.append(turn.result().token_ids)
+    return out
+
+
+def test_static_slots_equal_eager_engine_and_each_session_alone(tiny):
+    """Seven sessions (dense, evicting with decode-time compression, streaming, KIVI, Ada-KV
+    ragged, eviction + KIVI, H2O), joining one step apart: the static batch's answers = the eager engine's
+    = each session alone, and the caches afterwards are the same."""
+    model, tok = tiny
+    sessions, direct = _pairs(model, tok, MIXED)
+    eager_sessions = [s.fork() for s in sessions]
+    alone = [[d.ask_detailed(QUESTIONS[0], n).token_ids] for d, (*_, n) in zip(direct, MIXED)]
+    record: list = []
+    static = _serve(kb.Engine(model, tok, prefill_tokens=64, decode="static"), sessions, MIXED, QUESTIONS[:1], record)
+    eager = _serve(kb.Engine(model, tok, prefill_tokens=64, decode="eager"), eager_sessions, MIXED, QUESTIONS[:1])
+    # Dense/ragged rows shared one batch, the KIVI rows another (two KIVI settings: two more).
+    assert max(r.get(False, (0, 0))[0] for r in record) >= 3, record
+    assert max(r.get(True, (0, 0))[0] for r in record) >= 1, record
+    for (name, *_), s, e, lone, session, d in zip(MIXED, static, eager, alone, sessions, direct):
+        assert s == lone == e, name
+        assert session.messages == d.messages, name
+        _same_cache(session.cache, d.cache)
+        assert not any(layer.borrowed for layer in session.cache.layers), "the slot was released"
+
+
+def test_bucket_grows_then_shrinks_and_rows_move_down(tiny):
+    """Five evicting sessions joining one step apart fill buckets of 1, 2, 4 and 8 slots (the
+    slots re-filled at each growth); as the short answers end, the batch shrinks back by moving
+    the rows left into lower slots; every answer = alone."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 5}, 200 + 60 * i, n)
+             for i, n in enumerate((8, 30, 10, 12, 30))]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [[d.ask_detailed(QUESTIONS[0], n).token_ids] for d, (*_, n) in zip(direct, specs)]
+    engine = kb.Engine(model, tok, prefill_tokens=64, decode="static")
+    record: list = []
+    assert _serve(engine, sessions, specs, QUESTIONS[:1], record) == alone
+    used, buckets = zip(*[r[False] for r in record if r.get(False, (0, 0))[0]])
+    assert buckets[:5] == (1, 2, 4, 4, 8) and max(used) == 5, record
+    assert used[-1] == 1 and buckets[-1] == 1, "shrunk to the rows left"
+    assert 2 in buckets[5:], record
+    assert not engine.slots, "the static buffers go once the engine is idle"
+
+
+def test_unsupported_row_decodes_eagerly_beside_the_slots(tiny):
+    """A MiKV row (a store the static buffers do not hold) decodes eagerly in the same step as
+    the slots' rows; both answer as alone."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 4}, 300, 8), ("mikv", {"budget": 48}, 300, 8),
+             ("full", {}, 200, 8)]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [[d.ask_detailed(QUESTIONS[1], n).token_ids] for d, (*_, n) in zip(direct, specs)]
+    engine = kb.Engine(model, tok, decode="static")
+    turns = [engine.submit(s, QUESTIONS[1], n) for s, (*_, n) in zip(sessions, specs)]
+    while not all(t.phase == "decode" for t in turns):
+        engine.step()
+    engine.step()
+    assert [t.row is not None for t in turns] == [True, False, True]
+    assert engine.last_batch == 3
+    engine.run()
+    assert [[t.result().token_ids] for t in turns] == alone
+
+
+def test_cancelled_row_frees_its_slot_and_the_others_go_on(tiny):
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 4}, 300, 12), ("h2o", {"budget": 40}, 250, 12)]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = direct[1].ask_detailed(QUESTIONS[0], 12).token_ids
+    engine = kb.Engine(model, tok, decode="static")
+    turns = [engine.submit(s, QUESTIONS[0], n) for s, (*_, n) in zip(sessions, specs)]
+    while turns[0].phase != "decode":
+        engine.step()
+    asked = sessions[0].cache.get_seq_length()  # the question fed
+    while len(turns[0].tokens) < 6:  # past a compression (interval 4): decoded entries written back
+        engine.step()
+    assert sessions[0].cache.get_seq_length() > asked
+    turns[0].cancel()
+    engine.run()
+    with pytest.raises(Exception, match="cancelled"):
+        turns[0].result()
+    assert turns[1].result().token_ids == alone
+    assert not any(layer.borrowed for layer in sessions[0].cache.layers)
+    assert sessions[0].cache.get_seq_length() == asked, "the decoded entries were rolled back"
+
+
+def test_default_model_static_batch_equals_alone(default_model):
+    """The real default model: an evicting session compressing while decoding and a KIVI one in
+    the static batch (two layouts) = alone."""
+    model, tok = default_model
+    specs = [("snapkv", {"budget": 40, "decode_interval": 3}, 250, 6), ("kivi4", {}, 150, 4)]
+    question = "What is the code of the blue door?"
+    sessions, direct = _pairs(model, tok, specs, block_size=64)
+    alone = [d.ask_detailed(question, n).token_ids for d, (*_, n) in zip(direct, specs)]
+    engine = kb.Engine(model, tok, decode="static")
+    turns = [engine.submit(s, question, n) for s, (*_, n) in zip(sessions, specs)]
+    engine.run()
+    assert [t.result().token_ids for t in turns] == alone
+    assert [s.messages for s in sessions] == [d.messages for d in direct]
+
+
+def test_decode_modes_are_checked(tiny):
+    model, tok = tiny
+    with pytest.raises(KVBudgetError, match="unknown decode mode"):
+        kb.Engine(model, tok, decode="fast")
+    with pytest.raises(KVBudgetError, match="needs a CUDA device"):
+        kb.Engine(model, tok, decode="graph")
+    assert not kb.Engine(model, tok).static, "eager by default on the CPU"
+
+
+def test_slot_batch_rejects_a_step_missing_a_row(tiny):
+    model, tok = tiny
+    sessions, _ = _pairs(model, tok, MIXED[1:2] * 2)
+    batch = SlotBatch(model, graph=False)
+    rows = [batch.join(s.cache, 8) for s in sessions]
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="every session in a slot"):
+        batch.step(rows[:1], [1])
+    for row in rows:
+        row.release()
+    assert not batch.live
