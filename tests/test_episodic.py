@@ -1,12 +1,15 @@
-"""EpiCache: windows, deterministic clustering, routing, per-episode caches within budget,
-the sensitivity profile and allocator, and the conversation generator."""
+"""EpiCache: windows, deterministic clustering, routing, per-episode caches within budget, the
+shared prefill (union bound, its cost), the sensitivity profile and allocator, and the
+conversation generator."""
 
 import pytest
 import torch
 from conftest import random_ids
 
 import kvbudget as kb
-from kvbudget.runtime.episodic import EpisodicSession, cluster, conversation_windows, embed, medoids, route
+from kvbudget.runtime.episodic import (EpisodicSession, UnionCompressor, cluster, conversation_windows, embed, medoids,
+                                      prompt_queries, route)
+from kvbudget.runtime.prefill import prefill
 from kvbudget.eval.generators import make_tasks
 from kvbudget.runtime.profile import block_mask, load_scores, profile
 from kvbudget.compress.allocation import sensitivity_budgets as budgets
@@ -81,28 +84,95 @@ def test_default_model_ships_its_profile(default_model):
     assert len(scores) == 30 and all(x > 0 for x in scores)
 
 
-def test_episodic_session_caches_stay_within_budget(default_model):
-    """Two episodes of a short conversation: each cache within its budget, peak entries within
-    budget + block during its prefill (the patched prompt is attended, never stored), and a
-    question answered from the routed episode's cache only."""
+def test_episodic_session_caches_stay_within_budget(default_model, monkeypatch):
+    """Two episodes of a short conversation, one prefill shared by them: each cache within its
+    budget, the shared cache within E x budget after every block (the patched prompts are
+    attended, never stored), and a question answered from the routed episode's cache only."""
     model, tok = default_model
     task = make_tasks("conversation", tok, n=1, length=500, seed=1)[0]
     policy = kb.policy("epicache", budget=96, episodes=2, medoids=2)
     session = kb.Session(model, tok, policy, block_size=64)
     assert isinstance(session, EpisodicSession) and policy.name == "epicache"
+    held = []  # after each block: entries per layer of the shared cache
+    call = UnionCompressor.__call__
+
+    def recording(self, union, policy):
+        call(self, union, policy)
+        held.append([layer.total_entries() for layer in union.layers])
+
+    monkeypatch.setattr(UnionCompressor, "__call__", recording)
     stats = session.add_context(task.context)
-    assert len(session.episodes) == 2 and stats.blocks == 2 * -(-stats.tokens // 64)
+    assert len(session.episodes) == 2 and stats.blocks == -(-stats.tokens // 64) == len(held)  # one prefill
     layer_budgets = session.policy.layer_budgets(session.tokens, 30, session.sensitivity)
     for ep in session.episodes:
         for layer, b in zip(ep.cache.layers, layer_budgets):
             assert int(layer.lengths().sum()) <= b * layer.n_heads  # heads share the layer's budget
-        assert ep.cache.peak_entries() <= max(layer_budgets) * 3 + 64  # 3 KV heads share it
-    assert session.stored_bytes == sum(ep.cache.nbytes() for ep in session.episodes)
+        assert ep.cache.get_seq_length() == stats.tokens and ep.cache.layers[0].device.type == "cpu"
+    # The union bound: at most E x budget per layer before the next block, and it binds (the
+    # episodes chose differently, and the union holds more than one episode's choice).
+    assert all(n <= 2 * b * 3 for step in held for n, b in zip(step, layer_budgets))
+    assert any(n > b * 3 for n, b in zip(held[-1], layer_budgets))
+    assert session.stored_bytes == sum(ep.cache.nbytes() for ep in session.episodes) > session.kv_bytes
     q = task.questions[0]
     turn = session.ask_detailed(q.question, max_new_tokens=8, gold=q.answers[0], history_answer=q.answers[0])
     assert session.routed and turn.answer_logprob is not None
     # The turn went into every episode's cache.
     assert all(ep.cache.get_seq_length() == len(session.input_ids) for ep in session.episodes)
+
+
+def test_shared_prefill_costs_at_most_twice_one_prefill(default_model):
+    """EpiCache's prefill runs the model over at most 1.5x the tokens of a plain SnapKV block-wise
+    prefill of the same context at the same budget (counted, not timed): one pass over the
+    context plus the patched prompts, cut to a quarter of it. E prefills would be 4x or more."""
+    model, tok = default_model
+    task = make_tasks("conversation", tok, n=1, length=400, seed=2)[0]
+    fed = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs["input_ids"].numel()),
+                                           with_kwargs=True)
+    try:
+        counts = {}
+        for name in ("snapkv", "epicache"):
+            fed.clear()
+            session = kb.Session(model, tok, kb.policy(name, budget="4x"), block_size=128)
+            stats = session.add_context(task.context)
+            counts[name] = sum(fed)
+    finally:
+        hook.remove()
+    assert counts["snapkv"] == stats.tokens
+    assert len(session.episodes) == 4 and counts["epicache"] <= 1.5 * counts["snapkv"]
+    assert sum(ep.prompt_ids.shape[1] for ep in session.episodes) <= 0.25 * stats.tokens + 4
+
+
+def test_union_compressor_bounds_the_shared_cache(tiny_llama):
+    """A tiny random model: three episodes, each scored by its own prompt's queries, choose from
+    one shared cache; after every block it holds at most 3 x budget entries per head, and each
+    episode ends with its own choice (within the budget, different from the others')."""
+    policy = kb.policy("epicache", budget=16, allocator="uniform", heads="uniform")
+    ids = random_ids(160)
+    caches = [policy.new_cache(tiny_llama) for _ in range(3)]
+    queries = [prompt_queries(tiny_llama, policy.new_cache(tiny_llama), random_ids(12, seed=s), at=160) for s in (1, 2, 3)]
+    compressor = UnionCompressor(caches, queries, 160)
+    union = policy.new_cache(tiny_llama)
+    for layer in union.layers:
+        layer.observed.keep = 0
+    held = []
+    original = compressor.__class__.__call__
+
+    def step(cache, pol):
+        original(compressor, cache, pol)
+        held.append(max(layer.max_entries for layer in cache.layers))
+
+    prefill(tiny_llama, union, policy, ids, block_size=32, compressor=step)
+    compressor.finish(union)
+    assert len(held) == 5 and max(held) <= 3 * 16 and held[-1] > 16
+    kept = [tuple(c.layers[1].view().positions[0, 0].tolist()) for c in caches]
+    assert all(len(k) == 16 for k in kept) and len(set(kept)) > 1
+    assert all(c.get_seq_length() == 160 for c in caches)
+
+
+def test_prompt_share_must_be_a_share():
+    with pytest.raises(kb.KVBudgetError, match="prompt_share"):
+        kb.policy("epicache", budget=32, prompt_share=0)
 
 
 def test_conversation_generator_is_seeded_sized_and_answerable(default_model):

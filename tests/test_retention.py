@@ -46,3 +46,10 @@ def test_report_states_the_threshold_and_intervals(tmp_path):
     md, _ = write_report(tmp_path)
     text = md.read_text()
     assert "0.50 [0.50,0.50]" in text and ">= 1 nat" in text and "intervals separate" in text
+
+
+def test_table_shows_what_an_episodic_session_stores_beside_its_device_cache():
+    epi = [dict(_row("epicache", -2.0, -1.0, i=i), stored_bytes=100) for i in range(3)]
+    table = format_table(summarize([*epi, *[_row("snapkv", -2.0, -1.0, i=i) for i in range(3)]]))
+    assert "epicache 4x: stores 0.00 MB (every episode), 0.00 MB on the device" in table
+    assert "snapkv 4x: stores" not in table and summarize(epi)["rows"][0]["stored_bytes"] == 100

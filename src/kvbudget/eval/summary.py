@@ -48,6 +48,8 @@ def _cell(rs: list[dict]) -> dict:
         "agreement": _mean(r.get("agreement") for r in rs),
         "kl": _mean(r.get("kl") for r in rs),
         "kv_bytes": _mean(r["kv_bytes"] for r in runs.values()),
+        # Every cache the session stores (EpiCache: all episodes'; `kv_bytes` is the one on the device).
+        "stored_bytes": _mean(r.get("stored_bytes", r["kv_bytes"]) for r in runs.values()),
         "peak_bytes": max(r["peak_bytes"] for r in rs),
         "compression": _mean(r.get("compression") for r in runs.values()),
         "entries_kept": _mean(r.get("entries_kept") for r in runs.values()),
@@ -135,5 +137,9 @@ def format_table(summary: dict, mode: str | None = None, rows: list[dict] | None
                 f"{_f(r.get('entries_kept'), '.2f'):>6}{_f(r['peak_bytes'] / 1e6, '.1f'):>8}{_f(r['prefill_s'], '.2f'):>10}{_f(share, '.0f'):>8}%"
                 f"{_f(r['decode_tok_s'], '.1f'):>7}"
             )
+        # A session that stores more than its device cache (EpiCache's episodes): both, below.
+        lines += [f"{r['policy']} {r['budget']}: stores {r['stored_bytes'] / 1e6:.2f} MB (every episode), "
+                  f"{r['kv_bytes'] / 1e6:.2f} MB on the device" for r in rows if r.get("mode", "multi-turn") == m
+                  and r.get("stored_bytes") and r["kv_bytes"] and r["stored_bytes"] > r["kv_bytes"]]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + ("\n" + retention_note({"rows": rows}) if rows else "")

@@ -6,14 +6,36 @@
    target model's own mean token embeddings: ``embedder="llm"``) and L2-normalised.
 3. K-means (scikit-learn, seeded) groups them into ``episodes`` clusters; the ``medoids`` windows
    nearest each centroid, concatenated, are the episode's *patched prompt*.
-4. Each episode gets its own block-wise prefill of the whole conversation, every block scored
-   by the attention of that episode's patched prompt (run as scratch queries, then discarded):
-   E caches of the budget each, kept on CPU.
+4. The conversation goes through the model once, block-wise, into one cache shared by every
+   episode (`UnionCompressor`): after each block every episode scores the shared entries by the
+   attention of its patched prompt's queries and chooses its own top budget, and the shared
+   cache keeps the union of the choices. At the end each episode's cache is the shared cache
+   restricted to its own choice: E caches of the budget each, kept on CPU.
 5. A question is embedded the same way and routed to the episode with the most similar
    centroid; only that cache is moved to the model's device to answer it.
 
+Where this differs from the paper, and why. The paper runs one block-wise prefill per episode,
+each block followed by a forward of that episode's patched prompt over that episode's cache:
+E prefills plus E x blocks prompt forwards (the prompts together are about as long as a short
+conversation, so ~10x one prefill here). Here:
+
+* one prefill for all episodes: the hidden states of later blocks attend to the union of the
+  episodes' choices (at most E x budget entries per layer, plus the block), not to one
+  episode's cache alone, and an episode may take back an entry it dropped while another
+  episode still holds it;
+* each patched prompt runs through the model once per context, on its own (no context before
+  it), at the positions right after the whole context (`prompt_queries`); its queries then
+  score every block. In the paper the prompt reads the episode's compressed cache at every
+  block; here its hidden states do not depend on the context.
+
+Prefill then costs one block-wise prefill plus one forward of the prompts plus E scorings per
+block (docs/benchmarks.md, "EpiCache on long conversations", measures both ways' retention).
+Peak memory during the prefill is the shared cache: at most E x budget + one block per layer
+(plus the prompts' queries); the episodes' stored total is E x budget, as in the paper.
+
 Beyond the paper (our goals): a new turn (question + answer) is prefilled into every episode's
-cache, scored by that episode's prompt, so follow-up questions routed elsewhere still see it.
+cache, scored by that episode's patched prompt run after it (`prefill`'s scoring queries), so
+follow-up questions routed elsewhere still see it.
 """
 
 from __future__ import annotations
@@ -27,11 +49,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..compress import Policy
+from ..compress import Policy, compress
 from ..errors import KVBudgetError
 from ..kv.cache import BudgetedCache
+from ..kv.layer import BudgetedLayer
+from ..kv.observed import ObservedQueries
+from ..kv.ragged import RaggedEntries
 from .answer import Turn
-from .prefill import PrefillStats, drain, prefill
+from .modelcall import run
+from .prefill import PrefillStats, drain, prefill, prefill_blocks
 from .session import Session
 from .sessionfile import cache_from_file, cache_to_file, to_cpu
 
@@ -112,6 +138,88 @@ def route(question: Tensor, centroids: Tensor) -> int:
     return int((centroids @ question).argmax())
 
 
+# --- one prefill for every episode ------------------------------------------------------------
+@torch.inference_mode()
+def prompt_queries(model, cache: BudgetedCache, prompt_ids: Tensor, at: int) -> list[ObservedQueries]:
+    """Every layer's queries of ``prompt_ids`` ([1, P]) read on their own, at positions ``at``,
+    ``at + 1``, ... (after every entry they will score, so all of them are visible). ``cache``:
+    an empty cache of the session's policy, used once."""
+    for layer in cache.layers:
+        layer.seen, layer.observed.keep = at, -1
+    run(model, cache, prompt_ids.to(model.device), logits_to_keep=1)
+    # The prompt's own log-sum-exp covers its own keys, not the entries it will score: dropped.
+    return [ObservedQueries(keep=-1, queries=layer.observed.queries, positions=layer.observed.positions,
+                            scaling=layer.observed.scaling) for layer in cache.layers]
+
+
+def held_positions(layer: BudgetedLayer, size: int) -> Tensor:
+    """[H, size] bool: which positions (< ``size``) each KV head of ``layer`` holds."""
+    view = layer.view()
+    pos = view.positions[0].long()
+    valid = pos >= 0 if view.valid is None else view.valid[0] & (pos >= 0)
+    marks = torch.zeros(pos.shape[0], size + 1, dtype=torch.bool, device=pos.device)
+    marks.scatter_(1, torch.where(valid, pos, size), True)  # padding lands in the extra column
+    return marks[:, :size]
+
+
+def keep_positions(dst: BudgetedLayer, src: BudgetedLayer, marks: Tensor) -> None:
+    """``dst`` holds the entries of ``src`` whose positions ``marks`` ([H, size] bool) sets."""
+    view = src.view()
+    pos = view.positions[0].long()
+    valid = pos >= 0 if view.valid is None else view.valid[0] & (pos >= 0)
+    chosen = marks.gather(1, pos.clamp(min=0, max=marks.shape[1] - 1)) & valid
+    lens = chosen.sum(-1)
+    dst.hold(RaggedEntries.chosen(view, chosen, lens, tuple(lens.tolist())))
+
+
+def share(src: BudgetedCache, dst: BudgetedCache, queries: list[ObservedQueries]) -> None:
+    """``dst`` holds ``src``'s entries (the same tensors: a compression of ``dst`` replaces
+    them, never writes into them) and observes ``queries``, one per layer."""
+    for a, b, q in zip(src.layers, dst.layers, queries):
+        b.entries, b.seen, b.is_initialized = a.entries, a.seen, a.is_initialized
+        if a.is_initialized:
+            b.dtype, b.device = a.dtype, a.device
+        b.observed = ObservedQueries(q.keep, q.queries, q.positions, q.scaling)
+    dst.tokens = src.tokens
+
+
+class UnionCompressor:
+    """The compression step of one block-wise prefill shared by E episodes (`prefill`'s
+    ``compressor``). After each block, each episode takes the shared cache's entries (`share`),
+    scored by its patched prompt's queries, and keeps its own top budget through the ordinary
+    engine (`compress`: allocator, head-adaptive choice, protected window); the positions it
+    kept are marked and its copy freed. The shared cache then keeps the union of the marks: at
+    most E x budget entries per layer before the next block. `finish` gives each episode the
+    shared entries it marked last."""
+
+    def __init__(self, caches: list[BudgetedCache], queries: list[list[ObservedQueries]], size: int) -> None:
+        self.caches, self.queries, self.size = caches, queries, size
+        self.marks: list[list[Tensor]] = []  # per episode, per layer: [H, size] bool
+
+    def __call__(self, union: BudgetedCache, policy: Policy) -> None:
+        self.marks = []
+        for cache, queries in zip(self.caches, self.queries):
+            share(union, cache, queries)
+            compress(cache, policy)
+            self.marks.append([held_positions(layer, self.size) for layer in cache.layers])
+            for layer in cache.layers:  # the choice is in the marks: the copy's entries go
+                layer.reset()
+        for i, layer in enumerate(union.layers):
+            marks = torch.stack([m[i] for m in self.marks]).any(0)
+            if int(marks.sum()) < layer.total_entries():
+                keep_positions(layer, layer, marks)
+
+    def finish(self, union: BudgetedCache) -> None:
+        """Each episode's cache: the shared entries it chose at the last block."""
+        for cache, marks in zip(self.caches, self.marks):
+            for dst, src, m in zip(cache.layers, union.layers, marks):
+                dst.seen, dst.is_initialized, dst.dtype, dst.device = src.seen, True, src.dtype, src.device
+                keep_positions(dst, src, m)
+                dst.peak_entries = src.peak_entries
+            cache.peak_bytes = union.peak_bytes  # what the device held during the prefill
+            cache.tokens = union.tokens
+
+
 # --- the session ------------------------------------------------------------------------------
 @dataclass
 class Episode:
@@ -133,6 +241,9 @@ class EpisodicSession(Session):
         return getattr(policy.scorer, "episodic", False)
 
     def __post_init__(self) -> None:
+        if self.policy.store is not None:  # the shared cache holds the union ragged, per head
+            raise KVBudgetError(f"policy '{self.policy.name}': EpiCache's episodes share one prefill whose "
+                                "cache holds their union per head; use it without a store")
         super().__post_init__()
         self.episodes: list[Episode] = []
         self.routed: list[int] = []  # the episode each question went to
@@ -143,9 +254,40 @@ class EpisodicSession(Session):
     # the last one's sent back to pinned host memory, on a side stream while this one prefills.
     async_copies: bool = True
 
-    # Feeding goes to the target episodes, each scored by its own patched prompt, in one step.
     def _prefill_steps(self, ids: Tensor, compress_last: bool,
                        scoring_ids: Tensor | None) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+        if self._shared:
+            return (yield from self._shared_prefill(ids))
+        return (yield from self._episode_prefills(ids, compress_last))
+
+    def _shared_prefill(self, ids: Tensor) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+        """The context, once, into a cache shared by every episode (`UnionCompressor`); then each
+        episode's cache is its own choice of it, sent to the CPU."""
+        start = time.perf_counter()
+        at = len(self.input_ids) + ids.shape[1]  # the prompts read after the whole context
+        cut = min(1.0, self.policy.scorer.prompt_share * ids.shape[1] / sum(ep.prompt_ids.shape[1] for ep in self.episodes))
+        for ep in self.episodes:
+            ep.prompt_ids = ep.prompt_ids[:, : max(1, int(cut * ep.prompt_ids.shape[1]))]
+        queries = [prompt_queries(self.model, self.new_cache(), ep.prompt_ids, at) for ep in self.episodes]
+        prompts_s = time.perf_counter() - start
+        union = self.new_cache()
+        for layer in union.layers:  # the shared cache keeps no queries of its own: the prompts score
+            layer.observed.keep = 0
+        union.tokens = self.tokens
+        compressor = UnionCompressor([ep.cache for ep in self.episodes], queries, at)
+        logits, stats = yield from prefill_blocks(self.model, union, self.policy, ids, self.block_size, True,
+                                                  None, self.tok, compressor)
+        compressor.finish(union)
+        for ep in self.episodes:
+            ep.cache.to("cpu")
+            ep.stats.add(stats)
+        stats.seconds = time.perf_counter() - start
+        stats.compress_seconds += prompts_s  # the prompts' forward is scoring work
+        return logits, stats
+
+    # A turn goes to the target episodes, each scored by its own patched prompt, in one step.
+    def _episode_prefills(self, ids: Tensor,
+                          compress_last: bool) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
         yield from ()  # no step between the episodes' prefills
         total = PrefillStats(tokens=ids.shape[1])
         logits = None
@@ -172,10 +314,12 @@ class EpisodicSession(Session):
         return logits, total
 
     _active: Episode | None = None
+    _shared = False  # add_context: the context goes through one prefill shared by the episodes
 
     def add_context(self, context: str | list[dict], question: str | None = None) -> PrefillStats:
-        """Cluster the context into episodes, then one block-wise prefill per episode (``question``
-        is ignored: EpiCache compresses without knowing it)."""
+        """Cluster the context into episodes, then one block-wise prefill shared by them, each
+        episode keeping its own choice (``question`` is ignored: EpiCache compresses without
+        knowing it)."""
         if self.episodes:
             raise KVBudgetError("an episodic session takes its context once; add turns with ask()")
         scorer = self.policy.scorer
@@ -192,11 +336,11 @@ class EpisodicSession(Session):
             members = (labels == c).nonzero().flatten().tolist()
             self.episodes.append(Episode(centroids[c], members, prompt, ids, cache))
         self.build_seconds = time.perf_counter() - start
-        self._targets, self._active = list(self.episodes), None
+        self._shared = True
         try:
             stats = super().add_context(context)
         finally:
-            self._targets = []
+            self._shared = False
         self.cache = self.episodes[0].cache  # what `kv_bytes` reports: one episode's cache
         return stats
 

@@ -5,7 +5,7 @@ more than budget + block_size entries per head, whatever the context length."""
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -49,6 +49,7 @@ def prefill(
     compress_last: bool = True,
     scoring_ids: Tensor | None = None,
     tokenizer=None,
+    compressor: Callable[[BudgetedCache, Policy], None] | None = None,
 ) -> tuple[Tensor, PrefillStats]:
     """Feed ``input_ids`` ([1, T]) block by block; returns the last token's logits and the stats.
 
@@ -61,8 +62,12 @@ def prefill(
     kept under the same peak memory; EpiCache passes an episode's patched prompt.
 
     ``tokenizer``: the model's, for a scorer that builds its own scoring prompt (KVzip).
+
+    ``compressor``: what cuts the cache back after a block, instead of `compress` (EpiCache's
+    episodes each choose from one shared cache, `runtime.episodic`).
     """
-    return drain(prefill_blocks(model, cache, policy, input_ids, block_size, compress_last, scoring_ids, tokenizer))
+    return drain(prefill_blocks(model, cache, policy, input_ids, block_size, compress_last, scoring_ids, tokenizer,
+                                compressor))
 
 
 def drain(steps: Generator[object, None, T]) -> T:
@@ -83,6 +88,7 @@ def prefill_blocks(
     compress_last: bool = True,
     scoring_ids: Tensor | None = None,
     tokenizer=None,
+    compressor: Callable[[BudgetedCache, Policy], None] | None = None,
 ) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
     """`prefill`, one block per step: yields after each block but the last (fed and compressed),
     and returns what `prefill` returns once the last block is done. The batching engine
@@ -104,7 +110,7 @@ def prefill_blocks(
             with torch.inference_mode():
                 last = s + block_size >= n
                 logits = _block(model, cache, policy, input_ids[:, s : s + block_size], compress_last or not last,
-                                scoring_ids, tokenizer, stats, timer)
+                                scoring_ids, tokenizer, stats, timer, compressor or compress)
                 if last:
                     _settle(cache, timer)
             if not last:
@@ -120,7 +126,8 @@ def prefill_blocks(
 
 
 def _block(model, cache: BudgetedCache, policy: Policy, block: Tensor, compresses: bool, scoring_ids: Tensor | None,
-           tokenizer, stats: PrefillStats, timer: "_Timer") -> Tensor:
+           tokenizer, stats: PrefillStats, timer: "_Timer",
+           compressor: Callable[[BudgetedCache, Policy], None] = compress) -> Tensor:
     """Feed one block (and compress after it when ``compresses``); returns its last token's logits."""
     out = run(model, cache, block.to(model.device), logits_to_keep=1)
     logits = out.logits[:, -1]
@@ -137,7 +144,7 @@ def _block(model, cache: BudgetedCache, policy: Policy, block: Tensor, compresse
             scoring = scoring_ids
         if scoring is not None:
             observe_scoring_queries(model, cache, scoring)
-        compress(cache, policy)
+        compressor(cache, policy)
         timer.stop()
     return logits
 
