@@ -65,6 +65,8 @@ def cmd_policies(args: argparse.Namespace) -> int:
         print(f"{r['name']:<13} {r['kind']:<7} {attention:<9}  {r['paper']:<44} {r['saves']:<42} {r['summary']}")
     print("\nCompose with '+': a scorer, an allocator (uniform, pyramid, head-adaptive) and a store,")
     print("e.g. snapkv+pyramid, snapkv+kivi4, h2o+mikv. A store alone (kivi4) keeps every token.")
+    print("+rerotate (any evicting policy without a store, e.g. streaming+rerotate) re-rotates the kept keys to")
+    print("contiguous positions after each eviction: a conversation may outlast the model's positions.")
     return 0
 
 
