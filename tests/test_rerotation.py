@@ -1,0 +1,188 @@
+"""Key re-rotation (`+rerotate`, `kv.rerotation`): a stored key rotated by delta equals the key
+the model computes at the new position; a budgeted conversation re-rotates to contiguous
+positions and goes past the model's positions, its kept keys those of a fresh computation of
+the kept tokens at 0..n-1; per-head lengths (Ada-KV) keep every head's newest entry next to the
+next query; session files keep the position counter; unsupported models and stores are
+refused when the session or policy is made."""
+
+import pytest
+import torch
+from transformers import (DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, Phi3Config, Phi3ForCausalLM)
+
+import kvbudget as kb
+from kvbudget.errors import BudgetError, UnsupportedModelError
+from kvbudget.kv.dense import DenseEntries
+from kvbudget.kv.ragged import RaggedEntries
+from kvbudget.kv.rerotation import contiguous_positions, rotary_frequencies, rotate
+from kvbudget.runtime.models import load_tokenizer
+from kvbudget.runtime.sessionfile import write_file
+
+from server_kit import tiny_model
+
+TEXT = ("The harbour town of Vell keeps its lighthouse keeper's logbook in the library. In spring the fishing "
+        "fleet returns with cod and herring, and the market opens at dawn. ")
+
+
+def _llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+
+
+def _phi3_partial():
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
+                                      pad_token_id=0)).eval()
+
+
+def _gemma(first: str):
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                           layer_types=[first, "full_attention"])
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def _first_layer_keys(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Layer 0's keys of ``ids`` ([1, n]) computed by the model at ``positions`` ([n]): a function
+    of each token and its position alone."""
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, position_ids=positions[None], cache=cache, use_cache=True)
+    return cache.layers[0].keys
+
+
+@pytest.mark.parametrize("build", [_llama, _phi3_partial, lambda: _gemma("sliding_attention"),
+                                   lambda: _gemma("full_attention")],
+                         ids=["llama", "phi3-partial-rotary", "gemma3-local", "gemma3-global"])
+def test_rotating_a_key_by_delta_equals_computing_it_at_the_new_position(build):
+    model = build()
+    kb.policy("streaming", budget=8)  # registers the methods
+    cache = kb.BudgetedCache(model)
+    inv_freq = rotary_frequencies(model, cache.layers)[0]
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(1))
+    old = torch.tensor([0, 3, 17, 40, 41, 42, 900, 1500, 1501, 2047, 3000, 4000])
+    new = torch.arange(12)
+    at_old, at_new = _first_layer_keys(model, ids, old), _first_layer_keys(model, ids, new)
+    assert not torch.allclose(at_old, at_new, atol=1e-3)  # positions do change the keys
+    moved = rotate(at_old, (new - old).expand(*at_old.shape[:2], 12), inv_freq)
+    torch.testing.assert_close(moved, at_new, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_local_and_global_layers_rotate_with_their_own_frequencies():
+    model = _gemma("sliding_attention")
+    freqs = rotary_frequencies(model, kb.BudgetedCache(model).layers)
+    assert not torch.equal(freqs[0], freqs[1])  # rope_local_base_freq 10k vs rope_theta 1M
+    rotary = model.model.rotary_emb
+    assert torch.equal(freqs[0], rotary.sliding_attention_inv_freq) and torch.equal(freqs[1], rotary.full_attention_inv_freq)
+
+
+def test_contiguous_positions_keep_order_newest_next_to_the_query_and_sinks_first():
+    positions = torch.tensor([[[0, 1, 2, 3, 50, 60, 61], [0, 1, 2, 9, 40, 61, -1], [5, 8, 61, -1, -1, -1, -1]]])
+    valid = positions >= 0
+    out = contiguous_positions(positions, valid, 7)
+    assert out[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6]  # the fullest head: 0..L-1
+    assert out[0, 1, :6].tolist() == [0, 1, 2, 4, 5, 6]  # its run 0..2 stays, the rest ends at L-1
+    assert out[0, 2, :3].tolist() == [4, 5, 6]  # no run from 0: all of it ends at L-1
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A random 2-layer Llama over the default tokenizer with only 64 positions."""
+    tok = load_tokenizer()
+    model = tiny_model(tok, positions=64)
+    return model, tok
+
+
+def _talk(session, turns: int) -> list[str]:
+    answers = []
+    for i in range(turns):
+        session.add_context(TEXT + f"Turn {i}.")
+        answers.append(session.ask("Where is the logbook kept?", max_new_tokens=6))
+    return answers
+
+
+def test_streaming_rerotate_outlasts_the_positions_and_keeps_fresh_keys_of_the_kept_tokens(small):
+    model, tok = small
+    session = kb.Session(model, tok, kb.policy("streaming+rerotate", budget=32, decode_interval=4), block_size=16,
+                         decode="eager")
+    _talk(session, 3)
+    cache = session.cache
+    assert session.tokens_seen == len(session.input_ids) > 3 * 64
+    assert session.next_position == 32 and cache.rolled == session.tokens_seen - 32
+    for layer in cache.layers:
+        assert isinstance(layer.entries, DenseEntries) and layer.seen == 32
+        assert torch.equal(layer.entries.positions[0], torch.arange(32, dtype=torch.int32).expand(2, 32))
+    # StreamingLLM keeps the 4 sinks and the newest tokens: layer 0's keys are those the model
+    # computes for exactly those tokens at 0..31 (deeper layers saw the evicted context).
+    kept = torch.tensor([session.input_ids[:4] + session.input_ids[-28:]])
+    fresh = _first_layer_keys(model, kept, torch.arange(32))
+    torch.testing.assert_close(cache.layers[0].entries.keys, fresh, rtol=1e-4, atol=1e-4)
+
+
+def test_head_adaptive_lengths_rerotate_each_head_to_end_next_to_the_query(small):
+    model, tok = small
+    # One compression (context under one block): the kept sets are the same with and without
+    # re-rotation, so the re-rotated cache must be the plain one moved by its position change.
+    plain = kb.Session(model, tok, kb.policy("adakv", budget=24), block_size=128, decode="eager")
+    moved = kb.Session(model, tok, kb.policy("adakv+rerotate", budget=24), block_size=128, decode="eager")
+    for s in (plain, moved):
+        s.add_context(TEXT)
+    layers = list(zip(plain.cache.layers, moved.cache.layers))
+    assert any(isinstance(b.entries, RaggedEntries) for _, b in layers), "heads kept different counts"
+    end = max(b.max_entries for _, b in layers)
+    assert moved.next_position == end < plain.next_position
+    for (a, b), inv_freq in zip(layers, moved.cache.rotary):
+        va, vb = a.view(), b.view()
+        valid = va.valid if va.valid is not None else torch.ones_like(va.positions, dtype=torch.bool)
+        assert torch.equal(vb.positions[valid], contiguous_positions(va.positions, va.valid, end)[valid])
+        newest = vb.positions[0].gather(1, (valid[0].sum(-1, keepdim=True) - 1))
+        assert (newest == end - 1).all()  # every head's newest entry next to the next query
+        delta = (vb.positions - va.positions)
+        torch.testing.assert_close(vb.keys[valid], rotate(va.keys, delta, inv_freq)[valid], rtol=1e-5, atol=1e-5)
+        assert torch.equal(vb.values[valid], va.values[valid])
+    # ... and the conversation goes on, past the model's positions.
+    _talk(moved, 3)
+    assert moved.tokens_seen > 64 >= moved.next_position
+
+
+def test_session_file_keeps_the_position_counter_and_continues_identically(small, tmp_path):
+    model, tok = small
+    session = kb.Session(model, tok, kb.policy("snapkv+rerotate", budget=32, decode_interval=4), block_size=16,
+                         decode="eager")
+    _talk(session, 1)
+    assert session.cache.rolled > 0
+    session.save(tmp_path / "s.kvb")
+    loaded = kb.Session.load(tmp_path / "s.kvb", model, tok)
+    assert loaded.policy.rerotate and loaded.cache.rotary is not None
+    assert (loaded.next_position, loaded.tokens_seen) == (session.next_position, session.tokens_seen)
+    assert _talk(loaded, 1) == _talk(session, 1)
+    assert (loaded.next_position, loaded.tokens_seen) == (session.next_position, session.tokens_seen)
+    for a, b in zip(session.cache.layers, loaded.cache.layers):
+        assert torch.equal(a.entries.positions, b.entries.positions)
+        torch.testing.assert_close(a.entries.keys, b.entries.keys)
+    # A file written without the position counter (no re-rotation then) loads: one position per token.
+    plain = kb.Session(model, tok, kb.policy("snapkv", budget=32), block_size=16, decode="eager")
+    plain.add_context(TEXT)
+    tensors, meta = plain.payload()
+    del meta["cache"]["rolled"], meta["next_position"], meta["policy"]["rerotate"]
+    write_file(tmp_path / "old.kvb", tensors, meta)
+    old = kb.Session.load(tmp_path / "old.kvb", model, tok)
+    assert old.cache.rolled == 0 and old.next_position == old.tokens_seen == plain.tokens_seen
+
+
+def test_unsupported_models_and_stores_are_refused_at_setup(small):
+    model, tok = small
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).eval()
+    with pytest.raises(UnsupportedModelError, match="gpt2: key re-rotation supports the rotate_half RoPE"):
+        kb.Session(gpt2, tok, kb.policy("streaming+rerotate", budget=32))
+    kb.Session(gpt2, tok, kb.policy("streaming", budget=32))  # without re-rotation it runs
+    with pytest.raises(BudgetError, match="store 'kivi' encodes them"):
+        kb.policy("snapkv+kivi4+rerotate", budget=32)
+    with pytest.raises(BudgetError, match="'full' evicts nothing"):
+        kb.policy("full+rerotate")
+    assert kb.policy("snapkv", budget=32, rerotate=True).name == "snapkv+rerotate"
+    assert kb.policy("pyramidkv+rerotate", budget=32).allocator == "pyramid"
