@@ -16,8 +16,10 @@ from kvbudget.kv.dense import DenseEntries
 from kvbudget.kv.ragged import RaggedEntries
 from kvbudget.kv.rerotation import contiguous_positions, rotary_frequencies, rotate
 from kvbudget.runtime.models import load_tokenizer
+from kvbudget.runtime.prefill import prefill
 from kvbudget.runtime.sessionfile import write_file
 
+from conftest import random_ids
 from server_kit import tiny_model
 
 TEXT = ("The harbour town of Vell keeps its lighthouse keeper's logbook in the library. In spring the fishing "
@@ -122,6 +124,25 @@ def test_streaming_rerotate_outlasts_the_positions_and_keeps_fresh_keys_of_the_k
     torch.testing.assert_close(cache.layers[0].entries.keys, fresh, rtol=1e-4, atol=1e-4)
 
 
+def test_sliding_window_layers_rerotate_with_the_global_ones(tiny_gemma):
+    """Gemma 3: sliding layers (window 16) keep their newest 15 entries, the global ones 32; all
+    share the next position (32), the sliding layer's entries end right before it."""
+    policy = kb.policy("streaming+rerotate", budget=32)
+    cache = policy.new_cache(tiny_gemma)
+    ids = random_ids(300)
+    logits, _ = prefill(tiny_gemma, cache, policy, ids, block_size=40)
+    assert cache.get_seq_length() == 32 and cache.tokens_fed == 300
+    sliding, full = cache.layers[0], cache.layers[1]
+    assert sliding.window == 16 and full.window is None
+    assert sliding.entries.positions[0, 0].tolist() == list(range(17, 32))
+    assert full.entries.positions[0, 0].tolist() == list(range(32))
+    fresh = _first_layer_keys(tiny_gemma, ids[:, -15:], torch.arange(17, 32))
+    torch.testing.assert_close(sliding.entries.keys, fresh, rtol=1e-4, atol=1e-4)
+    # The next token goes at 32 and sees the sliding layer's entries within its window.
+    out = tiny_gemma(ids[:, -1:], cache=cache, use_cache=True)
+    assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 33
+
+
 def test_head_adaptive_lengths_rerotate_each_head_to_end_next_to_the_query(small):
     model, tok = small
     # One compression (context under one block): the kept sets are the same with and without
@@ -186,3 +207,20 @@ def test_unsupported_models_and_stores_are_refused_at_setup(small):
         kb.policy("full+rerotate")
     assert kb.policy("snapkv", budget=32, rerotate=True).name == "snapkv+rerotate"
     assert kb.policy("pyramidkv+rerotate", budget=32).allocator == "pyramid"
+
+
+def test_default_model_streaming_rerotate_answers_past_its_8192_positions(default_model):
+    """SmolLM2-135M (8192 positions) under `streaming+rerotate` at budget 256: three long turns,
+    prefilled in blocks of 1024, more than 9000 tokens in all; positions stay within budget +
+    block and the last turn's fact, inside the kept recent window, is answered."""
+    model, tok = default_model
+    session = kb.Session(model, tok, kb.policy("streaming+rerotate", budget=256), block_size=1024, decode="eager")
+    filler = TEXT * (3050 // len(tok(TEXT).input_ids))
+    for _ in range(2):
+        session.add_context(filler)
+        session.ask("Where is the logbook kept?", max_new_tokens=4)
+        assert session.next_position <= 256 + 1024
+    session.add_context(filler + "The code of the blue door is 4817.")
+    answer = session.ask("What is the code of the blue door?", max_new_tokens=8)
+    assert session.tokens_seen > 9000 > model.config.max_position_embeddings > session.next_position
+    assert "4817" in answer

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import UnsupportedModelError
+from ..errors import KVBudgetError, UnsupportedModelError
 from .dense import DenseEntries
 from .encoded import EncodedEntries
 from .layer import BudgetedLayer
@@ -109,7 +109,7 @@ def rerotate_layer(layer: BudgetedLayer, inv_freq: Tensor, end: int, position_st
     state named in ``position_state`` (positions a scorer keeps) moves with the entries."""
     entries = layer.entries
     if isinstance(entries, EncodedEntries):
-        raise ValueError(f"key re-rotation needs full-precision keys; store '{layer.store.name}' encodes them")
+        raise KVBudgetError(f"key re-rotation needs full-precision keys; store '{layer.store.name}' encodes them")
     if isinstance(entries, DenseEntries):
         delta = contiguous_positions(entries.positions, None, end) - entries.positions
         layer.hold(DenseEntries(rotate(entries.keys, delta, inv_freq), entries.values, entries.positions + delta,
@@ -139,6 +139,9 @@ def rerotate(cache, position_state: tuple[str, ...] = ()) -> None:
     """Move every layer of ``cache`` (a `BudgetedCache` made with ``cache.rotary`` set) to
     contiguous positions (`rerotate_layer`): the next token goes at the most entries any head
     holds, and ``cache.rolled`` counts the positions given back."""
+    if cache.rotary is None:
+        raise KVBudgetError("this cache has no RoPE frequencies to re-rotate with: make it with the re-rotating "
+                            "policy's new_cache(model)")
     layers = [layer for layer in cache.layers if layer.is_initialized]
     if not layers:
         return
