@@ -20,8 +20,8 @@ TEXT = (
 ) * 4
 
 # (policy, its options, context characters, answer tokens): dense, evicting, streaming, a KIVI
-# store, per-head lengths (Ada-KV), eviction + store, accumulated scores; every evicting policy
-# compresses while decoding (interval 4).
+# store, per-head lengths (Ada-KV), eviction + store, accumulated scores, key re-rotation (with
+# uniform and per-head lengths); every evicting policy compresses while decoding (interval 4).
 MIXED = [
     ("full", {}, 150, 6),
     ("snapkv", {"budget": 40, "decode_interval": 4}, 450, 9),
@@ -30,6 +30,8 @@ MIXED = [
     ("adakv", {"budget": 48, "decode_interval": 4}, 550, 8),
     ("snapkv+kivi2", {"budget": 48, "decode_interval": 4}, 400, 6),
     ("h2o", {"budget": 40, "decode_interval": 4}, 250, 9),
+    ("streaming+rerotate", {"budget": 32, "decode_interval": 4}, 300, 7),
+    ("adakv+rerotate", {"budget": 48, "decode_interval": 4}, 550, 8),
 ]
 QUESTIONS = ["What is the code of the blue door?", "Who sings in the tavern?"]
 

@@ -271,6 +271,25 @@ def test_positions_left_in_every_answer_and_the_error_that_counts_them(start):
     assert server.client.get(f"/v1/sessions/{sid}").json()["positions_left"] == left  # nothing was fed
 
 
+def test_a_rerotating_policy_serves_turns_past_the_models_positions(start):
+    server = start(policies=["snapkv", "snapkv+rerotate"])
+    long = "word " * (POSITIONS + 100)
+    plain = server.new_session(policy="snapkv")
+    _expect(server.chat(plain, long, max_tokens=4), 400, "context_length_exceeded")
+    sid = server.new_session(policy="snapkv+rerotate")
+    assert server.client.get(f"/v1/sessions/{sid}").json()["positions_left"] is None
+    for _ in range(2):
+        r = server.chat(sid, long, max_tokens=4)
+        assert r.status_code == 200, r.text
+        assert r.json()["kvbudget"]["positions_left"] is None
+    info = server.client.get(f"/v1/sessions/{sid}").json()
+    assert info["tokens_seen"] > 2 * POSITIONS and info["positions_left"] is None
+    live = server.app.state.manager.live  # out of memory, described from its file: the same
+    assert live.drop(next(key for key in live.sessions if key[1] == sid))
+    assert server.client.get(f"/v1/sessions/{sid}").json() == {**info, "live": False}
+    assert server.chat(sid, "and after reloading?", max_tokens=4).status_code == 200
+
+
 @pytest.mark.parametrize("body, code, param", [
     (b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}', "invalid_utf8", None),
     (b'{"messages": [{"role": "user", "content": "a\\udc80"}]}', "invalid_unicode", "messages[0].content"),

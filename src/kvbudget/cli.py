@@ -67,6 +67,8 @@ def cmd_policies(args: argparse.Namespace) -> int:
     print("e.g. snapkv+pyramid, snapkv+kivi4, h2o+mikv. A store alone (kivi4) keeps every token.")
     print("A merger folds evicted entries into kept ones (any scorer, no store): snapkv+merge, adakv+cam.")
     print("Budgets: tokens (512), bytes (24MiB), a ratio of the context (4x) or of every token seen (0.25seen).")
+    print("+rerotate (any evicting policy without a store, e.g. streaming+rerotate) re-rotates the kept keys to")
+    print("contiguous positions after each eviction: a conversation may outlast the model's positions.")
     return 0
 
 

@@ -22,7 +22,8 @@ budget (contexts under the budget stay whole, as PyramidKV); a sliding-window la
 entries no later token can see (`BudgetedLayer.trim_window`), whatever the policy, and keeps
 at most ``window - 1`` entries per head; a store's tail entries older than its residual window
 are encoded (`kv.cache.flush_layers`); inside a `BudgetedCache.scratch` block the cache is
-snapshotted first, so that the block can be rolled back.
+snapshotted first, so that the block can be rolled back; with a re-rotating policy, the kept
+keys then move to contiguous positions (`kv.rerotation`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..kv.cache import BudgetedCache, flush_layers
 from ..kv.entries import LayerView
 from ..kv.layer import BudgetedLayer
 from ..kv.ragged import RaggedEntries, padded_to_ragged
+from ..kv.rerotation import rerotate
 from . import batched
 from .observation import Observation
 from .policy import Policy
@@ -84,6 +86,8 @@ def compress(cache: BudgetedCache, policy: Policy) -> None:
             continue
         for i, layer, budget in zip(index, group, group_budgets):
             compress_layer(policy, layer, i, len(layers), budget, fits)
+    if policy.rerotate and not fits:
+        rerotate(cache, policy.scorer.position_state)
 
 
 def compress_layer(policy: Policy, layer: BudgetedLayer, i: int, n_layers: int, budget: int, fits: bool) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import BudgetError
 from ..kv.cache import BudgetedCache
 from ..kv.entries import POSITION_DTYPE
+from ..kv.rerotation import rotary_frequencies
 from ..kv.store import Store
 from .allocation import HEAD_ADAPTIVE, get_allocator, sensitivity_budgets
 from .budget import Budget
@@ -32,7 +33,10 @@ class Policy:
     during generation the cache is compressed every that many new tokens (0 = never), so long
     answers stay inside the budget too; ``heads``: "adaptive" lets the heads of a layer share its
     budget (Ada-KV); ``alpha`` and ``profile``: the sensitivity allocator's sharpness and the
-    profile file it reads (default: the model's shipped or cached profile).
+    profile file it reads (default: the model's shipped or cached profile); ``rerotate``: after
+    each eviction the kept keys move to contiguous positions (`kv.rerotation`, StreamingLLM), so
+    the conversation never runs out of the model's positions (default: every entry keeps the
+    position it was computed at).
     """
 
     scorer: Scorer
@@ -46,6 +50,7 @@ class Policy:
     alpha: float = 1.2
     profile: str | None = None
     merger: Merger | None = None
+    rerotate: bool = False
     name: str = ""
     # How `make_policy` was called (name, budget, keyword arguments): what a session file records
     # to rebuild this exact policy. None for a policy built by hand.
@@ -68,9 +73,15 @@ class Policy:
             # store evicts nothing), so merging policies hold their entries at full precision.
             raise BudgetError(f"merger '{self.merger.name}' cannot be combined with store '{self.store.name}' "
                               "(merged entries are held at full precision)")
+        if self.rerotate and not self.scorer.evicts:
+            raise BudgetError(f"key re-rotation moves kept keys after an eviction; '{self.scorer.name}' evicts nothing")
+        if self.rerotate and self.store is not None:
+            raise BudgetError(f"key re-rotation needs keys at full precision; store '{self.store.name}' encodes them "
+                              "(their rotation would not be exact): use rerotate without a store")
         if not self.name:
             parts = [self.scorer.name] + [self.allocator] * (self.allocator != "uniform")
-            name = "+".join(parts + ([self.merger.name] if self.merger else []))
+            parts += [self.merger.name] if self.merger else []
+            name = "+".join(parts + ["rerotate"] * self.rerotate)
             object.__setattr__(self, "name", name)
 
     def __repr__(self) -> str:
@@ -228,6 +239,8 @@ class Policy:
         sensitivities, for the sensitivity allocator."""
         cache = BudgetedCache(model)
         cache.sensitivity = sensitivity
+        if self.rerotate:  # refuses a model whose keys cannot be re-rotated, before any token
+            cache.rotary = rotary_frequencies(model, cache.layers)
         for layer in cache.layers:
             layer.observed.keep = self.queries
             layer.store = self.store

@@ -26,6 +26,8 @@ class Scorer:
     queries: ClassVar[int] = 0
     # Names of per-entry float state kept by the cache between compressions.
     state_names: ClassVar[tuple[str, ...]] = ()
+    # Those of them that hold positions: key re-rotation moves them with the entries.
+    position_state: ClassVar[tuple[str, ...]] = ()
     evicts: ClassVar[bool] = True
     # Decode-time compression interval this method prefers (LazyEviction's lag); None: the policy's.
     decode_interval: int | None = None

@@ -93,7 +93,8 @@ def parse_modes(mode: str) -> list[str]:
 
 def expand_policies(names: list[str]) -> list[str]:
     """Replace ``all`` by every registered policy (``kvbudget policies``), except ``full``, which
-    every grid has anyway, and store names that only alias one of their variants (kivi = kivi2)."""
+    every grid has anyway, store names that only alias one of their variants (kivi = kivi2), and
+    options (``+rerotate``), which are parts of a policy name, not policies."""
     if "all" not in names:
         return names
 
@@ -102,7 +103,7 @@ def expand_policies(names: list[str]) -> list[str]:
         name = row["name"]
         aliased = row["kind"] == "store" and name not in STORE_VARIANTS and any(
             STORES[v] is STORES[name] for v in STORE_VARIANTS)
-        if name != "full" and not aliased:
+        if name != "full" and not aliased and row["kind"] != "option":
             every.append(name)
     out: list[str] = []
     for name in names:

@@ -136,6 +136,11 @@ class BudgetedCache(Cache):
         self.tokens: int | None = None
         self.sensitivity: list[float] | None = None
         self.peak_bytes = 0
+        # Key re-rotation (`kv.rerotation`): the model's RoPE frequencies per layer when the policy
+        # re-rotates (None: entries keep their positions), and the positions given back so far
+        # (tokens fed = next position + ``rolled``).
+        self.rotary: list[Tensor] | None = None
+        self.rolled = 0
         self.unscored: list[Tensor] = []  # token ids fed since the last compression (KVzip repeats them)
         self._scratch: list = []  # one entry per open `scratch` block: None or a snapshot
         self._snapshot_bytes = 0
@@ -170,7 +175,13 @@ class BudgetedCache(Cache):
             self._unsettled.pop(0)()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The position of the next token (tokens fed, less those re-rotation gave back)."""
         return self.layers[0].seen
+
+    @property
+    def tokens_fed(self) -> int:
+        """Every token fed to this cache (and not rolled back)."""
+        return self.get_seq_length() + self.rolled
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].max_entries
@@ -256,7 +267,7 @@ class BudgetedCache(Cache):
         if self._scratch and self._scratch[-1] is None:
             host = self._snapshot_on_host()
             layers = [(layer, LayerSnapshot.of(layer, appends_only, host and layer.is_initialized)) for layer in self.layers]
-            self._scratch[-1] = (self.get_seq_length(), layers)
+            self._scratch[-1] = (self.get_seq_length(), self.rolled, layers)
             body_bytes = (lambda e: e.body.nbytes() if appends_only and getattr(e, "body", None) is not None else 0)
             self._snapshot_bytes += sum(layer.nbytes() - body_bytes(layer.entries) for layer in self.layers)
 
@@ -297,7 +308,7 @@ class BudgetedCache(Cache):
             if snapshot is not None:
                 # Back to the state before the first eviction inside the block, then drop the
                 # tokens fed between the start of the block and that eviction.
-                end, layers = snapshot
+                end, self.rolled, layers = snapshot
                 for layer, snap in layers:
                     snap.restore(layer)
                 self._snapshot_bytes = 0

@@ -15,6 +15,8 @@ from ..errors import KVBudgetError, UnknownPolicyError
 from ..kv.store import STORE_VARIANTS, STORES
 from . import mergers, scorers, stores  # noqa: F401 - imported to register every method
 
+# The name part that makes a policy re-rotate its kept keys (`Policy.rerotate`).
+REROTATE = "rerotate"
 # Decode-time compression interval of a policy whose scorer prefers none.
 DECODE_INTERVAL = 64
 
@@ -26,14 +28,17 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
     """``kb.policy("snapkv", budget=512)``. Parts joined by ``+`` add an allocator and/or a store:
     ``"snapkv+pyramid"``, ``"snapkv+kivi4"``, ``"kivi2"`` (a store alone keeps every token),
     ``"mikv"``; a merger folds evicted entries into kept ones: ``"snapkv+merge"``, ``"h2o+cam"``.
-    Keyword arguments go to the scorer, the store or the merger whose constructor takes them;
-    ``allocator``, ``window``, ``seed``, ``decode_interval``, ``heads``, ``alpha`` and ``profile``
-    to the policy."""
+    A ``rerotate`` part (or ``rerotate=True``) moves the kept keys to contiguous positions after
+    each eviction (`kv.rerotation`). Keyword arguments go to the scorer, the store or the merger
+    whose constructor takes them; ``allocator``, ``window``, ``seed``, ``decode_interval``,
+    ``heads``, ``alpha``, ``profile`` and ``rerotate`` to the policy."""
     spec = {"name": name, "budget": None if budget is None else str(parse_budget(budget)), "kwargs": dict(kwargs)}
     head, *rest = [part.strip() for part in name.strip().lower().split("+")]
     allocator = kwargs.pop("allocator", None)
     store_name = kwargs.pop("store", None)
     merger_name = None
+    rerotate = bool(kwargs.pop("rerotate", False)) or REROTATE in rest
+    rest = [part for part in rest if part != REROTATE]
     if head in PRESETS:
         scorer_name, preset = PRESETS[head]
         allocator = allocator or preset.get("allocator")
@@ -96,6 +101,8 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
         policy_name = f"{policy_name}+{store_name}"
     if merger_name is not None:
         policy_name = f"{policy_name}+{merger_name}"
+    if rerotate:
+        policy_name = f"{policy_name}+{REROTATE}"
     demotes = store is not None and store.demotes
     if store is not None and not demotes and ((allocator or "") in HEAD_ADAPTIVE or heads == "adaptive"):
         fix = ("its heads keep different numbers of entries by design" if getattr(scorer_cls, "default_heads", "") == "adaptive"
@@ -111,7 +118,7 @@ def make_policy(name: str, budget: int | str | Budget | None = None, **kwargs) -
     try:
         return Policy(scorer, None if budget is None else parse_budget(budget), allocator or "uniform", store,
                       window=window, seed=seed, decode_interval=decode_interval, heads=heads, alpha=alpha,
-                      profile=profile, merger=merger, name=policy_name, spec=spec)
+                      profile=profile, merger=merger, rerotate=rerotate, name=policy_name, spec=spec)
     except KVBudgetError as exc:
         raise type(exc)(f"policy '{name}': {exc}") from None
 
@@ -141,6 +148,10 @@ def describe() -> list[dict]:
     for name, cls in sorted(MERGERS.items()):
         rows.append({"name": f"+{name}", "kind": "merger", "paper": cls.paper, "summary": cls.summary,
                      "saves": "tokens (evicted entries merged, then freed)", "needs_attention": bool(cls().queries)})
+    rows.append({"name": f"+{REROTATE}", "kind": "option", "paper": "StreamingLLM (Xiao et al. 2024)",
+                 "summary": "after each eviction, kept keys re-rotated to contiguous positions: no position limit "
+                            "(any scorer, no store)",
+                 "saves": "positions (the conversation outlasts the model's)", "needs_attention": False})
     for name, cls in sorted(STORES.items()):
         store = cls(**STORE_VARIANTS.get(name, {}))
         default = SCORERS[cls.default_scorer]()

@@ -251,4 +251,11 @@ class Session:
 
     @property
     def tokens_seen(self) -> int:
+        """Tokens fed to the conversation (answers decoded are fed again as text)."""
+        return self.cache.tokens_fed
+
+    @property
+    def next_position(self) -> int:
+        """The model position of the next token fed: ``tokens_seen``, or less where key
+        re-rotation (`Policy.rerotate`) moved the kept keys back to contiguous positions."""
         return self.cache.get_seq_length()

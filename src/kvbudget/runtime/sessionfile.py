@@ -174,7 +174,7 @@ def cache_to_file(prefix: str, cache: BudgetedCache, tensors: dict[str, Tensor])
             raise KVBudgetError(f"cannot save cache layer {i} of type {type(layer).__name__}")
     if cache.unscored:
         tensors[f"{prefix}unscored"] = to_cpu(torch.cat(cache.unscored, dim=1))
-    return {"peak_bytes": cache.peak_bytes, "kv_bytes": cache.nbytes(), "layers": layers}
+    return {"peak_bytes": cache.peak_bytes, "kv_bytes": cache.nbytes(), "rolled": cache.rolled, "layers": layers}
 
 
 def cache_from_file(prefix: str, cache: BudgetedCache, meta: dict, tensors: dict[str, Tensor], path: Path) -> None:
@@ -189,6 +189,7 @@ def cache_from_file(prefix: str, cache: BudgetedCache, meta: dict, tensors: dict
         else:
             raise SessionFileError(f"{path}: layer {i} was saved as {layer_meta['kind']}, the model's is {type(layer).__name__}")
     cache.peak_bytes = meta["peak_bytes"]
+    cache.rolled = meta.get("rolled", 0)  # positions given back by key re-rotation (none in older files)
     cache.unscored = [tensors[f"{prefix}unscored"]] if f"{prefix}unscored" in tensors else []
 
 
@@ -214,7 +215,8 @@ def session_to_file(session) -> tuple[dict[str, Tensor], dict]:
     tensors: dict[str, Tensor] = {}
     meta = {
         "model": model_identity(session.model),
-        "policy": {**policy.spec, "resolved_name": policy.name, "tokens": session.tokens},
+        "policy": {**policy.spec, "resolved_name": policy.name, "tokens": session.tokens, "rerotate": policy.rerotate},
+        "next_position": session.next_position,
         "block_size": session.block_size,
         "messages": session.messages,
         "rendered": session.rendered,

@@ -59,14 +59,18 @@ class Footprint:
         """Bytes a full cache (no policy) would hold after ``tokens`` tokens."""
         return sum(tokens if w is None else min(tokens, w - 1) for w in self.windows) * self.entry_bytes
 
-    def positions_left(self, tokens_seen: int) -> int | None:
-        """Model positions a conversation that has used ``tokens_seen`` may still use."""
-        return None if not self.max_positions else max(0, self.max_positions - tokens_seen)
+    def positions_left(self, next_position: int, rerotates: bool = False) -> int | None:
+        """Model positions a conversation whose next token goes at ``next_position`` may still
+        use; None: no limit (the model's is unknown, or the policy re-rotates its kept keys to
+        contiguous positions after each eviction, so its positions stay within budget + block)."""
+        if rerotates or not self.max_positions:
+            return None
+        return max(0, self.max_positions - next_position)
 
     def check_positions(self, session: Session, new_tokens: int, max_tokens: int) -> None:
         """Refuse (400) a turn of ``new_tokens`` prompt tokens and an answer of up to
         ``max_tokens`` that may run past the model's positions."""
-        left = self.positions_left(session.tokens_seen)
+        left = self.positions_left(session.next_position, session.policy.rerotate)
         answer = self.answer_tokens(max_tokens)
         if left is not None and new_tokens + answer > left:
             raise APIError(
@@ -74,6 +78,6 @@ class Footprint:
                 f"this turn may take {new_tokens + answer} positions ({new_tokens} prompt tokens + {answer} for an "
                 f"answer of max_tokens {max_tokens}, fed back as text with the end of the turn), but the "
                 f"conversation has {left} of the model's {self.max_positions} positions left "
-                f"({session.tokens_seen} used); send less, ask for fewer tokens or start a new session",
+                f"({session.next_position} used); send less, ask for fewer tokens or start a new session",
                 code="context_length_exceeded", param="messages",
             )

@@ -100,7 +100,7 @@ class TurnResult:
             full_kv_bytes=footprint.full_kv_bytes(session.tokens_seen),
             prefill_s=turn.prefill_s,
             decode_s=turn.decode_s,
-            positions_left=footprint.positions_left(session.tokens_seen),
+            positions_left=footprint.positions_left(session.next_position, session.policy.rerotate),
         )
 
 
@@ -209,11 +209,14 @@ class SessionManager:
         if live is not None:
             messages, tokens, kv = live.messages, live.tokens_seen, live.stored_bytes
             policy, budget = live.policy.name, live.policy.budget
+            left = self.footprint.positions_left(live.next_position, live.policy.rerotate)
         else:
             meta = self.saved.metadata(owner, session_id)
             try:
                 messages, tokens, kv = meta["messages"], len(meta["input_ids"]), meta["kv_bytes"]
                 policy, budget = meta["policy"]["resolved_name"], meta["policy"]["budget"]
+                # A file without these keys: one position per token fed, no re-rotation.
+                left = self.footprint.positions_left(meta.get("next_position", tokens), meta["policy"].get("rerotate", False))
             except Exception as exc:
                 raise self.saved.broken(session_id, exc) from None
         full = self.footprint.full_kv_bytes(tokens)
@@ -227,7 +230,7 @@ class SessionManager:
             "updated": info["updated"],
             "turns": sum(m["role"] == "assistant" for m in messages),
             "tokens_seen": tokens,
-            "positions_left": self.footprint.positions_left(tokens),
+            "positions_left": left,
             "kv_bytes": kv,
             "full_kv_bytes": full,
             "compression": round(full / kv, 3) if kv else None,

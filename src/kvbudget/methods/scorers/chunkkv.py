@@ -37,6 +37,7 @@ class ChunkKV(Scorer):
             raise KVBudgetError(f"{self.name}: chunk must be >= 1, got {chunk}")
         self.base = SCORERS[base](window=window)
         self.queries, self.state_names = self.base.queries, self.base.state_names
+        self.position_state = self.base.position_state
         self.stackable, self.reads_values = self.base.stackable, self.base.reads_values
         self.stackable_padded = self.base.stackable_padded
         self.chunk = chunk

@@ -54,6 +54,7 @@ class CriticalKV(Scorer):
             raise KVBudgetError(f"criticalkv: first_stage must be in [0, 1], got {first_stage}")
         self.base = SCORERS[base](window=window)
         self.queries, self.state_names = self.base.queries, self.base.state_names
+        self.position_state = self.base.position_state
         self.stackable = self.base.stackable
         self.first_stage, self.eps = first_stage, eps
 

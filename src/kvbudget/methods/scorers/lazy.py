@@ -22,6 +22,7 @@ class LazyEviction(Scorer):
     summary = "recurrence interval of each token's importance; evicts every `lag` steps"
     queries = -1
     state_names = ("lazy_last", "lazy_gap")
+    position_state = ("lazy_last",)
 
     def __init__(self, window: int = 32, lag: int = 64) -> None:
         super().__init__(window)
