@@ -103,8 +103,9 @@ def test_report_writes_the_best_line_per_budget(tmp_path):
     rows = [result(p, b, lp - 0.1 * (i % 2), i, kv) for i in range(8)
             for p, b, lp, kv in (("full", "-", -1.0, 800), ("snapkv", "8x", -4.0, 100), ("kvzip+kivi4", "8x", -1.5, 98))]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md, page = write_report(tmp_path)
+    md, page = write_report(tmp_path, {"model": "m", "command": "kvbudget bench", "note": "Grid: why these rows."})
     text = md.read_text()
+    assert "\nGrid: why these rows.\n" in text and "| note |" not in text  # a paragraph, not a provenance cell
     assert "## Best per byte budget" in text
     line = best_per_budget(summarize(rows)["rows"])[0]
     assert line.startswith("8x: kvzip+kivi4 8x") and "above every other's" in line

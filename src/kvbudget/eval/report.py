@@ -101,7 +101,8 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
     for col, mode in enumerate(modes):
         in_mode = [r for r in rows if r["mode"] == mode]
         full = next((r for r in in_mode if r["policy"] == "full"), None)
-        for row, (key, label) in enumerate((("accuracy", "accuracy"), ("retention", "answer retention (pooled, 95% CI)"))):
+        panels = (("accuracy", "accuracy"), ("retention", "answer retention (pooled, 95% CI)"))
+        for row, (key, label) in enumerate(panels):
             ax = axes[row][col]
             pts = points(in_mode, key)
             for p in policies:
@@ -208,8 +209,10 @@ def _blocks(summary: dict, env: dict, plots: dict[str, Path], sources: list[dict
     out: list[tuple[str, object]] = [("h1", f"kvbudget report{on}")]
     if env.get("command"):
         out.append(("code", env["command"]))
-    shown = {k: v for k, v in env.items() if k != "command"}
+    shown = {k: v for k, v in env.items() if k not in ("command", "note")}
     out.append(("table", (list(shown), [[str(v) for v in shown.values()]])))
+    if env.get("note"):  # what the command that ran chose to measure, and why (the bench's grid)
+        out.append(("p", env["note"]))
     if sources:
         out.append(("h2", "Tasks: where they come from"))
         out.append(("p", "The generator or dataset of the tasks and the settings that regenerate them "
