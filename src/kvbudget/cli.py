@@ -36,9 +36,9 @@ from .serve.keys import check_key, read_key_file
 # tasks (the rows they share are equal); a store alone (kivi4) has no budget: one point, its own
 # compression. The quick one, the default: quality per byte — the classic baselines and KVzip at 8x,
 # KVzip over a 4-bit store at 4x, 8x and 16x, the 4-bit store alone — in about 400 s of CPU on the
-# default model (docs/benchmarks.md). EpiCache (one block-wise prefill per episode, several times a prefill) is left to the whole
-# one (`--full`): the eight first eviction policies at 2x, 4x and 8x, KVzip, EpiCache and the
-# store combinations at 4x, 8x and 16x, and the stores alone.
+# default model (docs/benchmarks.md). EpiCache (one block-wise prefill per episode) and the 2-bit
+# stores are left to the whole one (`--full`): the eight first eviction policies at 2x, 4x and 8x,
+# KVzip, EpiCache and the store combinations at 4x, 8x and 16x, and the stores alone.
 Grid = list[tuple[list[str], list[str]]]
 QUICK_NOTE = (" EpiCache is left to `kvbudget bench --full`: it prefills each context once per episode, several "
               "block-wise prefills per context, which would take the main job well past its few minutes. So are the "
