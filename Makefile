@@ -26,8 +26,9 @@ browser:
 	elif command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver; then :; \
 	else echo "warning: chromium/chromedriver not installed: the chat page test will be skipped"; fi
 
-# The main job: the full cache and the main methods at 4x, a first table in about 3 minutes on 2 CPU
-# cores; it ends by printing the command for the whole grid (`kvbudget bench --full`).
+# The main job: quality per byte (baselines, KVzip alone and over a 4-bit store at 4x/8x/16x, the store
+# alone) and its frontier, about 400 s of CPU on 2 cores; it ends with the best per budget and the
+# command for the whole grid (`kvbudget bench --full`).
 run: setup
 	kvbudget bench
 

@@ -7,6 +7,9 @@ import sys
 import pytest
 
 from kvbudget.cli import BENCH_FULL, BENCH_QUICK, bench_grid, build_parser, main
+from kvbudget.compress.budget import parse_budget
+from kvbudget.eval.runner import EvalConfig, check_names, plan_cells
+from kvbudget.methods import make_policy
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -56,23 +59,46 @@ def test_bad_input_is_one_clear_line(tmp_path, task_file, args, message):
     assert message in lines[0]
 
 
-def _bench(*args: str) -> tuple[list[str], list[str]]:
+def _bench(*args: str) -> list[tuple[list[str], list[str]]]:
     return bench_grid(build_parser().parse_args(["bench", *args]))
 
 
 def test_bench_runs_the_quick_grid_by_default_and_the_whole_one_with_full():
-    """`kvbudget bench`: the full cache and the main methods at 4x; `--full`: every first policy at
-    2x, 4x and 8x (the whole grid, over the same tasks); --policy / --budget override either."""
+    """`kvbudget bench`: quality per byte — the classic baselines, KVzip alone and over a 4-bit store
+    at several byte budgets, the store alone; `--full`: the whole grid, EpiCache included (over the
+    same tasks); --policy / --budget override either."""
     assert _bench() == BENCH_QUICK
-    policies, budgets = BENCH_QUICK
-    assert budgets == ["4x"] and {"snapkv", "streaming", "kivi4"} <= set(policies)
+    policies = {p for ps, _ in BENCH_QUICK for p in ps}
+    assert {"streaming", "snapkv", "kvzip", "kivi4", "kvzip+kivi4"} <= policies
+    assert {b for ps, bs in BENCH_QUICK if "kvzip+kivi4" in ps for b in bs} == {"4x", "8x", "16x"}
     assert _bench("--full") == BENCH_FULL
-    assert BENCH_FULL == (["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"],
-                          ["2x", "4x", "8x"])
-    assert _bench("--policy", "h2o,tova") == (["h2o", "tova"], ["4x"])
-    assert _bench("--full", "--budget", "16x") == (BENCH_FULL[0], ["16x"])
+    every = {p for ps, _ in BENCH_FULL for p in ps}
+    assert policies <= every and {"epicache", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"} <= every
+    assert _bench("--policy", "h2o,tova") == [(["h2o", "tova"], ["8x", "4x", "16x"])]  # the grid's budgets
+    assert _bench("--policy", "h2o", "--budget", "2x") == [(["h2o"], ["2x"])]
+    # --budget replaces every product's budgets; the stores alone keep none.
+    assert _bench("--full", "--budget", "16x") == [(ps, ["16x"] if bs else []) for ps, bs in BENCH_FULL]
     args = build_parser().parse_args(["bench"])
     assert (args.tasks, args.length, args.seed, args.mode, args.block_size) == (2, 800, 0, "multi-turn", 128)
+
+
+@pytest.mark.parametrize("grid", [BENCH_QUICK, BENCH_FULL], ids=["quick", "full"])
+def test_bench_grids_name_valid_policies_and_byte_budgets(grid):
+    """Every policy of a bench grid parses at each of its budgets, every budget is a byte ratio, and
+    the sweep runs each (policy, budget) once beside one full cache, a store alone once."""
+    for policies, budgets in grid:
+        for b in budgets:
+            assert parse_budget(b).ratio is not None, b
+        for name in policies:
+            for b in budgets or [None]:
+                make_policy(name, budget=b)  # raises on an unknown name or a bad budget
+            assert make_policy(name, budget=1).evicts == bool(budgets), name  # stores alone: no budget
+    (policies, budgets), *more = grid
+    cfg = EvalConfig(policies, budgets, more=more)
+    check_names(cfg)
+    cells = plan_cells(cfg)
+    assert cells[0] == ("full", None) and len(cells) == len(set(cells))
+    assert len(cells) == 1 + sum(len(ps) * max(len(bs), 1) for ps, bs in grid)
 
 
 def test_bench_bad_policy_is_one_line_before_the_model_loads():

@@ -18,7 +18,7 @@ from .distributed.sweep import run_eval_ray
 from .errors import KVBudgetError
 from .eval.generators import make_tasks
 from .eval.loaders.registry import load_tasks
-from .eval.report import environment, write_report
+from .eval.report import best_lines, environment, write_report
 from .eval.ruler import make_ruler
 from .eval.runner import EvalConfig, check_names, format_table, run_eval
 from .eval.taskfile import write_tasks
@@ -32,11 +32,28 @@ from .runtime.session import Session
 from .serve import Limits, ServeConfig, parse_duration, parse_memory, serve
 from .serve.keys import check_key, read_key_file
 
-# The bench's two grids, over the same tasks (the rows they share are equal). The quick one, the
-# default: the full cache and the main methods at 4x, a first table in about 3 minutes on 2 CPU
-# cores. The whole one (`--full`): eight policies at 2x, 4x and 8x, about 11 minutes.
-BENCH_QUICK = (["streaming", "snapkv", "keydiff", "kvzip", "kivi4"], ["4x"])
-BENCH_FULL = (["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"], ["2x", "4x", "8x"])
+# The bench's two grids, each a list of (policies, budgets) products run in one sweep over the same
+# tasks (the rows they share are equal); a store alone (kivi4) has no budget: one point, its own
+# compression. The quick one, the default: quality per byte — the classic baselines and KVzip at 8x,
+# KVzip over a 4-bit store at 4x, 8x and 16x, the 4-bit store alone — in about 400 s of CPU on the
+# default model (docs/benchmarks.md). EpiCache (one block-wise prefill per episode) and the 2-bit
+# stores are left to the whole one (`--full`): the eight first eviction policies at 2x, 4x and 8x,
+# KVzip, EpiCache and the store combinations at 4x, 8x and 16x, and the stores alone.
+Grid = list[tuple[list[str], list[str]]]
+QUICK_NOTE = (" EpiCache is left to `kvbudget bench --full`: it prefills each context once per episode, several "
+              "block-wise prefills per context, which would take the main job well past its few minutes. So are the "
+              "2-bit stores (kivi2, kvzip+kivi2), which keep no more than the 4-bit one at 8x and 16x "
+              "(docs/benchmarks.md).")
+BENCH_QUICK: Grid = [
+    (["streaming", "snapkv", "kvzip"], ["8x"]),
+    (["kvzip+kivi4"], ["4x", "8x", "16x"]),
+    (["kivi4"], []),
+]
+BENCH_FULL: Grid = [
+    (["streaming", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "knorm", "random"], ["2x", "4x", "8x"]),
+    (["kvzip", "epicache", "kvzip+kivi4", "snapkv+kivi4", "kvzip+kivi2"], ["4x", "8x", "16x"]),
+    (["kivi4", "kivi2"], []),
+]
 
 
 def _split(value: str) -> list[str]:
@@ -90,11 +107,14 @@ def cmd_tasks_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_grid(args, sweep, policies, budgets, model_name: str, command: str, out: Path) -> dict:
-    """Run ``sweep(cfg)`` (the single-process one or the one on Ray) and write its report."""
+def _run_grid(args, sweep, policies, budgets, model_name: str, command: str, out: Path, more: Grid = (),
+              note: str | None = None) -> dict:
+    """Run ``sweep(cfg)`` (the single-process one or the one on Ray) and write its report (``note``:
+    a paragraph under its command)."""
     cfg = EvalConfig(
         policies=policies,
         budgets=budgets,
+        more=list(more),
         block_size=args.block_size,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
@@ -105,7 +125,7 @@ def _run_grid(args, sweep, policies, budgets, model_name: str, command: str, out
     summary = sweep(cfg)
     print(format_table(summary))
     env = {**environment(model_name, summary["seconds"], seed=args.seed), "prompt": summary["prompt"],
-           "command": command}
+           "command": command, **({"note": note} if note else {})}
     atomic_write_text(out / "env.json", json.dumps(env, indent=2))
     write_report(out, env)
     return summary
@@ -142,18 +162,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_grid(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """The bench's policies and budgets: --policy/--budget where given, else the quick or whole grid."""
+def grid_text(grid: Grid) -> str:
+    """``streaming, snapkv at 8x; kvzip+kivi4 at 4x,8x,16x; kivi4`` (a product without budgets: stores alone)."""
+    return "; ".join(", ".join(ps) + (f" at {','.join(bs)}" if bs else "") for ps, bs in grid)
 
-    policies, budgets = BENCH_FULL if args.full else BENCH_QUICK
-    return (_split(args.policy) if args.policy else policies, _split(args.budget) if args.budget else budgets)
+
+def bench_grid(args: argparse.Namespace) -> Grid:
+    """The bench's (policies, budgets) products: the quick or the whole grid; --budget replaces every
+    product's budgets, --policy the policies (one product, at --budget or the grid's budgets)."""
+    grid = BENCH_FULL if args.full else BENCH_QUICK
+    budgets = _split(args.budget) if args.budget else None
+    if args.policy:
+        every = list(dict.fromkeys(b for _, bs in grid for b in bs))
+        return [(_split(args.policy), budgets or every)]
+    return [(ps, budgets if budgets and bs else bs) for ps, bs in grid]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
-    policies, budgets = bench_grid(args)
-    check_names(EvalConfig(policies, budgets, mode=args.mode))  # before the model loads
+    grid = bench_grid(args)
+    (policies, budgets), *more = grid
+    cfg = EvalConfig(policies, budgets, mode=args.mode, more=more)
+    check_names(cfg)  # before the model loads
     model, tok = load_model(args.model, device=args.device)
     tasks = make_tasks("needle", tok, n=args.tasks, length=args.length, seed=args.seed)
     tasks += make_tasks("kv", tok, n=args.tasks, length=args.length, seed=args.seed + 1)
@@ -162,16 +193,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_tasks(out / "tasks.jsonl", tasks)
     print(
         f"bench: {len(tasks)} tasks x {sum(len(t.questions) for t in tasks) // len(tasks)} questions, "
-        f"~{args.length} tokens, policies {', '.join(['full', *policies])}, budgets {','.join(budgets)}"
+        f"~{args.length} tokens; full cache; {grid_text(grid)}"
     )
     # The bench measures this code: it starts afresh instead of resuming an older run.
-    _run_grid(args, lambda cfg: run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress, resume=False),
-              policies, budgets, args.model or "smollm2-135m", _command(), out)
+    summary = _run_grid(args, lambda cfg: run_eval(model, tok, tasks, cfg, out, progress=not args.no_progress,
+                                                   resume=False),
+                        policies, budgets, args.model or "smollm2-135m", _command(), out, more,
+                        note=f"Grid: the full cache; {grid_text(grid)}." + (QUICK_NOTE if grid == BENCH_QUICK else ""))
     print(f"report: {out / 'report.md'} (plot {out / 'plot.png'})")
+    best = best_lines(summary)
+    if best:
+        print("best per byte budget (pooled retention; tied = intervals overlap):\n  " + "\n  ".join(best))
     print(f"bench time: {time.perf_counter() - start:.0f} s")
     if not (args.full or args.policy or args.budget):
-        print(f"the whole grid ({len(BENCH_FULL[0])} policies x {','.join(BENCH_FULL[1])}, about 11 minutes on 2 CPU "
-              "cores): kvbudget bench --full")
+        print(f"the whole grid ({grid_text(BENCH_FULL)}, EpiCache included): kvbudget bench --full")
     return 0
 
 
@@ -338,17 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, None, mode_default="all")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="the main job: the full cache and the main methods at 4x on the default model "
-                       "(--full: the whole grid)")
+    p = sub.add_parser("bench", help="the main job: quality per byte of the main methods beside the full cache on the "
+                       "default model (--full: the whole grid)")
     p.add_argument("--out", default="kvbudget-results", help="output directory (default ./kvbudget-results)")
     p.add_argument("--tasks", type=_positive, default=2, help="contexts per task family (default 2)")
     p.add_argument("--length", type=_positive, default=800, help="context length in tokens (default 800)")
-    p.add_argument("--full", action="store_true",
-                   help=f"the whole grid: {', '.join(BENCH_FULL[0])} at {','.join(BENCH_FULL[1])}")
+    p.add_argument("--full", action="store_true", help=f"the whole grid: {grid_text(BENCH_FULL)}")
     p.add_argument("--policy", default=None,
-                   help=f"comma list (default {','.join(BENCH_QUICK[0])}; with --full {','.join(BENCH_FULL[0])})")
+                   help=f"comma list, at --budget or the grid's budgets (default: {grid_text(BENCH_QUICK)})")
     _common(p, None, mode_default="multi-turn",
-            budget_help=f"comma list of budgets (default {','.join(BENCH_QUICK[1])}; with --full {','.join(BENCH_FULL[1])})")
+            budget_help="comma list of budgets, replacing each product's (default: the grid's)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for an eval directory")

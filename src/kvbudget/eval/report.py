@@ -21,9 +21,12 @@ import torch
 import transformers
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from ..errors import KVBudgetError
 from ..fileio import atomic_write_text
+from ..kv.store import STORES
+from .frontier import best_per_budget, envelope, points
 from .runner import read_results, sweep_sources
 from .summary import MODE_ORDER, retention_cell, retention_note, summarize
 
@@ -68,37 +71,67 @@ def environment(model_name: str, seconds: float | None = None, seed: int | None 
 # --------------------------------------------------------------------------- plots
 
 
+def _styles(policies: list[str]) -> dict[str, tuple[tuple, str]]:
+    """A colour per method family (the policy without its store: kvzip, snapkv, ... or the store
+    alone) and a marker per store (none: a circle), so that kvzip and kvzip+kivi4 share a colour."""
+    def parts(name: str) -> tuple[str, str | None]:
+        names = name.split("+")
+        stores = [n for n in names if n in STORES]
+        rest = [n for n in names if n not in STORES]
+        return ("+".join(rest) or stores[0]), (stores[0] if stores and rest else None)
+
+    families = sorted({parts(p)[0] for p in policies})
+    stores = sorted({parts(p)[1] for p in policies if parts(p)[1]})
+    cmap = colormaps["tab10"]
+    colour = {f: cmap(i % 10) for i, f in enumerate(families)}
+    marker = {None: "o", **{s: "s^DvPX*p"[i % 8] for i, s in enumerate(stores)}}
+    return {p: (colour[parts(p)[0]], marker[parts(p)[1]]) for p in policies}
+
+
 def plot(rows: list[dict], path: str | Path, title: str) -> Path:
-    """Accuracy and retention (rows of the figure) vs compression, one column per mode; a line
-    per policy over its budgets, a single marker for a policy without a budget (a store), the
-    full cache as a dashed reference line."""
+    """Quality against bytes held: accuracy and pooled retention (with its interval) vs compression
+    in bytes, one column per mode. A colour per method family, a marker per store, a thin line per
+    policy over its budgets (a store alone is one point), the full cache as a dashed reference, and
+    the frontier (eval.frontier: the best quality at or below each byte size) as a black step line."""
     modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)] or ["multi-turn"]
-    fig = Figure(figsize=(5.2 * len(modes) + 2.2, 7.5))
+    fig = Figure(figsize=(5.8 * len(modes) + 1.9, 8.0))
     axes = fig.subplots(2, len(modes), squeeze=False)
     policies = sorted({r["policy"] for r in rows if r["policy"] != "full"})
-    cmap = colormaps["tab20"]
-    style = {p: (cmap(i % 20), "os^vDPX*"[i // 20 % 8]) for i, p in enumerate(policies)}
+    style = _styles(policies)
     for col, mode in enumerate(modes):
         in_mode = [r for r in rows if r["mode"] == mode]
         full = next((r for r in in_mode if r["policy"] == "full"), None)
-        for row, (key, label) in enumerate((("accuracy", "accuracy"), ("retention", "answer retention"))):
+        panels = (("accuracy", "accuracy"), ("retention", "answer retention (pooled, 95% CI)"))
+        for row, (key, label) in enumerate(panels):
             ax = axes[row][col]
+            pts = points(in_mode, key)
             for p in policies:
-                pts = sorted((r["compression"], r[key]) for r in in_mode
-                             if r["policy"] == p and r["compression"] and r[key] is not None)
-                if pts:
-                    color, marker = style[p]
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=color, label=p,
-                            linewidth=1.2, markersize=4)
+                mine = sorted((q for q in pts if q.policy == p), key=lambda q: q.compression)
+                if not mine:
+                    continue
+                color, marker = style[p]
+                xs, ys = [q.compression for q in mine], [q.quality for q in mine]
+                ax.plot(xs, ys, marker=marker, color=color, label=p, linewidth=0.8, markersize=6, alpha=0.9)
+                if all(q.low is not None for q in mine):
+                    ax.errorbar(xs, ys, yerr=[[q.quality - q.low for q in mine], [q.high - q.quality for q in mine]],
+                                fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.6)
+            front = envelope(pts)
+            if front:
+                # From 1x (every byte allowed) on: the best at or below each byte size is the next point.
+                xs = [1.0] * (front[0].compression > 1) + [q.compression for q in front]
+                ys = [front[0].quality] * (front[0].compression > 1) + [q.quality for q in front]
+                ax.step(xs, ys, where="pre", color="black", linewidth=1.8, alpha=0.7, label="frontier", zorder=1)
             if full is not None and full[key] is not None:
                 ax.axhline(full[key], color="black", linestyle="--", linewidth=1, label="full")
+                ax.plot([1.0], [full[key]], marker="*", color="black", markersize=9, label="_nolegend_")
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
             ax.grid(alpha=0.3)
             ax.set_ylabel(label)
             if row == 0:
                 ax.set_title(mode + (" (optimistic)" if mode == "query-aware" else ""))
             else:
-                ax.set_xlabel("compression (full KV bytes / kept KV bytes)")
+                ax.set_xlabel("compression in bytes (full KV bytes / bytes held)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes.flat:  # every policy once, whichever panel drew it
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -107,7 +140,7 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
                 labels.append(lab)
     fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_figwidth(), 1))
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
@@ -157,20 +190,29 @@ def separations(rows: list[dict]) -> str:
     return "Retention intervals that separate (a policy beats another only there): " + "; ".join(found) + "."
 
 
+def best_lines(summary: dict) -> list[str]:
+    """`eval.frontier.best_per_budget` for each mode of a summary, the mode named where there are several."""
+    modes = summary["modes"]
+    return [f"{mode}, {line}" if len(modes) > 1 else line
+            for mode in modes for line in best_per_budget(summary["rows"], mode)]
+
+
 def _sources_table(sources: list[dict]) -> tuple[list[str], list[list[str]]]:
     keys = list(dict.fromkeys(k for src in sources for k in src))
     return keys, [[str(src.get(k, "-")) for k in keys] for src in sources]
 
 
 def _blocks(summary: dict, env: dict, plots: dict[str, Path], sources: list[dict]) -> list[tuple[str, object]]:
-    """The report as ("h1"/"h2"/"p"/"table"/"img", content) blocks."""
+    """The report as ("h1"/"h2"/"p"/"list"/"table"/"img", content) blocks."""
     model = env.get("model")
     on = f" — model {model}" if model else ""
     out: list[tuple[str, object]] = [("h1", f"kvbudget report{on}")]
     if env.get("command"):
         out.append(("code", env["command"]))
-    shown = {k: v for k, v in env.items() if k != "command"}
+    shown = {k: v for k, v in env.items() if k not in ("command", "note")}
     out.append(("table", (list(shown), [[str(v) for v in shown.values()]])))
+    if env.get("note"):  # what the command that ran chose to measure, and why (the bench's grid)
+        out.append(("p", env["note"]))
     if sources:
         out.append(("h2", "Tasks: where they come from"))
         out.append(("p", "The generator or dataset of the tasks and the settings that regenerate them "
@@ -184,6 +226,13 @@ def _blocks(summary: dict, env: dict, plots: dict[str, Path], sources: list[dict
         out.append(("img", plots["all"]))
     out.append(("table", _table(summary["rows"])))
     out.append(("p", separations(summary["rows"])))
+    best = best_lines(summary)
+    if best:
+        out.append(("h2", "Best per byte budget"))
+        out.append(("p", "At each ratio budget, the configuration with the highest pooled retention among those "
+                         "holding at most that share of the full cache's bytes (any budget, or a store alone), and "
+                         "those whose interval overlaps its own (tied)."))
+        out.append(("list", best))
     families = sorted({r["task_family"] for r in summary["by_task"]})
     if len(families) > 1 or (families and families != ["all"]):
         for fam in families:
@@ -210,6 +259,8 @@ def _md(blocks: list[tuple[str, object]]) -> str:
             lines += [str(c), ""]
         elif kind == "code":
             lines += [f"Command: `{c}`", ""]
+        elif kind == "list":
+            lines += [f"- {item}" for item in c] + [""]
         elif kind == "img":
             lines += [f"![{Path(c).stem}]({Path(c).name})", ""]
         elif kind == "table":
@@ -235,6 +286,8 @@ def _html(blocks: list[tuple[str, object]]) -> str:
             parts.append(f"<p>{e(str(c))}</p>")
         elif kind == "code":
             parts.append(f"<p>Command: <code>{e(str(c))}</code></p>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in c) + "</ul>")
         elif kind == "img":
             data = base64.b64encode(Path(c).read_bytes()).decode()
             parts.append(f"<img alt='{e(Path(c).stem)}' src='data:image/png;base64,{data}'>")
@@ -260,14 +313,14 @@ def write_report(directory: str | Path, env: dict | None = None) -> tuple[Path, 
         env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
     summary = summarize(rows)
     on = f" ({env['model']})" if env.get("model") else ""
-    plots = {"all": plot(summary["rows"], d / "plot.png", f"kvbudget{on}: quality vs KV compression, all tasks")}
+    plots = {"all": plot(summary["rows"], d / "plot.png", f"kvbudget{on}: quality vs KV bytes held, all tasks")}
     fams: dict[str, list[dict]] = defaultdict(list)
     for r in summary["by_task"]:
         fams[r["task_family"]].append(r)
     if len(fams) > 1:
         for fam, fam_rows in fams.items():
             name = re.sub(r"[^\w.-]+", "_", fam)  # a category is free text; a file name is not
-            plots[fam] = plot(fam_rows, d / f"plot-{name}.png", f"kvbudget{on}: quality vs KV compression, task {fam}")
+            plots[fam] = plot(fam_rows, d / f"plot-{name}.png", f"kvbudget{on}: quality vs KV bytes held, task {fam}")
     blocks = _blocks(summary, env, plots, sweep_sources(d))
     md, page = d / "report.md", d / "report.html"
     atomic_write_text(md, _md(blocks))

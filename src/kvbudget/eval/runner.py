@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import Tensor
@@ -48,8 +48,9 @@ from .summary import format_table, summarize
 from .taskfile import Task, task_to_dict
 
 __all__ = ["MODES", "Cell", "EvalConfig", "SweepPlan", "TaskReference", "append_rows", "check_names", "expand_policies",
-           "finish_sweep", "format_table", "parse_modes", "plan_sweep", "progress_bar", "prompt_format", "read_results",
-           "run_cell", "run_eval", "run_task", "sources", "summarize", "sweep_sources", "task_reference", "validate"]
+           "finish_sweep", "format_table", "parse_modes", "plan_cells", "plan_sweep", "progress_bar", "prompt_format",
+           "read_results", "run_cell", "run_eval", "run_task", "sources", "summarize", "sweep_sources", "task_reference",
+           "validate"]
 
 MODES = ("multi-turn", "multi-request", "query-aware")
 
@@ -72,10 +73,18 @@ class EvalConfig:
     mode: str = "multi-turn"  # one mode, a comma list of modes, or "all"
     decode_interval: int | None = None  # decode-time compression every N new tokens (None: policy default)
     model: str | None = None  # recorded in results so that a resumed sweep cannot mix models
+    # Further (policies, budgets) products run in the same sweep against the same full-cache
+    # reference: a grid that is not one product (baselines at one budget, a method at several).
+    more: list[tuple[list[str], list[str]]] = field(default_factory=list)
 
     @property
     def modes(self) -> list[str]:
         return parse_modes(self.mode)
+
+    @property
+    def products(self) -> list[tuple[list[str], list[str]]]:
+        """Every (policies, budgets) product of the grid: the first, then `more`."""
+        return [(self.policies, self.budgets), *self.more]
 
 
 def parse_modes(mode: str) -> list[str]:
@@ -113,16 +122,18 @@ def expand_policies(names: list[str]) -> list[str]:
     return out
 
 
-def _cells(cfg: EvalConfig) -> list[tuple[str, str | None]]:
+def plan_cells(cfg: EvalConfig) -> list[tuple[str, str | None]]:
+    """The (policy, budget) cells of the grid, each once: the full cache first, then every product's
+    policies at its budgets; a policy that evicts nothing (a store alone) once, without a budget."""
     cells: list[tuple[str, str | None]] = [("full", None)]
-    for name in expand_policies(cfg.policies):
-        if name == "full":
-            continue
-        if not make_policy(name, budget=1).evicts:  # a store alone (kivi4): no budget to sweep
-            cells.append((name, None))
-            continue
-        for b in cfg.budgets:
-            cells.append((name, b))
+    for policies, budgets in cfg.products:
+        for name in expand_policies(policies):
+            if name == "full":
+                continue
+            evicts = make_policy(name, budget=1).evicts  # a store alone (kivi4): no budget to sweep
+            for b in budgets if evicts else [None]:
+                if (name, b) not in cells:
+                    cells.append((name, b))
     return cells
 
 
@@ -144,16 +155,17 @@ def prompt_format(tok) -> str:
 def check_names(cfg: EvalConfig) -> None:
     """Unknown policies, modes and unreadable budgets fail before anything is loaded."""
     parse_modes(cfg.mode)
-    for name in expand_policies(cfg.policies):
-        make_policy(name, budget=1)  # raises UnknownPolicyError with the known names
-    for b in cfg.budgets:
-        parse_budget(b)
+    for policies, budgets in cfg.products:
+        for name in expand_policies(policies):
+            make_policy(name, budget=1)  # raises UnknownPolicyError with the known names
+        for b in budgets:
+            parse_budget(b)
 
 
 def validate(cfg: EvalConfig, tok, tasks: list[Task]) -> dict[str, int]:
     """Check names and budgets before any work: unknown policy, bad budget, budget > context."""
     check_names(cfg)
-    budgets = [parse_budget(b) for b in cfg.budgets]
+    budgets = [parse_budget(b) for _, bs in cfg.products for b in bs]
     lengths = {t.id: context_tokens(tok, t) for t in tasks}
     for b in budgets:
         if b.tokens is None:
@@ -410,7 +422,7 @@ def plan_sweep(tok, tasks: list[Task], cfg: EvalConfig, out_dir: str | Path, res
             old.unlink(missing_ok=True)
     _check_sweep(out, cfg, tasks)
     done = _done(results, tasks)
-    grid = _cells(cfg)
+    grid = plan_cells(cfg)
 
     def missing(task: Task, name: str, budget: str | None) -> list[str]:
         # Rows carry the policy's own name ("pyramidkv", "snapkv+kivi4"), as the session has it.
