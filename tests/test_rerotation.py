@@ -209,6 +209,7 @@ def test_unsupported_models_and_stores_are_refused_at_setup(small):
     assert kb.policy("pyramidkv+rerotate", budget=32).allocator == "pyramid"
 
 
+@pytest.mark.slow  # minutes of CPU prefill; CI runs the 64-position model's test above
 def test_default_model_streaming_rerotate_answers_past_its_8192_positions(default_model):
     """SmolLM2-135M (8192 positions) under `streaming+rerotate` at budget 256: three long turns,
     prefilled in blocks of 1024, more than 9000 tokens in all; positions stay within budget +
