@@ -288,7 +288,7 @@ def try_batch(model, batch: int, entries: int, steps: int = 8, make=synthetic_de
     try:
         free_memory()
         dec = make(model, batch, entries, room=steps + 2)
-        tok = torch.randint(0, VOCAB, (batch,), device="cuda")
+        tok = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
         dec.step(tok)
         ms = cuda_ms(lambda: [dec.step(tok) for _ in range(steps // 2)], reps=2, warmup=0) / (steps // 2)
         return ms

@@ -62,7 +62,9 @@ def build_model(name: str, device: str | None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tok = kb.load_model()
+    from kvbudget.runtime.models import load_tokenizer
+
+    tok = load_tokenizer()  # the default model's tokenizer alone: the weights are random
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
                       rope_theta=500000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
