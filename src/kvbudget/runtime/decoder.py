@@ -140,7 +140,9 @@ class StaticDecoder:
                 self.qslot.copy_(qslot)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the server's other threads (session saves copying from the GPU) may use
+        # CUDA while this thread captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._forward()
 
     @torch.inference_mode()

@@ -272,7 +272,9 @@ class SlotBatch:
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the server's other threads (session saves copying from the GPU) may use
+        # CUDA while this thread captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             forward()
         self.captures += 1
         return graph, forward, out
