@@ -1,0 +1,111 @@
+"""A byte budget fitted at compression time: with a store, as many entries as the cache's bytes
+allow, never more.
+
+`Policy.resolve` turns a ratio into entries per layer before any token is seen, with
+`Policy.held_bytes`: an upper bound that must assume the worst chunk layout (KIVI keeps one
+chunk's key scales per group of 32 tokens; survivors scattered by an eviction keep one chunk
+alive each). A cache then holds far fewer bytes than asked. At each compression the cache's own
+layout is known on the host, so the bound can be much tighter, and the budget is re-fitted to it
+(`tokens`): the most entries per layer (on average) whose bytes, bounded layer by layer from the
+layer's current body and tail (`layer_bound`), fit the budget's bytes.
+
+Why a bound from the layout, not the exact bytes of the top-k from the scores: the number of
+entries kept is a tensor shape, so an exact choice needs the scores read back on the host in the
+middle of every compression, and the batched path (`compress.batched_store`) queues a whole
+compression without one host read (the GPU keeps running the next block meanwhile). The layout
+bound needs only what the host knows (tensor shapes) and is the same for both paths, so they
+keep the same entries. It is tight where it matters: a layer's chunks after an eviction are at
+most the chunks it holds now (its table is cut to its widest head at every rebuild) plus those
+of the tail entries that move into the body, and at most one per body entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..kv.cache import BudgetedCache
+from ..kv.encoded import EncodedEntries
+from ..kv.entries import POSITION_DTYPE
+from ..kv.layer import BudgetedLayer
+from .policy import Policy
+
+
+def applies(policy: Policy, cache: BudgetedCache) -> bool:
+    """Whether the budget is bytes (ratio, bytes, fraction seen) and the layers' bytes can be
+    bounded from their layout: an evicting policy with a store that encodes entry by entry, every
+    layer held in the encoded layout."""
+    store, budget = policy.store, policy.budget
+    if store is None or budget is None or budget.tokens is not None or not policy.scorer.evicts:
+        return False
+    if store.demotes or store.cross_layer or store.queries or policy.head_adaptive:
+        return False
+    return all(layer.is_initialized and isinstance(layer.entries, EncodedEntries) and not layer.phantom
+               for layer in cache.layers)
+
+
+def target(policy: Policy, cache: BudgetedCache) -> float | None:
+    """The budget's bytes at this compression: a byte budget's own, a fraction of the bytes of
+    every token seen, or the ratio's (`BudgetedCache.target_bytes`, set where the ratio was
+    resolved against its context; None: not known, the resolved tokens stand)."""
+    budget = policy.budget
+    if budget.nbytes is not None:
+        return budget.nbytes
+    if budget.seen is not None:
+        return policy.target_bytes(cache, cache.get_seq_length())
+    return cache.target_bytes
+
+
+def tokens(policy: Policy, cache: BudgetedCache, resolved: int) -> int:
+    """Tokens per layer (on average) for this compression: the most whose `layer_bound` over all
+    layers fits the budget's bytes; ``resolved`` (what `Policy.resolve` gave: its own bound holds)
+    where the budget is not bytes or no more fit. A byte budget's ``resolved`` is an average, not
+    a bound: it may be cut here."""
+    goal = target(policy, cache) if applies(policy, cache) else None
+    if goal is None:
+        return resolved
+    n_layers = len(cache.layers)
+
+    def held(t: int) -> int:
+        budgets = policy.layer_budgets(t, n_layers, cache.sensitivity)
+        return sum(layer_bound(policy, layer, b if layer.window is None else min(b, layer.window - 1))
+                   for layer, b in zip(cache.layers, budgets))
+
+    lo, hi = 0, max(cache.get_seq_length(), resolved)  # held bytes grow with t (checked below)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if held(mid) <= goal:
+            lo = mid
+        else:
+            hi = mid - 1
+    fitted = lo if lo >= 1 and held(lo) <= goal else None
+    if policy.budget.nbytes is not None:
+        return resolved if fitted is None else fitted
+    return resolved if fitted is None else max(resolved, fitted)
+
+
+def layer_bound(policy: Policy, layer: BudgetedLayer, k: int) -> int:
+    """An upper bound on the bytes ``layer`` (encoded layout) holds once compressed to ``k``
+    entries per head, counted as `EncodedEntries.nbytes` counts them: the full-precision tail
+    (the kept residual window), the body's encoded entries and chunk ids, the chunk table, and
+    every entry's position and per-entry state. A layer within ``k`` is only flushed, which
+    encodes whole chunks of its tail and never adds bytes: its bytes now."""
+    if layer.max_entries <= k:
+        return layer.nbytes()
+    e: EncodedEntries = layer.entries
+    store = e.store
+    b, h, tail, d = e.keys.shape
+    residual = policy.residual(k) if layer.window is None else min(policy.residual(k), layer.window - 1)
+    n_tail = min(residual, tail, k)  # `EncodedEntries.tail_kept`: the residual window's entries
+    n_body = k - n_tail
+    full_entry = d * e.keys.element_size() + e.values.shape[-1] * e.values.element_size()
+    per_entry = POSITION_DTYPE.itemsize + 4 * len(policy.state_names)  # positions, float32 state
+    chunk_bytes = store.chunk_bytes(d, e.keys.dtype)
+    payload = store.entry_bytes(d, e.keys.dtype) - (chunk_bytes / store.chunk if store.chunk else 0)
+    chunks = 0
+    if chunk_bytes and n_body:
+        moved = min(n_body, tail - n_tail)  # tail entries a rebuild encodes into the body (`body._rebuild`)
+        fresh = -(-moved // store.chunk) if store.chunk else int(moved > 0)
+        old = next(iter(e.body.chunks.values())).shape[2] if e.body is not None and e.body.chunks else 0
+        chunks = min(n_body, old + fresh)
+    total = n_tail * full_entry + n_body * payload + k * per_entry + chunks * chunk_bytes
+    return math.ceil(total * b * h)
