@@ -63,14 +63,15 @@ def tokens(policy: Policy, cache: BudgetedCache, resolved: int) -> int:
     goal = target(policy, cache) if applies(policy, cache) else None
     if goal is None:
         return resolved
-    n_layers = len(cache.layers)
+    n_layers, seen = len(cache.layers), cache.get_seq_length()
 
     def held(t: int) -> int:
         budgets = policy.layer_budgets(t, n_layers, cache.sensitivity)
-        return sum(layer_bound(policy, layer, b if layer.window is None else min(b, layer.window - 1))
+        # The whole context fits the average budget: no layer evicts (`engine.compress`).
+        return sum(layer_bound(policy, layer, b if layer.window is None else min(b, layer.window - 1), seen <= t)
                    for layer, b in zip(cache.layers, budgets))
 
-    lo, hi = 0, max(cache.get_seq_length(), resolved)  # held bytes grow with t (checked below)
+    lo, hi = 0, max(seen, resolved)  # held bytes grow with t (checked below)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if held(mid) <= goal:
@@ -83,24 +84,29 @@ def tokens(policy: Policy, cache: BudgetedCache, resolved: int) -> int:
     return resolved if fitted is None else max(resolved, fitted)
 
 
-def layer_bound(policy: Policy, layer: BudgetedLayer, k: int) -> int:
+def layer_bound(policy: Policy, layer: BudgetedLayer, k: int, whole: bool = False) -> int:
     """An upper bound on the bytes ``layer`` (encoded layout) holds once compressed to ``k``
-    entries per head, counted as `EncodedEntries.nbytes` counts them: the full-precision tail
-    (the kept residual window), the body's encoded entries and chunk ids, the chunk table, and
-    every entry's position and per-entry state. A layer within ``k`` is only flushed, which
-    encodes whole chunks of its tail and never adds bytes: its bytes now."""
-    if layer.max_entries <= k:
-        return layer.nbytes()
+    entries per head (``whole``: kept whole, however many it holds), counted as
+    `EncodedEntries.nbytes` counts them: the full-precision tail (the kept residual window), the
+    body's encoded entries and chunk ids, the chunk table, and every entry's position and
+    per-entry state. A layer kept whole is only flushed: its bytes
+    now, less what encoding the whole chunks of its tail older than the residual window saves (a
+    flush encodes at least those: `kv.cache.flush_layers`)."""
     e: EncodedEntries = layer.entries
     store = e.store
     b, h, tail, d = e.keys.shape
     residual = policy.residual(k) if layer.window is None else min(policy.residual(k), layer.window - 1)
-    n_tail = min(residual, tail, k)  # `EncodedEntries.tail_kept`: the residual window's entries
-    n_body = k - n_tail
     full_entry = d * e.keys.element_size() + e.values.shape[-1] * e.values.element_size()
-    per_entry = POSITION_DTYPE.itemsize + 4 * len(policy.state_names)  # positions, float32 state
     chunk_bytes = store.chunk_bytes(d, e.keys.dtype)
     payload = store.entry_bytes(d, e.keys.dtype) - (chunk_bytes / store.chunk if store.chunk else 0)
+    if whole or layer.max_entries <= k:
+        flushed = e.whole_chunks(max(tail - residual, 0))
+        chunks = (flushed // store.chunk if store.chunk else int(flushed > 0)) if chunk_bytes else 0
+        saved = flushed * (full_entry - payload) - chunks * chunk_bytes
+        return layer.nbytes() - math.floor(max(saved, 0) * b * h)
+    n_tail = min(residual, tail, k)  # `EncodedEntries.tail_kept`: the residual window's entries
+    n_body = k - n_tail
+    per_entry = POSITION_DTYPE.itemsize + 4 * len(policy.state_names)  # positions, float32 state
     chunks = 0
     if chunk_bytes and n_body:
         moved = min(n_body, tail - n_tail)  # tail entries a rebuild encodes into the body (`body._rebuild`)
