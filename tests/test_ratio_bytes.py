@@ -81,3 +81,22 @@ def test_store_ratio_budgets_fill_their_bytes_on_the_default_model(default_model
             assert held and max(held) <= goal, (name, ratio, max(held) / goal)
             if session.cache.layers[0].max_entries < stats.tokens:  # the context did not fit whole
                 assert session.kv_bytes >= 0.9 * goal, (name, ratio, session.kv_bytes / goal)
+
+
+def test_byte_budgets_with_a_store_hold_at_most_their_bytes(tiny_llama, monkeypatch):
+    """A byte budget resolves to tokens by the average entry's bytes; with a store the engine
+    fits it to the layers' layout at each compression, so the cache never holds more bytes
+    than asked (scattered survivors keep whole chunks of scales alive) and holds close to them."""
+    import kvbudget.runtime.prefill as prefill_module
+
+    compress, held = prefill_module.compress, []
+    monkeypatch.setattr(prefill_module, "compress", lambda cache, policy: compress(cache, policy) or
+                        held.append(cache.nbytes()))
+    for name in ("snapkv+kivi4", "snapkv+kivi2", "h2o+kivi4"):
+        for nbytes in (30_000, 100_000):
+            held.clear()
+            policy = kb.policy(name, budget=f"{nbytes}B")
+            cache = policy.new_cache(tiny_llama)
+            prefill(tiny_llama, cache, policy, random_ids(600, seed=3), block_size=64)
+            assert held and max(held) <= nbytes, (name, nbytes, max(held))
+            assert cache.nbytes() >= 0.9 * nbytes, (name, nbytes, cache.nbytes())
