@@ -18,7 +18,9 @@ the host cannot launch as fast as the GPU runs them. The tests hold the two path
 
 Around the layers: a budget that is a fraction of the tokens seen (``0.25seen``) is resolved
 again against the cache's length; nothing is evicted while the whole context fits the average
-budget (contexts under the budget stay whole, as PyramidKV); a sliding-window layer first drops the
+budget (contexts under the budget stay whole, as PyramidKV); with a store, a budget of bytes (a
+ratio, bytes, a fraction seen) is fitted to the layers' own chunk layout at each compression
+(`compress.bytefit`); a sliding-window layer first drops the
 entries no later token can see (`BudgetedLayer.trim_window`), whatever the policy, and keeps
 at most ``window - 1`` entries per head; a store's tail entries older than its residual window
 are encoded (`kv.cache.flush_layers`); inside a `BudgetedCache.scratch` block the cache is
