@@ -16,6 +16,7 @@ def _held(model, name: str, budget: str | None, ids) -> tuple[int, int]:
     policy = kb.policy(name, budget=budget)
     cache = policy.new_cache(model)
     cache.tokens = policy.resolve(cache, context_tokens=ids.shape[1], block_size=64) if budget else None
+    cache.target_bytes = policy.target_bytes(cache, ids.shape[1]) if budget else None
     prefill(model, cache, policy, ids, block_size=64)
     return cache.nbytes(), cache.tokens
 
@@ -54,3 +55,48 @@ def test_ratio_budgets_are_bytes_on_the_default_model(default_model):
         held[name] = (session.kv_bytes, session.tokens)
         assert full / 4 / 1.5 <= session.kv_bytes <= full / 4, (name, full / session.kv_bytes)
     assert held["snapkv+kivi4"][1] > 2 * held["snapkv"][1]  # 4-bit entries: more than twice the tokens
+
+
+def test_store_ratio_budgets_fill_their_bytes_on_the_default_model(default_model, monkeypatch):
+    """With a store, a ratio budget is fitted at each compression to the cache's own chunk layout
+    (`compress.bytefit`): the bytes held never exceed the ratio's, after any compression, and
+    reach at least 90% of them once the context does not fit whole."""
+    import kvbudget.runtime.prefill as prefill_module
+
+    model, tok = default_model
+    text = " ".join(f"Note {i}: the courier left parcel {i * 37 % 101} at dock {i % 9}." for i in range(26))
+    compress, held = prefill_module.compress, []
+
+    def counted(cache, policy):
+        compress(cache, policy)
+        held.append(cache.nbytes())
+
+    monkeypatch.setattr(prefill_module, "compress", counted)
+    for name in ("kvzip+kivi4", "snapkv+kivi4", "snapkv+kivi2"):
+        for ratio in (4, 8, 16):
+            held.clear()
+            session = kb.Session(model, tok, kb.policy(name, budget=f"{ratio}x"), block_size=128)
+            stats = session.add_context(text)
+            goal = session.policy.full_bytes(session.cache, stats.tokens) / ratio
+            assert held and max(held) <= goal, (name, ratio, max(held) / goal)
+            if session.cache.layers[0].max_entries < stats.tokens:  # the context did not fit whole
+                assert session.kv_bytes >= 0.9 * goal, (name, ratio, session.kv_bytes / goal)
+
+
+def test_byte_budgets_with_a_store_hold_at_most_their_bytes(tiny_llama, monkeypatch):
+    """A byte budget resolves to tokens by the average entry's bytes; with a store the engine
+    fits it to the layers' layout at each compression, so the cache never holds more bytes
+    than asked (scattered survivors keep whole chunks of scales alive) and holds close to them."""
+    import kvbudget.runtime.prefill as prefill_module
+
+    compress, held = prefill_module.compress, []
+    monkeypatch.setattr(prefill_module, "compress", lambda cache, policy: compress(cache, policy) or
+                        held.append(cache.nbytes()))
+    for name in ("snapkv+kivi4", "snapkv+kivi2", "h2o+kivi4"):
+        for nbytes in (30_000, 100_000):
+            held.clear()
+            policy = kb.policy(name, budget=f"{nbytes}B")
+            cache = policy.new_cache(tiny_llama)
+            prefill(tiny_llama, cache, policy, random_ids(600, seed=3), block_size=64)
+            assert held and max(held) <= nbytes, (name, nbytes, max(held))
+            assert cache.nbytes() >= 0.9 * nbytes, (name, nbytes, cache.nbytes())

@@ -117,6 +117,15 @@ def test_tiny_model_round_trip(tiny_llama, tmp_path, name, kwargs, check):
     assert all(check(layer) for layer in session.cache.layers), "the layout under test was not used"
 
 
+def test_ratio_budget_keeps_its_bytes_across_a_round_trip(tiny_llama, tmp_path):
+    """A ratio budget's bytes (resolved against the first context) come back with the session,
+    so its compressions keep fitting them (`compress.bytefit`), as the saved session's did."""
+    policy = kb.policy("snapkv+kivi4", budget="4x", residual=16)
+    session = _round_trip(tiny_llama, CharTok(), policy, STORY, ["Who has a cat?", "And Bob?"], tmp_path / "r.kvb")
+    loaded = kb.Session.load(tmp_path / "r.kvb", tiny_llama, CharTok())
+    assert session.target_bytes is not None and loaded.target_bytes == loaded.cache.target_bytes == session.target_bytes
+
+
 def test_sliding_window_layers_round_trip(tiny_gemma, tmp_path):
     _round_trip(tiny_gemma, CharTok(), kb.policy("snapkv", budget=24), STORY[:120],
                 ["Who?", "Where?"], tmp_path / "g.kvb", block_size=16)

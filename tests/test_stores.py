@@ -279,14 +279,18 @@ def test_stacked_flush_equals_layer_by_layer(llama64, monkeypatch, stack_bytes):
     assert len(ptrs) == 4 * 2  # 4 token fields x 2 layers, each its own storage
 
 
-def _evicting_store_run(model, name: str, stack: bool, group_bytes: int | None = None, **kw):
-    """Prefill 300 tokens in blocks of 32 with eviction to 64, then decode 12 tokens with a
-    compression every 5 (decode-time compression); returns the cache and the policy."""
-    policy = kb.policy(name, budget=64, decode_interval=5, **kw)
+def _evicting_store_run(model, name: str, stack: bool, group_bytes: int | None = None, budget: int | str = 64, **kw):
+    """Prefill 300 tokens in blocks of 32 with eviction to ``budget`` (a ratio resolved as a
+    session does, against the 300 tokens), then decode 12 tokens with a compression every 5
+    (decode-time compression); returns the cache."""
+    policy = kb.policy(name, budget=budget, decode_interval=5, **kw)
     use_batched(stack)
     if group_bytes:
         limit_groups(group_bytes)
     cache = policy.new_cache(model)
+    if policy.budget.ratio is not None:
+        cache.tokens = policy.resolve(cache, context_tokens=300, block_size=32)
+        cache.target_bytes = policy.target_bytes(cache, 300)
     logits, _ = kb.prefill(model, cache, policy, random_ids(300), block_size=32)
     with torch.inference_mode():
         for step in range(12):
@@ -441,24 +445,51 @@ def test_stacked_store_compression_equals_layer_by_layer(tiny_llama, name):
     values and bytes, through prefill and decode-time compressions."""
     loop = _evicting_store_run(tiny_llama, name, stack=False)
     for group_bytes in (None, 1):  # all layers in one group / one layer per group
-        stacked = _evicting_store_run(tiny_llama, name, stack=True, group_bytes=group_bytes)
-        for a, b in zip(loop.layers, stacked.layers):
-            assert torch.equal(a.entries.positions, b.entries.positions)
-            for k in a.entries.state:
-                torch.testing.assert_close(a.entries.state[k], b.entries.state[k])
-            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-            assert len(a.entries.body) == len(b.entries.body) > 0
-            for k in a.entries.body.tokens:
-                assert torch.equal(a.entries.body.tokens[k], b.entries.body.tokens[k])
+        _assert_same_store_layers(loop, _evicting_store_run(tiny_llama, name, stack=True, group_bytes=group_bytes))
+
+
+@pytest.mark.parametrize("name", ["snapkv+kivi4", "tova+rotate4"])
+def test_stacked_store_compression_of_a_fitted_byte_budget_equals_the_loop(tiny_llama, monkeypatch, name):
+    """A ratio budget fitted to the layers' layout at each compression (`compress.bytefit`) gives
+    both paths the same entries per layer: they keep the same (the layers stacked, not routed to
+    the loop), and hold more entries than the ratio's worst-case resolution, within its bytes."""
+    from kvbudget.compress import batched_store
+
+    loop = _evicting_store_run(tiny_llama, name, stack=False, budget="6x")
+    stacked_calls, compress = [], batched_store.compress
+    monkeypatch.setattr(batched_store, "compress", lambda *a: stacked_calls.append(1) or compress(*a))
+    stacked = _evicting_store_run(tiny_llama, name, stack=True, budget="6x")
+    assert len(stacked_calls) > 5
+    _assert_same_store_layers(loop, stacked)
+    assert min(layer.max_entries for layer in loop.layers) > loop.tokens
+    kb.compress(loop, kb.policy(name, budget="6x"))  # tokens decoded since the last compression
+    assert loop.nbytes() <= loop.target_bytes
+
+
+def _assert_same_store_layers(loop, stacked) -> None:
+    for a, b in zip(loop.layers, stacked.layers):
+        assert torch.equal(a.entries.positions, b.entries.positions)
+        for k in a.entries.state:
+            torch.testing.assert_close(a.entries.state[k], b.entries.state[k])
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert len(a.entries.body) == len(b.entries.body) > 0
+        for k in a.entries.body.tokens:
+            assert torch.equal(a.entries.body.tokens[k], b.entries.body.tokens[k])
+        if a.entries.body.chunk_id is None:  # rotated KIVI: no per-chunk data
+            assert b.entries.body.chunk_id is None
+        else:
+            assert a.entries.body.chunk_id.dtype == b.entries.body.chunk_id.dtype and torch.equal(a.entries.body.chunk_id, b.entries.body.chunk_id)
+            # The live rows of every head's table (a head's live chunks are packed to its front;
+            # rows past them, up to the widest head's, are never referenced by a chunk id).
+            ids = a.entries.body.chunk_id.long()
             for k in a.entries.body.chunks:
-                assert torch.equal(a.entries.body.chunks[k], b.entries.body.chunks[k])
-            if a.entries.body.chunk_id is None:  # rotated KIVI: no per-chunk data
-                assert b.entries.body.chunk_id is None
-            else:
-                assert a.entries.body.chunk_id.dtype == b.entries.body.chunk_id.dtype and torch.equal(a.entries.body.chunk_id, b.entries.body.chunk_id)
-            va, vb = a.view(), b.view()
-            assert torch.equal(va.keys, vb.keys) and torch.equal(va.values, vb.values)
-            assert a.nbytes() == b.nbytes()
+                ta, tb = a.entries.body.chunks[k], b.entries.body.chunks[k]
+                assert ta.shape == tb.shape
+                live = torch.arange(ta.shape[2]) <= ids.amax(-1, keepdim=True)
+                assert torch.equal(ta[live], tb[live])
+        va, vb = a.view(), b.view()
+        assert torch.equal(va.keys, vb.keys) and torch.equal(va.values, vb.values)
+        assert a.nbytes() == b.nbytes()
 
 
 def test_stacked_store_compression_is_used_and_falls_back(tiny_llama, monkeypatch):

@@ -18,7 +18,9 @@ the host cannot launch as fast as the GPU runs them. The tests hold the two path
 
 Around the layers: a budget that is a fraction of the tokens seen (``0.25seen``) is resolved
 again against the cache's length; nothing is evicted while the whole context fits the average
-budget (contexts under the budget stay whole, as PyramidKV); a sliding-window layer first drops the
+budget (contexts under the budget stay whole, as PyramidKV); with a store, a budget of bytes (a
+ratio, bytes, a fraction seen) is fitted to the layers' own chunk layout at each compression
+(`compress.bytefit`); a sliding-window layer first drops the
 entries no later token can see (`BudgetedLayer.trim_window`), whatever the policy, and keeps
 at most ``window - 1`` entries per head; a store's tail entries older than its residual window
 are encoded (`kv.cache.flush_layers`); inside a `BudgetedCache.scratch` block the cache is
@@ -38,7 +40,7 @@ from ..kv.entries import LayerView
 from ..kv.layer import BudgetedLayer
 from ..kv.ragged import RaggedEntries, padded_to_ragged
 from ..kv.rerotation import rerotate
-from . import batched
+from . import batched, bytefit
 from .observation import Observation
 from .policy import Policy
 from .select import demotion_index, pick_across_heads, select
@@ -65,19 +67,20 @@ def compress(cache: BudgetedCache, policy: Policy) -> None:
             cache.tokens = policy.resolve(cache, context_tokens=cache.get_seq_length())
         elif cache.tokens is None:
             cache.tokens = policy.resolve(cache)
-        budgets = policy.layer_budgets(cache.tokens, len(layers), cache.sensitivity)
-        budgets = [b if layer.window is None else min(b, layer.window - 1) for b, layer in zip(budgets, layers)]
-    for layer, budget in zip(layers, budgets):
-        # A sliding-window layer's tail is at most its window: it never holds more.
-        residual = policy.residual(budget)
-        layer.residual = residual if layer.window is None else min(residual, layer.window - 1)
+        budgets = _layer_budgets(policy, cache, cache.tokens)
+    else:
+        _set_residuals(policy, layers, budgets)
     for layer in windowed:
         layer.trim_window()
     if not policy.evicts:
         if policy.store is not None and not policy.store.flush_cache(cache):
             flush_layers(layers)
         return
-    fits = cache.get_seq_length() <= cache.tokens
+    # A byte budget with a store: as many entries as the layers' own layout lets fit.
+    tokens = bytefit.tokens(policy, cache, cache.tokens)
+    if tokens != cache.tokens:
+        budgets = _layer_budgets(policy, cache, tokens)
+    fits = cache.get_seq_length() <= tokens
     # Layers of one window (full attention, or one sliding window) are compressed together.
     for window in dict.fromkeys(layer.window for layer in layers):
         index = [i for i, layer in enumerate(layers) if layer.window == window]
@@ -88,6 +91,22 @@ def compress(cache: BudgetedCache, policy: Policy) -> None:
             compress_layer(policy, layer, i, len(layers), budget, fits)
     if policy.rerotate and not fits:
         rerotate(cache, policy.scorer.position_state)
+
+
+def _layer_budgets(policy: Policy, cache: BudgetedCache, tokens: int) -> list[int]:
+    """Entries per head of each layer for ``tokens`` per layer (a sliding-window layer at most
+    its window), each layer's store residual set to match."""
+    budgets = policy.layer_budgets(tokens, len(cache.layers), cache.sensitivity)
+    budgets = [b if layer.window is None else min(b, layer.window - 1) for b, layer in zip(budgets, cache.layers)]
+    _set_residuals(policy, cache.layers, budgets)
+    return budgets
+
+
+def _set_residuals(policy: Policy, layers: list[BudgetedLayer], budgets: list[int | None]) -> None:
+    for layer, budget in zip(layers, budgets):
+        # A sliding-window layer's tail is at most its window: it never holds more.
+        residual = policy.residual(budget)
+        layer.residual = residual if layer.window is None else min(residual, layer.window - 1)
 
 
 def compress_layer(policy: Policy, layer: BudgetedLayer, i: int, n_layers: int, budget: int, fits: bool) -> None:

@@ -133,7 +133,10 @@ class Policy:
         cache holds for the same context (`full_bytes`), whatever the store. It resolves to the
         most tokens whose `held_bytes` fit, so a 4-bit store keeps more entries than full
         precision at the same ratio. ``block_size``: the prefill's (a bound on how many partial
-        chunks a store's evictions leave; default: one store chunk, the most pessimistic).
+        chunks a store's evictions leave; default: one store chunk, the most pessimistic). That
+        bound assumes the worst chunk layout; at each compression the engine fits the budget's
+        bytes again to the cache's own layout (`compress.bytefit`), so a store's cache holds
+        close to the bytes asked, never more.
 
         A fraction of the tokens seen (``0.25seen``) resolves the same way, the full cache's bytes
         times the fraction, against every token seen so far (``context_tokens``: the engine passes
@@ -143,10 +146,7 @@ class Policy:
             return None
         if budget.ratio is None and budget.seen is None:
             return budget.resolve(self.stored_entry_bytes(cache), len(cache.layers), context_tokens)
-        if context_tokens is None:
-            raise BudgetError(f"budget {budget}: a ratio budget needs the context length")
-        full = self.full_bytes(cache, context_tokens)
-        target = full * budget.seen if budget.seen is not None else full / budget.ratio
+        target = self.target_bytes(cache, context_tokens)
         lo, hi = 0, context_tokens  # the most tokens that fit: held_bytes grows with them
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -160,6 +160,17 @@ class Policy:
             raise BudgetError(f"policy '{self.name}' cannot hold {self.budget} fewer bytes than the full cache of "
                               f"{context_tokens} tokens (even one token per layer is more)")
         return lo
+
+    def target_bytes(self, cache: BudgetedCache, context_tokens: int | None) -> float | None:
+        """The bytes a ratio (or a fraction seen) allows for a context of ``context_tokens``: the
+        full cache's bytes over the ratio (times the fraction); None for a budget in tokens or bytes."""
+        budget = self.budget
+        if budget is None or (budget.ratio is None and budget.seen is None):
+            return None
+        if context_tokens is None:
+            raise BudgetError(f"budget {budget}: a ratio budget needs the context length")
+        full = self.full_bytes(cache, context_tokens)
+        return full * budget.seen if budget.seen is not None else full / budget.ratio
 
     @staticmethod
     def full_bytes(cache: BudgetedCache, context_tokens: int) -> int:

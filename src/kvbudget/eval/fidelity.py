@@ -39,6 +39,7 @@ def attention_error(model, input_ids: Tensor, policy: Policy, block_size: int = 
     prefill(model, full, reference, input_ids, block_size, compress_last=False)
     cache = policy.new_cache(model)
     cache.tokens = policy.resolve(cache, context_tokens=input_ids.shape[1])
+    cache.target_bytes = policy.target_bytes(cache, input_ids.shape[1])
     prefill(model, cache, policy, input_ids, block_size)
     errors = []
     for ref_layer, layer in zip(full.layers, cache.layers):

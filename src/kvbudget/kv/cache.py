@@ -134,6 +134,9 @@ class BudgetedCache(Cache):
         # The resolved budget (tokens per layer, on average) and the layer sensitivities of the
         # session this cache belongs to (a ratio budget depends on its context).
         self.tokens: int | None = None
+        # A ratio budget's bytes, for that context (`Policy.target_bytes`): the engine fits the
+        # entries kept to it at each compression (`compress.bytefit`). None: the tokens stand.
+        self.target_bytes: float | None = None
         self.sensitivity: list[float] | None = None
         self.peak_bytes = 0
         # Key re-rotation (`kv.rerotation`): the model's RoPE frequencies per layer when the policy

@@ -180,7 +180,7 @@ def share(src: BudgetedCache, dst: BudgetedCache, queries: list[ObservedQueries]
         if a.is_initialized:
             b.dtype, b.device = a.dtype, a.device
         b.observed = ObservedQueries(q.keep, q.queries, q.positions, q.scaling)
-    dst.tokens = src.tokens
+    dst.tokens, dst.target_bytes = src.tokens, src.target_bytes
 
 
 class UnionCompressor:
@@ -217,7 +217,7 @@ class UnionCompressor:
                 keep_positions(dst, src, m)
                 dst.peak_entries = src.peak_entries
             cache.peak_bytes = union.peak_bytes  # what the device held during the prefill
-            cache.tokens = union.tokens
+            cache.tokens, cache.target_bytes = union.tokens, union.target_bytes
 
 
 # --- the session ------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ class EpisodicSession(Session):
         union = self.new_cache()
         for layer in union.layers:  # the shared cache keeps no queries of its own: the prompts score
             layer.observed.keep = 0
-        union.tokens = self.tokens
+        union.tokens, union.target_bytes = self.tokens, self.target_bytes
         compressor = UnionCompressor([ep.cache for ep in self.episodes], queries, at)
         logits, stats = yield from prefill_blocks(self.model, union, self.policy, ids, self.block_size, True,
                                                   None, self.tok, compressor)
@@ -298,7 +298,7 @@ class EpisodicSession(Session):
             targets[0].cache.to(device, non_blocking=overlap)
         for j, ep in enumerate(targets):
             ep.cache.wait()
-            ep.cache.tokens = self.tokens
+            ep.cache.tokens, ep.cache.target_bytes = self.tokens, self.target_bytes
             if j + 1 < len(targets):
                 targets[j + 1].cache.to(device, non_blocking=overlap)
             logits, stats = prefill(self.model, ep.cache, self.policy, ids, self.block_size, compress_last, ep.prompt_ids,

@@ -65,6 +65,7 @@ class Session:
         if self.policy.allocator == "sensitivity":
             self.sensitivity = load_scores(self.model, ensure_profile(self.model, self.tok, self.policy.profile))
         self.tokens: int | None = None  # the budget resolved against this conversation's context
+        self.target_bytes: float | None = None  # a ratio budget's bytes for that context
         self.cache = self.new_cache()
         self.rendered = ""  # text of everything fed to the cache so far
         self.input_ids: list[int] = []  # token ids of everything fed, in order
@@ -85,7 +86,7 @@ class Session:
     def new_cache(self):
         """An empty cache of this session's policy, model and resolved budget."""
         cache = self.policy.new_cache(self.model, self.sensitivity)
-        cache.tokens = self.tokens
+        cache.tokens, cache.target_bytes = self.tokens, self.target_bytes
         return cache
 
     def _feed(
@@ -101,8 +102,9 @@ class Session:
         last token's logits and the prefill's stats."""
         ids = self._encode(text)
         if self.tokens is None:  # a ratio budget depends on the first context
-            self.tokens = self.policy.resolve(self.cache, context_tokens=ids.shape[1] + len(self.input_ids),
-                                              block_size=self.block_size)
+            context = ids.shape[1] + len(self.input_ids)
+            self.tokens = self.policy.resolve(self.cache, context_tokens=context, block_size=self.block_size)
+            self.target_bytes = self.policy.target_bytes(self.cache, context)
         logits, stats = yield from self._prefill_steps(ids, compress_last, scoring_ids)
         self.input_ids.extend(ids[0].tolist())
         self.rendered = full
@@ -112,7 +114,7 @@ class Session:
                        scoring_ids: Tensor | None) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
         """Feed token ids into the session's cache, one block per step (episodic sessions feed
         several caches)."""
-        self.cache.tokens = self.tokens
+        self.cache.tokens, self.cache.target_bytes = self.tokens, self.target_bytes
         return (yield from prefill_blocks(self.model, self.cache, self.policy, ids, self.block_size, compress_last,
                                           scoring_ids, self.tok))
 
@@ -237,7 +239,7 @@ class Session:
         if meta["episodic"] is not None:
             raise SessionFileError(f"{path}: episodic session file, but its policy did not build an episodic session")
         cache_from_file("", self.cache, meta["cache"], tensors, path)
-        self.cache.tokens = self.tokens
+        self.cache.tokens, self.cache.target_bytes = self.tokens, self.target_bytes
 
     @property
     def stored_bytes(self) -> int:

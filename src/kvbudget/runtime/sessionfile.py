@@ -215,7 +215,8 @@ def session_to_file(session) -> tuple[dict[str, Tensor], dict]:
     tensors: dict[str, Tensor] = {}
     meta = {
         "model": model_identity(session.model),
-        "policy": {**policy.spec, "resolved_name": policy.name, "tokens": session.tokens, "rerotate": policy.rerotate},
+        "policy": {**policy.spec, "resolved_name": policy.name, "tokens": session.tokens,
+                   "target_bytes": session.target_bytes, "rerotate": policy.rerotate},
         "next_position": session.next_position,
         "block_size": session.block_size,
         "messages": session.messages,
@@ -243,6 +244,7 @@ def restore_session(session, meta: dict, tensors: dict[str, Tensor], path: Path)
     """Give ``session`` (new, of the policy `policy_from_file` built) the saved budget, caches and
     conversation."""
     session.tokens = meta["policy"]["tokens"]  # a ratio budget was resolved against that context
+    session.target_bytes = meta["policy"].get("target_bytes")  # None in a file without it: the tokens stand
     session.caches_from_file(meta, tensors, path)
     session.messages = meta["messages"]
     session.rendered = meta["rendered"]
