@@ -99,6 +99,8 @@ def test_sweep_modes_fidelity_and_resume(default_model, tasks, tmp_path, monkeyp
             assert (r["agreement"], r["kl"]) == (1.0, 0.0) and r["retention"] in (1.0, None)
     streaming = [r for r in rows if r["policy"] == "streaming"]
     assert all(r["kv_bytes"] < r["full_kv_bytes"] for r in streaming)
+    # One cache per session: it stores what it holds after the context, whatever the turns add.
+    assert all(r["stored_bytes"] == r["kv_bytes"] for r in rows)
     assert {r["mode"] for r in summary["rows"]} == set(runner.MODES)
     assert all("agreement" in r and "kl" in r for r in summary["rows"])
     assert len(calls) == 3  # full, streaming, kivi4: each runs every mode in one call

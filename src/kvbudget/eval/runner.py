@@ -224,8 +224,10 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
                                     history_answer=gold if history else None,
                                     reference=reference, keep_steps=references is None)
 
-    def add(mode: str, i: int, session: Session, stats, kv_bytes: int, turn: Turn, kv_entries: int) -> None:
+    def add(mode: str, i: int, session: Session, stats, held: tuple[int, int, int], turn: Turn) -> None:
+        """One result row; ``held``: the session's (KV bytes, entries, stored bytes) after the context."""
         q = task.questions[i]
+        kv_bytes, kv_entries, stored_bytes = held
         rows.append({
             "task": task.id, "question_index": i, "category": q.category, "mode": mode,
             "policy": session.policy.name, "budget": budget if budget is not None else "-",
@@ -234,7 +236,7 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
             "score": score_answer(turn.text, q.answers, q.metric), "answer_logprob": turn.answer_logprob,
             "kv_bytes": kv_bytes, "kv_entries": kv_entries, "peak_bytes": turn.peak_bytes, "prefill_s": stats.seconds,
             # EpiCache holds one cache per episode (one on the device at a time).
-            "stored_bytes": session.stored_bytes,
+            "stored_bytes": stored_bytes,
             "compress_s": stats.compress_seconds, "decode_s": turn.decode_s, "new_tokens": len(turn.token_ids),
             "_turn": turn,  # dropped before writing: the full cache's turns become the references
         })
@@ -242,14 +244,13 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
     if "multi-turn" in modes or "multi-request" in modes:
         session = Session(model, tok, policy, block_size=cfg.block_size)
         stats = session.add_context(task.context)
-        kv_bytes, kv_entries = session.kv_bytes, _entries(session)
+        held = _held(session)
         if "multi-request" in modes:  # before multi-turn, which extends the session
             for i in range(len(task.questions)):
-                add("multi-request", i, session, stats, kv_bytes, ask(session.fork(), "multi-request", i, False),
-                    kv_entries)
+                add("multi-request", i, session, stats, held, ask(session.fork(), "multi-request", i, False))
         if "multi-turn" in modes:
             for i in range(len(task.questions)):
-                add("multi-turn", i, session, stats, kv_bytes, ask(session, "multi-turn", i, True), kv_entries)
+                add("multi-turn", i, session, stats, held, ask(session, "multi-turn", i, True))
     if "query-aware" in modes:
         if not policy.evicts and "multi-request" in modes:
             # The question only steers eviction: without eviction, query-aware = multi-request.
@@ -258,8 +259,7 @@ def run_task(model, tok, task: Task, name: str, budget: str | None, cfg: EvalCon
             for i, q in enumerate(task.questions):
                 session = Session(model, tok, policy, block_size=cfg.block_size)
                 stats = session.add_context(task.context, question=q.question)
-                add("query-aware", i, session, stats, session.kv_bytes, ask(session, "query-aware", i, False),
-                    _entries(session))
+                add("query-aware", i, session, stats, _held(session), ask(session, "query-aware", i, False))
     return rows
 
 
@@ -287,9 +287,10 @@ def _references(rows: list[dict]) -> dict[tuple[str, int], _Reference]:
             for r in rows}
 
 
-def _entries(session: Session) -> int:
-    """Entries the session's cache holds (every layer and KV head, at any precision)."""
-    return sum(layer.total_entries() for layer in session.cache.layers)
+def _held(session: Session) -> tuple[int, int, int]:
+    """What the session holds now: KV bytes on the device, entries (every layer and KV head, at
+    any precision), and bytes stored in all (EpiCache: every episode's cache)."""
+    return session.kv_bytes, sum(layer.total_entries() for layer in session.cache.layers), session.stored_bytes
 
 
 # --------------------------------------------------------------------------- results file
