@@ -64,12 +64,12 @@ def _bench(*args: str) -> list[tuple[list[str], list[str]]]:
 
 
 def test_bench_runs_the_quick_grid_by_default_and_the_whole_one_with_full():
-    """`kvbudget bench`: quality per byte — the classic baselines, KVzip alone and over a 4-bit store
-    at several byte budgets, the store alone; `--full`: the whole grid, EpiCache included (over the
-    same tasks); --policy / --budget override either."""
+    """`kvbudget bench`: quality per byte — the classic baselines, KVzip and EpiCache alone, KVzip over
+    a 4-bit store at several byte budgets, the store alone; `--full`: the whole grid (over the same
+    tasks); --policy / --budget override either."""
     assert _bench() == BENCH_QUICK
     policies = {p for ps, _ in BENCH_QUICK for p in ps}
-    assert {"streaming", "snapkv", "kvzip", "kivi4", "kvzip+kivi4"} <= policies
+    assert {"streaming", "snapkv", "kvzip", "epicache", "kivi4", "kvzip+kivi4"} <= policies
     assert {b for ps, bs in BENCH_QUICK if "kvzip+kivi4" in ps for b in bs} == {"4x", "8x", "16x"}
     assert _bench("--full") == BENCH_FULL
     every = {p for ps, _ in BENCH_FULL for p in ps}
