@@ -175,7 +175,7 @@ def test_snapshot_held_on_the_host_restores_the_cache(tiny_llama, monkeypatch, n
             original(self, appends_only)
             if self._scratch and self._scratch[-1] is not None and not snaps:
                 snaps.append([snap.attrs["entries"].keys.untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
-                              for layer, snap in self._scratch[-1][1]])
+                              for layer, snap in self._scratch[-1][-1]])
 
         monkeypatch.setattr(BudgetedCache, "before_compress", spy)
         with torch.inference_mode(), cache.scratch():
