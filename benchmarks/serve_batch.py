@@ -8,8 +8,11 @@ N, N clients at once each send ``--turns`` follow-up turns of about ``--message-
 to their own conversation (only the new message is sent), streamed, asking for ``--max-tokens``
 tokens. Measured at the client: aggregate decode tokens/s (completion tokens of the level / its
 wall time), time to first token p50/p99, inter-token latency p50/p99 (gaps between streamed
-text events, which carry about one token each). The server's mean decode batch comes from its
-/metrics.
+text events, which carry about one token each), and the same TTFT p50 over the turns after the
+first (their sessions resident; the first turn reads each session's file). From the server's
+/metrics: the mean decode batch, its decode rate (tokens of the batched decode steps / their wall
+time: what the batch decodes while it decodes) and the wall time spent feeding prompts and
+answers.
 
 Mode ``static-batch`` (GPU) is the engine's own ceiling at the same N: one `StaticDecoder` over
 N sequences holding ``--budget`` + one message of entries per head (random K/V), one CUDA graph
@@ -96,7 +99,7 @@ def child(args) -> None:
 
     import kvbudget as kb
     from kvbudget.serve import Limits, ServeConfig, create_app, parse_memory
-    from kvbudget.serve.sessionstore import SessionStore
+    from kvbudget.serve.sessionstore import SessionStore, Snapshot
 
     model, tok = build_model(args.model, args.device)
     config = ServeConfig(model_name="bench", store=Path(args.store), policies=[args.policy], budget=args.budget,
@@ -110,9 +113,9 @@ def child(args) -> None:
     session = kb.Session(model, tok, kb.policy(args.policy, budget=args.budget), block_size=args.block_size)
     session.add_context([{"role": "user", "content": text_of(tok, args.context, 0)},
                          {"role": "assistant", "content": "Noted."}])
-    store = SessionStore(config.store)
+    store, snapshot = SessionStore(config.store), Snapshot.of(session)
     for i in range(args.conversations):
-        store.save("", f"conv-{i}", session, session.policy.name)
+        store.record("", f"conv-{i}", snapshot, store.write("", f"conv-{i}", snapshot))
     store.close()
     del session
     print(f"seeded {args.conversations} conversations of {args.context} tokens", file=sys.stderr, flush=True)
@@ -218,7 +221,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
                         errors.append(str(exc))
                     return
                 with lock:
-                    results.append(r)
+                    results.append({**r, "turn": t})
 
     start = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
@@ -227,9 +230,11 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     after = metrics(url)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    later = [r["ttft"] for r in results if r["ttft"] is not None and r["turn"] > 0]
     gaps = [g for r in results for g in r["gaps"]]
-    steps = after["kvbudget_decode_steps"] - before["kvbudget_decode_steps"]
-    batched = after["kvbudget_decode_batch_tokens"] - before["kvbudget_decode_batch_tokens"]
+    delta = {name: after[f"kvbudget_{name}"] - before[f"kvbudget_{name}"]
+             for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds")}
+    steps, batched = delta["decode_steps"], delta["decode_batch_tokens"]
 
     def ms(x):
         return None if x is None else round(1000 * x, 1)
@@ -237,8 +242,11 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     return {"sessions": n, "turns": len(results), "errors": len(errors), "wall_s": round(wall, 2),
             "decode_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "ttft_resident_p50_ms": ms(percentile(later, 50)),
             "itl_p50_ms": ms(percentile(gaps, 50)), "itl_p99_ms": ms(percentile(gaps, 99)),
             "mean_batch": round(batched / steps, 2) if steps else None,
+            "decode_rate_tok_s": round(batched / delta["decode_step_seconds"], 1) if steps else None,
+            "decode_step_s": round(delta["decode_step_seconds"], 2), "feed_s": round(delta["feed_seconds"], 2),
             "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
             "first_error": errors[0] if errors else None}
 
@@ -427,11 +435,13 @@ def main(argv: list[str] | None = None) -> int:
                 emit(row)
         except Exception as exc:  # the anchor is another library's: its failure is a result, not a crash
             emit({"mode": "transformers-generate_batch", "error": f"{type(exc).__name__}: {exc}"})
-    print(f"\n{'mode':>8} {'N':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} {'batch':>6}")
+    print(f"\n{'mode':>8} {'N':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'resident':>8} {'ITL p50':>8} {'p99':>8} "
+          f"{'batch':>6} {'decode/s':>9}")
     for r in rows:
         if "ttft_p50_ms" in r:
             print(f"{r['mode']:>8} {r['sessions']:>4} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>8} "
-                  f"{r['itl_p50_ms']:>8} {r['itl_p99_ms']:>8} {r['mean_batch'] or '-':>6}")
+                  f"{r['ttft_resident_p50_ms'] or '-':>8} {r['itl_p50_ms']:>8} {r['itl_p99_ms']:>8} "
+                  f"{r['mean_batch'] or '-':>6} {r['decode_rate_tok_s'] or '-':>9}")
     if args.out:
         plot(read_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
     return 0

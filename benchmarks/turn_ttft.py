@@ -47,7 +47,7 @@ def child(args) -> None:
 
     import kvbudget as kb
     from kvbudget.serve import Limits, ServeConfig, create_app, parse_memory
-    from kvbudget.serve.sessionstore import SessionStore
+    from kvbudget.serve.sessionstore import SessionStore, Snapshot
 
     model, tok = build_model(args.model, args.device)
     config = ServeConfig(model_name="bench", store=Path(args.store), policies=[args.policy], budget=args.budget,
@@ -64,8 +64,9 @@ def child(args) -> None:
             need = min(MESSAGE_TOKENS, max(1, length - session.tokens_seen - 16))
             words = text_of(tok, need, 1000 * i + session.tokens_seen)
             session.add_context([{"role": "user", "content": words}, {"role": "assistant", "content": "Noted."}])
+        snapshot = Snapshot.of(session)
         for r in range(args.reps):
-            store.save("", f"len{length}-{r}", session, session.policy.name)
+            store.record("", f"len{length}-{r}", snapshot, store.write("", f"len{length}-{r}", snapshot))
         print(f"seeded {session.tokens_seen} tokens in {time.perf_counter() - start:.1f} s", file=sys.stderr,
               flush=True)
     store.close()

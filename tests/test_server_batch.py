@@ -5,6 +5,7 @@ sequences, seeded sampling and usage behave per request, and a client gone durin
 stops it between two blocks."""
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -168,3 +169,102 @@ def test_a_client_gone_during_a_long_prompt_stops_it_between_blocks(start, tiny)
     info = server.client.get(f"/v1/sessions/{sid}").json()
     assert info["turns"] == 0 and info["tokens_seen"] == 0
     assert server.chat(sid, "Hello?", max_tokens=4).status_code == 200
+
+
+class _Gate:
+    """Holds `SessionStore` reads or writes of one session id until `open` (the rest pass)."""
+
+    def __init__(self, monkeypatch, method: str, session_id: str) -> None:
+        from kvbudget.serve.sessionstore import SessionStore
+
+        self.event, self.entered = threading.Event(), threading.Event()
+        real = getattr(SessionStore, method)
+
+        def held(store, owner, sid, *args):
+            if sid == session_id:
+                self.entered.set()
+                assert self.event.wait(120), "the gate was never opened"
+            return real(store, owner, sid, *args)
+
+        monkeypatch.setattr(SessionStore, method, held)
+
+    def open(self) -> None:
+        self.event.set()
+
+
+def _answers_alone(tiny, questions: list[str]) -> list[str]:
+    model, tok, _ = tiny
+    session = kb.Session(model, tok, kb.policy("snapkv", budget="48"), block_size=32)
+    return [session.ask(q, 6) for q in questions]
+
+
+def _content(r) -> str:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_session_files_are_written_off_the_model_thread(start, tiny, monkeypatch):
+    """While one session's file is being written (held here), other sessions' turns run and are
+    answered; the turn being written is answered only once its file is complete, and the next
+    turn of that session waits for it and continues from it, as the session alone would."""
+    alone_a = _answers_alone(tiny, QUESTIONS[:3])
+    alone_b = _answers_alone(tiny, QUESTIONS[3:])
+    server = start()
+    a, b = server.new_session(), server.new_session()
+    assert _content(server.chat(a, QUESTIONS[0], max_tokens=6)) == alone_a[0]
+    gate = _Gate(monkeypatch, "write", a)
+    with ThreadPoolExecutor(2) as pool:
+        second = pool.submit(server.chat, a, QUESTIONS[1], max_tokens=6)
+        assert gate.entered.wait(120)
+        third = pool.submit(server.chat, a, QUESTIONS[2], max_tokens=6)
+        assert _content(server.chat(b, QUESTIONS[3], max_tokens=6)) == alone_b[0]  # meanwhile
+        deadline = time.monotonic() + 60
+        while (m := server.metrics())["kvbudget_queue_length"] < 1:  # the third waits for the second's file
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert m["kvbudget_saves_in_flight"] == 1 and m["kvbudget_queue_length"] == 1
+        assert not second.done() and not third.done()
+        assert server.client.get(f"/v1/sessions/{a}").json()["turns"] == 2  # live: the answered turn
+        gate.open()
+        assert [_content(second.result()), _content(third.result())] == alone_a[1:]
+    assert server.client.get(f"/v1/sessions/{a}").json()["turns"] == 3
+    assert server.metrics()["kvbudget_saves_in_flight"] == 0
+
+
+def test_session_files_are_read_off_the_model_thread(start, tiny, tmp_path, monkeypatch):
+    """A session read back from its file (held here) does not hold up the turns of sessions in
+    memory or of those after it; it continues from its file once read."""
+    alone = _answers_alone(tiny, QUESTIONS[:2])
+    first = start(store=tmp_path / "shared")
+    a, b = first.new_session(), first.new_session()
+    assert _content(first.chat(a, QUESTIONS[0], max_tokens=6)) == alone[0]
+    first.stop()
+    server = start(store=tmp_path / "shared")  # nothing in memory: both are read from their files
+    gate = _Gate(monkeypatch, "read", a)
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(server.chat, a, QUESTIONS[1], max_tokens=6)
+        assert gate.entered.wait(120)
+        assert server.chat(b, QUESTIONS[3], max_tokens=6).status_code == 200  # arrived later, answered first
+        assert not held.done()
+        gate.open()
+        assert _content(held.result()) == alone[1]
+    assert server.metrics()["kvbudget_session_loads_total"] == 2
+
+
+def test_a_session_deleted_while_its_file_is_written_is_gone(start, tiny, monkeypatch):
+    """DELETE during a turn's write: the file lands, then goes with the session; the turn answers
+    404 and nothing of the session is left in the directory or its index."""
+    server = start()
+    a = server.new_session()
+    path = server.app.state.manager.store.path("", a)
+    gate = _Gate(monkeypatch, "write", a)
+    with ThreadPoolExecutor(2) as pool:
+        turn = pool.submit(server.chat, a, QUESTIONS[0], max_tokens=6)
+        assert gate.entered.wait(120)
+        deleting = pool.submit(server.client.delete, f"/v1/sessions/{a}")
+        time.sleep(0.2)
+        gate.open()
+        assert deleting.result().status_code == 200
+        assert turn.result().status_code == 404
+    assert not path.exists() and server.app.state.manager.store.info("", a) is None
+    assert server.client.get(f"/v1/sessions/{a}").status_code == 404

@@ -28,6 +28,7 @@ alone.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -102,6 +103,8 @@ class Engine:
         self.last_batch = 0  # sessions in the latest decode step
         self.decode_steps = 0  # decode steps so far
         self.decoded_tokens = 0  # tokens fed by them (their mean batch: decoded_tokens / decode_steps)
+        self.decode_seconds = 0.0  # wall time of those steps (the decode rate: decoded_tokens / this)
+        self.feed_seconds = 0.0  # wall time spent feeding prompt and answer blocks
 
     # --- turns ----------------------------------------------------------------------------------
     def submit(self, session: Session, question: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
@@ -146,8 +149,12 @@ class Engine:
         for turn in self.running:
             if not turn.done:
                 self._guarded(turn, turn.check)  # a turn told to stop ends even where it waits for a block
+        start = time.perf_counter()
         self._feed()
-        self._decode()
+        fed = time.perf_counter()
+        self.feed_seconds += fed - start
+        if self._decode():
+            self.decode_seconds += time.perf_counter() - fed
         self.running = [t for t in self.running if not t.done]
         if not self.busy and self.slots:  # idle: the static buffers go (and their graphs with them)
             self._captured = self.captures
@@ -190,7 +197,8 @@ class Engine:
 
         self._guarded(turn, ask)
 
-    def _decode(self) -> None:
+    def _decode(self) -> bool:
+        """One batched decode step of every decoding turn; False if none decoded."""
         rows, tokens = [], []
         for turn in self.running:
             if turn.phase != "decode":
@@ -200,7 +208,7 @@ class Engine:
                 rows.append(turn)
                 tokens.append(token)
         if not rows:
-            return
+            return False
         if self.static:
             for turn in rows:
                 if turn.row is None:
@@ -208,7 +216,7 @@ class Engine:
             tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
             rows = [turn for turn in rows if not turn.done]
             if not rows:
-                return
+                return False
         groups: dict[SlotBatch, list[tuple[TurnSteps, int]]] = {}
         eager = []
         for turn, token in zip(rows, tokens):
@@ -224,6 +232,7 @@ class Engine:
         self.last_batch = len(rows)
         self.decode_steps += 1
         self.decoded_tokens += len(rows)
+        return True
 
     def _join(self, turn: TurnSteps) -> None:
         """Give ``turn`` a slot in the static batch of its cache's layout, if it can take one."""

@@ -59,7 +59,7 @@ from .answer import Turn
 from .modelcall import run
 from .prefill import PrefillStats, drain, prefill, prefill_blocks
 from .session import Session
-from .sessionfile import cache_from_file, cache_to_file, to_cpu
+from .sessionfile import cache_from_file, cache_to_file, held
 
 
 # --- windows and embeddings ---------------------------------------------------------------------
@@ -383,8 +383,8 @@ class EpisodicSession(Session):
             return super().caches_to_file(tensors)
         episodes = []
         for e, ep in enumerate(self.episodes):
-            tensors[f"episodes.{e}.centroid"] = to_cpu(ep.centroid)
-            tensors[f"episodes.{e}.prompt_ids"] = to_cpu(ep.prompt_ids)
+            tensors[f"episodes.{e}.centroid"] = held(ep.centroid)
+            tensors[f"episodes.{e}.prompt_ids"] = held(ep.prompt_ids)
             episodes.append({"windows": ep.windows, "prompt": ep.prompt, "stats": asdict(ep.stats),
                              "cache": cache_to_file(f"episodes.{e}.", ep.cache, tensors)})
         active = next((e for e, ep in enumerate(self.episodes) if ep.cache is self.cache), 0)

@@ -211,7 +211,9 @@ class Session:
     # --- files ----------------------------------------------------------------------------------
     def payload(self) -> tuple[dict[str, Tensor], dict]:
         """The tensors and the JSON metadata that describe this session completely (what `save`
-        writes)."""
+        writes). The metadata is a copy; the tensors are the cache's own, on its device, and hold
+        this state until the session's next turn (`sessionfile.write_file` copies them to the
+        CPU, on any thread)."""
         return session_to_file(self)
 
     def save(self, path: "str | os.PathLike") -> int:
@@ -224,8 +226,16 @@ class Session:
         """A session saved by `save`, continued with ``model`` (the model it was saved with): same
         policy, same conversation, the same cache entry for entry."""
         path = Path(path)
-        tensors, meta = read_session_file(path, model.device)
+        return cls.restore(path, *read_session_file(path), model, tok)
+
+    @classmethod
+    def restore(cls, path: "str | os.PathLike", tensors: dict[str, Tensor], meta: dict, model, tok) -> "Session":
+        """The session of a file already read (`sessionfile.read_session_file`, on any thread and
+        device), continued with ``model``: `load` in two halves, so that a server reads files off
+        its model thread. ``path`` names the file in errors."""
+        path = Path(path)
         check_model(meta, model, path)
+        tensors = {name: t.to(model.device) for name, t in tensors.items()}
         session = Session(model, tok, policy_from_file(meta, path), block_size=meta["block_size"])  # the policy's kind
         restore_session(session, meta, tensors, path)
         return session

@@ -16,6 +16,7 @@ and moved to the model's device when loaded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -92,6 +93,12 @@ def to_cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
+def held(t: Tensor) -> Tensor:
+    """A tensor of a session's state as a file takes it: the tensor itself, on its device (the
+    copy to the CPU is `write_file`'s, on whichever thread writes)."""
+    return t.detach()
+
+
 def _budgeted_to_file(prefix: str, layer: BudgetedLayer, tensors: dict[str, Tensor]) -> dict:
     observed = layer.observed
     meta = {"kind": "budgeted", "initialized": bool(layer.is_initialized), "seen": layer.seen,
@@ -117,7 +124,7 @@ def _budgeted_to_file(prefix: str, layer: BudgetedLayer, tensors: dict[str, Tens
         meta["body"] = {"tokens": sorted(body.tokens), "chunks": sorted(body.chunks)}
     for name, t in named.items():
         if t is not None:
-            tensors[f"{prefix}.{name}"] = to_cpu(t)
+            tensors[f"{prefix}.{name}"] = held(t)
     return meta
 
 
@@ -173,7 +180,7 @@ def cache_to_file(prefix: str, cache: BudgetedCache, tensors: dict[str, Tensor])
         else:
             raise KVBudgetError(f"cannot save cache layer {i} of type {type(layer).__name__}")
     if cache.unscored:
-        tensors[f"{prefix}unscored"] = to_cpu(torch.cat(cache.unscored, dim=1))
+        tensors[f"{prefix}unscored"] = held(torch.cat(cache.unscored, dim=1))
     return {"peak_bytes": cache.peak_bytes, "kv_bytes": cache.nbytes(), "rolled": cache.rolled, "layers": layers}
 
 
@@ -194,9 +201,11 @@ def cache_from_file(prefix: str, cache: BudgetedCache, meta: dict, tensors: dict
 
 
 def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> int:
-    """Write a session file (``meta`` completed with the format, version and checksum) to
-    ``path`` atomically (temp file + rename); returns the bytes written. The previous file at
-    ``path``, if any, stays intact until the new one is complete."""
+    """Write a session file of ``tensors`` (on any device: copied to the CPU here) and ``meta``
+    (completed with the format, version and checksum) to ``path`` atomically (temp file +
+    rename); returns the bytes written. The previous file at ``path``, if any, stays intact
+    until the new one is complete."""
+    tensors = {name: to_cpu(t) for name, t in tensors.items()}
     meta = {"format": FORMAT, "version": VERSION, **meta, "checksum": _checksum(tensors)}
     data = st_save(tensors, metadata={META_KEY: json.dumps(meta)})
     with atomic_open(path, "wb") as f:
@@ -219,9 +228,9 @@ def session_to_file(session) -> tuple[dict[str, Tensor], dict]:
                    "target_bytes": session.target_bytes, "rerotate": policy.rerotate},
         "next_position": session.next_position,
         "block_size": session.block_size,
-        "messages": session.messages,
+        "messages": copy.deepcopy(session.messages),
         "rendered": session.rendered,
-        "input_ids": session.input_ids,
+        "input_ids": list(session.input_ids),
         "stats": asdict(session.stats),
         "kv_bytes": session.stored_bytes,
         **session.caches_to_file(tensors),

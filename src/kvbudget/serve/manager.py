@@ -15,10 +15,15 @@
   sessions are moved out of memory until it fits; if the turns in flight leave no room, the turn
   waits for them (its deadline runs). The peak reached is recorded in the metrics.
 * **Write-through store.** A session's file is rewritten (atomically) after each of its turns
-  (`saved.SavedSessions`), so moving a session out of memory costs nothing, a crash loses no
-  answered turn, and a turn that fails (a timeout, a client gone mid-stream, a full or
-  read-only disk: 503) leaves the session as it was saved. A file that cannot be read back
-  makes that session broken (409); the others go on.
+  and the turn answered once it is written (`saved.SavedSessions`), so moving a session out of
+  memory costs nothing, a crash loses no answered turn, and a turn that fails (a timeout, a
+  client gone mid-stream, a full or read-only disk: 503) leaves the session as it was saved. A
+  file that cannot be read back makes that session broken (409); the others go on.
+* **Files off the model thread.** A turn's session file is read, and after the turn written, on
+  I/O threads (the copies between the device and the CPU included): the model thread goes on
+  decoding the other sessions; a turn whose file is being read waits without holding up the
+  turns after it. Until its file is written a session takes no next turn (the write reads its
+  cache).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from .footprint import Footprint
 from .limits import Deadline
 from .live import LiveSessions
 from .metrics import Metrics
-from .saved import SavedSessions, not_found
+from .saved import SavedSessions, Saving, not_found
 from .schema import APIError, ChatRequest
 from .worker import ModelThread
 
@@ -118,6 +123,9 @@ class ChatJob:
     turn: TurnSteps | None = None
     prompt_tokens: int = 0
     deleted: bool = False  # its session was deleted while the turn ran
+    reading: Future | None = None  # its session's file, being read before the turn starts
+    saving: Saving | None = None  # its session's file, being written after the turn
+    answer: TurnResult | None = None  # what it answers once saved
 
 
 class SessionManager:
@@ -140,7 +148,9 @@ class SessionManager:
         self.engine = Engine(model, tok, prefill_tokens=config.prefill_tokens, max_batch=config.max_batch,
                              decode=config.decode)
         self.waiting: list[ChatJob] = []  # chat requests not started yet, in arrival order
-        self.in_flight: dict[tuple[str, str], ChatJob] = {}  # by session key
+        # By session key: the job whose file is read, whose turn runs or whose file is written.
+        self.in_flight: dict[tuple[str, str], ChatJob] = {}
+        self.saving: list[ChatJob] = []  # turns done, their files being written
         self.executor = ModelThread(self.engine, self._admit, self.live.track_peak)
 
     # --- the model thread --------------------------------------------------------------------
@@ -149,9 +159,9 @@ class SessionManager:
         return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
     def close(self) -> None:
-        """Finish the queued calls and turns, then close the index (every session file is already current)."""
+        """Finish the queued calls and turns and write their files, then close the index."""
         self.executor.shutdown(wait=True)
-        self.store.close()
+        self.saved.close()
 
     def _gauges(self) -> dict[str, tuple[str, float]]:
         stored, stored_bytes = self.store.usage()
@@ -171,6 +181,11 @@ class SessionManager:
             "decode_steps": ("batched decode steps run so far", self.engine.decode_steps),
             "decode_batch_tokens": ("tokens those steps decoded (their mean batch: this / decode_steps)",
                                     self.engine.decoded_tokens),
+            "decode_step_seconds": ("wall time of those steps (the decode rate: decode_batch_tokens / this)",
+                                    self.engine.decode_seconds),
+            "feed_seconds": ("wall time the engine spent feeding prompt and answer blocks", self.engine.feed_seconds),
+            "saves_in_flight": ("session files being written (their turns are answered once written)",
+                                len(self.saving)),
         }
 
     # --- sessions (model thread) -------------------------------------------------------------
@@ -242,7 +257,10 @@ class SessionManager:
         job = self.in_flight.get((owner, session_id))
         if job is not None:
             job.deleted = True
-            job.turn.cancel()
+            if job.turn is not None:
+                job.turn.cancel()
+            if job.saving is not None:
+                job.saving.future.exception()  # its file lands first, then goes with the session
         was_live = self.live.drop((owner, session_id))
         if not self.saved.delete(owner, session_id) and not was_live:
             raise not_found(session_id, "id")
@@ -266,28 +284,42 @@ class SessionManager:
 
     # --- chat turns (model thread) ---------------------------------------------------------------
     def _admit(self) -> bool:
-        """Start the waiting requests that can start, in arrival order (a request whose session
-        has a turn in flight waits for it; one that does not fit the memory bound waits for the
-        turns in flight, and so do those after it). True while some still wait."""
+        """Answer the turns whose files are written, then start the waiting requests that can
+        start, in arrival order (a request whose session has a turn in flight waits for it; one
+        that does not fit the memory bound waits for the turns in flight, and so do those after
+        it; one whose file is being read waits for it alone). True while some still wait or
+        their files are being written."""
+        for job in [job for job in self.saving if job.saving.done()]:
+            self._saved(job)
         blocked = False
         for job in list(self.waiting):
             key = (job.owner, job.req.session_id) if job.req.session_id is not None else None
             try:
                 if job.deadline is not None:
                     job.deadline.check()
-                if key is not None and key in self.in_flight:
+                if job.deleted:
+                    raise not_found(key[1])
+                if key is not None and self.in_flight.get(key, job) is not job:
                     continue
-                if blocked or not self._start(job, key):
+                if blocked and job.reading is None:  # one reading its file holds its memory: it goes on
+                    continue
+                started = self._start(job, key)
+                if started is None:
+                    continue
+                if not started:
                     blocked = True
                     continue
             except BaseException as exc:
                 self.live.release(job)
+                if key is not None and self.in_flight.get(key) is job:
+                    del self.in_flight[key]
                 job.future.set_exception(exc)
             self.waiting.remove(job)
-        return bool(self.waiting)
+        return bool(self.waiting or self.saving)
 
-    def _start(self, job: ChatJob, key: tuple[str, str] | None) -> bool:
-        """Check ``job``'s request, reserve its memory and start its turn; False: it waits."""
+    def _start(self, job: ChatJob, key: tuple[str, str] | None) -> bool | None:
+        """Check ``job``'s request, reserve its memory and start its turn; False: it waits for
+        memory; None: its session's file is being read."""
         req = job.req
         if req.model is not None and req.model != self.config.model_name:
             raise APIError(404, f"model {req.model!r} is not served here (this server runs {self.config.model_name!r})",
@@ -295,11 +327,18 @@ class SessionManager:
         policy = self._policy(req.policy)
         if key is not None:
             session = self.live.use(key)
-            if session is None:  # from the store, once its bytes fit
-                info = self.saved.info(*key)
-                if not self.live.reserve(job, key, info["kv_bytes"]):
-                    return False
-                session = self.saved.load(*key, self.model, self.tok)
+            if session is None:  # from the store, once its bytes fit, read on an I/O thread
+                if job.reading is None:
+                    info = self.saved.info(*key)
+                    if not self.live.reserve(job, key, info["kv_bytes"]):
+                        return False
+                    job.reading = self.saved.read_later(*key, self.model.device)
+                    job.reading.add_done_callback(lambda _: self.executor.wake())
+                    self.in_flight[key] = job
+                if not job.reading.done():
+                    return None
+                session = self.saved.restore(*key, job.reading, self.model, self.tok)
+                job.reading = None
                 self.live.add(key, session)
                 self.metrics.count("loads")
             if req.policy is not None and policy.name != session.policy.name:
@@ -315,6 +354,8 @@ class SessionManager:
         self.footprint.check_positions(session, new_tokens, req.max_tokens)
         if not self.live.reserve(job, key, self.footprint.need(session, new_tokens, req.max_tokens)):
             self.live.release(job)
+            if key is not None and self.in_flight.get(key) is job:
+                del self.in_flight[key]
             return False
         job.key, job.session, job.prompt_tokens = key, session, new_tokens
         if job.events is not None:
@@ -336,12 +377,11 @@ class SessionManager:
         return True
 
     def _finished(self, job: ChatJob) -> None:
-        """A turn ended (model thread, inside an engine step): save and answer it, or fail it
-        (the session is dropped from memory: its file holds it as it was before this turn)."""
+        """A turn ended (model thread, inside an engine step): start writing its session's file
+        (answered once written, `_saved`), or fail it (the session is dropped from memory: its
+        file holds it as it was before this turn)."""
         self.live.track_peak()
         self.live.release(job)
-        if job.key is not None:
-            self.in_flight.pop(job.key, None)
         turn = job.turn
         try:
             if job.deleted:
@@ -352,15 +392,40 @@ class SessionManager:
                 raise turn.error
             if job.deadline is not None:
                 job.deadline.commit()
-            if job.key is not None:
-                self.saved.save(*job.key, job.session)
-                self.live.update(job.key)
+            answered = turn.result()
+            self.metrics.generation(job.prompt_tokens, len(answered.token_ids), answered.decode_s)
+            job.answer = TurnResult.answered(job.session, answered, turn.finish_reason, job.req, job.prompt_tokens,
+                                             self.footprint)
+            if job.key is None:
+                job.future.set_result(job.answer)
+                return
+            self.live.update(job.key)
+            job.saving = self.saved.save_later(*job.key, job.session)
         except BaseException as exc:
-            if job.key is not None and not job.deleted:
-                self.live.drop(job.key)  # the file still holds the session as it was before this turn
-            job.future.set_exception(exc)
+            self._failed(job, exc)
             return
-        answered = turn.result()
-        self.metrics.generation(job.prompt_tokens, len(answered.token_ids), answered.decode_s)
-        job.future.set_result(TurnResult.answered(job.session, answered, turn.finish_reason, job.req,
-                                                  job.prompt_tokens, self.footprint))
+        self.saving.append(job)
+        self.executor.wake()  # the loop looks at the saves before it waits or stops
+        job.saving.future.add_done_callback(lambda _: self.executor.wake())
+
+    def _saved(self, job: ChatJob) -> None:
+        """``job``'s session file is written: record it and answer the turn (or fail it: 503, or
+        404 if the session was deleted meanwhile)."""
+        self.saving.remove(job)
+        try:
+            if job.deleted:
+                raise not_found(job.key[1])
+            self.saved.commit(job.saving)
+        except BaseException as exc:
+            self._failed(job, exc)
+            return
+        self.in_flight.pop(job.key, None)
+        job.future.set_result(job.answer)
+
+    def _failed(self, job: ChatJob, exc: BaseException) -> None:
+        if job.key is not None:
+            if self.in_flight.get(job.key) is job:
+                del self.in_flight[job.key]
+            if not job.deleted:
+                self.live.drop(job.key)  # the file still holds the session as it was before this turn
+        job.future.set_exception(exc)

@@ -1,6 +1,8 @@
 """The saved sessions as the server serves them: the session directory (`SessionStore`) under the
 server's limits, its failures answered as API errors.
 
+* Files are read and written on I/O threads (`read_later`, `save_later`), so the model thread
+  decodes the other sessions meanwhile; a file is complete before its index row is written.
 * A directory that cannot be written or read (full, read-only...) answers 503; the session stays
   as it was after its last saved turn.
 * A file that cannot be read back makes that session broken (409); the others go on.
@@ -14,6 +16,10 @@ import errno
 import logging
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
 
 from ..runtime.session import Session
 from .config import ServeConfig
@@ -21,9 +27,27 @@ from .limits import limit_error
 from .live import LiveSessions
 from .metrics import Metrics
 from .schema import APIError
-from .sessionstore import SessionStore
+from .sessionstore import SessionStore, Snapshot
 
 log = logging.getLogger("kvbudget.serve")
+
+# Session files read and written at once, off the model thread: a turn's start and its save
+# (a checksum, a write and an fsync of the whole cache) overlap the other sessions' decoding,
+# and each other.
+IO_THREADS = 4
+
+
+@dataclass(eq=False)
+class Saving:
+    """A session's file being written (`SavedSessions.save_later`)."""
+
+    owner: str
+    session_id: str
+    snapshot: Snapshot
+    future: Future
+
+    def done(self) -> bool:
+        return self.future.done()
 
 
 def not_found(session_id: str, param: str = "session_id") -> APIError:
@@ -37,6 +61,12 @@ class SavedSessions:
     def __init__(self, config: ServeConfig, metrics: Metrics, live: LiveSessions) -> None:
         self.config, self.metrics, self.live = config, metrics, live
         self.store = SessionStore(config.store)
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="kvbudget-io")
+
+    def close(self) -> None:
+        """Finish the reads and writes started, then close the index."""
+        self.io.shutdown(wait=True)
+        self.store.close()
 
     def storage_error(self, doing: str, exc: Exception) -> APIError:
         """A 503 for a session directory that cannot be written or read (full, read-only...)."""
@@ -90,10 +120,17 @@ class SavedSessions:
             raise not_found(session_id, param)
         return info
 
-    def load(self, owner: str, session_id: str, model, tok) -> Session:
-        """The saved session, continued with ``model``; 503 or 409 if it cannot be read."""
+    # --- files, read and written on the I/O threads ------------------------------------------
+    def read_later(self, owner: str, session_id: str, device: torch.device | str) -> Future:
+        """Start reading the session's file to ``device`` on an I/O thread; `restore` continues it."""
+        return self.io.submit(self.store.read, owner, session_id, device)
+
+    def restore(self, owner: str, session_id: str, reading: Future, model, tok) -> Session:
+        """The session `read_later` read (waiting for it if it is not done), continued with
+        ``model``; 503 or 409 if it could not be read."""
         try:
-            return self.store.load(owner, session_id, model, tok)
+            tensors, meta = reading.result()
+            return Session.restore(self.store.path(owner, session_id), tensors, meta, model, tok)
         except OSError as exc:  # the directory cannot be read (a missing file is a SessionFileError)
             raise self.storage_error("read the session", exc) from None
         except Exception as exc:  # a corrupt, truncated, missing or foreign file, however it fails
@@ -108,15 +145,31 @@ class SavedSessions:
         except Exception as exc:
             raise self.broken(session_id, exc) from None
 
-    def save(self, owner: str, session_id: str, session: Session) -> None:
-        """Write the session's file and index row (atomically); 503 if the directory refuses."""
+    def save_later(self, owner: str, session_id: str, session: Session) -> Saving:
+        """Snapshot the session now and write its file on an I/O thread (the copy of its cache to
+        the CPU included); `commit` records it once written. The session takes no turn until
+        then."""
+        snapshot = Snapshot.of(session)
+        return Saving(owner, session_id, snapshot, self.io.submit(self._write, owner, session_id, snapshot))
+
+    def _write(self, owner: str, session_id: str, snapshot: Snapshot) -> int:
         start = time.perf_counter()
-        try:
-            self.store.save(owner, session_id, session, session.policy.name)
-        except (OSError, sqlite3.Error) as exc:
-            raise self.storage_error("save the session", exc) from None
+        size = self.store.write(owner, session_id, snapshot)
         self.metrics.count("saves")
         self.metrics.count("save_seconds", time.perf_counter() - start)
+        return size
+
+    def commit(self, saving: Saving) -> None:
+        """Write the index row of a file `save_later` wrote (waiting for it if it is not done);
+        503 if the file or the row could not be written (the previous file is intact)."""
+        try:
+            self.store.record(saving.owner, saving.session_id, saving.snapshot, saving.future.result())
+        except (OSError, sqlite3.Error) as exc:
+            raise self.storage_error("save the session", exc) from None
+
+    def save(self, owner: str, session_id: str, session: Session) -> None:
+        """Write the session's file and index row now (atomically); 503 if the directory refuses."""
+        self.commit(self.save_later(owner, session_id, session))
 
     def delete(self, owner: str, session_id: str) -> bool:
         """Delete the session's index row and file; False if it was not known; 503 if it fails."""

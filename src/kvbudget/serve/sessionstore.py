@@ -18,8 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
 from ..runtime.session import Session
-from ..runtime.sessionfile import read_metadata
+from ..runtime.sessionfile import read_metadata, read_session_file, write_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -37,6 +42,28 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 _COLUMNS = ("owner", "id", "policy", "created", "updated", "turns", "tokens", "kv_bytes", "file_bytes")
 _OWNER_DIR_CHARS = 32  # 128 bits of the owner's hash name its directory
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A session as it is between two turns, ready to be written from any thread: its file's
+    tensors and metadata (`Session.payload`) and its index row's columns. The tensors are the
+    session's own: it takes no turn until the snapshot is written (the server keeps its next
+    turn waiting meanwhile)."""
+
+    tensors: dict[str, Tensor]
+    meta: dict
+    policy: str
+    turns: int
+    tokens: int
+    kv_bytes: int
+
+    @classmethod
+    def of(cls, session: Session) -> "Snapshot":
+        """Snapshot ``session`` (on the thread that runs it)."""
+        tensors, meta = session.payload()
+        return cls(tensors, meta, session.policy.name, sum(m["role"] == "assistant" for m in session.messages),
+                   session.tokens_seen, session.stored_bytes)
 
 
 class SessionStore:
@@ -90,24 +117,41 @@ class SessionStore:
         with self._lock:
             return self._db.execute("SELECT owner, id FROM sessions WHERE updated < ?", (before,)).fetchall()
 
-    def save(self, owner: str, session_id: str, session: Session, policy: str) -> int:
+    def save(self, owner: str, session_id: str, session: Session) -> int:
         """Write the session file, then its index row; returns the file's size in bytes."""
+        snapshot = Snapshot.of(session)
+        size = self.write(owner, session_id, snapshot)
+        self.record(owner, session_id, snapshot, size)
+        return size
+
+    def write(self, owner: str, session_id: str, snapshot: Snapshot) -> int:
+        """Write the session file of ``snapshot`` atomically (from any thread); returns its size.
+        Its index row is `record`'s, once the file is complete."""
         path = self.path(owner, session_id)
         path.parent.mkdir(exist_ok=True)
-        size = session.save(path)
+        return write_file(path, snapshot.tensors, snapshot.meta)
+
+    def record(self, owner: str, session_id: str, snapshot: Snapshot, size: int) -> None:
+        """Write the index row of a session whose file `write` wrote (``size`` bytes)."""
         now = time.time()
-        turns = sum(m["role"] == "assistant" for m in session.messages)
         with self._lock:
             self._db.execute(
                 "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(owner, id) DO UPDATE SET "
                 "updated = excluded.updated, turns = excluded.turns, tokens = excluded.tokens, "
                 "kv_bytes = excluded.kv_bytes, file_bytes = excluded.file_bytes",
-                (owner, session_id, policy, now, now, turns, session.tokens_seen, session.stored_bytes, size),
+                (owner, session_id, snapshot.policy, now, now, snapshot.turns, snapshot.tokens, snapshot.kv_bytes,
+                 size),
             )
-        return size
+
+    def read(self, owner: str, session_id: str, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict]:
+        """The session file's tensors (on ``device``) and metadata, checked whole (from any
+        thread); `Session.restore` continues them with the model."""
+        return read_session_file(self.path(owner, session_id), device)
 
     def load(self, owner: str, session_id: str, model, tok) -> Session:
-        return Session.load(self.path(owner, session_id), model, tok)
+        """The saved session, continued with ``model``."""
+        path = self.path(owner, session_id)
+        return Session.restore(path, *read_session_file(path), model, tok)
 
     def metadata(self, owner: str, session_id: str) -> dict:
         """The session file's JSON metadata (conversation, policy), without reading its tensors."""

@@ -28,6 +28,7 @@ class ModelThread:
         self._calls: deque[tuple[Future, Callable, tuple]] = deque()
         self._wake = threading.Condition()
         self._closing = False
+        self._woken = False  # `wake` was called since the loop last looked
         self._thread = threading.Thread(target=self._loop, name="kvbudget-model", daemon=True)
         self._thread.start()
 
@@ -42,8 +43,9 @@ class ModelThread:
         return future
 
     def wake(self) -> None:
-        """Look at the waiting turns again (one was queued)."""
+        """Look at the waiting turns again (from any thread: a file was read or written)."""
         with self._wake:
+            self._woken = True
             self._wake.notify()
 
     def shutdown(self, wait: bool = True) -> None:
@@ -58,15 +60,16 @@ class ModelThread:
         waiting = False
         while True:
             with self._wake:
-                while not self._calls and not self.engine.busy and not self._closing:
+                while not self._calls and not self.engine.busy and not self._closing and not self._woken:
                     # Turns waiting for memory or for their session look again now and then (their
                     # deadlines run); otherwise a call or a new turn wakes the loop.
                     if not self._wake.wait(timeout=0.05 if waiting else None) and waiting:
                         break
-                if self._closing and not self._calls and not self.engine.busy and not waiting:
+                if self._closing and not self._calls and not self.engine.busy and not waiting and not self._woken:
                     return
                 calls = list(self._calls)
                 self._calls.clear()
+                self._woken = False
             for future, fn, args in calls:
                 if future.set_running_or_notify_cancel():
                     try:
