@@ -105,7 +105,7 @@ def child(args) -> None:
     config = ServeConfig(model_name="bench", store=Path(args.store), policies=[args.policy], budget=args.budget,
                          memory=parse_memory(args.memory), block_size=args.block_size,
                          max_batch=args.max_batch, max_tokens=args.max_tokens, default_max_tokens=args.max_tokens,
-                         decode=args.decode)
+                         decode=args.decode, **({} if args.prefill_tokens is None else {"prefill_tokens": args.prefill_tokens}))
     # Limits sized for the load (not what is measured): every client queued, big session directories.
     config.limits = Limits(max_queue=4 * args.conversations + 8, request_timeout_s=3600.0,
                            max_request_tokens=max(8192, 4 * args.message_tokens), max_stored_bytes=2**50,
@@ -132,7 +132,7 @@ def start_server(args, mode: str, store: str, levels: list[int]) -> tuple[subpro
     cmd = ["--store", store, "--max-batch", "1" if mode == "serial" else str(args.max_batch),
            "--conversations", str(max(levels))]
     for name in ("model", "device", "policy", "budget", "memory", "block_size", "max_tokens", "context",
-                 "message_tokens", "decode"):
+                 "message_tokens", "decode", "prefill_tokens"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="batch,serial",
                    help="batch, serial (--max-batch 1), static-batch (GPU: the engine's static batch), or none")
     p.add_argument("--decode", default="auto", help="the server's --decode (auto: graph slots on CUDA)")
+    p.add_argument("--prefill-tokens", type=int, default=None, help="the server's --prefill-tokens (default: its own)")
     p.add_argument("--serial-sessions", default=None, help="levels of the serial mode (default: --sessions)")
     p.add_argument("--anchor", action="store_true", help="also transformers' generate_batch (GPU)")
     p.add_argument("--prefill-tokens-hf", type=int, default=8192, help="generate_batch's max_batch_tokens")

@@ -89,6 +89,38 @@ def test_batched_answers_equal_each_session_alone_tiny_model(tiny):
     assert engine.decoded_tokens > engine.decode_steps  # more than one token per forward on average
 
 
+def test_blocks_of_several_turns_go_through_one_forward(tiny, monkeypatch):
+    """Every turn submitted at once: their questions' and answers' blocks (of different lengths)
+    are fed together, right-padded in one forward, each compressed into its own cache = alone."""
+    from kvbudget.runtime import engine as engine_module
+
+    model, tok = tiny
+    sessions, direct = _pairs(model, tok, MIXED, block_size=16)
+    alone = [[d.ask_detailed(q, n).token_ids for q in QUESTIONS] for d, (*_, n) in zip(direct, MIXED)]
+    widths = []
+    real = engine_module.batch_forward
+
+    def spy(model_, caches, tokens):
+        widths.append([t.shape[-1] for t in tokens if isinstance(t, torch.Tensor)])
+        return real(model_, caches, tokens)
+
+    monkeypatch.setattr(engine_module, "batch_forward", spy)
+    engine = kb.Engine(model, tok, prefill_tokens=1024)
+    batched = [[] for _ in MIXED]
+    for q in QUESTIONS:
+        turns = [engine.submit(s, q, n) for (*_, n), s in zip(MIXED, sessions)]
+        engine.run()
+        for ids, turn in zip(batched, turns):
+            ids.append(turn.result().token_ids)
+    assert batched == alone
+    for session, d in zip(sessions, direct):
+        assert session.messages == d.messages
+        _same_cache(session.cache, d.cache)
+    fed = [w for w in widths if w]
+    assert max(len(w) for w in fed) == len(MIXED), "every turn's block in one forward"
+    assert any(len(set(w)) > 1 for w in fed), "blocks of different lengths padded together"
+
+
 def test_batched_answers_equal_alone_default_model(default_model):
     """The real default model: an evicting session compressing while decoding and a KIVI one,
     decoded together = alone."""

@@ -6,7 +6,8 @@ decode-time compression inside every answer), save/load, fork, a second ask (mul
 decode. With `full` every answer is exactly the greedy answer of plain `model.generate` (on an
 untouched copy of the model, the same prompt ids); every other policy holds its budget on every
 layer — sliding-window layers hold at most min(window, their budget share) — in entries and in
-bytes, at every decoding step too, and answers.
+bytes, at every decoding step too, and answers. Per family, the batching engine serves two
+sessions together, each answering as alone.
 """
 
 from __future__ import annotations
@@ -258,6 +259,28 @@ def test_family_policy(family, kind, tmp_path):
                             f"{_where(exc)}")
     if failures:
         pytest.fail("\n".join(failures), pytrace=False)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f) for f in FAMILIES])
+def test_family_in_the_batching_engine(family):
+    """Two sessions of different lengths (uniform and per-head budgets) served together by
+    `kb.Engine`: their questions' and answers' blocks go through shared forwards (right-padded)
+    and their tokens through shared decode steps; each answers as alone."""
+    model = _model(family)
+    tok = tokenizer()
+    for kind in ("snapkv", "adakv"):
+        sessions = []
+        for n in (6, 3):
+            session = kb.Session(model, tok, _make_policy(kind), block_size=BLOCK, decode="eager")
+            session.add_context(CONTEXT[:n])
+            sessions.append(session)
+        questions = [QUESTIONS[0], QUESTIONS[2]]
+        alone = [s.fork().ask_detailed(q, NEW).token_ids for s, q in zip(sessions, questions)]
+        engine = kb.Engine(model, tok, prefill_tokens=1024, decode="eager")
+        turns = [engine.submit(s, q, NEW) for s, q in zip(sessions, questions)]
+        engine.run()
+        assert [t.result().token_ids for t in turns] == alone, kind
+        assert engine.decoded_tokens > engine.decode_steps, "decoded together"
 
 
 # --- families the cache cannot serve --------------------------------------------------------------

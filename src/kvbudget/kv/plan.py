@@ -105,14 +105,18 @@ class RowPlans:
 
     keys: Tensor  # the tensor the batch's update returned: identity check against the call
     rows: list[tuple[Any, Tensor, Tensor]]  # (plan, keys, values) of each row, in batch order
+    lengths: list[int]  # each row's own new tokens: the first of the call's (right-padded) queries
 
     def attend_rows(self, query: Tensor, call) -> Tensor:
-        """``call(query_row, keys, values)`` for each row with its plan set, concatenated over
-        the batch (the layout attention functions return: ``[B, q, Hq, dv]``)."""
+        """``call(query_row, keys, values)`` for each row with its plan set, over the row's own
+        queries, concatenated over the batch (the layout attention functions return: ``[B, q,
+        Hq, dv]``; a row's padding positions are zeros)."""
+        q = query.shape[2]
         out = []
         for i, (plan, keys, values) in enumerate(self.rows):
             set_plan(plan)
-            out.append(call(query[i : i + 1], keys, values))
+            got = call(query[i : i + 1, :, : self.lengths[i]], keys, values)
+            out.append(torch.nn.functional.pad(got, (0, 0, 0, 0, 0, q - self.lengths[i])) if self.lengths[i] < q else got)
         return torch.cat(out)
 
 

@@ -6,7 +6,9 @@ Each `step` is one iteration over the turns in flight (`runtime.turnsteps`):
 2. *chunked prefill*: turns that are feeding (a question, or an answer fed back) feed blocks of
    their session's ``block_size``, oldest turn first, until ``prefill_tokens`` tokens were fed
    this iteration (at least one block), so a long prompt holds the others' decoding up for at
-   most that many tokens;
+   most that many tokens; the blocks of several turns go through one forward together
+   (`batch_forward`: right-padded to the longest, the padding counted in ``prefill_tokens``),
+   each compressed into its own session's cache after it;
 3. *one batched decode step*: every turn that is decoding chooses its next token, and all those
    tokens go through the model together, then each session compresses at its own interval. With
    static decoding (``decode``: "auto" on CUDA, or "static" / "graph"), sessions decode in slots
@@ -41,6 +43,7 @@ from ..kv.cache import BudgetedCache
 from .answer import DECODE_MODES, greedy, query_slots
 from .decoder import supports
 from .modelcall import run
+from .prefill import Block
 from .sampling import Sampler
 from .session import Session
 from .slots import SlotBatch, layout
@@ -54,16 +57,27 @@ PREFILL_TOKENS = 256
 MAX_BATCH = 64
 
 
-def batch_forward(model, caches: list[BudgetedCache], tokens: list[int]) -> Tensor:
-    """Feed ``tokens[i]`` to the session of ``caches[i]``, all in one forward; returns the
-    next-token logits [B, vocab]. Each token goes at its own cache's next position."""
+def batch_forward(model, caches: list[BudgetedCache], tokens: "list[int] | list[Tensor]") -> Tensor:
+    """Feed ``tokens[i]`` (one token, or a block [1, q_i] of them) to the session of
+    ``caches[i]``, all in one forward; returns the logits [B, vocab] of each row's last token.
+    Each row's tokens go at its own cache's next positions; blocks of different lengths are
+    right-padded to the longest (`kv.batch`)."""
     device = model.device
-    ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-    positions = torch.tensor([c.get_seq_length() for c in caches], dtype=torch.long, device=device)[:, None]
+    rows = [t.reshape(-1) if isinstance(t, Tensor) else torch.tensor([t]) for t in tokens]
+    lengths = [len(r) for r in rows]
+    q = max(lengths)
+    ids = torch.zeros(len(rows), q, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r.to(device)
+    start = torch.tensor([c.get_seq_length() for c in caches], dtype=torch.long, device=device)
+    positions = start[:, None] + torch.arange(q, device=device)
     # A prepared 4-D mask makes transformers skip building one: the hook masks each row by its plan.
     mask = torch.ones(len(caches), 1, 1, 1, dtype=torch.bool, device=device)
-    out = run(model, BatchCache(caches), ids, position_ids=positions, attention_mask=mask, logits_to_keep=1)
-    return out.logits[:, -1]
+    last = sorted(set(n - 1 for n in lengths))  # the logits kept: each row's last token's position
+    out = run(model, BatchCache(caches, lengths), ids, position_ids=positions, attention_mask=mask,
+              logits_to_keep=q if q == 1 else torch.tensor(last, device=device))
+    picks = torch.tensor([last.index(n - 1) for n in lengths], device=device)
+    return out.logits[torch.arange(len(rows), device=device), picks]
 
 
 class Engine:
@@ -166,17 +180,39 @@ class Engine:
         return self._captured + sum(batch.captures for batch in self.slots.values())
 
     def _feed(self) -> None:
+        """Feed blocks of the turns that are feeding, oldest first, one block per turn per forward,
+        the blocks of several turns in one forward (right-padded to the longest), until
+        ``prefill_tokens`` tokens (padding counted) went through the model this iteration; at
+        least one block."""
         budget = self.prefill_tokens
-        for turn in self.running:
-            while budget > 0 and turn.feeding:
+        while budget > 0:
+            group: list[tuple[TurnSteps, Block]] = []
+            width = 0
+            for turn in self.running:
+                if not turn.feeding:
+                    continue
                 if type(turn.session).ask_detailed is not Session.ask_detailed:
-                    budget = 0  # a session kind of its own: the whole turn, alone
-                    self._whole(turn)
+                    if not group:  # a session kind of its own: the whole turn, alone
+                        self._whole(turn)
+                        return
+                    continue
+                block = self._guarded(turn, turn.block)
+                if block is None:
+                    continue
+                q = block.ids.shape[1]
+                if group and (len(group) + 1) * max(width, q) > budget:
                     break
-                budget -= turn.session.block_size
-                self._guarded(turn, turn.feed_block)
-            if budget <= 0:
+                group.append((turn, block))
+                width = max(width, q)
+            if not group:
                 return
+            budget -= len(group) * width
+            if len(group) == 1:
+                turn, block = group[0]
+                self._forward([(turn, block)], lambda: block.run(), fed=TurnSteps.fed_block)
+            else:
+                self._forward(group, lambda: batch_forward(self.model, [b.cache for _, b in group],
+                                                           [b.ids for _, b in group]), fed=TurnSteps.fed_block)
 
     def _whole(self, turn: TurnSteps) -> None:
         """Run a turn of a session that answers its own way (`Session.ask_detailed`) in one go."""
@@ -248,8 +284,10 @@ class Engine:
         except UnsupportedStatic:
             turn.row = None
 
-    def _forward(self, group: list[tuple[TurnSteps, int]], forward: Callable[[], Tensor]) -> None:
-        """Run one forward for ``group``'s tokens (logits in the group's order)."""
+    def _forward(self, group: list[tuple[TurnSteps, object]], forward: Callable[[], Tensor],
+                 fed: Callable[[TurnSteps, Tensor], None] = TurnSteps.fed) -> None:
+        """Run one forward for ``group``'s tokens or blocks and hand each turn its logits
+        (``fed``; logits in the group's order)."""
         try:
             logits = forward()
         except Exception as exc:  # the forward failed for the whole group
@@ -257,7 +295,7 @@ class Engine:
                 turn.fail(exc)
             return
         for i, (turn, _) in enumerate(group):
-            self._guarded(turn, turn.fed, logits[i : i + 1])
+            self._guarded(turn, fed, turn, logits[i : i + 1])
 
     @staticmethod
     def _guarded(turn: TurnSteps, fn: Callable, *args):

@@ -57,7 +57,7 @@ from ..kv.observed import ObservedQueries
 from ..kv.ragged import RaggedEntries
 from .answer import Turn
 from .modelcall import run
-from .prefill import PrefillStats, drain, prefill, prefill_blocks
+from .prefill import Block, PrefillStats, drain, prefill, prefill_blocks
 from .session import Session
 from .sessionfile import cache_from_file, cache_to_file, held
 
@@ -255,12 +255,12 @@ class EpisodicSession(Session):
     async_copies: bool = True
 
     def _prefill_steps(self, ids: Tensor, compress_last: bool,
-                       scoring_ids: Tensor | None) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+                       scoring_ids: Tensor | None) -> Generator[Block, Tensor, tuple[Tensor, PrefillStats]]:
         if self._shared:
             return (yield from self._shared_prefill(ids))
         return (yield from self._episode_prefills(ids, compress_last))
 
-    def _shared_prefill(self, ids: Tensor) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+    def _shared_prefill(self, ids: Tensor) -> Generator[Block, Tensor, tuple[Tensor, PrefillStats]]:
         """The context, once, into a cache shared by every episode (`UnionCompressor`); then each
         episode's cache is its own choice of it, sent to the CPU."""
         start = time.perf_counter()
@@ -287,7 +287,7 @@ class EpisodicSession(Session):
 
     # A turn goes to the target episodes, each scored by its own patched prompt, in one step.
     def _episode_prefills(self, ids: Tensor,
-                          compress_last: bool) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+                          compress_last: bool) -> Generator[Block, Tensor, tuple[Tensor, PrefillStats]]:
         yield from ()  # no step between the episodes' prefills
         total = PrefillStats(tokens=ids.shape[1])
         logits = None

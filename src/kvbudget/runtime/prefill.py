@@ -70,13 +70,32 @@ def prefill(
                                 compressor))
 
 
-def drain(steps: Generator[object, None, T]) -> T:
-    """Run a generator of steps (`prefill_blocks`) to its end; returns what it returns."""
+@dataclass(eq=False)
+class Block:
+    """A block of tokens waiting for its forward: what `prefill_blocks` yields. Whoever drives
+    the prefill runs it (`Block.run`: alone; the batching engine: with other sessions' blocks in
+    one forward, `runtime.engine.batch_forward`) and sends its last token's logits back."""
+
+    model: object
+    cache: BudgetedCache
+    ids: Tensor  # [1, q] on the model's device
+
+    @torch.inference_mode()
+    def run(self) -> Tensor:
+        """The block through the model alone; its last token's logits [1, vocab]."""
+        return run(self.model, self.cache, self.ids, logits_to_keep=1).logits[:, -1]
+
+
+def drain(steps: Generator[Block | None, Tensor | None, T]) -> T:
+    """Run a generator of blocks (`prefill_blocks`) to its end, each block alone; returns what
+    it returns."""
+    sent = None
     while True:
         try:
-            next(steps)
+            block = steps.send(sent)
         except StopIteration as done:
             return done.value
+        sent = None if block is None else block.run()
 
 
 def prefill_blocks(
@@ -89,11 +108,13 @@ def prefill_blocks(
     scoring_ids: Tensor | None = None,
     tokenizer=None,
     compressor: Callable[[BudgetedCache, Policy], None] | None = None,
-) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
-    """`prefill`, one block per step: yields after each block but the last (fed and compressed),
-    and returns what `prefill` returns once the last block is done. The batching engine
-    (`runtime.engine`) runs other sessions' steps between the blocks; a compression's deferred
-    end (`BudgetedCache.defer`) waits in this cache meanwhile, as it waits for the next block."""
+) -> Generator[Block, Tensor, tuple[Tensor, PrefillStats]]:
+    """`prefill`, one block per step: yields each `Block` before its forward and takes its last
+    token's logits back (``send``), then compresses, and returns what `prefill` returns once the
+    last block is done. `drain` runs the blocks alone; the batching engine (`runtime.engine`)
+    runs several sessions' blocks in one forward and other sessions' steps between the blocks; a
+    compression's deferred end (`BudgetedCache.defer`) waits in this cache meanwhile, as it waits
+    for the next block's forward."""
     if block_size <= 0:
         raise BudgetError(f"block size must be positive, got {block_size}")
     stats = PrefillStats(tokens=input_ids.shape[1])
@@ -107,14 +128,14 @@ def prefill_blocks(
     n = input_ids.shape[1]
     try:
         for s in range(0, n, block_size):
+            last = s + block_size >= n
+            block = input_ids[:, s : s + block_size].to(model.device)
+            logits = yield Block(model, cache, block)
             with torch.inference_mode():
-                last = s + block_size >= n
-                logits = _block(model, cache, policy, input_ids[:, s : s + block_size], compress_last or not last,
-                                scoring_ids, tokenizer, stats, timer, compressor or compress)
+                _after_block(model, cache, policy, block, compress_last or not last, scoring_ids, tokenizer, stats,
+                             timer, compressor or compress)
                 if last:
                     _settle(cache, timer)
-            if not last:
-                yield
     finally:
         cache.defer_settle = False
         with torch.inference_mode():
@@ -125,15 +146,14 @@ def prefill_blocks(
     return logits, stats
 
 
-def _block(model, cache: BudgetedCache, policy: Policy, block: Tensor, compresses: bool, scoring_ids: Tensor | None,
-           tokenizer, stats: PrefillStats, timer: "_Timer",
-           compressor: Callable[[BudgetedCache, Policy], None] = compress) -> Tensor:
-    """Feed one block (and compress after it when ``compresses``); returns its last token's logits."""
-    out = run(model, cache, block.to(model.device), logits_to_keep=1)
-    logits = out.logits[:, -1]
+def _after_block(model, cache: BudgetedCache, policy: Policy, block: Tensor, compresses: bool,
+                 scoring_ids: Tensor | None, tokenizer, stats: PrefillStats, timer: "_Timer",
+                 compressor: Callable[[BudgetedCache, Policy], None] = compress) -> None:
+    """After a block's forward: the previous compression's end, then this block's compression
+    when ``compresses``."""
     _settle(cache, timer)
     cache.track_peak()
-    cache.unscored.append(block.to(model.device))
+    cache.unscored.append(block)
     stats.blocks += 1
     if compresses:
         timer.start()
@@ -146,7 +166,6 @@ def _block(model, cache: BudgetedCache, policy: Policy, block: Tensor, compresse
             observe_scoring_queries(model, cache, scoring)
         compressor(cache, policy)
         timer.stop()
-    return logits
 
 
 def _settle(cache: BudgetedCache, timer: "_Timer") -> None:

@@ -22,7 +22,7 @@ from ..compress import Policy
 from ..errors import KVBudgetError, SessionFileError
 from ..methods import make_policy
 from .answer import DECODE_MODES, Turn, answer, eos_ids
-from .prefill import BLOCK_SIZE, PrefillStats, drain, prefill_blocks
+from .prefill import BLOCK_SIZE, Block, PrefillStats, drain, prefill_blocks
 from .profile import ensure_profile, load_scores
 from .sessionfile import (cache_from_file, cache_to_file, check_model, policy_from_file, read_session_file,
                           restore_session, session_to_file, write_file)
@@ -96,10 +96,11 @@ class Session:
 
     def feed_steps(
         self, full: str, text: str, compress_last: bool = True, scoring_ids: Tensor | None = None
-    ) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+    ) -> Generator[Block, Tensor, tuple[Tensor, PrefillStats]]:
         """Feed ``text``, the end of the rendered conversation ``full``, block by block: yields
-        between blocks (the batching engine runs other sessions' steps there) and returns the
-        last token's logits and the prefill's stats."""
+        each block before its forward (`prefill.Block`: `drain` runs it alone, the batching
+        engine with other sessions' blocks) and returns the last token's logits and the
+        prefill's stats."""
         ids = self._encode(text)
         if self.tokens is None:  # a ratio budget depends on the first context
             context = ids.shape[1] + len(self.input_ids)
@@ -111,7 +112,7 @@ class Session:
         return logits, stats
 
     def _prefill_steps(self, ids: Tensor, compress_last: bool,
-                       scoring_ids: Tensor | None) -> Generator[None, None, tuple[Tensor, PrefillStats]]:
+                       scoring_ids: Tensor | None) -> Generator[Block, Tensor, tuple[Tensor, PrefillStats]]:
         """Feed token ids into the session's cache, one block per step (episodic sessions feed
         several caches)."""
         self.cache.tokens, self.cache.target_bytes = self.tokens, self.target_bytes
@@ -137,7 +138,7 @@ class Session:
         return drain(self.context_steps(context, question))
 
     def context_steps(self, context: "str | list[dict]",
-                      question: str | None = None) -> Generator[None, None, PrefillStats]:
+                      question: str | None = None) -> Generator[Block, Tensor, PrefillStats]:
         """`add_context`, block by block (`feed_steps`); returns the prefill's stats."""
         new = context_messages(context)
         full, text = self._suffix(self.messages + new, add_generation_prompt=False)
@@ -178,7 +179,7 @@ class Session:
         turn.peak_bytes = self.cache.peak_bytes
         return turn
 
-    def question_steps(self, question: str) -> Generator[None, None, tuple[list[dict], Tensor, PrefillStats]]:
+    def question_steps(self, question: str) -> Generator[Block, Tensor, tuple[list[dict], Tensor, PrefillStats]]:
         """The first part of a turn: feed ``question`` as the user's next message with the
         generation prompt, block by block (`feed_steps`), the last block left uncompressed.
         Returns the messages asked, the last token's logits and the prefill's stats."""
@@ -189,7 +190,7 @@ class Session:
         logits, stats = yield from self.feed_steps(full, text, compress_last=False)
         return asked, logits, stats
 
-    def answer_steps(self, asked: list[dict], answer_text: str) -> Generator[None, None, None]:
+    def answer_steps(self, asked: list[dict], answer_text: str) -> Generator[Block, Tensor, None]:
         """The last part of a turn, after the answer was decoded (its tokens were scratch): feed
         the answer again as text, block by block, and compress the whole turn into the cache, so
         that the cache always holds exactly the rendered conversation."""

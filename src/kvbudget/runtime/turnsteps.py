@@ -4,15 +4,16 @@ interleaves with other sessions' steps.
 A turn has three parts, each the same code a session runs alone (`Session.ask_detailed`):
 
 1. *question*: the messages sent before it, if any (`Session.context_steps`), then the user's
-   message are fed block by block (`Session.question_steps`), one block per step;
+   message are fed block by block (`Session.question_steps`), one block per step, its forward
+   shared with other turns' blocks of that step (`block`, then `fed_block`);
 2. *decode*: one token per step (`answer.Decoding`), fed in a forward shared with every other
    session decoding at that step; the cache is compressed at the policy's interval after the
    session's own step; the decoded entries are scratch, rolled back at the end. Where the engine
    decodes it in a slot of its static batch (`runtime.slots`), ``row`` is that slot: the decoded
    entries are written back to the cache before each compression and the slot reloaded after,
    and the slot is left (written back, released) before the scratch entries are rolled back;
-3. *answer*: the answer's text is fed again block by block and the turn compressed into the
-   cache (`Session.answer_steps`).
+3. *answer*: the answer's text is fed again block by block (as the question) and the turn
+   compressed into the cache (`Session.answer_steps`).
 
 The turn's result is a `Turn`, as `Session.ask_detailed` gives, and a finish reason ("stop": the
 model ended its answer or a stop sequence came; "length": ``max_new_tokens`` reached).
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from ..compress import compress
 from .answer import Decoding, Turn, greedy
+from .prefill import Block
 from .session import Session
 
 PHASES = ("question", "decode", "answer", "done")
@@ -54,6 +56,7 @@ class TurnSteps:
         self._check = check
         self.done_callbacks: list[Callable[[TurnSteps], None]] = []
         self._steps = self._question(context, question)
+        self._block: Block | None = None  # the block given by `block`, waiting for its forward
         self._scratch = ExitStack()
         self._asked: list[dict] = []
         self._decoding: Decoding | None = None
@@ -98,11 +101,25 @@ class TurnSteps:
         return self.turn
 
     # --- steps (the engine calls these) -------------------------------------------------------
-    def feed_block(self) -> None:
-        """Feed the next block of the question or of the answer (unless `check` raises)."""
+    def block(self) -> Block | None:
+        """The next block of the question or of the answer to feed (unless `check` raises): the
+        engine runs its forward, alone or with other turns' blocks, and hands its logits to
+        `fed_block`. None: there was none left (the turn went on to decoding or ended)."""
         self.check()
+        if self._block is None:
+            self._advance(None)
+        return self._block
+
+    def fed_block(self, logits: Tensor) -> None:
+        """The logits [1, vocab] of `block`'s last token, after its forward: the block is
+        compressed into the cache, then the turn is at its next block, decoding (the question is
+        fed) or done (the answer is fed)."""
+        self._block = None
+        self._advance(logits)
+
+    def _advance(self, logits: Tensor | None) -> None:
         try:
-            next(self._steps)
+            self._block = self._steps.send(logits)
         except StopIteration as end:
             if self.phase == "question":
                 self._start_decoding(*end.value)
