@@ -75,6 +75,19 @@ def compare_caches(a, b) -> float:
     return worst
 
 
+def differing_share(a, b, tol: float = 1e-3) -> float:
+    """The share of key and value elements of two caches holding the same entries (asserted, as
+    `compare_caches`) that differ by more than ``tol``."""
+    compare_caches(a, b)
+    over = total = 0
+    for la, lb in zip(a.layers, b.layers):
+        va, vb = la.view(), lb.view()
+        for x, y in ((va.keys, vb.keys), (va.values, vb.values)):
+            over += int(((x - y).abs() > tol).sum())
+            total += x.numel()
+    return over / max(1, total)
+
+
 def overlap(a, b) -> list[float]:
     """Per layer: the share of kept (head, position) pairs the two caches have in common."""
     out = []

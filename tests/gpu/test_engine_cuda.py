@@ -17,7 +17,7 @@ import pytest
 import kvbudget as kb
 from kvbudget.runtime.models import load_tokenizer
 
-from .gpu_kit import compare_caches
+from .gpu_kit import compare_caches, differing_share
 
 pytestmark = pytest.mark.gpu
 
@@ -89,7 +89,13 @@ def test_batched_answers_equal_each_session_alone_on_cuda(model_f32, decode):
         assert ids == lone, f"{name}: batched {ids} alone {lone}"
         assert session.messages == d.messages, name
         diff = compare_caches(session.cache, d.cache)
-        assert diff < 1e-3, f"{name}: max |cache diff| {diff:.2e}"
+        if "kivi" in name:
+            # The blocks fed together round differently from alone (other matmul shapes on
+            # CUDA): a value at a 4-bit code's boundary may land one code away.
+            share = differing_share(session.cache, d.cache)
+            assert share < 1e-3, f"{name}: {share:.2e} of the cache differs (max {diff:.2e})"
+        else:
+            assert diff < 1e-3, f"{name}: max |cache diff| {diff:.2e}"
 
 
 TIE = 0.125  # bf16: two candidates whose log-probabilities (alone) lie this close are a near tie

@@ -400,6 +400,8 @@ class SessionManager:
                 job.future.set_result(job.answer)
                 return
             self.live.update(job.key)
+            # Its file is written from its cache: the bytes stay reserved (not moved out) until then.
+            self.live.reserve(job, job.key, self.live.held[job.key])
             job.saving = self.saved.save_later(*job.key, job.session)
         except BaseException as exc:
             self._failed(job, exc)
@@ -412,6 +414,7 @@ class SessionManager:
         """``job``'s session file is written: record it and answer the turn (or fail it: 503, or
         404 if the session was deleted meanwhile)."""
         self.saving.remove(job)
+        self.live.release(job)
         try:
             if job.deleted:
                 raise not_found(job.key[1])
@@ -423,6 +426,7 @@ class SessionManager:
         job.future.set_result(job.answer)
 
     def _failed(self, job: ChatJob, exc: BaseException) -> None:
+        self.live.release(job)
         if job.key is not None:
             if self.in_flight.get(job.key) is job:
                 del self.in_flight[job.key]
