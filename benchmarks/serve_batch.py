@@ -233,7 +233,8 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     later = [r["ttft"] for r in results if r["ttft"] is not None and r["turn"] > 0]
     gaps = [g for r in results for g in r["gaps"]]
     delta = {name: after[f"kvbudget_{name}"] - before[f"kvbudget_{name}"]
-             for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds")}
+             for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds",
+                          "graph_captures")}
     steps, batched = delta["decode_steps"], delta["decode_batch_tokens"]
 
     def ms(x):
@@ -247,6 +248,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "mean_batch": round(batched / steps, 2) if steps else None,
             "decode_rate_tok_s": round(batched / delta["decode_step_seconds"], 1) if steps else None,
             "decode_step_s": round(delta["decode_step_seconds"], 2), "feed_s": round(delta["feed_seconds"], 2),
+            "graph_captures": int(delta["graph_captures"]),
             "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
             "first_error": errors[0] if errors else None}
 

@@ -164,3 +164,32 @@ def test_slot_batch_rejects_a_step_missing_a_row(tiny):
     for row in rows:
         row.release()
     assert not batch.live
+
+
+def test_slots_that_cannot_grow_fail_their_turns_and_start_afresh(tiny, monkeypatch):
+    """Out of device memory while the slots grow (left half re-allocated): the joining turn and
+    the turns in those slots fail with that error (a server answers 503 and reloads their
+    sessions' files); the next turns get fresh slots and answer as alone."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40}, 300, 6)] * 3
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [d.fork().ask_detailed(QUESTIONS[1], 6).token_ids for d in direct]
+    engine = kb.Engine(model, tok, decode="static")
+    real = SlotBatch._regrow
+
+    def regrow(batch, sample, slots, dims, query_slots):
+        if slots > 1 and not regrow.failed:
+            regrow.failed = True
+            batch.buffers = batch.buffers[:1]  # as an allocation failing half-way leaves them
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch, sample, slots, dims, query_slots)
+
+    regrow.failed = False
+    monkeypatch.setattr(SlotBatch, "_regrow", regrow)
+    first = [engine.submit(s, QUESTIONS[0], 6) for s in sessions]
+    engine.run()
+    errors = [t.error for t in first]
+    assert [isinstance(e, torch.OutOfMemoryError) for e in errors] == [True, True, False], errors
+    second = [engine.submit(d.fork(), QUESTIONS[1], 6) for d in direct]
+    engine.run()
+    assert [t.result().token_ids for t in second] == alone

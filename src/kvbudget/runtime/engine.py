@@ -283,6 +283,12 @@ class Engine:
             turn.row = batch.join(cache, turn.max_new_tokens, query_slots(policy, turn.max_new_tokens))
         except UnsupportedStatic:
             turn.row = None
+        except Exception as exc:  # out of memory while the slots grew: they are half re-allocated
+            self.slots.pop(key, None)
+            for other in self.running:
+                if other is not turn and other.row is not None and other.row.batch is batch:
+                    other.fail(exc)  # its session holds what it had fed (a server reloads its file)
+            raise
 
     def _forward(self, group: list[tuple[TurnSteps, object]], forward: Callable[[], Tensor],
                  fed: Callable[[TurnSteps, Tensor], None] = TurnSteps.fed) -> None:

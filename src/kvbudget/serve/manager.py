@@ -34,6 +34,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from ..compress import Policy
 from ..errors import KVBudgetError
 from ..methods import make_policy
@@ -184,6 +186,8 @@ class SessionManager:
             "decode_step_seconds": ("wall time of those steps (the decode rate: decode_batch_tokens / this)",
                                     self.engine.decode_seconds),
             "feed_seconds": ("wall time the engine spent feeding prompt and answer blocks", self.engine.feed_seconds),
+            "graph_captures": ("CUDA graphs captured for decode slots (one per batch-size bucket while the slots stand)",
+                               self.engine.captures),
             "saves_in_flight": ("session files being written (their turns are answered once written)",
                                 len(self.saving)),
         }
@@ -389,6 +393,11 @@ class SessionManager:
             if turn.error is not None:
                 if isinstance(turn.error, TurnCancelled) and job.deadline is not None:
                     job.deadline.check()  # the request's own reason (a client gone, the clock)
+                if isinstance(turn.error, torch.OutOfMemoryError):
+                    raise APIError(503, "the device ran out of memory during this turn; the session is kept as it "
+                                   "was after its last saved turn (retry later, or run the server with a lower "
+                                   "--memory)", code="device_memory_exhausted",
+                                   headers={"Retry-After": "30"}) from None
                 raise turn.error
             if job.deadline is not None:
                 job.deadline.commit()
