@@ -36,6 +36,7 @@ GPU, an 8B-shaped random bf16 model (docs/serving.md has the exact command).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import socket
@@ -234,7 +235,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     gaps = [g for r in results for g in r["gaps"]]
     delta = {name: after[f"kvbudget_{name}"] - before[f"kvbudget_{name}"]
              for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds",
-                          "graph_captures")}
+                          "graph_captures", "graph_capture_seconds", "slot_regrow_seconds")}
     steps, batched = delta["decode_steps"], delta["decode_batch_tokens"]
 
     def ms(x):
@@ -248,9 +249,21 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "mean_batch": round(batched / steps, 2) if steps else None,
             "decode_rate_tok_s": round(batched / delta["decode_step_seconds"], 1) if steps else None,
             "decode_step_s": round(delta["decode_step_seconds"], 2), "feed_s": round(delta["feed_seconds"], 2),
-            "graph_captures": int(delta["graph_captures"]),
+            "graph_captures": int(delta["graph_captures"]), "capture_s": round(delta["graph_capture_seconds"], 2),
+            "regrow_s": round(delta["slot_regrow_seconds"], 2),
             "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
             "first_error": errors[0] if errors else None}
+
+
+def cb_settings(**settings) -> dict:
+    """``settings`` as this transformers' `ContinuousBatchingConfig` names them: releases before
+    ``page_size`` call a page a block (``block_size``); a setting it does not have is left out."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    known = inspect.signature(ContinuousBatchingConfig.__init__).parameters
+    if "page_size" not in known:
+        settings["block_size"] = settings.pop("page_size")
+    return {k: v for k, v in settings.items() if k in known}
 
 
 def anchor(args, messages: list[str]) -> Iterator[dict]:
@@ -278,8 +291,8 @@ def anchor(args, messages: list[str]) -> Iterator[dict]:
         gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=None)
         # The same KV memory as the server's bound, in pages of 256 tokens of every layer; no prefix
         # sharing (the conversations here share their context, real ones do not).
-        batching = ContinuousBatchingConfig(page_size=256, num_blocks=max(1, memory // (256 * token_bytes)),
-                                            max_batch_tokens=args.prefill_tokens_hf, allow_block_sharing=False)
+        batching = ContinuousBatchingConfig(**cb_settings(page_size=256, num_blocks=max(1, memory // (256 * token_bytes)),
+                                                          max_batch_tokens=args.prefill_tokens_hf, allow_block_sharing=False))
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=batching)
@@ -439,14 +452,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # the anchor is another library's: its failure is a result, not a crash
             emit({"mode": "transformers-generate_batch", "error": f"{type(exc).__name__}: {exc}"})
     print(f"\n{'mode':>8} {'N':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'resident':>8} {'ITL p50':>8} {'p99':>8} "
-          f"{'batch':>6} {'decode/s':>9}")
+          f"{'batch':>6} {'decode/s':>9} {'steps s':>8} {'capture':>8} {'regrow':>8}")
     for r in rows:
         if "ttft_p50_ms" in r:
             cells = [r[k] if r[k] is not None else "-" for k in ("ttft_p50_ms", "ttft_p99_ms", "ttft_resident_p50_ms",
                                                                   "itl_p50_ms", "itl_p99_ms", "mean_batch",
-                                                                  "decode_rate_tok_s")]
+                                                                  "decode_rate_tok_s", "decode_step_s", "capture_s",
+                                                                  "regrow_s")]
             print(f"{r['mode']:>8} {r['sessions']:>4} {r['tokens_per_s']:>8} {cells[0]:>9} {cells[1]:>8} {cells[2]:>8} "
-                  f"{cells[3]:>8} {cells[4]:>8} {cells[5]:>6} {cells[6]:>9}")
+                  f"{cells[3]:>8} {cells[4]:>8} {cells[5]:>6} {cells[6]:>9} {cells[7]:>8} {cells[8]:>8} {cells[9]:>8}")
     if args.out:
         plot(read_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
     return 0

@@ -89,6 +89,23 @@ def test_bucket_grows_then_shrinks_and_rows_move_down(tiny):
     assert not engine.slots, "the static buffers go once the engine is idle"
 
 
+def test_a_burst_of_turns_grows_the_slots_once(tiny):
+    """Five turns submitted together: the first to join sizes the buffers for the others
+    started with it (one allocation of 8 slots, not one per power of two); answers = alone."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 5}, 200 + 40 * i, 8) for i in range(5)]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [d.ask_detailed(QUESTIONS[0], n).token_ids for d, (*_, n) in zip(direct, specs)]
+    engine = kb.Engine(model, tok, decode="static")
+    turns = [engine.submit(s, QUESTIONS[0], n) for s, (*_, n) in zip(sessions, specs)]
+    batches = []
+    while engine.busy:
+        engine.step()
+        batches += [b for b in engine.slots.values() if b not in batches]
+    assert [t.result().token_ids for t in turns] == alone
+    assert len(batches) == 1 and batches[0].allocations == 1 and len(batches[0].rows) == 8
+
+
 def test_unsupported_row_decodes_eagerly_beside_the_slots(tiny):
     """A MiKV row (a store the static buffers do not hold) decodes eagerly in the same step as
     the slots' rows; both answer as alone."""
@@ -106,6 +123,40 @@ def test_unsupported_row_decodes_eagerly_beside_the_slots(tiny):
     assert engine.last_batch == 3
     engine.run()
     assert [[t.result().token_ids] for t in turns] == alone
+
+
+def test_slots_ask_make_room_before_they_grow_and_a_refusal_decodes_eagerly(tiny):
+    """``make_room`` is asked, before each growth, with the bytes every slot batch then holds
+    (what is allocated: the dense and the KIVI layouts' batches); once it refuses, the joining
+    sessions decode eagerly beside the slots; every answer = alone."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 4}, 300, 10), ("kivi4", {}, 200, 10),
+             ("h2o", {"budget": 40}, 250, 10), ("full", {}, 220, 10), ("streaming", {"budget": 40}, 260, 10)]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [[d.ask_detailed(QUESTIONS[0], n).token_ids] for d, (*_, n) in zip(direct, specs)]
+    asked: list[int] = []
+    engine = kb.Engine(model, tok, decode="static", make_room=lambda nbytes: asked.append(nbytes) or len(asked) <= 3)
+    grown: list[int] = []
+    step = engine.step
+
+    def watched() -> None:
+        before = len(asked)
+        step()
+        if len(asked) > before and len(asked) <= 3:
+            grown.append(engine.slot_bytes)
+
+    engine.step = watched
+    turns = []
+    for session, (*_, n) in zip(sessions, specs):
+        turns.append(engine.submit(session, QUESTIONS[0], n))
+        for _ in range(3):
+            engine.step()
+    engine.run()
+    assert [[t.result().token_ids] for t in turns] == alone
+    assert asked[:3] == grown and asked[0] < asked[1] < asked[2], (asked, grown)
+    refused = len(asked) - 3
+    assert refused >= 1 and sum(t.eager for t in turns) == refused, (asked, [t.eager for t in turns])
+    assert not any(t.eager for t in turns[:3]), "the first three took slots"
 
 
 def test_cancelled_row_frees_its_slot_and_the_others_go_on(tiny):
@@ -186,7 +237,10 @@ def test_slots_that_cannot_grow_fail_their_turns_and_start_afresh(tiny, monkeypa
 
     regrow.failed = False
     monkeypatch.setattr(SlotBatch, "_regrow", regrow)
-    first = [engine.submit(s, QUESTIONS[0], 6) for s in sessions]
+    first = [engine.submit(sessions[0], QUESTIONS[0], 6)]
+    while first[0].row is None:  # in its slot, alone
+        engine.step()
+    first += [engine.submit(s, QUESTIONS[0], 6) for s in sessions[1:]]  # the next growth fails
     engine.run()
     errors = [t.error for t in first]
     assert [isinstance(e, torch.OutOfMemoryError) for e in errors] == [True, True, False], errors

@@ -109,6 +109,60 @@ def test_a_turn_that_does_not_fit_waits_for_the_turns_in_flight(start, tiny):
     assert m["kvbudget_evictions_total"] > 0 and m["kvbudget_session_loads_total"] > 0
 
 
+def test_decode_slots_count_under_the_memory_bound(start, tiny):
+    """Static slots (``decode="static"``: CUDA's path, here on the CPU) count under the bound
+    beyond their turn's reserve: before they grow, an idle session goes to disk to make room;
+    with none to move, the turn decodes eagerly instead. Both answer as alone, the session moved
+    out answers its next turn from its file, and the peak (the slots included) stays under the
+    bound."""
+    model, tok, slow = tiny
+
+    def answer(server, sid, question):
+        r = server.chat(sid, question, max_tokens=6)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    def watch(server) -> list:
+        engine = server.app.state.manager.engine
+        asked, make_room = [], engine.make_room
+        engine.make_room = lambda nbytes: asked.append((nbytes, make_room(nbytes))) or asked[-1][1]
+        return asked
+
+    alone = kb.Session(model, tok, kb.policy("snapkv", budget="48"), block_size=32)
+    expected = [alone.ask(QUESTIONS[0], 6), alone.ask(QUESTIONS[1], 6)]
+    probe = start(decode="static")
+    manager = probe.app.state.manager
+    asked = watch(probe)
+    first = probe.new_session()
+    assert answer(probe, first, QUESTIONS[0]) == expected[0]
+    (slots, allowed), = asked
+    assert allowed and slots > 0
+    held = probe.client.get(f"/v1/sessions/{first}").json()["kv_bytes"]
+    empty = kb.Session(model, tok, manager.default_policy)
+    need = manager.footprint.need(empty, empty.new_tokens([{"role": "user", "content": QUESTIONS[0]}]), 6)
+
+    memory = held + need + slots - 1  # an idle session's bytes, a turn's reserve and the slots: one too many
+    server = start(decode="static", memory=memory)
+    asked = watch(server)
+    a = server.new_session()
+    assert answer(server, a, QUESTIONS[0]) == expected[0]
+    b = server.new_session()
+    assert answer(server, b, QUESTIONS[0]) == expected[0]
+    assert [ok for _, ok in asked] == [True, True]
+    assert server.client.get(f"/v1/sessions/{a}").json()["live"] is False, "moved out for the slots"
+    m = server.metrics()
+    assert m["kvbudget_evictions_total"] == 1 and 0 < m["kvbudget_kv_bytes_peak"] <= memory
+    assert answer(server, a, QUESTIONS[1]) == expected[1]
+    assert server.metrics()["kvbudget_session_loads_total"] == 1
+
+    tight = start(decode="static", memory=need + slots - 1)  # no idle session to move out
+    asked = watch(tight)
+    c = tight.new_session()
+    assert answer(tight, c, QUESTIONS[0]) == expected[0]
+    assert [ok for _, ok in asked] == [False], "decoded eagerly"
+    assert 0 < tight.metrics()["kvbudget_kv_bytes_peak"] <= need + slots - 1
+
+
 def test_stop_sequences_seeded_sampling_and_usage(start):
     server = start()
     plain = server.chat(None, "Say something long.", max_tokens=16).json()

@@ -13,9 +13,10 @@ Each `step` is one iteration over the turns in flight (`runtime.turnsteps`):
    tokens go through the model together, then each session compresses at its own interval. With
    static decoding (``decode``: "auto" on CUDA, or "static" / "graph"), sessions decode in slots
    of static buffers shared by every session of the same cache layout (`runtime.slots`): one
-   forward per layout, on CUDA one replay of the graph captured for the batch-size bucket. Eager
-   (the default on the CPU, and for a session a slot cannot take: `runtime.decoder.supports`),
-   they go through one forward of the model (`batch_forward`) in which each session's attention
+   forward per layout, on CUDA one replay of the graph captured for the batch-size bucket; before
+   the slots grow, ``make_room`` (if given: a server's memory bound) may refuse. Eager (the
+   default on the CPU, for a session a slot cannot take: `runtime.decoder.supports`, and where
+   ``make_room`` refused), they go through one forward of the model (`batch_forward`) in which each session's attention
    runs over its own budgeted cache (`kv.batch`).
 
 A turn joins the decode batch at the first step after its question is fed and leaves it when its
@@ -93,7 +94,7 @@ class Engine:
     """
 
     def __init__(self, model, tok, prefill_tokens: int = PREFILL_TOKENS, max_batch: int = MAX_BATCH,
-                 decode: str = "auto") -> None:
+                 decode: str = "auto", make_room: Callable[[int], bool] | None = None) -> None:
         if decode not in DECODE_MODES:
             raise KVBudgetError(f"unknown decode mode '{decode}' (choose from {', '.join(DECODE_MODES)})")
         cuda = torch.device(model.device).type == "cuda"
@@ -111,7 +112,10 @@ class Engine:
         self.decode = decode
         self.static = decode in ("static", "graph") or (decode == "auto" and cuda)
         self.slots: dict[tuple, SlotBatch] = {}  # by cache layout; dropped when the engine goes idle
-        self._captured = 0  # CUDA graphs captured by static batches dropped since
+        # Asked before the slots grow, with the bytes every slot batch would then hold: True to go
+        # ahead; False and the joining session decodes eagerly (a server's memory bound).
+        self.make_room = make_room
+        self._dropped = {"captures": 0, "capture_seconds": 0.0, "regrow_seconds": 0.0}  # of slot batches gone
         self.waiting: deque[TurnSteps] = deque()
         self.running: list[TurnSteps] = []
         self.last_batch = 0  # sessions in the latest decode step
@@ -171,13 +175,32 @@ class Engine:
             self.decode_seconds += time.perf_counter() - fed
         self.running = [t for t in self.running if not t.done]
         if not self.busy and self.slots:  # idle: the static buffers go (and their graphs with them)
-            self._captured = self.captures
-            self.slots.clear()
+            for key in list(self.slots):
+                self._drop_slots(key)
 
     @property
-    def captures(self) -> int:
-        """CUDA graphs captured so far: one per (bucket, layout) while the engine stays busy."""
-        return self._captured + sum(batch.captures for batch in self.slots.values())
+    def slot_bytes(self) -> int:
+        """Bytes of the static decode slots' buffers (0 while idle, and when decoding eagerly)."""
+        return sum(batch.nbytes for batch in list(self.slots.values()))  # (read by the metrics page too)
+
+    def _room(self, key: tuple) -> Callable[[int], bool] | None:
+        """The slot batch ``key``'s growth hook: ``make_room`` asked with every batch's bytes."""
+        if self.make_room is None:
+            return None
+        return lambda grown: self.make_room(self.slot_bytes - self.slots[key].nbytes + grown)
+
+    def _drop_slots(self, key: tuple) -> None:
+        """The slot batch ``key`` goes; its counters add up in `slot_counters`."""
+        batch = self.slots.pop(key)
+        for name in self._dropped:
+            self._dropped[name] += getattr(batch, name)
+
+    def slot_counters(self) -> dict[str, float]:
+        """Since the engine started, over every slot batch: ``captures`` (CUDA graphs captured:
+        one per (bucket, layout) while the engine stays busy), ``capture_seconds`` (their wall
+        time) and ``regrow_seconds`` (the wall time of the slots' growths)."""
+        batches = list(self.slots.values())  # (read by the metrics page too)
+        return {name: total + sum(getattr(b, name) for b in batches) for name, total in self._dropped.items()}
 
     def _feed(self) -> None:
         """Feed blocks of the turns that are feeding, oldest first, one block per turn per forward,
@@ -247,7 +270,7 @@ class Engine:
             return False
         if self.static:
             for turn in rows:
-                if turn.row is None:
+                if turn.row is None and not turn.eager:
                     self._guarded(turn, self._join, turn)
             tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
             rows = [turn for turn in rows if not turn.done]
@@ -273,18 +296,24 @@ class Engine:
     def _join(self, turn: TurnSteps) -> None:
         """Give ``turn`` a slot in the static batch of its cache's layout, if it can take one."""
         cache, policy = turn.session.cache, turn.session.policy
+        turn.eager = True  # unless a slot takes it
         if turn.max_new_tokens < 2 or supports(cache) is not None:
             return
         key = layout(cache)
         batch = self.slots.get(key)
         if batch is None:
-            batch = self.slots[key] = SlotBatch(self.model, graph=self.decode != "static")
+            batch = self.slots[key] = SlotBatch(self.model, graph=self.decode != "static", make_room=self._room(key))
+        def coming() -> int:  # turns of this layout that join next (started, not decoding yet)
+            return sum(1 for t in self.running if t is not turn and t.row is None and not t.eager and not t.done
+                       and t.max_new_tokens > 1 and layout(t.session.cache) == key)
+
         try:
-            turn.row = batch.join(cache, turn.max_new_tokens, query_slots(policy, turn.max_new_tokens))
+            turn.row = batch.join(cache, turn.max_new_tokens, query_slots(policy, turn.max_new_tokens), coming)
+            turn.eager = False
         except UnsupportedStatic:
             turn.row = None
         except Exception as exc:  # out of memory while the slots grew: they are half re-allocated
-            self.slots.pop(key, None)
+            self._drop_slots(key)
             for other in self.running:
                 if other is not turn and other.row is not None and other.row.batch is batch:
                     other.fail(exc)  # its session holds what it had fed (a server reloads its file)

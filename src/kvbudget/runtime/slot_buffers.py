@@ -122,15 +122,16 @@ class StoreSlots:
         _, h, _, d = sample.keys.shape
         dv = sample.values.shape[-1]
         self.heads, self.window, self.store, self.dims = h, sample.window, store, dims
-        probe = store.encode(sample.keys.new_zeros(slots, h, 1, d), sample.values.new_zeros(slots, h, 1, dv),
+        probe = store.encode(sample.keys.new_zeros(slots, h, 1, d, device=device),
+                             sample.values.new_zeros(slots, h, 1, dv, device=device),
                              torch.ones(slots, h, 1, dtype=torch.bool, device=device), None)
         self.body = Body(
             tokens={k: v.new_zeros(slots, h, body_cap, *v.shape[3:]) for k, v in probe.tokens.items()},
             chunk_id=torch.zeros(slots, h, body_cap, dtype=chunk_dtype(chunk_cap), device=device),
             chunks={k: v.new_zeros(slots, h, chunk_cap, *v.shape[3:]) for k, v in probe.chunks.items()},
         )
-        self.keys = sample.keys.new_zeros(slots, h, tail, d)
-        self.values = sample.values.new_zeros(slots, h, tail, dv)
+        self.keys = sample.keys.new_zeros(slots, h, tail, d, device=device)
+        self.values = sample.values.new_zeros(slots, h, tail, dv, device=device)
         self.body_lens = torch.zeros(slots, h, dtype=torch.int32, device=device)
         self.tail_lens = torch.zeros(slots, h, dtype=torch.int32, device=device)
         self.live = torch.zeros(slots, h, dtype=torch.int32, device=device)
@@ -178,6 +179,15 @@ class StoreSlots:
 
     def counters(self, c: int) -> list[Tensor]:
         return [self.tail_lens[:c]]
+
+
+def buffer_bytes(buffers: "FlatSlots | StoreSlots") -> int:
+    """Bytes of the tensors ``buffers`` holds (on the meta device: what it would hold)."""
+    tensors = [t for t in vars(buffers).values() if isinstance(t, Tensor)]
+    body = getattr(buffers, "body", None)
+    if body is not None:
+        tensors += [*body.tokens.values(), body.chunk_id, *body.chunks.values()]
+    return sum(t.nbytes for t in tensors)
 
 
 def slots_for(layer: BudgetedLayer) -> type:

@@ -18,15 +18,23 @@ CPU the same forward runs eagerly, so every slot operation is the same on both.
 * **Decode-time compression** of one session: `SlotRow.write_back`, the policy compresses the
   session's cache as it would alone, `SlotRow.reload` copies what it kept into the same slot.
 * **Growth**: more sessions than slots, or a session needing wider segments than the buffers
-  have, re-allocates the buffers (the next power of two; the widest segments so far) and re-fills
-  every slot once; the graphs of the old buffers go. Buckets shrink lazily: the bucket of a step
-  covers the highest slot in use, and sessions move down to free lower slots once they fit a
-  bucket of half the size or less.
+  have, re-allocates the buffers (the next power of two holding the sessions in slots, the one
+  joining and those about to join: the engine's turns started and still feeding; the widest
+  segments so far) and re-fills every slot once; the graphs of the old buffers go. It goes layer by layer: the sessions take
+  their own copies of one layer, that layer's old buffers go, its new ones are filled, so the
+  growth needs one layer's worth of memory beyond the old and new buffers' difference. Before it,
+  ``make_room`` (if given) is told the bytes the buffers would hold (`nbytes`) and may refuse:
+  the joining session then decodes eagerly beside the batch. Buckets shrink lazily: the bucket
+  of a step covers the highest slot in use, and sessions move down to free lower slots once they
+  fit a bucket of half the size or less.
 
 Rows a slot cannot take (`runtime.decoder.supports` says why) decode eagerly beside the batch.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,7 +44,7 @@ from ..kv.cache import BudgetedCache
 from . import fusion
 from .decoder import supports, warmup_stream, write_back_layers
 from .modelcall import run
-from .slot_buffers import FlatSlots, StoreSlots, slots_for
+from .slot_buffers import FlatSlots, StoreSlots, buffer_bytes, slots_for
 from .static import UnsupportedStatic
 
 
@@ -44,6 +52,18 @@ def layout(cache: BudgetedCache) -> tuple:
     """What caches must share to share a `SlotBatch`: per layer, its store's kind and settings."""
     return tuple(None if layer.store is None else (type(layer.store).__name__, tuple(sorted(vars(layer.store).items())))
                  for layer in cache.layers)
+
+
+def _buffers(sample, slots: int, dims: tuple, device: torch.device) -> "FlatSlots | StoreSlots":
+    """One layer's buffers for ``slots`` slots of sizes ``dims``, of the kind ``sample`` needs."""
+    return StoreSlots(sample, slots, dims, device) if sample.store is not None else FlatSlots(sample, slots, dims[0], device)
+
+
+def _synced(start: float, device) -> float:
+    """Seconds since ``start`` once the work queued on ``device`` is done."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def bucket(n: int) -> int:
@@ -69,19 +89,28 @@ class SlotRow:
 
     def load(self, slot: int) -> None:
         """Copy the cache's entries into ``slot`` (its layers borrow views of it)."""
-        batch, cache = self.batch, self.cache
         self.slot = slot
-        self.statics = [buf.row(slot, layer) for buf, layer in zip(batch.buffers, cache.layers)]
+        self.statics = [None] * len(self.cache.layers)
         self._fill()
 
     def _fill(self) -> None:
-        batch, cache, slot = self.batch, self.cache, self.slot
-        for buf, static, layer in zip(batch.buffers, self.statics, cache.layers):
-            static.load(layer, self.room)
-            buf.placed(slot, static)
-        self.seen = cache.get_seq_length()
-        batch.pos[slot] = self.seen
-        batch.qslot[slot] = 0
+        for i in range(len(self.statics)):
+            self.fill_layer(i)
+        self.settle()
+
+    def fill_layer(self, i: int) -> None:
+        """Copy layer ``i`` of the cache into the slot (the layer then borrows views of it)."""
+        buf, layer = self.batch.buffers[i], self.cache.layers[i]
+        if self.statics[i] is None:
+            self.statics[i] = buf.row(self.slot, layer)
+        self.statics[i].load(layer, self.room)
+        buf.placed(self.slot, self.statics[i])
+
+    def settle(self) -> None:
+        """After every layer is in the slot: its position and query counter restart from the cache."""
+        self.seen = self.cache.get_seq_length()
+        self.batch.pos[self.slot] = self.seen
+        self.batch.qslot[self.slot] = 0
         self.steps = 0
 
     def write_back(self) -> None:
@@ -113,23 +142,30 @@ class SlotRow:
 class SlotBatch:
     """Static buffers of one layout for many sessions' slots (see the module docstring)."""
 
-    def __init__(self, model, graph: bool) -> None:
-        self.model, self.use_graph = model, graph
+    def __init__(self, model, graph: bool, make_room: Callable[[int], bool] | None = None) -> None:
+        self.model, self.use_graph, self.make_room = model, graph, make_room
         self.device = model.device
         self.rows: list[SlotRow | None] = []
         self.buffers: list = []
+        self.qbufs: list[Tensor] = []
+        self.nbytes = 0  # bytes of the buffers: every slot's, used or not, and the scorer's query buffers
         self.dims: list[tuple] = []  # per layer, the sizes the buffers were made for
         self.query_slots = 0
         self.graphs: dict[tuple, tuple] = {}  # (bucket, ragged) -> (graph, static inputs, logits)
         self.captures = 0  # graphs captured so far (for tests and metrics)
         self.allocations = 0  # buffers allocated so far (each growth drops the graphs of the last)
+        self.regrow_seconds = 0.0  # wall time of the growths (re-allocating and re-filling every slot)
+        self.capture_seconds = 0.0  # wall time of the captures (two warm-up forwards and the capture)
         self.fused = fusion.maybe_fuse(model, torch.device(self.device))
 
     # --- slots ------------------------------------------------------------------------------------
-    def join(self, cache: BudgetedCache, capacity: int, query_slots: int = 0) -> SlotRow:
+    def join(self, cache: BudgetedCache, capacity: int, query_slots: int = 0,
+             coming: Callable[[], int] = lambda: 0) -> SlotRow:
         """A slot for ``cache``, whose answer may decode ``capacity`` tokens (``query_slots``:
-        queries kept between two compressions, for the scorer). Raises `UnsupportedStatic`
-        where the cache cannot be decoded statically."""
+        queries kept between two compressions, for the scorer). ``coming()``: sessions about to
+        join after this one, given room too when the buffers grow (one growth for a burst of
+        turns instead of one per power of two). Raises `UnsupportedStatic` where the cache
+        cannot be decoded statically."""
         if reason := supports(cache):
             raise UnsupportedStatic(reason)
         row = SlotRow(self, cache, capacity, query_slots)
@@ -138,9 +174,15 @@ class SlotBatch:
         fits = bool(self.buffers) and query_slots <= self.query_slots and all(
             all(a <= b for a, b in zip(n, d)) for n, d in zip(need, self.dims))
         if not fits or not free:
-            slots = bucket(len(self.rows) - len(free) + 1) if not free else len(self.rows)
+            slots = max(len(self.rows), bucket(len(self.rows) - len(free) + 1 + coming()))
             dims = need if not self.dims else [tuple(max(a, b) for a, b in zip(n, d)) for n, d in zip(need, self.dims)]
-            self._regrow(cache, slots, dims, max(query_slots, self.query_slots))
+            query_slots = max(query_slots, self.query_slots)
+            grown = self.bytes_for(cache, slots, dims, query_slots)
+            if self.make_room is not None and not self.make_room(grown):
+                raise UnsupportedStatic(f"the decode slots may not grow to {grown} bytes (the memory bound)")
+            start = time.perf_counter()
+            self._regrow(cache, slots, dims, query_slots)
+            self.regrow_seconds += _synced(start, self.device)
             free = [i for i, r in enumerate(self.rows) if r is None]
         self.rows[free[0]] = row
         try:
@@ -160,35 +202,54 @@ class SlotBatch:
     def live(self) -> list[SlotRow]:
         return [r for r in self.rows if r is not None]
 
+    def bytes_for(self, sample: BudgetedCache, slots: int, dims: list[tuple], query_slots: int) -> int:
+        """Bytes of buffers of ``slots`` slots, sizes ``dims`` and ``query_slots`` queries (sized
+        on the meta device: nothing is allocated)."""
+        meta = torch.device("meta")
+        buffers = sum(buffer_bytes(_buffers(layer, slots, d, meta)) for layer, d in zip(sample.layers, dims))
+        heads, head_dim = self._query_heads()
+        queries = slots * heads * query_slots * head_dim * sample.layers[0].dtype.itemsize
+        return buffers + queries * len(sample.layers)
+
+    def _query_heads(self) -> tuple[int, int]:
+        """The model's query heads and their size (the scorer's query buffers)."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        return cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
     def _regrow(self, sample: BudgetedCache, slots: int, dims: list[tuple], query_slots: int) -> None:
-        """New buffers of ``slots`` slots and sizes ``dims``; every session in a slot moves there."""
+        """New buffers of ``slots`` slots and sizes ``dims``; every session in a slot moves there,
+        one layer at a time (the module docstring)."""
         rows = self.live
-        for row in rows:  # their caches own their entries again, the old buffers can go
+        for row in rows:
             row.write_back()
-            for static, layer in zip(row.statics, row.cache.layers):
-                static.release(layer)
-            row.statics = []  # (views of the old buffers)
         self.graphs.clear()
-        self.buffers = []
+        old, self.buffers = self.buffers, []
+        self.qbufs = []
         self.allocations += 1
         device = torch.device(self.device)
-        for layer, d in zip(sample.layers, dims):
-            self.buffers.append(StoreSlots(layer, slots, d, device) if layer.store is not None
-                                else FlatSlots(layer, slots, d[0], device))
         self.dims, self.query_slots = dims, query_slots
         self.rows = [None] * slots
         self.ids = torch.zeros(slots, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(slots, 1, dtype=torch.long, device=device)
         self.qslot = torch.zeros(slots, dtype=torch.long, device=device)
         self.mask = torch.ones(slots, 1, 1, 1, dtype=torch.bool, device=device)
-        cfg = self.model.config.get_text_config(decoder=True)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = sample.layers[0].dtype
-        self.qbufs = [torch.zeros(slots, cfg.num_attention_heads, query_slots, head_dim, dtype=dtype, device=device)
+        heads, head_dim = self._query_heads()
+        self.qbufs = [torch.zeros(slots, heads, query_slots, head_dim, dtype=sample.layers[0].dtype, device=device)
                       for _ in sample.layers] if query_slots else []
-        for i, row in enumerate(rows):
-            self.rows[i] = row
-            row.load(i)
+        for slot, row in enumerate(rows):
+            self.rows[slot], row.slot = row, slot
+        for i, (layer, d) in enumerate(zip(sample.layers, dims)):
+            for row in rows:  # their caches own this layer's entries again: its old buffers can go
+                row.statics[i].release(row.cache.layers[i])
+                row.statics[i] = None
+            if old:
+                old[i] = None
+            self.buffers.append(_buffers(layer, slots, d, device))
+            for row in rows:
+                row.fill_layer(i)
+        for row in rows:
+            row.settle()
+        self.nbytes = sum(buffer_bytes(b) for b in self.buffers) + sum(q.nbytes for q in self.qbufs)
 
     def _compact(self) -> None:
         """Sessions in slots beyond the bucket their number needs move down to free slots."""
@@ -225,7 +286,9 @@ class SlotBatch:
         self.ids[:c, 0].copy_(ids)
         key = (c, any(getattr(b, "ragged", False) for b in self.buffers))
         if key not in self.graphs:
+            start = time.perf_counter()
             self.graphs[key] = self._bucket(c)
+            self.capture_seconds += _synced(start, self.device) if self.use_graph else 0.0
         graph, forward, logits = self.graphs[key]
         if graph is not None:
             graph.replay()

@@ -61,6 +61,7 @@ class TurnSteps:
         self._asked: list[dict] = []
         self._decoding: Decoding | None = None
         self.row = None  # its `runtime.slots.SlotRow` while it decodes in the engine's static batch
+        self.eager = False  # the engine decodes it eagerly for the rest of its answer (no slot took it)
         self._stop_hit: int | None = None  # where a stop sequence starts in the answer's text
         self._t0 = 0.0
 
@@ -146,7 +147,7 @@ class TurnSteps:
                 self.row.write_back()
             compress(cache, self.session.policy)
             if self.row is not None and not self.row.reload():
-                self.row = None  # what it keeps no longer fits its slot: it goes on eagerly
+                self.row, self.eager = None, True  # what it keeps no longer fits its slot: it goes on eagerly
 
     def fail(self, error: BaseException) -> None:
         """End the turn with ``error``: a decoding's scratch entries are rolled back; the session

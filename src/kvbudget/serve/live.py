@@ -1,17 +1,21 @@
 """The sessions the server holds in memory, least recently used first, under the memory bound.
 
 The bound (``config.memory``, ``--memory``, read at each use) covers the KV bytes of the live
-sessions without a turn in flight plus what every turn in flight reserved: `Footprint.need`, the
-most its session may hold during the turn. A turn reserves before it starts (`reserve`): least
-recently used idle sessions are moved out of memory until it fits (their files are current: the
-manager writes each turn through, so moving one out writes nothing); when the turns in flight
-leave no room, the turn waits for them. After each engine step `track_peak` records the KV bytes
-held at most (the idle sessions + each turn's own peak so far, from the caches' exact accounting).
+sessions without a turn in flight, plus what every turn in flight reserved (`Footprint.need`, the
+most its session may hold during the turn), plus ``extra``: KV memory held beside the sessions
+(the engine's decode slots beyond what the turns in them reserved). A turn reserves before it
+starts (`reserve`), the slots before they grow (`fit`): least recently used idle sessions are
+moved out of memory until it fits (their files are current: the manager writes each turn
+through, so moving one out writes nothing); when the turns in flight leave no room, the turn
+waits for them (the slots decode the joining session eagerly instead). After each engine step
+`track_peak` records the KV bytes held at most (the idle sessions + each turn's own peak so far,
+from the caches' exact accounting, + ``extra``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..runtime.session import Session
 from .config import ServeConfig
@@ -30,9 +34,10 @@ class LiveSessions:
     """Sessions in memory by (owner, id), least recently used first, the KV bytes each holds, and
     the bytes reserved by the turns in flight."""
 
-    def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
+    def __init__(self, config: ServeConfig, metrics: Metrics, extra: Callable[[], int] = lambda: 0) -> None:
         self.config = config
         self.metrics = metrics
+        self.extra = extra  # KV bytes held beside the sessions and reservations (module docstring)
         self.sessions: OrderedDict[Key, Session] = OrderedDict()
         self.held: dict[Key, int] = {}
         self.held_total = 0  # kept as a plain int so that the metrics page reads it without a lock
@@ -85,10 +90,22 @@ class LiveSessions:
         return {key for key, *_ in self.reserved.values() if key is not None}
 
     def committed(self, without: Key | None = None) -> int:
-        """Bytes under the bound: idle live sessions' (not ``without``) + every reservation."""
+        """Bytes under the bound: idle live sessions' (not ``without``) + every reservation + ``extra``."""
         busy = self._busy() | {without}
         idle = sum(n for key, n in self.held.items() if key not in busy)
-        return idle + sum(n for _, _, n, _ in self.reserved.values())
+        return idle + sum(n for _, _, n, _ in self.reserved.values()) + self.extra()
+
+    def fit(self, more: int, key: Key | None = None) -> bool:
+        """Move least-recently-used idle sessions (not ``key``) out of memory until ``more`` bytes
+        fit beside what is committed; False when the turns in flight leave no room."""
+        busy = self._busy() | {key}
+        while self.committed(without=key) + more > self.config.memory:
+            victim = next((k for k in self.sessions if k not in busy), None)
+            if victim is None:
+                return False
+            self.drop(victim)  # its file is current (write-through): nothing to write
+            self.metrics.count("evictions")
+        return True
 
     def reserve(self, token: object, key: Key | None, need: int) -> bool:
         """Reserve ``need`` bytes for a turn (``token``) of the session ``key`` (None: a
@@ -103,13 +120,8 @@ class LiveSessions:
                 f"({self.config.memory} bytes); use a smaller max_tokens, a shorter message or a new session",
                 code="kv_memory_exceeded",
             )
-        busy = self._busy() | {key}
-        while self.committed(without=key) + need > self.config.memory:
-            victim = next((k for k in self.sessions if k not in busy), None)
-            if victim is None:
-                return False
-            self.drop(victim)  # its file is current (write-through): nothing to write
-            self.metrics.count("evictions")
+        if not self.fit(need, key):
+            return False
         self.reserved[token] = (key, None, need, {})
         return True
 
@@ -136,4 +148,4 @@ class LiveSessions:
         busy = self._busy()
         idle = sum(n for key, n in self.held.items() if key not in busy)
         turns = sum(sum(c.peak_bytes for c in _caches(s)) if s is not None else 0 for _, s, _, _ in self.reserved.values())
-        self.metrics.peak(idle + turns)
+        self.metrics.peak(idle + turns + self.extra())

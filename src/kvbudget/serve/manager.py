@@ -13,7 +13,11 @@
   reserve is estimated (`Footprint.need`: today's bytes + every new token at full precision,
   doubled if decode-time compression may snapshot the cache) and least-recently-used idle
   sessions are moved out of memory until it fits; if the turns in flight leave no room, the turn
-  waits for them (its deadline runs). The peak reached is recorded in the metrics.
+  waits for them (its deadline runs). On CUDA the engine decodes in static slots whose buffers
+  hold every slot of a batch-size bucket, used or not: what they hold beyond the reservations of
+  the turns in them counts under the bound too, and before they grow idle sessions are moved out
+  to make room (if the turns in flight leave none, the joining turn decodes eagerly). The peak
+  reached is recorded in the metrics.
 * **Write-through store.** A session's file is rewritten (atomically) after each of its turns
   and the turn answered once it is written (`saved.SavedSessions`), so moving a session out of
   memory costs nothing, a crash loses no answered turn, and a turn that fails (a timeout, a
@@ -142,13 +146,13 @@ class SessionManager:
             self.policies.setdefault(name.strip().lower(), policy)
         self.default_policy = make_policy(config.policies[0], budget=config.budget)
         self.metrics = Metrics(self._gauges)
-        self.live = LiveSessions(config, self.metrics)
+        self.live = LiveSessions(config, self.metrics, extra=self._slot_excess)
         self.saved = SavedSessions(config, self.metrics, self.live)
         self.store = self.saved.store
         self.footprint = Footprint(model, tok)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         self.engine = Engine(model, tok, prefill_tokens=config.prefill_tokens, max_batch=config.max_batch,
-                             decode=config.decode)
+                             decode=config.decode, make_room=self._make_room)
         self.waiting: list[ChatJob] = []  # chat requests not started yet, in arrival order
         # By session key: the job whose file is read, whose turn runs or whose file is written.
         self.in_flight: dict[tuple[str, str], ChatJob] = {}
@@ -167,6 +171,7 @@ class SessionManager:
 
     def _gauges(self) -> dict[str, tuple[str, float]]:
         stored, stored_bytes = self.store.usage()
+        slots = self.engine.slot_counters()
         return {
             "sessions_live": ("sessions held in memory", len(self.live)),
             "sessions_stored": ("sessions in the session directory", stored),
@@ -187,10 +192,27 @@ class SessionManager:
                                     self.engine.decode_seconds),
             "feed_seconds": ("wall time the engine spent feeding prompt and answer blocks", self.engine.feed_seconds),
             "graph_captures": ("CUDA graphs captured for decode slots (one per batch-size bucket while the slots stand)",
-                               self.engine.captures),
+                               slots["captures"]),
+            "graph_capture_seconds": ("wall time of those captures (part of decode_step_seconds)", slots["capture_seconds"]),
+            "slot_regrow_seconds": ("wall time of the decode slots' growths, re-allocating and re-filling every slot "
+                                    "(part of decode_step_seconds)", slots["regrow_seconds"]),
+            "slot_bytes": ("bytes of the decode slots' buffers (on CUDA; beyond their turns' reservations, within the bound)",
+                           self.engine.slot_bytes),
             "saves_in_flight": ("session files being written (their turns are answered once written)",
                                 len(self.saving)),
         }
+
+    # --- the decode slots under the memory bound (model thread) -------------------------------
+    def _slot_excess(self, slot_bytes: int | None = None) -> int:
+        """Bytes of the engine's decode slots (``slot_bytes``: what they would hold) beyond the
+        reservations of the turns decoding in them."""
+        held = self.engine.slot_bytes if slot_bytes is None else slot_bytes
+        slotted = sum(n for job, (_, _, n, _) in self.live.reserved.items() if job.turn is not None and job.turn.row is not None)
+        return max(0, held - slotted)
+
+    def _make_room(self, slot_bytes: int) -> bool:
+        """Before the slots grow to ``slot_bytes``: move idle sessions out until the growth fits."""
+        return self.live.fit(self._slot_excess(slot_bytes) - self._slot_excess())
 
     # --- sessions (model thread) -------------------------------------------------------------
     def _policy(self, name: str | None) -> Policy:
