@@ -171,6 +171,30 @@ def test_damaged_files_are_clear_errors(tiny_llama, tmp_path, damage):
         kb.Session.load(path, tiny_llama, CharTok())
 
 
+def test_session_files_are_safetensors_both_ways(tiny_llama, tmp_path):
+    """A session file is a safetensors file: safetensors reads what kvbudget writes, and kvbudget
+    reads a session file that safetensors wrote (same tensors, same metadata); a tensor table
+    naming an unknown type is a clear error."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "s.kvb"
+    session = _saved(tiny_llama, path)
+    ours, meta = sessionfile.read_session_file(path)
+    theirs = load_file(path)
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    with safe_open(path, "pt") as f:
+        assert sessionfile.json.loads(f.metadata()[sessionfile.META_KEY]) == meta
+    written = tmp_path / "by-safetensors.kvb"
+    save_file(theirs, written, metadata={sessionfile.META_KEY: sessionfile.json.dumps(meta)})
+    loaded = kb.Session.load(written, tiny_llama, CharTok())
+    assert loaded.ask("Who has a cat?", 6) == session.ask("Who has a cat?", 6)
+    data = path.read_bytes().replace(b'"dtype":"BF16"', b'"dtype":"BX16"').replace(b'"dtype":"F32"', b'"dtype":"FX2"')
+    path.write_bytes(data)
+    with pytest.raises(SessionFileError, match="corrupt session file"):
+        sessionfile.read_session_file(path)
+
+
 def test_failed_save_leaves_the_previous_file(tiny_llama, tmp_path, monkeypatch):
     path = tmp_path / "s.kvb"
     old = _saved(tiny_llama, path)

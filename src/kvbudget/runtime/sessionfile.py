@@ -12,6 +12,13 @@ with another model (a hash of its config and of a few embedding rows) raise `Ses
 Saving writes a temp file and renames it over the target (`fileio.atomic_open`), so a failure or
 a kill mid-write leaves the previous file as it was. Tensors are copied to the CPU when saved
 and moved to the model's device when loaded.
+
+Files are read and written here rather than by `safetensors.torch.load` / ``save`` (the layout
+is the safetensors one, tensors ordered as safetensors orders them, and safetensors reads the
+files): those build every tensor's bytes as Python objects, copying the whole file while holding
+the interpreter lock, and a server reads and writes session files on I/O threads while its model
+thread decodes. Here the bulk bytes move only through calls that release the lock (file reads
+into a tensor's memory, writes and hashing from tensor memory, tensor copies).
 """
 
 from __future__ import annotations
@@ -24,9 +31,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ..compress import Policy
@@ -44,6 +48,12 @@ from .prefill import PrefillStats
 FORMAT = "kvbudget-session"
 VERSION = 1
 META_KEY = "kvbudget"
+# The safetensors names of the tensor types.
+DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+          "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+          "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Config keys that say how a model is run, not what it computes: left out of the config hash so
 # that the same weights loaded with another attention implementation still match.
@@ -89,8 +99,14 @@ def check_model(meta: dict, model, path: Path) -> None:
 
 # --- tensors <-> layers -----------------------------------------------------------------------
 def to_cpu(t: Tensor) -> Tensor:
-    # A copy of its own: safetensors refuses tensors that share memory (views of one buffer).
+    # On the CPU, a copy of its own: what is hashed is what is written, whatever the session does meanwhile.
     return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _bytes(t: Tensor):
+    """The bytes of a contiguous CPU tensor, without a copy (a buffer the hash and the file
+    write read with the interpreter lock released)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def held(t: Tensor) -> Tensor:
@@ -164,7 +180,7 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype!s}:{list(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_bytes(t))
     return h.hexdigest()
 
 
@@ -207,10 +223,24 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) 
     until the new one is complete."""
     tensors = {name: to_cpu(t) for name, t in tensors.items()}
     meta = {"format": FORMAT, "version": VERSION, **meta, "checksum": _checksum(tensors)}
-    data = st_save(tensors, metadata={META_KEY: json.dumps(meta)})
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))  # aligned, as safetensors
+    header: dict = {}
+    at = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAMES:
+            raise KVBudgetError(f"cannot save a tensor of type {t.dtype} in a session file ({name})")
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + t.nbytes]}
+        at += t.nbytes
+    header["__metadata__"] = {META_KEY: json.dumps(meta)}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the tensor data starts 8-byte aligned
     with atomic_open(path, "wb") as f:
-        f.write(data)
-    return len(data)
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name in order:
+            f.write(_bytes(tensors[name]))
+    return 8 + len(head) + at
 
 
 # --- a session's state --------------------------------------------------------------------------
@@ -307,14 +337,24 @@ def read_session_file(path: str | os.PathLike, device: torch.device | str = "cpu
     """The tensors (on ``device``) and metadata of a session file, checked whole."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            data = torch.empty(size, dtype=torch.uint8)
+            view, got = memoryview(data.numpy()), 0
+            while got < size and (n := f.readinto(view[got:])):
+                got += n
     except FileNotFoundError:
         raise SessionFileError(f"{path}: no such session file") from None
-    _, _, meta = _parse_header(data, len(data), path)
+    n = int.from_bytes(bytes(view[:8]), "little") if got >= 8 else 0
+    n, header, meta = _parse_header(bytes(view[: 8 + min(n, got)]), got, path)
+    tensors = {}
     try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise SessionFileError(f"{path}: corrupt session file ({exc})") from None
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = (8 + n + int(x) for x in info["data_offsets"])
+                tensors[name] = data[begin:end].view(DTYPES[info["dtype"]]).reshape(info["shape"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise SessionFileError(f"{path}: corrupt session file (tensor {name!r}: {exc!r})") from None
     if _checksum(tensors) != meta.get("checksum"):
         raise SessionFileError(f"{path}: corrupt session file (tensor data does not match its checksum)")
-    return {k: v.to(device) for k, v in tensors.items()}, meta
+    return {k: v.to(device, copy=True) for k, v in tensors.items()}, meta  # (copies: the file's buffer goes)
