@@ -20,13 +20,13 @@ CPU the same forward runs eagerly, so every slot operation is the same on both.
 * **Growth**: more sessions than slots, or a session needing wider segments than the buffers
   have, re-allocates the buffers (the next power of two holding the sessions in slots, the one
   joining and those about to join: the engine's turns started and still feeding; the widest
-  segments so far) and re-fills every slot once; the graphs of the old buffers go. It goes layer by layer: the sessions take
-  their own copies of one layer, that layer's old buffers go, its new ones are filled, so the
-  growth needs one layer's worth of memory beyond the old and new buffers' difference. Before it,
-  ``make_room`` (if given) is told the bytes the buffers would hold (`nbytes`) and may refuse:
-  the joining session then decodes eagerly beside the batch. Buckets shrink lazily: the bucket
-  of a step covers the highest slot in use, and sessions move down to free lower slots once they
-  fit a bucket of half the size or less.
+  segments so far) and re-fills every slot once; the graphs of the old buffers go. It goes
+  layer by layer: the sessions take their own copies of one layer, that layer's old buffers go,
+  its new ones are filled, so the growth needs one layer's worth of memory beyond the old and
+  new buffers' difference. Before it, ``make_room`` (if given) is told the bytes the buffers
+  would hold (`nbytes`) and may refuse: the joining session then decodes eagerly beside the
+  batch. Buckets shrink lazily: the bucket of a step covers the highest slot in use, and
+  sessions move down to free lower slots once they fit a bucket of half the size or less.
 
 Rows a slot cannot take (`runtime.decoder.supports` says why) decode eagerly beside the batch.
 """
