@@ -16,8 +16,8 @@ Each `step` is one iteration over the turns in flight (`runtime.turnsteps`):
    forward per layout, on CUDA one replay of the graph captured for the batch-size bucket; before
    the slots grow, ``make_room`` (if given: a server's memory bound) may refuse. Eager (the
    default on the CPU, for a session a slot cannot take: `runtime.decoder.supports`, and where
-   ``make_room`` refused), they go through one forward of the model (`batch_forward`) in which each session's attention
-   runs over its own budgeted cache (`kv.batch`).
+   ``make_room`` refused), they go through one forward of the model (`batch_forward`) in which
+   each session's attention runs over its own budgeted cache (`kv.batch`).
 
 A turn joins the decode batch at the first step after its question is fed and leaves it when its
 answer ends. Sessions in one batch may differ in policy, budget, store, length and per-head
