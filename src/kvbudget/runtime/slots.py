@@ -24,7 +24,7 @@ CPU the same forward runs eagerly, so every slot operation is the same on both.
   layer by layer: the sessions take their own copies of one layer, that layer's old buffers go,
   its new ones are filled, so the growth needs one layer's worth of memory beyond the old and
   new buffers' difference. Before it, ``make_room`` (if given) is told the bytes the buffers
-  would hold (`nbytes`) and may refuse: the joining session then decodes eagerly beside the
+  would hold (`bytes_for`) and may refuse: the joining session then decodes eagerly beside the
   batch. Buckets shrink lazily: the bucket of a step covers the highest slot in use, and
   sessions move down to free lower slots once they fit a bucket of half the size or less.
 
