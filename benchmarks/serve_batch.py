@@ -11,8 +11,9 @@ wall time), time to first token p50/p99, inter-token latency p50/p99 (gaps betwe
 text events, which carry about one token each), and the same TTFT p50 over the turns after the
 first (their sessions resident; the first turn reads each session's file). From the server's
 /metrics: the mean decode batch, its decode rate (tokens of the batched decode steps / their wall
-time: what the batch decodes while it decodes) and the wall time spent feeding prompts and
-answers.
+time: what the batch decodes while it decodes), where those steps' time goes (choosing tokens,
+joining slots, the forwards, decode-time compressions; graph captures and slot growths within
+them) and the wall time spent feeding prompts and answers.
 
 Mode ``static-batch`` (GPU) is the engine's own ceiling at the same N: one `StaticDecoder` over
 N sequences holding ``--budget`` + one message of entries per head (random K/V), one CUDA graph
@@ -51,6 +52,9 @@ from pathlib import Path
 
 import httpx
 
+from kvbudget.runtime.engine import DECODE_PARTS
+
+PARTS = tuple(DECODE_PARTS)  # where a decode step's time goes (the server's decode_<part>_seconds)
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = ("harbour lighthouse ferry market net tide gull anchor sail rope island keeper lantern storm shell "
          "reef pier dune bell map").split()
@@ -235,7 +239,8 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     gaps = [g for r in results for g in r["gaps"]]
     delta = {name: after[f"kvbudget_{name}"] - before[f"kvbudget_{name}"]
              for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds",
-                          "graph_captures", "graph_capture_seconds", "slot_regrow_seconds")}
+                          "graph_captures", "graph_capture_seconds", "slot_regrow_seconds",
+                          *(f"decode_{part}_seconds" for part in PARTS))}
     steps, batched = delta["decode_steps"], delta["decode_batch_tokens"]
 
     def ms(x):
@@ -251,6 +256,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "decode_step_s": round(delta["decode_step_seconds"], 2), "feed_s": round(delta["feed_seconds"], 2),
             "graph_captures": int(delta["graph_captures"]), "capture_s": round(delta["graph_capture_seconds"], 2),
             "regrow_s": round(delta["slot_regrow_seconds"], 2),
+            **{f"{part}_s": round(delta[f"decode_{part}_seconds"], 2) for part in PARTS},
             "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
             "first_error": errors[0] if errors else None}
 
@@ -268,8 +274,9 @@ def cb_settings(**settings) -> dict:
 
 def anchor(args, messages: list[str]) -> Iterator[dict]:
     """transformers' continuous batching (`generate_batch`, paged full cache) in this process,
-    with as many conversations as ``--memory`` holds at full precision (each of ``--context`` +
-    one message + the answer)."""
+    with as many conversations as its cache holds at full precision (each of ``--context`` + one
+    message + the answer). The cache gets ``--memory`` of KV pages, or as many as transformers
+    accepts below that (it also reserves room for its activations)."""
     import torch
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -280,28 +287,38 @@ def anchor(args, messages: list[str]) -> Iterator[dict]:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
-    memory = parse_memory(args.memory)
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=None)
+
+    def batching(pages: int) -> ContinuousBatchingConfig:
+        # Pages of 256 tokens of every layer; no prefix sharing (the conversations here share
+        # their context, real ones do not).
+        return ContinuousBatchingConfig(**cb_settings(page_size=256, num_blocks=pages, max_batch_tokens=args.prefill_tokens_hf,
+                                                      allow_block_sharing=False))
+
+    pages = max(1, parse_memory(args.memory) // (256 * token_bytes))
+    while True:  # a one-token request with the cache allocated: the most pages transformers accepts
+        try:
+            model.generate_batch(inputs=[[1]], generation_config=GenerationConfig(max_new_tokens=1, do_sample=False),
+                                 continuous_batching_config=batching(pages))
+            break
+        except MemoryError:
+            pages = int(pages * 0.95)
     per_conv = args.context + args.message_tokens * 2 + args.max_tokens
-    fit = max(1, memory // (per_conv * token_bytes))
+    fit = max(1, pages * 256 // per_conv)
     context = text_of(tok, args.context, 0)
     for m in sorted({min(n, fit) for n in args.levels}):
         n = max(x for x in args.levels if min(x, fit) == m)
         prompts = [tok(context + " " + messages[i % len(messages)],
                        add_special_tokens=False).input_ids for i in range(m)]
-        gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=None)
-        # The same KV memory as the server's bound, in pages of 256 tokens of every layer; no prefix
-        # sharing (the conversations here share their context, real ones do not).
-        batching = ContinuousBatchingConfig(**cb_settings(page_size=256, num_blocks=max(1, memory // (256 * token_bytes)),
-                                                          max_batch_tokens=args.prefill_tokens_hf, allow_block_sharing=False))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=batching)
+        out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=batching(pages))
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
         tokens = sum(len(o.generated_tokens) for o in out.values())
-        yield {"mode": "transformers-generate_batch", "sessions": n, "conversations_that_fit": fit, "ran": m,
-               "wall_s": round(wall, 2), "decode_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-               "note": "the prefill of every whole conversation included"}
+        yield {"mode": "transformers-generate_batch", "sessions": n, "kv_bytes": pages * 256 * token_bytes,
+               "conversations_that_fit": fit, "ran": m, "wall_s": round(wall, 2), "decode_tokens": tokens,
+               "tokens_per_s": round(tokens / wall, 2), "note": "the prefill of every whole conversation included"}
 
 
 def static_batch(args, levels: list[int]) -> Iterator[dict]:
@@ -451,16 +468,15 @@ def main(argv: list[str] | None = None) -> int:
                 emit(row)
         except Exception as exc:  # the anchor is another library's: its failure is a result, not a crash
             emit({"mode": "transformers-generate_batch", "error": f"{type(exc).__name__}: {exc}"})
-    print(f"\n{'mode':>8} {'N':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'resident':>8} {'ITL p50':>8} {'p99':>8} "
-          f"{'batch':>6} {'decode/s':>9} {'steps s':>8} {'capture':>8} {'regrow':>8}")
+    columns = {"tokens_per_s": "tok/s", "ttft_p50_ms": "TTFT p50", "ttft_p99_ms": "p99", "ttft_resident_p50_ms": "resident",
+               "itl_p50_ms": "ITL p50", "itl_p99_ms": "p99", "mean_batch": "batch", "decode_rate_tok_s": "decode/s",
+               "decode_step_s": "steps s", **{f"{part}_s": part for part in PARTS}, "capture_s": "capture",
+               "regrow_s": "regrow"}
+    print(f"\n{'mode':>8} {'N':>4} " + " ".join(f"{title:>9}" for title in columns.values()))
     for r in rows:
         if "ttft_p50_ms" in r:
-            cells = [r[k] if r[k] is not None else "-" for k in ("ttft_p50_ms", "ttft_p99_ms", "ttft_resident_p50_ms",
-                                                                  "itl_p50_ms", "itl_p99_ms", "mean_batch",
-                                                                  "decode_rate_tok_s", "decode_step_s", "capture_s",
-                                                                  "regrow_s")]
-            print(f"{r['mode']:>8} {r['sessions']:>4} {r['tokens_per_s']:>8} {cells[0]:>9} {cells[1]:>8} {cells[2]:>8} "
-                  f"{cells[3]:>8} {cells[4]:>8} {cells[5]:>6} {cells[6]:>9} {cells[7]:>8} {cells[8]:>8} {cells[9]:>8}")
+            cells = ["-" if r.get(k) is None else r[k] for k in columns]
+            print(f"{r['mode']:>8} {r['sessions']:>4} " + " ".join(f"{cell:>9}" for cell in cells))
     if args.out:
         plot(read_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
     return 0

@@ -3,6 +3,8 @@ they give alone, with mixed policies, budgets, stores and lengths; they join and
 at any step; long prompts are fed in blocks between decode steps; sampling, stop sequences and
 cancellation behave per turn, and a turn told to stop stops between two blocks of its prompt."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -200,6 +202,50 @@ def test_a_cancelled_turn_ends_and_the_others_go_on(tiny):
     with pytest.raises(kb.KVBudgetError, match="in flight"):
         engine.submit(sessions[1], "a", 2)
         engine.submit(sessions[1], "b", 2)
+
+
+def test_a_turn_whose_rollback_fails_ends_with_its_own_error(tiny):
+    """A turn stopped while decoding whose rollback fails too (the device out of memory while a
+    snapshot is put back) ends with its own error; the engine goes on: the turn beside it answers
+    as alone, and an engine step that raises outside any turn (`abort`) ends the turns in flight
+    with that error and leaves the engine ready for new turns."""
+    model, tok = tiny
+    engine = kb.Engine(model, tok)
+    broken, other = (_session(model, tok, "snapkv", {"budget": 48}, 300) for _ in range(2))
+    expected = other.fork().ask_detailed("Hi?", 8).token_ids
+    scratch = broken.cache.scratch
+
+    @contextmanager
+    def failing_rollback(*args, **kwargs):
+        with scratch(*args, **kwargs):
+            yield
+        raise torch.OutOfMemoryError("no room to put the snapshot back")
+
+    broken.cache.scratch = failing_rollback
+    chosen = []
+
+    def check() -> None:
+        if len(chosen) >= 3:
+            raise TurnCancelled("the client went away")
+
+    bad = engine.submit(broken, "Hi?", 8, on_token=chosen.append, check=check)
+    good = engine.submit(other, "Hi?", 8)
+    engine.run()
+    with pytest.raises(TurnCancelled, match="went away"):
+        bad.result()
+    assert good.result().token_ids == expected
+    # A step that failed outside any turn: every turn waiting or in flight ends with its error.
+    fresh = _session(model, tok, "snapkv", {"budget": 48}, 300)
+    turns = [engine.submit(s, "Hi?", 8) for s in (fresh, _session(model, tok, "snapkv", {"budget": 48}, 300))]
+    engine.step()
+    engine.abort(RuntimeError("the step failed"))
+    assert not engine.busy and not engine.slots
+    for turn in turns:
+        with pytest.raises(RuntimeError, match="the step failed"):
+            turn.result()
+    again = engine.submit(other.fork(), "Hi?", 4)
+    engine.run()
+    assert len(again.result().token_ids) == 4
 
 
 def test_a_turn_stops_between_the_blocks_of_its_prompt(tiny):

@@ -18,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 from server_kit import Server, slow_tiny_model
 
 import kvbudget as kb
+from kvbudget.runtime.engine import DECODE_PARTS
 from kvbudget.serve import ServeConfig, create_app
 from kvbudget.serve.schema import ChatRequest
 
@@ -79,6 +80,8 @@ def test_concurrent_turns_decode_together_and_answer_as_alone(start, tiny):
     assert m["kvbudget_decode_batch_tokens"] > m["kvbudget_decode_steps"], "turns shared decode steps"
     assert m["kvbudget_queue_length"] == 0 and m["kvbudget_turns_in_flight"] == 0
     assert m["kvbudget_model_weight_bytes"] > 0
+    parts = [m[f"kvbudget_decode_{part}_seconds"] for part in DECODE_PARTS]
+    assert m["kvbudget_decode_forward_seconds"] > 0 and sum(parts) <= m["kvbudget_decode_step_seconds"], parts
     serial = start(max_batch=1)
     assert _concurrently(serial) == alone
     m = serial.metrics()

@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 
 import kvbudget as kb
 from kvbudget.runtime import sessionfile
+from kvbudget.runtime.engine import Engine
 from kvbudget.runtime.models import load_model, load_tokenizer
 from kvbudget.serve import ServeConfig, create_app
 
@@ -251,6 +252,7 @@ HANG_ON_SAVE = """
 import os, time
 from contextlib import contextmanager
 from kvbudget.runtime import sessionfile
+from kvbudget.runtime.engine import Engine
 
 real, saves = sessionfile.atomic_open, [0]
 
@@ -285,6 +287,30 @@ def _check(url: str, store: Path, sid: str, answered: list[tuple[str, str]], tin
     info = httpx.get(f"{url}/v1/sessions/{sid}", timeout=60).json()
     assert pairs(info["messages"]) == answered
     _intact(store, model, tok)
+
+
+def test_an_engine_step_that_fails_outside_any_turn(start, tmp_path, monkeypatch):
+    """An engine step that raises outside any one turn (here the decode step itself) ends the
+    turn in flight with a 500 JSON error and the model thread goes on: the session answers its
+    next turn from its file as if the failed turn never ran (its answer = a twin session's)."""
+    server = start(tmp_path / "store")
+    sid, twin = (server.client.post("/v1/sessions", json={}).json()["id"] for _ in range(2))
+    for s in (sid, twin):
+        assert server.chat(s, "first").status_code == 200
+    decode, calls = Engine._decode, []
+
+    def failing_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a decode step failed")
+        return decode(self)
+
+    monkeypatch.setattr(Engine, "_decode", failing_once)
+    _expect(server.chat(sid, "second"), 500, "internal_error")
+    answers = [server.chat(s, "second") for s in (sid, twin)]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert answers[0].json()["choices"][0]["message"] == answers[1].json()["choices"][0]["message"]
+    assert server.client.get(f"/v1/sessions/{sid}").json()["turns"] == 2
 
 
 def test_killed_during_a_turn_and_during_a_save(tiny, tmp_path):

@@ -101,12 +101,15 @@ class Decoding:
     engine with other sessions): `next_token` chooses the token to feed from the last logits,
     `fed` takes the logits the forward gave, and `compress_due` says when the cache is compressed
     (every ``policy.decode_interval`` new tokens, decode-time compression). ``choose`` picks a
-    token from logits [1, vocab] (`greedy` by default; `runtime.sampling` samples)."""
+    token from logits [1, vocab] (`greedy` by default; `runtime.sampling` samples). A caller that
+    decodes many answers at once hands `fed` each row's most likely token too (``top``: one
+    argmax and one host read for the whole batch instead of one per answer); greedy takes it."""
 
     def __init__(self, policy: Policy, logits: Tensor, max_new_tokens: int, eos: set[int],
                  on_token: Callable[[int], None] | None = None, steps: list[Tensor] | None = None,
                  choose: Callable[[Tensor], int] = greedy) -> None:
         self.logits = logits
+        self.top: int | None = None  # the most likely token of ``logits``, where the caller knows it
         self.max_new_tokens = max_new_tokens
         self.eos = eos
         self.on_token = on_token
@@ -125,7 +128,7 @@ class Decoding:
             return None
         if self.steps is not None:
             self.steps.append(self.logits.float().log_softmax(-1))
-        token = self.choose(self.logits)
+        token = self.top if self.top is not None and self.choose is greedy else self.choose(self.logits)
         if token in self.eos:
             self.done = self.stopped = True
             return None
@@ -141,9 +144,10 @@ class Decoding:
         """End the answer after the token just chosen (it is kept, never fed)."""
         self.done = True
 
-    def fed(self, logits: Tensor) -> None:
-        """The next-token logits [1, vocab] after the token `next_token` gave was fed."""
-        self.logits = logits
+    def fed(self, logits: Tensor, top: int | None = None) -> None:
+        """The next-token logits [1, vocab] after the token `next_token` gave was fed, and their
+        most likely token if the caller has it (``top``)."""
+        self.logits, self.top = logits, top
 
     def compress_due(self) -> bool:
         """Whether the cache is compressed now (after the token just fed)."""

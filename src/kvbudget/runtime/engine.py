@@ -42,6 +42,7 @@ from ..errors import KVBudgetError
 from ..kv.batch import BatchCache
 from ..kv.cache import BudgetedCache
 from .answer import DECODE_MODES, greedy, query_slots
+from .clock import synced
 from .decoder import supports
 from .modelcall import run
 from .prefill import Block
@@ -56,6 +57,14 @@ from .turnsteps import TurnSteps
 PREFILL_TOKENS = 256
 # Turns in flight at once (decoding together).
 MAX_BATCH = 64
+# The parts of a decode step timed in `Engine.decode_parts` (on CUDA each part waits for its own
+# GPU work, so that a part is not charged the next one's wait).
+DECODE_PARTS = {
+    "choose": "choosing each turn's token (answers that end leave their slots here)",
+    "join": "turns taking decode slots (growths included)",
+    "forward": "the batched forwards and the host read of their most likely tokens (graph captures included)",
+    "compress": "decode-time compressions (a session in a slot: written back, compressed, reloaded)",
+}
 
 
 def batch_forward(model, caches: list[BudgetedCache], tokens: "list[int] | list[Tensor]") -> Tensor:
@@ -122,6 +131,7 @@ class Engine:
         self.decode_steps = 0  # decode steps so far
         self.decoded_tokens = 0  # tokens fed by them (their mean batch: decoded_tokens / decode_steps)
         self.decode_seconds = 0.0  # wall time of those steps (the decode rate: decoded_tokens / this)
+        self.decode_parts = dict.fromkeys(DECODE_PARTS, 0.0)  # where that time goes (`DECODE_PARTS`)
         self.feed_seconds = 0.0  # wall time spent feeding prompt and answer blocks
 
     # --- turns ----------------------------------------------------------------------------------
@@ -178,6 +188,17 @@ class Engine:
             for key in list(self.slots):
                 self._drop_slots(key)
 
+    def abort(self, error: BaseException) -> None:
+        """End every turn waiting or in flight with ``error`` and drop the decode slots: for a
+        serving loop whose `step` raised outside any one turn (the state it left is not trusted)."""
+        turns, self.running = [*self.waiting, *self.running], []
+        self.waiting.clear()
+        for turn in turns:
+            if not turn.done:
+                self._guarded(turn, turn.fail, error)
+        for key in list(self.slots):
+            self._drop_slots(key)
+
     @property
     def slot_bytes(self) -> int:
         """Bytes of the static decode slots' buffers (0 while idle, and when decoding eagerly)."""
@@ -232,10 +253,10 @@ class Engine:
             budget -= len(group) * width
             if len(group) == 1:
                 turn, block = group[0]
-                self._forward([(turn, block)], lambda: block.run(), fed=TurnSteps.fed_block)
+                self._forward([(turn, block)], lambda: block.run())
             else:
                 self._forward(group, lambda: batch_forward(self.model, [b.cache for _, b in group],
-                                                           [b.ids for _, b in group]), fed=TurnSteps.fed_block)
+                                                           [b.ids for _, b in group]))
 
     def _whole(self, turn: TurnSteps) -> None:
         """Run a turn of a session that answers its own way (`Session.ask_detailed`) in one go."""
@@ -258,6 +279,8 @@ class Engine:
 
     def _decode(self) -> bool:
         """One batched decode step of every decoding turn; False if none decoded."""
+        parts, device = self.decode_parts, self.model.device
+        start = time.perf_counter()
         rows, tokens = [], []
         for turn in self.running:
             if turn.phase != "decode":
@@ -266,14 +289,17 @@ class Engine:
             if token is not None and not turn.done:
                 rows.append(turn)
                 tokens.append(token)
+        parts["choose"] += synced(start, device)
         if not rows:
             return False
         if self.static:
+            start = time.perf_counter()
             for turn in rows:
                 if turn.row is None and not turn.eager:
                     self._guarded(turn, self._join, turn)
             tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
             rows = [turn for turn in rows if not turn.done]
+            parts["join"] += synced(start, device)
             if not rows:
                 return False
         groups: dict[SlotBatch, list[tuple[TurnSteps, int]]] = {}
@@ -284,10 +310,10 @@ class Engine:
             else:
                 groups.setdefault(turn.row.batch, []).append((turn, token))
         for batch, group in groups.items():
-            self._forward(group, lambda: batch.step([t.row for t, _ in group], [token for _, token in group]))
+            self._step(group, lambda: batch.step([t.row for t, _ in group], [token for _, token in group]))
         if eager:
-            self._forward(eager, lambda: batch_forward(self.model, [t.session.cache for t, _ in eager],
-                                                       [token for _, token in eager]))
+            self._step(eager, lambda: batch_forward(self.model, [t.session.cache for t, _ in eager],
+                                                    [token for _, token in eager]))
         self.last_batch = len(rows)
         self.decode_steps += 1
         self.decoded_tokens += len(rows)
@@ -319,10 +345,27 @@ class Engine:
                     other.fail(exc)  # its session holds what it had fed (a server reloads its file)
             raise
 
-    def _forward(self, group: list[tuple[TurnSteps, object]], forward: Callable[[], Tensor],
-                 fed: Callable[[TurnSteps, Tensor], None] = TurnSteps.fed) -> None:
-        """Run one forward for ``group``'s tokens or blocks and hand each turn its logits
-        (``fed``; logits in the group's order)."""
+    def _step(self, group: list[tuple[TurnSteps, int]], forward: Callable[[], Tensor]) -> None:
+        """One decode forward for ``group``'s tokens: each turn gets its logits and their most
+        likely token (one argmax and one host read for the group), then compresses if due."""
+        parts, device = self.decode_parts, self.model.device
+        start = time.perf_counter()
+        try:
+            logits = forward()
+            tops = logits.argmax(-1).tolist()
+        except Exception as exc:  # the forward failed for the whole group
+            for turn, _ in group:
+                turn.fail(exc)
+            return
+        parts["forward"] += time.perf_counter() - start  # the host read waited for the forward
+        start = time.perf_counter()
+        for i, (turn, _) in enumerate(group):
+            self._guarded(turn, turn.fed, logits[i : i + 1], tops[i])
+        parts["compress"] += synced(start, device)
+
+    def _forward(self, group: list[tuple[TurnSteps, Block]], forward: Callable[[], Tensor]) -> None:
+        """Run one forward for ``group``'s blocks and hand each turn the logits of its block's
+        last token (logits in the group's order)."""
         try:
             logits = forward()
         except Exception as exc:  # the forward failed for the whole group
@@ -330,7 +373,7 @@ class Engine:
                 turn.fail(exc)
             return
         for i, (turn, _) in enumerate(group):
-            self._guarded(turn, fed, turn, logits[i : i + 1])
+            self._guarded(turn, turn.fed_block, logits[i : i + 1])
 
     @staticmethod
     def _guarded(turn: TurnSteps, fn: Callable, *args):

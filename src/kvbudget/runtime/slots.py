@@ -42,6 +42,7 @@ from transformers.cache_utils import Cache
 
 from ..kv.cache import BudgetedCache
 from . import fusion
+from .clock import synced
 from .decoder import supports, warmup_stream, write_back_layers
 from .modelcall import run
 from .slot_buffers import FlatSlots, StoreSlots, buffer_bytes, slots_for
@@ -57,13 +58,6 @@ def layout(cache: BudgetedCache) -> tuple:
 def _buffers(sample, slots: int, dims: tuple, device: torch.device) -> "FlatSlots | StoreSlots":
     """One layer's buffers for ``slots`` slots of sizes ``dims``, of the kind ``sample`` needs."""
     return StoreSlots(sample, slots, dims, device) if sample.store is not None else FlatSlots(sample, slots, dims[0], device)
-
-
-def _synced(start: float, device) -> float:
-    """Seconds since ``start`` once the work queued on ``device`` is done."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def bucket(n: int) -> int:
@@ -182,7 +176,7 @@ class SlotBatch:
                 raise UnsupportedStatic(f"the decode slots may not grow to {grown} bytes (the memory bound)")
             start = time.perf_counter()
             self._regrow(cache, slots, dims, query_slots)
-            self.regrow_seconds += _synced(start, self.device)
+            self.regrow_seconds += synced(start, self.device)
             free = [i for i, r in enumerate(self.rows) if r is None]
         self.rows[free[0]] = row
         try:
@@ -288,7 +282,7 @@ class SlotBatch:
         if key not in self.graphs:
             start = time.perf_counter()
             self.graphs[key] = self._bucket(c)
-            self.capture_seconds += _synced(start, self.device) if self.use_graph else 0.0
+            self.capture_seconds += synced(start, self.device) if self.use_graph else 0.0
         graph, forward, logits = self.graphs[key]
         if graph is not None:
             graph.replay()

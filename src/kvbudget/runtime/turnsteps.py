@@ -136,13 +136,16 @@ class TurnSteps:
             self._end_decoding()
         return token
 
-    def fed(self, logits: Tensor) -> None:
-        """The next-token logits [1, vocab] of the step that fed `next_token`'s token; the cache
-        is compressed when the policy's interval is due."""
-        self._decoding.fed(logits)
-        cache = self.session.cache
-        cache.track_peak()
+    def fed(self, logits: Tensor, top: int | None = None) -> None:
+        """The next-token logits [1, vocab] of the step that fed `next_token`'s token (``top``:
+        their most likely token, if the engine read it for the whole batch); the cache is
+        compressed when the policy's interval is due."""
+        self._decoding.fed(logits, top)
         if self._decoding.compress_due():
+            cache = self.session.cache
+            # While decoding, entries are only appended between two compressions: the cache holds
+            # the most just before one, or when the answer ends (`_end_decoding`).
+            cache.track_peak()
             if self.row is not None:
                 self.row.write_back()
             compress(cache, self.session.policy)
@@ -151,13 +154,15 @@ class TurnSteps:
 
     def fail(self, error: BaseException) -> None:
         """End the turn with ``error``: a decoding's scratch entries are rolled back; the session
-        holds what the turn had fed before (a server drops it and reloads its file)."""
-        try:
-            self._leave()
-        except Exception:  # noqa: BLE001 - the turn fails with ``error`` whatever the slot's state
-            pass
-        self._steps.close()
-        self._scratch.close()
+        holds what the turn had fed before (a server drops it and reloads its file). Where the
+        rollback fails too (the device out of memory while it puts a snapshot back), the turn
+        still ends with ``error``; the session's cache is then left as it is: only its file
+        holds the session."""
+        for undo in (self._leave, self._steps.close, self._scratch.close):
+            try:
+                undo()
+            except Exception:  # noqa: BLE001 - the turn fails with ``error`` whatever state it leaves
+                pass
         self.error = error
         self.phase = "done"
         self._callbacks()
@@ -201,6 +206,7 @@ class TurnSteps:
 
     def _end_decoding(self) -> None:
         self._leave()
+        self.session.cache.track_peak()
         self._scratch.close()  # the decoded entries go: the answer is fed again as text
         decoding, turn = self._decoding, self.turn
         turn.decode_s = time.perf_counter() - self._t0

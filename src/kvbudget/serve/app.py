@@ -43,7 +43,7 @@ from .schema import (
     chat_request,
     error_response,
 )
-from .streaming import TextStreamer, sse
+from .streaming import Outbox, TextStreamer, next_events, sse
 
 log = logging.getLogger("kvbudget.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -117,23 +117,10 @@ def _retrieve(job: asyncio.Future) -> None:
         job.exception()
 
 
-async def _next_event(queue: asyncio.Queue, job: asyncio.Future, timeout: float):
-    """The next event the model thread sent; None once the job is over and none is left;
-    TimeoutError after ``timeout`` seconds. (Events are queued before the job's result, so
-    none is lost.)"""
-    getter = asyncio.ensure_future(queue.get())
-    done, _ = await asyncio.wait({getter, job}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    if getter in done:
-        return getter.result()
-    getter.cancel()
-    if not done:
-        raise TimeoutError
-    return queue.get_nowait() if not queue.empty() else None
-
-
 def create_app(model, tok, config: ServeConfig) -> FastAPI:
     """The FastAPI application serving ``model`` under ``config``."""
     manager = SessionManager(model, tok, config)
+    outbox = Outbox()  # the model thread's streaming events, to the requests' queues
     metrics = manager.metrics
     limits = config.limits
     admission = Admission(limits, metrics)
@@ -271,22 +258,25 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
         stream the reply as server-sent events. A client that goes away stops the turn at its
         next prompt block or token (the session stays as it was saved)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()  # ("ready" | "token", value) events, then None: the job is over
 
         def events(kind: str, value: object) -> None:  # on the model thread
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            outbox.put(loop, queue, (kind, value))
 
         job = asyncio.wrap_future(manager.submit_chat(owner, req, events, deadline))
         job.add_done_callback(lambda _: release())
+        # After every event of the job: its deliveries were scheduled on the loop before its result.
+        job.add_done_callback(lambda _: queue.put_nowait(None))
         try:
-            first = await _next_event(queue, job, deadline.remaining())
+            backlog = await next_events(queue, deadline.remaining())
         except TimeoutError:
-            first = None
+            backlog = [None]
             if deadline.expire():
                 job.add_done_callback(_retrieve)
                 raise deadline.error() from None
-        if first is None:
+        if backlog[0] is None:
             return await _finish(job, deadline)  # the request failed its checks: raises the error (a 4xx)
+        backlog = backlog[1:]  # after "ready"
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -300,19 +290,25 @@ def create_app(model, tok, config: ServeConfig) -> FastAPI:
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 committed = False
+                pending = backlog
                 while True:
-                    try:
-                        event = await _next_event(queue, job, None if committed else deadline.remaining())
-                    except TimeoutError:
-                        if deadline.expire():
-                            raise deadline.error() from None
-                        committed = True  # the turn is being saved: its answer comes, whatever the clock
-                        continue
-                    if event is None:
-                        break
-                    delta = streamer.push(event[1]) if event[0] == "token" else ""
+                    if not pending:
+                        try:
+                            pending = await next_events(queue, None if committed else deadline.remaining())
+                        except TimeoutError:
+                            if deadline.expire():
+                                raise deadline.error() from None
+                            committed = True  # the turn is being saved: its answer comes, whatever the clock
+                            continue
+                    # The tokens that came since the last event: one delta (a loop that lags behind
+                    # the decode steps catches up in fewer, larger events).
+                    tokens = [event[1] for event in pending if event is not None and event[0] == "token"]
+                    delta = streamer.push(*tokens) if tokens else ""
                     if delta:
                         yield chunk({"content": delta})
+                    if None in pending:
+                        break
+                    pending = []
                 result: TurnResult = job.result()
                 rest = streamer.finish(result.text)
                 if rest:

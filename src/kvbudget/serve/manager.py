@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -44,7 +45,7 @@ from ..compress import Policy
 from ..errors import KVBudgetError
 from ..methods import make_policy
 from ..runtime.answer import Turn
-from ..runtime.engine import Engine
+from ..runtime.engine import DECODE_PARTS, Engine
 from ..runtime.session import Session
 from ..runtime.turnsteps import TurnCancelled, TurnSteps
 from .config import ServeConfig
@@ -55,6 +56,8 @@ from .metrics import Metrics
 from .saved import SavedSessions, Saving, not_found
 from .schema import APIError, ChatRequest
 from .worker import ModelThread
+
+log = logging.getLogger("kvbudget.serve")
 
 # Called on the model thread: ("ready", None) once a request passed every check, then
 # ("token", id) for each generated token.
@@ -200,6 +203,8 @@ class SessionManager:
                            self.engine.slot_bytes),
             "saves_in_flight": ("session files being written (their turns are answered once written)",
                                 len(self.saving)),
+            **{f"decode_{part}_seconds": (f"part of decode_step_seconds: {DECODE_PARTS[part]}", seconds)
+               for part, seconds in list(self.engine.decode_parts.items())},
         }
 
     # --- the decode slots under the memory bound (model thread) -------------------------------
@@ -373,6 +378,10 @@ class SessionManager:
             self.saved.check_limits(job.owner, new_session=False)
         else:
             session = Session(self.model, self.tok, policy, block_size=self.config.block_size)
+        # The turn's reservation (`Footprint.need`) holds the snapshot a decode-time compression
+        # takes on the device: it stays there (a copy on the device, not a transfer each way
+        # through pinned host memory).
+        session.cache.host_snapshots = False
         try:
             new_tokens = session.new_tokens(req.messages)
         except KVBudgetError as exc:
@@ -420,6 +429,11 @@ class SessionManager:
                                    "was after its last saved turn (retry later, or run the server with a lower "
                                    "--memory)", code="device_memory_exhausted",
                                    headers={"Retry-After": "30"}) from None
+                if not isinstance(turn.error, (APIError, KVBudgetError, TurnCancelled)):
+                    log.error("a turn failed", exc_info=turn.error)
+                    self.metrics.count("internal_errors")
+                    raise APIError(500, f"internal error ({type(turn.error).__name__}); the server logged it; the "
+                                   "session is kept as it was after its last saved turn", "internal_error") from None
                 raise turn.error
             if job.deadline is not None:
                 job.deadline.commit()

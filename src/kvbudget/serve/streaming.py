@@ -1,9 +1,52 @@
-"""Streaming a reply: token ids become text deltas whose concatenation is the final answer, sent
-as OpenAI-style server-sent events."""
+"""Streaming a reply: the model thread's events reach the request's queue on the event loop in
+batches (`Outbox`, `next_events`), token ids become text deltas whose concatenation is the final
+answer (`TextStreamer`), sent as OpenAI-style server-sent events (`sse`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+
+
+class Outbox:
+    """Events sent from the model thread to requests' queues on the event loop, delivered in
+    batches: the loop is woken once for every event that comes before it runs the delivery (a
+    batched decode step's tokens for every stream: one wake-up, not one per stream and token)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: object) -> None:
+        """Queue ``event`` for ``queue``, which ``loop`` serves (from any thread)."""
+        with self._lock:
+            batch = self._pending.setdefault(loop, [])
+            batch.append((queue, event))
+            if len(batch) > 1:
+                return  # its delivery is scheduled already
+        try:
+            loop.call_soon_threadsafe(self._deliver, loop)
+        except RuntimeError:  # the loop is closed: nothing will read these
+            with self._lock:
+                self._pending.pop(loop, None)
+            raise
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            batch = self._pending.pop(loop, [])
+        for queue, event in batch:
+            queue.put_nowait(event)
+
+
+async def next_events(queue: asyncio.Queue, timeout: float | None) -> list:
+    """Every event in ``queue``, once there is at least one; TimeoutError after ``timeout``
+    seconds without any (None: no limit)."""
+    async with asyncio.timeout(timeout):
+        events = [await queue.get()]
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    return events
 
 
 class TextStreamer:
@@ -23,9 +66,9 @@ class TextStreamer:
         self.ids: list[int] = []
         self.sent = ""
 
-    def push(self, token_id: int) -> str:
-        """The new text that ``token_id`` makes certain ('' if none yet)."""
-        self.ids.append(token_id)
+    def push(self, *token_ids: int) -> str:
+        """The new text that ``token_ids`` (the next tokens) make certain ('' if none yet)."""
+        self.ids.extend(token_ids)
         text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
         if text.endswith("\ufffd"):
             return ""

@@ -9,12 +9,15 @@ one, and many turns are served at once without any lock around the sessions.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
 from ..runtime.engine import Engine
+
+log = logging.getLogger("kvbudget.serve")
 
 
 class ModelThread:
@@ -78,5 +81,9 @@ class ModelThread:
                         future.set_exception(exc)
             waiting = self.admit()
             if self.engine.busy:
-                self.engine.step()
+                try:
+                    self.engine.step()
+                except Exception as exc:  # outside any one turn (each turn's own errors end that turn)
+                    log.exception("an engine step failed: the turns in flight end with its error")
+                    self.engine.abort(exc)
                 self.after_step()

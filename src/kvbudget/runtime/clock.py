@@ -1,0 +1,16 @@
+"""Wall time of work queued on a device: on CUDA the clock stops once the queued work is done,
+so that a part of a step is charged its own GPU time, not the next part's wait for it."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def synced(start: float, device) -> float:
+    """Seconds since ``start`` (a `time.perf_counter` reading) once the work queued on
+    ``device`` is done."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
