@@ -194,9 +194,11 @@ def write_back_layers(statics: list, cache: BudgetedCache, n: int, seen: int, qu
     tokens' queries, for the scorer) when given."""
     if n == 0:
         return
-    new_pos = torch.arange(seen, seen + n, dtype=torch.int32)
+    new_pos: dict = {}  # per device, made there (a copy from the host would wait for the queued work)
     for i, (static, layer) in enumerate(zip(statics, cache.layers)):
-        static.write_back(layer, n, new_pos.to(layer.device))
+        if layer.device not in new_pos:
+            new_pos[layer.device] = torch.arange(seen, seen + n, dtype=torch.int32, device=layer.device)
+        static.write_back(layer, n, new_pos[layer.device])
         layer.seen += n
         layer.peak_entries = max(layer.peak_entries, layer.max_entries)
         if queries is not None:  # copied: the buffer is overwritten after the next reload

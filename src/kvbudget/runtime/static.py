@@ -311,10 +311,24 @@ def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots
     """Lay segments out head after head (each with room for ``slots`` more entries) and copy the
     padded ``keys``/``values`` ``[B, H, n, d]``' first ``lens`` entries of each head into them
     (and their ``positions`` [B, H, n], for a sliding-window layer)."""
-    lens = lens.to(static.keys.device, torch.long)
+    n, device = keys.shape[2], static.keys.device
+    if not lens.is_cuda and bool((lens == n).all()):
+        # Every head holds all n entries (a dense layer's lengths are known on the host): the
+        # copies need no mask, so nothing is read back from the device (a join or a reload fills
+        # every layer of a session, and each read would wait for the work queued before it).
+        heads = lens.numel()
+        starts = torch.arange(heads, device=device) * (static.width if static.dense else n + slots)
+        dest = (starts[:, None] + torch.arange(n, device=device)[None]).reshape(-1)
+        static.keys.index_copy_(0, dest, keys.reshape(-1, keys.shape[-1]).to(static.keys.dtype))
+        static.values.index_copy_(0, dest, values.reshape(-1, values.shape[-1]).to(static.values.dtype))
+        if static.kpos is not None:
+            static.kpos.index_copy_(0, dest, positions.reshape(-1).to(torch.int32))
+        static.starts.copy_(starts)
+        static.lens.fill_(n)
+        return
+    lens = lens.to(device, torch.long)
     sizes = torch.full_like(lens, static.width) if static.dense else lens + slots
     starts = torch.cumsum(sizes, 0) - sizes
-    n = keys.shape[2]
     offs = torch.arange(n, device=lens.device)
     valid = offs[None] < lens[:, None]
     dest = (starts[:, None] + offs[None])[valid]
