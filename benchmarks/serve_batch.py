@@ -345,14 +345,17 @@ def static_batch(args, levels: list[int]) -> Iterator[dict]:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Decode tokens/s, time to first token and inter-token latency (p50 solid, p99 dashed)
-    against N, per mode; transformers' generate_batch on the throughput panel where it ran."""
+    against N, per mode; the static batch and transformers' generate_batch on the throughput
+    panel where they ran."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 4))
     panels = fig.subplots(1, 3)
-    names = {"batch": "batched", "serial": "one at a time", "transformers-generate_batch": "transformers generate_batch"}
+    names = {"batch": "batched", "serial": "one at a time", "static-batch": "engine's static batch (no server)",
+             "transformers-generate_batch": "transformers generate_batch"}
     for mode, label in names.items():
-        mine = sorted((r for r in rows if r.get("mode") == mode and "tokens_per_s" in r), key=lambda r: r["sessions"])
+        mine = sorted((r for r in rows if r.get("mode") == mode and r.get("tokens_per_s") is not None),
+                      key=lambda r: r["sessions"])
         if not mine:
             continue
         n = [r["sessions"] for r in mine]
