@@ -8,9 +8,10 @@ import time
 import torch
 
 
-def synced(start: float, device) -> float:
+def synced(start: float, device, wait: bool = True) -> float:
     """Seconds since ``start`` (a `time.perf_counter` reading) once the work queued on
-    ``device`` is done."""
-    if torch.device(device).type == "cuda":
+    ``device`` is done (``wait=False``: now, where the caller queued nothing worth waiting for;
+    a wait costs a host-device round trip and lets other threads take the interpreter lock)."""
+    if wait and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -57,8 +57,9 @@ from .turnsteps import TurnSteps
 PREFILL_TOKENS = 256
 # Turns in flight at once (decoding together).
 MAX_BATCH = 64
-# The parts of a decode step timed in `Engine.decode_parts` (on CUDA each part waits for its own
-# GPU work, so that a part is not charged the next one's wait).
+# The parts of a decode step timed in `Engine.decode_parts`. On CUDA a part that queued heavy work
+# (an answer leaving its slot, a turn joining one, a compression) waits for it, so that the next
+# part is not charged for it; steps without any wait only in the forward's host read.
 DECODE_PARTS = {
     "choose": "choosing each turn's token (answers that end leave their slots here)",
     "join": "turns taking decode slots (growths included)",
@@ -281,7 +282,7 @@ class Engine:
         """One batched decode step of every decoding turn; False if none decoded."""
         parts, device = self.decode_parts, self.model.device
         start = time.perf_counter()
-        rows, tokens = [], []
+        rows, tokens, ended = [], [], False
         for turn in self.running:
             if turn.phase != "decode":
                 continue
@@ -289,17 +290,19 @@ class Engine:
             if token is not None and not turn.done:
                 rows.append(turn)
                 tokens.append(token)
-        parts["choose"] += synced(start, device)
+            else:
+                ended = True  # its answer ended: it left its slot
+        parts["choose"] += synced(start, device, wait=ended)
         if not rows:
             return False
         if self.static:
             start = time.perf_counter()
-            for turn in rows:
-                if turn.row is None and not turn.eager:
-                    self._guarded(turn, self._join, turn)
+            joining = [turn for turn in rows if turn.row is None and not turn.eager]
+            for turn in joining:
+                self._guarded(turn, self._join, turn)
             tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
             rows = [turn for turn in rows if not turn.done]
-            parts["join"] += synced(start, device)
+            parts["join"] += synced(start, device, wait=bool(joining))
             if not rows:
                 return False
         groups: dict[SlotBatch, list[tuple[TurnSteps, int]]] = {}
@@ -359,9 +362,8 @@ class Engine:
             return
         parts["forward"] += time.perf_counter() - start  # the host read waited for the forward
         start = time.perf_counter()
-        for i, (turn, _) in enumerate(group):
-            self._guarded(turn, turn.fed, logits[i : i + 1], tops[i])
-        parts["compress"] += synced(start, device)
+        compressed = [self._guarded(turn, turn.fed, logits[i : i + 1], tops[i]) for i, (turn, _) in enumerate(group)]
+        parts["compress"] += synced(start, device, wait=any(compressed))
 
     def _forward(self, group: list[tuple[TurnSteps, Block]], forward: Callable[[], Tensor]) -> None:
         """Run one forward for ``group``'s blocks and hand each turn the logits of its block's

@@ -136,21 +136,23 @@ class TurnSteps:
             self._end_decoding()
         return token
 
-    def fed(self, logits: Tensor, top: int | None = None) -> None:
+    def fed(self, logits: Tensor, top: int | None = None) -> bool:
         """The next-token logits [1, vocab] of the step that fed `next_token`'s token (``top``:
         their most likely token, if the engine read it for the whole batch); the cache is
-        compressed when the policy's interval is due."""
+        compressed when the policy's interval is due. Whether it was."""
         self._decoding.fed(logits, top)
-        if self._decoding.compress_due():
-            cache = self.session.cache
-            # While decoding, entries are only appended between two compressions: the cache holds
-            # the most just before one, or when the answer ends (`_end_decoding`).
-            cache.track_peak()
-            if self.row is not None:
-                self.row.write_back()
-            compress(cache, self.session.policy)
-            if self.row is not None and not self.row.reload():
-                self.row, self.eager = None, True  # what it keeps no longer fits its slot: it goes on eagerly
+        if not self._decoding.compress_due():
+            return False
+        cache = self.session.cache
+        # While decoding, entries are only appended between two compressions: the cache holds
+        # the most just before one, or when the answer ends (`_end_decoding`).
+        cache.track_peak()
+        if self.row is not None:
+            self.row.write_back()
+        compress(cache, self.session.policy)
+        if self.row is not None and not self.row.reload():
+            self.row, self.eager = None, True  # what it keeps no longer fits its slot: it goes on eagerly
+        return True
 
     def fail(self, error: BaseException) -> None:
         """End the turn with ``error``: a decoding's scratch entries are rolled back; the session
