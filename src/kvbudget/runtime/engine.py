@@ -59,7 +59,7 @@ PREFILL_TOKENS = 256
 MAX_BATCH = 64
 # The parts of a decode step timed in `Engine.decode_parts`. On CUDA a part that queued heavy work
 # (an answer leaving its slot, a turn joining one, a compression) waits for it, so that the next
-# part is not charged for it; steps without any wait only in the forward's host read.
+# part is not charged for it; a step without such work waits only in the forward's host read.
 DECODE_PARTS = {
     "choose": "choosing each turn's token (answers that end leave their slots here)",
     "join": "turns taking decode slots (growths included)",
