@@ -302,7 +302,9 @@ def anchor(args, messages: list[str]) -> Iterator[dict]:
                                  continuous_batching_config=batching(pages))
             break
         except MemoryError:
-            pages = int(pages * 0.95)
+            if pages == 1:
+                raise
+            pages = max(1, int(pages * 0.95))
     per_conv = args.context + args.message_tokens * 2 + args.max_tokens
     fit = max(1, pages * 256 // per_conv)
     context = text_of(tok, args.context, 0)
