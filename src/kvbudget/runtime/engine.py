@@ -292,9 +292,10 @@ class Engine:
                 tokens.append(token)
             else:
                 ended = True  # its answer ended: it left its slot
-        parts["choose"] += synced(start, device, wait=ended)
+        choose = synced(start, device, wait=ended)
         if not rows:
-            return False
+            return False  # not a decode step: its time is not counted (`decode_seconds` neither)
+        join = 0.0
         if self.static:
             start = time.perf_counter()
             joining = [turn for turn in rows if turn.row is None and not turn.eager]
@@ -302,9 +303,11 @@ class Engine:
                 self._guarded(turn, self._join, turn)
             tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
             rows = [turn for turn in rows if not turn.done]
-            parts["join"] += synced(start, device, wait=bool(joining))
+            join = synced(start, device, wait=bool(joining))
             if not rows:
                 return False
+        parts["choose"] += choose
+        parts["join"] += join
         groups: dict[SlotBatch, list[tuple[TurnSteps, int]]] = {}
         eager = []
         for turn, token in zip(rows, tokens):
