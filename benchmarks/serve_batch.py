@@ -15,6 +15,12 @@ time: what the batch decodes while it decodes), where those steps' time goes (ch
 joining slots, the forwards, decode-time compressions; graph captures and slot growths within
 them) and the wall time spent feeding prompts and answers.
 
+Mode ``engine`` is the batching engine alone, in this process, on the same load: N sessions
+forked from one seeded conversation (their snapshots on the device, as under the server), the
+clients' turns submitted together, round by round, and `Engine.run`: no HTTP, no streaming, no
+session files. Its tokens/s against the server's is what serving costs; its decode parts against
+the static batch's are what scheduling and decode-time compression cost.
+
 Mode ``static-batch`` (GPU) is the engine's own ceiling at the same N: one `StaticDecoder` over
 N sequences holding ``--budget`` + one message of entries per head (random K/V), one CUDA graph
 replay per token, no server, no scheduling (`gpu_bench.try_batch`): the server's batched decode
@@ -323,6 +329,44 @@ def anchor(args, messages: list[str]) -> Iterator[dict]:
                "tokens_per_s": round(tokens / wall, 2), "note": "the prefill of every whole conversation included"}
 
 
+def engine_levels(args, messages: list[str]) -> Iterator[dict]:
+    """The batching engine alone at each N (mode ``engine``): ``args.turns`` rounds of N turns
+    submitted together, each round run to its end."""
+    import torch
+
+    import kvbudget as kb
+
+    model, tok = build_model(args.model, args.device)
+    seed = kb.Session(model, tok, kb.policy(args.policy, budget=args.budget), block_size=args.block_size)
+    seed.add_context([{"role": "user", "content": text_of(tok, args.context, 0)},
+                      {"role": "assistant", "content": "Noted."}])
+    for n in args.levels:
+        sessions = [seed.fork() for _ in range(n)]
+        for session in sessions:
+            session.cache.host_snapshots = False  # as under the server (`serve.manager`)
+        engine = kb.Engine(model, tok, max_batch=args.max_batch, decode=args.decode,
+                           **({} if args.prefill_tokens is None else {"prefill_tokens": args.prefill_tokens}))
+        start, tokens = time.perf_counter(), 0
+        for t in range(args.turns):
+            turns = [engine.submit(s, messages[(i + t) % len(messages)], args.max_tokens) for i, s in enumerate(sessions)]
+            engine.run()
+            tokens += sum(len(turn.result().token_ids) for turn in turns)
+        wall = time.perf_counter() - start
+        counters = engine.slot_counters()
+        yield {"mode": "engine", "sessions": n, "wall_s": round(wall, 2), "decode_tokens": tokens,
+               "tokens_per_s": round(tokens / wall, 2),
+               "mean_batch": round(engine.decoded_tokens / engine.decode_steps, 2),
+               "decode_rate_tok_s": round(engine.decoded_tokens / engine.decode_seconds, 1),
+               "decode_step_s": round(engine.decode_seconds, 2), "feed_s": round(engine.feed_seconds, 2),
+               "graph_captures": int(counters["captures"]), "capture_s": round(counters["capture_seconds"], 2),
+               "regrow_s": round(counters["regrow_seconds"], 2),
+               **{f"{part}_s": round(seconds, 2) for part, seconds in engine.decode_parts.items()}}
+        del sessions, engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    del seed, model
+
+
 def static_batch(args, levels: list[int]) -> Iterator[dict]:
     """The engine's static-batch figure at each N: decode tokens/s of one `StaticDecoder` over N
     sequences of ``--budget`` + one message of entries per head (one graph replay per token)."""
@@ -353,7 +397,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig = Figure(figsize=(13, 4))
     panels = fig.subplots(1, 3)
-    names = {"batch": "batched", "serial": "one at a time", "static-batch": "engine's static batch (no server)",
+    names = {"batch": "batched", "serial": "one at a time", "engine": "the engine alone (no server)",
+             "static-batch": "engine's static batch (no server)",
              "transformers-generate_batch": "transformers generate_batch"}
     for mode, label in names.items():
         mine = sorted((r for r in rows if r.get("mode") == mode and r.get("tokens_per_s") is not None),
@@ -412,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=2, help="follow-up turns per conversation and level")
     p.add_argument("--sessions", default="1,4,16", help="comma list of concurrent conversations (N)")
     p.add_argument("--modes", default="batch,serial",
-                   help="batch, serial (--max-batch 1), static-batch (GPU: the engine's static batch), or none")
+                   help="batch, serial (--max-batch 1), engine (the engine alone, in process), static-batch (GPU: "
+                   "the engine's static batch), or none")
     p.add_argument("--decode", default="auto", help="the server's --decode (auto: graph slots on CUDA)")
     p.add_argument("--prefill-tokens", type=int, default=None, help="the server's --prefill-tokens (default: its own)")
     p.add_argument("--serial-sessions", default=None, help="levels of the serial mode (default: --sessions)")
@@ -449,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}, policy {args.policy}, budget {args.budget}, memory {args.memory}, context "
           f"{args.context}, {args.turns} turns of ~{args.message_tokens} tokens, max_tokens {args.max_tokens}", flush=True)
     modes = [m for m in args.modes.split(",") if m != "none"]
-    for mode in [m for m in modes if m not in ("none", "static-batch")]:
+    for mode in [m for m in modes if m not in ("none", "engine", "static-batch")]:
         levels = [int(x) for x in args.serial_sessions.split(",")] if mode == "serial" and args.serial_sessions \
             else args.levels
         with tempfile.TemporaryDirectory(prefix="kvbudget-batch-") as store:
@@ -463,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 proc.terminate()
                 proc.wait(120)
+    if "engine" in modes:  # after the servers, in this process
+        for row in engine_levels(args, messages):
+            rows.append({"model": args.model, "policy": args.policy, "budget": args.budget, "context": args.context,
+                         "max_tokens": args.max_tokens, **row})
+            emit(rows[-1])
     if "static-batch" in modes:  # after the servers: what it leaves on the GPU is not theirs to lose
         for row in static_batch(args, args.levels):
             rows.append(row)
@@ -479,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                "regrow_s": "regrow"}
     print(f"\n{'mode':>8} {'N':>4} " + " ".join(f"{title:>9}" for title in columns.values()))
     for r in rows:
-        if "ttft_p50_ms" in r:
+        if "mean_batch" in r:
             cells = ["-" if r.get(k) is None else r[k] for k in columns]
             print(f"{r['mode']:>8} {r['sessions']:>4} " + " ".join(f"{cell:>9}" for cell in cells))
     if args.out:
