@@ -13,7 +13,7 @@ from kvbudget.runtime.models import load_tokenizer
 from kvbudget.runtime.slots import SlotBatch
 
 from server_kit import tiny_model
-from test_engine import MIXED, QUESTIONS, _pairs, _same_cache
+from test_engine import MIXED, QUESTIONS, _pairs, _same_cache, _session
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +247,33 @@ def test_slots_that_cannot_grow_fail_their_turns_and_start_afresh(tiny, monkeypa
     second = [engine.submit(d.fork(), QUESTIONS[1], 6) for d in direct]
     engine.run()
     assert [t.result().token_ids for t in second] == alone
+
+
+@pytest.mark.parametrize("name, options, chars, n", [
+    ("snapkv", {"budget": 40, "decode_interval": 4}, 450, 9),  # evicting while decoding: written back, reloaded
+    ("h2o", {"budget": 40, "decode_interval": 4}, 250, 9),  # with per-entry state
+    ("streaming", {"budget": 32, "decode_interval": 4}, 300, 7),
+    ("full", {}, 150, 6),
+])
+def test_a_dense_session_in_a_slot_reads_nothing_back_but_its_first_token(tiny, name, options, chars, n):
+    """Joining a slot, decoding, compressing while decoding (write-back, compression, reload) and
+    leaving read nothing back from the device for a dense session: its sizes are known on the
+    host. The one read per turn is its first token, chosen from the prompt's logits (then one
+    read per step gives every row's token). On CUDA each read waits for the queued work."""
+    model, tok = tiny
+    session = _session(model, tok, name, options, chars)
+    engine = kb.Engine(model, tok, prefill_tokens=64, decode="static")
+    decode, reads = engine._decode, []
+
+    def watched() -> bool:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            decoded = decode()
+        reads.extend(e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::nonzero"))
+        return decoded
+
+    engine._decode = watched
+    for question in QUESTIONS:
+        turn = engine.submit(session, question, n)
+        engine.run()
+        assert not turn.eager and len(turn.result().token_ids) == n  # it decoded in a slot
+    assert reads == ["aten::_local_scalar_dense"] * len(QUESTIONS), reads

@@ -175,7 +175,7 @@ def _adaptive(policy: Policy, layers: list[BudgetedLayer], budgets: list[int], f
     if (ragged or len({layer.max_entries for layer in layers}) > 1) and not policy.scorer.stackable_padded:
         return False
     layers = sorted(layers, key=lambda layer: layer.max_entries)
-    sizes = [_sizes(layer) for layer in layers]
+    sizes = [layer.entries.head_sizes() for layer in layers]
     # Entries per head on the device: one copy from the host for every group.
     lens = row_values([[n for s in sizes for n in s]], 1, layers[0].keys.device)[0].view(len(layers), -1)
     chosen = [_choose(policy, layers[g], sizes[g], lens[g], budget, floor) for g in groups(layers, GROUP_BYTES)]
@@ -188,12 +188,6 @@ def _adaptive(policy: Policy, layers: list[BudgetedLayer], budgets: list[int], f
         _keep_chosen(policy, c, kept_lens[start:end], kept[start:end], budget)
         start = end
     return True
-
-
-def _sizes(layer: BudgetedLayer) -> tuple[int, ...]:
-    """Entries per head on the host."""
-    entries = layer.entries
-    return entries.sizes if isinstance(entries, RaggedEntries) else (entries.max_entries,) * entries.n_heads
 
 
 def _choose(policy: Policy, layers: list[BudgetedLayer], sizes: list[tuple[int, ...]], lens: Tensor, budget: int,

@@ -39,6 +39,9 @@ class DenseEntries(Entries):
     def lengths(self) -> Tensor:
         return torch.full((self.n_heads,), self.max_entries, dtype=torch.long)
 
+    def head_sizes(self) -> tuple[int, ...]:
+        return (self.max_entries,) * (self.keys.shape[0] * self.n_heads)
+
     def nbytes(self) -> int:
         return (self.keys.nbytes + self.values.nbytes + self.positions.nbytes
                 + sum(s.nbytes for s in self.state.values()))

@@ -48,6 +48,9 @@ class EncodedEntries(Entries):
     def lengths(self) -> Tensor:
         return torch.full((self.n_heads,), self.max_entries, dtype=torch.long)
 
+    def head_sizes(self) -> tuple[int, ...]:
+        return (self.max_entries,) * (self.keys.shape[0] * self.n_heads)
+
     def nbytes(self) -> int:
         total = self.keys.nbytes + self.values.nbytes + self.positions.nbytes
         total += sum(s.nbytes for s in self.state.values())

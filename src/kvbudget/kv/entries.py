@@ -96,6 +96,11 @@ class Entries:
         """Entries held per KV head, [H] (batch 0)."""
         raise NotImplementedError
 
+    def head_sizes(self) -> tuple[int, ...]:
+        """Entries held per (sequence, KV head), B*H of them, known on the host: what sizes a
+        buffer without reading lengths back from the device (which waits for the queued work)."""
+        raise NotImplementedError
+
     def nbytes(self) -> int:
         """Exact bytes held: keys, values, positions, state and whatever the layout adds."""
         raise NotImplementedError

@@ -147,6 +147,9 @@ class RaggedEntries(Entries):
     def lengths(self) -> Tensor:
         return self.head_lens.clone()
 
+    def head_sizes(self) -> tuple[int, ...]:
+        return self.sizes
+
     def nbytes(self) -> int:
         return (self.keys.nbytes + self.values.nbytes + self.positions.nbytes + self.head_lens.nbytes
                 + sum(s.nbytes for s in self.state.values()))

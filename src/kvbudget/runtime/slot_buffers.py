@@ -74,10 +74,10 @@ class FlatSlots:
     @staticmethod
     def need(layer: BudgetedLayer, capacity: int) -> tuple[int]:
         """The per-head width ``layer`` needs to decode ``capacity`` tokens in a slot."""
-        lens = layer.view().lengths.reshape(-1)
+        sizes = layer.entries.head_sizes()  # on the host: a join reads nothing back from the device
         if isinstance(layer.entries, RaggedEntries):
-            return (_up(-(-(int(lens.sum()) + lens.numel() * capacity) // lens.numel())),)
-        return (_up(int(lens.max()) + capacity),)
+            return (_up(-(-(sum(sizes) + len(sizes) * capacity) // len(sizes))),)
+        return (_up(max(sizes) + capacity),)
 
     def row(self, r: int, layer: BudgetedLayer) -> StaticLayer:
         """Slot ``r`` as the single-session static layer of ``layer``: views of its region."""

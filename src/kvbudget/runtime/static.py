@@ -37,9 +37,10 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..kv.body import at_start
+from ..kv.entries import LayerView
 from ..kv.layer import BudgetedLayer
 from ..kv.plan import Extras, set_plan
-from ..kv.ragged import RaggedEntries, padded_to_ragged
+from ..kv.ragged import RaggedEntries, padded_to_ragged, true_indices
 from . import fusion
 
 _local = threading.local()
@@ -191,8 +192,8 @@ class StaticLayer(CacheLayerMixin):
     def build(cls, layer: BudgetedLayer, capacity: int) -> "StaticLayer":
         """Buffers for ``layer``'s entries with room for ``capacity`` decoded tokens per head."""
         view = layer.view()
-        lens = view.lengths.reshape(-1)  # [B*H]
-        size = int(lens.sum()) + lens.numel() * capacity
+        sizes = layer.entries.head_sizes()  # [B*H] on the host
+        size = sum(sizes) + len(sizes) * capacity
         # Zeroed, not empty: padded SDPA multiplies the unused slots by a mask, and stale
         # memory there can hold NaN/inf bit patterns (NaN * 0 is NaN).
         keys = view.keys.new_zeros(size, view.keys.shape[-1])
@@ -200,10 +201,12 @@ class StaticLayer(CacheLayerMixin):
         # Dense layers: every head holds the same count, so the longest segment is bounded
         # by it; ragged ones may be laid out again differently, bounded only by the total.
         dense = not isinstance(layer.entries, RaggedEntries)
-        bound = int(lens.max()) + capacity if dense else size
-        static = cls(keys, values, torch.zeros_like(lens), lens.to(torch.int32), bound, dense=dense, window=layer.window)
-        _fill(static, view.keys, view.values, lens, capacity, view.positions)
-        static.lend(layer, int(lens.max()))
+        bound = max(sizes) + capacity if dense else size
+        heads = len(sizes)
+        static = cls(keys, values, torch.zeros(heads, dtype=torch.long, device=keys.device),
+                     torch.zeros(heads, dtype=torch.int32, device=keys.device), bound, dense=dense, window=layer.window)
+        _fill(static, view, sizes, capacity)
+        static.lend(layer, max(sizes))
         return static
 
     def load(self, layer: BudgetedLayer, room: int) -> None:
@@ -220,14 +223,14 @@ class StaticLayer(CacheLayerMixin):
             self.lend(layer, held)
             return
         view = layer.view()
-        lens = view.lengths.reshape(-1)
-        if (self.dense and isinstance(layer.entries, RaggedEntries)) or int(lens.max()) + room > self.width or (
-            int(lens.sum()) + lens.numel() * room > self.keys.shape[0]
+        sizes = layer.entries.head_sizes()
+        if (self.dense and isinstance(layer.entries, RaggedEntries)) or max(sizes) + room > self.width or (
+            sum(sizes) + len(sizes) * room > self.keys.shape[0]
         ):
             raise UnsupportedStatic("the compressed cache no longer fits the static buffers")
         keys, values = (t.clone() if shares(t, self.keys) or shares(t, self.values) else t for t in (view.keys, view.values))
-        _fill(self, keys, values, lens, room, view.positions)
-        self.lend(layer, int(lens.max()))
+        _fill(self, replace(view, keys=keys, values=values), sizes, room)
+        self.lend(layer, max(sizes))
 
     def lend(self, layer: BudgetedLayer, held: int) -> None:
         """Dense layers: ``layer``'s keys / values become views of the buffers' first ``held``
@@ -307,16 +310,17 @@ class UnsupportedStatic(Exception):
     """The cache or model cannot be decoded with static buffers (the caller decodes eagerly)."""
 
 
-def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots: int, positions: Tensor) -> None:
+def _fill(static: StaticLayer, view: LayerView, sizes: tuple[int, ...], slots: int) -> None:
     """Lay segments out head after head (each with room for ``slots`` more entries) and copy the
-    padded ``keys``/``values`` ``[B, H, n, d]``' first ``lens`` entries of each head into them
-    (and their ``positions`` [B, H, n], for a sliding-window layer)."""
+    padded ``view``'s first ``sizes[i]`` entries of each (sequence, head) into them (and their
+    positions, for a sliding-window layer)."""
+    keys, values, positions = view.keys, view.values, view.positions
     n, device = keys.shape[2], static.keys.device
-    if not lens.is_cuda and bool((lens == n).all()):
-        # Every head holds all n entries (a dense layer's lengths are known on the host): the
-        # copies need no mask, so nothing is read back from the device (a join or a reload fills
-        # every layer of a session, and each read would wait for the work queued before it).
-        heads = lens.numel()
+    if all(size == n for size in sizes):
+        # Every head holds all n entries (dense; the sizes are known on the host): the copies
+        # need no mask, so nothing is read back from the device (a join or a reload fills every
+        # layer of a session, and each read would wait for the work queued before it).
+        heads = len(sizes)
         starts = torch.arange(heads, device=device) * (static.width if static.dense else n + slots)
         dest = (starts[:, None] + torch.arange(n, device=device)[None]).reshape(-1)
         static.keys.index_copy_(0, dest, keys.reshape(-1, keys.shape[-1]).to(static.keys.dtype))
@@ -326,15 +330,16 @@ def _fill(static: StaticLayer, keys: Tensor, values: Tensor, lens: Tensor, slots
         static.starts.copy_(starts)
         static.lens.fill_(n)
         return
-    lens = lens.to(device, torch.long)
-    sizes = torch.full_like(lens, static.width) if static.dense else lens + slots
-    starts = torch.cumsum(sizes, 0) - sizes
+    lens = view.lengths.reshape(-1).to(device, torch.long)
+    widths = torch.full_like(lens, static.width) if static.dense else lens + slots
+    starts = torch.cumsum(widths, 0) - widths
     offs = torch.arange(n, device=lens.device)
-    valid = offs[None] < lens[:, None]
-    dest = (starts[:, None] + offs[None])[valid]
-    static.keys.index_copy_(0, dest, keys.reshape(-1, n, keys.shape[-1])[valid].to(static.keys.dtype))
-    static.values.index_copy_(0, dest, values.reshape(-1, n, values.shape[-1])[valid].to(static.values.dtype))
+    # The held entries' rows in the padded view, their number known on the host (no read back).
+    rows = true_indices((offs[None] < lens[:, None]).flatten(), sum(sizes))
+    dest = (starts[:, None] + offs[None]).reshape(-1)[rows]
+    static.keys.index_copy_(0, dest, keys.reshape(-1, keys.shape[-1])[rows].to(static.keys.dtype))
+    static.values.index_copy_(0, dest, values.reshape(-1, values.shape[-1])[rows].to(static.values.dtype))
     if static.kpos is not None:
-        static.kpos.index_copy_(0, dest, positions.reshape(-1, n)[valid].to(torch.int32))
+        static.kpos.index_copy_(0, dest, positions.reshape(-1)[rows].to(torch.int32))
     static.starts.copy_(starts)
     static.lens.copy_(lens.to(torch.int32))
