@@ -11,7 +11,8 @@ Loading checks the file before building anything: a truncated file, a corrupt on
 with another model (a hash of its config and of a few embedding rows) raise `SessionFileError`.
 Saving writes a temp file and renames it over the target (`fileio.atomic_open`), so a failure or
 a kill mid-write leaves the previous file as it was. Tensors are copied to the CPU when saved
-and moved to the model's device when loaded.
+and to the model's device when loaded, on a GPU through a copy stream of the calling thread
+(`transfer.copy_to_device`, `copy_to_host`): a server's I/O threads copy beside the model's work.
 
 Files are read and written here rather than by `safetensors.torch.load` / ``save`` (the layout
 is the safetensors one, tensors ordered as safetensors orders them, and safetensors reads the
@@ -43,6 +44,7 @@ from ..kv.encoded import EncodedEntries
 from ..kv.layer import BudgetedLayer
 from ..kv.ragged import RaggedEntries
 from ..methods import make_policy
+from ..transfer import copy_to_device, copy_to_host
 from .prefill import PrefillStats
 
 FORMAT = "kvbudget-session"
@@ -98,11 +100,6 @@ def check_model(meta: dict, model, path: Path) -> None:
 
 
 # --- tensors <-> layers -----------------------------------------------------------------------
-def to_cpu(t: Tensor) -> Tensor:
-    # On the CPU, a copy of its own: what is hashed is what is written, whatever the session does meanwhile.
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
 def _bytes(t: Tensor):
     """The bytes of a contiguous CPU tensor, without a copy (a buffer the hash and the file
     write read with the interpreter lock released)."""
@@ -221,7 +218,8 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) 
     (completed with the format, version and checksum) to ``path`` atomically (temp file +
     rename); returns the bytes written. The previous file at ``path``, if any, stays intact
     until the new one is complete."""
-    tensors = {name: to_cpu(t) for name, t in tensors.items()}
+    # Copies of its own on the host: what is hashed is what is written, whatever the session does meanwhile.
+    tensors = copy_to_host(tensors)
     meta = {"format": FORMAT, "version": VERSION, **meta, "checksum": _checksum(tensors)}
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))  # aligned, as safetensors
     header: dict = {}
@@ -339,7 +337,8 @@ def read_session_file(path: str | os.PathLike, device: torch.device | str = "cpu
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            data = torch.empty(size, dtype=torch.uint8)
+            # Pinned for a GPU: the copies to it then run beside the model's work (`copy_to_device`).
+            data = torch.empty(size, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
             view, got = memoryview(data.numpy()), 0
             while got < size and (n := f.readinto(view[got:])):
                 got += n
@@ -357,4 +356,4 @@ def read_session_file(path: str | os.PathLike, device: torch.device | str = "cpu
         raise SessionFileError(f"{path}: corrupt session file (tensor {name!r}: {exc!r})") from None
     if _checksum(tensors) != meta.get("checksum"):
         raise SessionFileError(f"{path}: corrupt session file (tensor data does not match its checksum)")
-    return {k: v.to(device, copy=True) for k, v in tensors.items()}, meta  # (copies: the file's buffer goes)
+    return copy_to_device(tensors, device), meta  # (copies: the file's buffer goes)
