@@ -13,7 +13,8 @@ first (their sessions resident; the first turn reads each session's file). From 
 /metrics: the mean decode batch, its decode rate (tokens of the batched decode steps / their wall
 time: what the batch decodes while it decodes), where those steps' time goes (choosing tokens,
 joining slots, the forwards, decode-time compressions; graph captures and slot growths within
-them) and the wall time spent feeding prompts and answers.
+them), the wall time spent feeding prompts and answers, and the session files read and written
+(count, and the I/O threads' seconds).
 
 Mode ``engine`` is the batching engine alone, in this process, on the same load: N sessions
 forked from one seeded conversation (their snapshots on the device, as under the server), the
@@ -246,6 +247,8 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     delta = {name: after[f"kvbudget_{name}"] - before[f"kvbudget_{name}"]
              for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds",
                           "graph_captures", "graph_capture_seconds", "slot_regrow_seconds",
+                          "session_loads_total", "session_load_seconds_total", "session_saves_total",
+                          "session_save_seconds_total",
                           *(f"decode_{part}_seconds" for part in PARTS))}
     steps, batched = delta["decode_steps"], delta["decode_batch_tokens"]
 
@@ -262,6 +265,8 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "decode_step_s": round(delta["decode_step_seconds"], 2), "feed_s": round(delta["feed_seconds"], 2),
             "graph_captures": int(delta["graph_captures"]), "capture_s": round(delta["graph_capture_seconds"], 2),
             "regrow_s": round(delta["slot_regrow_seconds"], 2),
+            "loads": int(delta["session_loads_total"]), "load_s": round(delta["session_load_seconds_total"], 2),
+            "saves": int(delta["session_saves_total"]), "save_s": round(delta["session_save_seconds_total"], 2),
             **{f"{part}_s": round(delta[f"decode_{part}_seconds"], 2) for part in PARTS},
             "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
             "first_error": errors[0] if errors else None}

@@ -132,7 +132,9 @@ def test_restart_between_turns_continues_from_disk(start, reference, tmp_path):
         response = server.chat(sid, question, stream=i == 1)
         got = _streamed(response)[0] if i == 1 else _answer(response)
         assert got == answers[i], f"turn {i + 1} after a restart"
-        assert server.metrics()["kvbudget_session_loads_total"] == 1
+        metrics = server.metrics()
+        assert metrics["kvbudget_session_loads_total"] == 1 and metrics["kvbudget_session_load_seconds_total"] > 0
+        assert metrics["kvbudget_session_saves_total"] == 1 and metrics["kvbudget_session_save_seconds_total"] > 0
         server.stop()
     server = start(store)
     info = server.client.get(f"/v1/sessions/{sid}").json()

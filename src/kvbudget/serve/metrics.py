@@ -42,6 +42,7 @@ class Metrics:
             "loads": 0,  # sessions read back from disk
             "saves": 0,
             "save_seconds": 0.0,
+            "load_seconds": 0.0,
             "prompt_tokens": 0,
             "generated_tokens": 0,
             "decode_seconds": 0.0,
@@ -106,6 +107,8 @@ class Metrics:
             metric("kvbudget_session_saves_total", "counter", "session files written", [("", c["saves"])])
             metric("kvbudget_session_save_seconds_total", "counter", "time spent writing session files",
                    [("", c["save_seconds"])])
+            metric("kvbudget_session_load_seconds_total", "counter",
+                   "time spent reading session files (checked, and copied to the model's device)", [("", c["load_seconds"])])
             metric("kvbudget_prompt_tokens_total", "counter", "tokens fed to the model from requests",
                    [("", c["prompt_tokens"])])
             metric("kvbudget_generated_tokens_total", "counter", "tokens generated", [("", c["generated_tokens"])])

@@ -123,7 +123,14 @@ class SavedSessions:
     # --- files, read and written on the I/O threads ------------------------------------------
     def read_later(self, owner: str, session_id: str, device: torch.device | str) -> Future:
         """Start reading the session's file to ``device`` on an I/O thread; `restore` continues it."""
-        return self.io.submit(self.store.read, owner, session_id, device)
+        return self.io.submit(self._read, owner, session_id, device)
+
+    def _read(self, owner: str, session_id: str, device: torch.device | str) -> tuple[dict, dict]:
+        start = time.perf_counter()
+        try:
+            return self.store.read(owner, session_id, device)
+        finally:
+            self.metrics.count("load_seconds", time.perf_counter() - start)
 
     def restore(self, owner: str, session_id: str, reading: Future, model, tok) -> Session:
         """The session `read_later` read (waiting for it if it is not done), continued with
