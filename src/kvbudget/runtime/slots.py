@@ -46,7 +46,7 @@ from .clock import synced
 from .decoder import supports, warmup_stream, write_back_layers
 from .modelcall import run
 from .slot_buffers import FlatSlots, StoreSlots, buffer_bytes, slots_for
-from .static import UnsupportedStatic
+from .static import StaticLayer, UnsupportedStatic
 
 
 def layout(cache: BudgetedCache) -> tuple:
@@ -95,10 +95,16 @@ class SlotRow:
     def fill_layer(self, i: int) -> None:
         """Copy layer ``i`` of the cache into the slot (the layer then borrows views of it)."""
         buf, layer = self.batch.buffers[i], self.cache.layers[i]
-        if self.statics[i] is None:
+        placed = self.statics[i] is not None
+        if not placed:
             self.statics[i] = buf.row(self.slot, layer)
-        self.statics[i].load(layer, self.room)
-        buf.placed(self.slot, self.statics[i])
+        static = self.statics[i]
+        static.load(layer, self.room)
+        # The batch reads where the row's segments start: set when the row is placed, and again
+        # after a reload only where it lays them out anew (ragged segments, sized by what each
+        # head kept; dense segments start a whole width apart, always at the same places).
+        if not placed or (isinstance(static, StaticLayer) and not static.dense):
+            buf.placed(self.slot, static)
 
     def settle(self) -> None:
         """After every layer is in the slot: its position and query counter restart from the cache."""
