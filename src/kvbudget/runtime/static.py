@@ -321,13 +321,13 @@ def _fill(static: StaticLayer, view: LayerView, sizes: tuple[int, ...], slots: i
         # need no mask, so nothing is read back from the device (a join or a reload fills every
         # layer of a session, and each read would wait for the work queued before it).
         heads = len(sizes)
-        starts = torch.arange(heads, device=device) * (static.width if static.dense else n + slots)
-        dest = (starts[:, None] + torch.arange(n, device=device)[None]).reshape(-1)
-        static.keys.index_copy_(0, dest, keys.reshape(-1, keys.shape[-1]).to(static.keys.dtype))
-        static.values.index_copy_(0, dest, values.reshape(-1, values.shape[-1]).to(static.values.dtype))
-        if static.kpos is not None:
-            static.kpos.index_copy_(0, dest, positions.reshape(-1).to(torch.int32))
-        static.starts.copy_(starts)
+        width = static.width if static.dense else n + slots
+        # Head h's segment starts at h * width: the buffers seen as [heads, width, ...] take the
+        # entries in one strided copy each.
+        for buf, src in ((static.keys, keys), (static.values, values), (static.kpos, positions)):
+            if buf is not None:
+                buf[: heads * width].view(heads, width, *buf.shape[1:])[:, :n].copy_(src.reshape(heads, n, *buf.shape[1:]))
+        static.starts.copy_(torch.arange(heads, device=device) * width)
         static.lens.fill_(n)
         return
     lens = view.lengths.reshape(-1).to(device, torch.long)
