@@ -71,7 +71,7 @@ def copy_to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
             side.wait_stream(torch.cuda.current_stream(t.device))
             sides.append(side)
         with torch.cuda.stream(side):
-            out[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            out[name] = host_copy(t)
     for side in sides:
         side.synchronize()
     return out
