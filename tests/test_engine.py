@@ -60,6 +60,8 @@ def _pairs(model, tok, specs, block_size=32):
 def _same_cache(a, b) -> None:
     assert a.get_seq_length() == b.get_seq_length()
     assert a.nbytes() == b.nbytes()
+    assert a.peak_bytes == b.peak_bytes
+    assert [layer.peak_entries for layer in a.layers] == [layer.peak_entries for layer in b.layers]
     for la, lb in zip(a.layers, b.layers):
         va, vb = la.view(), lb.view()
         assert torch.equal(va.positions, vb.positions)

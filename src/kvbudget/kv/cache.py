@@ -279,11 +279,19 @@ class BudgetedCache(Cache):
         return self.host_snapshots and any(layer.is_initialized and layer.device.type == "cuda"
                                            for layer in self.layers)
 
-    def track_peak(self) -> int:
-        """Record the bytes held now in ``peak_bytes`` (call after each forward, before eviction)."""
+    def track_peak(self, extra: int = 0) -> int:
+        """Record the bytes held now in ``peak_bytes`` (call after each forward, before eviction);
+        ``extra``: bytes held for the cache beyond its layers' entries (tokens decoded in a static
+        decoder's buffers and never written back). Returns the layers' bytes."""
         held = self.nbytes()
-        self.peak_bytes = max(self.peak_bytes, held + self._snapshot_bytes)
+        self.peak_bytes = max(self.peak_bytes, held + extra + self._snapshot_bytes)
         return held
+
+    @property
+    def snapshotted(self) -> bool:
+        """Whether the innermost `scratch` block took a snapshot (its end puts it back, whatever
+        the layers hold then)."""
+        return bool(self._scratch) and self._scratch[-1] is not None
 
     @contextmanager
     def transient(self) -> Iterator[None]:

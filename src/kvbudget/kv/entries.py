@@ -76,6 +76,8 @@ class Entries:
     """The protocol of a storage layout (see the module docstring). Fields are tensors or dicts
     of tensors, so moving them (`apply`) is generic."""
 
+    keys: Tensor
+    values: Tensor
     positions: Tensor
     state: dict[str, Tensor]
 
@@ -104,6 +106,14 @@ class Entries:
     def nbytes(self) -> int:
         """Exact bytes held: keys, values, positions, state and whatever the layout adds."""
         raise NotImplementedError
+
+    def token_bytes(self) -> int:
+        """Bytes one more token adds: an entry (key, value, position, state) in every (sequence,
+        KV head); a store's tail takes new tokens at full precision."""
+        keys, values = self.keys, self.values
+        entry = (keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+                 + self.positions.element_size() + sum(s.element_size() for s in self.state.values()))
+        return len(self.head_sizes()) * entry
 
     def view(self) -> LayerView:
         raise NotImplementedError

@@ -70,6 +70,7 @@ class FlatSlots:
         self.live = torch.zeros(slots * self.heads, dtype=torch.int32, device=device)
         self.kpos = None if self.window is None else torch.zeros(size, dtype=torch.int32, device=device)
         self.ragged = False  # a ragged session was loaded: any segment may span its whole region
+        self.moved: set[int] = set()  # slots whose segments a ragged row laid out away from their own starts
 
     @staticmethod
     def need(layer: BudgetedLayer, capacity: int) -> tuple[int]:
@@ -94,12 +95,17 @@ class FlatSlots:
         """After ``row`` (slot ``r``) laid its segments out: the batch reads them at absolute starts."""
         self.starts[r * self.heads : (r + 1) * self.heads].copy_(row.starts + r * self.region)
         self.live[r * self.heads : (r + 1) * self.heads] = 1
+        if not row.dense:
+            self.moved.add(r)
 
     def free(self, r: int) -> None:
+        """Slot ``r`` holds nothing (its lengths 0) and its segments start at their own places again."""
         h = self.heads
         self.live[r * h : (r + 1) * h] = 0
         self.lens[r * h : (r + 1) * h] = 0
-        self.starts[r * h : (r + 1) * h] = torch.arange(h, device=self.starts.device) * self.width + r * self.region
+        if r in self.moved:  # a dense row's segments start where the buffers were made to start them
+            self.moved.discard(r)
+            self.starts[r * h : (r + 1) * h] = torch.arange(h, device=self.starts.device) * self.width + r * self.region
 
     def bucket(self, c: int) -> SlotLayer:
         """The batch's layer over the first ``c`` slots (views: every bucket shares the buffers)."""

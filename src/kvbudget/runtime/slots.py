@@ -12,9 +12,11 @@ CPU the same forward runs eagerly, so every slot operation is the same on both.
 * A session **joins** (`join`) by copying its own cache into a free slot (its dense layers then
   borrow views of the slot, as with `StaticDecoder`: nothing is held twice); the others' slots are
   untouched. The slot's position is its cache's next position.
-* It **leaves** (`SlotRow.write_back`, then `SlotRow.release`) when its answer ends: the decoded
-  entries go back to its own `BudgetedCache`, its layers get their own copies and the slot is
-  freed (masked: length 0, its logits ignored).
+* It **leaves** (`SlotRow.discard`) when its answer ends: the turn rolls the decoded entries back
+  (the answer is fed again as text), so they are only counted in the cache's peaks, not written
+  back; its layers get their own copies of what they held at the last (re)load, unless the
+  rollback puts back a snapshot taken at a decode-time compression, and the slot is freed
+  (masked: length 0, its logits ignored).
 * **Decode-time compression** of one session: `SlotRow.write_back`, the policy compresses the
   session's cache as it would alone, `SlotRow.reload` copies what it kept into the same slot.
 * **Growth**: more sessions than slots, or a session needing wider segments than the buffers
@@ -131,6 +133,24 @@ class SlotRow:
             self.release()
             return False
         return True
+
+    def discard(self, keep: bool = True) -> None:
+        """End of an answer that its turn rolls back (`BudgetedCache.scratch`): the tokens decoded
+        since the last (re)load are not written back, only counted in the cache's peaks as
+        `write_back` would hold them, and the slot is freed. ``keep``: the cache's layers get
+        their own copies of what they held at that (re)load (`release`); without it they keep
+        views of the freed slot, for a rollback that puts a snapshot back over them right after
+        (`BudgetedCache.snapshotted`)."""
+        n, cache = self.steps, self.cache
+        if n:
+            for layer in cache.layers:
+                layer.peak_entries = max(layer.peak_entries, layer.max_entries + n)
+            cache.track_peak(n * sum(layer.entries.token_bytes() for layer in cache.layers))
+        self.steps = 0
+        if keep:
+            self.release()
+        else:
+            self.batch.free(self)
 
     def release(self) -> None:
         """End of the answer (after `write_back`): the cache's layers get their own copies, the slot is freed."""

@@ -11,7 +11,8 @@ A turn has three parts, each the same code a session runs alone (`Session.ask_de
    session's own step; the decoded entries are scratch, rolled back at the end. Where the engine
    decodes it in a slot of its static batch (`runtime.slots`), ``row`` is that slot: the decoded
    entries are written back to the cache before each compression and the slot reloaded after,
-   and the slot is left (written back, released) before the scratch entries are rolled back;
+   and the slot is left before the scratch entries are rolled back (what was decoded since the
+   last reload is dropped there, not written back: `SlotRow.discard`);
 3. *answer*: the answer's text is fed again block by block (as the question) and the turn
    compressed into the cache (`Session.answer_steps`).
 
@@ -197,17 +198,16 @@ class TurnSteps:
                 self._stop_hit = min(hits)
                 self._decoding.finish()
 
-    def _leave(self) -> None:
-        """Leave the engine's static batch: the decoded entries back to the cache, its slot freed."""
+    def _leave(self, keep: bool = True) -> None:
+        """Leave the engine's static batch before the answer's rollback: its slot freed, the
+        entries decoded there dropped (`SlotRow.discard`; ``keep``: the cache's layers get their
+        own copies of what they held, where no snapshot is put back over them)."""
         row, self.row = self.row, None
         if row is not None:
-            try:
-                row.write_back()
-            finally:
-                row.release()
+            row.discard(keep)
 
     def _end_decoding(self) -> None:
-        self._leave()
+        self._leave(keep=not self.session.cache.snapshotted)
         self.session.cache.track_peak()
         self._scratch.close()  # the decoded entries go: the answer is fed again as text
         decoding, turn = self._decoding, self.turn
