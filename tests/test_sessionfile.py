@@ -138,6 +138,26 @@ def _saved(tiny_llama, path) -> kb.Session:
     return session
 
 
+def test_files_of_the_previous_version_load_and_unknown_versions_are_refused(tiny_llama, tmp_path, monkeypatch):
+    """A version-1 file (its checksum one SHA-256 over the tensor bytes in sequence) loads and
+    answers as the session saved; a flipped byte in it is caught by that checksum; a version this
+    kvbudget does not read is a clear error."""
+    monkeypatch.setattr(sessionfile, "VERSION", 1)
+    old = _saved(tiny_llama, tmp_path / "v1.kvb")
+    monkeypatch.setattr(sessionfile, "VERSION", 3)
+    _saved(tiny_llama, tmp_path / "v3.kvb")
+    monkeypatch.undo()
+    assert sessionfile.read_metadata(tmp_path / "v1.kvb")["version"] == 1
+    loaded = kb.Session.load(tmp_path / "v1.kvb", tiny_llama, CharTok())
+    assert loaded.ask("Who walked?", max_new_tokens=6) == old.ask("Who walked?", max_new_tokens=6)
+    data = (tmp_path / "v1.kvb").read_bytes()
+    (tmp_path / "v1.kvb").write_bytes(data[:-50] + bytes([data[-50] ^ 0xFF]) + data[-49:])
+    with pytest.raises(SessionFileError, match="checksum"):
+        kb.Session.load(tmp_path / "v1.kvb", tiny_llama, CharTok())
+    with pytest.raises(SessionFileError, match=r"version 3 \(this kvbudget reads 1, 2\)"):
+        kb.Session.load(tmp_path / "v3.kvb", tiny_llama, CharTok())
+
+
 def test_file_from_another_model_is_refused(tiny_llama, tmp_path):
     path = tmp_path / "a.kvb"
     _saved(tiny_llama, path)

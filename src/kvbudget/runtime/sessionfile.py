@@ -4,8 +4,9 @@ A session file is one safetensors file. Its tensors are the cache, layer by laye
 positions, the ragged length table, per-entry scorer state, observed queries, and a store's
 encoded body); its header metadata (key ``kvbudget``) is JSON with everything else: the model's
 identity, the policy as `make_policy` was called, the conversation (messages, rendered text,
-token ids) and per-layer scalars. A SHA-256 over all tensor bytes catches corruption that the
-safetensors header alone would not.
+token ids) and per-layer scalars. A SHA-256 over all tensor bytes (each tensor's own SHA-256,
+hashed side by side: `_checksum`) catches corruption that the safetensors header alone would
+not. Files of the previous version, which hashed the bytes in one sequence, are read too.
 
 Loading checks the file before building anything: a truncated file, a corrupt one, or one saved
 with another model (a hash of its config and of a few embedding rows) raise `SessionFileError`.
@@ -25,9 +26,11 @@ into a tensor's memory, writes and hashing from tensor memory, tensor copies).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,7 +51,8 @@ from ..transfer import copy_to_device, copy_to_host
 from .prefill import PrefillStats
 
 FORMAT = "kvbudget-session"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the versions read (they differ in the checksum only: `_checksum`)
 META_KEY = "kvbudget"
 # The safetensors names of the tensor types.
 DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
@@ -172,12 +176,25 @@ def _budgeted_from_file(prefix: str, layer: BudgetedLayer, meta: dict, tensors: 
     layer.is_initialized = True
 
 
-def _checksum(tensors: dict[str, Tensor]) -> str:
+@functools.cache
+def _hashers() -> ThreadPoolExecutor:
+    """Threads hashing tensors side by side (hashlib releases the interpreter lock on large
+    buffers), shared by every thread that reads or writes a session file."""
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="kvbudget-hash")
+
+
+def _checksum(tensors: dict[str, Tensor], version: int = VERSION) -> str:
+    """The file's checksum: a SHA-256 over every tensor's name, type and shape, and its bytes.
+    In version 2 a tensor's bytes enter as their own SHA-256, the tensors hashed side by side, so
+    that checking a file of a few hundred MiB, at every load and every save, is not one core's
+    sequential work; in version 1 they enter as they are, in one sequential hash."""
+    host = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
+    parts = (_hashers().map(lambda t: hashlib.sha256(_bytes(t)).digest(), host.values()) if version >= 2
+             else (_bytes(t) for t in host.values()))
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+    for (name, t), part in zip(host.items(), parts):
         h.update(f"{name}:{t.dtype!s}:{list(t.shape)};".encode())
-        h.update(_bytes(t))
+        h.update(part)
     return h.hexdigest()
 
 
@@ -220,7 +237,7 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) 
     until the new one is complete."""
     # Copies of its own on the host: what is hashed is what is written, whatever the session does meanwhile.
     tensors = copy_to_host(tensors)
-    meta = {"format": FORMAT, "version": VERSION, **meta, "checksum": _checksum(tensors)}
+    meta = {"format": FORMAT, "version": VERSION, **meta, "checksum": _checksum(tensors, VERSION)}
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))  # aligned, as safetensors
     header: dict = {}
     at = 0
@@ -305,8 +322,9 @@ def _parse_header(head: bytes, size: int, path: Path) -> tuple[int, dict, dict]:
         raise SessionFileError(f"{path}: not a kvbudget session file (no readable kvbudget metadata)") from None
     if meta.get("format") != FORMAT:
         raise SessionFileError(f"{path}: not a kvbudget session file (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
-        raise SessionFileError(f"{path}: session file version {meta.get('version')} (this kvbudget reads {VERSION})")
+    if meta.get("version") not in READS:
+        raise SessionFileError(f"{path}: session file version {meta.get('version')} (this kvbudget reads "
+                               f"{', '.join(map(str, READS))})")
     data_size = size - 8 - n
     try:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
@@ -354,6 +372,6 @@ def read_session_file(path: str | os.PathLike, device: torch.device | str = "cpu
                 tensors[name] = data[begin:end].view(DTYPES[info["dtype"]]).reshape(info["shape"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise SessionFileError(f"{path}: corrupt session file (tensor {name!r}: {exc!r})") from None
-    if _checksum(tensors) != meta.get("checksum"):
+    if _checksum(tensors, meta["version"]) != meta.get("checksum"):
         raise SessionFileError(f"{path}: corrupt session file (tensor data does not match its checksum)")
     return copy_to_device(tensors, device), meta  # (copies: the file's buffer goes)
