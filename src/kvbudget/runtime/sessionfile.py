@@ -183,6 +183,9 @@ def _hashers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="kvbudget-hash")
 
 
+os.register_at_fork(after_in_child=_hashers.cache_clear)  # a forked process has none of its parent's threads
+
+
 def _checksum(tensors: dict[str, Tensor], version: int = VERSION) -> str:
     """The file's checksum: a SHA-256 over every tensor's name, type and shape, and its bytes.
     In version 2 a tensor's bytes enter as their own SHA-256, the tensors hashed side by side, so
