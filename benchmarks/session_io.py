@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from kvbudget.fileio import atomic_open
 from kvbudget.runtime import sessionfile
 from kvbudget.transfer import copy_to_device, copy_to_host
 

@@ -6,7 +6,7 @@ encoded body); its header metadata (key ``kvbudget``) is JSON with everything el
 identity, the policy as `make_policy` was called, the conversation (messages, rendered text,
 token ids) and per-layer scalars. A SHA-256 over all tensor bytes (each tensor's own SHA-256,
 hashed side by side: `_checksum`) catches corruption that the safetensors header alone would
-not. Files of the previous version, which hashed the bytes in one sequence, are read too.
+not. Version-1 files, whose checksum hashes the bytes in one sequence, are read too.
 
 Loading checks the file before building anything: a truncated file, a corrupt one, or one saved
 with another model (a hash of its config and of a few embedding rows) raise `SessionFileError`.
@@ -186,7 +186,7 @@ def _hashers() -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_hashers.cache_clear)  # a forked process has none of its parent's threads
 
 
-def _checksum(tensors: dict[str, Tensor], version: int = VERSION) -> str:
+def _checksum(tensors: dict[str, Tensor], version: int) -> str:
     """The file's checksum: a SHA-256 over every tensor's name, type and shape, and its bytes.
     In version 2 a tensor's bytes enter as their own SHA-256, the tensors hashed side by side, so
     that checking a file of a few hundred MiB, at every load and every save, is not one core's
