@@ -106,6 +106,34 @@ def test_a_burst_of_turns_grows_the_slots_once(tiny):
     assert len(batches) == 1 and batches[0].allocations == 1 and len(batches[0].rows) == 8
 
 
+def test_the_slots_outlast_an_idle_moment_until_released(tiny):
+    """Turns that come after the engine went idle decode in the slots it kept (no new allocation:
+    on CUDA its graphs stay with them); `release_slots` drops idle slots and returns their
+    bytes, and `run` releases them at its end. Answers = alone, round after round."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 5}, 200 + 40 * i, 8) for i in range(3)]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [[d.ask_detailed(q, n).token_ids for q in QUESTIONS[:2]] for d, (*_, n) in zip(direct, specs)]
+    engine = kb.Engine(model, tok, decode="static")
+    got, kept = [[] for _ in sessions], []
+    for q in QUESTIONS[:2]:
+        turns = [engine.submit(s, q, n) for s, (*_, n) in zip(sessions, specs)]
+        while engine.busy:
+            engine.step()
+        for ids, turn in zip(got, turns):
+            ids.append(turn.result().token_ids)
+        (batch,) = engine.slots.values()
+        assert not batch.live and engine.slot_bytes == batch.nbytes > 0, "idle: the slots stay"
+        kept.append(batch)
+    assert got == alone
+    assert kept[0] is kept[1] and kept[1].allocations == 1, "the second round reused the first's slots"
+    assert engine.release_slots() == kept[1].nbytes and not engine.slots and engine.slot_bytes == 0
+    assert engine.release_slots() == 0
+    engine.submit(sessions[0], "And the green door?", 4)
+    engine.run()
+    assert not engine.slots, "run releases them at its end"
+
+
 def test_unsupported_row_decodes_eagerly_beside_the_slots(tiny):
     """A MiKV row (a store the static buffers do not hold) decodes eagerly in the same step as
     the slots' rows; both answer as alone."""

@@ -166,6 +166,46 @@ def test_decode_slots_count_under_the_memory_bound(start, tiny):
     assert 0 < tight.metrics()["kvbudget_kv_bytes_peak"] <= need + slots - 1
 
 
+def test_idle_decode_slots_stay_a_while_and_give_way_first(start, tiny, monkeypatch):
+    """After a turn the decode slots stay (the session's next turn decodes in the same buffers:
+    no new allocation) until `SLOTS_IDLE_S` passes without a step. Under the memory bound they
+    are the first to go: a turn that needs their bytes drops them and leaves the idle session
+    in memory."""
+    from kvbudget.serve import worker
+
+    model, tok, slow = tiny
+    monkeypatch.setattr(worker, "SLOTS_IDLE_S", 1.0)
+    server = start(decode="static")
+    engine = server.app.state.manager.engine
+    a = server.new_session()
+    assert server.chat(a, QUESTIONS[0], max_tokens=6).status_code == 200
+    (batch,) = engine.slots.values()
+    slots = batch.nbytes
+    assert server.metrics()["kvbudget_slot_bytes"] == slots > 0
+    assert server.chat(a, QUESTIONS[1], max_tokens=6).status_code == 200
+    assert list(engine.slots.values()) == [batch] and batch.allocations == 1, "the same slots"
+    deadline = time.monotonic() + 30
+    while server.metrics()["kvbudget_slot_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metrics()["kvbudget_slot_bytes"] == 0 and not engine.slots, "gone after an idle while"
+
+    manager = start(decode="static").app.state.manager  # the bytes of a second session's one-token turn
+    empty = kb.Session(model, tok, manager.default_policy)
+    need = manager.footprint.need(empty, empty.new_tokens([{"role": "user", "content": QUESTIONS[2]}]), 1)
+    tight = start(decode="static")
+    a = tight.new_session()
+    assert tight.chat(a, QUESTIONS[0], max_tokens=6).status_code == 200
+    held = tight.client.get(f"/v1/sessions/{a}").json()["kv_bytes"]
+    memory = tight.app.state.manager.config.memory = held + need + slots - 1  # (read at each use)
+    assert tight.metrics()["kvbudget_slot_bytes"] == slots, "idle slots kept"
+    b = tight.new_session()
+    assert tight.chat(b, QUESTIONS[2], max_tokens=1).status_code == 200  # one token: no slot
+    m = tight.metrics()
+    assert m["kvbudget_slot_bytes"] == 0 and m["kvbudget_evictions_total"] == 0
+    assert tight.client.get(f"/v1/sessions/{a}").json()["live"] is True, "the slots went, not the session"
+    assert 0 < m["kvbudget_kv_bytes_peak"] <= memory
+
+
 def test_stop_sequences_seeded_sampling_and_usage(start):
     server = start()
     plain = server.chat(None, "Say something long.", max_tokens=16).json()

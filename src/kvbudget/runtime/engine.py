@@ -14,7 +14,8 @@ Each `step` is one iteration over the turns in flight (`runtime.turnsteps`):
    static decoding (``decode``: "auto" on CUDA, or "static" / "graph"), sessions decode in slots
    of static buffers shared by every session of the same cache layout (`runtime.slots`): one
    forward per layout, on CUDA one replay of the graph captured for the batch-size bucket; before
-   the slots grow, ``make_room`` (if given: a server's memory bound) may refuse. Eager (the
+   the slots grow, ``make_room`` (if given: a server's memory bound) may refuse. The slots and
+   their graphs outlast an idle moment, until `release_slots` (`run` calls it at its end). Eager (the
    default on the CPU, for a session a slot cannot take: `runtime.decoder.supports`, and where
    ``make_room`` refused), they go through one forward of the model (`batch_forward`) in which
    each session's attention runs over its own budgeted cache (`kv.batch`).
@@ -121,7 +122,7 @@ class Engine:
         # on the CPU; "static" is the slots without graphs (any device); "eager" the model's forward.
         self.decode = decode
         self.static = decode in ("static", "graph") or (decode == "auto" and cuda)
-        self.slots: dict[tuple, SlotBatch] = {}  # by cache layout; dropped when the engine goes idle
+        self.slots: dict[tuple, SlotBatch] = {}  # by cache layout; kept while idle (`release_slots`)
         # Asked before the slots grow, with the bytes every slot batch would then hold: True to go
         # ahead; False and the joining session decodes eagerly (a server's memory bound).
         self.make_room = make_room
@@ -134,6 +135,7 @@ class Engine:
         self.decode_seconds = 0.0  # wall time of those steps (the decode rate: decoded_tokens / this)
         self.decode_parts = dict.fromkeys(DECODE_PARTS, 0.0)  # where that time goes (`DECODE_PARTS`)
         self.feed_seconds = 0.0  # wall time spent feeding prompt and answer blocks
+        self._stepping = False  # inside `step` (`release_slots` waits for its end)
 
     # --- turns ----------------------------------------------------------------------------------
     def submit(self, session: Session, question: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
@@ -164,15 +166,38 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def run(self) -> None:
-        """Step until every turn submitted is done."""
+        """Step until every turn submitted is done, then release the decode slots."""
         while self.busy:
             self.step()
+        self.release_slots()
+
+    def release_slots(self) -> int:
+        """Drop the decode slots that no session decodes in (their static buffers and CUDA
+        graphs); returns the bytes freed. The slots stay while the engine is idle, so that turns
+        coming after a pause reuse their buffers and graphs rather than growing and capturing them
+        again: `run` releases them at its end, a serving loop after an idle while or when the
+        memory bound needs their bytes. Nothing is released in the middle of a step."""
+        if self._stepping:
+            return 0
+        freed = 0
+        for key, batch in list(self.slots.items()):
+            if not batch.live:
+                freed += batch.nbytes
+                self._drop_slots(key)
+        return freed
 
     # --- one iteration ----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: turns join, prompts are fed in blocks, every decoding turn advances by
         one token in one batched forward (the module docstring)."""
+        self._stepping = True
+        try:
+            self._iterate()
+        finally:
+            self._stepping = False
+
+    def _iterate(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             self.running.append(self.waiting.popleft())
         for turn in self.running:
@@ -185,9 +210,6 @@ class Engine:
         if self._decode():
             self.decode_seconds += time.perf_counter() - fed
         self.running = [t for t in self.running if not t.done]
-        if not self.busy and self.slots:  # idle: the static buffers go (and their graphs with them)
-            for key in list(self.slots):
-                self._drop_slots(key)
 
     def abort(self, error: BaseException) -> None:
         """End every turn waiting or in flight with ``error`` and drop the decode slots: for a

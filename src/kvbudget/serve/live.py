@@ -4,10 +4,11 @@ The bound (``config.memory``, ``--memory``, read at each use) covers the KV byte
 sessions without a turn in flight, plus what every turn in flight reserved (`Footprint.need`, the
 most its session may hold during the turn), plus ``extra``: KV memory held beside the sessions
 (the engine's decode slots beyond what the turns in them reserved). A turn reserves before it
-starts (`reserve`), the slots before they grow (`fit`): least recently used idle sessions are
-moved out of memory until it fits (their files are current: the manager writes each turn
-through, so moving one out writes nothing); when the turns in flight leave no room, the turn
-waits for them (the slots decode the joining session eagerly instead). After each engine step
+starts (`reserve`), the slots before they grow (`fit`): the engine's idle decode slots are
+dropped (`shed`), then least recently used idle sessions are moved out of memory until it fits
+(their files are current: the manager writes each turn through, so moving one out writes
+nothing); when the turns in flight leave no room, the turn waits for them (the slots decode the
+joining session eagerly instead). After each engine step
 `track_peak` records the KV bytes held at most (the idle sessions + each turn's own peak so far,
 from the caches' exact accounting, + ``extra``).
 """
@@ -34,10 +35,12 @@ class LiveSessions:
     """Sessions in memory by (owner, id), least recently used first, the KV bytes each holds, and
     the bytes reserved by the turns in flight."""
 
-    def __init__(self, config: ServeConfig, metrics: Metrics, extra: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, config: ServeConfig, metrics: Metrics, extra: Callable[[], int] = lambda: 0,
+                 shed: Callable[[], int] = lambda: 0) -> None:
         self.config = config
         self.metrics = metrics
         self.extra = extra  # KV bytes held beside the sessions and reservations (module docstring)
+        self.shed = shed  # drops what of ``extra`` can go at once (idle decode slots); the bytes freed
         self.sessions: OrderedDict[Key, Session] = OrderedDict()
         self.held: dict[Key, int] = {}
         self.held_total = 0  # kept as a plain int so that the metrics page reads it without a lock
@@ -97,8 +100,11 @@ class LiveSessions:
 
     def fit(self, more: int, key: Key | None = None) -> bool:
         """Move least-recently-used idle sessions (not ``key``) out of memory until ``more`` bytes
-        fit beside what is committed; False when the turns in flight leave no room."""
+        fit beside what is committed (``shed`` first: idle decode slots go before any session);
+        False when the turns in flight leave no room."""
         busy = self._busy() | {key}
+        if self.committed(without=key) + more > self.config.memory:
+            self.shed()
         while self.committed(without=key) + more > self.config.memory:
             victim = next((k for k in self.sessions if k not in busy), None)
             if victim is None:

@@ -149,7 +149,7 @@ class SessionManager:
             self.policies.setdefault(name.strip().lower(), policy)
         self.default_policy = make_policy(config.policies[0], budget=config.budget)
         self.metrics = Metrics(self._gauges)
-        self.live = LiveSessions(config, self.metrics, extra=self._slot_excess)
+        self.live = LiveSessions(config, self.metrics, extra=self._slot_excess, shed=lambda: self.engine.release_slots())
         self.saved = SavedSessions(config, self.metrics, self.live)
         self.store = self.saved.store
         self.footprint = Footprint(model, tok)

@@ -4,13 +4,15 @@ It runs, in a loop: the session operations submitted to it (`submit`: create, de
 expire, in arrival order), then the manager's admission of waiting chat turns (``admit``), then
 one step of the batching engine (`runtime.engine.Engine.step`: every turn in flight advances
 together), then ``after_step``. Operations therefore run between two engine steps, never inside
-one, and many turns are served at once without any lock around the sessions.
+one, and many turns are served at once without any lock around the sessions. While the engine
+is idle its decode slots stay for `SLOTS_IDLE_S`, then go.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -18,6 +20,12 @@ from concurrent.futures import Future
 from ..runtime.engine import Engine
 
 log = logging.getLogger("kvbudget.serve")
+
+# Seconds the engine's decode slots (static buffers, CUDA graphs) outlast its last step: turns that
+# come back after a pause (their sessions' files being written, their clients between two
+# requests) reuse them rather than growing the buffers and capturing the graphs again. Under the
+# memory bound they go at once when a turn or a load needs their bytes (`LiveSessions.fit`).
+SLOTS_IDLE_S = 2.0
 
 
 class ModelThread:
@@ -32,6 +40,7 @@ class ModelThread:
         self._wake = threading.Condition()
         self._closing = False
         self._woken = False  # `wake` was called since the loop last looked
+        self._stepped = time.monotonic()  # when the engine last stepped
         self._thread = threading.Thread(target=self._loop, name="kvbudget-model", daemon=True)
         self._thread.start()
 
@@ -66,9 +75,17 @@ class ModelThread:
                 while not self._calls and not self.engine.busy and not self._closing and not self._woken:
                     # Turns waiting for memory or for their session look again now and then (their
                     # deadlines run); otherwise a call or a new turn wakes the loop.
-                    if not self._wake.wait(timeout=0.05 if waiting else None) and waiting:
+                    timeout = 0.05 if waiting else None
+                    if self.engine.slots:  # idle decode slots go after SLOTS_IDLE_S
+                        left = SLOTS_IDLE_S - (time.monotonic() - self._stepped)
+                        if left <= 0:
+                            self.engine.release_slots()
+                            continue
+                        timeout = left if timeout is None else min(timeout, left)
+                    if not self._wake.wait(timeout=timeout) and waiting:
                         break
                 if self._closing and not self._calls and not self.engine.busy and not waiting and not self._woken:
+                    self.engine.release_slots()
                     return
                 calls = list(self._calls)
                 self._calls.clear()
@@ -86,4 +103,5 @@ class ModelThread:
                 except Exception as exc:  # outside any one turn (each turn's own errors end that turn)
                     log.exception("an engine step failed: the turns in flight end with its error")
                     self.engine.abort(exc)
+                self._stepped = time.monotonic()
                 self.after_step()
