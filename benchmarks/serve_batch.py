@@ -8,8 +8,10 @@ N, N clients at once each send ``--turns`` follow-up turns of about ``--message-
 to their own conversation (only the new message is sent), streamed, asking for ``--max-tokens``
 tokens. Measured at the client: aggregate decode tokens/s (completion tokens of the level / its
 wall time), time to first token p50/p99, inter-token latency p50/p99 (gaps between streamed
-text events, which carry about one token each), and the same TTFT p50 over the turns after the
-first (their sessions resident; the first turn reads each session's file). From the server's
+text events, which carry about one token each), the tail p50/p99 (from the last text event to
+the response's end: the answer fed back and the session's file written, before the turn is
+answered), and the same TTFT p50 over the turns after the first (their sessions resident; the
+first turn reads each session's file). From the server's
 /metrics: the mean decode batch, its decode rate (tokens of the batched decode steps / their wall
 time: what the batch decodes while it decodes), where those steps' time goes (choosing tokens,
 joining slots, the forwards, decode-time compressions; graph captures and slot growths within
@@ -194,7 +196,9 @@ def one_turn(http: httpx.Client, session_id: str, message: str, max_tokens: int)
                 times.append(time.perf_counter())
             usage, stats = event.get("usage", usage), event.get("kvbudget", stats)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return {"latency": time.perf_counter() - start, "ttft": times[0] - start if times else None, "gaps": gaps,
+    end = time.perf_counter()
+    return {"latency": end - start, "ttft": times[0] - start if times else None, "gaps": gaps,
+            "tail": end - times[-1] if times else None,
             "tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"], "kvbudget": stats}
 
 
@@ -244,6 +248,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     later = [r["ttft"] for r in results if r["ttft"] is not None and r["turn"] > 0]
     gaps = [g for r in results for g in r["gaps"]]
+    tails = [r["tail"] for r in results if r["tail"] is not None]
     delta = {name: after[f"kvbudget_{name}"] - before[f"kvbudget_{name}"]
              for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds",
                           "graph_captures", "graph_capture_seconds", "slot_regrow_seconds",
@@ -260,6 +265,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
             "ttft_resident_p50_ms": ms(percentile(later, 50)),
             "itl_p50_ms": ms(percentile(gaps, 50)), "itl_p99_ms": ms(percentile(gaps, 99)),
+            "tail_p50_ms": ms(percentile(tails, 50)), "tail_p99_ms": ms(percentile(tails, 99)),
             "mean_batch": round(batched / steps, 2) if steps else None,
             "decode_rate_tok_s": round(batched / delta["decode_step_seconds"], 1) if steps else None,
             "decode_step_s": round(delta["decode_step_seconds"], 2), "feed_s": round(delta["feed_seconds"], 2),
@@ -529,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # the anchor is another library's: its failure is a result, not a crash
             emit({"mode": "transformers-generate_batch", "error": f"{type(exc).__name__}: {exc}"})
     columns = {"tokens_per_s": "tok/s", "ttft_p50_ms": "TTFT p50", "ttft_p99_ms": "p99", "ttft_resident_p50_ms": "resident",
-               "itl_p50_ms": "ITL p50", "itl_p99_ms": "p99", "mean_batch": "batch", "decode_rate_tok_s": "decode/s",
+               "itl_p50_ms": "ITL p50", "itl_p99_ms": "p99", "tail_p50_ms": "tail p50", "mean_batch": "batch", "decode_rate_tok_s": "decode/s",
                "decode_step_s": "steps s", **{f"{part}_s": part for part in PARTS}, "capture_s": "capture",
                "regrow_s": "regrow"}
     print(f"\n{'mode':>8} {'N':>4} " + " ".join(f"{title:>9}" for title in columns.values()))

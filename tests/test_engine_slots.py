@@ -277,6 +277,37 @@ def test_slots_that_cannot_grow_fail_their_turns_and_start_afresh(tiny, monkeypa
     assert [t.result().token_ids for t in second] == alone
 
 
+def test_a_slot_whose_release_fails_is_freed_and_the_others_decode_on(tiny, monkeypatch):
+    """Out of device memory while a leaving answer's layers take their own copies of the slot:
+    that turn fails with the error, its slot is freed all the same, and the turns still decoding
+    beside it answer as alone (a slot left taken would fail every later step of its batch)."""
+    from kvbudget.runtime.static import StaticLayer
+
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40}, 300, n) for n in (3, 9, 9)]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [d.ask_detailed(QUESTIONS[0], n).token_ids for d, (*_, n) in zip(direct, specs)]
+    victim = sessions[0].cache.layers
+    real = StaticLayer.release
+
+    def release(static, layer):
+        if release.armed and any(layer is v for v in victim):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(static, layer)
+
+    release.armed = False  # armed once every turn is in its slot: the victim's leave fails
+    monkeypatch.setattr(StaticLayer, "release", release)
+    engine = kb.Engine(model, tok, decode="static")
+    turns = [engine.submit(s, QUESTIONS[0], n) for s, (*_, n) in zip(sessions, specs)]
+    while engine.busy:
+        engine.step()
+        release.armed = release.armed or all(t.row is not None for t in turns)
+        for batch in engine.slots.values():
+            assert len(batch.live) == sum(t.row is not None and t.row.batch is batch for t in turns)
+    assert isinstance(turns[0].error, torch.OutOfMemoryError)
+    assert [t.result().token_ids for t in turns[1:]] == alone[1:]
+
+
 @pytest.mark.parametrize("name, options, chars, n", [
     ("snapkv", {"budget": 40, "decode_interval": 4}, 450, 9),  # evicting while decoding: written back, reloaded
     ("h2o", {"budget": 40, "decode_interval": 4}, 250, 9),  # with per-entry state

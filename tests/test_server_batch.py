@@ -206,6 +206,48 @@ def test_idle_decode_slots_stay_a_while_and_give_way_first(start, tiny, monkeypa
     assert 0 < m["kvbudget_kv_bytes_peak"] <= memory
 
 
+def test_the_bound_covers_every_slot_and_every_snapshot(start, tiny):
+    """Static slots: at every step, the bytes under the bound (idle sessions, the turns'
+    reservations, the slots beyond the entries their sessions hold there) cover what is held: the
+    slots' buffers whole (a slot not in use too), each turn's own entries and the snapshot its
+    compressing answer takes. Here one long answer compresses alone in a batch of four slots,
+    after three short ones left: its reservation covers its own slot and its snapshot, not the
+    slots left empty."""
+    model, tok, slow = tiny
+    server = start(decode="static", budget="300", max_tokens=96)
+    manager = server.app.state.manager
+    live, engine = manager.live, manager.engine
+    short = []  # after each step: (committed, held, the case above)
+    track = live.track_peak
+
+    def checked() -> None:
+        track()
+        held = engine.slot_bytes + sum(live.held.values())
+        for key, session, _, _ in live.reserved.values():
+            if session is None:
+                continue
+            held -= live.held.get(key, 0)  # its cache, counted below as it is now
+            lent = sum(l.keys.nbytes + l.values.nbytes for l in session.cache.layers if l.borrowed)
+            held += session.cache.nbytes() - lent + session.cache._snapshot_bytes
+        alone = [len(b.live) == 1 and len(b.rows) == 4 for b in engine.slots.values()]
+        snapshots = sum(s.cache._snapshot_bytes for _, s, _, _ in live.reserved.values() if s is not None)
+        short.append((live.committed(), held, any(alone) and snapshots > 0))
+
+    live.track_peak = checked
+    manager.executor.after_step = checked
+    ids = [server.new_session() for _ in range(4)]
+    words = " ".join(["harbour lighthouse ferry market net tide gull anchor"] * 60)
+    with ThreadPoolExecutor(4) as pool:  # each session: a long context, a short answer
+        assert all(r.status_code == 200 for r in pool.map(lambda i: server.chat(i, words, max_tokens=2), ids))
+    slow["sleep"] = 0.002
+    with ThreadPoolExecutor(4) as pool:
+        lengths = [80, 4, 4, 4]
+        replies = list(pool.map(lambda a: server.chat(a[0], QUESTIONS[0], max_tokens=a[1]), zip(ids, lengths)))
+    assert [r.json()["usage"]["completion_tokens"] for r in replies] == lengths
+    assert any(case for *_, case in short), "the long answer compressed alone in four slots"
+    assert all(committed >= held for committed, held, _ in short), [x for x in short if x[0] < x[1]][:3]
+
+
 def test_stop_sequences_seeded_sampling_and_usage(start):
     server = start()
     plain = server.chat(None, "Say something long.", max_tokens=16).json()

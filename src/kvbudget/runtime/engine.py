@@ -227,6 +227,12 @@ class Engine:
         """Bytes of the static decode slots' buffers (0 while idle, and when decoding eagerly)."""
         return sum(batch.nbytes for batch in list(self.slots.values()))  # (read by the metrics page too)
 
+    @property
+    def lent_bytes(self) -> int:
+        """Bytes of the slots' buffers that the sessions decoding in them hold as their entries
+        (their layers' keys and values are views of the slots: those bytes are not held twice)."""
+        return sum(batch.lent_bytes for batch in list(self.slots.values()))
+
     def _room(self, key: tuple) -> Callable[[int], bool] | None:
         """The slot batch ``key``'s growth hook: ``make_room`` asked with every batch's bytes."""
         if self.make_room is None:

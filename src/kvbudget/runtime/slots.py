@@ -78,6 +78,7 @@ class SlotRow:
         self.decoded = 0  # tokens decoded since joining
         self.steps = 0  # tokens decoded since the last (re)load
         self.seen = 0
+        self.lent = 0  # bytes of the cache's keys and values that are views of the slot (`settle`)
 
     @property
     def room(self) -> int:
@@ -109,7 +110,9 @@ class SlotRow:
             buf.placed(self.slot, static)
 
     def settle(self) -> None:
-        """After every layer is in the slot: its position and query counter restart from the cache."""
+        """After every layer is in the slot: its position and query counter restart from the
+        cache, and ``lent`` counts the keys and values its layers hold as views of the slot."""
+        self.lent = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.borrowed)
         self.seen = self.cache.get_seq_length()
         self.batch.pos[self.slot] = self.seen
         self.batch.qslot[self.slot] = 0
@@ -153,10 +156,14 @@ class SlotRow:
             self.batch.free(self)
 
     def release(self) -> None:
-        """End of the answer (after `write_back`): the cache's layers get their own copies, the slot is freed."""
-        for static, layer in zip(self.statics, self.cache.layers):
-            static.release(layer)
-        self.batch.free(self)
+        """End of the answer (after `write_back`): the cache's layers get their own copies, the
+        slot is freed. The slot is freed even where a copy fails (the device out of memory): the
+        turn then fails, its cache is not trusted, and the other slots decode on."""
+        try:
+            for static, layer in zip(self.statics, self.cache.layers):
+                static.release(layer)
+        finally:
+            self.batch.free(self)
 
 
 class SlotBatch:
@@ -221,6 +228,11 @@ class SlotBatch:
     @property
     def live(self) -> list[SlotRow]:
         return [r for r in self.rows if r is not None]
+
+    @property
+    def lent_bytes(self) -> int:
+        """Bytes of the buffers that the sessions in slots hold as their own entries (views)."""
+        return sum(r.lent for r in self.live)
 
     def bytes_for(self, sample: BudgetedCache, slots: int, dims: list[tuple], query_slots: int) -> int:
         """Bytes of buffers of ``slots`` slots, sizes ``dims`` and ``query_slots`` queries (sized

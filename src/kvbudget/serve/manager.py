@@ -210,10 +210,12 @@ class SessionManager:
     # --- the decode slots under the memory bound (model thread) -------------------------------
     def _slot_excess(self, slot_bytes: int | None = None) -> int:
         """Bytes of the engine's decode slots (``slot_bytes``: what they would hold) beyond the
-        reservations of the turns decoding in them."""
+        entries the sessions decoding in them hold there (their layers' keys and values are views
+        of the slots, counted by those turns' reservations). The rest of a slotted turn's
+        reservation is its own (the snapshot its answer's compression takes, its growth), and
+        every slot not in use counts whole."""
         held = self.engine.slot_bytes if slot_bytes is None else slot_bytes
-        slotted = sum(n for job, (_, _, n, _) in self.live.reserved.items() if job.turn is not None and job.turn.row is not None)
-        return max(0, held - slotted)
+        return max(0, held - self.engine.lent_bytes)
 
     def _make_room(self, slot_bytes: int) -> bool:
         """Before the slots grow to ``slot_bytes``: move idle sessions out until the growth fits."""
