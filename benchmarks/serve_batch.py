@@ -412,14 +412,14 @@ def plot(rows: list[dict], path: Path) -> None:
              "static-batch": "engine's static batch (no server)",
              "transformers-generate_batch": "transformers generate_batch"}
     for mode, label in names.items():
-        mine = sorted((r for r in rows if r.get("mode") == mode and r.get("tokens_per_s") is not None),
-                      key=lambda r: r["sessions"])
+        # (a level whose every turn failed has no tokens: its error is in the row, not on a log scale)
+        mine = sorted((r for r in rows if r.get("mode") == mode and r.get("tokens_per_s")), key=lambda r: r["sessions"])
         if not mine:
             continue
         n = [r["sessions"] for r in mine]
         line = panels[0].plot(n, [r["tokens_per_s"] for r in mine], marker="o", label=label)[0]
         for ax, key in zip(panels[1:], ("ttft", "itl")):
-            if f"{key}_p50_ms" in mine[0]:
+            if mine[0].get(f"{key}_p50_ms") is not None:
                 ax.plot(n, [r[f"{key}_p50_ms"] for r in mine], marker="o", color=line.get_color(), label=f"{label} p50")
                 ax.plot(n, [r[f"{key}_p99_ms"] for r in mine], marker="x", ls="--", color=line.get_color(),
                         label=f"{label} p99")
@@ -431,9 +431,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("concurrent conversations (N)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in panels:  # log: transformers' generate_batch and the static batch lie orders of magnitude apart
-        ax.set_yscale("log")
+        if ax.lines:  # log: transformers' generate_batch and the static batch lie orders of magnitude apart
+            ax.legend(fontsize=7)
+            ax.set_yscale("log")
     first = next((r for r in rows if "context" in r), {})
     fig.suptitle(f"{path.stem}: model {first.get('model')}, {first.get('policy')} budget {first.get('budget')}, "
                  f"context {first.get('context')}, {first.get('max_tokens')} tokens per answer", fontsize=9)

@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="files per thread, after one warm-up file")
     p.add_argument("--out", default=None, help="append one JSON line per thread count here")
     args = p.parse_args(argv)
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kvbudget-io-", dir=args.dir) as root:
         for threads in (int(x) for x in args.threads.split(",")):
-            row = run(args.device, Path(root), threads, args.repeat)
+            row = {"dir": str(Path(root).parent), **run(args.device, Path(root), threads, args.repeat)}
             print(json.dumps(row), flush=True)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
