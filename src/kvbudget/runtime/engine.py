@@ -224,7 +224,7 @@ class Engine:
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of the static decode slots' buffers (0 while idle, and when decoding eagerly)."""
+        """Bytes of the static decode slots' buffers (0 once released, and when decoding eagerly)."""
         return sum(batch.nbytes for batch in list(self.slots.values()))  # (read by the metrics page too)
 
     @property

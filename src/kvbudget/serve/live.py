@@ -3,7 +3,7 @@
 The bound (``config.memory``, ``--memory``, read at each use) covers the KV bytes of the live
 sessions without a turn in flight, plus what every turn in flight reserved (`Footprint.need`, the
 most its session may hold during the turn), plus ``extra``: KV memory held beside the sessions
-(the engine's decode slots beyond what the turns in them reserved). A turn reserves before it
+(the engine's decode slots beyond the entries the sessions in them hold there). A turn reserves before it
 starts (`reserve`), the slots before they grow (`fit`): the engine's idle decode slots are
 dropped (`shed`), then least recently used idle sessions are moved out of memory until it fits
 (their files are current: the manager writes each turn through, so moving one out writes

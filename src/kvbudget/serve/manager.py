@@ -199,7 +199,7 @@ class SessionManager:
             "graph_capture_seconds": ("wall time of those captures (part of decode_step_seconds)", slots["capture_seconds"]),
             "slot_regrow_seconds": ("wall time of the decode slots' growths, re-allocating and re-filling every slot "
                                     "(part of decode_step_seconds)", slots["regrow_seconds"]),
-            "slot_bytes": ("bytes of the decode slots' buffers (on CUDA; under the bound beyond their turns' reservations)",
+            "slot_bytes": ("bytes of the decode slots' buffers (on CUDA; under the bound beyond the entries their sessions hold there)",
                            self.engine.slot_bytes),
             "saves_in_flight": ("session files being written (their turns are answered once written)",
                                 len(self.saving)),

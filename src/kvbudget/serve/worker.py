@@ -78,10 +78,10 @@ class ModelThread:
                     timeout = 0.05 if waiting else None
                     if self.engine.slots:  # idle decode slots go after SLOTS_IDLE_S
                         left = SLOTS_IDLE_S - (time.monotonic() - self._stepped)
-                        if left <= 0:
+                        if left > 0:
+                            timeout = left if timeout is None else min(timeout, left)
+                        else:
                             self.engine.release_slots()
-                            continue
-                        timeout = left if timeout is None else min(timeout, left)
                     if not self._wake.wait(timeout=timeout) and waiting:
                         break
                 if self._closing and not self._calls and not self.engine.busy and not waiting and not self._woken:
