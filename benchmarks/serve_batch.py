@@ -15,8 +15,9 @@ first turn reads each session's file). From the server's
 /metrics: the mean decode batch, its decode rate (tokens of the batched decode steps / their wall
 time: what the batch decodes while it decodes), where those steps' time goes (choosing tokens,
 joining slots, the forwards, decode-time compressions; graph captures and slot growths within
-them), the wall time spent feeding prompts and answers, and the session files read and written
-(count, and the I/O threads' seconds).
+them), the wall time spent feeding prompts and answers, the session files read and written
+(count, and the I/O threads' seconds), the KV bytes held at most (under ``--memory``) and the GPU
+memory allocated at most (weights, KV, slots and activations: against the card's).
 
 Mode ``engine`` is the batching engine alone, in this process, on the same load: N sessions
 forked from one seeded conversation (their snapshots on the device, as under the server), the
@@ -274,7 +275,8 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "loads": int(delta["session_loads_total"]), "load_s": round(delta["session_load_seconds_total"], 2),
             "saves": int(delta["session_saves_total"]), "save_s": round(delta["session_save_seconds_total"], 2),
             **{f"{part}_s": round(delta[f"decode_{part}_seconds"], 2) for part in PARTS},
-            "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
+            "kv_bytes_peak": after["kvbudget_kv_bytes_peak"], "device_bytes_peak": after.get("kvbudget_device_bytes_peak"),
+            "evictions": after["kvbudget_evictions_total"] - before["kvbudget_evictions_total"],
             "first_error": errors[0] if errors else None}
 
 

@@ -79,7 +79,7 @@ def test_concurrent_turns_decode_together_and_answer_as_alone(start, tiny):
     m = batched.metrics()
     assert m["kvbudget_decode_batch_tokens"] > m["kvbudget_decode_steps"], "turns shared decode steps"
     assert m["kvbudget_queue_length"] == 0 and m["kvbudget_turns_in_flight"] == 0
-    assert m["kvbudget_model_weight_bytes"] > 0
+    assert m["kvbudget_model_weight_bytes"] > 0 and m["kvbudget_device_bytes_peak"] == 0, "the CPU: no GPU memory"
     parts = [m[f"kvbudget_decode_{part}_seconds"] for part in DECODE_PARTS]
     assert m["kvbudget_decode_forward_seconds"] > 0 and sum(parts) <= m["kvbudget_decode_step_seconds"], parts
     serial = start(max_batch=1)

@@ -184,6 +184,9 @@ class SessionManager:
             "kv_bytes_reserved": ("KV bytes reserved by the turns in flight (within the bound)",
                                   sum(n for _, _, n, _ in list(self.live.reserved.values()))),
             "model_weight_bytes": ("bytes of the model's weights and buffers (beside the bound)", self.weight_bytes),
+            "device_bytes_peak": ("the most GPU memory the server has allocated (weights, KV, decode slots, "
+                                  "activations; 0 on the CPU): what the bound and the weights leave room for",
+                                  torch.cuda.max_memory_allocated(self.model.device) if self.model.device.type == "cuda" else 0),
             "queue_length": ("chat turns waiting to start (for memory, their session or a batch place)",
                              len(self.waiting) + len(self.engine.waiting)),
             "turns_in_flight": ("chat turns started and not finished", len(self.engine.running)),
