@@ -189,14 +189,14 @@ def test_idle_decode_slots_stay_a_while_and_give_way_first(start, tiny, monkeypa
         time.sleep(0.2)
     assert server.metrics()["kvbudget_slot_bytes"] == 0 and not engine.slots, "gone after an idle while"
 
-    manager = start(decode="static").app.state.manager  # the bytes of a second session's one-token turn
+    tight = start(decode="static")
+    manager = tight.app.state.manager  # the bytes of a second session's one-token turn
     empty = kb.Session(model, tok, manager.default_policy)
     need = manager.footprint.need(empty, empty.new_tokens([{"role": "user", "content": QUESTIONS[2]}]), 1)
-    tight = start(decode="static")
     a = tight.new_session()
     assert tight.chat(a, QUESTIONS[0], max_tokens=6).status_code == 200
     held = tight.client.get(f"/v1/sessions/{a}").json()["kv_bytes"]
-    memory = tight.app.state.manager.config.memory = held + need + slots - 1  # (read at each use)
+    memory = manager.config.memory = held + need + slots - 1  # (read at each use)
     assert tight.metrics()["kvbudget_slot_bytes"] == slots, "idle slots kept"
     b = tight.new_session()
     assert tight.chat(b, QUESTIONS[2], max_tokens=1).status_code == 200  # one token: no slot
@@ -217,7 +217,7 @@ def test_the_bound_covers_every_slot_and_every_snapshot(start, tiny):
     server = start(decode="static", budget="300", max_tokens=96)
     manager = server.app.state.manager
     live, engine = manager.live, manager.engine
-    short = []  # after each step: (committed, held, the case above)
+    steps = []  # after each step: (committed, held, the case above)
     track = live.track_peak
 
     def checked() -> None:
@@ -231,7 +231,7 @@ def test_the_bound_covers_every_slot_and_every_snapshot(start, tiny):
             held += session.cache.nbytes() - lent + session.cache._snapshot_bytes
         alone = [len(b.live) == 1 and len(b.rows) == 4 for b in engine.slots.values()]
         snapshots = sum(s.cache._snapshot_bytes for _, s, _, _ in live.reserved.values() if s is not None)
-        short.append((live.committed(), held, any(alone) and snapshots > 0))
+        steps.append((live.committed(), held, any(alone) and snapshots > 0))
 
     live.track_peak = checked
     manager.executor.after_step = checked
@@ -244,8 +244,8 @@ def test_the_bound_covers_every_slot_and_every_snapshot(start, tiny):
         lengths = [80, 4, 4, 4]
         replies = list(pool.map(lambda a: server.chat(a[0], QUESTIONS[0], max_tokens=a[1]), zip(ids, lengths)))
     assert [r.json()["usage"]["completion_tokens"] for r in replies] == lengths
-    assert any(case for *_, case in short), "the long answer compressed alone in four slots"
-    assert all(committed >= held for committed, held, _ in short), [x for x in short if x[0] < x[1]][:3]
+    assert any(case for *_, case in steps), "the long answer compressed alone in four slots"
+    assert all(committed >= held for committed, held, _ in steps), [x for x in steps if x[0] < x[1]][:3]
 
 
 def test_stop_sequences_seeded_sampling_and_usage(start):
