@@ -153,10 +153,11 @@ def test_unsupported_row_decodes_eagerly_beside_the_slots(tiny):
     assert [[t.result().token_ids] for t in turns] == alone
 
 
-def test_slots_ask_make_room_before_they_grow_and_a_refusal_decodes_eagerly(tiny):
+def test_slots_ask_make_room_before_they_grow_and_a_refused_turn_waits_for_a_slot(tiny):
     """``make_room`` is asked, before each growth, with the bytes every slot batch then holds
     (what is allocated: the dense and the KIVI layouts' batches); once it refuses, the joining
-    sessions decode eagerly beside the slots; every answer = alone."""
+    session waits for a slot an ending answer frees (asked again at each step meanwhile), and
+    none decodes eagerly; every answer = alone."""
     model, tok = tiny
     specs = [("snapkv", {"budget": 40, "decode_interval": 4}, 300, 10), ("kivi4", {}, 200, 10),
              ("h2o", {"budget": 40}, 250, 10), ("full", {}, 220, 10), ("streaming", {"budget": 40}, 260, 10)]
@@ -182,9 +183,53 @@ def test_slots_ask_make_room_before_they_grow_and_a_refusal_decodes_eagerly(tiny
     engine.run()
     assert [[t.result().token_ids] for t in turns] == alone
     assert asked[:3] == grown and asked[0] < asked[1] < asked[2], (asked, grown)
-    refused = len(asked) - 3
-    assert refused >= 1 and sum(t.eager for t in turns) == refused, (asked, [t.eager for t in turns])
-    assert not any(t.eager for t in turns[:3]), "the first three took slots"
+    assert len(asked) > 4 and len(set(asked[3:])) == 1, "the waiting turn asked again at each step"
+    assert not any(t.eager for t in turns)
+
+
+def test_a_refused_growth_halves_then_the_others_wait_for_a_slot(tiny):
+    """Five turns submitted together, the first with the longest answer (the buffers' sizes hold
+    the others): the slots ask for 8, then 4, then 2 (taken); the three others wait, their first
+    token not chosen, and take the slots the first answers free. At
+    no step are more than 2 sessions decoding, none eagerly; every answer = alone."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 5}, 200 + 40 * i, n) for i, n in enumerate((9, 6, 8, 7, 5))]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [d.ask_detailed(QUESTIONS[0], n).token_ids for d, (*_, n) in zip(direct, specs)]
+    asked: list[int] = []
+
+    def room(nbytes: int) -> bool:  # refuses twice, then takes what it is asked at most
+        asked.append(nbytes)
+        return len(asked) > 2 and nbytes <= asked[2]
+
+    engine = kb.Engine(model, tok, decode="static", make_room=room)
+    turns = [engine.submit(s, QUESTIONS[0], n) for s, (*_, n) in zip(sessions, specs)]
+    batches, waited, chosen = [], 0, []
+    while engine.busy:
+        engine.step()
+        batches += [b for b in engine.slots.values() if b not in batches]
+        assert engine.last_batch <= 2
+        waited += any(t.phase == "decode" and t.row is None for t in turns)
+        chosen.append([len(t.tokens) for t in turns])
+    assert [t.result().token_ids for t in turns] == alone
+    assert asked[0] > asked[1] > asked[2], asked
+    assert len(batches) == 1 and batches[0].allocations == 1 and len(batches[0].rows) == 2
+    assert waited and not any(t.eager for t in turns)
+    assert any(0 in c[2:] and c[0] > 1 for c in chosen), "a waiting turn chose no token"
+
+
+def test_a_refused_growth_with_no_session_in_a_slot_decodes_eagerly(tiny):
+    """Where ``make_room`` refuses the first slots (no answer in the batch would free one), the
+    turns decode eagerly, and answer as alone."""
+    model, tok = tiny
+    specs = [("snapkv", {"budget": 40, "decode_interval": 5}, 200 + 40 * i, 8) for i in range(3)]
+    sessions, direct = _pairs(model, tok, specs)
+    alone = [d.ask_detailed(QUESTIONS[0], n).token_ids for d, (*_, n) in zip(direct, specs)]
+    engine = kb.Engine(model, tok, decode="static", make_room=lambda nbytes: False)
+    turns = [engine.submit(s, QUESTIONS[0], n) for s, (*_, n) in zip(sessions, specs)]
+    engine.run()
+    assert [t.result().token_ids for t in turns] == alone
+    assert all(t.eager for t in turns) and engine.last_batch == 3 and not engine.slot_bytes
 
 
 def test_cancelled_row_frees_its_slot_and_the_others_go_on(tiny):

@@ -14,11 +14,13 @@ Each `step` is one iteration over the turns in flight (`runtime.turnsteps`):
    static decoding (``decode``: "auto" on CUDA, or "static" / "graph"), sessions decode in slots
    of static buffers shared by every session of the same cache layout (`runtime.slots`): one
    forward per layout, on CUDA one replay of the graph captured for the batch-size bucket; before
-   the slots grow, ``make_room`` (if given: a server's memory bound) may refuse. The slots and
-   their graphs outlast an idle moment, until `release_slots` (`run` calls it at its end). Eager (the
-   default on the CPU, for a session a slot cannot take: `runtime.decoder.supports`, and where
-   ``make_room`` refused), they go through one forward of the model (`batch_forward`) in which
-   each session's attention runs over its own budgeted cache (`kv.batch`).
+   the slots grow, ``make_room`` (if given: a server's memory bound) may refuse: a turn then
+   waits, its token not chosen, for a slot that an answer in the batch frees (`SlotsFull`). The
+   slots and their graphs outlast an idle moment, until `release_slots` (`run` calls it at its
+   end). Eager (the default on the CPU, for a session a slot cannot take:
+   `runtime.decoder.supports`, and where ``make_room`` refused while no session was in a slot to
+   free one), they go through one forward of the model (`batch_forward`) in which each session's
+   attention runs over its own budgeted cache (`kv.batch`).
 
 A turn joins the decode batch at the first step after its question is fed and leaves it when its
 answer ends. Sessions in one batch may differ in policy, budget, store, length and per-head
@@ -49,7 +51,7 @@ from .modelcall import run
 from .prefill import Block
 from .sampling import Sampler
 from .session import Session
-from .slots import SlotBatch, layout
+from .slots import SlotBatch, SlotsFull, layout
 from .static import UnsupportedStatic
 from .turnsteps import TurnSteps
 
@@ -309,31 +311,31 @@ class Engine:
     def _decode(self) -> bool:
         """One batched decode step of every decoding turn; False if none decoded."""
         parts, device = self.decode_parts, self.model.device
+        decoding = [turn for turn in self.running if turn.phase == "decode"]
+        joining = [turn for turn in decoding if self.static and turn.row is None and not turn.eager]
+        # The turns in slots (and eager ones) choose first: an answer that ends frees its slot for
+        # a turn joining in this step.
         start = time.perf_counter()
-        rows, tokens, ended = [], [], False
-        for turn in self.running:
-            if turn.phase != "decode":
-                continue
-            token = self._guarded(turn, turn.next_token)
-            if token is not None and not turn.done:
-                rows.append(turn)
-                tokens.append(token)
-            else:
-                ended = True  # its answer ended: it left its slot
+        rows, tokens, ended = self._choose([turn for turn in decoding if turn not in joining])
         choose = synced(start, device, wait=ended)
+        join = 0.0
+        if joining:
+            start = time.perf_counter()
+            full = set()  # layouts whose slots are all taken and may not grow: later turns wait too
+            for turn in joining:
+                if (key := layout(turn.session.cache)) not in full:
+                    self._guarded(turn, self._join, turn)
+                    if not turn.done and turn.row is None and not turn.eager:
+                        full.add(key)
+            join = synced(start, device)
+            # A turn no slot took yet (`SlotsFull`) waits for one, its token not chosen.
+            start = time.perf_counter()
+            more = self._choose([turn for turn in joining if not turn.done and (turn.row is not None or turn.eager)])
+            choose += synced(start, device, wait=more[2])
+            tokens = [token for turn, token in zip(rows, tokens) if not turn.done] + more[1]
+            rows = [turn for turn in rows if not turn.done] + more[0]
         if not rows:
             return False  # not a decode step: its time is not counted (`decode_seconds` neither)
-        join = 0.0
-        if self.static:
-            start = time.perf_counter()
-            joining = [turn for turn in rows if turn.row is None and not turn.eager]
-            for turn in joining:
-                self._guarded(turn, self._join, turn)
-            tokens = [token for turn, token in zip(rows, tokens) if not turn.done]
-            rows = [turn for turn in rows if not turn.done]
-            join = synced(start, device, wait=bool(joining))
-            if not rows:
-                return False
         parts["choose"] += choose
         parts["join"] += join
         groups: dict[SlotBatch, list[tuple[TurnSteps, int]]] = {}
@@ -353,8 +355,23 @@ class Engine:
         self.decoded_tokens += len(rows)
         return True
 
+    def _choose(self, turns: list[TurnSteps]) -> tuple[list[TurnSteps], list[int], bool]:
+        """Each turn's next token: the turns that feed one, their tokens, and whether an answer
+        ended (it left its slot)."""
+        rows, tokens, ended = [], [], False
+        for turn in turns:
+            token = self._guarded(turn, turn.next_token)
+            if token is not None and not turn.done:
+                rows.append(turn)
+                tokens.append(token)
+            else:
+                ended = True
+        return rows, tokens, ended
+
     def _join(self, turn: TurnSteps) -> None:
-        """Give ``turn`` a slot in the static batch of its cache's layout, if it can take one."""
+        """Give ``turn`` a slot in the static batch of its cache's layout, if it can take one;
+        where every slot is taken and the slots may not grow, it waits for one (row None, not
+        eager)."""
         cache, policy = turn.session.cache, turn.session.policy
         turn.eager = True  # unless a slot takes it
         if turn.max_new_tokens < 2 or supports(cache) is not None:
@@ -370,6 +387,8 @@ class Engine:
         try:
             turn.row = batch.join(cache, turn.max_new_tokens, query_slots(policy, turn.max_new_tokens), coming)
             turn.eager = False
+        except SlotsFull:
+            turn.eager = False  # it waits for a slot that an answer in the batch frees
         except UnsupportedStatic:
             turn.row = None
         except Exception as exc:  # out of memory while the slots grew: they are half re-allocated

@@ -26,8 +26,9 @@ CPU the same forward runs eagerly, so every slot operation is the same on both.
   layer by layer: the sessions take their own copies of one layer, that layer's old buffers go,
   its new ones are filled, so the growth needs one layer's worth of memory beyond the old and
   new buffers' difference. Before it, ``make_room`` (if given) is told the bytes the buffers
-  would hold (`bytes_for`) and may refuse: the joining session then decodes eagerly beside the
-  batch. Buckets shrink lazily: the bucket of a step covers the highest slot in use, and
+  would hold (`bytes_for`) and may refuse: `SlotsFull` where only the number of slots is short
+  and sessions are in slots (the joining session waits for one of theirs to end), otherwise
+  `UnsupportedStatic` (it decodes eagerly beside the batch). Buckets shrink lazily: the bucket of a step covers the highest slot in use, and
   sessions move down to free lower slots once they fit a bucket of half the size or less.
 
 Rows a slot cannot take (`runtime.decoder.supports` says why) decode eagerly beside the batch.
@@ -65,6 +66,11 @@ def _buffers(sample, slots: int, dims: tuple, device: torch.device) -> "FlatSlot
 def bucket(n: int) -> int:
     """The batch-size bucket of ``n`` slots: the next power of two."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+class SlotsFull(UnsupportedStatic):
+    """Every slot is taken and ``make_room`` refused more, while the buffers' sizes hold the
+    joining session: a slot that an answer in the batch frees will take it."""
 
 
 class SlotRow:
@@ -191,8 +197,9 @@ class SlotBatch:
         """A slot for ``cache``, whose answer may decode ``capacity`` tokens (``query_slots``:
         queries kept between two compressions, for the scorer). ``coming()``: sessions about to
         join after this one, given room too when the buffers grow (one growth for a burst of
-        turns instead of one per power of two). Raises `UnsupportedStatic` where the cache
-        cannot be decoded statically."""
+        turns instead of one per power of two; where ``make_room`` refuses that many, half as many
+        down to the bucket of the sessions in slots and this one). Raises `SlotsFull` where it
+        refuses even those and `UnsupportedStatic` where the cache cannot be decoded statically."""
         if reason := supports(cache):
             raise UnsupportedStatic(reason)
         row = SlotRow(self, cache, capacity, query_slots)
@@ -201,12 +208,16 @@ class SlotBatch:
         fits = bool(self.buffers) and query_slots <= self.query_slots and all(
             all(a <= b for a, b in zip(n, d)) for n, d in zip(need, self.dims))
         if not fits or not free:
-            slots = max(len(self.rows), bucket(len(self.rows) - len(free) + 1 + coming()))
+            used = len(self.rows) - len(free)
+            least = max(len(self.rows), bucket(used + 1))
+            slots = max(least, bucket(used + 1 + coming()))
             dims = need if not self.dims else [tuple(max(a, b) for a, b in zip(n, d)) for n, d in zip(need, self.dims)]
             query_slots = max(query_slots, self.query_slots)
-            grown = self.bytes_for(cache, slots, dims, query_slots)
-            if self.make_room is not None and not self.make_room(grown):
-                raise UnsupportedStatic(f"the decode slots may not grow to {grown} bytes (the memory bound)")
+            while self.make_room is not None and not self.make_room(grown := self.bytes_for(cache, slots, dims, query_slots)):
+                if slots // 2 < least:
+                    refused = SlotsFull if fits and self.live else UnsupportedStatic
+                    raise refused(f"the decode slots may not grow to {grown} bytes (the memory bound)")
+                slots //= 2
             start = time.perf_counter()
             self._regrow(cache, slots, dims, query_slots)
             self.regrow_seconds += synced(start, self.device)

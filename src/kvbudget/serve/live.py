@@ -7,8 +7,9 @@ most its session may hold during the turn), plus ``extra``: KV memory held besid
 starts (`reserve`), the slots before they grow (`fit`): the engine's idle decode slots are
 dropped (`shed`), then least recently used idle sessions are moved out of memory until it fits
 (their files are current: the manager writes each turn through, so moving one out writes
-nothing); when the turns in flight leave no room, the turn waits for them (the slots decode the
-joining session eagerly instead). After each engine step
+nothing); when the turns in flight leave no room, no session moves out and the turn waits for
+them (a session joining the slots waits for a slot that an answer frees: `runtime.slots`). After
+each engine step
 `track_peak` records the KV bytes held at most (the idle sessions + each turn's own peak so far,
 from the caches' exact accounting, + ``extra``).
 """
@@ -101,10 +102,13 @@ class LiveSessions:
     def fit(self, more: int, key: Key | None = None) -> bool:
         """Move least-recently-used idle sessions (not ``key``) out of memory until ``more`` bytes
         fit beside what is committed (``shed`` first: idle decode slots go before any session);
-        False when the turns in flight leave no room."""
+        False when the turns in flight leave no room, and then no session moves out."""
         busy = self._busy() | {key}
         if self.committed(without=key) + more > self.config.memory:
             self.shed()
+        idle = sum(n for k, n in self.held.items() if k in self.sessions and k not in busy)
+        if self.committed(without=key) - idle + more > self.config.memory:
+            return False
         while self.committed(without=key) + more > self.config.memory:
             victim = next((k for k in self.sessions if k not in busy), None)
             if victim is None:
