@@ -253,6 +253,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
     delta = {name: after[f"kvbudget_{name}"] - before[f"kvbudget_{name}"]
              for name in ("decode_steps", "decode_batch_tokens", "decode_step_seconds", "feed_seconds",
                           "graph_captures", "graph_capture_seconds", "slot_regrow_seconds",
+                          "decode_eager_tokens", "decode_slot_waits",
                           "session_loads_total", "session_load_seconds_total", "session_saves_total",
                           "session_save_seconds_total",
                           *(f"decode_{part}_seconds" for part in PARTS))}
@@ -272,6 +273,7 @@ def run_level(url: str, n: int, messages: list[str], args) -> dict:
             "decode_step_s": round(delta["decode_step_seconds"], 2), "feed_s": round(delta["feed_seconds"], 2),
             "graph_captures": int(delta["graph_captures"]), "capture_s": round(delta["graph_capture_seconds"], 2),
             "regrow_s": round(delta["slot_regrow_seconds"], 2),
+            "eager_tokens": int(delta["decode_eager_tokens"]), "slot_waits": int(delta["decode_slot_waits"]),
             "loads": int(delta["session_loads_total"]), "load_s": round(delta["session_load_seconds_total"], 2),
             "saves": int(delta["session_saves_total"]), "save_s": round(delta["session_save_seconds_total"], 2),
             **{f"{part}_s": round(delta[f"decode_{part}_seconds"], 2) for part in PARTS},

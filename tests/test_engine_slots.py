@@ -215,6 +215,7 @@ def test_a_refused_growth_halves_then_the_others_wait_for_a_slot(tiny):
     assert asked[0] > asked[1] > asked[2], asked
     assert len(batches) == 1 and batches[0].allocations == 1 and len(batches[0].rows) == 2
     assert waited and not any(t.eager for t in turns)
+    assert engine.slot_waits >= waited and engine.eager_tokens == 0
     assert any(0 in c[2:] and c[0] > 1 for c in chosen), "a waiting turn chose no token"
 
 
@@ -230,6 +231,7 @@ def test_a_refused_growth_with_no_session_in_a_slot_decodes_eagerly(tiny):
     engine.run()
     assert [t.result().token_ids for t in turns] == alone
     assert all(t.eager for t in turns) and engine.last_batch == 3 and not engine.slot_bytes
+    assert engine.eager_tokens == engine.decoded_tokens > 0 and engine.slot_waits == 0
 
 
 def test_cancelled_row_frees_its_slot_and_the_others_go_on(tiny):

@@ -135,6 +135,8 @@ class Engine:
         self.decode_steps = 0  # decode steps so far
         self.decoded_tokens = 0  # tokens fed by them (their mean batch: decoded_tokens / decode_steps)
         self.decode_seconds = 0.0  # wall time of those steps (the decode rate: decoded_tokens / this)
+        self.eager_tokens = 0  # of decoded_tokens, those fed eagerly beside static slots (none took their turn)
+        self.slot_waits = 0  # steps a turn waited for a slot, summed over turns (the slots full, not to grow)
         self.decode_parts = dict.fromkeys(DECODE_PARTS, 0.0)  # where that time goes (`DECODE_PARTS`)
         self.feed_seconds = 0.0  # wall time spent feeding prompt and answer blocks
         self._stepping = False  # inside `step` (`release_slots` waits for its end)
@@ -329,6 +331,7 @@ class Engine:
                         full.add(key)
             join = synced(start, device)
             # A turn no slot took yet (`SlotsFull`) waits for one, its token not chosen.
+            self.slot_waits += sum(1 for turn in joining if not turn.done and turn.row is None and not turn.eager)
             start = time.perf_counter()
             more = self._choose([turn for turn in joining if not turn.done and (turn.row is not None or turn.eager)])
             choose += synced(start, device, wait=more[2])
@@ -348,6 +351,7 @@ class Engine:
         for batch, group in groups.items():
             self._step(group, lambda: batch.step([t.row for t, _ in group], [token for _, token in group]))
         if eager:
+            self.eager_tokens += len(eager) if self.static else 0
             self._step(eager, lambda: batch_forward(self.model, [t.session.cache for t, _ in eager],
                                                     [token for _, token in eager]))
         self.last_batch = len(rows)

@@ -196,6 +196,10 @@ class SessionManager:
                                     self.engine.decoded_tokens),
             "decode_step_seconds": ("wall time of those steps (the decode rate: decode_batch_tokens / this)",
                                     self.engine.decode_seconds),
+            "decode_eager_tokens": ("of decode_batch_tokens, those decoded eagerly beside the decode slots "
+                                    "(a session the slots cannot take)", self.engine.eager_tokens),
+            "decode_slot_waits": ("steps a turn waited for a decode slot, summed over turns (every slot taken and "
+                                  "the memory bound refusing more)", self.engine.slot_waits),
             "feed_seconds": ("wall time the engine spent feeding prompt and answer blocks", self.engine.feed_seconds),
             "graph_captures": ("CUDA graphs captured for decode slots (one per batch-size bucket while the slots stand)",
                                slots["captures"]),
