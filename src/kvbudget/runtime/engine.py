@@ -318,7 +318,8 @@ class Engine:
         # The turns in slots (and eager ones) choose first: an answer that ends frees its slot for
         # a turn joining in this step.
         start = time.perf_counter()
-        rows, tokens, ended = self._choose([turn for turn in decoding if turn not in joining])
+        seated = [turn for turn in decoding if not (self.static and turn.row is None and not turn.eager)]
+        rows, tokens, ended = self._choose(seated)
         choose = synced(start, device, wait=ended)
         join = 0.0
         if joining:

@@ -26,10 +26,12 @@ CPU the same forward runs eagerly, so every slot operation is the same on both.
   layer by layer: the sessions take their own copies of one layer, that layer's old buffers go,
   its new ones are filled, so the growth needs one layer's worth of memory beyond the old and
   new buffers' difference. Before it, ``make_room`` (if given) is told the bytes the buffers
-  would hold (`bytes_for`) and may refuse: `SlotsFull` where only the number of slots is short
-  and sessions are in slots (the joining session waits for one of theirs to end), otherwise
-  `UnsupportedStatic` (it decodes eagerly beside the batch). Buckets shrink lazily: the bucket of a step covers the highest slot in use, and
-  sessions move down to free lower slots once they fit a bucket of half the size or less.
+  would hold (`bytes_for`) and may refuse, then is asked for half as many slots, down to the
+  next bucket of the sessions in slots: refused even that, `SlotsFull` where only the number of
+  slots is short and sessions are in slots (the joining session waits for one of theirs to
+  end), otherwise `UnsupportedStatic` (it decodes eagerly beside the batch). Buckets shrink
+  lazily: the bucket of a step covers the highest slot in use, and sessions move down to free
+  lower slots once they fit a bucket of half the size or less.
 
 Rows a slot cannot take (`runtime.decoder.supports` says why) decode eagerly beside the batch.
 """
