@@ -581,9 +581,15 @@ def lazy_state(pos, seed: int = 0):
 LAZY_QPOS = {"consecutive": torch.arange(60, 97)}
 
 
-@pytest.mark.parametrize(("g", "axis"), [(1, 1), (4, 1), (4, 0)])  # axis 0 with GQA only: CI time
-@pytest.mark.parametrize("lse_given", [False, True])
-@pytest.mark.parametrize("positions", ["holes", "consecutive", "shuffled"])
+# (positions, lse_given, g, axis): axis 0 with GQA only; in CI the "holes" positions (the
+# interpreter's slowest) with GQA once per axis and LSE setting, the whole grid in `make test-slow`.
+LAZY_CASES = [(p, lse, g, axis) for p in ("holes", "consecutive", "shuffled") for lse in (False, True)
+              for g, axis in [(1, 1), (4, 1), (4, 0)]]
+LAZY_SLOW = [("holes", False, 4, 1), ("holes", True, 4, 0)]
+
+
+@pytest.mark.parametrize(("positions", "lse_given", "g", "axis"),
+                         [pytest.param(*c, marks=pytest.mark.slow) if c in LAZY_SLOW else c for c in LAZY_CASES])
 def test_triton_lazy_equals_the_torch_scan(g, lse_given, positions, axis):
     """The kernel's lazy mode equals the chunked torch scan: batch 2, ragged padding, the first
     queries seeing nothing, key tiles partly in the causal future, query tiles skipped before

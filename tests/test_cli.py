@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -23,36 +24,47 @@ def test_policies_lists_every_first_policy(capsys):
         assert f"\n{name} " in out
 
 
+TASK_ROWS = [{"id": "t1", "context": "Alice keeps a red kite in the shed. " * 30,
+              "questions": [{"question": "What colour is Alice's kite?", "answers": ["red"], "metric": "contains"}]}]
+
+
 @pytest.fixture
 def task_file(tmp_path):
     path = tmp_path / "tasks.jsonl"
-    rows = [{"id": "t1", "context": "Alice keeps a red kite in the shed. " * 30,
-             "questions": [{"question": "What colour is Alice's kite?", "answers": ["red"], "metric": "contains"}]}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS))
     return path
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["eval", "--tasks", "{tasks}", "--policy", "bogus", "--budget", "64"], "unknown policy 'bogus'"),
-        (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "0"], "budget must be positive"),
-        (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "lots"], "cannot read budget"),
-        (["eval", "--tasks", "{bad}", "--policy", "snapkv", "--budget", "64"], "line 2"),
-        (["eval", "--tasks", "{missing}", "--policy", "snapkv", "--budget", "64"], "missing.jsonl"),
-        (["run", "--context", "{empty}", "-q", "Why?", "--policy", "snapkv", "--budget", "64"], "context is empty"),
-        (["tasks", "make", "sudoku", "--out", "{out}"], "unknown task set"),
-        (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "64", "--mode", "one-shot"], "unknown mode"),
-        (["report", "{missing}"], "no results.jsonl"),
-    ],
-)
-def test_bad_input_is_one_clear_line(tmp_path, task_file, args, message):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(task_file.read_text() + '{"id": "t2", "context": "x", "questions": []}\n')
-    empty = tmp_path / "empty.txt"
+BAD_INPUT = [
+    (["eval", "--tasks", "{tasks}", "--policy", "bogus", "--budget", "64"], "unknown policy 'bogus'"),
+    (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "0"], "budget must be positive"),
+    (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "lots"], "cannot read budget"),
+    (["eval", "--tasks", "{bad}", "--policy", "snapkv", "--budget", "64"], "line 2"),
+    (["eval", "--tasks", "{missing}", "--policy", "snapkv", "--budget", "64"], "missing.jsonl"),
+    (["run", "--context", "{empty}", "-q", "Why?", "--policy", "snapkv", "--budget", "64"], "context is empty"),
+    (["tasks", "make", "sudoku", "--out", "{out}"], "unknown task set"),
+    (["eval", "--tasks", "{tasks}", "--policy", "snapkv", "--budget", "64", "--mode", "one-shot"], "unknown mode"),
+    (["report", "{missing}"], "no results.jsonl"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory) -> list[subprocess.CompletedProcess]:
+    """Every `BAD_INPUT` command line run as a user runs it (its own process), all at once (each
+    pays the interpreter's start and imports: the suite's time)."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    tasks, bad, empty = tmp / "tasks.jsonl", tmp / "bad.jsonl", tmp / "empty.txt"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS))
+    bad.write_text(tasks.read_text() + '{"id": "t2", "context": "x", "questions": []}\n')
     empty.write_text("   \n")
-    paths = {"tasks": task_file, "bad": bad, "missing": tmp_path / "missing.jsonl", "empty": empty, "out": tmp_path / "o.jsonl"}
-    proc = _run(*[a.format(**paths) for a in args])
+    paths = {"tasks": tasks, "bad": bad, "missing": tmp / "missing.jsonl", "empty": empty, "out": tmp / "o.jsonl"}
+    with ThreadPoolExecutor(len(BAD_INPUT)) as pool:
+        return list(pool.map(lambda args: _run(*[a.format(**paths) for a in args]), [args for args, _ in BAD_INPUT]))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[message for _, message in BAD_INPUT])
+def test_bad_input_is_one_clear_line(bad_input_runs, case):
+    proc, message = bad_input_runs[case], BAD_INPUT[case][1]
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvbudget: error:"), proc.stderr

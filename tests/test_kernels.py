@@ -237,9 +237,15 @@ def _dequant_then_attend(q, body, store, tk, tv, scale, body_lens=None, tail_len
     )
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d,hq,hkv", [(128, 4, 2), (64, 8, 2)])
+# (d, hq, hkv, dtype, bits): every head size, dtype and bit width runs once in CI (the Triton
+# interpreter's time); the whole grid in `make test-slow`.
+KIVI_FUSED = [(d, hq, hkv, dtype, bits) for d, hq, hkv in [(128, 4, 2), (64, 8, 2)]
+              for dtype in (torch.float32, torch.bfloat16) for bits in (2, 4)]
+KIVI_FUSED_CI = [(128, 4, 2, torch.bfloat16, 4), (64, 8, 2, torch.float32, 2)]
+
+
+@pytest.mark.parametrize(("d", "hq", "hkv", "dtype", "bits"),
+                         [c if c in KIVI_FUSED_CI else pytest.param(*c, marks=pytest.mark.slow) for c in KIVI_FUSED])
 def test_kivi_fused_equals_dequantize_then_attend(poisoned, bits, dtype, d, hq, hkv):
     gen = torch.Generator().manual_seed(bits * 1000 + d + hq)
     store = KIVI(bits=bits)
