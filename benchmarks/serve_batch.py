@@ -50,6 +50,8 @@ import argparse
 import inspect
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +59,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -154,12 +157,36 @@ def start_server(args, mode: str, store: str, levels: list[int]) -> tuple[subpro
     return launch(__file__, cmd, args.start_timeout)
 
 
+LAUNCHED: list[subprocess.Popen] = []  # the servers `launch` started (`session_store` kills them when cut)
+
+
+@contextmanager
+def session_store(prefix: str) -> Iterator[str]:
+    """A temporary session directory that goes with the run even where the run is cut (SIGTERM, as
+    `timeout` sends): the servers launched are killed first, so that none writes into it as it
+    goes (the store of 128 conversations of 32k holds tens of GB)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as store:
+        def cut(signum, frame) -> None:
+            for proc in LAUNCHED:
+                proc.kill()
+                proc.wait()
+            shutil.rmtree(store, ignore_errors=True)
+            os._exit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, cut)
+        try:
+            yield store
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def launch(script: str, child_args: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
     """``python SCRIPT child --port P CHILD_ARGS`` (a server on a free loopback port), once its
     /healthz answers: the process and its URL."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, script, "child", "--port", str(port), *child_args], env=env)
+    LAUNCHED.append(proc)
     url = f"http://127.0.0.1:{port}"
     name = Path(script).stem
     deadline = time.monotonic() + timeout
@@ -512,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m for m in modes if m not in ("none", "engine", "static-batch")]:
         levels = [int(x) for x in args.serial_sessions.split(",")] if mode == "serial" and args.serial_sessions \
             else args.levels
-        with tempfile.TemporaryDirectory(prefix="kvbudget-batch-") as store:
+        with session_store("kvbudget-batch-") as store:
             proc, url = start_server(args, mode, store, levels)
             try:
                 for n in levels:

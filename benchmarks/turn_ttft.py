@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from serve_batch import build_model, launch, metrics, one_turn, percentile, read_rows, server_arguments, text_of
+from serve_batch import (build_model, launch, metrics, one_turn, percentile, read_rows, server_arguments, session_store,
+                         text_of)
 
 KINDS = ("disk", "resident")
 MESSAGE_TOKENS = 4000  # the longest message of the seeded conversation
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"model {args.model}{on}, policy {args.policy}, budget {args.budget}, block {args.block_size}, "
             f"message ~{args.message_tokens} tokens, {args.reps} reps")
     print(head, flush=True)
-    with tempfile.TemporaryDirectory(prefix="kvbudget-ttft-") as store:
+    with session_store("kvbudget-ttft-") as store:
         child_args = ["--store", store]
         for name in ("model", "device", "policy", "budget", "memory", "block_size", "lengths", "message_tokens",
                      "max_tokens", "reps"):
