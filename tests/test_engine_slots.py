@@ -383,3 +383,33 @@ def test_a_dense_session_in_a_slot_reads_nothing_back_but_its_first_token(tiny, 
         engine.run()
         assert not turn.eager and len(turn.result().token_ids) == n  # it decoded in a slot
     assert reads == ["aten::_local_scalar_dense"] * len(QUESTIONS), reads
+
+
+@pytest.mark.parametrize("seed", [0, 6])  # seeds where turns both wait and go eagerly
+def test_slots_under_a_bound_that_refuses_at_random_answer_as_alone(tiny, seed):
+    """The mixed sessions of `test_engine.MIXED`, submitted at random steps, under a ``make_room``
+    that refuses half its asks at random: turns wait, go eagerly or take slots as it falls, and
+    every answer and cache is the one the session gives alone; the engine ends idle, no slot left
+    taken."""
+    model, tok = tiny
+    sessions, direct = _pairs(model, tok, MIXED)
+    alone = [d.ask_detailed(QUESTIONS[0], n).token_ids for d, (*_, n) in zip(direct, MIXED)]
+    rng = torch.Generator().manual_seed(seed)
+    engine = kb.Engine(model, tok, decode="static",
+                       make_room=lambda nbytes: bool(torch.rand(1, generator=rng) < 0.5))
+    turns, pending = [], list(zip(sessions, MIXED))
+    for _ in range(400):
+        if pending and torch.rand(1, generator=rng) < 0.7:
+            session, (*_, n) = pending.pop(0)
+            turns.append(engine.submit(session, QUESTIONS[0], n))
+        if not pending and not engine.busy:
+            break
+        engine.step()
+        for batch in engine.slots.values():
+            assert len(batch.live) <= len(batch.rows)
+    assert not pending and not engine.busy, "every turn ended"
+    assert [t.result().token_ids for t in turns] == alone
+    for session, d in zip(sessions, direct):
+        _same_cache(session.cache, d.cache)
+    assert all(not b.live for b in engine.slots.values())
+    assert engine.slot_waits > 0 and 0 < engine.eager_tokens < engine.decoded_tokens
