@@ -192,6 +192,7 @@ class SlotBatch:
         self.regrow_seconds = 0.0  # wall time of the growths (re-allocating and re-filling every slot)
         self.capture_seconds = 0.0  # wall time of the captures (two warm-up forwards and the capture)
         self.fused = fusion.maybe_fuse(model, torch.device(self.device))
+        self._sized: dict[tuple, int] = {}  # `bytes_for` by sizes (the batch's layout is one)
 
     # --- slots ------------------------------------------------------------------------------------
     def join(self, cache: BudgetedCache, capacity: int, query_slots: int = 0,
@@ -249,12 +250,16 @@ class SlotBatch:
 
     def bytes_for(self, sample: BudgetedCache, slots: int, dims: list[tuple], query_slots: int) -> int:
         """Bytes of buffers of ``slots`` slots, sizes ``dims`` and ``query_slots`` queries (sized
-        on the meta device: nothing is allocated)."""
-        meta = torch.device("meta")
-        buffers = sum(buffer_bytes(_buffers(layer, slots, d, meta)) for layer, d in zip(sample.layers, dims))
-        heads, head_dim = self._query_heads()
-        queries = slots * heads * query_slots * head_dim * sample.layers[0].dtype.itemsize
-        return buffers + queries * len(sample.layers)
+        on the meta device: nothing is allocated). Kept per sizes: a turn waiting for a slot asks
+        the same at each step, and sizing a layer's buffers costs a few hundred microseconds."""
+        key = (slots, tuple(dims), query_slots)
+        if key not in self._sized:
+            meta = torch.device("meta")
+            buffers = sum(buffer_bytes(_buffers(layer, slots, d, meta)) for layer, d in zip(sample.layers, dims))
+            heads, head_dim = self._query_heads()
+            queries = slots * heads * query_slots * head_dim * sample.layers[0].dtype.itemsize
+            self._sized[key] = buffers + queries * len(sample.layers)
+        return self._sized[key]
 
     def _query_heads(self) -> tuple[int, int]:
         """The model's query heads and their size (the scorer's query buffers)."""
