@@ -313,12 +313,13 @@ class Engine:
     def _decode(self) -> bool:
         """One batched decode step of every decoding turn; False if none decoded."""
         parts, device = self.decode_parts, self.model.device
-        decoding = [turn for turn in self.running if turn.phase == "decode"]
-        joining = [turn for turn in decoding if self.static and turn.row is None and not turn.eager]
         # The turns in slots (and eager ones) choose first: an answer that ends frees its slot for
         # a turn joining in this step.
+        seated, joining = [], []
+        for turn in self.running:
+            if turn.phase == "decode":
+                (joining if self.static and turn.row is None and not turn.eager else seated).append(turn)
         start = time.perf_counter()
-        seated = [turn for turn in decoding if not (self.static and turn.row is None and not turn.eager)]
         rows, tokens, ended = self._choose(seated)
         choose = synced(start, device, wait=ended)
         join = 0.0
@@ -327,14 +328,15 @@ class Engine:
             full = set()  # layouts whose slots are all taken and may not grow: later turns wait too
             for turn in joining:
                 if (key := layout(turn.session.cache)) not in full:
-                    self._guarded(turn, self._join, turn)
+                    self._guarded(turn, self._join, turn, key)
                     if not turn.done and turn.row is None and not turn.eager:
                         full.add(key)
             join = synced(start, device)
             # A turn no slot took yet (`SlotsFull`) waits for one, its token not chosen.
-            self.slot_waits += sum(1 for turn in joining if not turn.done and turn.row is None and not turn.eager)
+            joined = [turn for turn in joining if not turn.done and (turn.row is not None or turn.eager)]
+            self.slot_waits += sum(1 for turn in joining if not turn.done) - len(joined)
             start = time.perf_counter()
-            more = self._choose([turn for turn in joining if not turn.done and (turn.row is not None or turn.eager)])
+            more = self._choose(joined)
             choose += synced(start, device, wait=more[2])
             tokens = [token for turn, token in zip(rows, tokens) if not turn.done] + more[1]
             rows = [turn for turn in rows if not turn.done] + more[0]
@@ -373,15 +375,14 @@ class Engine:
                 ended = True
         return rows, tokens, ended
 
-    def _join(self, turn: TurnSteps) -> None:
-        """Give ``turn`` a slot in the static batch of its cache's layout, if it can take one;
-        where every slot is taken and the slots may not grow, it waits for one (row None, not
+    def _join(self, turn: TurnSteps, key: tuple) -> None:
+        """Give ``turn`` a slot in the static batch of its cache's layout ``key``, if it can take
+        one; where every slot is taken and the slots may not grow, it waits for one (row None, not
         eager)."""
         cache, policy = turn.session.cache, turn.session.policy
         turn.eager = True  # unless a slot takes it
         if turn.max_new_tokens < 2 or supports(cache) is not None:
             return
-        key = layout(cache)
         batch = self.slots.get(key)
         if batch is None:
             batch = self.slots[key] = SlotBatch(self.model, graph=self.decode != "static", make_room=self._room(key))
